@@ -1,0 +1,588 @@
+"""Speed and memory benchmark of pyro_bbt's training against plain-PyTorch references.
+
+Run ``python -m pyro_bbt.bench`` (``--help`` for the flags). Every configuration trains on
+task A of split MNIST (digits 0-4, :func:`pyro_bbt.data.load_task`, its ``train`` split,
+minibatches of 128, Adam with lr 1e-3) for ``--epochs`` epochs, and the wall-clock seconds
+of every epoch are recorded.
+
+What is measured
+----------------
+Plain-PyTorch references, with their training loops written here:
+
+* ``torch-deterministic``: the deterministic MLP 784-400-400-5 (:class:`pyro_bbt.ewc.MLP`),
+  cross-entropy -- the cost floor of one pass over the data;
+* ``torch-bbb-16``: Bayes by Backprop (Blundell et al. 2015) written by hand: mean-field
+  Gaussian weights ``N(mu, softplus(rho)^2)``, 16 independent weight samples per step drawn
+  at once and pushed through the net with ``torch.baddbmm``, closed-form
+  ``KL(q || N(0, 1))`` weighted ``1/M`` (M minibatches per epoch);
+* ``torch-lrt``: the same posterior trained with local reparameterisation (one sample of
+  the pre-activations per example).
+
+pyro_bbt, through :func:`pyro_bbt.inference.train` with ``eval_samples=0`` (the epoch
+seconds come from its history; epoch 1 includes the guide's setup, hence medians):
+
+* ``meanfield-local-1``: the default training (``meanfield`` guide, ``local`` estimator);
+* ``meanfield-weights-16`` / ``meanfield-weights-1``: weight sampling with 16 / 1 particles;
+* ``normal-weights-16``: Pyro's AutoNormal with 16 weight-sampling particles.
+
+Each configuration runs in its own freshly spawned child process (one after the other,
+never concurrently), so configurations do not share caches, allocator state or RSS. Its
+peak memory is the child's peak resident set size: ``VmHWM`` from ``/proc/self/status``
+on Linux. ``getrusage(RUSAGE_SELF).ru_maxrss`` is *not* used there: Linux carries the
+parent's peak RSS over into a spawned child (fork + exec), so it would report the
+parent's peak. Elsewhere ``ru_maxrss`` is the fallback. The peak includes the Python
+interpreter, torch, pyro and the loaded task (``rss_before_training_mib`` shows that base).
+
+How to read the ratios
+----------------------
+``median_epoch_seconds`` is the median over epochs. ``ratio_to_deterministic`` is that
+median divided by ``torch-deterministic``'s: the price of being Bayesian at all.
+``ratio_to_bbb16`` divides by ``torch-bbb-16``'s: for the 16-particle configurations it is
+the library's overhead over a hand-written implementation of the same computation (1.0 =
+as fast as plain PyTorch); for 1-sample configurations it is below 1 by construction. A
+ratio is ``null`` when its reference was not among ``--configs``. The machine's load adds
+noise to every number; compare runs only on an otherwise idle machine.
+
+The targets (from the issue) are printed after the table: local reparameterisation at most
+1.5x the deterministic MLP, ``meanfield-weights-16`` at most 1.25x ``torch-bbb-16``, and
+the peak memory of the default training (``meanfield-local-1``) at most 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BenchConfig", "CONFIGS", "TARGETS", "run_config", "summarize", "main"]
+
+TASK_DIGITS: tuple[int, ...] = (0, 1, 2, 3, 4)
+SIZES: tuple[int, ...] = (784, 400, 400, 5)
+BATCH_SIZE = 128
+LR = 1e-3
+INIT_SCALE = 0.01
+DEFAULT_EPOCHS = 3
+QUICK_EPOCHS = 2
+QUICK_TRAIN_SIZE = 2048
+DETERMINISTIC = "torch-deterministic"
+BBB16 = "torch-bbb-16"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmarked training setup.
+
+    :param name: the name used by ``--configs`` and in the output.
+    :param kind: ``"torch"`` (a reference written in this module) or ``"pyro"`` (pyro_bbt).
+    :param description: one line for the reader.
+    :param guide: pyro_bbt guide name (``kind == "pyro"``).
+    :param estimator: pyro_bbt estimator name (``kind == "pyro"``).
+    :param num_particles: Monte Carlo samples per step.
+    """
+
+    name: str
+    kind: str
+    description: str
+    guide: str | None = None
+    estimator: str | None = None
+    num_particles: int = 1
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    c.name: c
+    for c in (
+        BenchConfig(DETERMINISTIC, "torch", "plain PyTorch deterministic MLP (ewc.MLP), Adam, cross-entropy"),
+        BenchConfig(BBB16, "torch", "plain PyTorch Bayes by Backprop, 16 weight samples via baddbmm", num_particles=16),
+        BenchConfig("torch-lrt", "torch", "plain PyTorch local reparameterisation, 1 sample"),
+        BenchConfig("meanfield-local-1", "pyro", "pyro_bbt meanfield guide, local estimator", "meanfield", "local", 1),
+        BenchConfig("meanfield-weights-16", "pyro", "pyro_bbt meanfield guide, weights estimator, 16 particles", "meanfield", "weights", 16),
+        BenchConfig("normal-weights-16", "pyro", "pyro_bbt AutoNormal guide, weights estimator, 16 particles", "normal", "weights", 16),
+        BenchConfig("meanfield-weights-1", "pyro", "pyro_bbt meanfield guide, weights estimator, 1 particle", "meanfield", "weights", 1),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A requirement from the issue: ``metric`` of ``config`` must be ``<= threshold``."""
+
+    name: str
+    config: str
+    metric: str
+    threshold: float
+    unit: str
+    description: str
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("local_vs_deterministic", "meanfield-local-1", "ratio_to_deterministic", 1.5, "x",
+           "local reparameterisation (meanfield local) <= 1.5x the deterministic MLP"),
+    Target("weights16_vs_bbb16", "meanfield-weights-16", "ratio_to_bbb16", 1.25, "x",
+           "16-particle weight sampling (meanfield weights 16) <= 1.25x torch-bbb-16"),
+    Target("default_peak_memory", "meanfield-local-1", "peak_rss_mib", 2048.0, "MiB",
+           "peak memory of default training (meanfield local) <= 2 GiB"),
+)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), or ``None``."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def peak_rss_mib() -> tuple[float, str]:
+    """This process's peak resident set size in MiB and where it was read from."""
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024, "VmHWM"
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return maxrss * scale / MIB, "ru_maxrss"
+
+
+def current_rss_mib() -> float | None:
+    """This process's current resident set size in MiB (Linux only)."""
+    rss = _proc_status_kib("VmRSS")
+    return None if rss is None else rss / 1024
+
+
+# ------------------------------------------------------------------ torch references
+
+
+def _softplus_inverse(value: float) -> float:
+    return math.log(math.expm1(value))
+
+
+class MeanFieldMLP:
+    """Mean-field Gaussian posterior over an MLP's weights, in plain PyTorch.
+
+    Per layer: ``W ~ N(w_mu, softplus(w_rho)^2)``, ``b ~ N(b_mu, softplus(b_rho)^2)``; ``w_mu``
+    starts as ``nn.Linear`` draws it, ``b_mu`` at 0, every scale at ``init_scale``.
+    """
+
+    def __init__(self, sizes: Sequence[int], init_scale: float) -> None:
+        import torch
+
+        rho = _softplus_inverse(init_scale)
+        self.layers: list[tuple[Any, Any, Any, Any]] = []
+        for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(d_in)
+            w_mu = torch.empty(d_out, d_in).uniform_(-bound, bound).requires_grad_()
+            w_rho = torch.full((d_out, d_in), rho, requires_grad=True)
+            b_mu = torch.zeros(d_out, requires_grad=True)
+            b_rho = torch.full((d_out,), rho, requires_grad=True)
+            self.layers.append((w_mu, w_rho, b_mu, b_rho))
+
+    def parameters(self) -> list[Any]:
+        return [p for layer in self.layers for p in layer]
+
+    def kl_to_standard_normal(self) -> Any:
+        """``KL(q || N(0, I))`` in closed form, summed over every weight and bias."""
+        import torch.nn.functional as F
+
+        total = 0.0
+        for mu_rho in self.layers:
+            for mu, rho in (mu_rho[:2], mu_rho[2:]):
+                sigma = F.softplus(rho)
+                total = total + (0.5 * (sigma * sigma + mu * mu - 1.0) - sigma.log()).sum()
+        return total
+
+    def sampled_logits(self, x: Any, num_samples: int) -> Any:
+        """Logits ``(S, B, C)`` under ``S`` independent weight samples (batched matmul)."""
+        import torch
+        import torch.nn.functional as F
+
+        h = x.expand(num_samples, *x.shape)
+        last = len(self.layers) - 1
+        for index, (w_mu, w_rho, b_mu, b_rho) in enumerate(self.layers):
+            w = torch.addcmul(w_mu, F.softplus(w_rho), torch.randn(num_samples, *w_mu.shape))
+            b = torch.addcmul(b_mu, F.softplus(b_rho), torch.randn(num_samples, 1, *b_mu.shape))
+            h = torch.baddbmm(b, h, w.transpose(-1, -2))
+            if index < last:
+                h = F.relu(h)
+        return h
+
+    def local_reparameterized_logits(self, x: Any) -> Any:
+        """Logits ``(B, C)`` with each example's pre-activations sampled (Kingma et al. 2015)."""
+        import torch
+        import torch.nn.functional as F
+
+        h = x
+        last = len(self.layers) - 1
+        for index, (w_mu, w_rho, b_mu, b_rho) in enumerate(self.layers):
+            w_sigma, b_sigma = F.softplus(w_rho), F.softplus(b_rho)
+            mean = F.linear(h, w_mu, b_mu)
+            var = F.linear(h * h, w_sigma * w_sigma, b_sigma * b_sigma)
+            h = mean + var.sqrt() * torch.randn_like(mean)
+            if index < last:
+                h = F.relu(h)
+        return h
+
+
+StepFn = Callable[[Any, Any], float]
+
+
+def _deterministic_step(num_data: int, num_batches: int) -> StepFn:
+    import torch
+    import torch.nn.functional as F
+
+    from .ewc import MLP
+
+    net = MLP(SIZES)
+    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+
+    def step(x: Any, y: Any) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def _bayesian_step(num_data: int, num_batches: int, num_samples: int | None) -> StepFn:
+    """A BBB step with ``num_samples`` weight samples, or local reparameterisation for ``None``.
+
+    Loss: ``(N/B) * mean_s sum_n CE(logits_{s,n}, y_n) + KL(q || N(0, 1)) / M``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    posterior = MeanFieldMLP(SIZES, INIT_SCALE)
+    optimizer = torch.optim.Adam(posterior.parameters(), lr=LR)
+
+    def step(x: Any, y: Any) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if num_samples is None:
+            nll = F.cross_entropy(posterior.local_reparameterized_logits(x), y, reduction="sum")
+        else:
+            logits = posterior.sampled_logits(x, num_samples)
+            nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(num_samples), reduction="sum") / num_samples
+        loss = nll * (num_data / x.shape[0]) + posterior.kl_to_standard_normal() / num_batches
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def _torch_step(name: str, num_data: int, num_batches: int) -> StepFn:
+    if name == DETERMINISTIC:
+        return _deterministic_step(num_data, num_batches)
+    if name == BBB16:
+        return _bayesian_step(num_data, num_batches, CONFIGS[name].num_particles)
+    if name == "torch-lrt":
+        return _bayesian_step(num_data, num_batches, None)
+    raise ValueError(f"no torch reference called {name!r}")
+
+
+def _time_torch_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) -> list[float]:
+    """Seconds of each epoch of a plain-PyTorch reference."""
+    import torch
+
+    torch.manual_seed(seed)
+    num_data = len(split)
+    num_batches = math.ceil(num_data / BATCH_SIZE)
+    step = _torch_step(config.name, num_data, num_batches)
+    order = torch.Generator().manual_seed(seed)
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x, y in split.batches(BATCH_SIZE, shuffle=True, generator=order):
+            loss = step(x, y)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{config.name}: loss is {loss}")
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+# ----------------------------------------------------------------------- pyro_bbt
+
+
+def _time_pyro_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) -> list[float]:
+    """Seconds of each epoch of :func:`pyro_bbt.inference.train` (from its history)."""
+    import pyro
+
+    from .guides import GuideConfig, make_guide
+    from .inference import TrainConfig, train
+    from .model import BayesianMLP
+
+    pyro.clear_param_store()
+    model = BayesianMLP(SIZES)
+    guide = make_guide(config.guide, model, GuideConfig(init_scale=INIT_SCALE))
+    train_config = TrainConfig(
+        epochs=epochs,
+        batch_size=BATCH_SIZE,
+        lr=LR,
+        num_particles=config.num_particles,
+        estimator=config.estimator,
+        seed=seed,
+        eval_samples=0,
+        progress=False,
+    )
+    history = train(model, guide, split, train_config)
+    return [e.seconds for e in history.epochs]
+
+
+# ------------------------------------------------------------------ one configuration
+
+
+def _load_train_split(train_size: int | None) -> Any:
+    from .data import Task, load_task
+
+    split = load_task(Task(digits=TASK_DIGITS)).train
+    return split if train_size is None else split.subset(train_size)
+
+
+def run_config(name: str, epochs: int, train_size: int | None = None, threads: int | None = None, seed: int = 0) -> dict:
+    """Train configuration ``name`` for ``epochs`` epochs in this process; its raw measurements.
+
+    Meant to run in a fresh process (see :func:`run_isolated`): the peak RSS is the process's.
+    """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = CONFIGS[name]
+    split = _load_train_split(train_size)
+    rss_before = current_rss_mib()
+    timer = _time_torch_epochs if config.kind == "torch" else _time_pyro_epochs
+    seconds = timer(config, split, epochs, seed)
+    peak, source = peak_rss_mib()
+    return {
+        "name": name,
+        "epoch_seconds": seconds,
+        "train_size": len(split),
+        "steps_per_epoch": math.ceil(len(split) / BATCH_SIZE),
+        "peak_rss_mib": peak,
+        "peak_rss_source": source,
+        "rss_before_training_mib": rss_before,
+        "num_threads": torch.get_num_threads(),
+    }
+
+
+def run_isolated(name: str, epochs: int, train_size: int | None, threads: int | None, seed: int) -> dict:
+    """:func:`run_config` in a freshly spawned child process (isolates timing and peak RSS)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=1, maxtasksperchild=1) as pool:
+        return pool.apply(run_config, (name, epochs, train_size, threads, seed))
+
+
+# ------------------------------------------------------------------------- summary
+
+
+def _ratio(value: float, reference: float | None) -> float | None:
+    return None if reference is None else value / reference
+
+
+def summarize(raw: Sequence[dict]) -> list[dict]:
+    """Add to each raw result its median epoch seconds and the ratios to the references."""
+    medians = {r["name"]: statistics.median(r["epoch_seconds"]) for r in raw}
+    results = []
+    for r in raw:
+        median = medians[r["name"]]
+        results.append(
+            {
+                **r,
+                "description": CONFIGS[r["name"]].description,
+                "epochs": len(r["epoch_seconds"]),
+                "median_epoch_seconds": median,
+                "median_step_ms": 1000.0 * median / r["steps_per_epoch"],
+                "ratio_to_deterministic": _ratio(median, medians.get(DETERMINISTIC)),
+                "ratio_to_bbb16": _ratio(median, medians.get(BBB16)),
+            }
+        )
+    return results
+
+
+def evaluate_targets(results: Sequence[dict]) -> list[dict]:
+    """Each target with its measured value and whether it is met (``None``: not measured)."""
+    by_name = {r["name"]: r for r in results}
+    out = []
+    for target in TARGETS:
+        value = by_name.get(target.config, {}).get(target.metric)
+        out.append({**asdict(target), "value": value, "met": None if value is None else bool(value <= target.threshold)})
+    return out
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    lines = [
+        "| config | median s/epoch | epochs | ms/step | x deterministic | x torch-bbb-16 | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['median_epoch_seconds']:.2f} | {r['epochs']} | {r['median_step_ms']:.1f} "
+            f"| {_fmt(r['ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['ratio_to_bbb16'], '.2f', 'x')} "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def targets_table(targets: Sequence[dict]) -> str:
+    lines = ["| target | measured | threshold | met |", "|---|---:|---:|---|"]
+    for t in targets:
+        spec = ".0f" if t["unit"] == "MiB" else ".2f"
+        measured = _fmt(t["value"], spec, t["unit"] if t["unit"] == "x" else " MiB")
+        threshold = f"{t['threshold']:{spec}}{t['unit'] if t['unit'] == 'x' else ' MiB'}"
+        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['description']} | {measured} | <= {threshold} | {met} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON atomically."""
+    try:
+        from .files import atomic_write_json
+    except ImportError:  # pragma: no cover - fallback for a tree without pyro_bbt.files
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(obj, f, indent=2)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    atomic_write_json(path, obj)
+
+
+def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
+    import pyro
+    import torch
+
+    return {
+        "task_digits": list(TASK_DIGITS),
+        "sizes": list(SIZES),
+        "batch_size": BATCH_SIZE,
+        "lr": LR,
+        "init_scale": INIT_SCALE,
+        "epochs": args.epochs,
+        "train_size": raw[0]["train_size"] if raw else None,
+        "quick": args.quick,
+        "seed": args.seed,
+        "threads_requested": args.threads,
+        "num_threads": raw[0]["num_threads"] if raw else None,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "platform": platform.platform(),
+        "isolation": "each configuration in its own spawned child process, run sequentially",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _config_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in CONFIGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown or empty configs {unknown or text!r}; allowed: {', '.join(CONFIGS)}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_bbt.bench",
+        description="Time epochs of pyro_bbt training against plain-PyTorch references on split-MNIST task A.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"first {QUICK_TRAIN_SIZE} training images and {QUICK_EPOCHS} epochs (unless given)")
+    parser.add_argument("--epochs", type=_positive_int, default=None,
+                        help=f"epochs per configuration (default {DEFAULT_EPOCHS}; {QUICK_EPOCHS} with --quick)")
+    parser.add_argument("--train-size", type=_positive_int, default=None,
+                        help="use only the first N training images (default: all; "
+                             f"{QUICK_TRAIN_SIZE} with --quick)")
+    parser.add_argument("--configs", type=_config_list, default=list(CONFIGS),
+                        help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch.set_num_threads in every configuration (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON output (default bench.json)")
+    return parser
+
+
+def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.epochs is None:
+        args.epochs = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
+    if args.train_size is None and args.quick:
+        args.train_size = QUICK_TRAIN_SIZE
+    return args
+
+
+def _run_all(args: argparse.Namespace) -> Iterator[dict]:
+    for name in args.configs:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed)
+        seconds = ", ".join(f"{s:.2f}" for s in result["epoch_seconds"])
+        print(f"[bench] {name}: epochs [{seconds}] s, peak {result['peak_rss_mib']:.0f} MiB",
+              file=sys.stderr, flush=True)
+        yield result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _resolve_defaults(build_parser().parse_args(argv))
+    raw = list(_run_all(args))
+    results = summarize(raw)
+    targets = evaluate_targets(results)
+    report = {"meta": _meta(args, raw), "results": results, "targets": targets}
+    meta = report["meta"]
+    print(f"\nTask A (digits 0-4), {meta['train_size']} training images, batch {BATCH_SIZE}, "
+          f"{args.epochs} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs.\n")
+    print(markdown_table(results))
+    print("\nTargets:\n")
+    print(targets_table(targets))
+    _write_json(args.out, report)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

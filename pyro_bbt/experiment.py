@@ -1,0 +1,491 @@
+"""The split-MNIST transfer and forgetting experiment.
+
+Protocol, for every seed::
+
+    1. fit q_A on task A (digits 0-4) from an N(0, sigma^2) prior;
+    2. for every fraction f of task B's training data (digits 5-9, labels 0-4: a shared head)
+       and every method, train on B for the same number of optimisation steps
+           steps_B(f) = max(min_steps, epochs * ceil(N_B(f) / batch_size)),
+       recording B's validation and test accuracy along the way (the learning curve);
+    3. evaluate on B's test set (transfer) and on A's test set (forgetting).
+
+Methods on B (same data, seeds and step budget):
+
+* ``scratch``  -- prior N(0, sigma^2), fresh guide;
+* ``transfer`` -- prior = q_A (:func:`~pyro_bbt.guides.posterior_as_prior`, scales x tau),
+  guide started at q_A (``q_init="from-posterior"``) or fresh (``"fresh"``);
+* ``finetune`` -- prior N(0, sigma^2), guide started at q_A;
+* ``ewc``      -- a deterministic MLP of the same size trained on A, then on B with Kirkpatrick's
+  penalty (lambda/2) sum_k F_k (theta_k - theta*_k)^2, Fisher from A's data with sampled labels;
+* ``joint``    -- A's and B's training data together, from scratch, for steps_A + steps_B steps
+  (the upper bound for remembering A).
+
+For the sequential methods the 2x2 accuracy matrix ``R[i][j]`` (test accuracy on task j after
+training task i) gives backward transfer ``R[1][0] - R[0][0]`` (negative = forgetting) and
+forward transfer ``R[0][1] - b_B`` with ``b_B`` the B accuracy of a randomly initialised model
+(GEM, Lopez-Paz & Ranzato 2017).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyro
+import torch
+
+from .continual import backward_transfer, forward_transfer
+from .data import Split, Task, TaskData, load_task
+from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
+from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
+from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
+from .inference import EpochDiagnostics, TrainConfig, train
+from .kl_schedules import validate_schedule
+from .model import BayesianMLP
+from .objectives import ESTIMATORS
+from .priors import GaussianPrior, Prior
+
+__all__ = ["METHODS", "Q_INITS", "HEADS", "ExperimentConfig", "PRESETS", "run_experiment", "summarize_units"]
+
+METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
+Q_INITS = ("from-posterior", "fresh")
+HEADS = ("shared",)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines a transfer run; saved as ``config.json`` next to the results.
+
+    ``limit_train`` / ``limit_eval`` cap the number of training / evaluation images per split
+    (for smoke tests); ``None`` uses all of them.
+    """
+
+    task_a: tuple[int, ...] = (0, 1, 2, 3, 4)
+    task_b: tuple[int, ...] = (5, 6, 7, 8, 9)
+    methods: tuple[str, ...] = METHODS
+    guide: str = "meanfield"
+    estimator: str = "auto"
+    kl_schedule: str = "blundell"
+    hidden: tuple[int, ...] = (400, 400)
+    prior_scale: float = 1.0
+    init_scale: float = 0.01
+    tau: float = 1.0
+    q_init: str = "from-posterior"
+    head: str = "shared"
+    epochs_a: int = 5
+    epochs: int = 5
+    min_steps: int = 200
+    fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lr: float = 1e-3
+    batch_size: int = 128
+    num_particles: int = 1
+    ewc_lambda: float = 100.0
+    fisher_samples: int = 2000
+    eval_samples: int = 32
+    curve_samples: int = 4
+    curve_points: int = 10
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.task_a, self.task_b = Task(digits=self.task_a).digits, Task(digits=self.task_b).digits
+        overlap = sorted(set(self.task_a) & set(self.task_b))
+        if overlap:
+            raise ValueError(f"tasks A and B share digits {overlap}; split MNIST needs disjoint digit sets")
+        if len(self.task_a) != len(self.task_b):
+            raise ValueError(f"a shared head needs as many classes in B as in A, got {len(self.task_a)} and {len(self.task_b)}")
+        self.methods = tuple(_choice("method", m, METHODS) for m in self.methods)
+        if not self.methods:
+            raise ValueError(f"methods must name at least one of {', '.join(METHODS)}")
+        _choice("guide", self.guide, GUIDES)
+        _choice("estimator", self.estimator, ESTIMATORS + ("auto",))
+        validate_schedule(self.kl_schedule)
+        _choice("q-init", self.q_init, Q_INITS)
+        _choice("head", self.head, HEADS)
+        self.fractions = tuple(float(f) for f in self.fractions)
+        for f in self.fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"fraction must be in (0, 1], got {f!r}")
+        self.seeds = tuple(self.seeds)
+        for s in self.seeds:
+            if not isinstance(s, int) or s < 0:
+                raise ValueError(f"seeds must be non-negative integers, got {s!r}")
+        if not self.fractions or not self.seeds:
+            raise ValueError("fractions and seeds must each list at least one value")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        for name in ("prior_scale", "init_scale", "lr", "ewc_lambda"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name != "ewc_lambda" and value == 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.tau) and self.tau >= 1):
+            raise ValueError(f"tau (prior broadening) must be finite and >= 1, got {self.tau!r}")
+        for name in ("epochs_a", "epochs", "min_steps", "batch_size", "num_particles", "fisher_samples", "eval_samples", "curve_samples", "curve_points"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        for name in ("limit_train", "limit_eval"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name.replace('_', '-')} must be None or an integer >= 1, got {value!r}")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (784, *self.hidden, len(self.task_a))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # Every method on real MNIST, one seed, little data: a smoke run of the whole protocol.
+    "quick": dict(epochs_a=1, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
+    # The full protocol.
+    "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2)),
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Tasks:
+    a: TaskData
+    b: TaskData
+
+
+def _limit(split: Split, n: int | None) -> Split:
+    return split if n is None else split.subset(n)
+
+
+def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
+    a = load_task(Task(digits=config.task_a, seed=seed, name="A"))
+    b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"))
+    out = []
+    for data in (a, b):
+        out.append(
+            TaskData(
+                task=data.task,
+                train=_limit(data.train, config.limit_train).to(config.device),
+                val=_limit(data.val, config.limit_eval).to(config.device),
+                test=_limit(data.test, config.limit_eval).to(config.device),
+            )
+        )
+    return _Tasks(*out)
+
+
+def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 1) -> int:
+    """The step budget: ``max(min_steps, epochs * ceil(num_examples / batch_size))``."""
+    return max(min_steps, epochs * math.ceil(num_examples / batch_size))
+
+
+# --------------------------------------------------------------------------- Bayesian units
+
+
+def _train_config(config: ExperimentConfig, steps: int, seed: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        num_particles=config.num_particles,
+        estimator=config.estimator,
+        kl_schedule=config.kl_schedule,
+        seed=seed,
+        eval_samples=0,
+        progress=False,
+    )
+
+
+def _fresh_bayesian(config: ExperimentConfig, prior: Prior, seed: int):
+    """A new model and guide with initialised parameters; clears Pyro's param store first, so
+    no parameter is shared with an earlier guide of the same name."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = BayesianMLP(config.sizes, prior).to(config.device)
+    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
+    initialize_guide(guide, model.sizes[0])
+    return model, guide
+
+
+def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[int]:
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
+
+
+def _bayes_metrics(model, guide, split: Split, samples: int) -> PredictiveMetrics:
+    return evaluate(model, guide, split.x, split.y, num_samples=samples)
+
+
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks) -> tuple[list, list]:
+    """Train and record B's learning curve at evenly spaced epochs."""
+    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    curve: list[dict] = []
+
+    def on_epoch(diag: EpochDiagnostics) -> None:
+        if diag.epoch in record_at:
+            curve.append(
+                {
+                    "epoch": diag.epoch,
+                    "step": diag.steps,
+                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples).accuracy,
+                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples).accuracy,
+                }
+            )
+
+    history = train(model, guide, train_split, _train_config(config, steps, seed), on_epoch=on_epoch)
+    return curve, history.to_records()
+
+
+@dataclass
+class _StageA:
+    """What the sequential methods need from task A for one seed."""
+
+    guide_state: dict
+    prior_from_a: Prior
+    a_test: PredictiveMetrics
+    b_test_before: PredictiveMetrics
+    b_random_init: float
+    steps: int
+    history: list
+
+
+def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int) -> _StageA:
+    model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
+    b_random_init = _bayes_metrics(model, guide, tasks.b.test, config.eval_samples).accuracy
+    steps = steps_for(len(tasks.a.train), config.epochs_a, config.batch_size)
+    history = train(model, guide, tasks.a.train, _train_config(config, steps, seed))
+    return _StageA(
+        guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
+        prior_from_a=posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale)),
+        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
+        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
+        b_random_init=b_random_init,
+        steps=steps,
+        history=history.to_records(),
+    )
+
+
+def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int) -> dict:
+    prior = stage_a.prior_from_a if method == "transfer" else GaussianPrior(config.prior_scale)
+    model, guide = _fresh_bayesian(config, prior, seed)
+    start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
+    if start_from_a:
+        guide.load_state_dict(stage_a.guide_state)
+    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks)
+    return {
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
+        "curve": curve,
+        "history": history,
+    }
+
+
+def _run_joint(config, tasks: _Tasks, steps: int, seed: int) -> dict:
+    model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
+    both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y]))
+    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks)
+    return {
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
+        "curve": curve,
+        "history": history,
+    }
+
+
+# --------------------------------------------------------------------------- EWC
+
+
+def _net_metrics(net: torch.nn.Module, split: Split) -> PredictiveMetrics:
+    net.eval()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(net(split.x), dim=-1)
+    net.train()
+    return metrics_from_log_probs(log_probs, split.y)
+
+
+@dataclass
+class _StageAEWC:
+    net: MLP
+    penalty: EWCPenalty
+    a_test: PredictiveMetrics
+    b_test_before: PredictiveMetrics
+    b_random_init: float
+
+
+def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int) -> _StageAEWC:
+    torch.manual_seed(seed)
+    net = MLP(config.sizes).to(config.device)
+    b_random_init = _net_metrics(net, tasks.b.test).accuracy
+    train_deterministic(net, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+    generator = torch.Generator(device=config.device).manual_seed(seed)
+    fisher = fisher_diagonal(net, tasks.a.train.x[: config.fisher_samples], generator=generator)
+    return _StageAEWC(
+        net=net,
+        penalty=EWCPenalty(net, fisher, config.ewc_lambda),
+        a_test=_net_metrics(net, tasks.a.test),
+        b_test_before=_net_metrics(net, tasks.b.test),
+        b_random_init=b_random_init,
+    )
+
+
+def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
+    net = copy.deepcopy(stage.net)
+    steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
+    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    curve: list[dict] = []
+
+    def on_epoch(epoch_index: int, current: torch.nn.Module) -> None:
+        epoch = epoch_index + 1
+        if epoch in record_at or epoch * steps_per_epoch >= steps:
+            if curve and curve[-1]["epoch"] == epoch:
+                return
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "step": min(epoch * steps_per_epoch, steps),
+                    "b_val_accuracy": _net_metrics(current, tasks.b.val).accuracy,
+                    "b_test_accuracy": _net_metrics(current, tasks.b.test).accuracy,
+                }
+            )
+
+    losses = train_deterministic(
+        net, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed), stage.penalty, on_epoch
+    )
+    return {
+        "b_test": _net_metrics(net, tasks.b.test),
+        "a_test_after": _net_metrics(net, tasks.a.test),
+        "curve": curve,
+        "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == steps],
+    }
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: dict, stage, seconds: float) -> dict:
+    record = {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "steps": steps,
+        "status": "ok",
+        "b_test": outcome["b_test"].to_dict(),
+        "a_test_after": outcome["a_test_after"].to_dict(),
+        "accuracy_matrix": None,
+        "backward_transfer": None,
+        "forward_transfer": None,
+        "curve": outcome["curve"],
+        "history": outcome["history"],
+        "seconds": seconds,
+    }
+    if stage is not None:
+        R = [
+            [stage.a_test.accuracy, stage.b_test_before.accuracy],
+            [outcome["a_test_after"].accuracy, outcome["b_test"].accuracy],
+        ]
+        record["accuracy_matrix"] = R
+        record["backward_transfer"] = backward_transfer(R)
+        record["forward_transfer"] = forward_transfer(R, [0.0, stage.b_random_init])
+    return record
+
+
+def _mean_std(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array)}
+
+
+def summarize_units(units: list[dict]) -> dict:
+    """Mean and standard deviation over seeds, per method and fraction."""
+    summary: dict = {}
+    for unit in units:
+        if unit["status"] != "ok":
+            continue
+        summary.setdefault(unit["method"], {}).setdefault(str(unit["fraction"]), []).append(unit)
+    out: dict = {}
+    for method, by_fraction in summary.items():
+        out[method] = {}
+        for fraction, group in by_fraction.items():
+            entry = {
+                "b_test_accuracy": _mean_std([u["b_test"]["accuracy"] for u in group]),
+                "b_test_nll": _mean_std([u["b_test"]["nll"] for u in group]),
+                "b_test_ece": _mean_std([u["b_test"]["ece"] for u in group]),
+                "a_test_after_accuracy": _mean_std([u["a_test_after"]["accuracy"] for u in group]),
+            }
+            if group[0]["backward_transfer"] is not None:
+                entry["backward_transfer"] = _mean_std([u["backward_transfer"] for u in group])
+                entry["forward_transfer"] = _mean_std([u["forward_transfer"] for u in group])
+            out[method][fraction] = entry
+    return out
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    log: Callable[[str], None] = print,
+    on_unit: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the whole protocol and return the results (the content of ``results.json``)."""
+    torch.set_default_dtype(torch.float32)
+    units: list[dict] = []
+    stages_a: list[dict] = []
+    for seed in config.seeds:
+        full = _load(config, 1.0, seed)
+        needs_a = any(m in config.methods for m in ("transfer", "finetune"))
+        stage_a = stage_ewc = None
+        steps_a = steps_for(len(full.a.train), config.epochs_a, config.batch_size)
+        if needs_a:
+            start = time.perf_counter()
+            stage_a = _fit_task_a(config, full, seed)
+            log(f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, test accuracy {stage_a.a_test.accuracy:.4f}")
+            stages_a.append(
+                {"seed": seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
+                 "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
+                 "history": stage_a.history}
+            )
+        if "ewc" in config.methods:
+            stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed)
+            log(f"seed {seed}: deterministic task A net for EWC, test accuracy {stage_ewc.a_test.accuracy:.4f}")
+            stages_a.append(
+                {"seed": seed, "kind": "deterministic", "steps": steps_a, "a_test": stage_ewc.a_test.to_dict(),
+                 "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
+                 "history": []}
+            )
+        for fraction in config.fractions:
+            tasks = _load(config, fraction, seed)
+            steps_b = steps_for(len(tasks.b.train), config.epochs, config.batch_size, config.min_steps)
+            for method in config.methods:
+                start = time.perf_counter()
+                if method == "ewc":
+                    outcome, stage, steps = _run_ewc_b(config, tasks, stage_ewc, steps_b, seed), stage_ewc, steps_b
+                elif method == "joint":
+                    steps = steps_a + steps_b
+                    outcome, stage = _run_joint(config, tasks, steps, seed), None
+                else:
+                    outcome, steps = _run_bayesian_b(config, method, tasks, stage_a, steps_b, seed), steps_b
+                    stage = stage_a if method != "scratch" else None
+                unit = _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+                units.append(unit)
+                log(
+                    f"seed {seed} fraction {fraction:g} {method:>8}: B acc {unit['b_test']['accuracy']:.4f}, "
+                    f"A acc after B {unit['a_test_after']['accuracy']:.4f}, {steps} steps, {unit['seconds']:.1f} s"
+                )
+                if on_unit is not None:
+                    on_unit(unit)
+    return {
+        "schema_version": 1,
+        "config": config.to_dict(),
+        "task_a": stages_a,
+        "units": units,
+        "summary": summarize_units(units),
+    }

@@ -1,0 +1,200 @@
+"""Stochastic variational inference: the training loop.
+
+Each optimisation step takes one minibatch ``i`` of ``M``, computes the KL weight ``pi_i``
+(:mod:`pyro_bbt.kl_schedules`) and calls :meth:`pyro.infer.SVI.step` with an estimator of the
+weighted negative ELBO (:mod:`pyro_bbt.objectives`) and Adam.
+
+Per-epoch diagnostics (:class:`EpochDiagnostics`):
+
+* ``expected_log_lik``: the mean over the epoch's steps of the minibatch estimate
+  ``(N/B) sum_n E_q log p(y_n | x_n, w)`` (a full-data quantity, in nats);
+* ``weighted_kl``: ``sum_i pi_i KL_i`` over the epoch (equal to ``KL(q||p)`` when the weights sum to 1);
+* ``elbo = expected_log_lik - weighted_kl``;
+* ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
+  posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+
+import pyro
+import torch
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from .data import Split
+from .evaluation import evaluate
+from .files import atomic_write_text
+from .guides import has_closed_form_kl
+from .kl_schedules import kl_weight, validate_schedule
+from .model import BayesianMLP
+from .objectives import ESTIMATORS, make_estimator
+
+__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "NonFiniteLossError", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """How to fit a guide.
+
+    :param epochs: passes over the training data (ignored when ``steps`` is set).
+    :param steps: exact number of optimisation steps, when the budget is given in steps.
+    :param batch_size: minibatch size ``B``.
+    :param lr: Adam learning rate.
+    :param num_particles: Monte Carlo samples per step (vectorised).
+    :param estimator: ``"weights"``, ``"local"`` or ``"auto"`` (local for the ``meanfield`` guide,
+        weights otherwise).
+    :param kl_schedule: ``blundell``, ``uniform``, ``warmup`` or ``none``.
+    :param warmup_epochs: length of the ``warmup`` ramp.
+    :param seed: seeds Pyro/torch/numpy at the start and the minibatch order.
+    :param eval_samples: posterior samples for the per-epoch validation accuracy (0: skip it).
+    :param progress: show a tqdm bar per epoch.
+    """
+
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_particles: int = 1
+    estimator: str = "auto"
+    kl_schedule: str = "blundell"
+    warmup_epochs: float = 5.0
+    seed: int = 0
+    eval_samples: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate_schedule(self.kl_schedule)
+        if self.estimator not in ESTIMATORS + ("auto",):
+            raise ValueError(f"unknown estimator {self.estimator!r}; allowed: {', '.join(ESTIMATORS + ('auto',))}")
+        for name in ("epochs", "batch_size", "num_particles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be None or an integer >= 1, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
+            raise ValueError(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}")
+
+
+@dataclass
+class EpochDiagnostics:
+    epoch: int
+    steps: int
+    elbo: float
+    expected_log_lik: float
+    weighted_kl: float
+    train_accuracy: float
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[EpochDiagnostics] = field(default_factory=list)
+
+    def to_records(self) -> list[dict]:
+        return [asdict(e) for e in self.epochs]
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_records(), indent=2))
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        names = [f.name for f in fields(EpochDiagnostics)]
+        lines = [",".join(names)] + [",".join("" if r[n] is None else repr(r[n]) for n in names) for r in self.to_records()]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
+    probs = torch.softmax(logits, dim=-1)
+    if probs.dim() == 3:
+        probs = probs.mean(0)
+    return int((probs.argmax(-1) == y).sum())
+
+
+def train(
+    model: BayesianMLP,
+    guide,
+    train_split: Split,
+    config: TrainConfig,
+    val_split: Split | None = None,
+    on_epoch: Callable[[EpochDiagnostics], None] | None = None,
+) -> TrainHistory:
+    """Fit ``guide`` to ``model``'s posterior on ``train_split`` by SVI.
+
+    The guide keeps its current parameters (a fresh guide is initialised on the first step), so
+    calling ``train`` on a guide copied from another task continues from there. Pyro's param
+    store is not cleared here: clear it (``pyro.clear_param_store()``) before building a guide
+    whose run must be independent of earlier ones.
+    """
+    estimator_name = config.estimator
+    if estimator_name == "auto":
+        estimator_name = "local" if has_closed_form_kl(guide) else "weights"
+    estimator = make_estimator(estimator_name, guide, config.num_particles)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": config.lr}), loss=estimator, loss_and_grads=estimator.loss_and_grads)
+
+    pyro.set_rng_seed(config.seed)
+    order = torch.Generator().manual_seed(config.seed)
+    num_data = len(train_split)
+    num_batches = math.ceil(num_data / config.batch_size)
+    total_steps = config.steps if config.steps is not None else config.epochs * num_batches
+    num_epochs = math.ceil(total_steps / num_batches)
+
+    history = TrainHistory()
+    step = 0
+    for epoch in range(num_epochs):
+        start = time.perf_counter()
+        log_lik_sum = weighted_kl = 0.0
+        correct = seen = epoch_steps = 0
+        bar = tqdm(total=min(num_batches, total_steps - step), desc=f"epoch {epoch + 1}/{num_epochs}", disable=not config.progress, leave=False)
+        for index, (x, y) in enumerate(train_split.batches(config.batch_size, shuffle=True, generator=order), start=1):
+            if step >= total_steps:
+                break
+            weight = kl_weight(config.kl_schedule, index, num_batches, epoch, config.warmup_epochs)
+            loss = svi.step(x, y, num_data=num_data, kl_weight=weight)
+            step += 1
+            epoch_steps += 1
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step} (epoch {epoch + 1}, minibatch {index}); "
+                    f"try a lower learning rate (now {config.lr}) or a smaller init_scale"
+                )
+            terms = estimator.last
+            log_lik_sum += terms.log_lik
+            weighted_kl += terms.weighted_kl
+            correct += _batch_accuracy(terms.logits, y)
+            seen += y.shape[0]
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4g}", kl=f"{terms.weighted_kl:.3g}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        expected_log_lik = log_lik_sum / max(epoch_steps, 1)
+        val_accuracy = None
+        if val_split is not None and config.eval_samples > 0 and len(val_split) > 0:
+            val_accuracy = evaluate(model, guide, val_split.x, val_split.y, num_samples=config.eval_samples).accuracy
+        diagnostics = EpochDiagnostics(
+            epoch=epoch + 1,
+            steps=step,
+            elbo=expected_log_lik - weighted_kl,
+            expected_log_lik=expected_log_lik,
+            weighted_kl=weighted_kl,
+            train_accuracy=correct / max(seen, 1),
+            val_accuracy=val_accuracy,
+            seconds=time.perf_counter() - start,
+        )
+        history.epochs.append(diagnostics)
+        if on_epoch is not None:
+            on_epoch(diagnostics)
+    return history

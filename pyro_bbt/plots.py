@@ -1,0 +1,111 @@
+"""Figures of a transfer run, from its ``results.json`` content. Mean +- standard deviation over seeds."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .files import atomic_write  # noqa: E402
+
+__all__ = ["plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all"]
+
+COLORS = {"scratch": "tab:gray", "transfer": "tab:blue", "finetune": "tab:orange", "ewc": "tab:green", "joint": "tab:purple"}
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _methods(results: dict) -> list[str]:
+    return list(dict.fromkeys(u["method"] for u in results["units"] if u["status"] == "ok"))
+
+
+def _fractions(results: dict) -> list[float]:
+    return sorted({u["fraction"] for u in results["units"] if u["status"] == "ok"})
+
+
+def plot_transfer_results(results: dict, path: Path) -> None:
+    """B's test accuracy against optimisation steps, per fraction (one panel each), per method."""
+    fractions = _fractions(results)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3.4), squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        for method in _methods(results):
+            curves = [u["curve"] for u in results["units"] if u["method"] == method and u["fraction"] == fraction and u["status"] == "ok"]
+            if not curves or not curves[0]:
+                continue
+            length = min(len(c) for c in curves)
+            steps = np.array([p["step"] for p in curves[0][:length]])
+            acc = np.array([[p["b_test_accuracy"] for p in c[:length]] for c in curves])
+            mean, std = acc.mean(0), acc.std(0)
+            ax.plot(steps, mean, marker="o", ms=3, label=method, color=COLORS.get(method))
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=COLORS.get(method))
+        ax.set_title(f"B, {fraction:g} of training data")
+        ax.set_xlabel("optimisation steps (joint: on A and B)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("B test accuracy")
+    axes[0][-1].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _grouped(results: dict, key) -> dict:
+    table: dict = defaultdict(lambda: defaultdict(list))
+    for u in results["units"]:
+        if u["status"] == "ok":
+            table[u["method"]][u["fraction"]].append(key(u))
+    return table
+
+
+def plot_forgetting(results: dict, path: Path) -> None:
+    """A's test accuracy after training on B, per method and fraction, with A's accuracy before B."""
+    fractions, methods = _fractions(results), _methods(results)
+    table = _grouped(results, lambda u: u["a_test_after"]["accuracy"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(fractions) * max(1, len(methods)) / 3, 3.6))
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        means = [np.mean(table[method][f]) if table[method][f] else np.nan for f in fractions]
+        stds = [np.std(table[method][f]) if table[method][f] else 0.0 for f in fractions]
+        ax.bar(np.arange(len(fractions)) + k * width, means, width, yerr=stds, label=method, color=COLORS.get(method), capsize=2)
+    before = [s["a_test"]["accuracy"] for s in results["task_a"] if s["kind"] == "bayesian"]
+    if before:
+        ax.axhline(np.mean(before), color="black", ls="--", lw=1, label="A before B (Bayesian)")
+    ax.axhline(1.0 / len(results["config"]["task_a"]), color="red", ls=":", lw=1, label="chance")
+    ax.set_xticks(np.arange(len(fractions)) + 0.4 - width / 2, [f"{f:g}" for f in fractions])
+    ax.set_xlabel("fraction of B's training data")
+    ax.set_ylabel("A test accuracy after B")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_final_accuracy(results: dict, path: Path) -> None:
+    """B's final test accuracy against the fraction of B's data (log x), per method."""
+    fractions, methods = _fractions(results), _methods(results)
+    table = _grouped(results, lambda u: u["b_test"]["accuracy"])
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in methods:
+        means = np.array([np.mean(table[method][f]) for f in fractions])
+        stds = np.array([np.std(table[method][f]) for f in fractions])
+        ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method, color=COLORS.get(method))
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of B's training data")
+    ax.set_ylabel("B test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def save_all(results: dict, out_dir: Path) -> list[Path]:
+    """Write the transfer figures into ``out_dir``; returns their paths."""
+    paths = [out_dir / "transfer_results.png", out_dir / "forgetting.png", out_dir / "final_accuracy.png"]
+    plot_transfer_results(results, paths[0])
+    plot_forgetting(results, paths[1])
+    plot_final_accuracy(results, paths[2])
+    return paths

@@ -1,0 +1,26 @@
+"""Shared fixtures for the model / guide / objective / evaluation / checkpoint tests."""
+
+import pytest
+import torch
+
+from pyro_bbt.data import Task, load_task
+
+
+@pytest.fixture(scope="session")
+def mnist3():
+    """A few hundred images of a 3-class MNIST task: ``(train, test)`` splits of 300 each."""
+    data = load_task(Task(digits=(0, 1, 2)))
+    return data.train.subset(300), data.test.subset(300)
+
+
+def synthetic_batch(batch: int = 8, features: int = 20, classes: int = 3, seed: int = 0):
+    """``(x, y)``: standard-normal inputs and uniform labels from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, features, generator=generator)
+    y = torch.randint(0, classes, (batch,), generator=generator)
+    return x, y
+
+
+@pytest.fixture
+def toy_batch():
+    return synthetic_batch()
