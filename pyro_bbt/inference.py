@@ -78,11 +78,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1):
             raise ValueError(f"steps must be None or an integer >= 1, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
+        if not (isinstance(self.warmup_epochs, (int, float)) and math.isfinite(self.warmup_epochs) and self.warmup_epochs > 0):
+            raise ValueError(f"warmup_epochs must be a finite number > 0, got {self.warmup_epochs!r}")
+        if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) or self.eval_samples < 0:
             raise ValueError(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}")
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from torch import nn
 
 __all__ = [
@@ -80,6 +81,14 @@ class GaussianPrior(Prior):
         return {"type": "gaussian", "scale": self.scale, "layer_scales": dict(self.layer_scales)}
 
 
+class _RealMixtureSameFamily(dist.MixtureSameFamily):
+    """A mixture of real-valued components, declaring its support as the real line. Torch reports
+    ``MixtureSameFamilyConstraint(real)`` instead, for which no bijection is registered, so every
+    autoguide (which calls ``biject_to(site.support)`` when it sets up) would reject the site."""
+
+    support = constraints.real
+
+
 class ScaleMixturePrior(Prior):
     """Blundell et al. (2015) scale mixture, independently for every weight:
 
@@ -103,7 +112,7 @@ class ScaleMixturePrior(Prior):
         zero = self._anchor()
         mixing = dist.Categorical(probs=torch.stack([zero + self.pi, zero + 1.0 - self.pi]))
         components = dist.Normal(torch.stack([zero, zero]), torch.stack([zero + self.sigma1, zero + self.sigma2]))
-        return dist.MixtureSameFamily(mixing, components).expand(shape).to_event(len(shape))
+        return _RealMixtureSameFamily(mixing, components).expand(shape).to_event(len(shape))
 
     @property
     def stddev(self) -> float:

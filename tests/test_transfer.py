@@ -1,0 +1,199 @@
+"""Transfer operation, experiment protocol and the ``python -m pyro_bbt.transfer`` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyro
+import pytest
+import torch
+
+from pyro_bbt.data import Task, load_task
+from pyro_bbt.experiment import ExperimentConfig, _fresh_bayesian, run_experiment, summarize_units
+from pyro_bbt.guides import initialize_guide, make_guide, posterior_as_prior, posterior_loc_scale
+from pyro_bbt.inference import TrainConfig, train
+from pyro_bbt.model import BayesianMLP
+from pyro_bbt.priors import GaussianPrior, PerSitePrior
+from pyro_bbt.transfer import CSV_COLUMNS, main
+
+TINY = [
+    "--limit-train", "300", "--limit-eval", "200", "--hidden", "16", "--epochs", "1", "--epochs-a", "1",
+    "--min-steps", "3", "--fractions", "0.1", "--seeds", "0", "--eval-samples", "4", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def task_a():
+    data = load_task(Task(digits=(0, 1, 2)))
+    return data.train.subset(300)
+
+
+@pytest.fixture
+def fitted(task_a):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = BayesianMLP((784, 16, 3), GaussianPrior(1.0))
+    guide = make_guide("meanfield", model)
+    train(model, guide, task_a, TrainConfig(steps=5, progress=False, eval_samples=0))
+    return model, guide
+
+
+def test_posterior_as_prior_copies_loc_and_scale_exactly(fitted):
+    model, guide = fitted
+    posterior = posterior_loc_scale(guide, model)
+    prior = posterior_as_prior(guide, model)
+    assert isinstance(prior, PerSitePrior)
+    assert set(prior.sites) == set(model.site_shapes)
+    for site, (loc, scale) in posterior.items():
+        assert torch.equal(prior.loc(site), loc)
+        assert torch.equal(prior.scale(site), scale)
+        assert torch.equal(guide.get_loc_scale(site)[0].detach(), loc)
+    broadened = posterior_as_prior(guide, model, tau=3.0)
+    site = "layers.0.weight"
+    assert torch.allclose(broadened.scale(site), 3.0 * posterior[site][1])
+
+
+@pytest.mark.parametrize("tau", [0.5, float("nan"), float("inf")])
+def test_posterior_as_prior_rejects_bad_tau(fitted, tau):
+    model, guide = fitted
+    with pytest.raises(ValueError, match="tau"):
+        posterior_as_prior(guide, model, tau=tau)
+
+
+def test_transferred_prior_is_what_the_model_samples_from(fitted):
+    model, guide = fitted
+    prior = posterior_as_prior(guide, model)
+    model_b = BayesianMLP(model.sizes, prior)
+    trace = pyro.poutine.trace(model_b).get_trace(torch.zeros(2, 784), None, 2)
+    site = trace.nodes["layers.1.weight"]["fn"].base_dist
+    assert torch.equal(site.loc, prior.loc("layers.1.weight"))
+    assert torch.equal(site.scale, prior.scale("layers.1.weight"))
+
+
+def test_from_posterior_starts_q_b_at_q_a(fitted):
+    model, guide = fitted
+    state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    expected = posterior_loc_scale(guide, model)
+    config = ExperimentConfig(hidden=(16,), task_a=(0, 1, 2), task_b=(3, 4, 5), fractions=(1.0,), seeds=(0,))
+    model_b, guide_b = _fresh_bayesian(config, posterior_as_prior(guide, model), seed=1)
+    fresh = posterior_loc_scale(guide_b, model_b)
+    assert not torch.equal(fresh["layers.0.weight"][0], expected["layers.0.weight"][0])
+    guide_b.load_state_dict(state)
+    started = posterior_loc_scale(guide_b, model_b)
+    for site in expected:
+        assert torch.equal(started[site][0], expected[site][0])
+        assert torch.equal(started[site][1], expected[site][1])
+
+
+def test_initialize_guide_creates_parameters():
+    pyro.clear_param_store()
+    model = BayesianMLP((5, 4, 2))
+    guide = make_guide("meanfield", model)
+    assert guide.prototype_trace is None
+    initialize_guide(guide, 5)
+    assert set(posterior_loc_scale(guide, model)) == set(model.site_shapes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"methods": ("scratch", "magic")}, "magic"),
+        ({"guide": "gp"}, "gp"),
+        ({"kl_schedule": "cosine"}, "cosine"),
+        ({"head": "many"}, "many"),
+        ({"q_init": "random"}, "random"),
+        ({"task_a": (0, 1, 2, 3, 4), "task_b": (4, 5, 6, 7, 8)}, r"\[4\]"),
+        ({"fractions": (0.0,)}, "fraction"),
+        ({"tau": 0.5}, "tau"),
+        ({"seeds": (-1,)}, "seeds"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_experiment_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(**kwargs)
+
+
+def test_cli_end_to_end_writes_files_with_schema(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out)]) == 0
+    for name in ("config.json", "results.json", "metrics.csv", "transfer_results.png", "forgetting.png", "final_accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden"] == [16] and config["fractions"] == [0.1]
+    methods = {u["method"] for u in results["units"]}
+    assert methods == {"scratch", "transfer", "finetune", "ewc", "joint"}
+    for unit in results["units"]:
+        assert unit["status"] == "ok"
+        assert 0.0 <= unit["b_test"]["accuracy"] <= 1.0
+        assert 0.0 <= unit["a_test_after"]["accuracy"] <= 1.0
+        assert unit["b_test"]["nll"] > 0
+        assert unit["curve"] and unit["curve"][-1]["step"] <= unit["steps"]
+        if unit["method"] in ("transfer", "finetune", "ewc"):
+            R = unit["accuracy_matrix"]
+            assert unit["backward_transfer"] == pytest.approx(R[1][0] - R[0][0])
+            assert R[1][1] == unit["b_test"]["accuracy"]
+        else:
+            assert unit["accuracy_matrix"] is None
+    assert set(results["summary"]) == methods
+    header, *rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert tuple(header.split(",")) == CSV_COLUMNS
+    assert len(rows) == len(results["units"])
+
+
+def test_same_budget_data_and_seed_for_every_method(tmp_path):
+    config = ExperimentConfig(
+        hidden=(8,), epochs=1, epochs_a=1, min_steps=4, fractions=(0.05,), seeds=(0,), limit_train=200, limit_eval=100,
+        eval_samples=2, methods=("scratch", "transfer", "finetune", "ewc"),
+    )
+    results = run_experiment(config, log=lambda m: None)
+    steps = {u["method"]: u["steps"] for u in results["units"]}
+    assert len(set(steps.values())) == 1 and steps["scratch"] >= 4
+    summary = summarize_units(results["units"])
+    assert summary["scratch"]["0.05"]["b_test_accuracy"]["n"] == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyro_bbt.transfer", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--methods", "scratch,magic"], "magic"),
+        (["--guide", "gp"], "gp"),
+        (["--kl-schedule", "cosine"], "cosine"),
+        (["--head", "many"], "many"),
+        (["--task-b", "4,5,6,7,8"], "share digits"),
+        (["--fractions", "abc"], "abc"),
+        (["--preset", "huge"], "huge"),
+        (["--tau", "0.5"], "tau"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
+    try:
+        code = main([*args, "--out", str(tmp_path / "x")])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_process_exit_code_and_no_traceback(tmp_path):
+    result = _cli("--guide", "gp", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_existing_results_without_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    result = _cli("--out", str(out))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (out / "results.json").read_text() == "{}"
