@@ -88,10 +88,7 @@ def load_checkpoint(
         raise ValueError(f"{path}: checkpoint is for a network of sizes {sizes}, expected {tuple(expected_sizes)}")
     model = BayesianMLP(sizes, prior_from_state(payload["prior"]))
     guide = make_guide(payload["guide_name"], model, GuideConfig(**payload["guide_config"]))
-    with poutine.block():
-        # Observed dummy labels: with y=None the model would sample "obs" as a discrete latent,
-        # which an autoguide refuses when it builds its prototype trace.
-        guide(torch.zeros(1, sizes[0]), torch.zeros(1, dtype=torch.long), 1)
+    initialize_guide(guide, sizes[0])
     try:
         guide.load_state_dict(payload["guide_state"])
     except RuntimeError as error:

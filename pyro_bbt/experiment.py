@@ -53,7 +53,7 @@ __all__ = ["METHODS", "Q_INITS", "HEADS", "ExperimentConfig", "PRESETS", "run_ex
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
 Q_INITS = ("from-posterior", "fresh")
-HEADS = ("shared",)
+HEADS = ("shared", "multihead")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -105,7 +105,7 @@ class ExperimentConfig:
         if overlap:
             raise ValueError(f"tasks A and B share digits {overlap}; split MNIST needs disjoint digit sets")
         if len(self.task_a) != len(self.task_b):
-            raise ValueError(f"a shared head needs as many classes in B as in A, got {len(self.task_a)} and {len(self.task_b)}")
+            raise ValueError(f"tasks A and B must have as many classes, got {len(self.task_a)} and {len(self.task_b)}")
         self.methods = tuple(_choice("method", m, METHODS) for m in self.methods)
         if not self.methods:
             raise ValueError(f"methods must name at least one of {', '.join(METHODS)}")
@@ -143,6 +143,15 @@ class ExperimentConfig:
     @property
     def sizes(self) -> tuple[int, ...]:
         return (784, *self.hidden, len(self.task_a))
+
+    @property
+    def num_heads(self) -> int:
+        return 2 if self.head == "multihead" else 1
+
+    @property
+    def b_head(self) -> int:
+        """Output head of task B: A's head (0) when shared, a head of its own otherwise."""
+        return self.num_heads - 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -212,7 +221,7 @@ def _fresh_bayesian(config: ExperimentConfig, prior: Prior, seed: int):
     no parameter is shared with an earlier guide of the same name."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = BayesianMLP(config.sizes, prior).to(config.device)
+    model = BayesianMLP(config.sizes, prior, num_heads=config.num_heads).to(config.device)
     guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
     initialize_guide(guide, model.sizes[0])
     return model, guide
@@ -223,12 +232,19 @@ def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[in
     return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
 
 
-def _bayes_metrics(model, guide, split: Split, samples: int) -> PredictiveMetrics:
+def _use_head(model: BayesianMLP, head: int | None) -> None:
+    if model.num_heads > 1:
+        model.head = head
+
+
+def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> PredictiveMetrics:
+    """Posterior-predictive metrics on ``split`` through output ``head``."""
+    _use_head(model, head)
     return evaluate(model, guide, split.x, split.y, num_samples=samples)
 
 
-def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks) -> tuple[list, list]:
-    """Train and record B's learning curve at evenly spaced epochs."""
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None) -> tuple[list, list]:
+    """Train through output ``head`` and record B's learning curve at evenly spaced epochs."""
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
@@ -239,11 +255,13 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
                 {
                     "epoch": diag.epoch,
                     "step": diag.steps,
-                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples).accuracy,
-                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples).accuracy,
+                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
+                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
                 }
             )
+            _use_head(model, head)
 
+    _use_head(model, head)
     history = train(model, guide, train_split, _train_config(config, steps, seed), on_epoch=on_epoch)
     return curve, history.to_records()
 
@@ -263,18 +281,43 @@ class _StageA:
 
 def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int) -> _StageA:
     model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
-    b_random_init = _bayes_metrics(model, guide, tasks.b.test, config.eval_samples).accuracy
+    b_random_init = _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy
     steps = steps_for(len(tasks.a.train), config.epochs_a, config.batch_size)
+    _use_head(model, 0)
     history = train(model, guide, tasks.a.train, _train_config(config, steps, seed))
+    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale))
+    if config.head == "multihead":
+        # B's head has seen no data: its prior stays N(0, sigma^2) rather than q_A's leftovers.
+        rows = model.head_rows(config.b_head)
+        for site in model.output_sites:
+            prior_from_a.loc(site)[rows] = 0.0
+            prior_from_a.scale(site)[rows] = config.prior_scale
     return _StageA(
         guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
-        prior_from_a=posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale)),
-        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
-        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
+        prior_from_a=prior_from_a,
+        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         b_random_init=b_random_init,
         steps=steps,
         history=history.to_records(),
     )
+
+
+def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, state_a: dict) -> None:
+    """Set q_B = q_A. With a multi-head network, B's head keeps its fresh initialisation: under
+    task A it was only ever pulled towards the prior."""
+    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    guide.load_state_dict(state_a)
+    if config.head != "multihead":
+        return
+    if config.guide not in ("normal", "meanfield", "delta"):
+        raise ValueError(f"--head multihead with q_B started from q_A supports the guides normal, meanfield and delta, not {config.guide!r}")
+    rows = model.head_rows(config.b_head)
+    merged = guide.state_dict()
+    for key, value in merged.items():
+        if any(site in key for site in model.output_sites):
+            value[rows] = fresh[key][rows]
+    guide.load_state_dict(merged)
 
 
 def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int) -> dict:
@@ -282,11 +325,11 @@ def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None,
     model, guide = _fresh_bayesian(config, prior, seed)
     start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
     if start_from_a:
-        guide.load_state_dict(stage_a.guide_state)
-    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks)
+        _start_from_posterior(config, model, guide, stage_a.guide_state)
+    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head)
     return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
     }
@@ -294,17 +337,37 @@ def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None,
 
 def _run_joint(config, tasks: _Tasks, steps: int, seed: int) -> dict:
     model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
-    both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y]))
-    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks)
+    # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
+    # is then evaluated through its own head.
+    offset = config.b_head * len(config.task_a)
+    both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
+    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks, None)
     return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples),
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
     }
 
 
 # --------------------------------------------------------------------------- EWC
+
+
+class _HeadView(torch.nn.Module):
+    """The logits of one output head of a deterministic multi-head MLP (all outputs if single-head)."""
+
+    def __init__(self, net: MLP, rows: slice) -> None:
+        super().__init__()
+        self.net = net
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[..., self.rows]
+
+
+def _head_view(config: ExperimentConfig, net: MLP, head: int) -> _HeadView:
+    width = len(config.task_a)
+    return _HeadView(net, slice(head * width, (head + 1) * width))
 
 
 def _net_metrics(net: torch.nn.Module, split: Split) -> PredictiveMetrics:
@@ -326,22 +389,24 @@ class _StageAEWC:
 
 def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int) -> _StageAEWC:
     torch.manual_seed(seed)
-    net = MLP(config.sizes).to(config.device)
-    b_random_init = _net_metrics(net, tasks.b.test).accuracy
-    train_deterministic(net, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+    net = MLP((*config.sizes[:-1], config.sizes[-1] * config.num_heads)).to(config.device)
+    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
+    b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
+    train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
     generator = torch.Generator(device=config.device).manual_seed(seed)
-    fisher = fisher_diagonal(net, tasks.a.train.x[: config.fisher_samples], generator=generator)
+    fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
     return _StageAEWC(
         net=net,
-        penalty=EWCPenalty(net, fisher, config.ewc_lambda),
-        a_test=_net_metrics(net, tasks.a.test),
-        b_test_before=_net_metrics(net, tasks.b.test),
+        penalty=EWCPenalty(on_a, fisher, config.ewc_lambda),
+        a_test=_net_metrics(on_a, tasks.a.test),
+        b_test_before=_net_metrics(on_b, tasks.b.test),
         b_random_init=b_random_init,
     )
 
 
 def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
     net = copy.deepcopy(stage.net)
+    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
     steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
@@ -361,11 +426,11 @@ def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) 
             )
 
     losses = train_deterministic(
-        net, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed), stage.penalty, on_epoch
+        on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed), stage.penalty, on_epoch
     )
     return {
-        "b_test": _net_metrics(net, tasks.b.test),
-        "a_test_after": _net_metrics(net, tasks.a.test),
+        "b_test": _net_metrics(on_b, tasks.b.test),
+        "a_test_after": _net_metrics(on_a, tasks.a.test),
         "curve": curve,
         "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == steps],
     }

@@ -85,20 +85,28 @@ class BayesianMLP(PyroModule):
     :param sizes: layer widths ``(d_0, ..., d_L)``; the default is the split-MNIST network
         784-400-400-5.
     :param prior: the weight prior (default ``GaussianPrior(1.0)``); replace with :meth:`set_prior`.
+    :param num_heads: ``> 1`` makes a multi-head network: the output layer has
+        ``num_heads * sizes[-1]`` units and head ``k`` is the slice ``[k C, (k+1) C)``. The
+        attribute ``head`` picks the slice the logits come from (``None``: all of them).
 
     Call it as a Pyro model: ``model(x, y, num_data=N)``. With ``y=None`` the labels are sampled.
     Returns the logits, ``(B, C)`` or ``(S, B, C)`` under a sample plate.
     """
 
-    def __init__(self, sizes: Sequence[int] = (784, 400, 400, 5), prior: Prior | None = None) -> None:
+    def __init__(self, sizes: Sequence[int] = (784, 400, 400, 5), prior: Prior | None = None, num_heads: int = 1) -> None:
         super().__init__()
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) < 2 or any(s < 1 for s in sizes):
             raise ValueError(f"sizes must list at least two positive widths, got {sizes!r}")
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
         self.sizes = sizes
+        self.num_heads = num_heads
+        self.head: int | None = 0 if num_heads > 1 else None
         self.prior = prior if prior is not None else GaussianPrior(1.0)
+        widths = (*sizes[:-1], sizes[-1] * num_heads)
         self.layers = PyroModule[nn.ModuleList](
-            [BayesianLinear(d_in, d_out, lambda: self.prior) for d_in, d_out in zip(sizes[:-1], sizes[1:])]
+            [BayesianLinear(d_in, d_out, lambda: self.prior) for d_in, d_out in zip(widths[:-1], widths[1:])]
         )
 
     def set_prior(self, prior: Prior) -> None:
@@ -123,6 +131,15 @@ class BayesianMLP(PyroModule):
     def num_classes(self) -> int:
         return self.sizes[-1]
 
+    def head_rows(self, head: int) -> slice:
+        """Rows of the output layer that belong to ``head``."""
+        if not 0 <= head < self.num_heads:
+            raise ValueError(f"head must lie in 0..{self.num_heads - 1}, got {head!r}")
+        return slice(head * self.num_classes, (head + 1) * self.num_classes)
+
+    def _select_head(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.head is None else logits[..., self.head_rows(self.head)]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits; samples (or reuses, under replay/condition) every weight site."""
         h = x
@@ -130,7 +147,7 @@ class BayesianMLP(PyroModule):
             h = layer(h)
             if index < len(self.layers) - 1:
                 h = F.relu(h)
-        return h
+        return self._select_head(h)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
         logits = self.logits(x)
@@ -169,4 +186,4 @@ class BayesianMLP(PyroModule):
             h = mean + var.sqrt() * torch.randn_like(mean)
             if index < len(self.layers) - 1:
                 h = F.relu(h)
-        return h
+        return self._select_head(h)

@@ -197,3 +197,26 @@ def test_cli_refuses_existing_results_without_overwrite(tmp_path):
     result = _cli("--out", str(out))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "results.json").read_text() == "{}"
+
+
+def test_multihead_prior_keeps_a_head_and_resets_b_head():
+    from pyro_bbt.experiment import _fit_task_a, _load, _start_from_posterior
+
+    config = ExperimentConfig(
+        hidden=(8,), head="multihead", epochs_a=1, fractions=(1.0,), seeds=(0,), limit_train=200, limit_eval=50,
+        eval_samples=2, prior_scale=0.5,
+    )
+    tasks = _load(config, 1.0, 0)
+    stage = _fit_task_a(config, tasks, seed=0)
+    model_b, guide_b = _fresh_bayesian(config, stage.prior_from_a, seed=0)
+    fresh = posterior_loc_scale(guide_b, model_b)
+    _start_from_posterior(config, model_b, guide_b, stage.guide_state)
+    started = posterior_loc_scale(guide_b, model_b)
+    a_rows, b_rows = model_b.head_rows(0), model_b.head_rows(1)
+    weight = "layers.1.weight"
+    assert model_b.site_shapes[weight] == torch.Size((10, 8))
+    assert torch.equal(stage.prior_from_a.loc(weight)[b_rows], torch.zeros(5, 8))
+    assert torch.equal(stage.prior_from_a.scale(weight)[b_rows], torch.full((5, 8), 0.5))
+    assert torch.equal(stage.prior_from_a.scale(weight)[a_rows], started[weight][1][a_rows])
+    assert torch.equal(started[weight][0][b_rows], fresh[weight][0][b_rows])
+    assert torch.equal(started["layers.0.weight"][0], stage.prior_from_a.loc("layers.0.weight"))

@@ -1,0 +1,271 @@
+"""Tests for pyro_bbt.checkpoint (save / load of a fitted model) and TrainHistory files."""
+
+import csv
+import json
+import math
+import os
+
+import pyro
+import pytest
+import torch
+
+from conftest import synthetic_batch
+from pyro_bbt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from pyro_bbt.data import Split
+from pyro_bbt.evaluation import evaluate, evaluate_posterior_mean, predictive_log_probs
+from pyro_bbt.guides import GUIDES, GuideConfig, make_guide, posterior_loc_scale
+from pyro_bbt.inference import EpochDiagnostics, TrainConfig, TrainHistory, train
+from pyro_bbt.model import BayesianMLP
+from pyro_bbt.objectives import WeightSamplingELBO
+from pyro_bbt.priors import GaussianPrior, PerSitePrior, ScaleMixturePrior
+
+SIZES = (20, 16, 3)
+GUIDE_CONFIG = GuideConfig(init_scale=0.05, num_flows=2, rank=3)
+
+
+def _data(n=48, seed=0):
+    x, y = synthetic_batch(batch=n, features=SIZES[0], classes=SIZES[-1], seed=seed)
+    return Split(x, y)
+
+
+def _fit(name, prior=None, steps=4, seed=0):
+    """A freshly trained (few steps: parameters moved off their initial values) model and guide."""
+    pyro.clear_param_store()
+    model = BayesianMLP(SIZES, prior)
+    guide = make_guide(name, model, GUIDE_CONFIG)
+    config = TrainConfig(steps=steps, batch_size=16, lr=0.05, progress=False, eval_samples=0, estimator="weights", seed=seed)
+    train(model, guide, _data(), config)
+    return model, guide
+
+
+def _predictions(model, guide, x, y, mean=True):
+    """Everything a checkpoint must reproduce exactly."""
+    out = {}
+    pyro.set_rng_seed(123)
+    out["evaluate"] = evaluate(model, guide, x, y, num_samples=5)
+    pyro.set_rng_seed(123)
+    out["loss"] = float(WeightSamplingELBO(2, closed_form_kl=False)(model, guide, x, y, 100, 0.5).detach())
+    if mean:
+        means = {k: loc for k, (loc, _) in posterior_loc_scale(guide, model).items()}
+        out["mean_log_probs"] = predictive_log_probs(model, means, x)
+        out["posterior_mean"] = evaluate_posterior_mean(model, guide, x, y)
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("name", GUIDES)
+def test_round_trip_gives_identical_predictions(name, tmp_path):
+    model, guide = _fit(name)
+    x, y = synthetic_batch(batch=25, features=SIZES[0], seed=7)
+    flows = name in ("planar", "iaf")  # their posterior mean is moment-matched from random draws
+    before = _predictions(model, guide, x, y, mean=not flows)
+    state_before = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, guide, name, GUIDE_CONFIG, config={"lr": 0.05, "note": "test"})
+
+    pyro.clear_param_store()
+    loaded_model, loaded_guide, payload = load_checkpoint(path)
+    assert loaded_model.sizes == SIZES
+    assert payload["guide_name"] == name and payload["config"] == {"lr": 0.05, "note": "test"}
+    state_after = loaded_guide.state_dict()
+    assert state_before.keys() == state_after.keys()
+    for key in state_before:
+        assert torch.equal(state_before[key], state_after[key]), key
+    _assert_same(before, _predictions(loaded_model, loaded_guide, x, y, mean=not flows))
+
+
+def test_round_trip_with_a_per_site_prior(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    shapes = BayesianMLP(SIZES).site_shapes
+    first = [s for s in shapes if s.startswith("layers.0.")]
+    locs = {s: 0.1 * torch.randn(shapes[s], generator=g) for s in first}
+    scales = {s: 0.05 + torch.rand(shapes[s], generator=g) for s in first}
+    prior = PerSitePrior(locs, scales, fallback=GaussianPrior(0.3, layer_scales={"layers.1": 0.7}))
+    model, guide = _fit("meanfield", prior)
+    x, y = synthetic_batch(batch=25, features=SIZES[0], seed=8)
+    before = _predictions(model, guide, x, y)
+    path = tmp_path / "persite.pt"
+    save_checkpoint(path, model, guide, "meanfield", GUIDE_CONFIG)
+
+    pyro.clear_param_store()
+    loaded_model, loaded_guide, _ = load_checkpoint(path, expected_sizes=SIZES)
+    loaded_prior = loaded_model.prior
+    assert isinstance(loaded_prior, PerSitePrior)
+    assert set(loaded_prior.sites) == set(first)
+    for s in first:
+        assert torch.equal(loaded_prior.loc(s), locs[s]) and torch.equal(loaded_prior.scale(s), scales[s])
+    assert isinstance(loaded_prior.fallback, GaussianPrior)
+    assert loaded_prior.fallback.describe() == prior.fallback.describe()
+    _assert_same(before, _predictions(loaded_model, loaded_guide, x, y))
+
+
+def test_round_trip_with_a_scale_mixture_prior(tmp_path):
+    prior = ScaleMixturePrior(0.25, 1.5, math.exp(-4))
+    model, guide = _fit("meanfield", prior)
+    x, y = synthetic_batch(batch=25, features=SIZES[0], seed=9)
+    before = _predictions(model, guide, x, y)
+    save_checkpoint(tmp_path / "mix.pt", model, guide, "meanfield", GUIDE_CONFIG)
+    pyro.clear_param_store()
+    loaded_model, loaded_guide, _ = load_checkpoint(tmp_path / "mix.pt")
+    assert loaded_model.prior.describe() == prior.describe()
+    _assert_same(before, _predictions(loaded_model, loaded_guide, x, y))
+
+
+def test_loading_overwrites_a_same_named_guide_in_memory(tmp_path):
+    model, guide = _fit("meanfield", steps=3)
+    x, y = synthetic_batch(batch=25, features=SIZES[0], seed=10)
+    before = _predictions(model, guide, x, y)
+    save_checkpoint(tmp_path / "a.pt", model, guide, "meanfield", GUIDE_CONFIG)
+    # Keep training the in-memory guide (same param-store names), then load without clearing.
+    train(model, guide, _data(seed=3), TrainConfig(steps=3, batch_size=16, lr=0.05, progress=False, eval_samples=0, seed=5))
+    moved = _predictions(model, guide, x, y)
+    assert not torch.equal(moved["mean_log_probs"], before["mean_log_probs"])
+    loaded_model, loaded_guide, _ = load_checkpoint(tmp_path / "a.pt")
+    _assert_same(before, _predictions(loaded_model, loaded_guide, x, y))
+
+
+def test_checkpoint_is_plain_tensors_and_containers(tmp_path):
+    model, guide = _fit("meanfield", steps=1)
+    path = tmp_path / "sub" / "dir" / "m.pt"  # parent folders are created
+    save_checkpoint(path, model, guide, "meanfield", GUIDE_CONFIG, config={"epochs": 3})
+    payload = torch.load(path, weights_only=True)
+    assert payload["format_version"] == FORMAT_VERSION
+    assert payload["sizes"] == list(SIZES)
+    assert payload["guide_name"] == "meanfield"
+    assert payload["guide_config"]["num_flows"] == 2
+    assert payload["prior"]["description"]["type"] == "gaussian"
+    assert payload["config"] == {"epochs": 3}
+    assert all(isinstance(v, torch.Tensor) for v in payload["guide_state"].values())
+    # The write is atomic: no temporary file is left behind.
+    assert os.listdir(path.parent) == ["m.pt"]
+
+
+def test_expected_sizes_mismatch_names_both_shapes(tmp_path):
+    model, guide = _fit("meanfield", steps=1)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, guide, "meanfield", GUIDE_CONFIG)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path, expected_sizes=(20, 8, 3))
+    assert "(20, 16, 3)" in str(info.value) and "(20, 8, 3)" in str(info.value)
+    load_checkpoint(path, expected_sizes=[20, 16, 3])  # a list of the right sizes is fine
+
+
+def _saved_payload(tmp_path):
+    model, guide = _fit("meanfield", steps=1)
+    path = tmp_path / "good.pt"
+    save_checkpoint(path, model, guide, "meanfield", GUIDE_CONFIG)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "corrupt, text",
+    [
+        (lambda p: {**p, "format_version": FORMAT_VERSION + 1}, "version"),
+        (lambda p: {k: v for k, v in p.items() if k != "format_version"}, "version"),
+        (lambda p: [p], "version"),
+        (lambda p: {k: v for k, v in p.items() if k != "guide_state"}, "guide_state"),
+        (lambda p: {**p, "guide_state": {k: v[..., :1] for k, v in p["guide_state"].items()}}, "guide parameters"),
+        (lambda p: {**p, "guide_state": {}}, "guide parameters"),
+        (lambda p: {**p, "sizes": [20, 8, 3]}, "guide parameters"),
+    ],
+)
+def test_corrupted_or_other_version_payload_raises(tmp_path, corrupt, text):
+    payload = _saved_payload(tmp_path)
+    path = tmp_path / "bad.pt"
+    torch.save(corrupt(payload), path)
+    pyro.clear_param_store()  # else the same-named guide just trained lends its shapes (see the xfail below)
+    with pytest.raises(ValueError, match=text):
+        load_checkpoint(path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "load_checkpoint builds the guide inside Pyro's global param store: a same-named guide of other "
+        "sizes already there (here an AutoMeanFieldNormal for (20, 8, 3)) makes the new guide pick up "
+        "those shapes, so loading a valid (20, 16, 3) checkpoint fails with 'guide parameters do not fit' "
+        "instead of overwriting the in-memory guide as its docstring says"
+    ),
+)
+def test_loading_while_a_same_named_guide_of_other_sizes_is_in_memory(tmp_path):
+    model, guide = _fit("meanfield", steps=1)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, guide, "meanfield", GUIDE_CONFIG)
+    x, y = synthetic_batch(batch=10, features=SIZES[0], seed=2)
+    before = _predictions(model, guide, x, y)
+    pyro.clear_param_store()
+    other = BayesianMLP((20, 8, 3))
+    other_guide = make_guide("meanfield", other, GUIDE_CONFIG)
+    other_guide(*synthetic_batch(batch=2, features=20), 2)  # creates its parameters in the store
+    loaded_model, loaded_guide, _ = load_checkpoint(path)
+    _assert_same(before, _predictions(loaded_model, loaded_guide, x, y))
+
+
+def test_unreadable_file_raises_value_error(tmp_path):
+    model, guide = _fit("meanfield", steps=1)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, model, guide, "meanfield", GUIDE_CONFIG)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(ValueError, match="checkpoint"):
+            load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------- TrainHistory files
+
+
+def _parse_csv_row(row):
+    out = {}
+    for key, text in row.items():
+        if text == "":
+            out[key] = None
+        elif key in ("epoch", "steps"):
+            out[key] = int(text)
+        else:
+            out[key] = float(text)
+    return out
+
+
+def test_train_history_csv_and_json_round_trip(tmp_path):
+    history = TrainHistory(
+        [
+            EpochDiagnostics(1, 5, -123.456789012345, -100.1, 23.356789012345, 0.4, None, 0.012),
+            EpochDiagnostics(2, 10, -90.0, -85.5, 4.5, 2 / 3, 0.8125, 1e-7),
+        ]
+    )
+    history.to_json(tmp_path / "h.json")
+    assert json.loads((tmp_path / "h.json").read_text()) == history.to_records()
+    history.to_csv(tmp_path / "h.csv")
+    with open(tmp_path / "h.csv", newline="") as f:
+        rows = [_parse_csv_row(r) for r in csv.DictReader(f)]
+    assert rows == history.to_records()
+    assert rows[0]["val_accuracy"] is None and rows[1]["train_accuracy"] == 2 / 3
+
+
+def test_trained_history_round_trips(tmp_path):
+    pyro.clear_param_store()
+    model = BayesianMLP(SIZES)
+    guide = make_guide("meanfield", model)
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.01, progress=False, eval_samples=2)
+    history = train(model, guide, _data(), config, val_split=_data(16, seed=1))
+    history.to_json(tmp_path / "h.json")
+    history.to_csv(tmp_path / "h.csv")
+    records = history.to_records()
+    assert len(records) == 2 and records[-1]["steps"] == 6
+    assert json.loads((tmp_path / "h.json").read_text()) == records
+    with open(tmp_path / "h.csv", newline="") as f:
+        assert [_parse_csv_row(r) for r in csv.DictReader(f)] == records
