@@ -10,6 +10,7 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
   ``(N/B) sum_n E_q log p(y_n | x_n, w)`` (a full-data quantity, in nats);
 * ``weighted_kl``: ``sum_i pi_i KL_i`` over the epoch (equal to ``KL(q||p)`` when the weights sum to 1);
 * ``elbo = expected_log_lik - weighted_kl``;
+* ``seconds``: wall time of the epoch's optimisation steps (validation excluded);
 * ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
   posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws.
 """
@@ -182,6 +183,7 @@ def train(
             bar.update()
             bar.set_postfix(loss=f"{loss:.4g}", kl=f"{terms.weighted_kl:.3g}", acc=f"{correct / seen:.3f}")
         bar.close()
+        seconds = time.perf_counter() - start
         expected_log_lik = log_lik_sum / max(epoch_steps, 1)
         val_accuracy = None
         if val_split is not None and config.eval_samples > 0 and len(val_split) > 0:
@@ -194,7 +196,7 @@ def train(
             weighted_kl=weighted_kl,
             train_accuracy=correct / max(seen, 1),
             val_accuracy=val_accuracy,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
         )
         history.epochs.append(diagnostics)
         if on_epoch is not None:

@@ -6,6 +6,16 @@ import torch
 from pyro_bbt.data import Task, load_task
 
 
+@pytest.fixture
+def single_torch_thread():
+    """Run a test with one intra-op thread. The networks here are tiny: a second thread brings
+    nothing, and on a busy 2-core machine the thread pool's spinning slows training ~8x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist3():
     """A few hundred images of a 3-class MNIST task: ``(train, test)`` splits of 300 each."""

@@ -19,6 +19,8 @@ from pyro_bbt.model import BayesianMLP
 from pyro_bbt.objectives import WeightSamplingELBO
 from pyro_bbt.priors import GaussianPrior, PerSitePrior, ScaleMixturePrior
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 SIZES = (20, 16, 3)
 GUIDE_CONFIG = GuideConfig(init_scale=0.05, num_flows=2, rank=3)
 

@@ -20,6 +20,8 @@ from pyro_bbt.evaluation import (
 from pyro_bbt.guides import GuideConfig, make_guide, posterior_loc_scale
 from pyro_bbt.model import BayesianMLP
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 # ----------------------------------------------------------------------------- ECE
 
 

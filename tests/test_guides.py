@@ -23,6 +23,8 @@ from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.priors import GaussianPrior, ScaleMixturePrior
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 TRAIN_STEPS = {"planar": 120, "iaf": 120}  # the flows are slower per step; 150 for the others
 
 

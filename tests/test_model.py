@@ -15,6 +15,8 @@ from pyro_bbt.guides import make_guide
 from pyro_bbt.model import BayesianMLP, batched_linear
 from pyro_bbt.priors import GaussianPrior, PerSitePrior, ScaleMixturePrior, prior_loc_scale
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 SIZES = (20, 16, 3)
 
 

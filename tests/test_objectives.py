@@ -23,6 +23,8 @@ from pyro_bbt.objectives import (
 )
 from pyro_bbt.priors import GaussianPrior, PerSitePrior, ScaleMixturePrior
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 NUM_DATA = 50
 
 
@@ -130,9 +132,9 @@ def test_closed_form_kl_of_meanfield_is_weighted_gaussian_kl(num_particles):
     loss = estimator(model, guide, x, y, NUM_DATA, 0.3)
     assert estimator.last.weighted_kl == pytest.approx(0.3 * float(kl), rel=1e-5)
     assert float(loss.detach()) == pytest.approx(estimator.last.weighted_kl - estimator.last.log_lik, rel=1e-6)
-    if num_particles == 1:
-        log_lik, _ = _hand_terms(model, guide, x, y, seed=3)
-        assert estimator.last.log_lik == pytest.approx(float(log_lik), rel=1e-5)
+    assert estimator.last.logits.shape == ((5, 2) if num_particles == 1 else (num_particles, 5, 2))
+    lik = dist.Categorical(logits=estimator.last.logits).log_prob(y).sum() * (NUM_DATA / 5) / num_particles
+    assert estimator.last.log_lik == pytest.approx(float(lik), rel=1e-5)
 
     # The local-reparameterisation estimator uses the same closed-form KL.
     local = LocalReparameterizationELBO(num_particles)
@@ -162,18 +164,44 @@ def test_closed_form_kl_against_a_per_site_prior():
 
 
 def test_scale_mixture_prior_falls_back_to_monte_carlo_kl():
+    # No closed form exists against the scale mixture: every estimator must then estimate the
+    # same KL(q || p) by Monte Carlo. The trace path is checked by hand; the others in expectation.
     pyro.clear_param_store()
     pyro.set_rng_seed(5)
-    model = BayesianMLP((3, 2), ScaleMixturePrior())
+    model = BayesianMLP((3, 2), ScaleMixturePrior(0.5, 1.0, math.exp(-2)))
     x, y = synthetic_batch(batch=4, features=3, classes=2, seed=5)
     guide = _fixed_guide("meanfield", model, x, y, init_scale=0.2)
     pyro.set_rng_seed(6)
-    closed = WeightSamplingELBO(1, closed_form_kl=True)(model, guide, x, y, NUM_DATA, 0.4)
-    pyro.set_rng_seed(6)
     mc = WeightSamplingELBO(1, closed_form_kl=False)(model, guide, x, y, NUM_DATA, 0.4)
-    torch.testing.assert_close(closed, mc)
     log_lik, kl_mc = _hand_terms(model, guide, x, y, seed=6)
-    torch.testing.assert_close(closed.detach(), -(log_lik - 0.4 * kl_mc), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mc.detach(), -(log_lik - 0.4 * kl_mc), rtol=1e-5, atol=1e-4)
+
+    # Reference: 4000 vectorised draws of 0.4 * (log q(w) - log p(w)), w ~ q.
+    pyro.set_rng_seed(7)
+    with torch.no_grad(), pyro.plate("particles", 4000, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x, y, NUM_DATA)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y, NUM_DATA)
+        reference = 0.4 * sum(
+            guide_trace.nodes[n]["fn"].log_prob(guide_trace.nodes[n]["value"])
+            - model_trace.nodes[n]["fn"].log_prob(model_trace.nodes[n]["value"])
+            for n in model.site_shapes
+        ).reshape(-1).double()
+    assert reference.shape == (4000,) and reference.std() > 0
+
+    draws = 200
+    estimates = {}
+    estimators = {"closed_form_path": WeightSamplingELBO(1, closed_form_kl=True), "local": LocalReparameterizationELBO(1)}
+    with torch.no_grad():
+        for key, estimator in estimators.items():
+            values = []
+            for _ in range(draws):
+                estimator(model, guide, x, y, NUM_DATA, 0.4)
+                values.append(estimator.last.weighted_kl)
+            estimates[key] = torch.tensor(values, dtype=torch.float64)
+    for key, values in estimates.items():
+        assert values.std() > 0, f"{key}: the KL against a mixture prior cannot be deterministic"
+        std_err = math.sqrt(float(reference.var() / 4000 + values.var() / draws))
+        assert abs(float(values.mean() - reference.mean())) < 4 * std_err, key
 
 
 def test_kl_scale_leaves_observations_alone():
@@ -235,7 +263,11 @@ def test_local_reparameterization_agrees_in_expectation_with_weight_sampling():
     scale = NUM_DATA / x.shape[0]
 
     per_draw = {}
-    estimators = {"weights": WeightSamplingELBO(draws, closed_form_kl=True), "local": LocalReparameterizationELBO(draws)}
+    estimators = {
+        "trace": WeightSamplingELBO(draws, closed_form_kl=False),  # exactly Trace_ELBO (tested above)
+        "weights": WeightSamplingELBO(draws, closed_form_kl=True),
+        "local": LocalReparameterizationELBO(draws),
+    }
     for key, estimator in estimators.items():
         with torch.no_grad():
             loss = estimator(model, guide, x, y, NUM_DATA, 1.0)
@@ -245,14 +277,16 @@ def test_local_reparameterization_agrees_in_expectation_with_weight_sampling():
         # The estimator's value is the average over its draws.
         assert estimator.last.log_lik == pytest.approx(float(lik.mean()), rel=1e-4)
         assert float(loss) == pytest.approx(estimator.last.weighted_kl - estimator.last.log_lik, rel=1e-5)
-        per_draw[key] = lik
+        per_draw[key] = lik.double()
+    # Same closed-form KL for both Gaussian-KL estimators.
     assert estimators["weights"].last.weighted_kl == pytest.approx(estimators["local"].last.weighted_kl, rel=1e-5)
-    a, b = per_draw["weights"], per_draw["local"]
-    std_err = math.sqrt(float(a.var() / draws + b.var() / draws))
-    assert std_err > 0
-    assert abs(float(a.mean() - b.mean())) < 4 * std_err
-    # The two really are different estimators (independent noise per example), not the same draws.
-    assert not torch.allclose(a, b)
+    reference = per_draw.pop("trace")
+    for key, lik in per_draw.items():
+        std_err = math.sqrt(float(reference.var() / draws + lik.var() / draws))
+        assert std_err > 0
+        assert abs(float(lik.mean() - reference.mean())) < 4 * std_err, key
+    # The local estimator really is another estimator (independent noise per example).
+    assert not torch.allclose(per_draw["weights"], per_draw["local"])
 
 
 def test_local_estimator_rejects_non_meanfield_guides():

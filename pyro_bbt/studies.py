@@ -1,0 +1,218 @@
+"""Side studies on split MNIST: guides, KL schedules, and the ablation of the original's choices.
+
+``python -m pyro_bbt.studies guides``     every guide on task A, same epochs and seed:
+                                          test accuracy, NLL, ECE, seconds per epoch -> ``guides.png``
+``python -m pyro_bbt.studies schedules``  every KL schedule on task A -> ``comparing_beta.png``
+``python -m pyro_bbt.studies ablation``   transfer on B with q_B fresh vs from q_A, prior broadening
+                                          tau, and learning rate 1e-5 vs 1e-3, against scratch ->
+                                          ``ablation.md``
+
+Each writes ``<study>.json`` (all numbers) next to its figure or table in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .data import Task, load_task
+from .evaluation import evaluate
+from .experiment import ExperimentConfig, _fit_task_a, _fresh_bayesian, _load, _run_bayesian_b, steps_for
+from .files import atomic_write_json, atomic_write_text
+from .guides import GUIDES
+from .inference import TrainConfig, train
+from .kl_schedules import KL_SCHEDULES
+from .priors import GaussianPrior, PerSitePrior
+
+__all__ = ["StudyConfig", "compare_guides", "compare_schedules", "ablation", "main"]
+
+STUDIES = ("guides", "schedules", "ablation")
+
+
+@dataclass
+class StudyConfig:
+    """Shared settings; ``limit_train``/``limit_eval`` shrink the data for smoke tests."""
+
+    epochs: int = 3
+    seeds: tuple[int, ...] = (0,)
+    hidden: tuple[int, ...] = (400, 400)
+    eval_samples: int = 32
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    ablation_fraction: float = 0.1
+
+
+PRESETS = {
+    "quick": dict(epochs=1, seeds=(0,), limit_train=4000, limit_eval=2000, eval_samples=16),
+    "paper": dict(epochs=3, seeds=(0, 1, 2)),
+}
+
+
+def _task_a(config: StudyConfig, seed: int):
+    data = load_task(Task(digits=(0, 1, 2, 3, 4), seed=seed, name="A"))
+    train_split = data.train if config.limit_train is None else data.train.subset(config.limit_train)
+    test = data.test if config.limit_eval is None else data.test.subset(config.limit_eval)
+    val = data.val if config.limit_eval is None else data.val.subset(config.limit_eval)
+    return train_split, val, test
+
+
+def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell"):
+    experiment = ExperimentConfig(guide=guide, kl_schedule=kl_schedule, hidden=config.hidden, seeds=(seed,))
+    train_split, val, test = _task_a(config, seed)
+    model, q = _fresh_bayesian(experiment, GaussianPrior(experiment.prior_scale), seed)
+    train_config = TrainConfig(epochs=config.epochs, seed=seed, kl_schedule=kl_schedule, progress=False, eval_samples=8)
+    history = train(model, q, train_split, train_config, val_split=val)
+    metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
+    return history, metrics
+
+
+def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print) -> list[dict]:
+    rows = []
+    for guide, seed in itertools.product(guides, config.seeds):
+        history, metrics = _fit_on_a(config, seed, guide=guide)
+        seconds = statistics.median(e.seconds for e in history.epochs)
+        rows.append({"guide": guide, "seed": seed, **metrics.to_dict(), "seconds_per_epoch": seconds, "history": history.to_records()})
+        log(f"guide {guide:>9} seed {seed}: accuracy {metrics.accuracy:.4f}, NLL {metrics.nll:.4f}, ECE {metrics.ece:.4f}, {seconds:.1f} s/epoch")
+    return rows
+
+
+def compare_schedules(config: StudyConfig, schedules: tuple[str, ...] = KL_SCHEDULES, log=print) -> list[dict]:
+    rows = []
+    for schedule, seed in itertools.product(schedules, config.seeds):
+        history, metrics = _fit_on_a(config, seed, kl_schedule=schedule)
+        rows.append({"kl_schedule": schedule, "seed": seed, **metrics.to_dict(), "history": history.to_records()})
+        log(f"schedule {schedule:>8} seed {seed}: accuracy {metrics.accuracy:.4f}, NLL {metrics.nll:.4f}, ECE {metrics.ece:.4f}")
+    return rows
+
+
+ABLATION_VARIANTS = [
+    # (name, method, q_init, tau, lr)
+    ("scratch, lr 1e-3", "scratch", "from-posterior", 1.0, 1e-3),
+    ("transfer, q_B from q_A, tau 1, lr 1e-3", "transfer", "from-posterior", 1.0, 1e-3),
+    ("transfer, q_B fresh, tau 1, lr 1e-3", "transfer", "fresh", 1.0, 1e-3),
+    ("transfer, q_B from q_A, tau 10, lr 1e-3", "transfer", "from-posterior", 10.0, 1e-3),
+    ("transfer, q_B fresh, tau 10, lr 1e-3", "transfer", "fresh", 10.0, 1e-3),
+    ("scratch, lr 1e-5", "scratch", "from-posterior", 1.0, 1e-5),
+    ("transfer, q_B from q_A, tau 1, lr 1e-5", "transfer", "from-posterior", 1.0, 1e-5),
+    ("transfer, q_B fresh, tau 1, lr 1e-5 (the original's setting)", "transfer", "fresh", 1.0, 1e-5),
+]
+
+
+def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
+    return PerSitePrior(
+        {s: prior.loc(s) for s in prior.sites}, {s: tau * prior.scale(s) for s in prior.sites}, fallback=prior.fallback
+    )
+
+
+def ablation(config: StudyConfig, log=print) -> list[dict]:
+    """Transfer on B at one fraction under the variants of :data:`ABLATION_VARIANTS`; task A is
+    fitted once per seed (tau = 1) and shared by every variant, the step budget is the same."""
+    base = ExperimentConfig(hidden=config.hidden, epochs_a=config.epochs, epochs=config.epochs, fractions=(config.ablation_fraction,),
+                            seeds=config.seeds, eval_samples=config.eval_samples, limit_train=config.limit_train,
+                            limit_eval=config.limit_eval, methods=("scratch", "transfer"))
+    rows = []
+    for seed in config.seeds:
+        stage_a = _fit_task_a(base, _load(base, 1.0, seed), seed)
+        tasks = _load(base, config.ablation_fraction, seed)
+        steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
+        for name, method, q_init, tau, lr in ABLATION_VARIANTS:
+            variant = replace(base, q_init=q_init, tau=tau, lr=lr)
+            stage = replace(stage_a, prior_from_a=_broadened(stage_a.prior_from_a, tau))
+            start = time.perf_counter()
+            outcome = _run_bayesian_b(variant, method, tasks, stage, steps, seed)
+            rows.append({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
+                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
+                         "a_test_before_accuracy": stage_a.a_test.accuracy, "seconds": time.perf_counter() - start})
+            log(f"{name:>62} seed {seed}: B {rows[-1]['b_test_accuracy']:.4f}, A after B {rows[-1]['a_test_after_accuracy']:.4f}")
+    return rows
+
+
+def _mean_std(values) -> str:
+    values = list(values)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.4f} ± {std:.4f}"
+
+
+def ablation_table(rows: list[dict]) -> str:
+    lines = ["| variant | B test accuracy | A test accuracy after B | seeds |", "|---|---|---|---|"]
+    for name, *_ in ABLATION_VARIANTS:
+        group = [r for r in rows if r["variant"] == name]
+        if group:
+            lines.append(f"| {name} | {_mean_std(r['b_test_accuracy'] for r in group)} | {_mean_std(r['a_test_after_accuracy'] for r in group)} | {len(group)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_guides(rows: list[dict], path: Path) -> None:
+    from .plots import _save, plt
+
+    guides = list(dict.fromkeys(r["guide"] for r in rows))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, key, label in zip(axes, ("accuracy", "nll", "ece", "seconds_per_epoch"), ("test accuracy", "test NLL", "test ECE", "seconds per epoch")):
+        values = [[r[key] for r in rows if r["guide"] == g] for g in guides]
+        ax.bar(guides, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], capsize=3, color="tab:blue")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=45)
+        if key == "accuracy":
+            ax.set_ylim(max(0.0, min(np.mean(v) for v in values) - 0.05), 1.0)
+    _save(fig, path)
+
+
+def plot_schedules(rows: list[dict], path: Path) -> None:
+    from .plots import _save, plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for schedule in dict.fromkeys(r["kl_schedule"] for r in rows):
+        group = [r for r in rows if r["kl_schedule"] == schedule]
+        val = np.array([[e["val_accuracy"] for e in r["history"]] for r in group])
+        kl = np.array([[e["weighted_kl"] for e in r["history"]] for r in group])
+        epochs = np.arange(1, val.shape[1] + 1)
+        axes[0].errorbar(epochs, val.mean(0), yerr=val.std(0), marker="o", capsize=3, label=schedule)
+        axes[1].plot(epochs, kl.mean(0), marker="o", label=schedule)
+    axes[0].set_xlabel("epoch on A")
+    axes[0].set_ylabel("validation accuracy")
+    axes[1].set_xlabel("epoch on A")
+    axes[1].set_ylabel("sum of weighted KL over the epoch")
+    axes[1].set_yscale("symlog")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyro_bbt.studies", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=STUDIES)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/studies"))
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    target = args.out / f"{args.study}.json"
+    if target.exists() and not args.overwrite:
+        print(f"{parser.prog}: error: {target} exists; pass --overwrite or choose another --out", file=sys.stderr)
+        return 2
+    config = StudyConfig(**PRESETS[args.preset])
+    start = time.perf_counter()
+    if args.study == "guides":
+        rows = compare_guides(config)
+        plot_guides(rows, args.out / "guides.png")
+    elif args.study == "schedules":
+        rows = compare_schedules(config)
+        plot_schedules(rows, args.out / "comparing_beta.png")
+    else:
+        rows = ablation(config)
+        atomic_write_text(args.out / "ablation.md", ablation_table(rows))
+    atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": vars(config) | {"seeds": list(config.seeds)},
+                               "rows": rows, "seconds": time.perf_counter() - start})
+    print(f"done in {time.perf_counter() - start:.0f} s: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
