@@ -43,13 +43,15 @@ from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
 from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
-from .inference import EpochDiagnostics, TrainConfig, train
+from .checkpoint import prior_from_state, prior_state
+from .inference import EpochDiagnostics, NonFiniteLossError, TrainConfig, TrainState, train
+from .runstore import RunStore
 from .kl_schedules import validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "ExperimentConfig", "PRESETS", "run_experiment", "summarize_units"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "ExperimentConfig", "PRESETS", "run_experiment", "summarize_units", "unit_key"]
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
 Q_INITS = ("from-posterior", "fresh")
@@ -202,6 +204,13 @@ def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 
 # --------------------------------------------------------------------------- Bayesian units
 
 
+@dataclass
+class _Run:
+    """Where a run keeps its progress (``store=None``: nowhere, nothing is resumable)."""
+
+    store: RunStore | None = None
+
+
 def _train_config(config: ExperimentConfig, steps: int, seed: int) -> TrainConfig:
     return TrainConfig(
         steps=steps,
@@ -243,7 +252,22 @@ def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> Predi
     return evaluate(model, guide, split.x, split.y, num_samples=samples)
 
 
-def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None) -> tuple[list, list]:
+def _train_with_checkpoints(model, guide, train_split: Split, train_config: TrainConfig, run: _Run, key: str, extra: dict, on_epoch=None):
+    """``train`` that saves a checkpoint after every epoch under ``key`` and, when one exists,
+    continues from it; ``extra`` (for example a learning curve) is saved and restored with it."""
+    resume = None
+    saved = run.store.checkpoint(key) if run.store is not None else None
+    if saved is not None:
+        resume = TrainState.from_dict(saved["train_state"])
+        for name, value in saved["extra"].items():
+            extra[name][:] = value
+    on_checkpoint = None
+    if run.store is not None:
+        on_checkpoint = lambda state: run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})  # noqa: E731
+    return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
+
+
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list]:
     """Train through output ``head`` and record B's learning curve at evenly spaced epochs."""
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
@@ -262,7 +286,7 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
             _use_head(model, head)
 
     _use_head(model, head)
-    history = train(model, guide, train_split, _train_config(config, steps, seed), on_epoch=on_epoch)
+    history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
     return curve, history.to_records()
 
 
@@ -278,13 +302,41 @@ class _StageA:
     steps: int
     history: list
 
+    def to_saved(self) -> dict:
+        return {
+            "guide_state": self.guide_state,
+            "prior": prior_state(self.prior_from_a),
+            "a_test": self.a_test.to_dict(),
+            "b_test_before": self.b_test_before.to_dict(),
+            "b_random_init": self.b_random_init,
+            "steps": self.steps,
+            "history": self.history,
+        }
 
-def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int) -> _StageA:
+    @classmethod
+    def from_saved(cls, saved: dict) -> "_StageA":
+        return cls(
+            guide_state=saved["guide_state"],
+            prior_from_a=prior_from_state(saved["prior"]),
+            a_test=PredictiveMetrics(**saved["a_test"]),
+            b_test_before=PredictiveMetrics(**saved["b_test_before"]),
+            b_random_init=saved["b_random_init"],
+            steps=saved["steps"],
+            history=saved["history"],
+        )
+
+
+def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | None = None) -> _StageA:
+    run = run or _Run()
+    key = f"A-bayesian-s{seed}"
+    saved = run.store.stage(key) if run.store is not None else None
+    if saved is not None:
+        return _StageA.from_saved(saved)
     model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
-    b_random_init = _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy
+    b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
     steps = steps_for(len(tasks.a.train), config.epochs_a, config.batch_size)
     _use_head(model, 0)
-    history = train(model, guide, tasks.a.train, _train_config(config, steps, seed))
+    history = _train_with_checkpoints(model, guide, tasks.a.train, _train_config(config, steps, seed), run, key, {"b_random_init": b_random_init})
     prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale))
     if config.head == "multihead":
         # B's head has seen no data: its prior stays N(0, sigma^2) rather than q_A's leftovers.
@@ -292,15 +344,18 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int) -> _StageA:
         for site in model.output_sites:
             prior_from_a.loc(site)[rows] = 0.0
             prior_from_a.scale(site)[rows] = config.prior_scale
-    return _StageA(
+    stage = _StageA(
         guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
         prior_from_a=prior_from_a,
         a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        b_random_init=b_random_init,
+        b_random_init=b_random_init[0],
         steps=steps,
         history=history.to_records(),
     )
+    if run.store is not None:
+        run.store.save_stage(key, stage.to_saved())
+    return stage
 
 
 def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, state_a: dict) -> None:
@@ -320,13 +375,13 @@ def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, s
     guide.load_state_dict(merged)
 
 
-def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int) -> dict:
+def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
     prior = stage_a.prior_from_a if method == "transfer" else GaussianPrior(config.prior_scale)
     model, guide = _fresh_bayesian(config, prior, seed)
     start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
     if start_from_a:
         _start_from_posterior(config, model, guide, stage_a.guide_state)
-    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head)
+    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
     return {
         "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
@@ -335,13 +390,13 @@ def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None,
     }
 
 
-def _run_joint(config, tasks: _Tasks, steps: int, seed: int) -> dict:
+def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
     model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
     # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
     # is then evaluated through its own head.
     offset = config.b_head * len(config.task_a)
     both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
-    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks, None)
+    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
     return {
         "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
@@ -387,24 +442,34 @@ class _StageAEWC:
     b_random_init: float
 
 
-def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int) -> _StageAEWC:
+def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: _Run | None = None) -> _StageAEWC:
+    """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short)."""
+    run = run or _Run()
+    key = f"A-ewc-s{seed}"
     torch.manual_seed(seed)
     net = MLP((*config.sizes[:-1], config.sizes[-1] * config.num_heads)).to(config.device)
     on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
-    b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
-    train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
-    generator = torch.Generator(device=config.device).manual_seed(seed)
-    fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
+    saved = run.store.stage(key) if run.store is not None else None
+    if saved is None:
+        b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
+        train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+        generator = torch.Generator(device=config.device).manual_seed(seed)
+        fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
+        saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
+        if run.store is not None:
+            run.store.save_stage(key, saved)
+    net.load_state_dict(saved["net"])
     return _StageAEWC(
         net=net,
-        penalty=EWCPenalty(on_a, fisher, config.ewc_lambda),
+        penalty=EWCPenalty(on_a, saved["fisher"], config.ewc_lambda),
         a_test=_net_metrics(on_a, tasks.a.test),
         b_test_before=_net_metrics(on_b, tasks.b.test),
-        b_random_init=b_random_init,
+        b_random_init=saved["b_random_init"],
     )
 
 
 def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
+    pyro.set_rng_seed(seed)
     net = copy.deepcopy(stage.net)
     on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
     steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
@@ -495,31 +560,54 @@ def summarize_units(units: list[dict]) -> dict:
     return out
 
 
+def _failed_record(method: str, fraction: float, seed: int, steps: int, error: str) -> dict:
+    return {
+        "method": method, "fraction": fraction, "seed": seed, "steps": steps, "status": "failed", "error": error,
+        "b_test": None, "a_test_after": None, "accuracy_matrix": None, "backward_transfer": None,
+        "forward_transfer": None, "curve": [], "history": [], "seconds": 0.0,
+    }
+
+
+def unit_key(method: str, fraction: float, seed: int) -> str:
+    return f"{method}-f{fraction:g}-s{seed}"
+
+
 def run_experiment(
     config: ExperimentConfig,
     log: Callable[[str], None] = print,
-    on_unit: Callable[[dict], None] | None = None,
+    store: RunStore | None = None,
 ) -> dict:
-    """Run the whole protocol and return the results (the content of ``results.json``)."""
-    torch.set_default_dtype(torch.float32)
+    """Run the whole protocol and return the results (the content of ``results.json``).
+
+    With a ``store``, every finished unit and task-A stage is saved as it completes and every
+    epoch is checkpointed, and whatever the store already holds is reused: a rerun resumes.
+    A unit whose loss or parameters become non-finite is recorded with ``status: "failed"``
+    and its error; the others go on.
+    """
+    run = _Run(store)
     units: list[dict] = []
     stages_a: list[dict] = []
     for seed in config.seeds:
         full = _load(config, 1.0, seed)
-        needs_a = any(m in config.methods for m in ("transfer", "finetune"))
         stage_a = stage_ewc = None
+        failure_a = ""
         steps_a = steps_for(len(full.a.train), config.epochs_a, config.batch_size)
-        if needs_a:
+        if any(m in config.methods for m in ("transfer", "finetune")):
             start = time.perf_counter()
-            stage_a = _fit_task_a(config, full, seed)
-            log(f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, test accuracy {stage_a.a_test.accuracy:.4f}")
-            stages_a.append(
-                {"seed": seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
-                 "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
-                 "history": stage_a.history}
-            )
+            try:
+                stage_a = _fit_task_a(config, full, seed, run)
+            except NonFiniteLossError as error:
+                failure_a = f"task A failed: {error}"
+                log(f"seed {seed}: {failure_a}")
+            else:
+                log(f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, test accuracy {stage_a.a_test.accuracy:.4f}")
+                stages_a.append(
+                    {"seed": seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
+                     "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
+                     "history": stage_a.history}
+                )
         if "ewc" in config.methods:
-            stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed)
+            stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed, run)
             log(f"seed {seed}: deterministic task A net for EWC, test accuracy {stage_ewc.a_test.accuracy:.4f}")
             stages_a.append(
                 {"seed": seed, "kind": "deterministic", "steps": steps_a, "a_test": stage_ewc.a_test.to_dict(),
@@ -530,23 +618,21 @@ def run_experiment(
             tasks = _load(config, fraction, seed)
             steps_b = steps_for(len(tasks.b.train), config.epochs, config.batch_size, config.min_steps)
             for method in config.methods:
-                start = time.perf_counter()
-                if method == "ewc":
-                    outcome, stage, steps = _run_ewc_b(config, tasks, stage_ewc, steps_b, seed), stage_ewc, steps_b
-                elif method == "joint":
-                    steps = steps_a + steps_b
-                    outcome, stage = _run_joint(config, tasks, steps, seed), None
-                else:
-                    outcome, steps = _run_bayesian_b(config, method, tasks, stage_a, steps_b, seed), steps_b
-                    stage = stage_a if method != "scratch" else None
-                unit = _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+                key = unit_key(method, fraction, seed)
+                steps = steps_a + steps_b if method == "joint" else steps_b
+                unit = store.record(key) if store is not None else None
+                if unit is None:
+                    unit = _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure_a, run, key)
+                    if store is not None:
+                        store.save_record(key, unit)
                 units.append(unit)
-                log(
-                    f"seed {seed} fraction {fraction:g} {method:>8}: B acc {unit['b_test']['accuracy']:.4f}, "
-                    f"A acc after B {unit['a_test_after']['accuracy']:.4f}, {steps} steps, {unit['seconds']:.1f} s"
-                )
-                if on_unit is not None:
-                    on_unit(unit)
+                if unit["status"] == "ok":
+                    log(
+                        f"seed {seed} fraction {fraction:g} {method:>8}: B acc {unit['b_test']['accuracy']:.4f}, "
+                        f"A acc after B {unit['a_test_after']['accuracy']:.4f}, {steps} steps, {unit['seconds']:.1f} s"
+                    )
+                else:
+                    log(f"seed {seed} fraction {fraction:g} {method:>8}: FAILED: {unit['error']}")
     return {
         "schema_version": 1,
         "config": config.to_dict(),
@@ -554,3 +640,20 @@ def run_experiment(
         "units": units,
         "summary": summarize_units(units),
     }
+
+
+def _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure_a, run, key) -> dict:
+    if method in ("transfer", "finetune") and stage_a is None:
+        return _failed_record(method, fraction, seed, steps, failure_a)
+    start = time.perf_counter()
+    try:
+        if method == "ewc":
+            outcome, stage = _run_ewc_b(config, tasks, stage_ewc, steps, seed), stage_ewc
+        elif method == "joint":
+            outcome, stage = _run_joint(config, tasks, steps, seed, run, key), None
+        else:
+            outcome = _run_bayesian_b(config, method, tasks, stage_a, steps, seed, run, key)
+            stage = stage_a if method != "scratch" else None
+    except NonFiniteLossError as error:
+        return _failed_record(method, fraction, seed, steps, str(error))
+    return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)

@@ -17,6 +17,7 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -38,7 +39,7 @@ from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
 
-__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "NonFiniteLossError", "train"]
+__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "train"]
 
 
 @dataclass
@@ -128,6 +129,31 @@ def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((probs.argmax(-1) == y).sum())
 
 
+@dataclass
+class TrainState:
+    """Everything needed to continue training bit for bit at an epoch boundary: the guide's
+    parameters, Adam's moments, the random number generators and the minibatch order."""
+
+    epoch: int
+    step: int
+    guide_state: dict
+    optim_state: dict
+    rng_state: torch.Tensor
+    order_state: torch.Tensor
+    history: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "TrainState":
+        return cls(**state)
+
+
+def _nonfinite_parameters(guide) -> list[str]:
+    return [name for name, value in guide.named_parameters() if not torch.isfinite(value).all()]
+
+
 def train(
     model: BayesianMLP,
     guide,
@@ -135,6 +161,8 @@ def train(
     config: TrainConfig,
     val_split: Split | None = None,
     on_epoch: Callable[[EpochDiagnostics], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
 ) -> TrainHistory:
     """Fit ``guide`` to ``model``'s posterior on ``train_split`` by SVI.
 
@@ -142,23 +170,41 @@ def train(
     calling ``train`` on a guide copied from another task continues from there. Pyro's param
     store is not cleared here: clear it (``pyro.clear_param_store()``) before building a guide
     whose run must be independent of earlier ones.
+
+    :param on_epoch: called with each epoch's diagnostics.
+    :param on_checkpoint: called after each epoch (after ``on_epoch``) with a :class:`TrainState`.
+    :param resume: a state from ``on_checkpoint``: training continues after its epoch exactly as
+        it would have without the interruption (same random numbers, same Adam state).
+    :raises NonFiniteLossError: when the loss or a parameter becomes NaN or infinite, naming the
+        step and the parameters; the guide is left as it is (restore a checkpoint to go on).
     """
     estimator_name = config.estimator
     if estimator_name == "auto":
         estimator_name = "local" if has_closed_form_kl(guide) else "weights"
     estimator = make_estimator(estimator_name, guide, config.num_particles)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": config.lr}), loss=estimator, loss_and_grads=estimator.loss_and_grads)
+    optimizer = pyro.optim.Adam({"lr": config.lr})
+    svi = SVI(model, guide, optimizer, loss=estimator, loss_and_grads=estimator.loss_and_grads)
 
-    pyro.set_rng_seed(config.seed)
-    order = torch.Generator().manual_seed(config.seed)
     num_data = len(train_split)
     num_batches = math.ceil(num_data / config.batch_size)
     total_steps = config.steps if config.steps is not None else config.epochs * num_batches
     num_epochs = math.ceil(total_steps / num_batches)
 
     history = TrainHistory()
-    step = 0
-    for epoch in range(num_epochs):
+    order = torch.Generator()
+    if resume is None:
+        pyro.set_rng_seed(config.seed)
+        order.manual_seed(config.seed)
+        first_epoch = step = 0
+    else:
+        guide.load_state_dict(resume.guide_state)
+        optimizer.set_state(resume.optim_state)
+        torch.set_rng_state(resume.rng_state)
+        order.set_state(resume.order_state)
+        history.epochs = [EpochDiagnostics(**record) for record in resume.history]
+        first_epoch, step = resume.epoch, resume.step
+
+    for epoch in range(first_epoch, num_epochs):
         start = time.perf_counter()
         log_lik_sum = weighted_kl = 0.0
         correct = seen = epoch_steps = 0
@@ -167,12 +213,24 @@ def train(
             if step >= total_steps:
                 break
             weight = kl_weight(config.kl_schedule, index, num_batches, epoch, config.warmup_epochs)
-            loss = svi.step(x, y, num_data=num_data, kl_weight=weight)
+            try:
+                loss = svi.step(x, y, num_data=num_data, kl_weight=weight)
+            except ValueError as error:  # distribution validation meets NaN/inf before the loss does
+                bad = _nonfinite_parameters(guide)
+                if not bad and "invalid values" not in str(error):
+                    raise
+                raise NonFiniteLossError(
+                    f"non-finite values at step {step + 1} (epoch {epoch + 1}, minibatch {index}): {str(error).splitlines()[0]}; "
+                    f"non-finite parameters: {', '.join(bad) if bad else 'none (activations overflowed)'}; "
+                    f"try a lower learning rate (now {config.lr}) or a smaller init_scale"
+                ) from None
             step += 1
             epoch_steps += 1
             if not math.isfinite(loss):
+                bad = _nonfinite_parameters(guide)
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step} (epoch {epoch + 1}, minibatch {index}); "
+                    f"loss is {loss} at step {step} (epoch {epoch + 1}, minibatch {index}); non-finite parameters: "
+                    f"{', '.join(bad) if bad else 'none (the loss itself overflowed)'}; "
                     f"try a lower learning rate (now {config.lr}) or a smaller init_scale"
                 )
             terms = estimator.last
@@ -184,6 +242,9 @@ def train(
             bar.set_postfix(loss=f"{loss:.4g}", kl=f"{terms.weighted_kl:.3g}", acc=f"{correct / seen:.3f}")
         bar.close()
         seconds = time.perf_counter() - start
+        bad = _nonfinite_parameters(guide)
+        if bad:
+            raise NonFiniteLossError(f"non-finite parameters after epoch {epoch + 1} (step {step}): {', '.join(bad)}; try a lower learning rate (now {config.lr})")
         expected_log_lik = log_lik_sum / max(epoch_steps, 1)
         val_accuracy = None
         if val_split is not None and config.eval_samples > 0 and len(val_split) > 0:
@@ -201,4 +262,16 @@ def train(
         history.epochs.append(diagnostics)
         if on_epoch is not None:
             on_epoch(diagnostics)
+        if on_checkpoint is not None:
+            on_checkpoint(
+                TrainState(
+                    epoch=epoch + 1,
+                    step=step,
+                    guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
+                    optim_state=copy.deepcopy(optimizer.get_state()),
+                    rng_state=torch.get_rng_state(),
+                    order_state=order.get_state(),
+                    history=history.to_records(),
+                )
+            )
     return history

@@ -103,7 +103,9 @@ def plot_final_accuracy(results: dict, path: Path) -> None:
 
 
 def save_all(results: dict, out_dir: Path) -> list[Path]:
-    """Write the transfer figures into ``out_dir``; returns their paths."""
+    """Write the transfer figures into ``out_dir``; returns their paths (none if no unit succeeded)."""
+    if not _fractions(results):
+        return []
     paths = [out_dir / "transfer_results.png", out_dir / "forgetting.png", out_dir / "final_accuracy.png"]
     plot_transfer_results(results, paths[0])
     plot_forgetting(results, paths[1])

@@ -1,13 +1,20 @@
 """``python -m pyro_bbt.transfer``: the split-MNIST transfer and forgetting experiment.
 
 Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in README.md),
-``metrics.csv`` and the figures ``transfer_results.png``, ``forgetting.png`` and
-``final_accuracy.png``. Bad arguments print one line on stderr and exit with code 2.
+``metrics.csv``, ``timing.json`` and the figures ``transfer_results.png``, ``forgetting.png``
+and ``final_accuracy.png``. Progress (finished units, per-epoch checkpoints) is kept under
+``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``; ``--resume`` continues an interrupted run.
+
+Exit codes: 0 done; 1 done, but some units failed (NaN/inf; see ``results.json``); 2 bad input.
+``results.json`` holds no wall-clock times (they are in ``timing.json``), so the same seeds and
+configuration give an identical file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -15,11 +22,13 @@ from pathlib import Path
 
 from .experiment import HEADS, METHODS, PRESETS, Q_INITS, ExperimentConfig, run_experiment
 from .files import atomic_write_json, atomic_write_text
+from .runstore import RunStore, config_differences
 from .guides import GUIDES
 from .kl_schedules import KL_SCHEDULES
 from .objectives import ESTIMATORS
 
-RESULT_FILES = ("config.json", "results.json", "metrics.csv")
+RESULT_FILES = ("config.json", "results.json", "metrics.csv", "timing.json")
+PROGRESS_DIRS = ("units", "stages", "checkpoints")
 CSV_COLUMNS = (
     "method", "fraction", "seed", "steps", "status", "b_test_accuracy", "b_test_nll", "b_test_ece",
     "a_test_after_accuracy", "backward_transfer", "forward_transfer", "seconds",
@@ -82,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-eval", type=int, help="cap on validation/test images per task (smoke tests)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -99,18 +109,66 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         raise UsageError(str(error)) from None
 
 
-def write_csv(path: Path, units: list[dict]) -> None:
+def split_timing(obj, path: str = ""):
+    """``obj`` without its ``"seconds"`` entries, and those entries keyed by where they were."""
+    timing: dict[str, float] = {}
+
+    def strip(value, where: str):
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if key == "seconds":
+                    timing[where or "total"] = item
+                else:
+                    out[key] = strip(item, f"{where}/{key}" if where else str(key))
+            return out
+        if isinstance(value, list):
+            return [strip(item, f"{where}/{index}") for index, item in enumerate(value)]
+        return value
+
+    return strip(obj, path), timing
+
+
+def write_csv(path: Path, units: list[dict], timing: dict[str, float]) -> None:
     lines = [",".join(CSV_COLUMNS)]
-    for u in units:
+    for index, u in enumerate(units):
+        ok = u["status"] == "ok"
         row = {
-            **{k: u.get(k) for k in ("method", "fraction", "seed", "steps", "status", "backward_transfer", "forward_transfer", "seconds")},
-            "b_test_accuracy": u["b_test"]["accuracy"],
-            "b_test_nll": u["b_test"]["nll"],
-            "b_test_ece": u["b_test"]["ece"],
-            "a_test_after_accuracy": u["a_test_after"]["accuracy"],
+            **{k: u.get(k) for k in ("method", "fraction", "seed", "steps", "status", "backward_transfer", "forward_transfer")},
+            "b_test_accuracy": u["b_test"]["accuracy"] if ok else None,
+            "b_test_nll": u["b_test"]["nll"] if ok else None,
+            "b_test_ece": u["b_test"]["ece"] if ok else None,
+            "a_test_after_accuracy": u["a_test_after"]["accuracy"] if ok else None,
+            "seconds": timing.get(f"units/{index}"),
         }
         lines.append(",".join("" if row[c] is None else str(row[c]) for c in CSV_COLUMNS))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Refuse to mix runs: existing results need --overwrite (start afresh) or --resume (same config)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite and --resume contradict each other; pass one")
+    existing = [name for name in (*RESULT_FILES, *PROGRESS_DIRS) if (out / name).exists()]
+    if args.resume:
+        saved_path = out / "config.json"
+        if not saved_path.exists():
+            raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
+        saved = json.loads(saved_path.read_text())
+        saved.pop("preset", None)
+        differences = config_differences(saved, config.to_dict())
+        if differences:
+            raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
+        return
+    if existing and not args.overwrite:
+        raise UsageError(f"{out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it, --resume to continue it, or choose another --out")
+    if existing:
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in PROGRESS_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        existing = [name for name in RESULT_FILES if (args.out / name).exists()]
-        if existing and not args.overwrite:
-            raise UsageError(f"{args.out} already holds results ({', '.join(existing)}); pass --overwrite or choose another --out")
-        if args.out.exists() and not args.out.is_dir():
-            raise UsageError(f"--out {args.out} exists and is not a directory")
+        _prepare_out_dir(args.out, config, args)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
@@ -131,14 +185,20 @@ def main(argv: list[str] | None = None) -> int:
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     start = time.perf_counter()
-    results = run_experiment(config, log=log)
-    results["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "config.json", {"preset": args.preset, **config.to_dict()})
+    if not args.resume:
+        atomic_write_json(args.out / "config.json", {"preset": args.preset, **config.to_dict()})
+    store = RunStore(args.out, config.to_dict())
+    results, timing = split_timing(run_experiment(config, log=log, store=store))
+    timing["wall_clock"] = time.perf_counter() - start
     atomic_write_json(args.out / "results.json", results)
-    write_csv(args.out / "metrics.csv", results["units"])
+    atomic_write_json(args.out / "timing.json", timing)
+    write_csv(args.out / "metrics.csv", results["units"], timing)
     figures = save_all(results, args.out)
-    log(f"done in {results['seconds']:.0f} s: {args.out / 'results.json'}, {args.out / 'metrics.csv'}, " + ", ".join(str(p) for p in figures))
+    failed = [u for u in results["units"] if u["status"] != "ok"]
+    log(f"done in {timing['wall_clock']:.0f} s: {args.out / 'results.json'}, {args.out / 'metrics.csv'}, " + ", ".join(str(p) for p in figures))
+    if failed:
+        print(f"{parser.prog}: {len(failed)} of {len(results['units'])} units failed (see 'error' in {args.out / 'results.json'})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,6 +19,10 @@ RESULT_KEYS = {
     "median_step_ms",
     "ratio_to_deterministic",
     "ratio_to_bbb16",
+    "epoch_cpu_seconds",
+    "median_epoch_cpu_seconds",
+    "cpu_ratio_to_deterministic",
+    "cpu_ratio_to_bbb16",
     "peak_rss_mib",
     "peak_rss_source",
     "rss_before_training_mib",
@@ -55,18 +59,28 @@ def test_results_schema_and_ratios(report):
     for r in results:
         assert set(r) == RESULT_KEYS
         assert r["epochs"] == len(r["epoch_seconds"]) == 1
-        assert all(_positive_finite(s) for s in r["epoch_seconds"])
-        for key in ("median_epoch_seconds", "median_step_ms", "peak_rss_mib", "ratio_to_deterministic"):
+        assert len(r["epoch_cpu_seconds"]) == 1
+        assert all(_positive_finite(s) for s in r["epoch_seconds"] + r["epoch_cpu_seconds"])
+        for key in (
+            "median_epoch_seconds",
+            "median_step_ms",
+            "peak_rss_mib",
+            "ratio_to_deterministic",
+            "median_epoch_cpu_seconds",
+            "cpu_ratio_to_deterministic",
+        ):
             assert _positive_finite(r[key]), (r["name"], key, r[key])
         assert r["steps_per_epoch"] == 2  # 256 images / batch 128
         assert r["train_size"] == 256
-        assert r["ratio_to_bbb16"] is None  # torch-bbb-16 was not run
+        assert r["ratio_to_bbb16"] is None and r["cpu_ratio_to_bbb16"] is None  # torch-bbb-16 was not run
         assert r["median_epoch_seconds"] == pytest.approx(r["epoch_seconds"][0])
         assert r["median_step_ms"] == pytest.approx(1000 * r["median_epoch_seconds"] / r["steps_per_epoch"])
         assert r["peak_rss_mib"] >= r["rss_before_training_mib"] > 0
-        medians[r["name"]] = r["median_epoch_seconds"]
+        medians[r["name"]] = (r["median_epoch_seconds"], r["median_epoch_cpu_seconds"])
+    wall_ref, cpu_ref = medians["torch-deterministic"]
     for r in results:
-        assert r["ratio_to_deterministic"] == pytest.approx(medians[r["name"]] / medians["torch-deterministic"])
+        assert r["ratio_to_deterministic"] == pytest.approx(medians[r["name"]][0] / wall_ref)
+        assert r["cpu_ratio_to_deterministic"] == pytest.approx(medians[r["name"]][1] / cpu_ref)
     assert results[0]["ratio_to_deterministic"] == pytest.approx(1.0)
 
 
@@ -84,15 +98,17 @@ def test_targets_schema(report):
 
 def test_summarize_ratios_with_both_references():
     raw = [
-        {"name": "torch-deterministic", "epoch_seconds": [3.0, 1.0, 2.0], "steps_per_epoch": 10},
-        {"name": "torch-bbb-16", "epoch_seconds": [8.0, 9.0, 10.0], "steps_per_epoch": 10},
-        {"name": "meanfield-weights-16", "epoch_seconds": [12.0, 9.0, 100.0], "steps_per_epoch": 10},
+        {"name": "torch-deterministic", "epoch_seconds": [3.0, 1.0, 2.0], "epoch_cpu_seconds": [2, 2, 2], "steps_per_epoch": 10},
+        {"name": "torch-bbb-16", "epoch_seconds": [8.0, 9.0, 10.0], "epoch_cpu_seconds": [16, 18, 20], "steps_per_epoch": 10},
+        {"name": "meanfield-weights-16", "epoch_seconds": [12.0, 9.0, 100.0], "epoch_cpu_seconds": [20, 30, 40], "steps_per_epoch": 10},
     ]
     results = {r["name"]: r for r in bench.summarize(raw)}
     assert results["meanfield-weights-16"]["median_epoch_seconds"] == 12.0
     assert results["meanfield-weights-16"]["ratio_to_deterministic"] == pytest.approx(6.0)
     assert results["meanfield-weights-16"]["ratio_to_bbb16"] == pytest.approx(12.0 / 9.0)
     assert results["torch-bbb-16"]["ratio_to_bbb16"] == pytest.approx(1.0)
+    assert results["meanfield-weights-16"]["cpu_ratio_to_deterministic"] == pytest.approx(15.0)
+    assert results["meanfield-weights-16"]["cpu_ratio_to_bbb16"] == pytest.approx(30.0 / 18.0)
     targets = {t["name"]: t for t in bench.evaluate_targets(list(results.values()))}
     assert targets["weights16_vs_bbb16"]["met"] is False
     assert targets["local_vs_deterministic"]["met"] is None

@@ -55,7 +55,7 @@ def test_ece_bins_are_closed_on_the_right():
     labels = torch.tensor([0, 0])
     # bin 1: conf 0.5, acc 1 -> 0.5 ; bin 2: conf 0.9, acc 1 -> 0.1 ; each weight 1/2.
     assert expected_calibration_error(probs, labels, num_bins=2) == pytest.approx(0.3, abs=1e-6)
-    # Had both landed in one bin: |1 - 0.7| = 0.3 as well, so move the second example down.
+    # That value would also come out of a single bin (|1 - 0.7| = 0.3); this case tells them apart.
     probs = torch.tensor([[0.5, 0.5, 0.0], [0.7, 0.3, 0.0]])
     labels = torch.tensor([0, 1])
     # bin 1: conf 0.5 acc 1 -> 0.5 ; bin 2: conf 0.7 acc 0 -> 0.7 ; ECE = 0.6 (one bin would give 0.1).
