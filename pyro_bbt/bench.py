@@ -41,7 +41,10 @@ median divided by ``torch-deterministic``'s: the price of being Bayesian at all.
 the library's overhead over a hand-written implementation of the same computation (1.0 =
 as fast as plain PyTorch); for 1-sample configurations it is below 1 by construction. A
 ratio is ``null`` when its reference was not among ``--configs``. The machine's load adds
-noise to every number; compare runs only on an otherwise idle machine.
+noise to every number (each result records the 1-minute load average before and after it);
+compare wall-clock runs only on an otherwise idle machine. On a machine shared with other
+jobs, torch's multi-threaded kernels can slow down many times over (threads waiting for
+descheduled peers), so there prefer ``--threads 1`` and the CPU-time columns.
 
 Each epoch's process CPU time (``time.process_time``, all threads of the child) is recorded
 too, with its own medians and ratios (``cpu_ratio_*``). On a machine shared with other jobs
@@ -169,6 +172,14 @@ def peak_rss_mib() -> tuple[float, str]:
     return maxrss * scale / MIB, "ru_maxrss"
 
 
+def load_average() -> float | None:
+    """The 1-minute load average of the machine (``None`` where unavailable)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def current_rss_mib() -> float | None:
     """This process's current resident set size in MiB (Linux only)."""
     rss = _proc_status_kib("VmRSS")
@@ -205,41 +216,46 @@ class MeanFieldMLP:
     def parameters(self) -> list[Any]:
         return [p for layer in self.layers for p in layer]
 
-    def kl_to_standard_normal(self) -> Any:
-        """``KL(q || N(0, I))`` in closed form, summed over every weight and bias."""
+    def loc_scale(self) -> list[tuple[Any, Any, Any, Any]]:
+        """Per layer ``(w_mu, w_sigma, b_mu, b_sigma)``; compute once per step and share."""
         import torch.nn.functional as F
 
+        return [(w_mu, F.softplus(w_rho), b_mu, F.softplus(b_rho)) for w_mu, w_rho, b_mu, b_rho in self.layers]
+
+    @staticmethod
+    def kl_to_standard_normal(posterior: Sequence[tuple[Any, Any, Any, Any]]) -> Any:
+        """``KL(q || N(0, I))`` in closed form, summed over every weight and bias."""
         total = 0.0
-        for mu_rho in self.layers:
-            for mu, rho in (mu_rho[:2], mu_rho[2:]):
-                sigma = F.softplus(rho)
+        for layer in posterior:
+            for mu, sigma in (layer[:2], layer[2:]):
                 total = total + (0.5 * (sigma * sigma + mu * mu - 1.0) - sigma.log()).sum()
         return total
 
-    def sampled_logits(self, x: Any, num_samples: int) -> Any:
+    @staticmethod
+    def sampled_logits(posterior: Sequence[tuple[Any, Any, Any, Any]], x: Any, num_samples: int) -> Any:
         """Logits ``(S, B, C)`` under ``S`` independent weight samples (batched matmul)."""
         import torch
         import torch.nn.functional as F
 
         h = x.expand(num_samples, *x.shape)
-        last = len(self.layers) - 1
-        for index, (w_mu, w_rho, b_mu, b_rho) in enumerate(self.layers):
-            w = torch.addcmul(w_mu, F.softplus(w_rho), torch.randn(num_samples, *w_mu.shape))
-            b = torch.addcmul(b_mu, F.softplus(b_rho), torch.randn(num_samples, 1, *b_mu.shape))
+        last = len(posterior) - 1
+        for index, (w_mu, w_sigma, b_mu, b_sigma) in enumerate(posterior):
+            w = torch.addcmul(w_mu, w_sigma, torch.randn(num_samples, *w_mu.shape))
+            b = torch.addcmul(b_mu, b_sigma, torch.randn(num_samples, 1, *b_mu.shape))
             h = torch.baddbmm(b, h, w.transpose(-1, -2))
             if index < last:
                 h = F.relu(h)
         return h
 
-    def local_reparameterized_logits(self, x: Any) -> Any:
+    @staticmethod
+    def local_reparameterized_logits(posterior: Sequence[tuple[Any, Any, Any, Any]], x: Any) -> Any:
         """Logits ``(B, C)`` with each example's pre-activations sampled (Kingma et al. 2015)."""
         import torch
         import torch.nn.functional as F
 
         h = x
-        last = len(self.layers) - 1
-        for index, (w_mu, w_rho, b_mu, b_rho) in enumerate(self.layers):
-            w_sigma, b_sigma = F.softplus(w_rho), F.softplus(b_rho)
+        last = len(posterior) - 1
+        for index, (w_mu, w_sigma, b_mu, b_sigma) in enumerate(posterior):
             mean = F.linear(h, w_mu, b_mu)
             var = F.linear(h * h, w_sigma * w_sigma, b_sigma * b_sigma)
             h = mean + var.sqrt() * torch.randn_like(mean)
@@ -283,12 +299,13 @@ def _bayesian_step(num_data: int, num_batches: int, num_samples: int | None) -> 
 
     def step(x: Any, y: Any) -> float:
         optimizer.zero_grad(set_to_none=True)
+        q = posterior.loc_scale()
         if num_samples is None:
-            nll = F.cross_entropy(posterior.local_reparameterized_logits(x), y, reduction="sum")
+            nll = F.cross_entropy(MeanFieldMLP.local_reparameterized_logits(q, x), y, reduction="sum")
         else:
-            logits = posterior.sampled_logits(x, num_samples)
+            logits = MeanFieldMLP.sampled_logits(q, x, num_samples)
             nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(num_samples), reduction="sum") / num_samples
-        loss = nll * (num_data / x.shape[0]) + posterior.kl_to_standard_normal() / num_batches
+        loss = nll * (num_data / x.shape[0]) + MeanFieldMLP.kl_to_standard_normal(q) / num_batches
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -380,6 +397,7 @@ def run_config(name: str, epochs: int, train_size: int | None = None, threads: i
     config = CONFIGS[name]
     split = _load_train_split(train_size)
     rss_before = current_rss_mib()
+    load_before = load_average()
     timer = _time_torch_epochs if config.kind == "torch" else _time_pyro_epochs
     seconds, cpu_seconds = timer(config, split, epochs, seed)
     peak, source = peak_rss_mib()
@@ -393,6 +411,7 @@ def run_config(name: str, epochs: int, train_size: int | None = None, threads: i
         "peak_rss_source": source,
         "rss_before_training_mib": rss_before,
         "num_threads": torch.get_num_threads(),
+        "load_average": [load_before, load_average()],
     }
 
 
@@ -519,6 +538,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "platform": platform.platform(),
+        "cpu_load_note": "load_average per result: 1-min load average before and after its training",
         "isolation": "each configuration in its own spawned child process, run sequentially",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -11,6 +11,7 @@ import os
 import pickle
 from dataclasses import asdict
 
+import pyro
 import torch
 
 from .files import atomic_torch_save
@@ -53,6 +54,7 @@ def save_checkpoint(
     payload = {
         "format_version": FORMAT_VERSION,
         "sizes": list(model.sizes),
+        "num_heads": model.num_heads,
         "prior": prior_state(model.prior),
         "guide_name": guide_name,
         "guide_config": asdict(guide_config),
@@ -67,8 +69,8 @@ def load_checkpoint(
 ) -> tuple[BayesianMLP, object, dict]:
     """Rebuild ``(model, guide, payload)`` from a checkpoint.
 
-    Pyro keeps parameters in a global store by name: the loaded values are copied into the
-    guide's (and hence the store's) tensors, overwriting a same-named guide already in memory.
+    Pyro keeps parameters in a global store by name: entries of a same-named guide already in
+    memory are dropped first, and the loaded values take their place.
 
     :raises ValueError: for a file that is not a readable checkpoint, another format version, a
         payload missing an entry, or when ``expected_sizes`` differs from the checkpoint's network.
@@ -86,8 +88,11 @@ def load_checkpoint(
     sizes = tuple(payload["sizes"])
     if expected_sizes is not None and tuple(expected_sizes) != sizes:
         raise ValueError(f"{path}: checkpoint is for a network of sizes {sizes}, expected {tuple(expected_sizes)}")
-    model = BayesianMLP(sizes, prior_from_state(payload["prior"]))
+    model = BayesianMLP(sizes, prior_from_state(payload["prior"]), num_heads=payload.get("num_heads", 1))
     guide = make_guide(payload["guide_name"], model, GuideConfig(**payload["guide_config"]))
+    store = pyro.get_param_store()
+    for name in [n for n in store.keys() if n.startswith(guide._pyro_name + ".")]:
+        del store[name]
     initialize_guide(guide, sizes[0])
     try:
         guide.load_state_dict(payload["guide_state"])

@@ -142,6 +142,23 @@ class ExperimentConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name.replace('_', '-')} must be None or an integer >= 1, got {value!r}")
 
+        if self.estimator == "local" and self.guide != "meanfield":
+            raise ValueError(f"estimator 'local' needs the guide 'meanfield', got guide {self.guide!r}")
+        starts_from_a = "finetune" in self.methods or ("transfer" in self.methods and self.q_init == "from-posterior")
+        if self.head == "multihead" and starts_from_a and self.guide not in ("normal", "meanfield", "delta"):
+            raise ValueError(f"head 'multihead' with q_B started from q_A supports the guides normal, meanfield and delta, not {self.guide!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}; use e.g. cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here; use cpu")
+
+    def check_data(self) -> None:
+        """Raise ``ValueError`` now if a fraction leaves a digit of B without training images,
+        rather than after task A has been trained."""
+        load_task(Task(digits=self.task_b, fraction=min(self.fractions), seed=self.seeds[0], name="B"))
+
     @property
     def sizes(self) -> tuple[int, ...]:
         return (784, *self.hidden, len(self.task_a))
@@ -365,8 +382,6 @@ def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, s
     guide.load_state_dict(state_a)
     if config.head != "multihead":
         return
-    if config.guide not in ("normal", "meanfield", "delta"):
-        raise ValueError(f"--head multihead with q_B started from q_A supports the guides normal, meanfield and delta, not {config.guide!r}")
     rows = model.head_rows(config.b_head)
     merged = guide.state_dict()
     for key, value in merged.items():
@@ -425,6 +440,19 @@ def _head_view(config: ExperimentConfig, net: MLP, head: int) -> _HeadView:
     return _HeadView(net, slice(head * width, (head + 1) * width))
 
 
+def _check_finite(net: torch.nn.Module, losses: list[float], x_probe: torch.Tensor, what: str, lr: float) -> None:
+    """Raise :class:`NonFiniteLossError` if training produced a non-finite loss, parameter or output."""
+    bad_steps = [step for step, loss in enumerate(losses, start=1) if not math.isfinite(loss)]
+    bad = [name for name, value in net.named_parameters() if not torch.isfinite(value).all()]
+    with torch.no_grad():
+        outputs_finite = bool(torch.isfinite(net(x_probe)).all())
+    if bad_steps or bad or not outputs_finite:
+        first = f"loss non-finite from step {bad_steps[0]}" if bad_steps else ("finite losses" if outputs_finite else "outputs overflow")
+        raise NonFiniteLossError(
+            f"{what}: {first}; non-finite parameters: {', '.join(bad) or 'none'}; try a lower learning rate (now {lr})"
+        )
+
+
 def _net_metrics(net: torch.nn.Module, split: Split) -> PredictiveMetrics:
     net.eval()
     with torch.no_grad():
@@ -452,7 +480,8 @@ def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: i
     saved = run.store.stage(key) if run.store is not None else None
     if saved is None:
         b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
-        train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+        losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+        _check_finite(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.lr)
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
         saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
@@ -493,6 +522,7 @@ def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) 
     losses = train_deterministic(
         on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed), stage.penalty, on_epoch
     )
+    _check_finite(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.lr)
     return {
         "b_test": _net_metrics(on_b, tasks.b.test),
         "a_test_after": _net_metrics(on_a, tasks.a.test),
@@ -606,8 +636,14 @@ def run_experiment(
                      "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
                      "history": stage_a.history}
                 )
+        failure_ewc = ""
         if "ewc" in config.methods:
-            stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed, run)
+            try:
+                stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed, run)
+            except NonFiniteLossError as error:
+                failure_ewc = f"task A failed: {error}"
+                log(f"seed {seed}: {failure_ewc}")
+        if stage_ewc is not None:
             log(f"seed {seed}: deterministic task A net for EWC, test accuracy {stage_ewc.a_test.accuracy:.4f}")
             stages_a.append(
                 {"seed": seed, "kind": "deterministic", "steps": steps_a, "a_test": stage_ewc.a_test.to_dict(),
@@ -622,7 +658,8 @@ def run_experiment(
                 steps = steps_a + steps_b if method == "joint" else steps_b
                 unit = store.record(key) if store is not None else None
                 if unit is None:
-                    unit = _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure_a, run, key)
+                    failure = failure_ewc if method == "ewc" else failure_a
+                    unit = _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure, run, key)
                     if store is not None:
                         store.save_record(key, unit)
                 units.append(unit)
@@ -642,9 +679,9 @@ def run_experiment(
     }
 
 
-def _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure_a, run, key) -> dict:
-    if method in ("transfer", "finetune") and stage_a is None:
-        return _failed_record(method, fraction, seed, steps, failure_a)
+def _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure, run, key) -> dict:
+    if (method in ("transfer", "finetune") and stage_a is None) or (method == "ewc" and stage_ewc is None):
+        return _failed_record(method, fraction, seed, steps, failure)
     start = time.perf_counter()
     try:
         if method == "ewc":

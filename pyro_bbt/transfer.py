@@ -104,9 +104,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if given is not None:
             values[f.name] = given
     try:
-        return ExperimentConfig(**values)
+        config = ExperimentConfig(**values)
+        config.check_data()
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    return config
 
 
 def split_timing(obj, path: str = ""):

@@ -29,8 +29,3 @@ def synthetic_batch(batch: int = 8, features: int = 20, classes: int = 3, seed: 
     x = torch.randn(batch, features, generator=generator)
     y = torch.randint(0, classes, (batch,), generator=generator)
     return x, y
-
-
-@pytest.fixture
-def toy_batch():
-    return synthetic_batch()

@@ -27,6 +27,7 @@ RESULT_KEYS = {
     "peak_rss_source",
     "rss_before_training_mib",
     "num_threads",
+    "load_average",
 }
 
 

@@ -183,20 +183,10 @@ def test_corrupted_or_other_version_payload_raises(tmp_path, corrupt, text):
     payload = _saved_payload(tmp_path)
     path = tmp_path / "bad.pt"
     torch.save(corrupt(payload), path)
-    pyro.clear_param_store()  # else the same-named guide just trained lends its shapes (see the xfail below)
     with pytest.raises(ValueError, match=text):
         load_checkpoint(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "load_checkpoint builds the guide inside Pyro's global param store: a same-named guide of other "
-        "sizes already there (here an AutoMeanFieldNormal for (20, 8, 3)) makes the new guide pick up "
-        "those shapes, so loading a valid (20, 16, 3) checkpoint fails with 'guide parameters do not fit' "
-        "instead of overwriting the in-memory guide as its docstring says"
-    ),
-)
 def test_loading_while_a_same_named_guide_of_other_sizes_is_in_memory(tmp_path):
     model, guide = _fit("meanfield", steps=1)
     path = tmp_path / "m.pt"

@@ -1,0 +1,153 @@
+"""Reproducible, resumable, fail-safe runs of ``python -m pyro_bbt.transfer``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyro_bbt.runstore import RunStore
+from pyro_bbt.transfer import main
+
+# Two seeds and two fractions of a small network: long enough to be killed in the middle of a
+# unit, short enough for the suite.
+TINY = [
+    "--limit-train", "256", "--limit-eval", "120", "--hidden", "16", "--epochs", "2", "--epochs-a", "2",
+    "--batch-size", "32", "--min-steps", "16", "--fractions", "0.2,1", "--seeds", "0,1", "--eval-samples", "4",
+    "--methods", "scratch,transfer,ewc", "--quiet",
+]
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "pyro_bbt.transfer", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    process = _cli(*TINY, "--out", str(out))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return out
+
+
+def test_same_seed_and_config_give_identical_results(uninterrupted, tmp_path):
+    process = _cli(*TINY, "--out", str(tmp_path / "again"))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert (tmp_path / "again" / "results.json").read_bytes() == (uninterrupted / "results.json").read_bytes()
+
+
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_results(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    process = _cli(*TINY, "--out", str(out))
+    # Wait until the run is inside its units (a checkpoint or a finished unit exists), then
+    # kill it after a random extra delay.
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if any((out / d).exists() and any((out / d).iterdir()) for d in ("checkpoints", "units")):
+            break
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 2.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    resumed = _cli(*TINY, "--out", str(out), "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert json.loads((out / "results.json").read_text()) == json.loads((uninterrupted / "results.json").read_text())
+
+
+def test_resume_refuses_another_configuration(uninterrupted, capsys):
+    code = main([*TINY, "--hidden", "8", "--out", str(uninterrupted), "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "hidden: [16] -> [8]" in err and len(err.splitlines()) == 1
+
+
+def test_checkpoint_of_another_configuration_is_refused_naming_the_difference(tmp_path):
+    saved = RunStore(tmp_path, {"hidden": [16], "task_b": [5, 6, 7, 8, 9]})
+    saved.save_checkpoint("scratch-f1-s0", {"weights": torch.zeros(2)})
+    assert torch.equal(saved.checkpoint("scratch-f1-s0")["weights"], torch.zeros(2))
+    other = RunStore(tmp_path, {"hidden": [32], "task_b": [5, 6, 7, 8, 9]})
+    with pytest.raises(ValueError, match=r"hidden: \[16\] -> \[32\]"):
+        other.checkpoint("scratch-f1-s0")
+    with pytest.raises(ValueError, match="holds unit"):
+        path = tmp_path / "checkpoints" / "scratch-f1-s0.pt"
+        path.rename(tmp_path / "checkpoints" / "finetune-f1-s0.pt")
+        saved.checkpoint("finetune-f1-s0")
+
+
+def test_checkpoints_are_plain_tensors_loadable_with_weights_only(uninterrupted):
+    stages = sorted((uninterrupted / "stages").glob("*.pt"))
+    assert stages
+    for path in stages:
+        payload = torch.load(path, weights_only=True)
+        assert payload["format_version"] == 1 and payload["key"] == path.stem
+
+
+def test_nan_unit_fails_alone_and_the_run_exits_nonzero(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["--limit-train", "64", "--limit-eval", "40", "--hidden", "8", "--epochs", "1", "--epochs-a", "1",
+                 "--min-steps", "4", "--fractions", "0.2", "--seeds", "0", "--eval-samples", "2", "--methods", "scratch,ewc",
+                 "--lr", "1e30", "--quiet", "--out", str(out)])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    status = {u["method"]: u for u in results["units"]}
+    assert status["scratch"]["status"] == "failed"
+    assert "step" in status["scratch"]["error"] and "learning rate" in status["scratch"]["error"]
+    assert status["ewc"]["status"] in ("ok", "failed")  # a deterministic net may survive; it is recorded either way
+    assert "failed" in capsys.readouterr().err
+
+
+OPTIONS = {
+    "--methods": st.sampled_from(["scratch", "transfer", "ewc", "joint", "finetune,scratch", "nope", ""]),
+    "--guide": st.sampled_from(["meanfield", "delta", "normal", "gp"]),
+    "--estimator": st.sampled_from(["auto", "weights", "local", "exact"]),
+    "--kl-schedule": st.sampled_from(["blundell", "uniform", "warmup", "none", "cosine"]),
+    "--head": st.sampled_from(["shared", "multihead", "triple"]),
+    "--q-init": st.sampled_from(["from-posterior", "fresh", "zeros"]),
+    "--fractions": st.sampled_from(["0.1", "0.5,1", "0", "1.5", "1e-9", "x"]),
+    "--seeds": st.sampled_from(["0", "1", "-1", "a"]),
+    "--prior-scale": st.sampled_from(["1", "0.1", "0", "-1", "nan", "inf"]),
+    "--tau": st.sampled_from(["1", "5", "0.5", "nan"]),
+    "--lr": st.sampled_from(["1e-3", "0", "-1", "inf"]),
+    "--epochs": st.sampled_from(["1", "0", "-2", "x"]),
+    "--num-particles": st.sampled_from(["1", "2", "0"]),
+    "--task-b": st.sampled_from(["5,6,7,8,9", "4,5,6,7,8", "5,6", "10,11,12,13,14", "5,5,6,7,8"]),
+    "--device": st.sampled_from(["cpu", "cuda:7", "toaster"]),
+}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chosen=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.none(), max_size=4).flatmap(
+    lambda keys: st.fixed_dictionaries({k: OPTIONS[k] for k in keys})))
+def test_any_cli_arguments_succeed_or_exit_2_with_one_line(tmp_path, capsys, chosen):
+    out = tmp_path / uuid.uuid4().hex  # tmp_path is shared by all examples of one test
+    args = ["--limit-train", "40", "--limit-eval", "20", "--hidden", "4", "--epochs-a", "1", "--min-steps", "1",
+            "--eval-samples", "1", "--seeds", "0", "--fractions", "0.1", "--methods", "scratch", "--quiet", "--out", str(out)]
+    for flag, value in chosen.items():
+        args += [flag, value]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2), err
+    if code == 2:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not out.exists()
+    else:
+        assert (out / "results.json").exists()
