@@ -38,7 +38,7 @@ import numpy as np
 import pyro
 import torch
 
-from .continual import backward_transfer, forward_transfer
+from .continual import backward_transfer, forward_transfer, summarize
 from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
@@ -51,7 +51,10 @@ from .model import BayesianMLP
 from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "ExperimentConfig", "PRESETS", "run_experiment", "summarize_units", "unit_key"]
+__all__ = [
+    "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
+    "sequence_tasks", "summarize_units", "unit_key",
+]
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
 Q_INITS = ("from-posterior", "fresh")
@@ -694,3 +697,77 @@ def _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, 
     except NonFiniteLossError as error:
         return _failed_record(method, fraction, seed, steps, str(error))
     return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- sequential mode
+
+SEQUENCES = ("rotations", "permutations")
+SEQUENCE_METHODS = ("transfer", "finetune")
+SEQUENCE_LENGTH = 4
+
+
+def sequence_tasks(kind: str, digits: tuple[int, ...], seed: int) -> list[Task]:
+    """The chain A -> B -> C -> D over the same digits: rotated by 0, 15, 30, 45 degrees (as the
+    original), or with pixel permutations (task 0 unpermuted)."""
+    _choice("sequence", kind, SEQUENCES)
+    if kind == "rotations":
+        return [Task(digits=digits, rotation=15.0 * k, seed=seed, name=f"rot{15 * k}") for k in range(SEQUENCE_LENGTH)]
+    return [Task(digits=digits, permutation_seed=None if k == 0 else 1000 + k, seed=seed, name=f"perm{k}") for k in range(SEQUENCE_LENGTH)]
+
+
+def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print) -> dict:
+    """Train the chain of :func:`sequence_tasks` in order with each Bayesian sequential method
+    (``transfer``: every task's prior is the previous posterior and q starts there, as in
+    variational continual learning; ``finetune``: q starts at the previous posterior, the prior
+    stays N(0, sigma^2)), and fill the accuracy matrix ``R[i][j]`` after every task. Forward
+    transfer is measured against the randomly initialised model's accuracy on each task.
+    The units of this mode are not checkpointed; the run restarts if interrupted."""
+    methods = [m for m in config.methods if m in SEQUENCE_METHODS]
+    if not methods:
+        raise ValueError(f"sequential mode runs the methods {', '.join(SEQUENCE_METHODS)}; got {', '.join(config.methods)}")
+    per_method: dict[str, list] = {m: [] for m in methods}
+    for seed in config.seeds:
+        tasks = [load_task(t) for t in sequence_tasks(kind, config.task_a, seed)]
+        trains = [_limit(t.train, config.limit_train).to(config.device) for t in tasks]
+        tests = [_limit(t.test, config.limit_eval).to(config.device) for t in tasks]
+        for method in methods:
+            prior: Prior = GaussianPrior(config.prior_scale)
+            state = None
+            R = np.zeros((len(tasks), len(tasks)))
+            baseline = None
+            for i, train_split in enumerate(trains):
+                model, guide = _fresh_bayesian(config, prior, seed)
+                if baseline is None:
+                    baseline = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
+                if state is not None:
+                    guide.load_state_dict(state)
+                steps = steps_for(len(train_split), config.epochs, config.batch_size, config.min_steps)
+                try:
+                    train(model, guide, train_split, _train_config(config, steps, seed))
+                except NonFiniteLossError as error:
+                    log(f"seed {seed} {method}: task {i} failed: {error}")
+                    R[i:, :] = np.nan
+                    break
+                R[i] = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
+                state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+                if method == "transfer":
+                    prior = posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale))
+                log(f"seed {seed} {kind} {method}: after task {i}: " + " ".join(f"{a:.3f}" for a in R[i]))
+            entry = {"seed": seed, "accuracy_matrix": R.tolist(), "random_init_accuracy": baseline}
+            if not np.isnan(R).any():
+                entry["summary"] = summarize(R, baseline).to_dict()
+            per_method[method].append(entry)
+    return {
+        "schema_version": 1,
+        "mode": "sequence",
+        "sequence": kind,
+        "domains": [t.name for t in sequence_tasks(kind, config.task_a, 0)],
+        "config": config.to_dict(),
+        "methods": {
+            m: {
+                "per_seed": entries,
+                "accuracy_matrix_mean": np.nanmean([e["accuracy_matrix"] for e in entries], axis=0).tolist(),
+            }
+            for m, entries in per_method.items()
+        },
+    }

@@ -18,7 +18,6 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os

@@ -111,3 +111,24 @@ def save_all(results: dict, out_dir: Path) -> list[Path]:
     plot_forgetting(results, paths[1])
     plot_final_accuracy(results, paths[2])
     return paths
+
+
+def plot_sequence(results: dict, path: Path) -> None:
+    """The mean accuracy matrix R[i][j] (accuracy on task j after training task i) per method."""
+    methods = list(results["methods"])
+    domains = results["domains"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        R = np.array(results["methods"][method]["accuracy_matrix_mean"])
+        image = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for i in range(R.shape[0]):
+            for j in range(R.shape[1]):
+                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="white" if R[i, j] < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(domains)), domains, rotation=45)
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_title(method)
+    axes[0][0].set_ylabel("after training task i")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test accuracy")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
+    plt.close(fig)

@@ -20,7 +20,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .experiment import HEADS, METHODS, PRESETS, Q_INITS, ExperimentConfig, run_experiment
+from .experiment import HEADS, METHODS, PRESETS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .guides import GUIDES
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, help="cap on training images per task (smoke tests)")
     p.add_argument("--limit-eval", type=int, help="cap on validation/test images per task (smoke tests)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}; writes sequence.png")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
@@ -178,17 +179,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        if args.sequence and args.resume:
+            raise UsageError("--resume is not supported with --sequence (sequence runs restart)")
+        if args.sequence and not set(config.methods) & set(SEQUENCE_METHODS):
+            raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
         _prepare_out_dir(args.out, config, args)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
 
-    from .plots import save_all  # matplotlib only when there is something to plot
+    from .plots import plot_sequence, save_all  # matplotlib only when there is something to plot
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     start = time.perf_counter()
     if not args.resume:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **config.to_dict()})
+    if args.sequence:
+        results = run_sequence(config, args.sequence, log=log)
+        atomic_write_json(args.out / "results.json", results)
+        plot_sequence(results, args.out / "sequence.png")
+        log(f"done in {time.perf_counter() - start:.0f} s: {args.out / 'results.json'}, {args.out / 'sequence.png'}")
+        return 0
     store = RunStore(args.out, config.to_dict())
     results, timing = split_timing(run_experiment(config, log=log, store=store))
     timing["wall_clock"] = time.perf_counter() - start

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from pyro_bbt.guides import GUIDES
 from pyro_bbt.kl_schedules import KL_SCHEDULES

@@ -220,3 +220,25 @@ def test_multihead_prior_keeps_a_head_and_resets_b_head():
     assert torch.equal(stage.prior_from_a.scale(weight)[a_rows], started[weight][1][a_rows])
     assert torch.equal(started[weight][0][b_rows], fresh[weight][0][b_rows])
     assert torch.equal(started["layers.0.weight"][0], stage.prior_from_a.loc("layers.0.weight"))
+
+
+def test_sequence_mode_fills_the_accuracy_matrix(tmp_path):
+    from pyro_bbt.continual import backward_transfer
+
+    out = tmp_path / "seq"
+    code = main(["--sequence", "rotations", "--methods", "transfer,finetune", "--limit-train", "120", "--limit-eval", "60",
+                 "--hidden", "8", "--epochs", "1", "--min-steps", "3", "--eval-samples", "2", "--seeds", "0", "--quiet", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["domains"] == ["rot0", "rot15", "rot30", "rot45"]
+    for method in ("transfer", "finetune"):
+        entry = results["methods"][method]["per_seed"][0]
+        R = entry["accuracy_matrix"]
+        assert len(R) == 4 and all(len(row) == 4 for row in R)
+        assert entry["summary"]["backward_transfer"] == pytest.approx(backward_transfer(R))
+    assert (out / "sequence.png").stat().st_size > 0
+
+
+def test_sequence_mode_rejects_methods_it_cannot_chain(tmp_path, capsys):
+    assert main(["--sequence", "rotations", "--methods", "ewc", "--out", str(tmp_path / "x")]) == 2
+    assert "--sequence runs the methods" in capsys.readouterr().err
