@@ -5,11 +5,12 @@ Protocol, for every seed::
     1. fit q_A on task A (digits 0-4) from an N(0, sigma^2) prior;
     2. for every fraction f of task B's training data (digits 5-9, labels 0-4: a shared head)
        and every method, train on B for the same number of optimisation steps
-           steps_B(f) = max(min_steps, epochs * ceil(N_B(f) / batch_size)),
+           steps_B(f) = M * max(epochs, ceil(min_steps / M)),  M = ceil(N_B(f) / batch_size),
        recording B's validation and test accuracy along the way (the learning curve);
     3. evaluate on B's test set (transfer) and on A's test set (forgetting).
 
-Methods on B (same data, seeds and step budget):
+Methods on B (same data, seeds and step budget; the budget is rounded up to whole passes
+over the data, see :func:`steps_for`):
 
 * ``scratch``  -- prior N(0, sigma^2), fresh guide;
 * ``transfer`` -- prior = q_A (:func:`~pyro_bbt.guides.posterior_as_prior`, scales x tau),
@@ -217,8 +218,12 @@ def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
 
 
 def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 1) -> int:
-    """The step budget: ``max(min_steps, epochs * ceil(num_examples / batch_size))``."""
-    return max(min_steps, epochs * math.ceil(num_examples / batch_size))
+    """The step budget: ``epochs`` passes over the data, or more if that is under ``min_steps``,
+    rounded up to whole passes, ``M * max(epochs, ceil(min_steps / M))`` with
+    ``M = ceil(num_examples / batch_size)``. Whole passes because a KL schedule's weights sum
+    to one over a pass: a run cut mid-pass pays that pass's KL on part of its data."""
+    per_epoch = math.ceil(num_examples / batch_size)
+    return per_epoch * max(epochs, math.ceil(min_steps / per_epoch))
 
 
 # --------------------------------------------------------------------------- Bayesian units
@@ -658,7 +663,9 @@ def run_experiment(
             steps_b = steps_for(len(tasks.b.train), config.epochs, config.batch_size, config.min_steps)
             for method in config.methods:
                 key = unit_key(method, fraction, seed)
-                steps = steps_a + steps_b if method == "joint" else steps_b
+                steps = steps_b
+                if method == "joint":  # A's and B's budgets, in whole passes over the union
+                    steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, config.batch_size, steps_a + steps_b)
                 unit = store.record(key) if store is not None else None
                 if unit is None:
                     failure = failure_ewc if method == "ewc" else failure_a
