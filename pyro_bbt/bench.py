@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchConfig", "CONFIGS", "TARGETS", "run_config", "summarize", "main"]
+__all__ = ["BenchConfig", "CONFIGS", "TARGETS", "run_config", "summarize", "evaluate_targets", "build_report", "main"]
 
 TASK_DIGITS: tuple[int, ...] = (0, 1, 2, 3, 4)
 SIZES: tuple[int, ...] = (784, 400, 400, 5)
@@ -607,19 +607,31 @@ def _run_all(args: argparse.Namespace) -> Iterator[dict]:
         yield result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _resolve_defaults(build_parser().parse_args(argv))
-    raw = list(_run_all(args))
+def build_report(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
+    """The JSON report: ``meta``, per-configuration ``results`` and the ``targets``."""
     results = summarize(raw)
-    targets = evaluate_targets(results)
-    report = {"meta": _meta(args, raw), "results": results, "targets": targets}
+    meta = _meta(args, raw)
+    meta["complete"] = len(raw) == len(args.configs)
+    return {"meta": meta, "results": results, "targets": evaluate_targets(results)}
+
+
+def print_report(report: dict) -> None:
     meta = report["meta"]
     print(f"\nTask A (digits 0-4), {meta['train_size']} training images, batch {BATCH_SIZE}, "
-          f"{args.epochs} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs.\n")
-    print(markdown_table(results))
+          f"{meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs.\n")
+    print(markdown_table(report["results"]))
     print("\nTargets:\n")
-    print(targets_table(targets))
-    _write_json(args.out, report)
+    print(targets_table(report["targets"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _resolve_defaults(build_parser().parse_args(argv))
+    raw: list[dict] = []
+    for result in _run_all(args):
+        raw.append(result)
+        report = build_report(args, raw)
+        _write_json(args.out, report)  # after every configuration, so a killed run keeps its results
+    print_report(report)
     print(f"\nwrote {args.out}")
     return 0
 

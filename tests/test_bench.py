@@ -51,6 +51,7 @@ def test_report_top_level_and_meta(report):
     assert meta["batch_size"] == 128
     assert meta["task_digits"] == [0, 1, 2, 3, 4]
     assert meta["num_threads"] == 1
+    assert meta["complete"] is True
 
 
 def test_results_schema_and_ratios(report):

@@ -242,3 +242,24 @@ def test_sequence_mode_fills_the_accuracy_matrix(tmp_path):
 def test_sequence_mode_rejects_methods_it_cannot_chain(tmp_path, capsys):
     assert main(["--sequence", "rotations", "--methods", "ewc", "--out", str(tmp_path / "x")]) == 2
     assert "--sequence runs the methods" in capsys.readouterr().err
+
+
+def test_report_tables_show_mean_and_std_per_method_and_fraction(tmp_path, capsys):
+    from pyro_bbt.experiment import summarize_units
+    from pyro_bbt.report import main as report_main
+
+    def unit(method, seed, b, a):
+        metrics = {"accuracy": b, "nll": 0.5, "ece": 0.01}
+        return {"method": method, "fraction": 0.1, "seed": seed, "status": "ok", "b_test": metrics,
+                "a_test_after": {"accuracy": a}, "backward_transfer": None}
+
+    units = [unit("scratch", 0, 0.90, 0.30), unit("scratch", 1, 0.80, 0.40)]
+    results = {"summary": summarize_units(units), "units": units,
+               "task_a": [{"kind": "bayesian", "a_test": {"accuracy": 0.99}}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert report_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| scratch | 0.8500 ± 0.0707 |" in out  # mean and sample std of 0.9 and 0.8
+    assert "| scratch | 0.3500 ± 0.0707 |" in out
+    assert "Task A test accuracy before B (bayesian net): 0.9900" in out
+    assert report_main([str(tmp_path / "missing")]) == 2

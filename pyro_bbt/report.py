@@ -1,0 +1,73 @@
+"""``python -m pyro_bbt.report DIR``: the Markdown tables of a finished transfer run.
+
+Reads ``DIR/results.json`` (written by ``python -m pyro_bbt.transfer``) and prints, per method
+and fraction of B's data, mean +- standard deviation over seeds of B's test accuracy, A's test
+accuracy after B, B's test NLL and ECE, and backward transfer; and task A's accuracy before B.
+The README's result tables are this command's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["transfer_tables", "main"]
+
+
+def _cell(entry: dict | None, digits: int = 4) -> str:
+    if entry is None:
+        return "—"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def transfer_tables(results: dict) -> str:
+    summary = results["summary"]
+    fractions = sorted({float(f) for by_fraction in summary.values() for f in by_fraction})
+    methods = list(summary)
+    lines = []
+    for title, key in (
+        ("B test accuracy", "b_test_accuracy"),
+        ("A test accuracy after training on B (forgetting)", "a_test_after_accuracy"),
+        ("B test NLL", "b_test_nll"),
+        ("B test ECE", "b_test_ece"),
+        ("Backward transfer R[1][0] - R[0][0]", "backward_transfer"),
+    ):
+        lines += [f"**{title}** (mean ± std over seeds)", "", "| method | " + " | ".join(f"{f:g}" for f in fractions) + " |",
+                  "|---|" + "---|" * len(fractions)]
+        for method in methods:
+            cells = [_cell(summary[method].get(str(f), {}).get(key)) for f in fractions]
+            if all(c == "—" for c in cells):
+                continue
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    by_kind: dict[str, list[float]] = {}
+    for stage in results["task_a"]:
+        by_kind.setdefault(stage["kind"], []).append(stage["a_test"]["accuracy"])
+    for kind, values in by_kind.items():
+        mean = sum(values) / len(values)
+        lines.append(f"Task A test accuracy before B ({kind} net): {mean:.4f} (seeds: {', '.join(f'{v:.4f}' for v in values)})")
+    failed = [u for u in results["units"] if u["status"] != "ok"]
+    lines.append(f"Units: {len(results['units'])}, failed: {len(failed)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
+    args = parser.parse_args(argv)
+    path = args.run_dir / "results.json"
+    if not path.exists():
+        print(f"{parser.prog}: error: {path} does not exist (run python -m pyro_bbt.transfer --out {args.run_dir} first)", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    if results.get("mode") == "sequence":
+        print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
+        return 2
+    print(transfer_tables(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
