@@ -286,9 +286,11 @@ def _train_with_checkpoints(model, guide, train_split: Split, train_config: Trai
         resume = TrainState.from_dict(saved["train_state"])
         for name, value in saved["extra"].items():
             extra[name][:] = value
-    on_checkpoint = None
-    if run.store is not None:
-        on_checkpoint = lambda state: run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})  # noqa: E731
+
+    def save(state: TrainState) -> None:
+        run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})
+
+    on_checkpoint = save if run.store is not None else None
     return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
 
 
