@@ -19,7 +19,9 @@ Plain-PyTorch references, with their training loops written here:
   the pre-activations per example).
 
 pyro_bbt, through :func:`pyro_bbt.inference.train` with ``eval_samples=0`` (the epoch
-seconds come from its history; epoch 1 includes the guide's setup, hence medians):
+seconds come from its history; epoch 1 includes the guide's setup, hence medians; other
+settings are :class:`~pyro_bbt.inference.TrainConfig`'s defaults, e.g. the ``blundell`` KL
+schedule, which changes the KL's weight but not the cost of a step):
 
 * ``meanfield-local-1``: the default training (``meanfield`` guide, ``local`` estimator);
 * ``meanfield-weights-16`` / ``meanfield-weights-1``: weight sampling with 16 / 1 particles;
@@ -48,11 +50,17 @@ descheduled peers), so there prefer ``--threads 1`` and the CPU-time columns.
 
 Each epoch's process CPU time (``time.process_time``, all threads of the child) is recorded
 too, with its own medians and ratios (``cpu_ratio_*``). On a machine shared with other jobs
-the wall-clock time of a configuration depends on what else ran meanwhile, while its CPU
-time mostly does not, so the CPU ratios are the steadier comparison there. They are not
-the same quantity as the wall ratios even on an idle machine: with several torch threads
-the parallel kernels add CPU time from every thread while Python overhead is serial, so
-``--threads 1`` makes the two agree most closely. The targets are judged on wall time.
+the wall-clock time of a configuration depends on what else ran meanwhile, while with
+``--threads 1`` its CPU time mostly does not, so the CPU ratios are the steadier comparison
+there (with several threads, threads spinning while they wait for descheduled peers add
+CPU time too). They are not the same quantity as the wall ratios even on an idle machine:
+with several torch threads the parallel kernels add CPU time from every thread while
+Python overhead is serial, so ``--threads 1`` makes the two agree most closely. The
+targets are judged on wall time.
+
+The JSON report (``--out``) is rewritten after every configuration, so a run that is
+interrupted keeps what it measured; ``meta.complete`` says whether every selected
+configuration finished.
 
 The targets (from the issue) are printed after the table: local reparameterisation at most
 1.5x the deterministic MLP, ``meanfield-weights-16`` at most 1.25x ``torch-bbb-16``, and
