@@ -77,12 +77,22 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import Split, Task, load_task
+from .ewc import MLP
+from .files import atomic_write_json
+from .guides import GuideConfig, make_guide
+from .inference import TrainConfig, train
+from .model import BayesianMLP
 
 __all__ = ["BenchConfig", "CONFIGS", "TARGETS", "run_config", "summarize", "evaluate_targets", "build_report", "main"]
 
@@ -201,6 +211,10 @@ def _softplus_inverse(value: float) -> float:
     return math.log(math.expm1(value))
 
 
+Posterior = Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]
+"""Per layer ``(w_mu, w_sigma, b_mu, b_sigma)``."""
+
+
 class MeanFieldMLP:
     """Mean-field Gaussian posterior over an MLP's weights, in plain PyTorch.
 
@@ -209,10 +223,8 @@ class MeanFieldMLP:
     """
 
     def __init__(self, sizes: Sequence[int], init_scale: float) -> None:
-        import torch
-
         rho = _softplus_inverse(init_scale)
-        self.layers: list[tuple[Any, Any, Any, Any]] = []
+        self.layers: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for d_in, d_out in zip(sizes[:-1], sizes[1:]):
             bound = 1.0 / math.sqrt(d_in)
             w_mu = torch.empty(d_out, d_in).uniform_(-bound, bound).requires_grad_()
@@ -221,30 +233,25 @@ class MeanFieldMLP:
             b_rho = torch.full((d_out,), rho, requires_grad=True)
             self.layers.append((w_mu, w_rho, b_mu, b_rho))
 
-    def parameters(self) -> list[Any]:
+    def parameters(self) -> list[Tensor]:
         return [p for layer in self.layers for p in layer]
 
-    def loc_scale(self) -> list[tuple[Any, Any, Any, Any]]:
+    def loc_scale(self) -> Posterior:
         """Per layer ``(w_mu, w_sigma, b_mu, b_sigma)``; compute once per step and share."""
-        import torch.nn.functional as F
-
         return [(w_mu, F.softplus(w_rho), b_mu, F.softplus(b_rho)) for w_mu, w_rho, b_mu, b_rho in self.layers]
 
     @staticmethod
-    def kl_to_standard_normal(posterior: Sequence[tuple[Any, Any, Any, Any]]) -> Any:
+    def kl_to_standard_normal(posterior: Posterior) -> Tensor:
         """``KL(q || N(0, I))`` in closed form, summed over every weight and bias."""
-        total = 0.0
+        total = torch.zeros(())
         for layer in posterior:
             for mu, sigma in (layer[:2], layer[2:]):
                 total = total + (0.5 * (sigma * sigma + mu * mu - 1.0) - sigma.log()).sum()
         return total
 
     @staticmethod
-    def sampled_logits(posterior: Sequence[tuple[Any, Any, Any, Any]], x: Any, num_samples: int) -> Any:
+    def sampled_logits(posterior: Posterior, x: Tensor, num_samples: int) -> Tensor:
         """Logits ``(S, B, C)`` under ``S`` independent weight samples (batched matmul)."""
-        import torch
-        import torch.nn.functional as F
-
         h = x.expand(num_samples, *x.shape)
         last = len(posterior) - 1
         for index, (w_mu, w_sigma, b_mu, b_sigma) in enumerate(posterior):
@@ -256,11 +263,8 @@ class MeanFieldMLP:
         return h
 
     @staticmethod
-    def local_reparameterized_logits(posterior: Sequence[tuple[Any, Any, Any, Any]], x: Any) -> Any:
+    def local_reparameterized_logits(posterior: Posterior, x: Tensor) -> Tensor:
         """Logits ``(B, C)`` with each example's pre-activations sampled (Kingma et al. 2015)."""
-        import torch
-        import torch.nn.functional as F
-
         h = x
         last = len(posterior) - 1
         for index, (w_mu, w_sigma, b_mu, b_sigma) in enumerate(posterior):
@@ -272,19 +276,14 @@ class MeanFieldMLP:
         return h
 
 
-StepFn = Callable[[Any, Any], float]
+StepFn = Callable[[Tensor, Tensor], float]
 
 
 def _deterministic_step(num_data: int, num_batches: int) -> StepFn:
-    import torch
-    import torch.nn.functional as F
-
-    from .ewc import MLP
-
     net = MLP(SIZES)
     optimizer = torch.optim.Adam(net.parameters(), lr=LR)
 
-    def step(x: Any, y: Any) -> float:
+    def step(x: Tensor, y: Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y)
         loss.backward()
@@ -299,13 +298,10 @@ def _bayesian_step(num_data: int, num_batches: int, num_samples: int | None) -> 
 
     Loss: ``(N/B) * mean_s sum_n CE(logits_{s,n}, y_n) + KL(q || N(0, 1)) / M``.
     """
-    import torch
-    import torch.nn.functional as F
-
     posterior = MeanFieldMLP(SIZES, INIT_SCALE)
     optimizer = torch.optim.Adam(posterior.parameters(), lr=LR)
 
-    def step(x: Any, y: Any) -> float:
+    def step(x: Tensor, y: Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
         q = posterior.loc_scale()
         if num_samples is None:
@@ -331,10 +327,8 @@ def _torch_step(name: str, num_data: int, num_batches: int) -> StepFn:
     raise ValueError(f"no torch reference called {name!r}")
 
 
-def _time_torch_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) -> tuple[list[float], list[float]]:
+def _time_torch_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> tuple[list[float], list[float]]:
     """Wall-clock and process-CPU seconds of each epoch of a plain-PyTorch reference."""
-    import torch
-
     torch.manual_seed(seed)
     num_data = len(split)
     num_batches = math.ceil(num_data / BATCH_SIZE)
@@ -355,15 +349,9 @@ def _time_torch_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) 
 # ----------------------------------------------------------------------- pyro_bbt
 
 
-def _time_pyro_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) -> tuple[list[float], list[float]]:
+def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> tuple[list[float], list[float]]:
     """Wall-clock seconds of each epoch of :func:`pyro_bbt.inference.train` (from its history)
     and process-CPU seconds (between its ``on_epoch`` calls, the first from the call of ``train``)."""
-    import pyro
-
-    from .guides import GuideConfig, make_guide
-    from .inference import TrainConfig, train
-    from .model import BayesianMLP
-
     pyro.clear_param_store()
     model = BayesianMLP(SIZES)
     guide = make_guide(config.guide, model, GuideConfig(init_scale=INIT_SCALE))
@@ -386,9 +374,7 @@ def _time_pyro_epochs(config: BenchConfig, split: Any, epochs: int, seed: int) -
 # ------------------------------------------------------------------ one configuration
 
 
-def _load_train_split(train_size: int | None) -> Any:
-    from .data import Task, load_task
-
+def _load_train_split(train_size: int | None) -> Split:
     split = load_task(Task(digits=TASK_DIGITS)).train
     return split if train_size is None else split.subset(train_size)
 
@@ -398,8 +384,6 @@ def run_config(name: str, epochs: int, train_size: int | None = None, threads: i
 
     Meant to run in a fresh process (see :func:`run_isolated`): the peak RSS is the process's.
     """
-    import torch
-
     if threads is not None:
         torch.set_num_threads(threads)
     config = CONFIGS[name]
@@ -505,30 +489,7 @@ def targets_table(targets: Sequence[dict]) -> str:
 # ---------------------------------------------------------------------------- output
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON atomically."""
-    try:
-        from .files import atomic_write_json
-    except ImportError:  # pragma: no cover - fallback for a tree without pyro_bbt.files
-        import json
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return
-    atomic_write_json(path, obj)
-
-
 def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
-    import pyro
-    import torch
-
     return {
         "task_digits": list(TASK_DIGITS),
         "sizes": list(SIZES),
@@ -638,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result in _run_all(args):
         raw.append(result)
         report = build_report(args, raw)
-        _write_json(args.out, report)  # after every configuration, so a killed run keeps its results
+        atomic_write_json(args.out, report)  # after every configuration, so a killed run keeps its results
     print_report(report)
     print(f"\nwrote {args.out}")
     return 0

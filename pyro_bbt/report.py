@@ -53,6 +53,19 @@ def transfer_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prior_scale_lines(run_dir: Path) -> str:
+    """Median scale of the transferred prior (tau * sigma of q_A) per weight site, from the
+    task-A stages saved in ``run_dir/stages``."""
+    import torch
+
+    lines = []
+    for path in sorted((run_dir / "stages").glob("A-bayesian-s*.pt")):
+        scales = torch.load(path, map_location="cpu", weights_only=True)["data"]["prior"].get("scales", {})
+        medians = ", ".join(f"{site} {float(value.median()):.4f}" for site, value in scales.items() if site.endswith("weight"))
+        lines.append(f"Transferred prior scale, median per site ({path.stem}): {medians}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2
     print(transfer_tables(results), end="")
+    print(prior_scale_lines(args.run_dir), end="")
     return 0
 
 
