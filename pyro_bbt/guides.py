@@ -80,7 +80,10 @@ class GuideConfig:
 
     :param init_scale: initial posterior standard deviation of every weight.
     :param rank: rank of the ``lowrank`` guide's covariance factor.
-    :param num_flows: number of planar flows (``planar``) or IAF blocks (``iaf``).
+    :param num_flows: number of planar flows (``planar``; 16 as the original).
+    :param iaf_flows: number of IAF blocks (``iaf``). Each block's MADE has about
+        ``3 * factor * d^2`` weights for the output layer's ``d = 2005`` latents (24M at factor 2),
+        so 16 blocks would hold ~1.5 GB of parameters and make each Adam step slow.
     :param iaf_hidden_factor: IAF hidden width as a multiple of the output layer's dimension.
     :param moment_samples: samples used to moment-match flows in :func:`posterior_loc_scale`.
     """
@@ -88,13 +91,14 @@ class GuideConfig:
     init_scale: float = 0.01
     rank: int = 10
     num_flows: int = 16
+    iaf_flows: int = 2
     iaf_hidden_factor: int = 2
     moment_samples: int = 256
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.init_scale) and self.init_scale > 0):
             raise ValueError(f"init_scale must be finite and > 0, got {self.init_scale!r}")
-        for name in ("rank", "num_flows", "iaf_hidden_factor", "moment_samples"):
+        for name in ("rank", "num_flows", "iaf_flows", "iaf_hidden_factor", "moment_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -227,7 +231,7 @@ def make_guide(name: str, model: BayesianMLP, config: GuideConfig | None = None)
         guide.append(
             AutoFlowNormal(
                 poutine.block(model, expose=output_sites),
-                partial(iaf_flows, config.num_flows, config.iaf_hidden_factor),
+                partial(iaf_flows, config.iaf_flows, config.iaf_hidden_factor),
                 init_scale=config.init_scale,
             )
         )
