@@ -17,7 +17,7 @@ from pyro_bbt.evaluation import (
     predictive_log_probs,
     sample_posterior,
 )
-from pyro_bbt.guides import GuideConfig, make_guide, posterior_loc_scale
+from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide, posterior_loc_scale
 from pyro_bbt.model import BayesianMLP
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -126,9 +126,8 @@ def fitted_meanfield():
     pyro.set_rng_seed(0)
     model = BayesianMLP((20, 16, 3))
     guide = make_guide("meanfield", model, GuideConfig(init_scale=0.2))
+    initialize_guide(guide, 20)
     x, y = synthetic_batch(batch=30, features=20)
-    with poutine.block():
-        guide(x, y, 30)
     return model, guide, x, y
 
 

@@ -6,12 +6,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from conftest import synthetic_batch
 from pyro_bbt.evaluation import evaluate, sample_posterior
 from pyro_bbt.guides import (
+    initialize_guide,
     GUIDES,
     AutoMeanFieldNormal,
     GuideConfig,
@@ -129,9 +129,7 @@ def test_meanfield_initialisation_is_fan_in_uniform_with_init_scale():
     pyro.set_rng_seed(0)
     model = BayesianMLP((50, 20, 3))
     guide = make_guide("meanfield", model, GuideConfig(init_scale=0.03))
-    x, y = synthetic_batch(batch=4, features=50)
-    with poutine.block():
-        guide(x, y, 10)
+    initialize_guide(guide, 50)
     post = posterior_loc_scale(guide, model)
     for site, (loc, scale) in post.items():
         assert torch.allclose(scale, torch.full_like(scale, 0.03))
