@@ -69,6 +69,7 @@ __all__ = [
     "has_closed_form_kl",
     "posterior_as_prior",
     "initialize_guide",
+    "guide_parameters",
 ]
 
 GUIDES = ("normal", "meanfield", "lowrank", "planar", "iaf", "delta")
@@ -318,6 +319,17 @@ def posterior_as_prior(
         {site: tau * posterior[site][1] for site in chosen},
         fallback=fallback,
     )
+
+
+def guide_parameters(guide: AutoGuide) -> list[torch.nn.Parameter]:
+    """The unconstrained tensors that training optimises, in a fixed order: the guide's
+    ``nn.Module`` parameters (for every guide in :data:`GUIDES` these are exactly the
+    parameters :class:`pyro.infer.SVI` would capture from the param store; tested). The guide
+    must be initialised (:func:`initialize_guide`)."""
+    parameters = list(guide.parameters())
+    if not parameters:
+        raise ValueError("the guide has no parameters yet: call initialize_guide(guide, input_dim) first")
+    return parameters
 
 
 def initialize_guide(guide: AutoGuide, input_dim: int) -> AutoGuide:

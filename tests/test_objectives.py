@@ -441,3 +441,70 @@ def test_train_with_no_kl_has_zero_weighted_kl_and_blundell_a_positive_one():
             assert epoch.weighted_kl > 0
         assert epoch.val_accuracy is None
         assert 0.0 <= epoch.train_accuracy <= 1.0
+
+
+def test_gaussian_kl_is_torch_normal_kl_to_the_last_bit():
+    from pyro_bbt.objectives import gaussian_kl
+
+    g = torch.Generator().manual_seed(0)
+    loc_q, loc_p = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    scale_q, scale_p = torch.rand(7, 5, generator=g) + 0.01, torch.rand(7, 5, generator=g) + 0.01
+    expected = kl_divergence(dist.Normal(loc_q, scale_q), dist.Normal(loc_p, scale_p))
+    assert torch.equal(gaussian_kl(loc_q, scale_q, loc_p, scale_p), expected)
+
+
+@pytest.mark.parametrize("guide_name", GUIDES)
+def test_guide_parameters_are_what_svi_would_optimise(guide_name):
+    from pyro_bbt.guides import guide_parameters, initialize_guide
+
+    pyro.clear_param_store()
+    model = BayesianMLP((6, 5, 3))
+    guide = make_guide(guide_name, model, GuideConfig(num_flows=2, iaf_flows=1))
+    with pytest.raises(ValueError, match="initialize_guide"):
+        guide_parameters(guide)
+    initialize_guide(guide, 6)
+    x, y = synthetic_batch(batch=4, features=6, classes=3)
+    with poutine.trace(param_only=True) as capture:
+        make_estimator("weights", guide, 2)(model, guide, x, y, 4, 1.0)
+    captured = {id(site["value"].unconstrained()) for site in capture.trace.nodes.values()}
+    ours = guide_parameters(guide)
+    assert len(ours) == len(captured) > 0 and {id(p) for p in ours} == captured
+
+
+@pytest.mark.parametrize("guide_name, estimator", [("meanfield", "local"), ("normal", "weights")])
+def test_train_takes_the_steps_of_pyro_svi_with_adam(guide_name, estimator):
+    """``train``'s loop (one torch Adam, validation off) against Pyro's ``SVI`` with
+    ``pyro.optim.Adam`` on the same seeds and minibatches: the same parameters after 10 steps."""
+    from pyro.infer import SVI
+
+    from pyro_bbt.guides import initialize_guide
+    from pyro_bbt.kl_schedules import kl_weight
+
+    data = _train_data(40)
+    config = _config(epochs=2, estimator=estimator, kl_schedule="blundell")
+
+    def fresh():
+        pyro.clear_param_store()
+        model = BayesianMLP((6, 5, 3))
+        return model, make_guide(guide_name, model, GuideConfig(init_scale=0.05))
+
+    model, guide = fresh()
+    train(model, guide, data, config)
+    ours = {name: p.detach().clone() for name, p in guide.named_parameters()}
+
+    model, guide = fresh()
+    pyro.set_rng_seed(config.seed)
+    order = torch.Generator().manual_seed(config.seed)
+    initialize_guide(guide, 6)
+    initial = {name: p.detach().clone() for name, p in guide.named_parameters()}
+    loss = make_estimator(estimator, guide, config.num_particles)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": config.lr}), loss=loss, loss_and_grads=loss.loss_and_grads)
+    for epoch in range(2):
+        for index, (x, y) in enumerate(data.batches(config.batch_size, shuffle=True, generator=order), start=1):
+            svi.step(x, y, num_data=40, kl_weight=kl_weight("blundell", index, 5, epoch, config.warmup_epochs))
+    reference = {name: p.detach() for name, p in guide.named_parameters()}
+
+    assert ours.keys() == reference.keys() and len(ours) > 0
+    assert all(not torch.equal(ours[name], initial[name]) for name in ours)  # training moved every parameter
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
