@@ -1,4 +1,5 @@
-"""Figures of a transfer run, from its ``results.json`` content. Mean +- standard deviation over seeds."""
+"""Figures of a transfer run, from its ``results.json`` content. Mean +- standard deviation over
+seeds (the sample standard deviation, ``ddof=1``, as in the tables of ``results.json``; 0 for one seed)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
 
-__all__ = ["plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all"]
+__all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all"]
 
 COLORS = {"scratch": "tab:gray", "transfer": "tab:blue", "finetune": "tab:orange", "ewc": "tab:green", "joint": "tab:purple"}
 
@@ -22,6 +23,15 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+
+def sample_std(values, axis=None):
+    """Standard deviation over seeds with ``ddof=1`` (0 where there is one value), as the tables use."""
+    array = np.asarray(values, dtype=float)
+    n = array.size if axis is None else array.shape[axis]
+    if n < 2:
+        return np.zeros(()) if axis is None else np.zeros(np.delete(array.shape, axis))
+    return array.std(axis=axis, ddof=1)
 
 
 def _methods(results: dict) -> list[str]:
@@ -44,7 +54,7 @@ def plot_transfer_results(results: dict, path: Path) -> None:
             length = min(len(c) for c in curves)
             steps = np.array([p["step"] for p in curves[0][:length]])
             acc = np.array([[p["b_test_accuracy"] for p in c[:length]] for c in curves])
-            mean, std = acc.mean(0), acc.std(0)
+            mean, std = acc.mean(0), sample_std(acc, axis=0)
             ax.plot(steps, mean, marker="o", ms=3, label=method, color=COLORS.get(method))
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=COLORS.get(method))
         ax.set_title(f"B, {fraction:g} of training data")
@@ -71,7 +81,7 @@ def plot_forgetting(results: dict, path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         means = [np.mean(table[method][f]) if table[method][f] else np.nan for f in fractions]
-        stds = [np.std(table[method][f]) if table[method][f] else 0.0 for f in fractions]
+        stds = [sample_std(table[method][f]) if table[method][f] else 0.0 for f in fractions]
         ax.bar(np.arange(len(fractions)) + k * width, means, width, yerr=stds, label=method, color=COLORS.get(method), capsize=2)
     before = [s["a_test"]["accuracy"] for s in results["task_a"] if s["kind"] == "bayesian"]
     if before:
@@ -81,7 +91,7 @@ def plot_forgetting(results: dict, path: Path) -> None:
     ax.set_xlabel("fraction of B's training data")
     ax.set_ylabel("A test accuracy after B")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 
@@ -92,7 +102,7 @@ def plot_final_accuracy(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for method in methods:
         means = np.array([np.mean(table[method][f]) for f in fractions])
-        stds = np.array([np.std(table[method][f]) for f in fractions])
+        stds = np.array([sample_std(table[method][f]) for f in fractions])
         ax.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=method, color=COLORS.get(method))
     ax.set_xscale("log")
     ax.set_xlabel("fraction of B's training data")

@@ -3,7 +3,8 @@
 Reads ``DIR/results.json`` (written by ``python -m pyro_bbt.transfer``) and prints, per method
 and fraction of B's data, mean +- standard deviation over seeds of B's test accuracy, A's test
 accuracy after B, B's test NLL and ECE, and backward transfer; and task A's accuracy before B.
-The README's result tables are this command's output.
+The README's result tables are this command's output. ``--plots`` also redraws the run's
+figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def prior_scale_lines(run_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
+    parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     args = parser.parse_args(argv)
     path = args.run_dir / "results.json"
     if not path.exists():
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(transfer_tables(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
+    if args.plots:
+        from .plots import save_all
+
+        for figure in save_all(results, args.run_dir):
+            print(f"wrote {figure}")
     return 0
 
 

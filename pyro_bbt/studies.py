@@ -1,7 +1,8 @@
 """Side studies on split MNIST: guides, KL schedules, and the ablation of the original's choices.
 
-``python -m pyro_bbt.studies guides``     every guide on task A, same epochs and seed:
-                                          test accuracy, NLL, ECE, seconds per epoch -> ``guides.png``
+``python -m pyro_bbt.studies guides``     every guide on task A, same epochs and seeds:
+                                          test accuracy, NLL, ECE, seconds per epoch -> ``guides.png``,
+                                          ``guides.md`` (mean ± std over seeds)
 ``python -m pyro_bbt.studies schedules``  every KL schedule on task A -> ``comparing_beta.png``
 ``python -m pyro_bbt.studies ablation``   transfer on B with q_B fresh vs from q_A, prior broadening
                                           tau, and learning rate 1e-5 vs 1e-3, against scratch ->
@@ -31,7 +32,7 @@ from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
 from .priors import GaussianPrior, PerSitePrior
 
-__all__ = ["StudyConfig", "compare_guides", "compare_schedules", "ablation", "main"]
+__all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "main"]
 
 STUDIES = ("guides", "schedules", "ablation")
 
@@ -137,10 +138,10 @@ def ablation(config: StudyConfig, log=print) -> list[dict]:
     return rows
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, digits: int = 4) -> str:
     values = list(values)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.4f} ± {std:.4f}"
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -152,14 +153,27 @@ def ablation_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def guides_table(rows: list[dict]) -> str:
+    """Markdown: per guide, mean ± std over seeds of test accuracy, NLL, ECE and of each seed's
+    median seconds per epoch."""
+    lines = ["| guide | test accuracy | test NLL | test ECE | s / epoch | seeds |", "|---|---|---|---|---|---|"]
+    for guide in dict.fromkeys(r["guide"] for r in rows):
+        group = [r for r in rows if r["guide"] == guide]
+        cells = [_mean_std(r[key] for r in group) for key in ("accuracy", "nll", "ece")]
+        cells.append(_mean_std((r["seconds_per_epoch"] for r in group), digits=1))
+        lines.append(f"| {guide} | {' | '.join(cells)} | {len(group)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_guides(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt
+    from .plots import _save, plt, sample_std
 
     guides = list(dict.fromkeys(r["guide"] for r in rows))
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for ax, key, label in zip(axes, ("accuracy", "nll", "ece", "seconds_per_epoch"), ("test accuracy", "test NLL", "test ECE", "seconds per epoch")):
         values = [[r[key] for r in rows if r["guide"] == g] for g in guides]
-        ax.bar(guides, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], capsize=3, color="tab:blue")
+        errors = [sample_std(v) for v in values]
+        ax.bar(guides, [np.mean(v) for v in values], yerr=errors, capsize=3, color="tab:blue")
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=45)
         if key == "accuracy":
@@ -168,7 +182,7 @@ def plot_guides(rows: list[dict], path: Path) -> None:
 
 
 def plot_schedules(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt
+    from .plots import _save, plt, sample_std
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for schedule in dict.fromkeys(r["kl_schedule"] for r in rows):
@@ -176,7 +190,7 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
         val = np.array([[e["val_accuracy"] for e in r["history"]] for r in group])
         kl = np.array([[e["weighted_kl"] for e in r["history"]] for r in group])
         epochs = np.arange(1, val.shape[1] + 1)
-        axes[0].errorbar(epochs, val.mean(0), yerr=val.std(0), marker="o", capsize=3, label=schedule)
+        axes[0].errorbar(epochs, val.mean(0), yerr=sample_std(val, axis=0), marker="o", capsize=3, label=schedule)
         axes[1].plot(epochs, kl.mean(0), marker="o", label=schedule)
     axes[0].set_xlabel("epoch on A")
     axes[0].set_ylabel("validation accuracy")
@@ -205,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "guides":
         rows = compare_guides(config)
         plot_guides(rows, args.out / "guides.png")
+        atomic_write_text(args.out / "guides.md", guides_table(rows))
     elif args.study == "schedules":
         rows = compare_schedules(config)
         plot_schedules(rows, args.out / "comparing_beta.png")

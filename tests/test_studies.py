@@ -47,3 +47,16 @@ def test_ablation_runs_every_variant_with_one_budget():
     assert table.count("\n") == len(ABLATION_VARIANTS) + 2
     for name, *_ in ABLATION_VARIANTS:
         assert name in table
+
+
+def test_guides_table_is_mean_and_sample_std_per_guide():
+    from pyro_bbt.studies import guides_table
+
+    rows = [
+        {"guide": "meanfield", "seed": 0, "accuracy": 0.9, "nll": 0.3, "ece": 0.01, "seconds_per_epoch": 4.0},
+        {"guide": "meanfield", "seed": 1, "accuracy": 0.8, "nll": 0.5, "ece": 0.03, "seconds_per_epoch": 6.0},
+        {"guide": "delta", "seed": 0, "accuracy": 0.7, "nll": 0.9, "ece": 0.05, "seconds_per_epoch": 2.0},
+    ]
+    lines = guides_table(rows).strip().splitlines()
+    assert lines[2] == "| meanfield | 0.8500 ± 0.0707 | 0.4000 ± 0.1414 | 0.0200 ± 0.0141 | 5.0 ± 1.4 | 2 |"
+    assert lines[3] == "| delta | 0.7000 ± 0.0000 | 0.9000 ± 0.0000 | 0.0500 ± 0.0000 | 2.0 ± 0.0 | 1 |"

@@ -263,3 +263,26 @@ def test_report_tables_show_mean_and_std_per_method_and_fraction(tmp_path, capsy
     assert "| scratch | 0.3500 ± 0.0707 |" in out
     assert "Task A test accuracy before B (bayesian net): 0.9900" in out
     assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_plots_redraws_the_figures_of_a_cli_run(tmp_path):
+    from pyro_bbt.report import main as report_main
+
+    out = tmp_path / "run"
+    assert main([*TINY, "--methods", "scratch,transfer", "--out", str(out)]) == 0
+    for name in ("transfer_results.png", "forgetting.png", "final_accuracy.png"):
+        (out / name).unlink()
+    assert report_main([str(out), "--plots"]) == 0
+    for name in ("transfer_results.png", "forgetting.png", "final_accuracy.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_figures_use_the_sample_std_of_the_tables():
+    import numpy as np
+
+    from pyro_bbt.plots import sample_std
+
+    assert sample_std([0.9, 0.8]) == pytest.approx(0.0707107, rel=1e-5)  # as the report's tables
+    assert sample_std([0.9]) == 0.0
+    np.testing.assert_allclose(sample_std([[1.0, 2.0], [3.0, 6.0]], axis=0), [np.sqrt(2), np.sqrt(8)])
+    np.testing.assert_array_equal(sample_std([[1.0, 2.0]], axis=0), [0.0, 0.0])
