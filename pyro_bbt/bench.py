@@ -41,7 +41,8 @@ How to read the ratios
 median divided by ``torch-deterministic``'s: the price of being Bayesian at all.
 ``ratio_to_bbb16`` divides by ``torch-bbb-16``'s: for the 16-particle configurations it is
 the library's overhead over a hand-written implementation of the same computation (1.0 =
-as fast as plain PyTorch); for 1-sample configurations it is below 1 by construction. A
+as fast as plain PyTorch); for 1-sample configurations it is below 1 by construction.
+``ratio_to_lrt`` divides by ``torch-lrt``'s: the same comparison for ``meanfield-local-1``. A
 ratio is ``null`` when its reference was not among ``--configs``. The machine's load adds
 noise to every number (each result records the 1-minute load average before and after it);
 compare wall-clock runs only on an otherwise idle machine. On a machine shared with other
@@ -62,6 +63,11 @@ The JSON report (``--out``) is rewritten after every configuration, so a run tha
 interrupted keeps what it measured; ``meta.complete`` says whether every selected
 configuration finished.
 
+Two other modes: ``--profile CONFIG`` runs one configuration in-process under cProfile and
+prints where its time goes (profile before optimising); ``--compare BEFORE AFTER`` prints a
+before/after table of two JSON reports (speed-up of each configuration's median, and each
+report's own ratios to the references).
+
 The targets (from the issue) are printed after the table: local reparameterisation at most
 1.5x the deterministic MLP, ``meanfield-weights-16`` at most 1.25x ``torch-bbb-16``, and
 the peak memory of the default training (``meanfield-local-1``) at most 2 GiB.
@@ -70,6 +76,7 @@ the peak memory of the default training (``meanfield-local-1``) at most 2 GiB.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
@@ -106,6 +113,7 @@ QUICK_EPOCHS = 2
 QUICK_TRAIN_SIZE = 2048
 DETERMINISTIC = "torch-deterministic"
 BBB16 = "torch-bbb-16"
+LRT = "torch-lrt"
 MIB = 1024 * 1024
 
 
@@ -134,7 +142,7 @@ CONFIGS: dict[str, BenchConfig] = {
     for c in (
         BenchConfig(DETERMINISTIC, "torch", "plain PyTorch deterministic MLP (ewc.MLP), Adam, cross-entropy"),
         BenchConfig(BBB16, "torch", "plain PyTorch Bayes by Backprop, 16 weight samples via baddbmm", num_particles=16),
-        BenchConfig("torch-lrt", "torch", "plain PyTorch local reparameterisation, 1 sample"),
+        BenchConfig(LRT, "torch", "plain PyTorch local reparameterisation, 1 sample"),
         BenchConfig("meanfield-local-1", "pyro", "pyro_bbt meanfield guide, local estimator", "meanfield", "local", 1),
         BenchConfig("meanfield-weights-16", "pyro", "pyro_bbt meanfield guide, weights estimator, 16 particles", "meanfield", "weights", 16),
         BenchConfig("normal-weights-16", "pyro", "pyro_bbt AutoNormal guide, weights estimator, 16 particles", "normal", "weights", 16),
@@ -437,6 +445,7 @@ def summarize(raw: Sequence[dict]) -> list[dict]:
                 "median_step_ms": 1000.0 * median / r["steps_per_epoch"],
                 "ratio_to_deterministic": _ratio(median, medians.get(DETERMINISTIC)),
                 "ratio_to_bbb16": _ratio(median, medians.get(BBB16)),
+                "ratio_to_lrt": _ratio(median, medians.get(LRT)),
                 "median_epoch_cpu_seconds": cpu_median,
                 "cpu_ratio_to_deterministic": _ratio(cpu_median, cpu_medians.get(DETERMINISTIC)),
                 "cpu_ratio_to_bbb16": _ratio(cpu_median, cpu_medians.get(BBB16)),
@@ -472,6 +481,33 @@ def markdown_table(results: Sequence[dict]) -> str:
             f"| {r['peak_rss_mib']:.0f} | {r['median_epoch_cpu_seconds']:.2f} "
             f"| {_fmt(r['cpu_ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['cpu_ratio_to_bbb16'], '.2f', 'x')} |"
         )
+    return "\n".join(lines)
+
+
+def comparison_table(before: dict, after: dict) -> str:
+    """Markdown: each configuration's median seconds per epoch in two reports (for example
+    before and after a change), the speed-up, and each report's own ratios to the references
+    (ratios are only ever taken within one run)."""
+    old = {r["name"]: r for r in before["results"]}
+
+    def ratios(report: dict, name: str) -> list[float | None]:
+        medians = {r["name"]: r["median_epoch_seconds"] for r in report["results"]}
+        return [_ratio(medians[name], medians.get(reference)) for reference in (DETERMINISTIC, BBB16, LRT)]
+
+    lines = [
+        "| config | before s/epoch | after s/epoch | speed-up | before x det. | after x det. "
+        "| before x bbb-16 | after x bbb-16 | before x lrt | after x lrt |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in after["results"]:
+        b = old.get(r["name"])
+        if b is None:
+            continue
+        cells = [f"{b['median_epoch_seconds']:.2f}", f"{r['median_epoch_seconds']:.2f}",
+                 f"{b['median_epoch_seconds'] / r['median_epoch_seconds']:.2f}x"]
+        for ratio_before, ratio_after in zip(ratios(before, r["name"]), ratios(after, r["name"])):
+            cells += [_fmt(ratio_before, ".2f", "x"), _fmt(ratio_after, ".2f", "x")]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -554,6 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.set_num_threads in every configuration (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON output (default bench.json)")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="instead of timing: print a before/after table of two JSON reports of this command")
+    parser.add_argument("--profile", choices=list(CONFIGS), default=None, metavar="CONFIG",
+                        help="instead of timing: run CONFIG in this process under cProfile and print the "
+                             "functions with the most own time (where a step's time goes)")
     return parser
 
 
@@ -593,8 +634,32 @@ def print_report(report: dict) -> None:
     print(targets_table(report["targets"]))
 
 
+def profile_config(name: str, epochs: int, train_size: int | None, threads: int | None, seed: int, top: int = 20) -> str:
+    """:func:`run_config` under :mod:`cProfile`: the ``top`` functions by own time, and the
+    number of optimisation steps, so that a reader can turn totals into milliseconds per step."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run_config(name, epochs, train_size, threads, seed)
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    steps = result["steps_per_epoch"] * epochs
+    return f"{name}: {epochs} epoch(s), {steps} steps, data loading included\n{stream.getvalue()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _resolve_defaults(build_parser().parse_args(argv))
+    if args.compare is not None:
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        print(comparison_table(before, after))
+        return 0
+    if args.profile is not None:
+        print(profile_config(args.profile, args.epochs, args.train_size, args.threads, args.seed))
+        return 0
     raw: list[dict] = []
     for result in _run_all(args):
         raw.append(result)

@@ -19,6 +19,7 @@ RESULT_KEYS = {
     "median_step_ms",
     "ratio_to_deterministic",
     "ratio_to_bbb16",
+    "ratio_to_lrt",
     "epoch_cpu_seconds",
     "median_epoch_cpu_seconds",
     "cpu_ratio_to_deterministic",
@@ -124,3 +125,26 @@ def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         bench.main(argv)
     assert info.value.code == 2
+
+
+def test_profile_names_the_training_functions(capsys, tmp_path):
+    out = tmp_path / "not-written.json"
+    argv = ["--profile", "meanfield-local-1", "--train-size", "256", "--epochs", "1", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("meanfield-local-1: 1 epoch(s), 2 steps")
+    assert "function calls" in text and "tottime" in text  # a pstats table follows
+    assert not out.exists()  # profiling is not a timing run: no JSON report
+
+
+def test_compare_prints_speed_ups_of_two_reports(report, tmp_path, capsys):
+    slower = json.loads(json.dumps(report))
+    for result in slower["results"]:
+        result["median_epoch_seconds"] *= 2
+    (tmp_path / "before.json").write_text(json.dumps(slower))
+    (tmp_path / "after.json").write_text(json.dumps(report))
+    assert bench.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / "after.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + len(report["results"])
+    for line, result in zip(lines[2:], report["results"]):
+        assert line.startswith(f"| {result['name']} | ") and "| 2.00x |" in line
