@@ -77,7 +77,7 @@ def plot_forgetting(results: dict, path: Path) -> None:
     """A's test accuracy after training on B, per method and fraction, with A's accuracy before B."""
     fractions, methods = _fractions(results), _methods(results)
     table = _grouped(results, lambda u: u["a_test_after"]["accuracy"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(fractions) * max(1, len(methods)) / 3, 3.6))
+    fig, ax = plt.subplots(figsize=(3.4 + 1.3 * len(fractions) * max(1, len(methods)) / 3, 3.6))  # + room for the legend
     width = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         means = [np.mean(table[method][f]) if table[method][f] else np.nan for f in fractions]
