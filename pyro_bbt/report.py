@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["transfer_tables", "main"]
+__all__ = ["transfer_tables", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -67,10 +67,15 @@ def prior_scale_lines(run_dir: Path) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     path = args.run_dir / "results.json"
     if not path.exists():

@@ -32,7 +32,7 @@ from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
 from .priors import GaussianPrior, PerSitePrior
 
-__all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "main"]
+__all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
 
 STUDIES = ("guides", "schedules", "ablation")
 
@@ -203,12 +203,17 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.studies", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=STUDIES)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     target = args.out / f"{args.study}.json"
     if target.exists() and not args.overwrite:

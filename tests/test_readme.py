@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyro_bbt import bench, transfer
+from pyro_bbt import bench, report, studies, transfer
 from pyro_bbt.priors import PerSitePrior
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -42,7 +42,10 @@ def test_python_api_example_runs(single_torch_thread):
         assert prior_b.loc(name).equal(loc.detach()) and prior_b.scale(name).equal(scale.detach())
 
 
-@pytest.mark.parametrize("module, parser", [("transfer", transfer.build_parser), ("bench", bench.build_parser)])
+@pytest.mark.parametrize(
+    "module, parser",
+    [("transfer", transfer.build_parser), ("bench", bench.build_parser), ("studies", studies.build_parser), ("report", report.build_parser)],
+)
 def test_readme_command_lines_parse(module, parser):
     commands = _commands(module)
     assert commands, f"no python -m pyro_bbt.{module} command in README.md"
