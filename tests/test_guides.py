@@ -169,3 +169,46 @@ def test_every_guide_works_with_the_scale_mixture_prior(name):
     assert torch.isfinite(loss)
     post = posterior_loc_scale(guide, model)
     assert set(post) == set(model.site_shapes)
+
+
+def test_fast_estimators_reach_the_accuracy_band_of_pyro_trace_elbo(mnist3):
+    """The same guide, data, steps and seed, trained with each fast estimator and with Pyro's own
+    ``Trace_ELBO`` (KL weighted 1/M by ``KLScale``): every run lands in the same accuracy band."""
+    from pyro.infer import SVI
+
+    from pyro_bbt.objectives import KLScale
+
+    train_split, test_split = mnist3
+    steps, batch_size, lr = 150, 64, 1e-2
+    num_batches = math.ceil(len(train_split) / batch_size)
+
+    def fresh():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = BayesianMLP((784, 32, 3), GaussianPrior(1.0))
+        return model, make_guide("meanfield", model)
+
+    accuracy = {}
+    for estimator, particles in (("local", 1), ("weights", 1), ("weights", 4)):
+        model, guide = fresh()
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, num_particles=particles, estimator=estimator,
+                             kl_schedule="uniform", progress=False, eval_samples=0)
+        train(model, guide, train_split, config)
+        accuracy[f"{estimator}-{particles}"] = evaluate(model, guide, test_split.x, test_split.y, num_samples=20).accuracy
+
+    model, guide = fresh()
+    initialize_guide(guide, 784)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    order = torch.Generator().manual_seed(0)
+    done = 0
+    while done < steps:
+        for x, y in train_split.batches(batch_size, shuffle=True, generator=order):
+            if done == steps:
+                break
+            with KLScale(1.0 / num_batches):
+                svi.step(x, y, len(train_split))
+            done += 1
+    accuracy["pyro-trace-elbo"] = evaluate(model, guide, test_split.x, test_split.y, num_samples=20).accuracy
+
+    assert min(accuracy.values()) > 0.85, accuracy
+    assert max(accuracy.values()) - min(accuracy.values()) < 0.06, accuracy
