@@ -590,9 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.set_num_threads in every configuration (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON output (default bench.json)")
-    parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), default=None,
-                        help="instead of timing: print a before/after table of two JSON reports of this command")
-    parser.add_argument("--profile", choices=list(CONFIGS), default=None, metavar="CONFIG",
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                       help="instead of timing: print a before/after table of two JSON reports of this command")
+    modes.add_argument("--profile", choices=list(CONFIGS), default=None, metavar="CONFIG",
                         help="instead of timing: run CONFIG in this process under cProfile and print the "
                              "functions with the most own time (where a step's time goes)")
     return parser
@@ -651,10 +652,25 @@ def profile_config(name: str, epochs: int, train_size: int | None, threads: int 
     return f"{name}: {epochs} epoch(s), {steps} steps, data loading included\n{stream.getvalue()}"
 
 
+def _read_report(path: Path) -> dict:
+    """A JSON report written by ``--out``; ``ValueError`` naming the file if it is not one."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the benchmark report {path}: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise ValueError(f"{path} is not a report of python -m pyro_bbt.bench (it has no 'results' list)")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _resolve_defaults(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = _resolve_defaults(parser.parse_args(argv))
     if args.compare is not None:
-        before, after = (json.loads(path.read_text()) for path in args.compare)
+        try:
+            before, after = (_read_report(path) for path in args.compare)
+        except ValueError as error:
+            parser.error(str(error))
         print(comparison_table(before, after))
         return 0
     if args.profile is not None:

@@ -50,6 +50,7 @@ from .runstore import RunStore
 from .kl_schedules import validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS
+from .plots import sample_std
 from .priors import GaussianPrior, Prior
 
 __all__ = [
@@ -572,8 +573,7 @@ def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: d
 
 
 def _mean_std(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array)}
+    return {"mean": float(np.mean(values)), "std": float(sample_std(values)), "n": len(values)}
 
 
 def summarize_units(units: list[dict]) -> dict:

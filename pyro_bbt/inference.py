@@ -93,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be a finite number > 0, got {self.warmup_epochs!r}")
         if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) or self.eval_samples < 0:
             raise ValueError(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}")
+        for name in ("progress", "validate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -195,12 +198,12 @@ def train(
 
     history = TrainHistory()
     order = torch.Generator()
-    if resume is None:
+    if resume is None:  # seed before a fresh guide draws its initial values
         pyro.set_rng_seed(config.seed)
         order.manual_seed(config.seed)
-        first_epoch = step = 0
     initialize_guide(guide, train_split.x.shape[1])
     optimizer = torch.optim.Adam(guide_parameters(guide), lr=config.lr, foreach=True)
+    first_epoch = step = 0
     if resume is not None:
         guide.load_state_dict(resume.guide_state)
         optimizer.load_state_dict(resume.optim_state)

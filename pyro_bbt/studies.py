@@ -30,6 +30,7 @@ from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES
 from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
+from .plots import sample_std
 from .priors import GaussianPrior, PerSitePrior
 
 __all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
@@ -140,8 +141,7 @@ def ablation(config: StudyConfig, log=print) -> list[dict]:
 
 def _mean_std(values, digits: int = 4) -> str:
     values = list(values)
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {sample_std(values):.{digits}f}"
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -166,7 +166,7 @@ def guides_table(rows: list[dict]) -> str:
 
 
 def plot_guides(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt, sample_std
+    from .plots import _save, plt
 
     guides = list(dict.fromkeys(r["guide"] for r in rows))
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
@@ -182,7 +182,7 @@ def plot_guides(rows: list[dict], path: Path) -> None:
 
 
 def plot_schedules(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt, sample_std
+    from .plots import _save, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for schedule in dict.fromkeys(r["kl_schedule"] for r in rows):

@@ -1,9 +1,12 @@
 """Shared fixtures for the model / guide / objective / evaluation / checkpoint tests."""
 
+import pyro
 import pytest
 import torch
 
 from pyro_bbt.data import Task, load_task
+from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide
+from pyro_bbt.model import BayesianMLP
 
 
 @pytest.fixture
@@ -29,3 +32,16 @@ def synthetic_batch(batch: int = 8, features: int = 20, classes: int = 3, seed: 
     x = torch.randn(batch, features, generator=generator)
     y = torch.randint(0, classes, (batch,), generator=generator)
     return x, y
+
+
+def fresh_model_and_guide(sizes, guide: str = "meanfield", *, prior=None, seed: int | None = 0, initialize: bool = False, **guide_config):
+    """A new ``(model, guide)`` on an empty param store, after seeding Pyro with ``seed`` (``None``:
+    leave the random state alone); ``initialize`` creates the guide's parameters at once."""
+    pyro.clear_param_store()
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    model = BayesianMLP(sizes, prior)
+    made = make_guide(guide, model, GuideConfig(**guide_config))
+    if initialize:
+        initialize_guide(made, sizes[0])
+    return model, made

@@ -148,3 +148,13 @@ def test_compare_prints_speed_ups_of_two_reports(report, tmp_path, capsys):
     assert len(lines) == 2 + len(report["results"])
     for line, result in zip(lines[2:], report["results"]):
         assert line.startswith(f"| {result['name']} | ") and "| 2.00x |" in line
+
+
+def test_compare_refuses_a_file_that_is_not_a_report(tmp_path, capsys, report):
+    (tmp_path / "after.json").write_text(json.dumps(report))
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    for bad in (tmp_path / "missing.json", tmp_path / "other.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--compare", str(bad), str(tmp_path / "after.json")])
+        assert exit_info.value.code == 2
+        assert str(bad) in capsys.readouterr().err

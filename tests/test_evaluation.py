@@ -7,7 +7,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from conftest import synthetic_batch
+from conftest import fresh_model_and_guide, synthetic_batch
 from pyro_bbt.evaluation import (
     PredictiveMetrics,
     evaluate,
@@ -17,8 +17,7 @@ from pyro_bbt.evaluation import (
     predictive_log_probs,
     sample_posterior,
 )
-from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide, posterior_loc_scale
-from pyro_bbt.model import BayesianMLP
+from pyro_bbt.guides import posterior_loc_scale
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -122,11 +121,7 @@ def test_mutual_information_is_zero_when_samples_agree():
 
 @pytest.fixture
 def fitted_meanfield():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = BayesianMLP((20, 16, 3))
-    guide = make_guide("meanfield", model, GuideConfig(init_scale=0.2))
-    initialize_guide(guide, 20)
+    model, guide = fresh_model_and_guide((20, 16, 3), init_scale=0.2, initialize=True)
     x, y = synthetic_batch(batch=30, features=20)
     return model, guide, x, y
 
@@ -186,10 +181,7 @@ def test_evaluate_posterior_mean_uses_the_locations(fitted_meanfield):
 
 
 def test_delta_guide_samples_agree_so_mutual_information_is_zero():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = BayesianMLP((20, 16, 3))
-    guide = make_guide("delta", model)
+    model, guide = fresh_model_and_guide((20, 16, 3), "delta")
     x, y = synthetic_batch(batch=30, features=20)
     with poutine.block():
         guide(x, y, 30)

@@ -8,10 +8,9 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from conftest import synthetic_batch
+from conftest import fresh_model_and_guide, synthetic_batch
 from pyro_bbt.evaluation import evaluate, sample_posterior
 from pyro_bbt.guides import (
-    initialize_guide,
     GUIDES,
     AutoMeanFieldNormal,
     GuideConfig,
@@ -125,11 +124,7 @@ def test_posterior_loc_scale_needs_a_run_guide():
 
 
 def test_meanfield_initialisation_is_fan_in_uniform_with_init_scale():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = BayesianMLP((50, 20, 3))
-    guide = make_guide("meanfield", model, GuideConfig(init_scale=0.03))
-    initialize_guide(guide, 50)
+    model, guide = fresh_model_and_guide((50, 20, 3), init_scale=0.03, initialize=True)
     post = posterior_loc_scale(guide, model)
     for site, (loc, scale) in post.items():
         assert torch.allclose(scale, torch.full_like(scale, 0.03))
@@ -160,10 +155,7 @@ def test_meanfield_rejects_constrained_sites():
 def test_every_guide_works_with_the_scale_mixture_prior(name):
     # Regression: torch reports a MixtureSameFamily's support as MixtureSameFamilyConstraint, which
     # has no bijection, so every autoguide used to fail to set up on this prior.
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = BayesianMLP((5, 4, 2), ScaleMixturePrior(0.5, 1.0, math.exp(-6)))
-    guide = make_guide(name, model, GuideConfig(num_flows=2))
+    model, guide = fresh_model_and_guide((5, 4, 2), name, prior=ScaleMixturePrior(0.5, 1.0, math.exp(-6)), num_flows=2)
     x, y = synthetic_batch(batch=6, features=5, classes=2)
     loss = Trace_ELBO().differentiable_loss(model, guide, x, y, 60)
     assert torch.isfinite(loss)
@@ -182,22 +174,15 @@ def test_fast_estimators_reach_the_accuracy_band_of_pyro_trace_elbo(mnist3):
     steps, batch_size, lr = 150, 64, 1e-2
     num_batches = math.ceil(len(train_split) / batch_size)
 
-    def fresh():
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        model = BayesianMLP((784, 32, 3), GaussianPrior(1.0))
-        return model, make_guide("meanfield", model)
-
     accuracy = {}
     for estimator, particles in (("local", 1), ("weights", 1), ("weights", 4)):
-        model, guide = fresh()
+        model, guide = fresh_model_and_guide((784, 32, 3))
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, num_particles=particles, estimator=estimator,
                              kl_schedule="uniform", progress=False, eval_samples=0)
         train(model, guide, train_split, config)
         accuracy[f"{estimator}-{particles}"] = evaluate(model, guide, test_split.x, test_split.y, num_samples=20).accuracy
 
-    model, guide = fresh()
-    initialize_guide(guide, 784)
+    model, guide = fresh_model_and_guide((784, 32, 3), initialize=True)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     order = torch.Generator().manual_seed(0)
     done = 0

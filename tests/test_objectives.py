@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
-from conftest import synthetic_batch
+from conftest import fresh_model_and_guide, synthetic_batch
 from pyro_bbt.data import Split
 from pyro_bbt.guides import GUIDES, GuideConfig, make_guide
 from pyro_bbt.inference import TrainConfig, TrainHistory, train
@@ -348,6 +348,8 @@ def test_make_estimator():
         ("warmup_epochs", 0.0),
         ("warmup_epochs", -2),
         ("warmup_epochs", float("nan")),
+        ("progress", 1),
+        ("validate", "yes"),
     ],
 )
 def test_train_config_rejects_bad_values_naming_the_field(field, value):
@@ -457,9 +459,7 @@ def test_gaussian_kl_is_torch_normal_kl_to_the_last_bit():
 def test_guide_parameters_are_what_svi_would_optimise(guide_name):
     from pyro_bbt.guides import guide_parameters, initialize_guide
 
-    pyro.clear_param_store()
-    model = BayesianMLP((6, 5, 3))
-    guide = make_guide(guide_name, model, GuideConfig(num_flows=2, iaf_flows=1))
+    model, guide = fresh_model_and_guide((6, 5, 3), guide_name, seed=None, num_flows=2, iaf_flows=1)
     with pytest.raises(ValueError, match="initialize_guide"):
         guide_parameters(guide)
     initialize_guide(guide, 6)
@@ -484,9 +484,7 @@ def test_train_takes_the_steps_of_pyro_svi_with_adam(guide_name, estimator):
     config = _config(epochs=2, estimator=estimator, kl_schedule="blundell")
 
     def fresh():
-        pyro.clear_param_store()
-        model = BayesianMLP((6, 5, 3))
-        return model, make_guide(guide_name, model, GuideConfig(init_scale=0.05))
+        return fresh_model_and_guide((6, 5, 3), guide_name, seed=None, init_scale=0.05)
 
     model, guide = fresh()
     train(model, guide, data, config)
