@@ -33,13 +33,14 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyro
 import torch
 
 from .continual import backward_transfer, forward_transfer, summarize
+from .convergence import ConvergenceReport, StoppingRule, assess_convergence, uninformed_scale_ratio
 from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
@@ -51,7 +52,7 @@ from .kl_schedules import validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS
 from .plots import sample_std
-from .priors import GaussianPrior, Prior
+from .priors import GaussianPrior, Prior, ScaleMixturePrior
 
 __all__ = [
     "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
@@ -61,6 +62,7 @@ __all__ = [
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
 Q_INITS = ("from-posterior", "fresh")
 HEADS = ("shared", "multihead")
+PRIORS = ("gaussian", "mixture")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -75,6 +77,17 @@ class ExperimentConfig:
 
     ``limit_train`` / ``limit_eval`` cap the number of training / evaluation images per split
     (for smoke tests); ``None`` uses all of them.
+
+    Task A's fit: with ``max_epochs_a`` set, q_A is fitted by the :class:`StoppingRule`
+    (``window``, ``rel_tol``, ``scale_tol``) for at least ``epochs_a`` and at most
+    ``max_epochs_a`` epochs; with ``max_epochs_a=None``, for exactly ``epochs_a`` epochs. Either
+    way the rule's verdict is recorded. The deterministic net of EWC and the A share of
+    ``joint``'s budget use ``epochs_a`` epochs.
+
+    The prior on A (and on B for ``scratch``, ``finetune``, ``joint``): ``gaussian``,
+    ``N(0, prior_scale^2)``, or ``mixture``, Blundell's
+    ``mixture_pi N(0, mixture_sigma1^2) + (1 - mixture_pi) N(0, mixture_sigma2^2)``. Under
+    ``transfer`` B's prior is the Gaussian built from q_A whatever the prior on A.
     """
 
     task_a: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -84,17 +97,26 @@ class ExperimentConfig:
     estimator: str = "auto"
     kl_schedule: str = "blundell"
     hidden: tuple[int, ...] = (400, 400)
+    prior: str = "gaussian"
     prior_scale: float = 1.0
+    mixture_pi: float = 0.5
+    mixture_sigma1: float = 1.0
+    mixture_sigma2: float = math.exp(-6)
     init_scale: float = 0.01
     tau: float = 1.0
     q_init: str = "from-posterior"
     head: str = "shared"
     epochs_a: int = 5
+    max_epochs_a: int | None = 60
+    window: int = 3
+    rel_tol: float = 2e-3
+    scale_tol: float = 0.01
     epochs: int = 5
     min_steps: int = 200
     fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     lr: float = 1e-3
+    scale_lr: float | None = 1e-2
     batch_size: int = 128
     num_particles: int = 1
     ewc_lambda: float = 100.0
@@ -121,6 +143,7 @@ class ExperimentConfig:
         validate_schedule(self.kl_schedule)
         _choice("q-init", self.q_init, Q_INITS)
         _choice("head", self.head, HEADS)
+        _choice("prior", self.prior, PRIORS)
         self.fractions = tuple(float(f) for f in self.fractions)
         for f in self.fractions:
             if not 0.0 < f <= 1.0:
@@ -132,13 +155,19 @@ class ExperimentConfig:
         if not self.fractions or not self.seeds:
             raise ValueError("fractions and seeds must each list at least one value")
         self.hidden = tuple(int(h) for h in self.hidden)
-        for name in ("prior_scale", "init_scale", "lr", "ewc_lambda"):
+        for name in ("prior_scale", "init_scale", "lr", "ewc_lambda", "mixture_sigma1", "mixture_sigma2", "rel_tol", "scale_tol"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "ewc_lambda" and value == 0):
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
         if not (math.isfinite(self.tau) and self.tau >= 1):
             raise ValueError(f"tau (prior broadening) must be finite and >= 1, got {self.tau!r}")
-        for name in ("epochs_a", "epochs", "min_steps", "batch_size", "num_particles", "fisher_samples", "eval_samples", "curve_samples", "curve_points"):
+        if self.scale_lr is not None and not (math.isfinite(self.scale_lr) and self.scale_lr > 0):
+            raise ValueError(f"scale-lr must be a finite number > 0, got {self.scale_lr!r}")
+        if not 0.0 < self.mixture_pi < 1.0:
+            raise ValueError(f"mixture-pi must lie in (0, 1), got {self.mixture_pi!r}")
+        if self.max_epochs_a is not None and (not isinstance(self.max_epochs_a, int) or self.max_epochs_a < self.epochs_a):
+            raise ValueError(f"max-epochs-a must be none or an integer >= epochs-a ({self.epochs_a}), got {self.max_epochs_a!r}")
+        for name in ("window", "epochs_a", "epochs", "min_steps", "batch_size", "num_particles", "fisher_samples", "eval_samples", "curve_samples", "curve_points"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -164,6 +193,23 @@ class ExperimentConfig:
         rather than after task A has been trained."""
         load_task(Task(digits=self.task_b, fraction=min(self.fractions), seed=self.seeds[0], name="B"))
 
+    def base_prior(self) -> Prior:
+        """The prior of every fit that does not start from q_A's: Gaussian or scale mixture."""
+        if self.prior == "mixture":
+            return ScaleMixturePrior(self.mixture_pi, self.mixture_sigma1, self.mixture_sigma2)
+        return GaussianPrior(self.prior_scale)
+
+    @property
+    def base_prior_std(self) -> float:
+        """Marginal standard deviation of :meth:`base_prior` (a new head's prior under transfer)."""
+        return self.base_prior().stddev if self.prior == "mixture" else self.prior_scale
+
+    @property
+    def stopping_rule(self) -> StoppingRule:
+        """The rule that judges every fit and, with ``max_epochs_a`` set, stops task A's."""
+        cap = self.max_epochs_a if self.max_epochs_a is not None else self.epochs_a
+        return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol)
+
     @property
     def sizes(self) -> tuple[int, ...]:
         return (784, *self.hidden, len(self.task_a))
@@ -183,7 +229,7 @@ class ExperimentConfig:
 
 PRESETS: dict[str, dict] = {
     # Every method on real MNIST, one seed, little data: a smoke run of the whole protocol.
-    "quick": dict(epochs_a=1, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
+    "quick": dict(epochs_a=1, max_epochs_a=None, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
     # The full protocol.
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2)),
 }
@@ -237,11 +283,14 @@ class _Run:
     store: RunStore | None = None
 
 
-def _train_config(config: ExperimentConfig, steps: int, seed: int) -> TrainConfig:
+def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None) -> TrainConfig:
+    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule."""
     return TrainConfig(
         steps=steps,
+        stopping=stopping,
         batch_size=config.batch_size,
         lr=config.lr,
+        scale_lr=config.scale_lr,
         num_particles=config.num_particles,
         estimator=config.estimator,
         kl_schedule=config.kl_schedule,
@@ -295,8 +344,10 @@ def _train_with_checkpoints(model, guide, train_split: Split, train_config: Trai
     return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
 
 
-def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list]:
-    """Train through output ``head`` and record B's learning curve at evenly spaced epochs."""
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
+    """Train through output ``head`` for ``steps``, record B's learning curve at evenly spaced
+    epochs, and judge the fit by the stopping rule (which does not stop it: B's budget is the
+    same for every method)."""
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
@@ -315,7 +366,10 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
 
     _use_head(model, head)
     history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
-    return curve, history.to_records()
+    _use_head(model, head)
+    rule = replace(config.stopping_rule, min_epochs=1)
+    convergence = assess_convergence(history.to_records(), rule, uninformed_scale_ratio(guide, model, train_split.x))
+    return curve, history.to_records(), convergence.to_dict()
 
 
 @dataclass
@@ -329,6 +383,7 @@ class _StageA:
     b_random_init: float
     steps: int
     history: list
+    convergence: dict
 
     def to_saved(self) -> dict:
         return {
@@ -339,6 +394,7 @@ class _StageA:
             "b_random_init": self.b_random_init,
             "steps": self.steps,
             "history": self.history,
+            "convergence": self.convergence,
         }
 
     @classmethod
@@ -351,6 +407,7 @@ class _StageA:
             b_random_init=saved["b_random_init"],
             steps=saved["steps"],
             history=saved["history"],
+            convergence=saved["convergence"],
         )
 
 
@@ -360,26 +417,33 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
     saved = run.store.stage(key) if run.store is not None else None
     if saved is not None:
         return _StageA.from_saved(saved)
-    model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
+    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
     b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
-    steps = steps_for(len(tasks.a.train), config.epochs_a, config.batch_size)
+    if config.max_epochs_a is None:
+        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, config.batch_size), seed)
+    else:
+        train_config = _train_config(config, None, seed, stopping=config.stopping_rule)
     _use_head(model, 0)
-    history = _train_with_checkpoints(model, guide, tasks.a.train, _train_config(config, steps, seed), run, key, {"b_random_init": b_random_init})
-    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale))
+    history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
+    convergence = assess_convergence(
+        history.to_records(), config.stopping_rule, uninformed_scale_ratio(guide, model, tasks.a.train.x), config.max_epochs_a
+    )
+    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
     if config.head == "multihead":
-        # B's head has seen no data: its prior stays N(0, sigma^2) rather than q_A's leftovers.
+        # B's head has seen no data: its prior stays the base prior's width rather than q_A's leftovers.
         rows = model.head_rows(config.b_head)
         for site in model.output_sites:
             prior_from_a.loc(site)[rows] = 0.0
-            prior_from_a.scale(site)[rows] = config.prior_scale
+            prior_from_a.scale(site)[rows] = config.base_prior_std
     stage = _StageA(
         guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
         prior_from_a=prior_from_a,
         a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         b_random_init=b_random_init[0],
-        steps=steps,
+        steps=history.epochs[-1].steps,
         history=history.to_records(),
+        convergence=convergence.to_dict(),
     )
     if run.store is not None:
         run.store.save_stage(key, stage.to_saved())
@@ -402,32 +466,34 @@ def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, s
 
 
 def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
-    prior = stage_a.prior_from_a if method == "transfer" else GaussianPrior(config.prior_scale)
+    prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
     model, guide = _fresh_bayesian(config, prior, seed)
     start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
     if start_from_a:
         _start_from_posterior(config, model, guide, stage_a.guide_state)
-    curve, history = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
+    curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
     return {
         "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
+        "convergence": convergence,
     }
 
 
 def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
-    model, guide = _fresh_bayesian(config, GaussianPrior(config.prior_scale), seed)
+    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
     # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
     # is then evaluated through its own head.
     offset = config.b_head * len(config.task_a)
     both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
-    curve, history = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
+    curve, history, convergence = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
     return {
         "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
+        "convergence": convergence,
     }
 
 
@@ -559,6 +625,8 @@ def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: d
         "forward_transfer": None,
         "curve": outcome["curve"],
         "history": outcome["history"],
+        "convergence": outcome.get("convergence"),
+        "prior_converged": stage.convergence["converged"] if method == "transfer" else None,
         "seconds": seconds,
     }
     if stage is not None:
@@ -604,7 +672,7 @@ def _failed_record(method: str, fraction: float, seed: int, steps: int, error: s
     return {
         "method": method, "fraction": fraction, "seed": seed, "steps": steps, "status": "failed", "error": error,
         "b_test": None, "a_test_after": None, "accuracy_matrix": None, "backward_transfer": None,
-        "forward_transfer": None, "curve": [], "history": [], "seconds": 0.0,
+        "forward_transfer": None, "curve": [], "history": [], "convergence": None, "prior_converged": None, "seconds": 0.0,
     }
 
 
@@ -612,21 +680,38 @@ def unit_key(method: str, fraction: float, seed: int) -> str:
     return f"{method}-f{fraction:g}-s{seed}"
 
 
+def _not_converged_warning(seed: int, convergence: dict) -> str:
+    drift = convergence["last_scale_drift"] or {}
+    gain = convergence["elbo_gain"]
+    return (
+        f"seed {seed}: q_A is NOT converged after {convergence['epochs']} epochs "
+        f"(ELBO gain over the last epochs {'n/a' if gain is None else f'{gain:.2e}'}, "
+        f"largest median-sigma drift {max(drift.values(), default=float('nan')):.3f}, "
+        f"uninformed-weight sigma ratio {convergence['uninformed_scale_ratio']}); "
+        "the transfer results of this seed rest on an unconverged posterior"
+    )
+
+
 def run_experiment(
     config: ExperimentConfig,
     log: Callable[[str], None] = print,
     store: RunStore | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the whole protocol and return the results (the content of ``results.json``).
 
     With a ``store``, every finished unit and task-A stage is saved as it completes and every
     epoch is checkpointed, and whatever the store already holds is reused: a rerun resumes.
     A unit whose loss or parameters become non-finite is recorded with ``status: "failed"``
-    and its error; the others go on.
+    and its error; the others go on. A q_A that the stopping rule does not call converged is
+    reported through ``warn`` (default: ``log``) when ``transfer`` will use it, and listed
+    under ``"warnings"``.
     """
+    warn = warn or log
     run = _Run(store)
     units: list[dict] = []
     stages_a: list[dict] = []
+    warnings: list[str] = []
     for seed in config.seeds:
         full = _load(config, 1.0, seed)
         stage_a = stage_ewc = None
@@ -640,11 +725,19 @@ def run_experiment(
                 failure_a = f"task A failed: {error}"
                 log(f"seed {seed}: {failure_a}")
             else:
-                log(f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, test accuracy {stage_a.a_test.accuracy:.4f}")
+                verdict = stage_a.convergence
+                log(
+                    f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, {verdict['epochs']} epochs, "
+                    f"{'converged' if verdict['converged'] else 'not converged'}, uninformed sigma ratio "
+                    f"{verdict['uninformed_scale_ratio']}, test accuracy {stage_a.a_test.accuracy:.4f}"
+                )
+                if "transfer" in config.methods and not verdict["converged"]:
+                    warnings.append(_not_converged_warning(seed, verdict))
+                    warn("warning: " + warnings[-1])
                 stages_a.append(
                     {"seed": seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
                      "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
-                     "history": stage_a.history}
+                     "convergence": verdict, "history": stage_a.history}
                 )
         failure_ewc = ""
         if "ewc" in config.methods:
@@ -658,7 +751,7 @@ def run_experiment(
             stages_a.append(
                 {"seed": seed, "kind": "deterministic", "steps": steps_a, "a_test": stage_ewc.a_test.to_dict(),
                  "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
-                 "history": []}
+                 "convergence": None, "history": []}
             )
         for fraction in config.fractions:
             tasks = _load(config, fraction, seed)
@@ -683,8 +776,9 @@ def run_experiment(
                 else:
                     log(f"seed {seed} fraction {fraction:g} {method:>8}: FAILED: {unit['error']}")
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "config": config.to_dict(),
+        "warnings": warnings,
         "task_a": stages_a,
         "units": units,
         "summary": summarize_units(units),
@@ -740,7 +834,7 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
         trains = [_limit(t.train, config.limit_train).to(config.device) for t in tasks]
         tests = [_limit(t.test, config.limit_eval).to(config.device) for t in tasks]
         for method in methods:
-            prior: Prior = GaussianPrior(config.prior_scale)
+            prior: Prior = config.base_prior()
             state = None
             R = np.zeros((len(tasks), len(tasks)))
             baseline = None
@@ -760,7 +854,7 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
                 R[i] = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
                 state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
                 if method == "transfer":
-                    prior = posterior_as_prior(guide, model, config.tau, fallback=GaussianPrior(config.prior_scale))
+                    prior = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
                 log(f"seed {seed} {kind} {method}: after task {i}: " + " ".join(f"{a:.3f}" for a in R[i]))
             entry = {"seed": seed, "accuracy_matrix": R.tolist(), "random_init_accuracy": baseline}
             if not np.isnan(R).any():

@@ -70,6 +70,8 @@ __all__ = [
     "posterior_as_prior",
     "initialize_guide",
     "guide_parameters",
+    "is_scale_parameter",
+    "guide_parameter_groups",
 ]
 
 GUIDES = ("normal", "meanfield", "lowrank", "planar", "iaf", "delta")
@@ -330,6 +332,36 @@ def guide_parameters(guide: AutoGuide) -> list[torch.nn.Parameter]:
     if not parameters:
         raise ValueError("the guide has no parameters yet: call initialize_guide(guide, input_dim) first")
     return parameters
+
+
+_SCALE_PARAMETER_PARTS = frozenset({"scales", "scale_unconstrained", "cov_factor"})
+
+
+def is_scale_parameter(name: str) -> bool:
+    """Whether the guide parameter called ``name`` (as ``guide.named_parameters()`` spells it)
+    sets a posterior width: AutoNormal's and the mean-field guide's ``scales``, the diagonal
+    ``scale`` of the low-rank guide and of the flows' base Normal, and the low-rank factor ``F``
+    (whose rows add ``rowsum(F^2)`` to the marginal variance)."""
+    return not _SCALE_PARAMETER_PARTS.isdisjoint(name.split("."))
+
+
+def guide_parameter_groups(guide: AutoGuide, lr: float, scale_lr: float | None = None) -> list[dict]:
+    """Adam parameter groups: the width parameters (:func:`is_scale_parameter`) at ``scale_lr``
+    (``None``: ``lr``), everything else at ``lr``; empty groups are left out. The union is
+    :func:`guide_parameters`, in the same order within each group.
+
+    Why a learning rate of their own: Adam moves an unconstrained parameter by about ``lr`` per
+    step, and the scales are stored as ``softplus^{-1}(sigma)``, which near ``sigma = 0.01`` is
+    ``log sigma`` to within 1 %. Taking ``sigma`` from 0.01 to a prior's 1 is a move of about
+    4.6 in ``log sigma``: 4,600 steps at ``lr = 1e-3`` when every gradient points the same way.
+    """
+    named = list(guide.named_parameters())
+    if not named:
+        raise ValueError("the guide has no parameters yet: call initialize_guide(guide, input_dim) first")
+    scales = [p for n, p in named if is_scale_parameter(n)]
+    others = [p for n, p in named if not is_scale_parameter(n)]
+    groups = [{"params": others, "lr": lr}, {"params": scales, "lr": lr if scale_lr is None else scale_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def initialize_guide(guide: AutoGuide, input_dim: int) -> AutoGuide:

@@ -15,7 +15,11 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 * ``elbo = expected_log_lik - weighted_kl``;
 * ``seconds``: wall time of the epoch's optimisation steps (validation excluded);
 * ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
-  posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws.
+  posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws;
+* ``median_scale``: each weight site's median posterior standard deviation after the epoch.
+
+With a :class:`~pyro_bbt.convergence.StoppingRule` (``TrainConfig.stopping``) training runs up to
+the rule's ``max_epochs`` and stops after the first epoch at which the rule holds.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from tqdm.auto import tqdm
 from .data import Split
 from .evaluation import evaluate
 from .files import atomic_write_text
-from .guides import guide_parameters, has_closed_form_kl, initialize_guide
+from .convergence import StoppingRule, median_scales
+from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
@@ -47,10 +52,14 @@ __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "Non
 class TrainConfig:
     """How to fit a guide.
 
-    :param epochs: passes over the training data (ignored when ``steps`` is set).
+    :param epochs: passes over the training data (ignored when ``steps`` or ``stopping`` is set).
     :param steps: exact number of optimisation steps, when the budget is given in steps.
+    :param stopping: fit until this rule holds, at most ``stopping.max_epochs`` epochs
+        (exclusive with ``steps``).
     :param batch_size: minibatch size ``B``.
     :param lr: Adam learning rate.
+    :param scale_lr: Adam learning rate of the guide's width parameters
+        (:func:`~pyro_bbt.guides.is_scale_parameter`); ``None``: ``lr``.
     :param num_particles: Monte Carlo samples per step (vectorised).
     :param estimator: ``"weights"``, ``"local"`` or ``"auto"`` (local for the ``meanfield`` guide,
         weights otherwise).
@@ -66,8 +75,10 @@ class TrainConfig:
 
     epochs: int = 10
     steps: int | None = None
+    stopping: StoppingRule | None = None
     batch_size: int = 128
     lr: float = 1e-3
+    scale_lr: float | None = None
     num_particles: int = 1
     estimator: str = "auto"
     kl_schedule: str = "blundell"
@@ -89,6 +100,14 @@ class TrainConfig:
             raise ValueError(f"steps must be None or an integer >= 1, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.scale_lr is not None and not (
+            isinstance(self.scale_lr, (int, float)) and not isinstance(self.scale_lr, bool) and math.isfinite(self.scale_lr) and self.scale_lr > 0
+        ):
+            raise ValueError(f"scale_lr must be None or a finite number > 0, got {self.scale_lr!r}")
+        if self.stopping is not None and not isinstance(self.stopping, StoppingRule):
+            raise ValueError(f"stopping must be None or a StoppingRule, got {self.stopping!r}")
+        if self.stopping is not None and self.steps is not None:
+            raise ValueError("give either steps or stopping, not both")
         if not (isinstance(self.warmup_epochs, (int, float)) and math.isfinite(self.warmup_epochs) and self.warmup_epochs > 0):
             raise ValueError(f"warmup_epochs must be a finite number > 0, got {self.warmup_epochs!r}")
         if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) or self.eval_samples < 0:
@@ -108,6 +127,7 @@ class EpochDiagnostics:
     train_accuracy: float
     val_accuracy: float | None
     seconds: float
+    median_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,8 +141,13 @@ class TrainHistory:
         atomic_write_text(path, json.dumps(self.to_records(), indent=2))
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        names = [f.name for f in fields(EpochDiagnostics)]
-        lines = [",".join(names)] + [",".join("" if r[n] is None else repr(r[n]) for n in names) for r in self.to_records()]
+        """One row per epoch; the median scales as columns ``median_scale/<site>``."""
+        records = self.to_records()
+        names = [f.name for f in fields(EpochDiagnostics) if f.name != "median_scale"]
+        sites = list(dict.fromkeys(site for r in records for site in r["median_scale"]))
+        header = names + [f"median_scale/{site}" for site in sites]
+        rows = [[r[n] for n in names] + [r["median_scale"].get(site) for site in sites] for r in records]
+        lines = [",".join(header)] + [",".join("" if v is None else repr(v) for v in row) for row in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -156,6 +181,10 @@ class TrainState:
     @classmethod
     def from_dict(cls, state: dict) -> "TrainState":
         return cls(**state)
+
+
+def _rule_holds(rule: StoppingRule, history: TrainHistory) -> bool:
+    return rule.is_converged([e.elbo for e in history.epochs], [e.median_scale for e in history.epochs])
 
 
 def _nonfinite_parameters(guide) -> list[str]:
@@ -193,7 +222,10 @@ def train(
 
     num_data = len(train_split)
     num_batches = math.ceil(num_data / config.batch_size)
-    total_steps = config.steps if config.steps is not None else config.epochs * num_batches
+    if config.steps is not None:
+        total_steps = config.steps
+    else:
+        total_steps = (config.stopping.max_epochs if config.stopping is not None else config.epochs) * num_batches
     num_epochs = math.ceil(total_steps / num_batches)
 
     history = TrainHistory()
@@ -202,7 +234,7 @@ def train(
         pyro.set_rng_seed(config.seed)
         order.manual_seed(config.seed)
     initialize_guide(guide, train_split.x.shape[1])
-    optimizer = torch.optim.Adam(guide_parameters(guide), lr=config.lr, foreach=True)
+    optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr), lr=config.lr, foreach=True)
     first_epoch = step = 0
     if resume is not None:
         guide.load_state_dict(resume.guide_state)
@@ -213,6 +245,8 @@ def train(
         first_epoch, step = resume.epoch, resume.step
 
     for epoch in range(first_epoch, num_epochs):
+        if config.stopping is not None and _rule_holds(config.stopping, history):
+            break
         start = time.perf_counter()
         log_lik_sum = weighted_kl = 0.0
         correct = seen = epoch_steps = 0
@@ -259,6 +293,7 @@ def train(
             train_accuracy=correct / max(seen, 1),
             val_accuracy=val_accuracy,
             seconds=seconds,
+            median_scale=median_scales(guide, model),
         )
         history.epochs.append(diagnostics)
         if on_epoch is not None:

@@ -2,7 +2,9 @@
 
 Reads ``DIR/results.json`` (written by ``python -m pyro_bbt.transfer``) and prints, per method
 and fraction of B's data, mean +- standard deviation over seeds of B's test accuracy, A's test
-accuracy after B, B's test NLL and ECE, and backward transfer; and task A's accuracy before B.
+accuracy after B, B's test NLL and ECE, and backward transfer; task A's accuracy before B; and
+the convergence diagnostics of every posterior (epochs, the stopping rule's verdict, median
+posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings.
 The README's result tables are this command's output. ``--plots`` also redraws the run's
 figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run).
 """
@@ -14,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["transfer_tables", "build_parser", "main"]
+__all__ = ["transfer_tables", "convergence_lines", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -54,6 +56,37 @@ def transfer_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sites(medians: dict[str, float]) -> str:
+    return ", ".join(f"{site.removesuffix('.weight')} {value:.3g}" for site, value in medians.items())
+
+
+def convergence_lines(results: dict) -> str:
+    """The stopping rule's verdict on every q_A, a count of converged q_B per method and fraction,
+    and the run's warnings."""
+    lines = ["**Convergence** (stopping rule: ELBO gain over the window and median-sigma drift per epoch)", ""]
+    lines += ["| q_A, seed | epochs (cap) | converged | ELBO gain over window | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
+              "|---|---|---|---|---|---|---|"]
+    for stage in results["task_a"]:
+        verdict = stage.get("convergence")
+        if verdict is None:
+            continue
+        gain = "—" if verdict["elbo_gain"] is None else f"{verdict['elbo_gain']:.1e}"
+        drift = "—" if not verdict["last_scale_drift"] else f"{max(verdict['last_scale_drift'].values()):.3f}"
+        ratio = "—" if verdict["uninformed_scale_ratio"] is None else f"{verdict['uninformed_scale_ratio']:.3f}"
+        cap = verdict["max_epochs"] if verdict["max_epochs"] is not None else "fixed"
+        lines.append(f"| {stage['seed']} | {verdict['epochs']} ({cap}) | {'yes' if verdict['converged'] else 'NO'} | {gain} | {drift} | {_sites(verdict['median_scale'])} | {ratio} |")
+    counts: dict[tuple[str, float], list[bool]] = {}
+    for unit in results["units"]:
+        if unit.get("convergence"):
+            counts.setdefault((unit["method"], unit["fraction"]), []).append(unit["convergence"]["converged"])
+    if counts:
+        lines += ["", "q_B meeting the same rule after B's fixed budget (converged / units): " + "; ".join(
+            f"{method} {fraction:g}: {sum(flags)}/{len(flags)}" for (method, fraction), flags in counts.items())]
+    for warning in results.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    return "\n".join(lines) + "\n"
+
+
 def prior_scale_lines(run_dir: Path) -> str:
     """Median scale of the transferred prior (tau * sigma of q_A) per weight site, from the
     task-A stages saved in ``run_dir/stages``."""
@@ -86,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2
     print(transfer_tables(results), end="")
+    print(convergence_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.plots:
         from .plots import save_all

@@ -7,6 +7,13 @@
 ``python -m pyro_bbt.studies ablation``   transfer on B with q_B fresh vs from q_A, prior broadening
                                           tau, and learning rate 1e-5 vs 1e-3, against scratch ->
                                           ``ablation.md``
+``python -m pyro_bbt.studies convergence`` fitting q_A under KL schedules and scale learning rates:
+                                          ELBO against wall time, median sigma, the uninformed-weight
+                                          sigma ratio, when the stopping rule fires ->
+                                          ``convergence.png``, ``convergence.md``
+``python -m pyro_bbt.studies tradeoff``   B accuracy against A accuracy after B: transfer over tau,
+                                          EWC over lambda, finetune, scratch, joint; both heads ->
+                                          ``tradeoff.png``, ``tradeoff.md`` (:mod:`pyro_bbt.tradeoff`)
 
 Each writes ``<study>.json`` (all numbers) next to its figure or table in ``--out``.
 """
@@ -18,7 +25,8 @@ import itertools
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +38,14 @@ from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES
 from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
+from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .plots import sample_std
 from .priors import GaussianPrior, PerSitePrior
+from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 
 __all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
 
-STUDIES = ("guides", "schedules", "ablation")
+STUDIES = ("guides", "schedules", "ablation", "convergence", "tradeoff")
 
 
 @dataclass
@@ -56,8 +66,11 @@ PRESETS = {
     "quick": dict(epochs=1, seeds=(0,), limit_train=4000, limit_eval=2000, eval_samples=16),
     "paper": dict(epochs=3, seeds=(0, 1)),
 }
-# The ablation trains A as long as the transfer experiment's paper preset (5 epochs), over 3 seeds.
-STUDY_OVERRIDES = {("ablation", "paper"): dict(epochs=5, seeds=(0, 1, 2))}
+# The ablation trains A as long as the transfer experiment's paper preset did before q_A was
+# fitted to convergence (5 epochs), over 3 seeds. The convergence study fits A for a fixed 40
+# epochs under every variant, one seed (it chooses defaults; it does not carry a finding).
+STUDY_OVERRIDES = {("ablation", "paper"): dict(epochs=5, seeds=(0, 1, 2)), ("convergence", "paper"): dict(epochs=40, seeds=(0,)),
+                   ("convergence", "quick"): dict(epochs=3)}
 
 
 def _task_a(config: StudyConfig, seed: int):
@@ -68,12 +81,14 @@ def _task_a(config: StudyConfig, seed: int):
     return train_split, val, test
 
 
-def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell"):
+def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell", scale_lr: float | None = None, on_epoch=None):
     experiment = ExperimentConfig(guide=guide, kl_schedule=kl_schedule, hidden=config.hidden, seeds=(seed,))
     train_split, val, test = _task_a(config, seed)
     model, q = _fresh_bayesian(experiment, GaussianPrior(experiment.prior_scale), seed)
-    train_config = TrainConfig(epochs=config.epochs, seed=seed, kl_schedule=kl_schedule, progress=False, eval_samples=8)
-    history = train(model, q, train_split, train_config, val_split=val)
+    train_config = TrainConfig(epochs=config.epochs, seed=seed, kl_schedule=kl_schedule, scale_lr=scale_lr, progress=False, eval_samples=8)
+    if on_epoch is not None:
+        on_epoch = partial(on_epoch, model, q, train_split)
+    history = train(model, q, train_split, train_config, val_split=val, on_epoch=on_epoch)
     metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
     return history, metrics
 
@@ -95,6 +110,78 @@ def compare_schedules(config: StudyConfig, schedules: tuple[str, ...] = KL_SCHED
         rows.append({"kl_schedule": schedule, "seed": seed, **metrics.to_dict(), "history": history.to_records()})
         log(f"schedule {schedule:>8} seed {seed}: accuracy {metrics.accuracy:.4f}, NLL {metrics.nll:.4f}, ECE {metrics.ece:.4f}")
     return rows
+
+
+CONVERGENCE_VARIANTS = [
+    # (name, KL schedule, scale learning rate; the locations keep lr 1e-3)
+    ("Blundell, scale lr 1e-3 (the old default)", "blundell", None),
+    ("Blundell, scale lr 1e-2", "blundell", 1e-2),
+    ("uniform, scale lr 1e-3", "uniform", None),
+    ("uniform, scale lr 1e-2", "uniform", 1e-2),
+    ("uniform, scale lr 3e-2", "uniform", 3e-2),
+    ("uniform, scale lr 1e-1", "uniform", 1e-1),
+]
+
+
+def compare_convergence(config: StudyConfig, rule: StoppingRule | None = None, variants=CONVERGENCE_VARIANTS, log=print) -> list[dict]:
+    """Fit q_A for ``config.epochs`` epochs under each variant; per epoch record the ELBO, the
+    cumulative wall time of the optimisation steps, the median sigma per weight site and the
+    uninformed-weight sigma ratio; and the first epoch at which ``rule`` holds (``None``: never)."""
+    rule = rule or ExperimentConfig().stopping_rule
+    rows = []
+    for (name, schedule, scale_lr), seed in itertools.product(variants, config.seeds):
+        ratios: list[float | None] = []
+        history, metrics = _fit_on_a(config, seed, kl_schedule=schedule, scale_lr=scale_lr,
+                                     on_epoch=lambda model, q, data, _: ratios.append(uninformed_scale_ratio(q, model, data.x)))
+        records = history.to_records()
+        stops = [t for t in range(1, len(records) + 1) if assess_convergence(records[:t], rule).converged]
+        rows.append({"variant": name, "kl_schedule": schedule, "scale_lr": scale_lr, "seed": seed, **metrics.to_dict(),
+                     "rule_epoch": stops[0] if stops else None, "uninformed_scale_ratio": ratios,
+                     "wall": list(itertools.accumulate(e.seconds for e in history.epochs)), "history": records})
+        final = records[-1]
+        log(f"{name:>42} seed {seed}: ELBO {final['elbo']:.4g}, median sigma {', '.join(f'{v:.3f}' for v in final['median_scale'].values())}, "
+            f"uninformed ratio {ratios[-1]}, rule holds from epoch {rows[-1]['rule_epoch']}, test accuracy {metrics.accuracy:.4f}")
+    return rows
+
+
+def convergence_table(rows: list[dict], checkpoints: tuple[int, ...] = (5, 10, 20, 40)) -> str:
+    """Markdown: per variant, the ELBO after some epochs, the stopping rule's first epoch, the
+    final median sigma per layer, the uninformed ratio, test accuracy and seconds per epoch."""
+    epochs = [e for e in checkpoints if all(len(r["history"]) >= e for r in rows)]
+    lines = ["| variant | " + " | ".join(f"ELBO after {e} epochs" for e in epochs)
+             + " | rule holds at epoch | median sigma per layer (last epoch) | uninformed sigma ratio | test accuracy | s / epoch |",
+             "|---|" + "---|" * (len(epochs) + 5)]
+    for row in rows:
+        elbos = [f"{row['history'][e - 1]['elbo']:.4g}" for e in epochs]
+        sigma = " / ".join(f"{v:.3f}" for v in row["history"][-1]["median_scale"].values())
+        ratio = row["uninformed_scale_ratio"][-1]
+        seconds = statistics.median(e["seconds"] for e in row["history"])
+        lines.append(f"| {row['variant']} (seed {row['seed']}) | {' | '.join(elbos)} | {row['rule_epoch'] or 'never'} | {sigma} | "
+                     f"{'—' if ratio is None else f'{ratio:.3f}'} | {row['accuracy']:.4f} | {seconds:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_convergence(rows: list[dict], path: Path) -> None:
+    from .plots import _save, plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for row in rows:
+        label = row["variant"]
+        line, = axes[0].plot(row["wall"], [-e["elbo"] for e in row["history"]], label=label)
+        sigma = [list(e["median_scale"].values()) for e in row["history"]]
+        epochs = np.arange(1, len(sigma) + 1)
+        axes[1].plot(epochs, [s[0] for s in sigma], color=line.get_color())
+        axes[1].plot(epochs, [s[1] for s in sigma], color=line.get_color(), ls="--")
+        axes[2].plot(epochs, row["uninformed_scale_ratio"], color=line.get_color())
+        if row["rule_epoch"]:
+            axes[0].plot(row["wall"][row["rule_epoch"] - 1], -row["history"][row["rule_epoch"] - 1]["elbo"], "k*", ms=9)
+    axes[0].set(xlabel="wall seconds of optimisation", ylabel="- ELBO (nats, log scale)", yscale="log", title="ELBO (star: stopping rule holds)")
+    axes[1].set(xlabel="epoch", ylabel="median posterior sigma", yscale="log", title="layer 0 (solid), layer 1 (dashed)")
+    axes[2].set(xlabel="epoch", ylabel="median sigma_q / sigma_prior", yscale="log", title="weights of always-blank pixels (exact: 1)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
 
 
 ABLATION_VARIANTS = [
@@ -219,8 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     if target.exists() and not args.overwrite:
         print(f"{parser.prog}: error: {target} exists; pass --overwrite or choose another --out", file=sys.stderr)
         return 2
-    config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))
     start = time.perf_counter()
+    if args.study == "tradeoff":
+        preset = dict(TRADEOFF_PRESETS[args.preset])
+        config = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {}))})
+        rows = tradeoff(config)
+        plot_tradeoff(rows, args.out / "tradeoff.png")
+        atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
+        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config), "rows": rows,
+                                   "seconds": time.perf_counter() - start})
+        print(f"done in {time.perf_counter() - start:.0f} s: {target}")
+        return 0
+    config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))
     if args.study == "guides":
         rows = compare_guides(config)
         plot_guides(rows, args.out / "guides.png")
@@ -228,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.study == "schedules":
         rows = compare_schedules(config)
         plot_schedules(rows, args.out / "comparing_beta.png")
+    elif args.study == "convergence":
+        rows = compare_convergence(config)
+        plot_convergence(rows, args.out / "convergence.png")
+        atomic_write_text(args.out / "convergence.md", convergence_table(rows))
     else:
         rows = ablation(config)
         atomic_write_text(args.out / "ablation.md", ablation_table(rows))

@@ -20,7 +20,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .experiment import HEADS, METHODS, PRESETS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
+from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .guides import GUIDES
@@ -53,6 +53,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _int_or_none(text: str) -> int | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -72,16 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", help=f"ELBO estimator: {', '.join(ESTIMATORS)} or auto")
     p.add_argument("--kl-schedule", help=f"KL weight per minibatch: {', '.join(KL_SCHEDULES)}")
     p.add_argument("--epochs", type=int, help="B's budget in epochs of its training data (see --min-steps)")
-    p.add_argument("--epochs-a", type=int, help="epochs on task A")
+    p.add_argument("--epochs-a", type=int, help="epochs on task A: the minimum when --max-epochs-a is set, else exactly this many")
+    p.add_argument("--max-epochs-a", type=_int_or_none, help="fit q_A until the stopping rule holds, at most this many epochs; none: exactly --epochs-a")
+    p.add_argument("--rel-tol", type=float, help="stopping rule: relative ELBO gain over the last --window epochs below which the ELBO has converged")
+    p.add_argument("--scale-tol", type=float, help="stopping rule: largest |log| change per epoch of every weight site's median sigma")
+    p.add_argument("--window", type=int, help="stopping rule: epochs over which both criteria must hold")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")
     p.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2")
     p.add_argument("--head", help=f"output layer: {', '.join(HEADS)}")
     p.add_argument("--q-init", help=f"start of q_B for transfer: {', '.join(Q_INITS)}")
+    p.add_argument("--prior", help=f"prior on A (and on B without transfer): {', '.join(PRIORS)} (Blundell's scale mixture)")
     p.add_argument("--prior-scale", type=float, help="sigma of the N(0, sigma^2) prior")
+    p.add_argument("--mixture-pi", type=float, help="scale mixture: weight pi of the wide component (default 0.5)")
+    p.add_argument("--mixture-sigma1", type=float, help="scale mixture: sigma1 of the wide component (default 1 = exp(0))")
+    p.add_argument("--mixture-sigma2", type=float, help="scale mixture: sigma2 of the narrow component (default exp(-6))")
     p.add_argument("--tau", type=float, help="broadening of the transferred prior's scales (>= 1)")
     p.add_argument("--init-scale", type=float, help="initial posterior standard deviation")
     p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--scale-lr", type=float, help="Adam learning rate of the guide's scale parameters (default 1e-2)")
     p.add_argument("--batch-size", type=int, help="minibatch size")
     p.add_argument("--num-particles", type=int, help="Monte Carlo samples per step")
     p.add_argument("--ewc-lambda", type=float, help="EWC penalty strength lambda")
@@ -103,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = given
+            values[f.name] = None if (f.name == "max_epochs_a" and given == "none") else given
     try:
         config = ExperimentConfig(**values)
         config.check_data()
@@ -201,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"done in {time.perf_counter() - start:.0f} s: {args.out / 'results.json'}, {args.out / 'sequence.png'}")
         return 0
     store = RunStore(args.out, config.to_dict())
-    results, timing = split_timing(run_experiment(config, log=log, store=store))
+    warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    results, timing = split_timing(run_experiment(config, log=log, store=store, warn=warn))
     timing["wall_clock"] = time.perf_counter() - start
     atomic_write_json(args.out / "results.json", results)
     atomic_write_json(args.out / "timing.json", timing)

@@ -221,9 +221,11 @@ def test_unreadable_file_raises_value_error(tmp_path):
 
 
 def _parse_csv_row(row):
-    out = {}
+    out = {"median_scale": {}}
     for key, text in row.items():
-        if text == "":
+        if key.startswith("median_scale/"):
+            out["median_scale"][key.split("/", 1)[1]] = float(text)
+        elif text == "":
             out[key] = None
         elif key in ("epoch", "steps"):
             out[key] = int(text)
@@ -235,8 +237,8 @@ def _parse_csv_row(row):
 def test_train_history_csv_and_json_round_trip(tmp_path):
     history = TrainHistory(
         [
-            EpochDiagnostics(1, 5, -123.456789012345, -100.1, 23.356789012345, 0.4, None, 0.012),
-            EpochDiagnostics(2, 10, -90.0, -85.5, 4.5, 2 / 3, 0.8125, 1e-7),
+            EpochDiagnostics(1, 5, -123.456789012345, -100.1, 23.356789012345, 0.4, None, 0.012, {"layers.0.weight": 0.25}),
+            EpochDiagnostics(2, 10, -90.0, -85.5, 4.5, 2 / 3, 0.8125, 1e-7, {"layers.0.weight": 1 / 3}),
         ]
     )
     history.to_json(tmp_path / "h.json")

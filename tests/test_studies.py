@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 from pyro_bbt.guides import GUIDES
 from pyro_bbt.kl_schedules import KL_SCHEDULES
@@ -60,3 +62,46 @@ def test_guides_table_is_mean_and_sample_std_per_guide():
     lines = guides_table(rows).strip().splitlines()
     assert lines[2] == "| meanfield | 0.8500 ± 0.0707 | 0.4000 ± 0.1414 | 0.0200 ± 0.0141 | 5.0 ± 1.4 | 2 |"
     assert lines[3] == "| delta | 0.7000 ± 0.0000 | 0.9000 ± 0.0000 | 0.0500 ± 0.0000 | 2.0 ± 0.0 | 1 |"
+
+
+def test_convergence_study_records_what_the_table_and_figure_show(tmp_path):
+    from pyro_bbt.convergence import StoppingRule
+    from pyro_bbt.studies import CONVERGENCE_VARIANTS, compare_convergence, convergence_table, plot_convergence
+
+    config = StudyConfig(epochs=3, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100)
+    variants = [CONVERGENCE_VARIANTS[0], CONVERGENCE_VARIANTS[3]]
+    loose = StoppingRule(max_epochs=3, min_epochs=2, window=1, rel_tol=10.0, scale_tol=10.0)
+    rows = compare_convergence(config, loose, variants=variants, log=lambda m: None)
+    assert [r["variant"] for r in rows] == [v[0] for v in variants]
+    for row in rows:
+        assert len(row["history"]) == len(row["uninformed_scale_ratio"]) == len(row["wall"]) == 3
+        assert row["wall"] == sorted(row["wall"]) and row["rule_epoch"] == 2  # the loose rule holds as soon as it can judge
+    # A scale lr of 1e-2 moves sigma further from its 0.01 start than lr 1e-3 in the same 3 epochs.
+    old, new = (r["history"][-1]["median_scale"]["layers.0.weight"] for r in rows)
+    assert abs(math.log(new / 0.01)) > abs(math.log(old / 0.01))
+    table = convergence_table(rows, checkpoints=(1, 3, 5))
+    assert "ELBO after 3 epochs" in table and "ELBO after 5 epochs" not in table
+    assert table.count("\n") == 2 + len(rows)
+    plot_convergence(rows, tmp_path / "convergence.png")
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):
+    from pyro_bbt.experiment import ExperimentConfig
+    from pyro_bbt.tradeoff import TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
+
+    experiment = ExperimentConfig(hidden=(8,), epochs_a=1, max_epochs_a=None, epochs=1, min_steps=3, limit_train=200, limit_eval=100, eval_samples=2)
+    config = TradeoffConfig(heads=("shared", "multihead"), fractions=(0.1,), seeds=(0,), taus=(1.0, 30.0), lambdas=(0.0, 1e4), experiment=experiment)
+    rows = tradeoff(config, log=lambda m: None)
+    assert len(rows) == 2 * (3 + 2 + 2)
+    for head in ("shared", "multihead"):
+        group = [r for r in rows if r["head"] == head]
+        assert len({r["steps"] for r in group}) == 1 and len({r["q_a_epochs"] for r in group}) == 1
+        assert [(r["method"], r["knob"]) for r in group] == [("scratch", None), ("finetune", None), ("joint", None),
+                                                             ("transfer", 1.0), ("transfer", 30.0), ("ewc", 0.0), ("ewc", 1e4)]
+        for r in group:
+            assert 0.0 <= r["b_test_accuracy"] <= 1.0 and 0.0 <= r["a_test_after_accuracy"] <= 1.0
+    table = tradeoff_table(rows)
+    assert "| shared | 0.1 | transfer | τ = 30 |" in table and "| multihead | 0.1 | ewc | λ = 10000 |" in table
+    plot_tradeoff(rows, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0

@@ -109,6 +109,10 @@ def test_initialize_guide_creates_parameters():
         ({"tau": 0.5}, "tau"),
         ({"seeds": (-1,)}, "seeds"),
         ({"epochs": 0}, "epochs"),
+        ({"prior": "cauchy"}, "cauchy"),
+        ({"scale_lr": 0.0}, "scale-lr"),
+        ({"mixture_pi": 1.5}, "mixture-pi"),
+        ({"rel_tol": -1.0}, "rel-tol"),
     ],
 )
 def test_experiment_config_rejects_bad_values(kwargs, message):

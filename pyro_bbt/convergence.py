@@ -1,0 +1,184 @@
+"""Has the posterior converged? A stopping rule, and checks of a fitted guide.
+
+A transferred prior is only as good as the posterior it copies, so a fit is judged on two
+things, after every epoch ``t`` (:class:`StoppingRule`):
+
+* the ELBO has stopped rising: ``(ELBO_t - ELBO_{t-k}) / |ELBO_t| < rel_tol`` over the last
+  ``k = window`` epochs (``ELBO_t`` is the epoch's full-data estimate, the sum of the minibatch
+  terms with KL weights that sum to one over the epoch);
+* the widths have stopped moving: for every weight site, the median posterior standard
+  deviation ``m_t`` moved by ``|log m_t - log m_{t-1}| < scale_tol`` in each of the last
+  ``window`` epochs.
+
+A free exact check (:func:`uninformed_scale_ratio`): a first-layer weight fed by an input that is
+0 in every training image never touches the likelihood, so its exact posterior **is** its
+prior. For a Gaussian prior ``N(0, s^2)`` the fitted ``q`` must give such weights ``sigma = s``:
+the ratio ``median(sigma_q / s)`` over them is 1.0 for a converged fit and stays near
+``init_scale / s`` for one that has not moved. (Under a non-Gaussian prior the ratio is taken
+against the prior's marginal standard deviation, and the best Gaussian ``q`` need not reach 1.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .guides import posterior_loc_scale
+from .model import BayesianMLP
+from .priors import ScaleMixturePrior, prior_loc_scale
+
+__all__ = [
+    "StoppingRule",
+    "ConvergenceReport",
+    "median_scales",
+    "uninformed_inputs",
+    "uninformed_scale_ratio",
+    "assess_convergence",
+    "check_posterior",
+]
+
+
+@dataclass
+class StoppingRule:
+    """When to stop fitting a task: up to ``max_epochs``; stop after epoch ``t >= min_epochs``
+    when the ELBO's relative gain over the last ``window`` epochs is under ``rel_tol`` **and**
+    every weight site's median posterior standard deviation moved by less than ``scale_tol``
+    (in ``|log m_t - log m_{t-1}|``) in each of those epochs.
+
+    :param max_epochs: the cap; a fit that reaches it without meeting both criteria is reported
+        ``converged: false``.
+    :param min_epochs: never stop before this many epochs (at least ``window + 1``).
+    """
+
+    max_epochs: int = 60
+    min_epochs: int = 5
+    window: int = 3
+    rel_tol: float = 2e-3
+    scale_tol: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "min_epochs", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) must not exceed max_epochs ({self.max_epochs})")
+        for name in ("rel_tol", "scale_tol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def elbo_gain(self, elbos: list[float]) -> float | None:
+        """Relative ELBO gain over the last ``window`` epochs, or ``None`` before there are enough."""
+        if len(elbos) <= self.window:
+            return None
+        last, before = elbos[-1], elbos[-1 - self.window]
+        return (last - before) / max(abs(last), 1e-12)
+
+    def scale_drift(self, medians: list[dict[str, float]]) -> dict[str, float] | None:
+        """Per site, the largest ``|log m_t - log m_{t-1}|`` over the last ``window`` epochs."""
+        if len(medians) <= self.window:
+            return None
+        recent = medians[-1 - self.window:]
+        return {
+            site: max(abs(math.log(b[site]) - math.log(a[site])) for a, b in zip(recent[:-1], recent[1:]))
+            for site in recent[-1]
+        }
+
+    def is_converged(self, elbos: list[float], medians: list[dict[str, float]]) -> bool:
+        """Both criteria hold after the last epoch (and at least ``min_epochs`` have run)."""
+        if len(elbos) < max(self.min_epochs, self.window + 1):
+            return False
+        gain, drift = self.elbo_gain(elbos), self.scale_drift(medians)
+        return gain is not None and drift is not None and gain < self.rel_tol and all(d < self.scale_tol for d in drift.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def median_scales(guide, model: BayesianMLP, num_samples: int = 64) -> dict[str, float]:
+    """Median posterior standard deviation of every weight site (biases left out), read with
+    :func:`~pyro_bbt.guides.posterior_loc_scale` (flows: from ``num_samples`` draws)."""
+    posterior = posterior_loc_scale(guide, model, num_samples)
+    return {site: float(scale.median()) for site, (_, scale) in posterior.items() if site.endswith("weight")}
+
+
+def uninformed_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over input features that are exactly 0 in every row of ``x``."""
+    return (x == 0).all(dim=0)
+
+
+def _prior_std(model: BayesianMLP, site: str, shape: torch.Size) -> torch.Tensor:
+    gaussian = prior_loc_scale(model.prior, site, shape)
+    if gaussian is not None:
+        return gaussian[1].expand(shape)
+    if isinstance(model.prior, ScaleMixturePrior):
+        return torch.full(shape, model.prior.stddev)
+    raise TypeError(f"no prior standard deviation known for prior {type(model.prior).__name__}")
+
+
+@torch.no_grad()
+def uninformed_scale_ratio(guide, model: BayesianMLP, x_train: torch.Tensor, num_samples: int = 64) -> float | None:
+    """``median(sigma_q / sigma_prior)`` over the first-layer weights fed by inputs that are 0 in
+    every image of ``x_train`` (1.0 is exact under a Gaussian prior); ``None`` if there are none."""
+    mask = uninformed_inputs(x_train).to("cpu")
+    if not bool(mask.any()):
+        return None
+    site, shape = next(iter(model.site_shapes.items()))
+    _, scale = posterior_loc_scale(guide, model, num_samples)[site]
+    ratio = scale.to("cpu") / _prior_std(model, site, shape).to("cpu")
+    return float(ratio[:, mask].median())
+
+
+@dataclass
+class ConvergenceReport:
+    """What results.json records about one fit.
+
+    ``elbo_trace`` holds one entry per epoch (the per-epoch medians are in the fit's history); ``last_scale_drift`` is
+    each site's ``|log m_t - log m_{t-1}|`` over the last epoch; ``elbo_gain`` the relative gain
+    over the rule's window (``None`` when too few epochs ran to judge).
+    """
+
+    converged: bool
+    epochs: int
+    max_epochs: int | None
+    elbo_trace: list[float]
+    elbo_gain: float | None
+    median_scale: dict[str, float]
+    last_scale_drift: dict[str, float] | None
+    uninformed_scale_ratio: float | None = None
+    rule: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio: float | None = None, max_epochs: int | None = None) -> ConvergenceReport:
+    """Judge a finished fit from its per-epoch records (``TrainHistory.to_records()``: each has
+    ``elbo`` and ``median_scale``) by ``rule``, whether or not the rule stopped it."""
+    elbos = [record["elbo"] for record in history]
+    medians = [record["median_scale"] for record in history]
+    last_drift = None
+    if len(medians) >= 2:
+        last_drift = {site: abs(math.log(medians[-1][site]) - math.log(medians[-2][site])) for site in medians[-1]}
+    return ConvergenceReport(
+        converged=rule.is_converged(elbos, medians),
+        epochs=len(history),
+        max_epochs=max_epochs,
+        elbo_trace=elbos,
+        elbo_gain=rule.elbo_gain(elbos),
+        median_scale=medians[-1] if medians else {},
+        last_scale_drift=last_drift,
+        uninformed_scale_ratio=uninformed_ratio,
+        rule=rule.to_dict(),
+    )
+
+
+def check_posterior(guide, model: BayesianMLP, history: list[dict], x_train: torch.Tensor, rule: StoppingRule | None = None) -> ConvergenceReport:
+    """One call for a notebook or script: the :class:`ConvergenceReport` of a guide fitted by
+    :func:`~pyro_bbt.inference.train` (its ``history.to_records()``) on ``x_train``."""
+    rule = rule or StoppingRule()
+    return assess_convergence(history, rule, uninformed_scale_ratio(guide, model, x_train))

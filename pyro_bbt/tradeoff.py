@@ -1,0 +1,161 @@
+"""The transfer / forgetting trade-off: B's test accuracy against A's test accuracy after B.
+
+Every method buys accuracy on B with accuracy on A. One knob each sets the price:
+
+* ``transfer`` -- the broadening ``tau`` of the transferred prior ``N(loc_A, (tau scale_A)^2)``
+  (``tau = 1``: q_A itself; ``tau -> inf``: no memory of A), q_B started at q_A;
+* ``ewc`` -- the penalty ``lambda`` of ``(lambda/2) sum_k F_k (theta_k - theta*_k)^2``;
+* ``finetune`` (``tau = inf`` with q_B from q_A, prior N(0, sigma^2)) and ``scratch`` are points;
+  ``joint`` (A and B together) is the reference for remembering.
+
+Per head (``shared``: the original's; ``multihead``: VCL's), seed and fraction of B's data:
+q_A is fitted once by the stopping rule (:mod:`pyro_bbt.convergence`) and shared by every
+``tau``; the deterministic net of EWC and its Fisher once and shared by every ``lambda``; every
+point gets the same data and the same step budget on B (:func:`~pyro_bbt.experiment.steps_for`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .ewc import EWCPenalty
+from .experiment import (
+    ExperimentConfig,
+    _Run,
+    _fit_task_a,
+    _fit_task_a_ewc,
+    _head_view,
+    _load,
+    _run_bayesian_b,
+    _run_ewc_b,
+    _run_joint,
+    steps_for,
+)
+from .plots import COLORS, sample_std
+from .priors import PerSitePrior
+
+__all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]
+
+
+@dataclass
+class TradeoffConfig:
+    """The grid of the study; ``experiment`` holds everything else (network, budget, fit of A).
+    ``experiment.head``, ``fractions`` and ``seeds`` are overridden by the fields here."""
+
+    heads: tuple[str, ...] = ("shared", "multihead")
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    taus: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 100.0)
+    lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+    experiment: ExperimentConfig | None = None
+
+
+TRADEOFF_PRESETS = {
+    "quick": dict(seeds=(0,), fractions=(0.1,), taus=(1.0, 10.0), lambdas=(10.0, 1e3),
+                  experiment=dict(epochs_a=1, max_epochs_a=None, epochs=1, min_steps=50, limit_train=4000, limit_eval=2000, eval_samples=16)),
+    "paper": dict(),
+}
+
+
+def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
+    return PerSitePrior({s: prior.loc(s) for s in prior.sites}, {s: tau * prior.scale(s) for s in prior.sites}, fallback=prior.fallback)
+
+
+def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
+    """One row per (head, seed, fraction, method, knob): B and A test accuracy after B."""
+    rows = []
+    for head in config.heads:
+        base = replace(config.experiment or ExperimentConfig(), head=head, fractions=config.fractions, seeds=config.seeds, tau=1.0)
+        for seed in config.seeds:
+            full = _load(base, 1.0, seed)
+            stage_a = _fit_task_a(base, full, seed)
+            steps_a = steps_for(len(full.a.train), base.epochs_a, base.batch_size)
+            stage_ewc = _fit_task_a_ewc(base, full, steps_a, seed)
+            fisher = stage_ewc.penalty.fisher
+            verdict = stage_a.convergence
+            log(f"{head} seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
+            for fraction in config.fractions:
+                tasks = _load(base, fraction, seed)
+                steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
+                points = [("scratch", None), ("finetune", None), ("joint", None)]
+                points += [("transfer", tau) for tau in config.taus] + [("ewc", lam) for lam in config.lambdas]
+                for method, knob in points:
+                    start = time.perf_counter()
+                    if method == "transfer":
+                        stage = replace(stage_a, prior_from_a=_broadened(stage_a.prior_from_a, knob))
+                        outcome = _run_bayesian_b(replace(base, tau=knob), method, tasks, stage, steps, seed)
+                    elif method == "ewc":
+                        penalty = EWCPenalty(_head_view(base, stage_ewc.net, 0), fisher, knob)
+                        outcome = _run_ewc_b(base, tasks, replace(stage_ewc, penalty=penalty), steps, seed)
+                    elif method == "joint":
+                        joint_steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, base.batch_size, steps_a + steps)
+                        outcome = _run_joint(base, tasks, joint_steps, seed, _Run(), key="")
+                    else:
+                        outcome = _run_bayesian_b(base, method, tasks, stage_a, steps, seed)
+                    rows.append({
+                        "head": head, "seed": seed, "fraction": fraction, "method": method, "knob": knob, "steps": steps,
+                        "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
+                        "q_a_converged": verdict["converged"], "q_a_epochs": verdict["epochs"],
+                        "q_a_uninformed_scale_ratio": verdict["uninformed_scale_ratio"], "seconds": time.perf_counter() - start,
+                    })
+                    label = method if knob is None else f"{method} {'tau' if method == 'transfer' else 'lambda'} {knob:g}"
+                    log(f"{head} seed {seed} fraction {fraction:g} {label:>22}: B {rows[-1]['b_test_accuracy']:.4f}, A after B {rows[-1]['a_test_after_accuracy']:.4f}")
+    return rows
+
+
+def _points(rows: list[dict]) -> dict:
+    """(head, fraction, method, knob) -> list of (B acc, A acc) over seeds, in first-seen order."""
+    grouped: dict = {}
+    for r in rows:
+        grouped.setdefault((r["head"], r["fraction"], r["method"], r["knob"]), []).append((r["b_test_accuracy"], r["a_test_after_accuracy"]))
+    return grouped
+
+
+def _cell(values) -> str:
+    return f"{np.mean(values):.3f} ± {float(sample_std(values)):.3f}"
+
+
+def tradeoff_table(rows: list[dict]) -> str:
+    """Markdown: per head and fraction, every point's B and A accuracy (mean ± std over seeds)."""
+    lines = ["| head | B fraction | method | knob | B test accuracy | A test accuracy after B | seeds |", "|---|---|---|---|---|---|---|"]
+    for (head, fraction, method, knob), pairs in _points(rows).items():
+        knob_text = "—" if knob is None else (f"τ = {knob:g}" if method == "transfer" else f"λ = {knob:g}")
+        b, a = zip(*pairs)
+        lines.append(f"| {head} | {fraction:g} | {method} | {knob_text} | {_cell(b)} | {_cell(a)} | {len(pairs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: list[dict], path) -> None:
+    """One panel per (head, fraction): A accuracy after B (x) against B accuracy (y); transfer a
+    curve over tau and EWC a curve over lambda, the other methods points; error bars: std over seeds."""
+    from .plots import _save, plt
+
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    fractions = list(dict.fromkeys(r["fraction"] for r in rows))
+    grouped = _points(rows)
+    fig, axes = plt.subplots(len(heads), len(fractions), figsize=(4.2 * len(fractions), 3.8 * len(heads)), squeeze=False)
+    for i, head in enumerate(heads):
+        for j, fraction in enumerate(fractions):
+            ax = axes[i][j]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                keys = [k for k in grouped if k[:3] == (head, fraction, method)]
+                if not keys:
+                    continue
+                b = np.array([np.mean([p[0] for p in grouped[k]]) for k in keys])
+                a = np.array([np.mean([p[1] for p in grouped[k]]) for k in keys])
+                b_err = [float(sample_std([p[0] for p in grouped[k]])) for k in keys]
+                a_err = [float(sample_std([p[1] for p in grouped[k]])) for k in keys]
+                style = "-o" if len(keys) > 1 else "s"
+                ax.errorbar(a, b, xerr=a_err, yerr=b_err, fmt=style, ms=4, capsize=2, color=COLORS.get(method), label=method)
+                if len(keys) > 1:
+                    for k, x, y in zip(keys, a, b):
+                        ax.annotate(f"{k[3]:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=COLORS.get(method))
+            ax.set_title(f"{head} head, B fraction {fraction:g}", fontsize=9)
+            ax.set_xlabel("A test accuracy after B")
+            ax.set_ylabel("B test accuracy")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    _save(fig, path)
