@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pyro
 import pytest
 
 from pyro_bbt import bench, report, studies, transfer
@@ -34,6 +35,7 @@ def test_python_api_example_runs(single_torch_thread):
     shortened = example.replace("TrainConfig(epochs=5)", "TrainConfig(epochs=1, steps=3, progress=False)")
     assert shortened != example, "the README example no longer trains with TrainConfig(epochs=5); update this test"
     namespace: dict = {}
+    pyro.clear_param_store()  # as in a fresh process: earlier tests leave guides of other shapes in Pyro's global store
     exec(compile(shortened, "README.md", "exec"), namespace)
     prior_b, model, guide = namespace["prior_b"], namespace["model"], namespace["guide"]
     assert isinstance(prior_b, PerSitePrior)

@@ -76,7 +76,7 @@ def test_convergence_study_records_what_the_table_and_figure_show(tmp_path):
     for row in rows:
         assert len(row["history"]) == len(row["uninformed_scale_ratio"]) == len(row["wall"]) == 3
         assert row["wall"] == sorted(row["wall"]) and row["rule_epoch"] == 2  # the loose rule holds as soon as it can judge
-    # A scale lr of 1e-2 moves sigma further from its 0.01 start than lr 1e-3 in the same 3 epochs.
+    # A scale lr of 3e-2 moves sigma further from its 0.01 start than lr 1e-3 in the same 3 epochs.
     old, new = (r["history"][-1]["median_scale"]["layers.0.weight"] for r in rows)
     assert abs(math.log(new / 0.01)) > abs(math.log(old / 0.01))
     table = convergence_table(rows, checkpoints=(1, 3, 5))
