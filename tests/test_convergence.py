@@ -140,6 +140,7 @@ def test_train_stops_when_the_rule_holds_and_runs_on_while_the_elbo_climbs(singl
     assert not assess_convergence(records[:-1], loose).converged  # it stopped at the first epoch the rule held
     report = check_posterior(guide, model, records, data.x, loose)
     assert report.converged and report.epochs == epochs and 0.8 < report.uninformed_scale_ratio < 1.2
+    assert str(report).startswith(f"converged after {epochs} epochs: ELBO gain over the last 2 epochs ")
 
     # From a fresh start the ELBO climbs for many epochs: a tight rule lets all of them run.
     tight = StoppingRule(max_epochs=6, min_epochs=1, window=2, rel_tol=1e-3, scale_tol=0.02)

@@ -81,6 +81,6 @@ def test_notebook_runs_tiny(executed):
         numbers = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
         assert 0.0 <= numbers[0] <= 1.0 and 0.0 <= numbers[2] <= 1.0
 
-    # The figures were drawn (image grid, posterior histograms, learning curves).
+    # The figures were drawn (image grid, sigma converging, posterior histograms, learning curves).
     sources = "\n".join(c.source for c in code)
-    assert sources.count("plt.show()") == 3
+    assert sources.count("plt.show()") == 4

@@ -32,12 +32,14 @@ def _commands(module: str) -> list[list[str]]:
 
 def test_python_api_example_runs(single_torch_thread):
     (example,) = _blocks("python")
-    shortened = example.replace("TrainConfig(epochs=5)", "TrainConfig(epochs=1, steps=3, progress=False)")
-    assert shortened != example, "the README example no longer trains with TrainConfig(epochs=5); update this test"
+    shortened = example.replace("StoppingRule()", "StoppingRule(max_epochs=1, min_epochs=1), progress=False").replace(
+        "train(model, guide, a.train,", "train(model, guide, a.train.subset(256),")
+    assert shortened.count("max_epochs=1") == 1 and "subset(256)" in shortened, "the README example changed its training call; update this test"
     namespace: dict = {}
     pyro.clear_param_store()  # as in a fresh process: earlier tests leave guides of other shapes in Pyro's global store
     exec(compile(shortened, "README.md", "exec"), namespace)
     prior_b, model, guide = namespace["prior_b"], namespace["model"], namespace["guide"]
+    assert len(namespace["history"].epochs) == 1
     assert isinstance(prior_b, PerSitePrior)
     assert set(prior_b.sites) == set(model.site_shapes)
     for name, (loc, scale) in {n: guide.get_loc_scale(n) for n in model.site_shapes}.items():
