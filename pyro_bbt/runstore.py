@@ -22,7 +22,7 @@ import torch
 
 from .files import atomic_torch_save, atomic_write_json
 
-__all__ = ["FORMAT_VERSION", "RunStore", "config_hash", "config_differences"]
+__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences"]
 
 FORMAT_VERSION = 1
 
@@ -105,3 +105,24 @@ class RunStore:
         if payload.get("config_hash") != self.hash:
             differences = config_differences(payload.get("config", {}), self.config)
             raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")
+
+
+class ReadOnlyStore(RunStore):
+    """Another run's directory, read for its finished task-A stages (a study reusing the q_A of
+    a finished ``python -m pyro_bbt.transfer`` run of the same configuration). Nothing is
+    written into it, and its partial checkpoints are ignored."""
+
+    def save_record(self, key: str, record: dict) -> None:
+        pass
+
+    def save_stage(self, key: str, data: dict) -> None:
+        pass
+
+    def checkpoint(self, key: str) -> dict | None:
+        return None
+
+    def save_checkpoint(self, key: str, data: dict) -> None:
+        pass
+
+    def clear_checkpoint(self, key: str) -> None:
+        pass

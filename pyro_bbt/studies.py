@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -302,7 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="tradeoff only: finished python -m pyro_bbt.transfer runs (one per head) of the preset's configuration, "
+                             "whose fitted q_A and EWC nets are read instead of fitted again")
     return parser
+
+
+def _reuse_by_head(dirs: list[Path]) -> dict[str, Path]:
+    """Head -> run directory, from each directory's config.json; a missing file is an error."""
+    by_head = {}
+    for run_dir in dirs:
+        config_path = run_dir / "config.json"
+        if not config_path.exists():
+            raise ValueError(f"--reuse {run_dir}: no config.json there (is it a python -m pyro_bbt.transfer output directory?)")
+        by_head[json.loads(config_path.read_text()).get("head", "shared")] = run_dir
+    return by_head
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,13 +328,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {target} exists; pass --overwrite or choose another --out", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    if args.reuse and args.study != "tradeoff":
+        print(f"{parser.prog}: error: --reuse applies to the tradeoff study only", file=sys.stderr)
+        return 2
     if args.study == "tradeoff":
         preset = dict(TRADEOFF_PRESETS[args.preset])
-        config = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {}))})
-        rows = tradeoff(config)
+        try:
+            config = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
+            rows = tradeoff(config)
+        except ValueError as error:  # a --reuse directory of another configuration, or without config.json
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
         plot_tradeoff(rows, args.out / "tradeoff.png")
         atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
-        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config), "rows": rows,
+        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config) | {"reuse": {h: str(d) for h, d in (config.reuse or {}).items()}}, "rows": rows,
                                    "seconds": time.perf_counter() - start})
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0

@@ -12,17 +12,21 @@ Per head (``shared``: the original's; ``multihead``: VCL's), seed and fraction o
 q_A is fitted once by the stopping rule (:mod:`pyro_bbt.convergence`) and shared by every
 ``tau``; the deterministic net of EWC and its Fisher once and shared by every ``lambda``; every
 point gets the same data and the same step budget on B (:func:`~pyro_bbt.experiment.steps_for`).
+With ``reuse`` (head -> directory of a finished ``python -m pyro_bbt.transfer`` run of the same
+configuration) those task-A stages are read from that run instead of being fitted again.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from .ewc import EWCPenalty
 from .experiment import (
+    PRESETS,
     ExperimentConfig,
     _Run,
     _fit_task_a,
@@ -36,6 +40,7 @@ from .experiment import (
 )
 from .plots import COLORS, sample_std
 from .priors import PerSitePrior
+from .runstore import ReadOnlyStore
 
 __all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]
 
@@ -48,15 +53,17 @@ class TradeoffConfig:
     heads: tuple[str, ...] = ("shared", "multihead")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    taus: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 100.0)
-    lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+    taus: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
+    lambdas: tuple[float, ...] = (10.0, 100.0, 1e3, 1e4, 1e5)
     experiment: ExperimentConfig | None = None
+    reuse: dict[str, Path] | None = None
 
 
 TRADEOFF_PRESETS = {
     "quick": dict(seeds=(0,), fractions=(0.1,), taus=(1.0, 10.0), lambdas=(10.0, 1e3),
                   experiment=dict(epochs_a=1, max_epochs_a=None, epochs=1, min_steps=50, limit_train=4000, limit_eval=2000, eval_samples=16)),
-    "paper": dict(),
+    # The experiment's paper preset: with --reuse, the q_A of its runs (one per head) are read, not refitted.
+    "paper": dict(experiment=dict(PRESETS["paper"])),
 }
 
 
@@ -68,12 +75,14 @@ def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
     """One row per (head, seed, fraction, method, knob): B and A test accuracy after B."""
     rows = []
     for head in config.heads:
-        base = replace(config.experiment or ExperimentConfig(), head=head, fractions=config.fractions, seeds=config.seeds, tau=1.0)
+        base = replace(config.experiment or ExperimentConfig(), head=head, tau=1.0)
+        reused = (config.reuse or {}).get(head)
+        run = _Run(ReadOnlyStore(reused, base.to_dict())) if reused is not None else _Run()
         for seed in config.seeds:
             full = _load(base, 1.0, seed)
-            stage_a = _fit_task_a(base, full, seed)
+            stage_a = _fit_task_a(base, full, seed, run)
             steps_a = steps_for(len(full.a.train), base.epochs_a, base.batch_size)
-            stage_ewc = _fit_task_a_ewc(base, full, steps_a, seed)
+            stage_ewc = _fit_task_a_ewc(base, full, steps_a, seed, run)
             fisher = stage_ewc.penalty.fisher
             verdict = stage_a.convergence
             log(f"{head} seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")

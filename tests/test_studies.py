@@ -105,3 +105,34 @@ def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):
     assert "| shared | 0.1 | transfer | τ = 30 |" in table and "| multihead | 0.1 | ewc | λ = 10000 |" in table
     plot_tradeoff(rows, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_tradeoff_reuses_the_q_a_of_a_finished_run_without_writing_there(tmp_path):
+    import json
+
+    import pytest
+
+    from pyro_bbt.experiment import ExperimentConfig
+    from pyro_bbt.tradeoff import TradeoffConfig, tradeoff
+    from pyro_bbt.transfer import main as transfer_main
+
+    args = dict(hidden=(8,), epochs_a=1, max_epochs_a=None, epochs=1, min_steps=3, limit_train=200, limit_eval=100, eval_samples=2,
+                fractions=(0.1,), seeds=(0,))
+    run_dir = tmp_path / "run"
+    cli = ["--preset", "paper", "--hidden", "8", "--epochs-a", "1", "--max-epochs-a", "none", "--epochs", "1", "--min-steps", "3", "--limit-train", "200",
+           "--limit-eval", "100", "--eval-samples", "2", "--fractions", "0.1", "--seeds", "0", "--quiet", "--out", str(run_dir)]
+    assert transfer_main(cli) == 0
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    saved_a = json.loads((run_dir / "results.json").read_text())["task_a"]
+
+    experiment = ExperimentConfig(**args)
+    config = TradeoffConfig(heads=("shared",), fractions=(0.1,), seeds=(0,), taus=(1.0,), lambdas=(10.0,), experiment=experiment,
+                            reuse={"shared": run_dir})
+    rows = tradeoff(config, log=lambda m: None)
+    assert {r["q_a_epochs"] for r in rows} == {saved_a[0]["convergence"]["epochs"]}
+    assert sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+    other = TradeoffConfig(heads=("shared",), fractions=(0.1,), seeds=(0,), taus=(1.0,), lambdas=(10.0,),
+                           experiment=ExperimentConfig(**args | {"lr": 0.05}), reuse={"shared": run_dir})
+    with pytest.raises(ValueError, match=r"made by another configuration \(.*lr: 0\.01 -> 0\.05"):
+        tradeoff(other, log=lambda m: None)
