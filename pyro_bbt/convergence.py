@@ -10,6 +10,11 @@ things, after every epoch ``t`` (:class:`StoppingRule`):
   deviation ``m_t`` moved by ``|log m_t - log m_{t-1}| < scale_tol`` in each of the last
   ``window`` epochs.
 
+With ``lr_drops > 0`` the rule first *refines* instead of stopping: when both criteria hold, the
+learning rates are multiplied by ``lr_factor`` and the criteria must hold again over the epochs
+at the new rate (Adam with a constant rate moves every parameter by about that rate per step, so
+a posterior narrower than the rate is only resolved at a smaller one).
+
 A free exact check (:func:`uninformed_scale_ratio`): a first-layer weight fed by an input that is
 0 in every training image never touches the likelihood, so its exact posterior **is** its
 prior. For a Gaussian prior ``N(0, s^2)`` the fitted ``q`` must give such weights ``sigma = s``:
@@ -50,6 +55,8 @@ class StoppingRule:
     :param max_epochs: the cap; a fit that reaches it without meeting both criteria is reported
         ``converged: false``.
     :param min_epochs: never stop before this many epochs (at least ``window + 1``).
+    :param lr_drops: how many times to multiply the learning rates by ``lr_factor`` when the
+        criteria hold, before stopping when they hold again.
 
     The defaults are those of ``python -m pyro_bbt.transfer``: on task A the per-epoch ELBO
     estimate scatters by about 0.5 % from epoch to epoch (the likelihood term is a sum over
@@ -62,12 +69,16 @@ class StoppingRule:
     window: int = 5
     rel_tol: float = 1e-2
     scale_tol: float = 0.02
+    lr_drops: int = 0
+    lr_factor: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("max_epochs", "min_epochs", "window"):
+        for name in ("max_epochs", "min_epochs", "window", "lr_drops"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "lr_drops" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'lr_drops' else 1}, got {value!r}")
+        if not (isinstance(self.lr_factor, (int, float)) and 0 < self.lr_factor < 1):
+            raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor!r}")
         if self.min_epochs > self.max_epochs:
             raise ValueError(f"min_epochs ({self.min_epochs}) must not exceed max_epochs ({self.max_epochs})")
         for name in ("rel_tol", "scale_tol"):
@@ -92,15 +103,41 @@ class StoppingRule:
             for site in recent[-1]
         }
 
-    def is_converged(self, elbos: list[float], medians: list[dict[str, float]]) -> bool:
-        """Both criteria hold after the last epoch (and at least ``min_epochs`` have run)."""
-        if len(elbos) < max(self.min_epochs, self.window + 1):
-            return False
+    def criteria_hold(self, elbos: list[float], medians: list[dict[str, float]]) -> bool:
+        """Both criteria hold over the last ``window`` epochs of these (``window + 1`` needed)."""
         gain, drift = self.elbo_gain(elbos), self.scale_drift(medians)
         return gain is not None and drift is not None and gain < self.rel_tol and all(d < self.scale_tol for d in drift.values())
 
+    def decide(self, history: list[dict]) -> str:
+        """After the epochs of ``history`` (records with ``elbo``, ``median_scale`` and ``lr_scale``):
+        ``"continue"``, ``"drop"`` (multiply the learning rates by ``lr_factor``) or ``"stop"``.
+        The criteria are judged on the epochs since the last drop."""
+        if len(history) < self.min_epochs:
+            return "continue"
+        phase = _current_phase(history)
+        if not self.criteria_hold([r["elbo"] for r in phase], [r["median_scale"] for r in phase]):
+            return "continue"
+        return "drop" if _drops_done(history) < self.lr_drops else "stop"
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _lr_scale(record: dict) -> float:
+    return record.get("lr_scale", 1.0)
+
+
+def _current_phase(history: list[dict]) -> list[dict]:
+    """The trailing epochs trained at the last epoch's learning rates."""
+    last = _lr_scale(history[-1])
+    start = len(history)
+    while start > 0 and _lr_scale(history[start - 1]) == last:
+        start -= 1
+    return history[start:]
+
+
+def _drops_done(history: list[dict]) -> int:
+    return sum(_lr_scale(a) != _lr_scale(b) for a, b in zip(history[:-1], history[1:]))
 
 
 @torch.no_grad()
@@ -170,18 +207,20 @@ class ConvergenceReport:
 
 def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio: float | None = None, max_epochs: int | None = None) -> ConvergenceReport:
     """Judge a finished fit from its per-epoch records (``TrainHistory.to_records()``: each has
-    ``elbo`` and ``median_scale``) by ``rule``, whether or not the rule stopped it."""
+    ``elbo``, ``median_scale`` and ``lr_scale``) by ``rule``, whether or not the rule stopped it:
+    converged when the rule would stop now (its learning-rate drops all taken)."""
     elbos = [record["elbo"] for record in history]
     medians = [record["median_scale"] for record in history]
+    phase = _current_phase(history) if history else []
     last_drift = None
     if len(medians) >= 2:
         last_drift = {site: abs(math.log(medians[-1][site]) - math.log(medians[-2][site])) for site in medians[-1]}
     return ConvergenceReport(
-        converged=rule.is_converged(elbos, medians),
+        converged=bool(history) and rule.decide(history) == "stop",
         epochs=len(history),
         max_epochs=max_epochs,
         elbo_trace=elbos,
-        elbo_gain=rule.elbo_gain(elbos),
+        elbo_gain=rule.elbo_gain([record["elbo"] for record in phase]),
         median_scale=medians[-1] if medians else {},
         last_scale_drift=last_drift,
         uninformed_scale_ratio=uninformed_ratio,

@@ -90,10 +90,14 @@ class ExperimentConfig:
     ``transfer`` B's prior is the Gaussian built from q_A whatever the prior on A.
 
     Optimisation: Adam at ``lr`` for the guides' locations and ``scale_lr`` for their widths
-    (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch;
-    the defaults are those that fit q_A fastest in ELBO per wall-second
-    (``python -m pyro_bbt.studies convergence``). EWC's deterministic nets train at ``ewc_lr``
-    (Adam's usual 1e-3 for a plain MLP).
+    (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch.
+    q_A starts at ``lr_a`` (``None``: ``lr``) and the stopping rule divides both rates by 10 up to
+    ``lr_drops`` times, each time the criteria hold, before it stops (fast progress first, then a
+    step small enough to resolve the narrow widths that transfer copies:
+    ``python -m pyro_bbt.studies convergence``). Every method trains on B at ``lr``/``scale_lr``:
+    Adam moves each parameter by about ``lr`` per step, and a larger step jitters the weights
+    that q_A pins down (q_A's narrowest widths are a few thousandths) out of their prior.
+    EWC's deterministic nets train at ``ewc_lr`` (Adam's usual 1e-3 for a plain MLP).
     """
 
     task_a: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -121,7 +125,9 @@ class ExperimentConfig:
     min_steps: int = 200
     fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr: float = 1e-2
+    lr: float = 1e-3
+    lr_a: float | None = 1e-2
+    lr_drops: int = 1
     scale_lr: float | None = 3e-2
     ewc_lr: float = 1e-3
     batch_size: int = 128
@@ -162,6 +168,10 @@ class ExperimentConfig:
         if not self.fractions or not self.seeds:
             raise ValueError("fractions and seeds must each list at least one value")
         self.hidden = tuple(int(h) for h in self.hidden)
+        if self.lr_a is not None and not (math.isfinite(self.lr_a) and self.lr_a > 0):
+            raise ValueError(f"lr-a must be a finite number > 0, got {self.lr_a!r}")
+        if not isinstance(self.lr_drops, int) or self.lr_drops < 0:
+            raise ValueError(f"lr-drops must be an integer >= 0, got {self.lr_drops!r}")
         for name in ("prior_scale", "init_scale", "lr", "ewc_lr", "ewc_lambda", "mixture_sigma1", "mixture_sigma2", "rel_tol", "scale_tol"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "ewc_lambda" and value == 0):
@@ -215,7 +225,8 @@ class ExperimentConfig:
     def stopping_rule(self) -> StoppingRule:
         """The rule that judges every fit and, with ``max_epochs_a`` set, stops task A's."""
         cap = self.max_epochs_a if self.max_epochs_a is not None else self.epochs_a
-        return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol)
+        return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol,
+                            lr_drops=self.lr_drops)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -290,13 +301,14 @@ class _Run:
     store: RunStore | None = None
 
 
-def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None) -> TrainConfig:
-    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule."""
+def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None) -> TrainConfig:
+    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule;
+    at ``lr`` (default ``config.lr``) and ``config.scale_lr``."""
     return TrainConfig(
         steps=steps,
         stopping=stopping,
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=config.lr if lr is None else lr,
         scale_lr=config.scale_lr,
         num_particles=config.num_particles,
         estimator=config.estimator,
@@ -374,7 +386,7 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
     _use_head(model, head)
     history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
     _use_head(model, head)
-    rule = replace(config.stopping_rule, min_epochs=1)
+    rule = replace(config.stopping_rule, min_epochs=1, lr_drops=0)
     convergence = assess_convergence(history.to_records(), rule, uninformed_scale_ratio(guide, model, train_split.x))
     return curve, history.to_records(), convergence.to_dict()
 
@@ -426,10 +438,11 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
         return _StageA.from_saved(saved)
     model, guide = _fresh_bayesian(config, config.base_prior(), seed)
     b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
+    lr_a = config.lr if config.lr_a is None else config.lr_a
     if config.max_epochs_a is None:
-        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, config.batch_size), seed)
+        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, config.batch_size), seed, lr=lr_a)
     else:
-        train_config = _train_config(config, None, seed, stopping=config.stopping_rule)
+        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a)
     _use_head(model, 0)
     history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
     convergence = assess_convergence(

@@ -16,10 +16,12 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 * ``seconds``: wall time of the epoch's optimisation steps (validation excluded);
 * ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
   posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws;
-* ``median_scale``: each weight site's median posterior standard deviation after the epoch.
+* ``median_scale``: each weight site's median posterior standard deviation after the epoch;
+* ``lr_scale``: the factor on the configured learning rates during the epoch.
 
 With a :class:`~pyro_bbt.convergence.StoppingRule` (``TrainConfig.stopping``) training runs up to
-the rule's ``max_epochs`` and stops after the first epoch at which the rule holds.
+the rule's ``max_epochs``; after every epoch the rule decides to go on, to lower the learning
+rates (``lr_drops``) or to stop.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class EpochDiagnostics:
     val_accuracy: float | None
     seconds: float
     median_scale: dict[str, float] = field(default_factory=dict)
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -181,10 +184,6 @@ class TrainState:
     @classmethod
     def from_dict(cls, state: dict) -> "TrainState":
         return cls(**state)
-
-
-def _rule_holds(rule: StoppingRule, history: TrainHistory) -> bool:
-    return rule.is_converged([e.elbo for e in history.epochs], [e.median_scale for e in history.epochs])
 
 
 def _nonfinite_parameters(guide) -> list[str]:
@@ -243,10 +242,17 @@ def train(
         order.set_state(resume.order_state)
         history.epochs = [EpochDiagnostics(**record) for record in resume.history]
         first_epoch, step = resume.epoch, resume.step
+    lr_scale = history.epochs[-1].lr_scale if history.epochs else 1.0
 
     for epoch in range(first_epoch, num_epochs):
-        if config.stopping is not None and _rule_holds(config.stopping, history):
-            break
+        if config.stopping is not None and history.epochs:
+            action = config.stopping.decide(history.to_records())
+            if action == "stop":
+                break
+            if action == "drop":
+                lr_scale *= config.stopping.lr_factor
+                for group in optimizer.param_groups:
+                    group["lr"] *= config.stopping.lr_factor
         start = time.perf_counter()
         log_lik_sum = weighted_kl = 0.0
         correct = seen = epoch_steps = 0
@@ -294,6 +300,7 @@ def train(
             val_accuracy=val_accuracy,
             seconds=seconds,
             median_scale=median_scales(guide, model),
+            lr_scale=lr_scale,
         )
         history.epochs.append(diagnostics)
         if on_epoch is not None:

@@ -110,19 +110,26 @@ def _medians(values):
     return [{"layers.0.weight": v, "layers.1.weight": 0.1} for v in values]
 
 
+def _records(elbos, medians):
+    return [{"elbo": e, "median_scale": m} for e, m in zip(elbos, _medians(medians))]
+
+
 def test_rule_stops_on_a_plateau_and_not_while_climbing():
     rule = StoppingRule(max_epochs=50, min_epochs=4, window=3, rel_tol=1e-3, scale_tol=0.01)
     flat = [-1000.0, -500.0, -400.0, -399.9, -399.8, -399.8]
-    assert rule.is_converged(flat, _medians([0.2] * 6))
+    assert rule.criteria_hold(flat, _medians([0.2] * 6))
+    assert rule.decide(_records(flat, [0.2] * 6)) == "stop"
     climbing = [-1000.0 + 10 * i for i in range(20)]  # +1 % per epoch at the end
-    assert not rule.is_converged(climbing, _medians([0.2] * 20))
-    assert not rule.is_converged(flat, _medians([0.2, 0.2, 0.2, 0.2, 0.2, 0.21]))  # a width still moving
-    assert not rule.is_converged(flat[:3], _medians([0.2] * 3))  # too few epochs to judge
-    assert not StoppingRule(min_epochs=10).is_converged(flat, _medians([0.2] * 6))
+    assert not rule.criteria_hold(climbing, _medians([0.2] * 20))
+    assert rule.decide(_records(climbing, [0.2] * 20)) == "continue"
+    assert not rule.criteria_hold(flat, _medians([0.2, 0.2, 0.2, 0.2, 0.2, 0.21]))  # a width still moving
+    assert not rule.criteria_hold(flat[:3], _medians([0.2] * 3))  # too few epochs to judge
+    assert StoppingRule(min_epochs=10, window=3, rel_tol=1e-3).decide(_records(flat, [0.2] * 6)) == "continue"
     assert rule.elbo_gain(flat) == pytest.approx((-399.8 + 400.0) / 399.8)  # over the 3-epoch window
 
 
-@pytest.mark.parametrize("bad", [dict(max_epochs=0), dict(window=0), dict(rel_tol=0.0), dict(scale_tol=float("nan")), dict(min_epochs=9, max_epochs=5)])
+@pytest.mark.parametrize("bad", [dict(max_epochs=0), dict(window=0), dict(rel_tol=0.0), dict(scale_tol=float("nan")), dict(min_epochs=9, max_epochs=5),
+                                 dict(lr_drops=-1), dict(lr_factor=1.5)])
 def test_rule_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         StoppingRule(**bad)
@@ -148,6 +155,28 @@ def test_train_stops_when_the_rule_holds_and_runs_on_while_the_elbo_climbs(singl
     history = train(model, guide, data, TrainConfig(stopping=tight, batch_size=50, scale_lr=0.05, kl_schedule="uniform", progress=False, eval_samples=0))
     assert len(history.epochs) == 6
     assert not assess_convergence(history.to_records(), tight).converged
+
+
+def test_rule_lowers_the_learning_rates_before_it_stops(single_torch_thread):
+    """With one drop the rule first divides the learning rates by 10 where it would have stopped,
+    then stops when its criteria hold again over the epochs at the lower rate."""
+    rule = StoppingRule(max_epochs=200, min_epochs=3, window=2, rel_tol=5e-3, scale_tol=0.02, lr_drops=1)
+    records = [{"elbo": -100.0, "median_scale": {"w": 0.5}, "lr_scale": 1.0}] * 3
+    assert rule.decide(records) == "drop"
+    after = records + [{"elbo": -100.0, "median_scale": {"w": 0.5}, "lr_scale": 0.1}] * 2
+    assert rule.decide(after) == "continue"  # two epochs at the new rate: too few to judge (window 2)
+    assert rule.decide(after + [after[-1]]) == "stop"
+    assert not assess_convergence(records, rule).converged  # a drop still pending is not convergence
+
+    data = _half_blank_data()
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(0.5))
+    history = train(model, guide, data, TrainConfig(stopping=rule, batch_size=50, lr=0.02, scale_lr=0.05, kl_schedule="uniform",
+                                                    progress=False, eval_samples=0))
+    scales = [e.lr_scale for e in history.epochs]
+    first = scales.index(0.1)
+    assert set(scales[:first]) == {1.0} and set(scales[first:]) == {0.1} and len(scales) - first >= 3
+    records = history.to_records()
+    assert rule.decide(records[:first]) == "drop" and assess_convergence(records, rule).converged
 
 
 def test_train_config_rejects_steps_with_a_rule():
@@ -188,7 +217,8 @@ def test_converged_q_a_is_not_flagged(single_torch_thread):
     results = run_experiment(config, log=lambda m: None, warn=warned.append)
     assert warned == [] and results["warnings"] == []
     stage = results["task_a"][0]["convergence"]
-    assert stage["converged"] is True and stage["epochs"] == 4 and len(stage["elbo_trace"]) == 4
+    # 4 epochs (the minimum) at lr_a, then the rule's one drop and 2 epochs (window 1) at lr_a / 10
+    assert stage["converged"] is True and stage["epochs"] == 6 and len(stage["elbo_trace"]) == 6
     assert 0.0 < stage["uninformed_scale_ratio"] and set(stage["median_scale"]) == {"layers.0.weight", "layers.1.weight"}
     assert results["units"][0]["prior_converged"] is True
     assert results["units"][0]["convergence"]["epochs"] >= 1

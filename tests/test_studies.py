@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 
 from pyro_bbt.guides import GUIDES
@@ -69,18 +70,22 @@ def test_convergence_study_records_what_the_table_and_figure_show(tmp_path):
     from pyro_bbt.studies import CONVERGENCE_VARIANTS, compare_convergence, convergence_table, plot_convergence
 
     config = StudyConfig(epochs=3, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100)
-    variants = [CONVERGENCE_VARIANTS[0], CONVERGENCE_VARIANTS[3]]
-    loose = StoppingRule(max_epochs=3, min_epochs=2, window=1, rel_tol=10.0, scale_tol=10.0)
-    rows = compare_convergence(config, loose, variants=variants, log=lambda m: None)
-    assert [r["variant"] for r in rows] == [v[0] for v in variants]
+    variants = [CONVERGENCE_VARIANTS[0], CONVERGENCE_VARIANTS[2], CONVERGENCE_VARIANTS[4]]
+    never = StoppingRule(max_epochs=3, min_epochs=2, window=1, rel_tol=1e-12, scale_tol=1e-12)
+    rows = compare_convergence(config, never, variants=variants[:2], log=lambda m: None)
+    assert [r["variant"] for r in rows] == [v[0] for v in variants[:2]]
     for row in rows:
         assert len(row["history"]) == len(row["uninformed_scale_ratio"]) == len(row["wall"]) == 3
-        assert row["wall"] == sorted(row["wall"]) and row["rule_epoch"] == 2  # the loose rule holds as soon as it can judge
+        assert row["wall"] == sorted(row["wall"]) and row["rule_epoch"] is None
     # A scale lr of 3e-2 moves sigma further from its 0.01 start than lr 1e-3 in the same 3 epochs.
     old, new = (r["history"][-1]["median_scale"]["layers.0.weight"] for r in rows)
     assert abs(math.log(new / 0.01)) > abs(math.log(old / 0.01))
-    table = convergence_table(rows, checkpoints=(1, 3, 5))
-    assert "ELBO after 3 epochs" in table and "ELBO after 5 epochs" not in table
+    loose = StoppingRule(max_epochs=10, min_epochs=2, window=1, rel_tol=10.0, scale_tol=10.0)
+    (dropping,) = compare_convergence(replace(config, epochs=6), loose, variants=variants[2:], log=lambda m: None)
+    assert [e["lr_scale"] for e in dropping["history"]] == [1.0, 1.0, 0.1, 0.1] and dropping["rule_epoch"] == 4
+    rows.append(dropping)
+    table = convergence_table(rows, checkpoints=(1, 3, 4, 5))
+    assert "ELBO after 4 epochs" in table and "ELBO after 5 epochs" not in table and "(stopped)" in table
     assert table.count("\n") == 2 + len(rows)
     plot_convergence(rows, tmp_path / "convergence.png")
     assert (tmp_path / "convergence.png").stat().st_size > 0
@@ -134,5 +139,5 @@ def test_tradeoff_reuses_the_q_a_of_a_finished_run_without_writing_there(tmp_pat
 
     other = TradeoffConfig(heads=("shared",), fractions=(0.1,), seeds=(0,), taus=(1.0,), lambdas=(10.0,),
                            experiment=ExperimentConfig(**args | {"lr": 0.05}), reuse={"shared": run_dir})
-    with pytest.raises(ValueError, match=r"made by another configuration \(.*lr: 0\.01 -> 0\.05"):
+    with pytest.raises(ValueError, match=r"made by another configuration \(lr: 0\.001 -> 0\.05\)"):
         tradeoff(other, log=lambda m: None)
