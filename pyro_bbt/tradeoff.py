@@ -53,8 +53,8 @@ class TradeoffConfig:
     heads: tuple[str, ...] = ("shared", "multihead")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    taus: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
-    lambdas: tuple[float, ...] = (10.0, 100.0, 1e3, 1e4, 1e5)
+    taus: tuple[float, ...] = (1.0, 3.0, 10.0, 100.0)
+    lambdas: tuple[float, ...] = (10.0, 1e3, 1e5)
     experiment: ExperimentConfig | None = None
     reuse: dict[str, Path] | None = None
 
