@@ -40,7 +40,7 @@ import pyro
 import torch
 
 from .continual import backward_transfer, forward_transfer, summarize
-from .convergence import ConvergenceReport, StoppingRule, assess_convergence, uninformed_scale_ratio
+from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
