@@ -842,9 +842,12 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     """Train the chain of :func:`sequence_tasks` in order with each Bayesian sequential method
     (``transfer``: every task's prior is the previous posterior and q starts there, as in
     variational continual learning; ``finetune``: q starts at the previous posterior, the prior
-    stays N(0, sigma^2)), and fill the accuracy matrix ``R[i][j]`` after every task. Forward
+    stays the base prior), and fill the accuracy matrix ``R[i][j]`` after every task. Forward
     transfer is measured against the randomly initialised model's accuracy on each task.
-    The units of this mode are not checkpointed; the run restarts if interrupted."""
+    Every task trains for B's fixed budget at ``lr``/``scale_lr``: this mode does not fit its
+    posteriors by the stopping rule and records no convergence verdict, so what it transfers is
+    not shown converged. The units of this mode are not checkpointed; the run restarts if
+    interrupted."""
     methods = [m for m in config.methods if m in SEQUENCE_METHODS]
     if not methods:
         raise ValueError(f"sequential mode runs the methods {', '.join(SEQUENCE_METHODS)}; got {', '.join(config.methods)}")
