@@ -91,12 +91,15 @@ class ExperimentConfig:
 
     Optimisation: Adam at ``lr`` for the guides' locations and ``scale_lr`` for their widths
     (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch.
-    q_A starts at ``lr_a`` (``None``: ``lr``) and the stopping rule divides both rates by 10 up to
-    ``lr_drops`` times, each time the criteria hold, before it stops (fast progress first, then a
-    step small enough to resolve the narrow widths that transfer copies:
-    ``python -m pyro_bbt.studies convergence``). Every method trains on B at ``lr``/``scale_lr``:
-    Adam moves each parameter by about ``lr`` per step, and a larger step jitters the weights
-    that q_A pins down (q_A's narrowest widths are a few thousandths) out of their prior.
+    q_A is fitted in minibatches of ``batch_size_a`` (``None``: ``batch_size``); it starts at
+    ``lr_a`` (``None``: ``lr``) and the stopping rule multiplies both rates by ``lr_factor`` up to
+    ``lr_drops`` times, each time the criteria hold, before it stops. Fast progress first, then a
+    step small enough to resolve the narrow widths that transfer copies; large minibatches
+    because a step's cost grows far slower than its batch on CPU
+    (``python -m pyro_bbt.studies convergence``). Every method trains on B in minibatches of
+    ``batch_size`` at ``lr``/``scale_lr``: Adam moves each parameter by about ``lr`` per step, and
+    a larger step jitters the weights that q_A pins down (q_A's narrowest widths are a few
+    thousandths) out of their prior.
     EWC's deterministic nets train at ``ewc_lr`` (Adam's usual 1e-3 for a plain MLP).
     """
 
@@ -117,7 +120,7 @@ class ExperimentConfig:
     q_init: str = "from-posterior"
     head: str = "shared"
     epochs_a: int = 5
-    max_epochs_a: int | None = 80
+    max_epochs_a: int | None = 300
     window: int = 5
     rel_tol: float = 1e-2
     scale_tol: float = 0.02
@@ -127,10 +130,12 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     lr: float = 1e-3
     lr_a: float | None = 1e-2
-    lr_drops: int = 1
+    lr_drops: int = 3
+    lr_factor: float = 0.3
     scale_lr: float | None = 3e-2
     ewc_lr: float = 1e-3
     batch_size: int = 128
+    batch_size_a: int | None = 2048
     num_particles: int = 1
     ewc_lambda: float = 100.0
     fisher_samples: int = 2000
@@ -172,6 +177,10 @@ class ExperimentConfig:
             raise ValueError(f"lr-a must be a finite number > 0, got {self.lr_a!r}")
         if not isinstance(self.lr_drops, int) or self.lr_drops < 0:
             raise ValueError(f"lr-drops must be an integer >= 0, got {self.lr_drops!r}")
+        if not (isinstance(self.lr_factor, (int, float)) and 0 < self.lr_factor < 1):
+            raise ValueError(f"lr-factor must lie in (0, 1), got {self.lr_factor!r}")
+        if self.batch_size_a is not None and (not isinstance(self.batch_size_a, int) or self.batch_size_a < 1):
+            raise ValueError(f"batch-size-a must be None or an integer >= 1, got {self.batch_size_a!r}")
         for name in ("prior_scale", "init_scale", "lr", "ewc_lr", "ewc_lambda", "mixture_sigma1", "mixture_sigma2", "rel_tol", "scale_tol"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "ewc_lambda" and value == 0):
@@ -226,7 +235,12 @@ class ExperimentConfig:
         """The rule that judges every fit and, with ``max_epochs_a`` set, stops task A's."""
         cap = self.max_epochs_a if self.max_epochs_a is not None else self.epochs_a
         return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol,
-                            lr_drops=self.lr_drops)
+                            lr_drops=self.lr_drops, lr_factor=self.lr_factor)
+
+    @property
+    def a_batch_size(self) -> int:
+        """q_A's minibatch size: ``batch_size_a``, or ``batch_size`` when that is ``None``."""
+        return self.batch_size if self.batch_size_a is None else self.batch_size_a
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -247,7 +261,7 @@ class ExperimentConfig:
 
 PRESETS: dict[str, dict] = {
     # Every method on real MNIST, one seed, little data: a smoke run of the whole protocol.
-    "quick": dict(epochs_a=1, max_epochs_a=None, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
+    "quick": dict(epochs_a=1, max_epochs_a=None, batch_size_a=None, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
     # The full protocol.
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2)),
 }
@@ -301,13 +315,15 @@ class _Run:
     store: RunStore | None = None
 
 
-def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None) -> TrainConfig:
+def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None,
+                  batch_size: int | None = None) -> TrainConfig:
     """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule;
-    at ``lr`` (default ``config.lr``) and ``config.scale_lr``."""
+    at ``lr`` (default ``config.lr``) and ``config.scale_lr``, in minibatches of ``batch_size``
+    (default ``config.batch_size``)."""
     return TrainConfig(
         steps=steps,
         stopping=stopping,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size if batch_size is None else batch_size,
         lr=config.lr if lr is None else lr,
         scale_lr=config.scale_lr,
         num_particles=config.num_particles,
@@ -439,10 +455,11 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
     model, guide = _fresh_bayesian(config, config.base_prior(), seed)
     b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
     lr_a = config.lr if config.lr_a is None else config.lr_a
+    batch_a = config.a_batch_size
     if config.max_epochs_a is None:
-        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, config.batch_size), seed, lr=lr_a)
+        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, batch_a), seed, lr=lr_a, batch_size=batch_a)
     else:
-        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a)
+        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a, batch_size=batch_a)
     _use_head(model, 0)
     history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
     convergence = assess_convergence(

@@ -100,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-scale", type=float, help="initial posterior standard deviation")
     p.add_argument("--lr", type=float, help="Adam learning rate of the posterior means on B, for every method (default 1e-3)")
     p.add_argument("--lr-a", type=float, help="Adam learning rate at which q_A starts (default 1e-2; the stopping rule lowers it)")
-    p.add_argument("--lr-drops", type=int, help="stopping rule: times q_A's learning rates are divided by 10 when the rule holds, before it stops (default 1)")
+    p.add_argument("--lr-drops", type=int, help="stopping rule: times q_A's learning rates are multiplied by --lr-factor when the rule holds, before it stops (default 3)")
+    p.add_argument("--lr-factor", type=float, help="stopping rule: the factor of each learning-rate drop, in (0, 1) (default 0.3)")
     p.add_argument("--scale-lr", type=float, help="Adam learning rate of the guide's scale parameters (default 3e-2)")
     p.add_argument("--ewc-lr", type=float, help="Adam learning rate of EWC's deterministic nets (default 1e-3)")
-    p.add_argument("--batch-size", type=int, help="minibatch size")
+    p.add_argument("--batch-size", type=int, help="minibatch size on B, for every method, and of EWC's task-A net (default 128)")
+    p.add_argument("--batch-size-a", type=_int_or_none, help="minibatch size of q_A's fit (default 2048 in the paper preset); none: --batch-size")
     p.add_argument("--num-particles", type=int, help="Monte Carlo samples per step")
     p.add_argument("--ewc-lambda", type=float, help="EWC penalty strength lambda")
     p.add_argument("--hidden", type=_ints, help="hidden widths, e.g. 400,400")
@@ -124,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = None if (f.name == "max_epochs_a" and given == "none") else given
+            values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a") and given == "none") else given
     try:
         config = ExperimentConfig(**values)
         config.check_data()

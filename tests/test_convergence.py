@@ -18,12 +18,12 @@ from pyro_bbt.convergence import (
     uninformed_scale_ratio,
 )
 from pyro_bbt.data import Split
-from pyro_bbt.experiment import ExperimentConfig, run_experiment
+from pyro_bbt.experiment import ExperimentConfig, _load, run_experiment, steps_for
 from pyro_bbt.guides import GUIDES, guide_parameter_groups, guide_parameters, is_scale_parameter
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.priors import GaussianPrior, ScaleMixturePrior
 from pyro_bbt.report import convergence_lines
-from pyro_bbt.transfer import main
+from pyro_bbt.transfer import build_parser, config_from_args, main
 
 SIZES = (12, 6, 3)
 
@@ -213,7 +213,7 @@ def test_unconverged_q_a_is_flagged_when_transferred(single_torch_thread):
 
 def test_converged_q_a_is_not_flagged(single_torch_thread):
     warned = []
-    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1)
+    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=1, lr_factor=0.1)
     results = run_experiment(config, log=lambda m: None, warn=warned.append)
     assert warned == [] and results["warnings"] == []
     stage = results["task_a"][0]["convergence"]
@@ -222,6 +222,35 @@ def test_converged_q_a_is_not_flagged(single_torch_thread):
     assert 0.0 < stage["uninformed_scale_ratio"] and set(stage["median_scale"]) == {"layers.0.weight", "layers.1.weight"}
     assert results["units"][0]["prior_converged"] is True
     assert results["units"][0]["convergence"]["epochs"] >= 1
+
+
+def test_the_rule_drops_q_a_learning_rates_by_lr_factor_lr_drops_times(single_torch_thread):
+    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=2, lr_factor=0.5)
+    stage = run_experiment(config, log=lambda m: None)["task_a"][0]
+    # 4 epochs (the minimum) at lr_a, then 2 epochs (window 1) after each of the two drops
+    assert [r["lr_scale"] for r in stage["history"]] == [1.0] * 4 + [0.5] * 2 + [0.25] * 2
+    assert stage["convergence"]["converged"] is True and stage["convergence"]["rule"]["lr_factor"] == 0.5
+
+
+@pytest.mark.parametrize("batch_size_a, steps_per_epoch", [(50, 6), (None, 3)])
+def test_q_a_is_fitted_in_minibatches_of_batch_size_a(batch_size_a, steps_per_epoch, single_torch_thread):
+    # 300 training images of A; B's budget stays in minibatches of batch_size whatever batch_size_a
+    config = _tiny(epochs_a=2, batch_size=100, batch_size_a=batch_size_a, methods=("scratch", "transfer"))
+    results = run_experiment(config, log=lambda m: None)
+    assert results["task_a"][0]["steps"] == 2 * steps_per_epoch
+    assert [r["epoch"] for r in results["task_a"][0]["history"]] == [1, 2]
+    assert {u["steps"] for u in results["units"]} == {steps_for(len(_load(config, 0.1, 0).b.train), 1, 100, 3)}
+
+
+def test_cli_reads_batch_size_a_and_lr_factor_and_rejects_bad_ones(tmp_path, capsys):
+    args = config_from_args(build_parser().parse_args(["--preset", "paper", "--batch-size-a", "none", "--lr-factor", "0.5"]))
+    assert args.batch_size_a is None and args.a_batch_size == 128 and args.lr_factor == 0.5 and args.stopping_rule.lr_factor == 0.5
+    assert config_from_args(build_parser().parse_args(["--preset", "paper"])).a_batch_size == 2048
+    for flag, value, message in [("--lr-factor", "1.5", "lr-factor must lie in (0, 1), got 1.5"),
+                                 ("--batch-size-a", "0", "batch-size-a must be None or an integer >= 1, got 0")]:
+        assert main([flag, value, "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
 
 
 def test_cli_says_on_stderr_that_q_a_is_not_converged(tmp_path, capsys, single_torch_thread):

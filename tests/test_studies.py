@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
+
 
 from pyro_bbt.guides import GUIDES
 from pyro_bbt.kl_schedules import KL_SCHEDULES
 from pyro_bbt.studies import (
     ABLATION_VARIANTS,
     StudyConfig,
+    build_parser,
+    main,
     ablation,
     ablation_table,
     compare_guides,
@@ -70,10 +74,11 @@ def test_convergence_study_records_what_the_table_and_figure_show(tmp_path):
     from pyro_bbt.studies import CONVERGENCE_VARIANTS, compare_convergence, convergence_table, plot_convergence
 
     config = StudyConfig(epochs=3, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100)
-    variants = [CONVERGENCE_VARIANTS[0], CONVERGENCE_VARIANTS[2], CONVERGENCE_VARIANTS[4]]
+    by_key = {v.key: v for v in CONVERGENCE_VARIANTS}
+    variants = [by_key["old"], by_key["uniform-scale-lr"]]
     never = StoppingRule(max_epochs=3, min_epochs=2, window=1, rel_tol=1e-12, scale_tol=1e-12)
-    rows = compare_convergence(config, never, variants=variants[:2], log=lambda m: None)
-    assert [r["variant"] for r in rows] == [v[0] for v in variants[:2]]
+    rows = compare_convergence(config, never, variants=variants, log=lambda m: None)
+    assert [r["variant"] for r in rows] == [v.name for v in variants]
     for row in rows:
         assert len(row["history"]) == len(row["uninformed_scale_ratio"]) == len(row["wall"]) == 3
         assert row["wall"] == sorted(row["wall"]) and row["rule_epoch"] is None
@@ -81,14 +86,31 @@ def test_convergence_study_records_what_the_table_and_figure_show(tmp_path):
     old, new = (r["history"][-1]["median_scale"]["layers.0.weight"] for r in rows)
     assert abs(math.log(new / 0.01)) > abs(math.log(old / 0.01))
     loose = StoppingRule(max_epochs=10, min_epochs=2, window=1, rel_tol=10.0, scale_tol=10.0)
-    (dropping,) = compare_convergence(replace(config, epochs=6), loose, variants=variants[2:], log=lambda m: None)
+    (dropping,) = compare_convergence(replace(config, epochs=6), loose, variants=[by_key["one-drop"]], log=lambda m: None)
     assert [e["lr_scale"] for e in dropping["history"]] == [1.0, 1.0, 0.1, 0.1] and dropping["rule_epoch"] == 4
-    rows.append(dropping)
-    table = convergence_table(rows, checkpoints=(1, 3, 4, 5))
-    assert "ELBO after 4 epochs" in table and "ELBO after 5 epochs" not in table and "(stopped)" in table
-    assert table.count("\n") == 2 + len(rows)
+    # The batch variants: their own minibatch size (200 images in minibatches of 64: 4 steps an
+    # epoch), their own drop factor, three drops, and the study's cap over their own.
+    batch = replace(by_key["batch-1024"], batch_size=64)
+    (batched,) = compare_convergence(replace(config, max_epochs=9), loose, variants=[batch], log=lambda m: None)
+    assert [e["steps"] for e in batched["history"]] == [4 * (i + 1) for i in range(8)] and batched["rule_epoch"] == 8
+    assert [e["lr_scale"] for e in batched["history"]] == pytest.approx([1.0, 1.0, 0.3, 0.3, 0.09, 0.09, 0.027, 0.027])
+    rows += [dropping, batched]
+    # Checkpoints in seconds: a mark after the longest fit is never reached and left out; a 0 s
+    # mark is before any epoch ended.
+    beyond = math.ceil(max(r["wall"][-1] for r in rows)) + 1
+    table = convergence_table(rows, checkpoints=(0.0, beyond))
+    assert "ELBO after 0 s" in table and f"ELBO after {beyond} s" not in table and "| — |" in table
+    assert f"({batched['history'][-1]['epoch']}, " in table and table.count("\n") == 2 + len(rows)
     plot_convergence(rows, tmp_path / "convergence.png")
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["convergence", "--variants", "batch-1024,nope"])
+    assert exit_info.value.code == 2 and "unknown variant nope; allowed: old," in capsys.readouterr().err
+    assert main(["guides", "--variants", "old", "--out", str(tmp_path)]) == 2
+    assert "--variants applies to the convergence study only" in capsys.readouterr().err
 
 
 def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):
