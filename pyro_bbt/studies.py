@@ -14,6 +14,10 @@
 ``python -m pyro_bbt.studies tradeoff``   B accuracy against A accuracy after B: transfer over tau,
                                           EWC over lambda, finetune, scratch, joint; both heads ->
                                           ``tradeoff.png``, ``tradeoff.md`` (:mod:`pyro_bbt.tradeoff`)
+``python -m pyro_bbt.studies uncertainty`` every guide, a deterministic net and a deep ensemble on
+                                          A's test digits, rotated, noisy and unseen digits ->
+                                          ``uncertainty.png``, ``reliability.png``, ``shift.png``,
+                                          ``uncertainty.md`` (:mod:`pyro_bbt.uncertainty_study`)
 
 Each writes ``<study>.json`` (all numbers) next to its figure or table in ``--out``.
 """
@@ -43,10 +47,20 @@ from .convergence import StoppingRule, assess_convergence, uninformed_scale_rati
 from .plots import sample_std
 from .priors import GaussianPrior, PerSitePrior
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
+from .uncertainty_study import (
+    UNCERTAINTY_PRESETS,
+    UncertaintyConfig,
+    config_to_dict,
+    plot_reliability,
+    plot_shift,
+    plot_uncertainty,
+    uncertainty_study,
+    uncertainty_table,
+)
 
 __all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
 
-STUDIES = ("guides", "schedules", "ablation", "convergence", "tradeoff")
+STUDIES = ("guides", "schedules", "ablation", "convergence", "tradeoff", "uncertainty")
 
 
 @dataclass
@@ -390,6 +404,17 @@ def main(argv: list[str] | None = None) -> int:
         plot_tradeoff(rows, args.out / "tradeoff.png")
         atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
         atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config) | {"reuse": {h: str(d) for h, d in (config.reuse or {}).items()}}, "rows": rows,
+                                   "seconds": time.perf_counter() - start})
+        print(f"done in {time.perf_counter() - start:.0f} s: {target}")
+        return 0
+    if args.study == "uncertainty":
+        uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset])
+        rows = uncertainty_study(uconfig)
+        plot_uncertainty(rows, args.out / "uncertainty.png")
+        plot_reliability(rows, args.out / "reliability.png")
+        plot_shift(rows, args.out / "shift.png")
+        atomic_write_text(args.out / "uncertainty.md", uncertainty_table(rows))
+        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": config_to_dict(uconfig), "rows": rows,
                                    "seconds": time.perf_counter() - start})
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0

@@ -32,7 +32,8 @@ def _commands(module: str) -> list[list[str]]:
 
 def test_python_api_example_runs(single_torch_thread):
     (example,) = _blocks("python")
-    shortened = example.replace("StoppingRule(lr_drops=1)", "StoppingRule(lr_drops=1, max_epochs=1, min_epochs=1), progress=False").replace(
+    shortened = example.replace("StoppingRule(max_epochs=300,", "StoppingRule(max_epochs=1, min_epochs=1,").replace(
+        'kl_schedule="uniform")', 'kl_schedule="uniform", progress=False)').replace(
         "train(model, guide, a.train,", "train(model, guide, a.train.subset(256),")
     assert shortened.count("max_epochs=1") == 1 and "subset(256)" in shortened, "the README example changed its training call; update this test"
     namespace: dict = {}

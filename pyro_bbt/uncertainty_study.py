@@ -1,0 +1,333 @@
+"""The uncertainty study: every guide and two non-Bayesian baselines on task A, scored on A's
+test digits, on rotated and noisy copies of them, and on digits never seen.
+
+``python -m pyro_bbt.studies uncertainty [--preset quick|paper]``. Per seed:
+
+* every guide of :data:`~pyro_bbt.guides.GUIDES` is fitted on A the way q_A is fitted in the
+  transfer experiment (:class:`~pyro_bbt.experiment.ExperimentConfig`'s recipe: uniform KL
+  weights, Adam from lr 1e-2 with the widths at ``scale_lr``, minibatches of ``batch_size_a``,
+  the stopping rule with its learning-rate drops, at most ``max_epochs`` epochs); the rule's
+  verdict is recorded with every row;
+* a deterministic MLP and a deep ensemble of ``ensemble_size`` of them (Lakshminarayanan et
+  al. 2017: independent initialisations and data orders, averaged softmax), same
+  architecture and data, Adam at ``net_lr`` for ``net_epochs`` epochs in minibatches of 128;
+* each predictor is scored (:func:`pyro_bbt.uncertainty.score`) on every set of
+  :func:`~pyro_bbt.uncertainty.shift_suite`, with ``eval_samples`` posterior samples for
+  the guides; AUROC of telling A's test digits from unseen digits by predictive entropy and by
+  mutual information; reliability diagrams on A's test set and its 45-degree rotation;
+  histograms of entropy and mutual information on A test and unseen digits.
+
+Writes ``uncertainty.json``, ``uncertainty.md`` (mean ± std over seeds), ``uncertainty.png``,
+``reliability.png`` and ``shift.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .convergence import assess_convergence
+from .data import Task, load_task
+from .ewc import MLP, DeterministicTrainConfig, train_deterministic
+from .experiment import ExperimentConfig, _fresh_bayesian, _train_config
+from .guides import GUIDES
+from .inference import train
+from .plots import sample_std
+from .uncertainty import (
+    IN_DISTRIBUTION,
+    NOISE_STDS,
+    ROTATIONS,
+    UNSEEN,
+    auroc,
+    bayesian_log_probs,
+    decompose,
+    network_log_probs,
+    predictive_log_mean,
+    reliability,
+    score,
+    shift_name,
+    shift_suite,
+)
+
+__all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "uncertainty_study", "uncertainty_table", "plot_uncertainty",
+           "plot_reliability", "plot_shift"]
+
+DETERMINISTIC, ENSEMBLE = "deterministic", "ensemble"
+PREDICTORS: tuple[str, ...] = (*GUIDES, DETERMINISTIC, ENSEMBLE)
+RELIABILITY_SETS: tuple[str, ...] = (IN_DISTRIBUTION, shift_name("rotation", 45.0))
+HISTOGRAM_BINS = 30
+
+
+@dataclass
+class UncertaintyConfig:
+    """What the study fits and scores. ``max_epochs`` caps every guide's fit by the stopping
+    rule; ``limit_train`` / ``limit_eval`` shrink the data for smoke runs."""
+
+    predictors: tuple[str, ...] = PREDICTORS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    hidden: tuple[int, ...] = (400, 400)
+    max_epochs: int = 300
+    min_epochs: int = 5
+    ensemble_size: int = 5
+    net_epochs: int = 10
+    net_lr: float = 1e-3
+    eval_samples: int = 32
+    rotations: tuple[float, ...] = ROTATIONS
+    noise_stds: tuple[float, ...] = NOISE_STDS
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    experiment: dict = field(default_factory=dict)  # overrides of ExperimentConfig's fitting recipe
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.predictors if p not in PREDICTORS]
+        if unknown or not self.predictors:
+            raise ValueError(f"unknown predictor {', '.join(unknown) or '(none given)'}; allowed: {', '.join(PREDICTORS)}")
+        for name in ("max_epochs", "min_epochs", "ensemble_size", "net_epochs", "eval_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"min-epochs ({self.min_epochs}) must not exceed max-epochs ({self.max_epochs})")
+
+    def fitting(self, guide: str, seed: int) -> ExperimentConfig:
+        """The transfer experiment's recipe for q_A with ``guide``, with this study's cap."""
+        return ExperimentConfig(guide=guide, hidden=self.hidden, seeds=(seed,), epochs_a=self.min_epochs, max_epochs_a=self.max_epochs,
+                                **self.experiment)
+
+
+UNCERTAINTY_PRESETS = {
+    # Everything on 4,000 training images, a few epochs, one seed: a smoke run of the study.
+    "quick": dict(seeds=(0,), max_epochs=6, ensemble_size=3, net_epochs=3, eval_samples=16, limit_train=4000, limit_eval=1000),
+    "paper": dict(),
+}
+
+
+def _fit_guide(config: UncertaintyConfig, guide_name: str, train_split, seed: int):
+    experiment = config.fitting(guide_name, seed)
+    model, guide = _fresh_bayesian(experiment, experiment.base_prior(), seed)
+    rule = experiment.stopping_rule
+    lr = experiment.lr if experiment.lr_a is None else experiment.lr_a
+    train_config = _train_config(experiment, None, seed, stopping=rule, lr=lr, batch_size=experiment.a_batch_size)
+    history = train(model, guide, train_split, train_config)
+    convergence = assess_convergence(history.to_records(), rule)
+    return model, guide, convergence.to_dict(), history
+
+
+def _fit_nets(config: UncertaintyConfig, count: int, train_split, seed: int) -> list[MLP]:
+    sizes = (train_split.x.shape[1], *config.hidden, int(train_split.y.max()) + 1)
+    steps = config.net_epochs * math.ceil(len(train_split) / 128)
+    nets = []
+    for member in range(count):
+        member_seed = 1000 * seed + member
+        torch.manual_seed(member_seed)
+        net = MLP(sizes)
+        train_deterministic(net, train_split.x, train_split.y, DeterministicTrainConfig(config.net_lr, 128, steps, member_seed))
+        nets.append(net.eval())
+    return nets
+
+
+MI_FLOOR = 1e-4  # mutual information is histogrammed on a log axis from here (smaller values, and 0, in the first bin)
+
+
+def histogram_edges(quantity: str, top: float) -> np.ndarray:
+    """Bin edges: linear on ``[0, log C]`` for entropy, logarithmic on ``[1e-4, log C]`` for
+    mutual information (most of it is tiny on any input)."""
+    if quantity == "entropy":
+        return np.linspace(0.0, top, HISTOGRAM_BINS + 1)
+    return np.geomspace(MI_FLOOR, top, HISTOGRAM_BINS + 1)
+
+
+def _histogram(values: torch.Tensor, quantity: str, top: float) -> list[int]:
+    edges = histogram_edges(quantity, top)
+    return np.histogram(values.double().clamp(float(edges[0]), top).numpy(), bins=edges)[0].tolist()
+
+
+def _score_predictor(log_probs_of, suite: dict, num_classes: int) -> dict:
+    """Scores on every set of ``suite`` of a predictor given as ``x -> (S, N, C)``."""
+    sets, detail = {}, {}
+    for name, (split, labelled) in suite.items():
+        log_probs = log_probs_of(split.x)
+        sets[name] = score(log_probs, split.y if labelled else None).to_dict()
+        if name in (IN_DISTRIBUTION, UNSEEN) or name in RELIABILITY_SETS:
+            detail[name] = (log_probs, split.y)
+    (a_lp, a_y), (u_lp, _) = detail[IN_DISTRIBUTION], detail[UNSEEN]
+    a_total, _, a_mi = decompose(a_lp)
+    u_total, _, u_mi = decompose(u_lp)
+    top = math.log(num_classes)
+    return {
+        "sets": sets,
+        "auroc_entropy": auroc(a_total, u_total),
+        "auroc_mutual_information": auroc(a_mi, u_mi),
+        "reliability": {name: reliability(predictive_log_mean(detail[name][0]).exp(), detail[name][1]) for name in RELIABILITY_SETS if name in detail},
+        "histograms": {"top": top,
+                       "entropy": {IN_DISTRIBUTION: _histogram(a_total, "entropy", top), UNSEEN: _histogram(u_total, "entropy", top)},
+                       "mutual_information": {IN_DISTRIBUTION: _histogram(a_mi, "mutual_information", top),
+                                              UNSEEN: _histogram(u_mi, "mutual_information", top)}},
+    }
+
+
+def uncertainty_study(config: UncertaintyConfig, log=print) -> list[dict]:
+    """One row per predictor and seed (see the module docstring)."""
+    task_a, task_b = Task(digits=(0, 1, 2, 3, 4), name="A"), Task(digits=(5, 6, 7, 8, 9), name="B")
+    suite = shift_suite(task_a, task_b, config.rotations, config.noise_stds, config.limit_eval)
+    rows = []
+    for seed in config.seeds:
+        train_split = load_task(Task(digits=task_a.digits, seed=seed, name="A")).train
+        if config.limit_train is not None:
+            train_split = train_split.subset(config.limit_train)
+        num_classes = len(task_a.digits)
+        nets: list[MLP] = []
+        if {DETERMINISTIC, ENSEMBLE} & set(config.predictors):
+            start = time.perf_counter()
+            nets = _fit_nets(config, config.ensemble_size if ENSEMBLE in config.predictors else 1, train_split, seed)
+            net_seconds = time.perf_counter() - start
+        for predictor in config.predictors:
+            start = time.perf_counter()
+            convergence = None
+            if predictor in GUIDES:
+                model, guide, convergence, history = _fit_guide(config, predictor, train_split, seed)
+                fit_seconds = time.perf_counter() - start
+                eval_seed = seed
+
+                def log_probs_of(x, model=model, guide=guide):
+                    return bayesian_log_probs(model, guide, x, config.eval_samples, seed=eval_seed)
+
+            else:
+                members = nets[:1] if predictor == DETERMINISTIC else nets
+                fit_seconds = net_seconds * len(members) / len(nets)
+
+                def log_probs_of(x, members=members):
+                    return network_log_probs(members, x)
+
+            scores = _score_predictor(log_probs_of, suite, num_classes)
+            rows.append({"predictor": predictor, "seed": seed, "fit_seconds": fit_seconds, "convergence": convergence, **scores})
+            a = scores["sets"][IN_DISTRIBUTION]
+            verdict = "" if convergence is None else f", {convergence['epochs']} epochs, {'converged' if convergence['converged'] else 'NOT converged'}"
+            log(f"{predictor:>13} seed {seed}: A acc {a['accuracy']:.4f}, ECE {a['ece']:.4f}, AUROC unseen by entropy {scores['auroc_entropy']:.3f}, "
+                f"by MI {scores['auroc_mutual_information']:.3f}; fit {fit_seconds:.0f} s{verdict}")
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.3f} ± {sample_std(values):.3f}"
+
+
+def uncertainty_table(rows: list[dict]) -> str:
+    """Markdown: per predictor, mean ± std over seeds of A's test accuracy and ECE, the AUROCs
+    against unseen digits, accuracy and ECE at 45 and 90 degrees and at the largest noise, and
+    how many of its fits the stopping rule called converged."""
+    predictors = list(dict.fromkeys(r["predictor"] for r in rows))
+    sets = list(rows[0]["sets"])
+    rot45, rot90 = shift_name("rotation", 45.0), shift_name("rotation", 90.0)
+    noise = [s for s in sets if s.startswith("noise")]
+    columns = [(f"{IN_DISTRIBUTION}: accuracy", IN_DISTRIBUTION, "accuracy"), (f"{IN_DISTRIBUTION}: ECE", IN_DISTRIBUTION, "ece")]
+    for name in (rot45, rot90, *(noise[-1:])):
+        if name in sets:
+            columns += [(f"{name}: accuracy", name, "accuracy"), (f"{name}: ECE", name, "ece")]
+    lines = ["| predictor | " + " | ".join(c[0] for c in columns) + " | AUROC unseen, entropy | AUROC unseen, MI | converged fits | seeds |",
+             "|---|" + "---|" * (len(columns) + 4)]
+    for predictor in predictors:
+        group = [r for r in rows if r["predictor"] == predictor]
+        cells = [_mean_std([r["sets"][s][k] for r in group]) for _, s, k in columns]
+        verdicts = [r["convergence"]["converged"] for r in group if r["convergence"] is not None]
+        converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "—"
+        lines.append(f"| {predictor} | " + " | ".join(cells) + f" | {_mean_std([r['auroc_entropy'] for r in group])} | "
+                     f"{_mean_std([r['auroc_mutual_information'] for r in group])} | {converged} | {len(group)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_predictor(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["predictor"], []).append(row)
+    return grouped
+
+
+def plot_uncertainty(rows: list[dict], path: Path) -> None:
+    """Per predictor: histograms (summed over seeds) of predictive entropy (top row) and mutual
+    information (bottom row, log axis; a deterministic net's is 0) on A's test digits and on
+    unseen digits."""
+    from .plots import _save, plt
+
+    grouped = _by_predictor(rows)
+    fig, axes = plt.subplots(2, len(grouped), figsize=(2.6 * len(grouped), 5), squeeze=False)
+    for col, (predictor, group) in enumerate(grouped.items()):
+        top = group[0]["histograms"]["top"]
+        for row_index, quantity in enumerate(("entropy", "mutual_information")):
+            ax = axes[row_index][col]
+            edges = histogram_edges(quantity, top)
+            for name, colour in ((IN_DISTRIBUTION, "tab:blue"), (UNSEEN, "tab:red")):
+                counts = np.sum([r["histograms"][quantity][name] for r in group], axis=0)
+                ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, alpha=0.5, color=colour, label=name)
+            ax.set_yscale("log")
+            if quantity == "mutual_information":
+                ax.set_xscale("log")
+            ax.set_title(predictor if row_index == 0 else "", fontsize=9)
+            ax.set_xlabel("entropy (nats)" if quantity == "entropy" else "mutual information (nats)", fontsize=8)
+    axes[0][0].set_ylabel("fraction of inputs")
+    axes[1][0].set_ylabel("fraction of inputs")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_reliability(rows: list[dict], path: Path) -> None:
+    """Per predictor, the reliability diagram (pooled over seeds) on A's test set and on its
+    45-degree rotation: accuracy against confidence per bin, the diagonal is calibrated."""
+    from .plots import _save, plt
+
+    grouped = _by_predictor(rows)
+    fig, axes = plt.subplots(1, len(grouped), figsize=(2.6 * len(grouped), 2.9), squeeze=False)
+    for ax, (predictor, group) in zip(axes[0], grouped.items()):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        for name, marker in zip(RELIABILITY_SETS, ("o", "s")):
+            bins: dict[int, list] = {}
+            for row in group:
+                for b in row["reliability"].get(name, []):
+                    bins.setdefault(b["bin"], []).append(b)
+            conf = [np.average([b["confidence"] for b in v], weights=[b["count"] for b in v]) for v in bins.values()]
+            acc = [np.average([b["accuracy"] for b in v], weights=[b["count"] for b in v]) for v in bins.values()]
+            ax.plot(conf, acc, marker=marker, ms=3, lw=1, label=name)
+        ax.set(title=predictor, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_shift(rows: list[dict], path: Path) -> None:
+    """Accuracy and ECE (mean ± std over seeds) against rotation angle and noise level."""
+    from .plots import _save, plt
+
+    grouped = _by_predictor(rows)
+    sets = list(rows[0]["sets"])
+    axes_of = {"rotation": [0.0] + [float(s.split()[1]) for s in sets if s.startswith("rotate")],
+               "noise": [0.0] + [float(s.split()[1]) for s in sets if s.startswith("noise")]}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for col, (kind, levels) in enumerate(axes_of.items()):
+        names = [IN_DISTRIBUTION] + [shift_name(kind, v) for v in levels[1:]]
+        for predictor, group in grouped.items():
+            for row_index, metric in enumerate(("accuracy", "ece")):
+                values = np.array([[r["sets"][n][metric] for n in names] for r in group])
+                std = [sample_std(list(values[:, i])) for i in range(values.shape[1])]
+                axes[row_index][col].errorbar(levels, values.mean(0), yerr=std, marker="o", ms=3, capsize=2, label=predictor)
+        axes[0][col].set(title=f"A's test digits under {kind}", ylabel="accuracy")
+        axes[1][col].set(xlabel="degrees" if kind == "rotation" else "noise std (scaled pixels)", ylabel="ECE (15 bins)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7)
+    _save(fig, path)
+
+
+def config_to_dict(config: UncertaintyConfig) -> dict:
+    """The study's configuration with the fitting recipe it implies (for ``uncertainty.json``)."""
+    fitting = asdict(config.fitting("meanfield", config.seeds[0]))
+    for name in ("guide", "seeds"):
+        fitting.pop(name)
+    return asdict(config) | {"fitting": fitting}

@@ -1,0 +1,166 @@
+"""Uncertainty: the entropy decomposition, AUROC with ties, and shifted sets that are what they claim."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from conftest import fresh_model_and_guide
+from pyro_bbt.data import Task, load_task
+from pyro_bbt.ewc import MLP
+from pyro_bbt.uncertainty import (
+    IN_DISTRIBUTION,
+    UNSEEN,
+    auroc,
+    bayesian_log_probs,
+    decompose,
+    network_log_probs,
+    reliability,
+    score,
+    shift_suite,
+)
+
+
+def _log(p) -> torch.Tensor:
+    return torch.tensor(p, dtype=torch.float64).log()
+
+
+def test_decomposition_on_hand_built_probabilities():
+    # Two confident networks that disagree: nothing aleatoric, all of log 2 epistemic.
+    total, aleatoric, epistemic = decompose(_log([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    assert total.item() == pytest.approx(math.log(2)) and aleatoric.item() == 0.0 and epistemic.item() == pytest.approx(math.log(2))
+    # Two networks that agree on (0.7, 0.3): all aleatoric, nothing epistemic.
+    h = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
+    total, aleatoric, epistemic = decompose(_log([[[0.7, 0.3]], [[0.7, 0.3]]]))
+    assert (total.item(), aleatoric.item()) == pytest.approx((h, h)) and epistemic.item() == pytest.approx(0.0, abs=1e-12)
+    # (0.9, 0.1) and (0.5, 0.5): mean (0.7, 0.3); aleatoric is the mean of the two entropies.
+    total, aleatoric, epistemic = decompose(_log([[[0.9, 0.1]], [[0.5, 0.5]]]))
+    h1 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert total.item() == pytest.approx(h) and aleatoric.item() == pytest.approx((h1 + math.log(2)) / 2)
+    assert epistemic.item() == pytest.approx(h - (h1 + math.log(2)) / 2)
+
+
+def test_total_is_aleatoric_plus_epistemic_and_epistemic_is_not_negative():
+    log_probs = torch.log_softmax(torch.randn(7, 50, 5, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    total, aleatoric, epistemic = decompose(log_probs)
+    torch.testing.assert_close(total, aleatoric + epistemic)
+    assert (epistemic >= -1e-6).all() and (total <= math.log(5) + 1e-6).all()
+    # One sample (a deterministic net): no epistemic part at all.
+    total, aleatoric, epistemic = decompose(log_probs[0])
+    assert torch.equal(total, aleatoric) and torch.equal(epistemic, torch.zeros(50))
+
+
+def test_auroc_against_a_hand_computed_example_with_ties():
+    negatives, positives = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.4, 0.9])
+    # pairs (pos, neg): 0.4 beats 0.1 and 0.35, ties 0.4, loses to 0.8 (2.5); 0.9 beats all four (4)
+    assert auroc(negatives, positives) == pytest.approx(6.5 / 8)
+    brute = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(positives.tolist(), negatives.tolist())) / 8
+    assert auroc(negatives, positives) == pytest.approx(brute)
+    assert auroc(torch.zeros(3), torch.ones(2)) == 1.0 and auroc(torch.ones(3), torch.zeros(2)) == 0.0
+    assert auroc(torch.ones(4), torch.ones(6)) == 0.5
+    with pytest.raises(ValueError, match="both sets"):
+        auroc(torch.tensor([]), torch.ones(2))
+
+
+def test_random_scores_give_an_auroc_near_one_half_and_it_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    negatives, positives = torch.randint(0, 5, (40,), generator=gen).float(), torch.randint(0, 5, (30,), generator=gen).float()
+    brute = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(positives.tolist(), negatives.tolist())) / (40 * 30)
+    assert auroc(negatives, positives) == pytest.approx(brute)
+
+
+def test_scores_and_reliability_on_hand_built_predictions():
+    log_probs = _log([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]])
+    labels = torch.tensor([0, 1, 1])
+    scores = score(log_probs, labels, num_bins=10)
+    assert scores.accuracy == pytest.approx(2 / 3) and scores.confidence == pytest.approx((0.9 + 0.6 + 0.8) / 3)
+    assert scores.nll == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.8)) / 3)
+    # bins of width 0.1: 0.9 alone (right), 0.6 alone (wrong), 0.8 alone (right)
+    assert scores.ece == pytest.approx((abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.8)) / 3)
+    rows = reliability(log_probs[0].exp(), labels, num_bins=10)
+    assert [(r["bin"], r["accuracy"], r["count"]) for r in rows] == [(5, 0.0, 1), (7, 1.0, 1), (8, 1.0, 1)]
+    unlabelled = score(log_probs, None)
+    assert unlabelled.accuracy is None and unlabelled.ece is None and unlabelled.entropy == pytest.approx(scores.entropy)
+
+
+def test_shifted_sets_are_what_they_claim():
+    task_a, task_b = Task(digits=(0, 1, 2, 3, 4)), Task(digits=(5, 6, 7, 8, 9))
+    suite = shift_suite(task_a, task_b, rotations=(90.0,), noise_stds=(0.5,), limit=300)
+    assert list(suite) == [IN_DISTRIBUTION, "rotate 90", "noise 0.5", UNSEEN]
+    clean, _ = suite[IN_DISTRIBUTION]
+    rotated, labelled = suite["rotate 90"]
+    assert labelled and torch.equal(rotated.y, clean.y)
+    # a quarter turn counter-clockwise: torch.rot90 from the row axis towards the column axis
+    expected = torch.rot90(clean.x.view(-1, 28, 28), 1, dims=(-2, -1)).reshape(-1, 784)
+    torch.testing.assert_close(rotated.x, expected, atol=1e-5, rtol=0)
+    noisy, _ = suite["noise 0.5"]
+    assert (noisy.x - clean.x).std().item() == pytest.approx(0.5, rel=0.02) and (noisy.x - clean.x).mean().abs() < 0.01
+    unseen, labelled = suite[UNSEEN]
+    full_b = load_task(task_b).test
+    assert not labelled and torch.equal(unseen.x, full_b.x[:300])
+
+
+def test_predictors_give_per_sample_log_probabilities():
+    torch.manual_seed(0)
+    x = torch.randn(20, 6)
+    nets = [MLP((6, 8, 3)) for _ in range(3)]
+    ensemble = network_log_probs(nets, x)
+    assert ensemble.shape == (3, 20, 3) and torch.allclose(ensemble.exp().sum(-1), torch.ones(3, 20))
+    assert decompose(ensemble)[2].mean() > 0  # different initialisations disagree
+    assert decompose(network_log_probs(nets[:1], x))[2].abs().max() == 0
+    model, guide = fresh_model_and_guide((6, 8, 3), "meanfield", initialize=True)
+    first, again = bayesian_log_probs(model, guide, x, 5, seed=3), bayesian_log_probs(model, guide, x, 5, seed=3)
+    assert first.shape == (5, 20, 3) and torch.equal(first, again)
+    assert not torch.equal(first, bayesian_log_probs(model, guide, x, 5, seed=4))
+    with pytest.raises(ValueError, match="at least one net"):
+        network_log_probs([], x)
+
+
+def test_the_study_scores_guides_and_baselines_on_every_set(tmp_path, single_torch_thread):
+    from pyro_bbt.uncertainty_study import (
+        UncertaintyConfig,
+        config_to_dict,
+        plot_reliability,
+        plot_shift,
+        plot_uncertainty,
+        uncertainty_study,
+        uncertainty_table,
+    )
+
+    config = UncertaintyConfig(predictors=("meanfield", "delta", "deterministic", "ensemble"), seeds=(0, 1), hidden=(16,), max_epochs=3,
+                               min_epochs=2, ensemble_size=3, net_epochs=1, eval_samples=4, limit_train=300, limit_eval=100,
+                               rotations=(45.0, 90.0), noise_stds=(0.5,), experiment=dict(batch_size_a=100))
+    rows = uncertainty_study(config, log=lambda m: None)
+    assert [(r["predictor"], r["seed"]) for r in rows] == [(p, s) for s in (0, 1) for p in config.predictors]
+    for row in rows:
+        assert list(row["sets"]) == [IN_DISTRIBUTION, "rotate 45", "rotate 90", "noise 0.5", UNSEEN]
+        assert row["sets"][UNSEEN]["accuracy"] is None and 0 <= row["sets"]["rotate 90"]["accuracy"] <= 1
+        assert 0.0 <= row["auroc_entropy"] <= 1.0 and sum(row["histograms"]["entropy"][UNSEEN]) == 100
+        for name in (IN_DISTRIBUTION, "rotate 45"):
+            assert sum(b["count"] for b in row["reliability"][name]) == 100
+        a = row["sets"][IN_DISTRIBUTION]
+        assert a["entropy"] == pytest.approx(a["aleatoric"] + a["mutual_information"], abs=1e-5)
+    by = {(r["predictor"], r["seed"]): r for r in rows}
+    # the guides' fits are judged by the rule (3 epochs of 3 steps: not converged); the nets are not fitted by it
+    assert by[("meanfield", 0)]["convergence"]["epochs"] == 3 and by[("ensemble", 0)]["convergence"] is None
+    # one net has no epistemic part; three nets of different seeds disagree
+    assert by[("deterministic", 0)]["sets"][UNSEEN]["mutual_information"] == 0.0
+    assert by[("ensemble", 0)]["sets"][UNSEEN]["mutual_information"] > 0.0
+    table = uncertainty_table(rows)
+    assert table.count("\n") == 2 + 4 and "| ensemble |" in table and "| 0/2 | 2 |" in table
+    for plot, name in ((plot_uncertainty, "u.png"), (plot_reliability, "r.png"), (plot_shift, "s.png")):
+        plot(rows, tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 0
+    assert config_to_dict(config)["fitting"]["batch_size_a"] == 100
+
+
+def test_the_study_config_rejects_bad_values():
+    from pyro_bbt.uncertainty_study import UncertaintyConfig
+
+    with pytest.raises(ValueError, match="unknown predictor bayes; allowed: normal, meanfield"):
+        UncertaintyConfig(predictors=("bayes",))
+    with pytest.raises(ValueError, match="ensemble-size must be an integer >= 1, got 0"):
+        UncertaintyConfig(ensemble_size=0)
