@@ -6,7 +6,9 @@ accuracy after B, B's test NLL and ECE, and backward transfer; task A's accuracy
 the convergence diagnostics of every posterior (epochs, the stopping rule's verdict, median
 posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings.
 The README's result tables are this command's output. ``--plots`` also redraws the run's
-figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run).
+figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run);
+``--uncertainty`` adds the predictive entropy and mutual information on A's test digits after B,
+per method and fraction, and Spearman's correlation of each with forgetting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["transfer_tables", "convergence_lines", "build_parser", "main"]
+__all__ = ["transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -87,6 +89,64 @@ def convergence_lines(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on mid-ranks); ``None`` for fewer than 3 pairs or
+    a constant variable."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs pairs, got {len(x)} and {len(y)} values")
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
+
+
+def forgetting_uncertainty_lines(results: dict) -> str:
+    """Does the network's uncertainty on A's test digits after B tell how much of A it forgot?
+    Per method and fraction: A's test accuracy after B with the predictive entropy and mutual
+    information on A's test set (mean ± std over seeds); per method, Spearman's correlation over
+    all its units between forgetting (1 - accuracy) and each of the two."""
+    units = [u for u in results["units"] if u["status"] == "ok" and u.get("a_test_after")]
+    methods = list(dict.fromkeys(u["method"] for u in units))
+    fractions = sorted({u["fraction"] for u in units})
+    lines = ["**Uncertainty on A's test digits after B** (accuracy / entropy / mutual information in nats, mean ± std over seeds)", "",
+             "| method | " + " | ".join(f"{f:g}" for f in fractions) + " | Spearman: forgetting vs entropy | vs mutual information |",
+             "|---|" + "---|" * (len(fractions) + 2)]
+
+    def mean_std(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return f"{mean:.3f} ± {std:.3f}"
+
+    for method in methods:
+        mine = [u for u in units if u["method"] == method]
+        cells = []
+        for fraction in fractions:
+            group = [u["a_test_after"] for u in mine if u["fraction"] == fraction]
+            cells.append(" / ".join(mean_std([g[k] for g in group]) for k in ("accuracy", "entropy", "mutual_information")) if group else "—")
+        forgetting = [1 - u["a_test_after"]["accuracy"] for u in mine]
+        rho = [spearman(forgetting, [u["a_test_after"][k] for u in mine]) for k in ("entropy", "mutual_information")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join("—" if r is None else f"{r:+.2f}" for r in rho) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def prior_scale_lines(run_dir: Path) -> str:
     """Median scale of the transferred prior (tau * sigma of q_A) per weight site, from the
     task-A stages saved in ``run_dir/stages``."""
@@ -104,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
+    parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
 
 
@@ -121,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(transfer_tables(results), end="")
     print(convergence_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
+    if args.uncertainty:
+        print(forgetting_uncertainty_lines(results), end="")
     if args.plots:
         from .plots import save_all
 

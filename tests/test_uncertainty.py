@@ -164,3 +164,35 @@ def test_the_study_config_rejects_bad_values():
         UncertaintyConfig(predictors=("bayes",))
     with pytest.raises(ValueError, match="ensemble-size must be an integer >= 1, got 0"):
         UncertaintyConfig(ensemble_size=0)
+
+
+def test_spearman_on_hand_computed_examples():
+    from pyro_bbt.report import spearman
+
+    assert spearman([1, 2, 3, 4], [2, 4, 9, 10]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [5, 3, 2, 0]) == pytest.approx(-1.0)
+    # ties share mid-ranks: x ranks 1, 2.5, 2.5, 4 against y ranks 1, 2, 3, 4
+    rx, ry = [1, 2.5, 2.5, 4], [1, 2, 3, 4]
+    expected = sum((a - 2.5) * (b - 2.5) for a, b in zip(rx, ry)) / (sum((a - 2.5) ** 2 for a in rx) * sum((b - 2.5) ** 2 for b in ry)) ** 0.5
+    assert spearman([0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]) == pytest.approx(expected)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
+
+
+def test_report_says_how_uncertainty_on_a_tracks_forgetting(tmp_path, capsys):
+    import json
+
+    from pyro_bbt.report import main as report_main
+
+    def unit(method, fraction, seed, accuracy, entropy, mi):
+        return {"method": method, "fraction": fraction, "seed": seed, "status": "ok",
+                "a_test_after": {"accuracy": accuracy, "entropy": entropy, "mutual_information": mi}}
+
+    units = [unit("transfer", f, s, 0.9 - 0.1 * i - 0.01 * s, 0.1 + 0.1 * i + 0.01 * s, 0.5 - 0.1 * i)
+             for i, f in enumerate((0.1, 1.0)) for s in (0, 1)]
+    units.append({"method": "transfer", "fraction": 0.1, "seed": 2, "status": "failed"})
+    results = {"summary": {}, "task_a": [], "units": units}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert report_main([str(tmp_path), "--uncertainty"]) == 0
+    out = capsys.readouterr().out
+    # entropy rises with forgetting (+1), the mutual information here falls (-1, up to ties)
+    assert "| transfer | 0.895 ± 0.007 / 0.105 ± 0.007 / 0.500 ± 0.000 | 0.795 ± 0.007 / 0.205 ± 0.007 / 0.400 ± 0.000 | +1.00 | -0.89 |" in out
