@@ -156,6 +156,7 @@ CONVERGENCE_VARIANTS = [
     # Larger minibatches: a step of 1024 or 2048 images costs far less than 8 or 16 steps of 128 on
     # a CPU, and averages away minibatch noise; the rule drops the rates 3 times by 0.3, for at
     # most 300 epochs.
+    FitVariant("batch-128", "batch 128, uniform, lr 1e-2, scale lr 3e-2, 3 drops x 0.3", "uniform", 1e-2, 3e-2, 3, 0.3, 128, 300),
     FitVariant("batch-512", "batch 512, uniform, lr 1e-2, scale lr 3e-2, 3 drops x 0.3", "uniform", 1e-2, 3e-2, 3, 0.3, 512, 300),
     FitVariant("batch-1024", "batch 1024, uniform, lr 1e-2, scale lr 3e-2, 3 drops x 0.3", "uniform", 1e-2, 3e-2, 3, 0.3, 1024, 300),
     FitVariant("batch-2048", "batch 2048, uniform, lr 1e-2, scale lr 3e-2, 3 drops x 0.3 (the default)", "uniform", 1e-2, 3e-2, 3, 0.3, 2048, 300),
