@@ -257,15 +257,21 @@ def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
     )
 
 
-def ablation(config: StudyConfig, log=print) -> list[dict]:
-    """Transfer on B at one fraction under the variants of :data:`ABLATION_VARIANTS`; task A is
-    fitted once per seed (tau = 1) and shared by every variant, the step budget is the same."""
-    # The settings of the paper run before q_A was fitted to convergence (fixed epochs on A, one
-    # learning rate for locations and scales, Blundell's schedule): the numbers in README.
-    base = ExperimentConfig(hidden=config.hidden, epochs_a=config.epochs, max_epochs_a=None, lr=1e-3, lr_a=None, scale_lr=None, kl_schedule="blundell",
-                            epochs=config.epochs, fractions=(config.ablation_fraction,),
+def ablation_base(config: StudyConfig) -> ExperimentConfig:
+    """The settings of the paper run before q_A was fitted to convergence (a fixed number of
+    epochs on A in minibatches of 128, one learning rate of 1e-3 for locations and scales,
+    Blundell's schedule): the ablation's numbers in README."""
+    return ExperimentConfig(hidden=config.hidden, epochs_a=config.epochs, max_epochs_a=None, batch_size_a=None, lr=1e-3, lr_a=None, scale_lr=None,
+                            kl_schedule="blundell", epochs=config.epochs, fractions=(config.ablation_fraction,),
                             seeds=config.seeds, eval_samples=config.eval_samples, limit_train=config.limit_train, min_steps=config.min_steps,
                             limit_eval=config.limit_eval, methods=("scratch", "transfer"))
+
+
+def ablation(config: StudyConfig, log=print) -> list[dict]:
+    """Transfer on B at one fraction under the variants of :data:`ABLATION_VARIANTS`; task A is
+    fitted once per seed (tau = 1) under :func:`ablation_base` and shared by every variant, the
+    step budget is the same."""
+    base = ablation_base(config)
     rows = []
     for seed in config.seeds:
         stage_a = _fit_task_a(base, _load(base, 1.0, seed), seed)

@@ -56,6 +56,14 @@ def test_ablation_runs_every_variant_with_one_budget():
         assert name in table
 
 
+def test_ablation_keeps_the_settings_before_convergence():
+    from pyro_bbt.studies import ablation_base
+
+    base = ablation_base(StudyConfig(epochs=5))
+    assert (base.a_batch_size, base.max_epochs_a, base.epochs_a, base.lr, base.lr_a, base.scale_lr, base.kl_schedule) == (
+        128, None, 5, 1e-3, None, None, "blundell")
+
+
 def test_guides_table_is_mean_and_sample_std_per_guide():
     from pyro_bbt.studies import guides_table
 
