@@ -3,7 +3,12 @@
 Run ``python -m pyro_bbt.bench`` (``--help`` for the flags). Every configuration trains on
 task A of split MNIST (digits 0-4, :func:`pyro_bbt.data.load_task`, its ``train`` split,
 minibatches of 128, Adam with lr 1e-3) for ``--epochs`` epochs, and the wall-clock seconds
-of every epoch are recorded.
+of every epoch are recorded. After the timed epochs (outside the timing and after the peak
+memory is read) each configuration's ``test_accuracy`` on task A's ``test`` split is
+recorded, so that a configuration that is fast because it is broken shows: the argmax of
+the predictive mean ``(1/8) sum_s softmax(f(x; w_s))`` over 8 weight samples for the
+Bayesian ones (:func:`pyro_bbt.evaluation.evaluate` with ``num_samples=8`` for pyro_bbt's
+and ``pyro-autonormal-svi``), of one forward pass for ``torch-deterministic``.
 
 What is measured
 ----------------
@@ -14,18 +19,59 @@ Plain-PyTorch references, with their training loops written here:
 * ``torch-bbb-16``: Bayes by Backprop (Blundell et al. 2015) written by hand: mean-field
   Gaussian weights ``N(mu, softplus(rho)^2)``, 16 independent weight samples per step drawn
   at once and pushed through the net with ``torch.baddbmm``, closed-form
-  ``KL(q || N(0, 1))`` weighted ``1/M`` (M minibatches per epoch);
+  ``KL(q || N(0, 1))`` with weight 1 on every step (the minibatch's likelihood is scaled by
+  ``N/B``: each step's loss is an unbiased estimate of the full-data negative ELBO, as in
+  Pyro's ``Trace_ELBO``);
 * ``torch-lrt``: the same posterior trained with local reparameterisation (one sample of
   the pre-activations per example).
 
 pyro_bbt, through :func:`pyro_bbt.inference.train` with ``eval_samples=0`` (the epoch
 seconds come from its history; epoch 1 includes the guide's setup, hence medians; other
 settings are :class:`~pyro_bbt.inference.TrainConfig`'s defaults, e.g. the ``blundell`` KL
-schedule, which changes the KL's weight but not the cost of a step):
+schedule, which changes the KL's weight per step but not the cost of a step):
 
 * ``meanfield-local-1``: the default training (``meanfield`` guide, ``local`` estimator);
 * ``meanfield-weights-16`` / ``meanfield-weights-1``: weight sampling with 16 / 1 particles;
 * ``normal-weights-16``: Pyro's AutoNormal with 16 weight-sampling particles.
+
+Peers: the implementations a user would pick instead of pyro_bbt, each the MLP
+784-400-400-5 with ReLU, trained in the references' loop (same minibatch order, one weight
+sample per step, Adam lr 1e-3). A peer whose package is not installed is skipped with one
+line naming it (``pip install -e ".[bench]"`` installs them); naming it in ``--configs`` is
+an error.
+
+* ``bayes-torch-reparam``: bayesian-torch's ``LinearReparameterization`` layers (one weight
+  sample per minibatch, shared by its examples), prior ``N(0, 1)`` (``prior_mean=0``,
+  ``prior_variance=1``; the library uses that value as the prior's standard deviation),
+  ``posterior_rho_init = softplus^{-1}(0.01)``, ``posterior_mu_init=0`` (the default). The
+  library draws ``rho ~ N(posterior_rho_init, 0.1)`` and ``mu ~ N(posterior_mu_init, 0.1)``
+  for weights and biases alike, so ``sigma = log1p(exp(rho))`` has median 0.01 (95% within
+  [0.0082, 0.0122]) where the references' is exactly 0.01, and the means have standard
+  deviation 0.1 where the references draw weight means like ``nn.Linear`` (uniform, at most
+  1/sqrt(fan-in) = 0.036 / 0.05) and start bias means at 0. Loss: the references'
+  ``(N/B) sum_n CE + KL(q || N(0, 1))`` with the closed-form KL summed over every weight
+  and bias. The layers' own KL (``kl_div``, also what ``get_kl_loss`` sums) is the *mean* over
+  a tensor's elements, so the benchmark calls the layers with ``dnn_to_bnn_flag`` set (no KL
+  in ``forward``) and sums ``kl_div(...) * numel`` per tensor, once per step.
+* ``bayes-torch-flipout``: the same with ``LinearFlipout`` (Wen et al. 2018: one weight
+  perturbation per minibatch, decorrelated per example by random signs; two matmuls per
+  layer), same initialisation and loss.
+* ``blitz``: blitz's ``BayesianLinear`` layers, prior ``prior_dist=Normal(0, 1)`` (a single
+  Gaussian: the same as ``prior_pi=1, prior_sigma_1=1`` without evaluating the unused second
+  component of its scale mixture), ``posterior_rho_init = softplus^{-1}(0.01)`` (blitz's
+  ``sigma = log1p(exp(rho))``), ``posterior_mu_init=0``, drawn with standard deviation 0.1
+  as in bayesian-torch. Loss ``(N/B) sum_n CE + KL`` where ``KL`` is
+  ``blitz.losses.kl_divergence_from_nn``: ``log q(w) - log p(w)`` at the step's weight sample,
+  a one-sample Monte Carlo estimate of ``KL(q || N(0, 1))`` (unbiased but noisier than the
+  closed form; blitz adds 1e-6 to the prior density before its log).
+* ``pyro-autonormal-svi``: Pyro written the obvious way: :class:`pyro_bbt.model.BayesianMLP`
+  (``PyroSample`` weights with the ``N(0, 1)`` prior), ``AutoNormal(model, init_scale=0.01)``
+  (its default ``init_to_feasible`` starts every mean at 0), ``SVI(model, guide,
+  pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())`` and one ``svi.step(x, y, N)`` per minibatch
+  (its first epoch includes AutoNormal's setup at the first step).
+  Its loss is the plain negative-ELBO estimate ``(N/B) sum_n CE + log q(w) - log p(w)`` (the
+  data plate scales the likelihood by N/B; one-sample Monte Carlo KL), the same objective as
+  the references' with a Monte Carlo KL; its zero initial means show in the accuracy column.
 
 Each configuration runs in its own freshly spawned child process (one after the other,
 never concurrently), so configurations do not share caches, allocator state or RSS. Its
@@ -43,8 +89,12 @@ median divided by ``torch-deterministic``'s: the price of being Bayesian at all.
 the library's overhead over a hand-written implementation of the same computation (1.0 =
 as fast as plain PyTorch); for 1-sample configurations it is below 1 by construction.
 ``ratio_to_lrt`` divides by ``torch-lrt``'s: the same comparison for ``meanfield-local-1``. A
-ratio is ``null`` when its reference was not among ``--configs``. The machine's load adds
-noise to every number (each result records the 1-minute load average before and after it);
+ratio is ``null`` when its reference was not among ``--configs``. ``ratio_to_fastest_peer``
+(``x fastest peer``) divides by the smallest median among the peers that ran (``null`` when
+none did): below 1, a configuration is faster than every installed alternative. The
+accuracies are from a few epochs at most and carry the objectives' differences above (the
+KL's weight, the initialisation); read them as a sanity check, not a ranking. The machine's
+load adds noise to every number (each result records the 1-minute load average before and after it);
 compare wall-clock runs only on an otherwise idle machine. On a machine shared with other
 jobs, torch's multi-threaded kernels can slow down many times over (threads waiting for
 descheduled peers), so there prefer ``--threads 1`` and the CPU-time columns.
@@ -64,9 +114,9 @@ interrupted keeps what it measured; ``meta.complete`` says whether every selecte
 configuration finished.
 
 Two other modes: ``--profile CONFIG`` runs one configuration in-process under cProfile and
-prints where its time goes (profile before optimising); ``--compare BEFORE AFTER`` prints a
-before/after table of two JSON reports (speed-up of each configuration's median, and each
-report's own ratios to the references).
+prints where its time goes (profile before optimising; the test accuracy is not computed);
+``--compare BEFORE AFTER`` prints a before/after table of two JSON reports (speed-up of each
+configuration's median, and each report's own ratios to the references).
 
 The targets (from the issue) are printed after the table: local reparameterisation at most
 1.5x the deterministic MLP, ``meanfield-weights-16`` at most 1.25x ``torch-bbb-16``, and
@@ -76,6 +126,7 @@ the peak memory of the default training (``meanfield-local-1``) at most 2 GiB.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -85,23 +136,40 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pyro
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from torch import Tensor, nn
 
 from .data import Split, Task, load_task
+from .evaluation import evaluate
 from .ewc import MLP
 from .files import atomic_write_json
 from .guides import GuideConfig, make_guide
 from .inference import TrainConfig, train
 from .model import BayesianMLP
 
-__all__ = ["BenchConfig", "CONFIGS", "TARGETS", "run_config", "summarize", "evaluate_targets", "build_report", "main"]
+__all__ = [
+    "BenchConfig",
+    "CONFIGS",
+    "TARGETS",
+    "missing_package",
+    "select_configs",
+    "predictive_accuracy",
+    "run_config",
+    "summarize",
+    "evaluate_targets",
+    "build_report",
+    "main",
+]
 
 TASK_DIGITS: tuple[int, ...] = (0, 1, 2, 3, 4)
 SIZES: tuple[int, ...] = (784, 400, 400, 5)
@@ -114,6 +182,9 @@ QUICK_TRAIN_SIZE = 2048
 DETERMINISTIC = "torch-deterministic"
 BBB16 = "torch-bbb-16"
 LRT = "torch-lrt"
+PEER = "peer"
+EVAL_SAMPLES = 8
+INSTALL_HINT = 'pip install -e ".[bench]"'
 MIB = 1024 * 1024
 
 
@@ -122,11 +193,14 @@ class BenchConfig:
     """One benchmarked training setup.
 
     :param name: the name used by ``--configs`` and in the output.
-    :param kind: ``"torch"`` (a reference written in this module) or ``"pyro"`` (pyro_bbt).
+    :param kind: ``"torch"`` (a reference written in this module), ``"pyro"`` (pyro_bbt) or
+        ``"peer"`` (another library, trained in this module's loop).
     :param description: one line for the reader.
     :param guide: pyro_bbt guide name (``kind == "pyro"``).
     :param estimator: pyro_bbt estimator name (``kind == "pyro"``).
     :param num_particles: Monte Carlo samples per step.
+    :param module: the module a peer imports (``None``: nothing beyond pyro_bbt's dependencies).
+    :param package: the pip distribution that provides ``module``.
     """
 
     name: str
@@ -135,6 +209,8 @@ class BenchConfig:
     guide: str | None = None
     estimator: str | None = None
     num_particles: int = 1
+    module: str | None = None
+    package: str | None = None
 
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -147,8 +223,47 @@ CONFIGS: dict[str, BenchConfig] = {
         BenchConfig("meanfield-weights-16", "pyro", "pyro_bbt meanfield guide, weights estimator, 16 particles", "meanfield", "weights", 16),
         BenchConfig("normal-weights-16", "pyro", "pyro_bbt AutoNormal guide, weights estimator, 16 particles", "normal", "weights", 16),
         BenchConfig("meanfield-weights-1", "pyro", "pyro_bbt meanfield guide, weights estimator, 1 particle", "meanfield", "weights", 1),
+        BenchConfig("bayes-torch-reparam", PEER, "bayesian-torch LinearReparameterization MLP, 1 sample",
+                    module="bayesian_torch", package="bayesian-torch"),
+        BenchConfig("bayes-torch-flipout", PEER, "bayesian-torch LinearFlipout MLP, 1 sample",
+                    module="bayesian_torch", package="bayesian-torch"),
+        BenchConfig("blitz", PEER, "blitz BayesianLinear MLP, 1 sample, Monte Carlo KL",
+                    module="blitz", package="blitz-bayesian-pytorch"),
+        BenchConfig("pyro-autonormal-svi", PEER, "plain Pyro: BayesianMLP + AutoNormal + SVI(Trace_ELBO), 1 sample"),
     )
 }
+
+
+def missing_package(config: BenchConfig) -> str | None:
+    """The pip package that ``config`` needs and this environment cannot import (``None``: runnable)."""
+    if config.module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(config.module) is not None
+    except (ImportError, ValueError):  # a missing parent package of a dotted name
+        found = False
+    return None if found else (config.package or config.module)
+
+
+def select_configs(names: Sequence[str] | None, configs: Mapping[str, BenchConfig] = CONFIGS) -> tuple[list[str], list[str]]:
+    """The configurations to run, and one line for each one skipped.
+
+    ``names=None`` (no ``--configs``) selects every configuration in ``configs``, skipping those
+    whose package is missing. Naming such a configuration explicitly raises ``ValueError``
+    naming its package.
+    """
+    selected, skipped, refused = [], [], []
+    for name in list(configs) if names is None else names:
+        package = missing_package(configs[name])
+        if package is None:
+            selected.append(name)
+        elif names is None:
+            skipped.append(f"{name}: skipped, package {package} is not installed ({INSTALL_HINT})")
+        else:
+            refused.append(f"{name} needs package {package}")
+    if refused:
+        raise ValueError(f"not installed: {'; '.join(refused)} ({INSTALL_HINT})")
+    return selected, skipped
 
 
 @dataclass(frozen=True)
@@ -285,15 +400,45 @@ class MeanFieldMLP:
 
 
 StepFn = Callable[[Tensor, Tensor], float]
+"""One optimisation step on a minibatch ``(x, y)``; returns the loss."""
+
+SampleLogits = Callable[[Tensor], Tensor]
+"""Inputs ``(B, D)`` -> logits ``(S, B, C)`` under ``S`` weight samples (``(B, C)``: one network)."""
 
 
-def _deterministic_step(num_data: int, num_batches: int) -> StepFn:
-    net = MLP(SIZES)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+@dataclass(frozen=True)
+class Trainer:
+    """A configuration trained by this module's loop: its step, and its accuracy on a split."""
+
+    step: StepFn
+    accuracy: Callable[[Split], float]
+
+
+@torch.no_grad()
+def predictive_accuracy(sample_logits: SampleLogits, split: Split, batch_size: int = 1000) -> float:
+    """Accuracy of the argmax of the predictive mean ``(1/S) sum_s softmax(logits_s)`` on ``split``."""
+    correct = 0
+    for x, y in split.batches(batch_size, shuffle=False):
+        logits = sample_logits(x)
+        probs = logits.softmax(-1) if logits.dim() == 2 else logits.softmax(-1).mean(0)
+        correct += int((probs.argmax(-1) == y).sum())
+    return correct / len(split)
+
+
+def _minibatch_loss(nll: Tensor, kl: Tensor, batch_size: int, num_data: int) -> Tensor:
+    """``nll * (N / B) + KL``: the per-step loss of the Bayesian references and of the peers with
+    a loop written here (``nll`` summed over the ``B`` examples), an unbiased estimate of the
+    full-data negative ELBO as in Pyro's ``Trace_ELBO`` (the KL's weight is 1 on every step)."""
+    return nll * (num_data / batch_size) + kl
+
+
+def _adam_step(parameters: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor]) -> StepFn:
+    """A step of ``torch.optim.Adam`` (lr ``LR``) on ``loss_fn(x, y)``."""
+    optimizer = torch.optim.Adam(parameters, lr=LR)
 
     def step(x: Tensor, y: Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
+        loss = loss_fn(x, y)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -301,63 +446,184 @@ def _deterministic_step(num_data: int, num_batches: int) -> StepFn:
     return step
 
 
-def _bayesian_step(num_data: int, num_batches: int, num_samples: int | None) -> StepFn:
-    """A BBB step with ``num_samples`` weight samples, or local reparameterisation for ``None``.
+def _deterministic_trainer(num_data: int, num_batches: int) -> Trainer:
+    net = MLP(SIZES)
+    step = _adam_step(net.parameters(), lambda x, y: F.cross_entropy(net(x), y))
+    return Trainer(step, partial(predictive_accuracy, net))
 
-    Loss: ``(N/B) * mean_s sum_n CE(logits_{s,n}, y_n) + KL(q || N(0, 1)) / M``.
+
+def _bayesian_trainer(num_data: int, num_batches: int, num_samples: int | None) -> Trainer:
+    """BBB with ``num_samples`` weight samples per step, or local reparameterisation for ``None``.
+
+    Loss: ``(N/B) * mean_s sum_n CE(logits_{s,n}, y_n) + KL(q || N(0, 1))``.
     """
     posterior = MeanFieldMLP(SIZES, INIT_SCALE)
-    optimizer = torch.optim.Adam(posterior.parameters(), lr=LR)
 
-    def step(x: Tensor, y: Tensor) -> float:
-        optimizer.zero_grad(set_to_none=True)
+    def loss(x: Tensor, y: Tensor) -> Tensor:
         q = posterior.loc_scale()
         if num_samples is None:
             nll = F.cross_entropy(MeanFieldMLP.local_reparameterized_logits(q, x), y, reduction="sum")
         else:
             logits = MeanFieldMLP.sampled_logits(q, x, num_samples)
             nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(num_samples), reduction="sum") / num_samples
-        loss = nll * (num_data / x.shape[0]) + MeanFieldMLP.kl_to_standard_normal(q) / num_batches
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return _minibatch_loss(nll, MeanFieldMLP.kl_to_standard_normal(q), x.shape[0], num_data)
 
-    return step
+    def sample_logits(x: Tensor) -> Tensor:
+        return MeanFieldMLP.sampled_logits(posterior.loc_scale(), x, EVAL_SAMPLES)
 
-
-def _torch_step(name: str, num_data: int, num_batches: int) -> StepFn:
-    if name == DETERMINISTIC:
-        return _deterministic_step(num_data, num_batches)
-    if name == BBB16:
-        return _bayesian_step(num_data, num_batches, CONFIGS[name].num_particles)
-    if name == "torch-lrt":
-        return _bayesian_step(num_data, num_batches, None)
-    raise ValueError(f"no torch reference called {name!r}")
+    return Trainer(_adam_step(posterior.parameters(), loss), partial(predictive_accuracy, sample_logits))
 
 
-def _time_torch_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> tuple[list[float], list[float]]:
-    """Wall-clock and process-CPU seconds of each epoch of a plain-PyTorch reference."""
+# --------------------------------------------------------------------------- peers
+
+
+def _sequential_mlp(make_layer: Callable[[int, int], nn.Module]) -> nn.Sequential:
+    """The MLP ``SIZES`` with ReLU between the layers that ``make_layer(d_in, d_out)`` builds."""
+    modules: list[nn.Module] = []
+    for index, (d_in, d_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        if index:
+            modules.append(nn.ReLU())
+        modules.append(make_layer(d_in, d_out))
+    return nn.Sequential(*modules)
+
+
+def bayes_torch_mlp(layer: str) -> nn.Sequential:
+    """bayesian-torch's ``layer`` (``"LinearReparameterization"`` or ``"LinearFlipout"``) MLP with a
+    ``N(0, 1)`` prior and ``sigma = log1p(exp(rho))`` initialised around ``INIT_SCALE``.
+
+    Every layer has ``dnn_to_bnn_flag`` set, so that it returns its output only; the KL comes
+    from :func:`bayes_torch_kl`.
+    """
+    from bayesian_torch import layers
+
+    def make_layer(d_in: int, d_out: int) -> nn.Module:
+        module = getattr(layers, layer)(d_in, d_out, prior_mean=0.0, prior_variance=1.0,
+                                        posterior_rho_init=_softplus_inverse(INIT_SCALE))
+        module.dnn_to_bnn_flag = True
+        return module
+
+    return _sequential_mlp(make_layer)
+
+
+def bayes_torch_kl(net: nn.Module) -> Tensor:
+    """Closed-form ``KL(q || prior)`` of bayesian-torch layers, summed over every weight and bias:
+    each tensor's ``kl_div`` (the library's mean over its elements) times its element count."""
+    from bayesian_torch.layers.base_variational_layer import BaseVariationalLayer_
+
+    total = torch.zeros(())
+    for layer in net.modules():
+        if isinstance(layer, BaseVariationalLayer_):
+            for mu, rho, prior_mu, prior_sigma in (
+                (layer.mu_weight, layer.rho_weight, layer.prior_weight_mu, layer.prior_weight_sigma),
+                (layer.mu_bias, layer.rho_bias, layer.prior_bias_mu, layer.prior_bias_sigma),
+            ):
+                total = total + layer.kl_div(mu, torch.log1p(torch.exp(rho)), prior_mu, prior_sigma) * mu.numel()
+    return total
+
+
+def blitz_mlp() -> nn.Sequential:
+    """blitz's ``BayesianLinear`` MLP with a ``N(0, 1)`` prior and ``sigma = log1p(exp(rho))``
+    initialised around ``INIT_SCALE``."""
+    from blitz.modules import BayesianLinear
+
+    return _sequential_mlp(lambda d_in, d_out: BayesianLinear(
+        d_in, d_out, prior_dist=torch.distributions.Normal(0.0, 1.0), posterior_rho_init=_softplus_inverse(INIT_SCALE)
+    ))
+
+
+def blitz_kl(net: nn.Module) -> Tensor:
+    """blitz's one-sample Monte Carlo KL, ``log q(w) - log p(w)`` at the weights of ``net``'s last call."""
+    from blitz.losses import kl_divergence_from_nn
+
+    return kl_divergence_from_nn(net)
+
+
+def _module_trainer(
+    build: Callable[[], nn.Module], kl: Callable[[nn.Module], Tensor], num_data: int, num_batches: int
+) -> Trainer:
+    """A peer whose module (``build()``) draws fresh weights at every call: one sample per step, the
+    predictive mean over ``EVAL_SAMPLES`` calls. ``kl(net)`` is evaluated after the step's forward pass."""
+    net = build()
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        nll = F.cross_entropy(net(x), y, reduction="sum")
+        return _minibatch_loss(nll, kl(net), x.shape[0], num_data)
+
+    def sample_logits(x: Tensor) -> Tensor:
+        return torch.stack([net(x) for _ in range(EVAL_SAMPLES)])
+
+    return Trainer(_adam_step(net.parameters(), loss), partial(predictive_accuracy, sample_logits))
+
+
+def _pyro_accuracy(model: BayesianMLP, guide) -> Callable[[Split], float]:
+    """Accuracy of a Pyro guide's predictive mean over ``EVAL_SAMPLES`` weight samples."""
+    return lambda split: evaluate(model, guide, split.x, split.y, num_samples=EVAL_SAMPLES).accuracy
+
+
+def autonormal_svi() -> tuple[BayesianMLP, AutoNormal, SVI]:
+    """Pyro written the obvious way, on an empty param store: ``BayesianMLP`` (``N(0, 1)`` prior),
+    ``AutoNormal(model, init_scale=INIT_SCALE)`` and ``SVI`` with ``Trace_ELBO`` and Adam."""
+    pyro.clear_param_store()
+    model = BayesianMLP(SIZES)
+    guide = AutoNormal(model, init_scale=INIT_SCALE)
+    return model, guide, SVI(model, guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+
+
+def _autonormal_svi_trainer(num_data: int, num_batches: int) -> Trainer:
+    model, guide, svi = autonormal_svi()
+    return Trainer(lambda x, y: svi.step(x, y, num_data), _pyro_accuracy(model, guide))
+
+
+TrainerFactory = Callable[[int, int], Trainer]
+"""``(num_data, num_batches) -> Trainer``: builds a configuration's network, optimiser and step."""
+
+TRAINERS: dict[str, TrainerFactory] = {
+    DETERMINISTIC: _deterministic_trainer,
+    BBB16: partial(_bayesian_trainer, num_samples=CONFIGS[BBB16].num_particles),
+    LRT: partial(_bayesian_trainer, num_samples=None),
+    "bayes-torch-reparam": partial(_module_trainer, partial(bayes_torch_mlp, "LinearReparameterization"), bayes_torch_kl),
+    "bayes-torch-flipout": partial(_module_trainer, partial(bayes_torch_mlp, "LinearFlipout"), bayes_torch_kl),
+    "blitz": partial(_module_trainer, blitz_mlp, blitz_kl),
+    "pyro-autonormal-svi": _autonormal_svi_trainer,
+}
+"""The configurations trained by this module's loop (references and peers)."""
+
+
+# ------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock and process-CPU seconds of each epoch, and the trained configuration's accuracy."""
+
+    seconds: list[float]
+    cpu_seconds: list[float]
+    accuracy: Callable[[Split], float]
+
+
+def _time_step_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> Timing:
+    """Time the epochs of a configuration in :data:`TRAINERS` (a reference or a peer)."""
     torch.manual_seed(seed)
     num_data = len(split)
     num_batches = math.ceil(num_data / BATCH_SIZE)
-    step = _torch_step(config.name, num_data, num_batches)
+    trainer = TRAINERS[config.name](num_data, num_batches)
     order = torch.Generator().manual_seed(seed)
     seconds, cpu_seconds = [], []
     for _ in range(epochs):
         start, cpu_start = time.perf_counter(), time.process_time()
         for x, y in split.batches(BATCH_SIZE, shuffle=True, generator=order):
-            loss = step(x, y)
+            loss = trainer.step(x, y)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{config.name}: loss is {loss}")
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - cpu_start)
-    return seconds, cpu_seconds
+    return Timing(seconds, cpu_seconds, trainer.accuracy)
 
 
 # ----------------------------------------------------------------------- pyro_bbt
 
 
-def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> tuple[list[float], list[float]]:
+def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> Timing:
     """Wall-clock seconds of each epoch of :func:`pyro_bbt.inference.train` (from its history)
     and process-CPU seconds (between its ``on_epoch`` calls, the first from the call of ``train``)."""
     pyro.clear_param_store()
@@ -376,42 +642,48 @@ def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int)
     cpu_marks = [time.process_time()]
     history = train(model, guide, split, train_config, on_epoch=lambda _: cpu_marks.append(time.process_time()))
     cpu_seconds = [b - a for a, b in zip(cpu_marks[:-1], cpu_marks[1:])]
-    return [e.seconds for e in history.epochs], cpu_seconds
+    return Timing([e.seconds for e in history.epochs], cpu_seconds, _pyro_accuracy(model, guide))
 
 
 # ------------------------------------------------------------------ one configuration
 
 
-def _load_train_split(train_size: int | None) -> Split:
-    split = load_task(Task(digits=TASK_DIGITS)).train
-    return split if train_size is None else split.subset(train_size)
+def _load_splits(train_size: int | None) -> tuple[Split, Split]:
+    """Task A's ``train`` split (its first ``train_size`` images) and its whole ``test`` split."""
+    task = load_task(Task(digits=TASK_DIGITS))
+    return (task.train if train_size is None else task.train.subset(train_size)), task.test
 
 
-def run_config(name: str, epochs: int, train_size: int | None = None, threads: int | None = None, seed: int = 0) -> dict:
+def run_config(
+    name: str, epochs: int, train_size: int | None = None, threads: int | None = None, seed: int = 0, test: bool = True
+) -> dict:
     """Train configuration ``name`` for ``epochs`` epochs in this process; its raw measurements.
 
-    Meant to run in a fresh process (see :func:`run_isolated`): the peak RSS is the process's.
+    Meant to run in a fresh process (see :func:`run_isolated`): the peak RSS is the process's,
+    read before the test accuracy is computed (``test=False``: not computed, ``None``).
     """
     if threads is not None:
         torch.set_num_threads(threads)
     config = CONFIGS[name]
-    split = _load_train_split(train_size)
+    split, test_split = _load_splits(train_size)
     rss_before = current_rss_mib()
     load_before = load_average()
-    timer = _time_torch_epochs if config.kind == "torch" else _time_pyro_epochs
-    seconds, cpu_seconds = timer(config, split, epochs, seed)
+    timer = _time_pyro_epochs if config.kind == "pyro" else _time_step_epochs
+    timing = timer(config, split, epochs, seed)
     peak, source = peak_rss_mib()
+    load_after = load_average()
     return {
         "name": name,
-        "epoch_seconds": seconds,
-        "epoch_cpu_seconds": cpu_seconds,
+        "epoch_seconds": timing.seconds,
+        "epoch_cpu_seconds": timing.cpu_seconds,
         "train_size": len(split),
         "steps_per_epoch": math.ceil(len(split) / BATCH_SIZE),
+        "test_accuracy": timing.accuracy(test_split) if test else None,
         "peak_rss_mib": peak,
         "peak_rss_source": source,
         "rss_before_training_mib": rss_before,
         "num_threads": torch.get_num_threads(),
-        "load_average": [load_before, load_average()],
+        "load_average": [load_before, load_after],
     }
 
 
@@ -430,9 +702,11 @@ def _ratio(value: float, reference: float | None) -> float | None:
 
 
 def summarize(raw: Sequence[dict]) -> list[dict]:
-    """Add to each raw result its median epoch seconds and the ratios to the references."""
+    """Add to each raw result its median epoch seconds and the ratios to the references and to
+    the fastest peer among ``raw``."""
     medians = {r["name"]: statistics.median(r["epoch_seconds"]) for r in raw}
     cpu_medians = {r["name"]: statistics.median(r["epoch_cpu_seconds"]) for r in raw}
+    fastest_peer = min((medians[name] for name in medians if CONFIGS[name].kind == PEER), default=None)
     results = []
     for r in raw:
         median, cpu_median = medians[r["name"]], cpu_medians[r["name"]]
@@ -446,6 +720,7 @@ def summarize(raw: Sequence[dict]) -> list[dict]:
                 "ratio_to_deterministic": _ratio(median, medians.get(DETERMINISTIC)),
                 "ratio_to_bbb16": _ratio(median, medians.get(BBB16)),
                 "ratio_to_lrt": _ratio(median, medians.get(LRT)),
+                "ratio_to_fastest_peer": _ratio(median, fastest_peer),
                 "median_epoch_cpu_seconds": cpu_median,
                 "cpu_ratio_to_deterministic": _ratio(cpu_median, cpu_medians.get(DETERMINISTIC)),
                 "cpu_ratio_to_bbb16": _ratio(cpu_median, cpu_medians.get(BBB16)),
@@ -470,14 +745,15 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown_table(results: Sequence[dict]) -> str:
     lines = [
-        "| config | median s/epoch | epochs | ms/step | x deterministic | x torch-bbb-16 | peak RSS (MiB) "
-        "| median CPU s/epoch | CPU x det. | CPU x bbb-16 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | median s/epoch | epochs | ms/step | x deterministic | x torch-bbb-16 | x fastest peer "
+        "| test accuracy | peak RSS (MiB) | median CPU s/epoch | CPU x det. | CPU x bbb-16 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['name']} | {r['median_epoch_seconds']:.2f} | {r['epochs']} | {r['median_step_ms']:.1f} "
             f"| {_fmt(r['ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['ratio_to_bbb16'], '.2f', 'x')} "
+            f"| {_fmt(r.get('ratio_to_fastest_peer'), '.2f', 'x')} | {_fmt(r.get('test_accuracy'), '.3f')} "
             f"| {r['peak_rss_mib']:.0f} | {r['median_epoch_cpu_seconds']:.2f} "
             f"| {_fmt(r['cpu_ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['cpu_ratio_to_bbb16'], '.2f', 'x')} |"
         )
@@ -525,6 +801,18 @@ def targets_table(targets: Sequence[dict]) -> str:
 # ---------------------------------------------------------------------------- output
 
 
+def _package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """The installed version of each peer package among configurations ``names``."""
+    packages = {CONFIGS[name].package for name in names} - {None}
+    versions: dict[str, str | None] = {}
+    for package in sorted(packages):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
     return {
         "task_digits": list(TASK_DIGITS),
@@ -532,6 +820,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "batch_size": BATCH_SIZE,
         "lr": LR,
         "init_scale": INIT_SCALE,
+        "eval_samples": EVAL_SAMPLES,
         "epochs": args.epochs,
         "train_size": raw[0]["train_size"] if raw else None,
         "quick": args.quick,
@@ -542,6 +831,8 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        "peer_packages": _package_versions(args.configs),
+        "skipped": list(getattr(args, "skipped", [])),
         "platform": platform.platform(),
         "cpu_load_note": "load_average per result: 1-min load average before and after its training",
         "isolation": "each configuration in its own spawned child process, run sequentially",
@@ -575,7 +866,8 @@ def _config_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pyro_bbt.bench",
-        description="Time epochs of pyro_bbt training against plain-PyTorch references on split-MNIST task A.",
+        description="Time epochs of pyro_bbt training against plain-PyTorch references and peer libraries on "
+                    "split-MNIST task A.",
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"first {QUICK_TRAIN_SIZE} training images and {QUICK_EPOCHS} epochs (unless given)")
@@ -584,8 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-size", type=_positive_int, default=None,
                         help="use only the first N training images (default: all; "
                              f"{QUICK_TRAIN_SIZE} with --quick)")
-    parser.add_argument("--configs", type=_config_list, default=list(CONFIGS),
-                        help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", type=_config_list, default=None,
+                        help=f"comma-separated subset of: {', '.join(CONFIGS)} (default: all, skipping the "
+                             f"peers whose package is not installed: {INSTALL_HINT})")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch.set_num_threads in every configuration (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
@@ -600,21 +893,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the epochs and training size that depend on ``--quick``, and select the
+    configurations: ``args.configs`` becomes the runnable ones, ``args.skipped`` one line per
+    peer left out. ``ValueError`` if ``--configs`` or ``--profile`` names a peer whose package
+    is missing."""
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
     if args.train_size is None and args.quick:
         args.train_size = QUICK_TRAIN_SIZE
+    if args.profile is not None:
+        select_configs([args.profile])
+    args.configs, args.skipped = select_configs(args.configs)
     return args
 
 
 def _run_all(args: argparse.Namespace) -> Iterator[dict]:
+    for line in args.skipped:
+        print(f"[bench] {line}", file=sys.stderr, flush=True)
     for name in args.configs:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed)
         seconds = ", ".join(f"{s:.2f}" for s in result["epoch_seconds"])
         cpu = ", ".join(f"{s:.2f}" for s in result["epoch_cpu_seconds"])
-        print(f"[bench] {name}: epochs [{seconds}] s wall, [{cpu}] s CPU, peak {result['peak_rss_mib']:.0f} MiB",
-              file=sys.stderr, flush=True)
+        print(f"[bench] {name}: epochs [{seconds}] s wall, [{cpu}] s CPU, peak {result['peak_rss_mib']:.0f} MiB, "
+              f"test accuracy {result['test_accuracy']:.3f}", file=sys.stderr, flush=True)
         yield result
 
 
@@ -629,8 +931,11 @@ def build_report(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
 def print_report(report: dict) -> None:
     meta = report["meta"]
     print(f"\nTask A (digits 0-4), {meta['train_size']} training images, batch {BATCH_SIZE}, "
-          f"{meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs.\n")
+          f"{meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs; "
+          f"test accuracy on task A's test split ({EVAL_SAMPLES} weight samples).\n")
     print(markdown_table(report["results"]))
+    if meta.get("skipped"):
+        print("\nSkipped:\n\n" + "\n".join(f"- {line}" for line in meta["skipped"]))
     print("\nTargets:\n")
     print(targets_table(report["targets"]))
 
@@ -644,7 +949,7 @@ def profile_config(name: str, epochs: int, train_size: int | None, threads: int 
 
     profiler = cProfile.Profile()
     profiler.enable()
-    result = run_config(name, epochs, train_size, threads, seed)
+    result = run_config(name, epochs, train_size, threads, seed, test=False)
     profiler.disable()
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
@@ -665,7 +970,11 @@ def _read_report(path: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = _resolve_defaults(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        args = _resolve_defaults(args)
+    except ValueError as error:
+        parser.error(str(error))
     if args.compare is not None:
         try:
             before, after = (_read_report(path) for path in args.compare)

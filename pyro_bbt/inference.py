@@ -2,7 +2,11 @@
 
 Each optimisation step takes one minibatch ``i`` of ``M``, computes the KL weight ``pi_i``
 (:mod:`pyro_bbt.kl_schedules`), differentiates an estimator of the weighted negative ELBO
-(:mod:`pyro_bbt.objectives`) and takes one step of Adam. This is what :meth:`pyro.infer.SVI.step`
+``-(N/B) sum_n E_q log p(y_n | x_n, w) + M pi_i KL(q || p)`` (:mod:`pyro_bbt.objectives`) and
+takes one step of Adam. The likelihood term is the minibatch's unbiased estimate of the full
+data's, so the KL's weight ``M pi_i`` must average to 1 over an epoch (``sum_i pi_i = 1``) for
+the expected loss to be the full-data negative ELBO; with the ``uniform`` schedule every step
+is exactly Pyro's ``Trace_ELBO`` (tested). This is what :meth:`pyro.infer.SVI.step`
 does, with one ``torch.optim.Adam`` over all the guide's parameters instead of Pyro's one
 optimiser per parameter (the same update, with less Python per step), and with Pyro's
 argument validation off in the step (see :attr:`TrainConfig.validate`).
@@ -11,7 +15,8 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 
 * ``expected_log_lik``: the mean over the epoch's steps of the minibatch estimate
   ``(N/B) sum_n E_q log p(y_n | x_n, w)`` (a full-data quantity, in nats);
-* ``weighted_kl``: ``sum_i pi_i KL_i`` over the epoch (equal to ``KL(q||p)`` when the weights sum to 1);
+* ``weighted_kl``: ``sum_i pi_i KL_i`` over the epoch (equal to ``KL(q||p)`` when the weights sum to 1,
+  up to the posterior's move within the epoch);
 * ``elbo = expected_log_lik - weighted_kl``;
 * ``seconds``: wall time of the epoch's optimisation steps (validation excluded);
 * ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
@@ -263,7 +268,9 @@ def train(
             weight = kl_weight(config.kl_schedule, index, num_batches, epoch, config.warmup_epochs)
             optimizer.zero_grad(set_to_none=True)
             with pyro.validation_enabled(config.validate):
-                loss = estimator.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=weight)
+                # the likelihood is the minibatch's full-data estimate (N/B) sum_n, so the KL's
+                # weight is M pi_i: it averages to 1 over an epoch, as in Pyro's Trace_ELBO
+                loss = estimator.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight)
             optimizer.step()
             step += 1
             epoch_steps += 1
@@ -276,7 +283,7 @@ def train(
                 )
             terms = estimator.last
             log_lik_sum += terms.log_lik
-            weighted_kl += terms.weighted_kl
+            weighted_kl += terms.weighted_kl / num_batches  # pi_i KL_i
             correct += _batch_accuracy(terms.logits, y)
             seen += y.shape[0]
             bar.update()

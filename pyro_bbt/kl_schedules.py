@@ -1,13 +1,17 @@
 """Per-minibatch weights ``pi_i`` on the KL term of the ELBO.
 
-Minibatch ``i`` (1-based, of ``M`` per epoch) minimises
-``-(N/B) sum_{n in batch} log p(y_n | x_n, w) + pi_i KL(q || p)``.
-If ``sum_i pi_i = 1`` over an epoch, an epoch's losses add up to the full-data negative ELBO.
+Blundell et al. (2015) give minibatch ``i`` (1-based, of ``M`` per epoch) the loss
+``pi_i KL(q || p) - sum_{n in batch} log p(y_n | x_n, w)``; with ``sum_i pi_i = 1`` an epoch's
+losses add up to the full-data negative ELBO. :func:`pyro_bbt.inference.train` uses Pyro's
+scaling of the likelihood instead (the data plate multiplies a minibatch's by ``N/B = M``), so
+it minimises ``M`` times Blundell's loss,
+``-(N/B) sum_{n in batch} log p(y_n | x_n, w) + M pi_i KL(q || p)``: the KL weight ``M pi_i``
+averages to 1 over an epoch, and the ``uniform`` schedule is Pyro's ``Trace_ELBO``.
 
 * ``blundell``: ``pi_i = 2^(M-i) / (2^M - 1)`` (Blundell et al. 2015): heavy KL weight on the first
   minibatches, vanishing later. Computed as ``2^-i / (1 - 2^-M)`` so that it stays finite for
   ``M`` in the thousands (``2^M`` itself overflows a double at ``M = 1024``).
-* ``uniform``: ``pi_i = 1/M``.
+* ``uniform``: ``pi_i = 1/M`` (a KL weight of 1 on every step).
 * ``warmup``: ``pi_i = beta / M`` with ``beta`` rising linearly from 0 to 1 over ``warmup_epochs``
   (Sonderby et al. 2016), then 1.
 * ``none``: ``pi_i = 0`` (maximum expected likelihood; the posterior is not pulled to the prior).

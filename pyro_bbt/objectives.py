@@ -1,11 +1,13 @@
 """The training objective: a KL-weighted ELBO and its estimators.
 
-For a minibatch of ``B`` out of ``N`` examples and KL weight ``pi`` (see
-:mod:`pyro_bbt.kl_schedules`) the loss is the negative weighted ELBO::
+For a minibatch of ``B`` out of ``N`` examples and KL weight ``beta`` the loss is the negative
+weighted ELBO::
 
-    L(q) = -(N/B) sum_n E_q[log p(y_n | x_n, w)]  +  pi * KL(q(w) || p(w))
+    L(q) = -(N/B) sum_n E_q[log p(y_n | x_n, w)]  +  beta * KL(q(w) || p(w))
 
-and ``pi`` multiplies the *whole* KL, the prior's log-density and the guide's entropy alike.
+``beta = 1`` is Pyro's ``Trace_ELBO`` (an unbiased estimate of the full-data negative ELBO);
+:func:`pyro_bbt.inference.train` passes ``beta = M pi_i`` for minibatch ``i`` of ``M`` under a
+KL schedule (:mod:`pyro_bbt.kl_schedules`). ``beta`` multiplies the *whole* KL, the prior's log-density and the guide's entropy alike.
 In Pyro terms that is one effect handler, :class:`KLScale`, which scales every latent
 (non-observed) sample site in the model and in the guide.
 

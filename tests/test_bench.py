@@ -4,10 +4,14 @@ import json
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from pyro_bbt import bench
+from pyro_bbt.guides import initialize_guide, posterior_loc_scale
 
 CHEAP = ["torch-deterministic", "meanfield-local-1"]
+PEERS = [name for name, config in bench.CONFIGS.items() if config.kind == bench.PEER]
 RESULT_KEYS = {
     "name",
     "description",
@@ -20,6 +24,8 @@ RESULT_KEYS = {
     "ratio_to_deterministic",
     "ratio_to_bbb16",
     "ratio_to_lrt",
+    "ratio_to_fastest_peer",
+    "test_accuracy",
     "epoch_cpu_seconds",
     "median_epoch_cpu_seconds",
     "cpu_ratio_to_deterministic",
@@ -76,6 +82,8 @@ def test_results_schema_and_ratios(report):
         assert r["steps_per_epoch"] == 2  # 256 images / batch 128
         assert r["train_size"] == 256
         assert r["ratio_to_bbb16"] is None and r["cpu_ratio_to_bbb16"] is None  # torch-bbb-16 was not run
+        assert r["ratio_to_fastest_peer"] is None  # no peer was run
+        assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["median_epoch_seconds"] == pytest.approx(r["epoch_seconds"][0])
         assert r["median_step_ms"] == pytest.approx(1000 * r["median_epoch_seconds"] / r["steps_per_epoch"])
         assert r["peak_rss_mib"] >= r["rss_before_training_mib"] > 0
@@ -158,3 +166,115 @@ def test_compare_refuses_a_file_that_is_not_a_report(tmp_path, capsys, report):
             bench.main(["--compare", str(bad), str(tmp_path / "after.json")])
         assert exit_info.value.code == 2
         assert str(bad) in capsys.readouterr().err
+
+
+def test_every_configuration_outside_pyro_bbt_has_a_trainer():
+    assert set(bench.TRAINERS) == {name for name, config in bench.CONFIGS.items() if config.kind != "pyro"}
+
+
+def _require(name: str) -> None:
+    package = bench.missing_package(bench.CONFIGS[name])
+    if package is not None:
+        pytest.skip(f"{package} is not installed")
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_trains_an_epoch_and_records_its_test_accuracy(name, single_torch_thread):
+    _require(name)
+    result = bench.run_config(name, 1, train_size=256)  # raises FloatingPointError on a non-finite loss
+    assert result["steps_per_epoch"] == 2 and len(result["epoch_seconds"]) == 1
+    assert all(_positive_finite(s) for s in result["epoch_seconds"] + result["epoch_cpu_seconds"])
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    split, _ = bench._load_splits(256)
+    x, y = next(split.batches(bench.BATCH_SIZE, shuffle=False))
+    assert math.isfinite(bench.TRAINERS[name](len(split), 2).step(x, y))
+
+
+@pytest.mark.parametrize(
+    "name, build",
+    [
+        ("bayes-torch-reparam", lambda: bench.bayes_torch_mlp("LinearReparameterization")),
+        ("bayes-torch-flipout", lambda: bench.bayes_torch_mlp("LinearFlipout")),
+        ("blitz", bench.blitz_mlp),
+    ],
+)
+def test_peer_layers_start_at_the_references_posterior_scale(name, build, single_torch_thread):
+    _require(name)
+    torch.manual_seed(0)
+    net = build()
+    # both libraries: sigma = log1p(exp(rho)), rho ~ N(softplus^{-1}(0.01), 0.1) per element
+    rho_names = {"rho_weight", "rho_bias", "weight_rho", "bias_rho"}  # bayesian-torch's, blitz's
+    sigma = torch.cat([F.softplus(p.detach()).flatten() for n, p in net.named_parameters() if n.split(".")[-1] in rho_names])
+    assert sigma.numel() == 784 * 400 + 400 + 400 * 400 + 400 + 400 * 5 + 5
+    assert sigma.median().item() == pytest.approx(bench.INIT_SCALE, rel=0.01)
+    assert 0.005 < sigma.min().item() and sigma.max().item() < 0.02
+
+
+def test_autonormal_svi_starts_at_the_references_posterior_scale_and_zero_means():
+    model, guide, _ = bench.autonormal_svi()
+    initialize_guide(guide, bench.SIZES[0])
+    for loc, scale in posterior_loc_scale(guide, model).values():
+        assert torch.allclose(scale, torch.full_like(scale, bench.INIT_SCALE))
+        assert not loc.any()  # AutoNormal's default init_to_feasible: every mean starts at 0
+
+
+def test_bayes_torch_kl_is_the_closed_form_sum_over_weights():
+    _require("bayes-torch-reparam")
+    net = bench.bayes_torch_mlp("LinearReparameterization")
+    posterior = [
+        (layer.mu_weight, F.softplus(layer.rho_weight), layer.mu_bias, F.softplus(layer.rho_bias))
+        for layer in net if hasattr(layer, "mu_weight")
+    ]
+    expected = bench.MeanFieldMLP.kl_to_standard_normal(posterior)
+    assert bench.bayes_torch_kl(net).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+FAKE_PEER = bench.BenchConfig("fake-peer", bench.PEER, "a peer that is not installed",
+                              module="pyro_bbt_no_such_module", package="no-such-package")
+
+
+def test_a_peer_whose_package_is_missing_is_skipped_unless_named():
+    configs = {"torch-deterministic": bench.CONFIGS["torch-deterministic"], "fake-peer": FAKE_PEER}
+    assert bench.missing_package(FAKE_PEER) == "no-such-package"
+    assert bench.missing_package(bench.CONFIGS["torch-deterministic"]) is None
+    selected, skipped = bench.select_configs(None, configs)
+    assert selected == ["torch-deterministic"]
+    assert skipped == ['fake-peer: skipped, package no-such-package is not installed (pip install -e ".[bench]")']
+    with pytest.raises(ValueError, match="fake-peer needs package no-such-package"):
+        bench.select_configs(["torch-deterministic", "fake-peer"], configs)
+
+
+def test_cli_naming_a_missing_peer_exits_2_and_names_the_package(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(bench.CONFIGS, FAKE_PEER.name, FAKE_PEER)  # a real config whose module does not exist
+    args = bench._resolve_defaults(bench.build_parser().parse_args([]))
+    assert "fake-peer" not in args.configs and any("no-such-package" in line for line in args.skipped)
+    for argv in (["--configs", "fake-peer"], ["--profile", "fake-peer"]):
+        with pytest.raises(SystemExit) as info:
+            bench.main([*argv, "--out", str(tmp_path / "bench.json")])
+        assert info.value.code == 2
+        assert "no-such-package" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_summarize_and_table_report_accuracy_and_the_fastest_peer():
+    def raw(name, seconds, accuracy):
+        return {"name": name, "epoch_seconds": [seconds], "epoch_cpu_seconds": [seconds], "steps_per_epoch": 10,
+                "test_accuracy": accuracy, "peak_rss_mib": 500.0}
+
+    results = bench.summarize([raw("torch-deterministic", 1.0, 0.99), raw("blitz", 4.0, 0.2),
+                               raw("pyro-autonormal-svi", 8.0, 0.5), raw("meanfield-local-1", 2.0, 0.97)])
+    ratios = {r["name"]: r["ratio_to_fastest_peer"] for r in results}
+    assert ratios == pytest.approx({"torch-deterministic": 0.25, "blitz": 1.0, "pyro-autonormal-svi": 2.0,
+                                    "meanfield-local-1": 0.5})
+    header, rule, *rows = bench.markdown_table(results).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "test accuracy" in columns and "x fastest peer" in columns
+    assert len(rule.strip("|").split("|")) == len(columns)
+    for row, r in zip(rows, results):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(columns)
+        assert cells[columns.index("test accuracy")] == f"{r['test_accuracy']:.3f}"
+        assert cells[columns.index("x fastest peer")] == f"{r['ratio_to_fastest_peer']:.2f}x"
+    no_peer = bench.summarize([raw("torch-deterministic", 1.0, 0.99)])
+    assert no_peer[0]["ratio_to_fastest_peer"] is None
+    assert "| n/a |" in bench.markdown_table(no_peer)

@@ -475,7 +475,8 @@ def test_guide_parameters_are_what_svi_would_optimise(guide_name):
 def test_train_takes_the_steps_of_pyro_svi_with_adam(guide_name, estimator):
     """``train``'s loop (one torch Adam, validation off, the scales at their own learning rate)
     against Pyro's ``SVI`` with ``pyro.optim.Adam`` given per-parameter learning rates, on the
-    same seeds and minibatches: the same parameters after 10 steps."""
+    same seeds and minibatches, minibatch ``i`` of ``M = 5`` with the KL weight ``M pi_i``: the
+    same parameters after 10 steps."""
     from pyro.infer import SVI
 
     from pyro_bbt.guides import initialize_guide, is_scale_parameter
@@ -503,10 +504,41 @@ def test_train_takes_the_steps_of_pyro_svi_with_adam(guide_name, estimator):
     svi = SVI(model, guide, pyro.optim.Adam(per_parameter), loss=loss, loss_and_grads=loss.loss_and_grads)
     for epoch in range(2):
         for index, (x, y) in enumerate(data.batches(config.batch_size, shuffle=True, generator=order), start=1):
-            svi.step(x, y, num_data=40, kl_weight=kl_weight("blundell", index, 5, epoch, config.warmup_epochs))
+            svi.step(x, y, num_data=40, kl_weight=5 * kl_weight("blundell", index, 5, epoch, config.warmup_epochs))
     reference = {name: p.detach() for name, p in guide.named_parameters()}
 
     assert ours.keys() == reference.keys() and len(ours) > 0
     assert all(not torch.equal(ours[name], initial[name]) for name in ours)  # training moved every parameter
     for name in ours:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_with_uniform_kl_weights_is_pyro_svi_with_trace_elbo():
+    """The objective itself: with the ``uniform`` schedule every step of ``train`` is a step of
+    Pyro's own ``SVI(model, guide, Adam, Trace_ELBO())`` (no KL weighting at all), whose loss is
+    the unbiased minibatch estimate of the full-data negative ELBO."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_bbt.guides import initialize_guide
+
+    data = _train_data(40)
+    config = _config(epochs=2, estimator="weights", kl_schedule="uniform")
+
+    def fresh():
+        return fresh_model_and_guide((6, 5, 3), "normal", seed=None, init_scale=0.05)
+
+    model, guide = fresh()
+    history = train(model, guide, data, config)
+    ours = {name: p.detach().clone() for name, p in guide.named_parameters()}
+
+    model, guide = fresh()
+    pyro.set_rng_seed(config.seed)
+    order = torch.Generator().manual_seed(config.seed)
+    initialize_guide(guide, 6)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": config.lr}), loss=Trace_ELBO())
+    losses = [svi.step(x, y, num_data=40) for _ in range(2) for x, y in data.batches(config.batch_size, shuffle=True, generator=order)]
+    assert len(losses) == 10
+    for name, param in guide.named_parameters():
+        torch.testing.assert_close(ours[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    # an epoch's ELBO diagnostic is the mean of the steps' full-data estimates
+    assert history.epochs[0].elbo == pytest.approx(-sum(losses[:5]) / 5, rel=1e-5)
