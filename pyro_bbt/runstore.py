@@ -10,12 +10,21 @@ either the previous or the next complete file. ``.pt`` files hold only tensors a
 containers and are read with ``torch.load(weights_only=True)``; each carries a format version,
 the unit's key and the configuration that made it, and is refused, with the differing fields
 named, when any of them does not match the run being resumed.
+
+A file that cannot be used (truncated or otherwise unreadable, another format version, another
+unit's, another configuration's) raises ``ValueError`` naming it and why; with ``on_damaged``
+(what ``python -m pyro_bbt.transfer --resume`` passes) it is instead moved aside to
+``NAME.damaged`` (never deleted), ``on_damaged`` is called once with a line naming both files and
+the reason, and the store answers as if the file were absent, so its work is done again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,25 +54,44 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
+# what a truncated or corrupted file raises while it is read
+_UNREADABLE = (ValueError, KeyError, RuntimeError, EOFError, OSError, UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 class RunStore:
     """Finished units, task-A stages and per-epoch checkpoints of one run directory."""
 
-    def __init__(self, root: Path, config: dict) -> None:
+    def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None) -> None:
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
+        self.on_damaged = on_damaged
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
 
-    # finished units (JSON, as they appear in results.json)
-    def record(self, key: str) -> dict | None:
-        path = self._path("units", key, ".json")
+    def _read(self, path: Path, key: str, field: str, load: Callable[[Path], object]) -> dict | None:
+        """``payload[field]`` of the file at ``path``, checked; ``None`` if there is none (or it
+        was damaged and moved aside, with ``on_damaged``)."""
         if not path.exists():
             return None
-        payload = json.loads(path.read_text())
-        self._check(path, payload, key)
-        return payload["record"]
+        try:
+            payload = load(path)
+            self._check(path, payload, key)
+            return payload[field]
+        except _UNREADABLE as error:
+            message, prefix = str(error), f"{path}: "
+            reason = message[len(prefix):] if message.startswith(prefix) else f"unreadable ({type(error).__name__}: {message})"
+            if self.on_damaged is None:
+                raise ValueError(f"{path}: {reason}") from None
+            aside = _aside(path)
+            path.rename(aside)
+            self.on_damaged(f"{path}: {reason}; moved to {aside.name}, its work is done again")
+            return None
+
+    # finished units (JSON, as they appear in results.json)
+    def record(self, key: str) -> dict | None:
+        return self._read(self._path("units", key, ".json"), key, "record", lambda path: json.loads(path.read_text()))
 
     def save_record(self, key: str, record: dict) -> None:
         atomic_write_json(self._path("units", key, ".json"), self._header(key) | {"record": record})
@@ -71,11 +99,7 @@ class RunStore:
 
     # tensors: finished stages and epoch checkpoints
     def _load_pt(self, path: Path, key: str) -> dict | None:
-        if not path.exists():
-            return None
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        self._check(path, payload, key)
-        return payload["data"]
+        return self._read(path, key, "data", lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
     def stage(self, key: str) -> dict | None:
         return self._load_pt(self._path("stages", key, ".pt"), key)
@@ -107,10 +131,24 @@ class RunStore:
             raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")
 
 
+def _aside(path: Path) -> Path:
+    """``NAME.damaged``, or ``NAME.damaged-2``, ... if that exists already."""
+    aside = path.with_name(path.name + ".damaged")
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = path.with_name(f"{path.name}.damaged-{count}")
+    return aside
+
+
 class ReadOnlyStore(RunStore):
     """Another run's directory, read for its finished task-A stages (a study reusing the q_A of
     a finished ``python -m pyro_bbt.transfer`` run of the same configuration). Nothing is
-    written into it, and its partial checkpoints are ignored."""
+    written into it, nor moved (a file it cannot use is an error), and its partial checkpoints
+    are ignored."""
+
+    def __init__(self, root: Path, config: dict) -> None:
+        super().__init__(root, config, on_damaged=None)
 
     def save_record(self, key: str, record: dict) -> None:
         pass

@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_sequence(results, args.out / "sequence.png")
         log(f"done in {time.perf_counter() - start:.0f} s: {args.out / 'results.json'}, {args.out / 'sequence.png'}")
         return 0
-    store = RunStore(args.out, config.to_dict())
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"))
     results, timing = split_timing(run_experiment(config, log=log, store=store, warn=warn))
     timing["wall_clock"] = time.perf_counter() - start
     atomic_write_json(args.out / "results.json", results)

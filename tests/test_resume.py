@@ -73,6 +73,42 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_results(uninterru
     assert json.loads((out / "results.json").read_text()) == json.loads((uninterrupted / "results.json").read_text())
 
 
+def test_damaged_files_are_moved_aside_and_recomputed_on_resume(uninterrupted, tmp_path, capsys):
+    """A truncated unit record, a truncated task-A stage and a record of another configuration:
+    --resume warns once per file, moves it aside, redoes its work, and gets the same results."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, out)
+    (out / "results.json").unlink()
+    unit, stage = out / "units" / "transfer-f1-s0.json", out / "stages" / "A-bayesian-s1.pt"
+    unit.write_bytes(unit.read_bytes()[:100])
+    stage.write_bytes(stage.read_bytes()[:1000])
+    foreign = out / "units" / "scratch-f0.2-s1.json"
+    payload = json.loads(foreign.read_text())
+    payload["config_hash"], payload["config"]["hidden"] = "0" * 16, [99]
+    foreign.write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out), "--resume"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ") and "moved to" in line]
+    assert len(warnings) == 3, warnings
+    for path, reason in ((unit, "unreadable (JSONDecodeError"), (stage, "unreadable ("), (foreign, "made by another configuration (hidden: [99] -> [16])")):
+        (line,) = [w for w in warnings if w.startswith(f"warning: {path}: ")]
+        assert reason in line and f"moved to {path.name}.damaged" in line
+        assert path.with_name(path.name + ".damaged").exists() and path.exists()  # set aside, and written again
+    assert json.loads((out / "results.json").read_text()) == json.loads((uninterrupted / "results.json").read_text())
+
+
+def test_a_store_without_on_damaged_refuses_a_damaged_file_naming_it(tmp_path):
+    store = RunStore(tmp_path, {"hidden": [16]})
+    store.save_record("scratch-f1-s0", {"accuracy": 0.5})
+    path = tmp_path / "units" / "scratch-f1-s0.json"
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(ValueError, match=r"scratch-f1-s0\.json: unreadable \(JSONDecodeError"):
+        store.record("scratch-f1-s0")
+    assert path.exists() and not path.with_name(path.name + ".damaged").exists()
+
+
 def test_resume_refuses_another_configuration(uninterrupted, capsys):
     code = main([*TINY, "--hidden", "8", "--out", str(uninterrupted), "--resume"])
     assert code == 2
