@@ -446,13 +446,13 @@ def _adam_step(parameters: Iterable[Tensor], loss_fn: Callable[[Tensor, Tensor],
     return step
 
 
-def _deterministic_trainer(num_data: int, num_batches: int) -> Trainer:
+def _deterministic_trainer(num_data: int) -> Trainer:
     net = MLP(SIZES)
     step = _adam_step(net.parameters(), lambda x, y: F.cross_entropy(net(x), y))
     return Trainer(step, partial(predictive_accuracy, net))
 
 
-def _bayesian_trainer(num_data: int, num_batches: int, num_samples: int | None) -> Trainer:
+def _bayesian_trainer(num_data: int, num_samples: int | None) -> Trainer:
     """BBB with ``num_samples`` weight samples per step, or local reparameterisation for ``None``.
 
     Loss: ``(N/B) * mean_s sum_n CE(logits_{s,n}, y_n) + KL(q || N(0, 1))``.
@@ -539,7 +539,7 @@ def blitz_kl(net: nn.Module) -> Tensor:
 
 
 def _module_trainer(
-    build: Callable[[], nn.Module], kl: Callable[[nn.Module], Tensor], num_data: int, num_batches: int
+    build: Callable[[], nn.Module], kl: Callable[[nn.Module], Tensor], num_data: int
 ) -> Trainer:
     """A peer whose module (``build()``) draws fresh weights at every call: one sample per step, the
     predictive mean over ``EVAL_SAMPLES`` calls. ``kl(net)`` is evaluated after the step's forward pass."""
@@ -569,13 +569,13 @@ def autonormal_svi() -> tuple[BayesianMLP, AutoNormal, SVI]:
     return model, guide, SVI(model, guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
 
 
-def _autonormal_svi_trainer(num_data: int, num_batches: int) -> Trainer:
+def _autonormal_svi_trainer(num_data: int) -> Trainer:
     model, guide, svi = autonormal_svi()
     return Trainer(lambda x, y: svi.step(x, y, num_data), _pyro_accuracy(model, guide))
 
 
-TrainerFactory = Callable[[int, int], Trainer]
-"""``(num_data, num_batches) -> Trainer``: builds a configuration's network, optimiser and step."""
+TrainerFactory = Callable[[int], Trainer]
+"""``num_data -> Trainer``: builds a configuration's network, optimiser and step."""
 
 TRAINERS: dict[str, TrainerFactory] = {
     DETERMINISTIC: _deterministic_trainer,
@@ -605,8 +605,7 @@ def _time_step_epochs(config: BenchConfig, split: Split, epochs: int, seed: int)
     """Time the epochs of a configuration in :data:`TRAINERS` (a reference or a peer)."""
     torch.manual_seed(seed)
     num_data = len(split)
-    num_batches = math.ceil(num_data / BATCH_SIZE)
-    trainer = TRAINERS[config.name](num_data, num_batches)
+    trainer = TRAINERS[config.name](num_data)
     order = torch.Generator().manual_seed(seed)
     seconds, cpu_seconds = [], []
     for _ in range(epochs):

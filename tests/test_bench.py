@@ -187,7 +187,7 @@ def test_peer_trains_an_epoch_and_records_its_test_accuracy(name, single_torch_t
     assert 0.0 <= result["test_accuracy"] <= 1.0
     split, _ = bench._load_splits(256)
     x, y = next(split.batches(bench.BATCH_SIZE, shuffle=False))
-    assert math.isfinite(bench.TRAINERS[name](len(split), 2).step(x, y))
+    assert math.isfinite(bench.TRAINERS[name](len(split)).step(x, y))
 
 
 @pytest.mark.parametrize(
