@@ -177,11 +177,13 @@ BATCH_SIZE = 128
 LR = 1e-3
 INIT_SCALE = 0.01
 DEFAULT_EPOCHS = 3
+DEFAULT_ROUNDS = 3
 QUICK_EPOCHS = 2
 QUICK_TRAIN_SIZE = 2048
 DETERMINISTIC = "torch-deterministic"
 BBB16 = "torch-bbb-16"
 LRT = "torch-lrt"
+BAYES_TORCH_REPARAM = "bayes-torch-reparam"
 PEER = "peer"
 EVAL_SAMPLES = 8
 INSTALL_HINT = 'pip install -e ".[bench]"'
@@ -279,10 +281,14 @@ class Target:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("local_vs_deterministic", "meanfield-local-1", "ratio_to_deterministic", 1.5, "x",
-           "local reparameterisation (meanfield local) <= 1.5x the deterministic MLP"),
-    Target("weights16_vs_bbb16", "meanfield-weights-16", "ratio_to_bbb16", 1.25, "x",
-           "16-particle weight sampling (meanfield weights 16) <= 1.25x torch-bbb-16"),
+    Target("local_vs_bayes_torch", "meanfield-local-1", "ratio_to_bayes_torch_reparam", 1.0, "x",
+           "default training (meanfield local) <= 1.0x bayesian-torch LinearReparameterization"),
+    Target("local_vs_lrt", "meanfield-local-1", "ratio_to_lrt", 1.1, "x",
+           "default training (meanfield local) <= 1.1x hand-written local reparameterisation (torch-lrt)"),
+    Target("local_vs_deterministic", "meanfield-local-1", "ratio_to_deterministic", 2.5, "x",
+           "stretch: default training (meanfield local) <= 2.5x the deterministic MLP"),
+    Target("weights16_vs_bbb16", "meanfield-weights-16", "ratio_to_bbb16", 1.0, "x",
+           "16-particle weight sampling (meanfield weights 16) <= 1.0x torch-bbb-16"),
     Target("default_peak_memory", "meanfield-local-1", "peak_rss_mib", 2048.0, "MiB",
            "peak memory of default training (meanfield local) <= 2 GiB"),
 )
@@ -700,25 +706,51 @@ def _ratio(value: float, reference: float | None) -> float | None:
     return None if reference is None else value / reference
 
 
+def merge_rounds(raw: Sequence[dict]) -> list[dict]:
+    """One entry per configuration (in order of first appearance) from the results of every
+    round: the epochs of all rounds, ``round_medians`` (each round's median epoch seconds, wall
+    and CPU), the largest peak RSS, the last round's test accuracy."""
+    groups: dict[str, list[dict]] = {}
+    for r in raw:
+        groups.setdefault(r["name"], []).append(r)
+    merged = []
+    for name, group in groups.items():
+        last = group[-1]
+        merged.append({
+            **last,
+            "epoch_seconds": [s for r in group for s in r["epoch_seconds"]],
+            "epoch_cpu_seconds": [s for r in group for s in r["epoch_cpu_seconds"]],
+            "round_medians": [statistics.median(r["epoch_seconds"]) for r in group],
+            "round_cpu_medians": [statistics.median(r["epoch_cpu_seconds"]) for r in group],
+            "rounds": len(group),
+            "peak_rss_mib": max((r["peak_rss_mib"] for r in group if r.get("peak_rss_mib") is not None), default=last.get("peak_rss_mib")),
+            "load_average": [r.get("load_average") for r in group],
+        })
+    return merged
+
+
 def summarize(raw: Sequence[dict]) -> list[dict]:
-    """Add to each raw result its median epoch seconds and the ratios to the references and to
-    the fastest peer among ``raw``."""
-    medians = {r["name"]: statistics.median(r["epoch_seconds"]) for r in raw}
-    cpu_medians = {r["name"]: statistics.median(r["epoch_cpu_seconds"]) for r in raw}
+    """Merge the rounds (:func:`merge_rounds`), and add to each configuration its median epoch
+    seconds -- the median over rounds of each round's median, so that a round disturbed by
+    other load counts once -- and the ratios to the references and to the fastest peer."""
+    merged = merge_rounds(raw)
+    medians = {r["name"]: statistics.median(r["round_medians"]) for r in merged}
+    cpu_medians = {r["name"]: statistics.median(r["round_cpu_medians"]) for r in merged}
     fastest_peer = min((medians[name] for name in medians if CONFIGS[name].kind == PEER), default=None)
     results = []
-    for r in raw:
+    for r in merged:
         median, cpu_median = medians[r["name"]], cpu_medians[r["name"]]
         results.append(
             {
                 **r,
                 "description": CONFIGS[r["name"]].description,
-                "epochs": len(r["epoch_seconds"]),
+                "epochs": len(r["epoch_seconds"]) // r["rounds"],
                 "median_epoch_seconds": median,
                 "median_step_ms": 1000.0 * median / r["steps_per_epoch"],
                 "ratio_to_deterministic": _ratio(median, medians.get(DETERMINISTIC)),
                 "ratio_to_bbb16": _ratio(median, medians.get(BBB16)),
                 "ratio_to_lrt": _ratio(median, medians.get(LRT)),
+                "ratio_to_bayes_torch_reparam": _ratio(median, medians.get(BAYES_TORCH_REPARAM)),
                 "ratio_to_fastest_peer": _ratio(median, fastest_peer),
                 "median_epoch_cpu_seconds": cpu_median,
                 "cpu_ratio_to_deterministic": _ratio(cpu_median, cpu_medians.get(DETERMINISTIC)),
@@ -744,14 +776,14 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown_table(results: Sequence[dict]) -> str:
     lines = [
-        "| config | median s/epoch | epochs | ms/step | x deterministic | x torch-bbb-16 | x fastest peer "
+        "| config | median s/epoch | rounds x epochs | ms/step | x deterministic | x torch-lrt | x torch-bbb-16 | x fastest peer "
         "| test accuracy | peak RSS (MiB) | median CPU s/epoch | CPU x det. | CPU x bbb-16 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {r['median_epoch_seconds']:.2f} | {r['epochs']} | {r['median_step_ms']:.1f} "
-            f"| {_fmt(r['ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['ratio_to_bbb16'], '.2f', 'x')} "
+            f"| {r['name']} | {r['median_epoch_seconds']:.2f} | {r.get('rounds', 1)} x {r['epochs']} | {r['median_step_ms']:.1f} "
+            f"| {_fmt(r['ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r.get('ratio_to_lrt'), '.2f', 'x')} | {_fmt(r['ratio_to_bbb16'], '.2f', 'x')} "
             f"| {_fmt(r.get('ratio_to_fastest_peer'), '.2f', 'x')} | {_fmt(r.get('test_accuracy'), '.3f')} "
             f"| {r['peak_rss_mib']:.0f} | {r['median_epoch_cpu_seconds']:.2f} "
             f"| {_fmt(r['cpu_ratio_to_deterministic'], '.2f', 'x')} | {_fmt(r['cpu_ratio_to_bbb16'], '.2f', 'x')} |"
@@ -821,6 +853,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "init_scale": INIT_SCALE,
         "eval_samples": EVAL_SAMPLES,
         "epochs": args.epochs,
+        "rounds": args.rounds,
         "train_size": raw[0]["train_size"] if raw else None,
         "quick": args.quick,
         "seed": args.seed,
@@ -834,7 +867,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "skipped": list(getattr(args, "skipped", [])),
         "platform": platform.platform(),
         "cpu_load_note": "load_average per result: 1-min load average before and after its training",
-        "isolation": "each configuration in its own spawned child process, run sequentially",
+        "isolation": "each configuration in its own spawned child process, run sequentially; the configurations take turns, once per round",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -878,6 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", type=_config_list, default=None,
                         help=f"comma-separated subset of: {', '.join(CONFIGS)} (default: all, skipping the "
                              f"peers whose package is not installed: {INSTALL_HINT})")
+    parser.add_argument("--rounds", type=_positive_int, default=None,
+                        help=f"interleaved rounds: every configuration runs once per round, in turn, and its median is the median "
+                             f"over rounds (default {DEFAULT_ROUNDS}; 1 with --quick)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch.set_num_threads in every configuration (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
@@ -898,6 +934,8 @@ def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     is missing."""
     if args.epochs is None:
         args.epochs = QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else DEFAULT_ROUNDS
     if args.train_size is None and args.quick:
         args.train_size = QUICK_TRAIN_SIZE
     if args.profile is not None:
@@ -909,28 +947,30 @@ def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def _run_all(args: argparse.Namespace) -> Iterator[dict]:
     for line in args.skipped:
         print(f"[bench] {line}", file=sys.stderr, flush=True)
-    for name in args.configs:
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed)
-        seconds = ", ".join(f"{s:.2f}" for s in result["epoch_seconds"])
-        cpu = ", ".join(f"{s:.2f}" for s in result["epoch_cpu_seconds"])
-        print(f"[bench] {name}: epochs [{seconds}] s wall, [{cpu}] s CPU, peak {result['peak_rss_mib']:.0f} MiB, "
-              f"test accuracy {result['test_accuracy']:.3f}", file=sys.stderr, flush=True)
-        yield result
+    for round_index in range(args.rounds):
+        for name in args.configs:
+            print(f"[bench] round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed) | {"round": round_index + 1}
+            seconds = ", ".join(f"{s:.2f}" for s in result["epoch_seconds"])
+            cpu = ", ".join(f"{s:.2f}" for s in result["epoch_cpu_seconds"])
+            print(f"[bench] {name}: epochs [{seconds}] s wall, [{cpu}] s CPU, peak {result['peak_rss_mib']:.0f} MiB, "
+                  f"test accuracy {result['test_accuracy']:.3f}", file=sys.stderr, flush=True)
+            yield result
 
 
 def build_report(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
     """The JSON report: ``meta``, per-configuration ``results`` and the ``targets``."""
     results = summarize(raw)
     meta = _meta(args, raw)
-    meta["complete"] = len(raw) == len(args.configs)
+    meta["complete"] = len(raw) == len(args.configs) * args.rounds
     return {"meta": meta, "results": results, "targets": evaluate_targets(results)}
 
 
 def print_report(report: dict) -> None:
     meta = report["meta"]
     print(f"\nTask A (digits 0-4), {meta['train_size']} training images, batch {BATCH_SIZE}, "
-          f"{meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); medians over epochs; "
+          f"{meta.get('rounds', 1)} interleaved round(s) of {meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); "
+          f"median over rounds of each round's median epoch; "
           f"test accuracy on task A's test split ({EVAL_SAMPLES} weight samples).\n")
     print(markdown_table(report["results"]))
     if meta.get("skipped"):

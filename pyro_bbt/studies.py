@@ -38,7 +38,8 @@ import numpy as np
 
 from .data import Task, load_task
 from .evaluation import evaluate
-from .experiment import ExperimentConfig, _fit_task_a, _fresh_bayesian, _load, _run_bayesian_b, steps_for
+from .experiment import PRESETS as EXPERIMENT_PRESETS
+from .experiment import ExperimentConfig, _fit_task_a, _fresh_bayesian, _load, _Run, _run_bayesian_b, steps_for
 from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES
 from .inference import TrainConfig, train
@@ -46,11 +47,14 @@ from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .plots import sample_std
 from .priors import GaussianPrior, PerSitePrior
+from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 from .uncertainty_study import (
     UNCERTAINTY_PRESETS,
     UncertaintyConfig,
     config_to_dict,
+    fit_guide,
+    guide_rows,
     plot_reliability,
     plot_shift,
     plot_uncertainty,
@@ -82,11 +86,12 @@ PRESETS = {
     "quick": dict(epochs=1, seeds=(0,), limit_train=4000, limit_eval=2000, eval_samples=16),
     "paper": dict(epochs=3, seeds=(0, 1)),
 }
-# The ablation trains A as long as the transfer experiment's paper preset did before q_A was
-# fitted to convergence (5 epochs), over 3 seeds. The convergence study fits A under every
-# variant for at most 60 epochs, one seed (it chooses defaults; it does not carry a finding).
+# ``epochs`` is B's budget in the ablation (the transfer experiment's 5) and the cap of the
+# convergence study's older variants (60; one seed: it chooses defaults, it carries no finding);
+# guides and schedules fit q_A by its recipe to convergence, capped at ``max_epochs`` (None: 300).
 STUDY_OVERRIDES = {("ablation", "paper"): dict(epochs=5, seeds=(0, 1, 2)), ("convergence", "paper"): dict(epochs=60, seeds=(0,)),
-                   ("convergence", "quick"): dict(epochs=3, max_epochs=3)}
+                   ("convergence", "quick"): dict(epochs=3, max_epochs=3), ("guides", "paper"): dict(seeds=(0, 1, 2)),
+                   ("guides", "quick"): dict(max_epochs=2), ("schedules", "quick"): dict(max_epochs=2), ("ablation", "quick"): dict(max_epochs=2)}
 
 
 def _task_a(config: StudyConfig, seed: int):
@@ -111,22 +116,43 @@ def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_sched
     return history, metrics
 
 
+def _recipe(config: StudyConfig) -> UncertaintyConfig:
+    """q_A's recipe (:meth:`UncertaintyConfig.fitting`) with the study's network, data and cap
+    (``config.max_epochs``, else 300 epochs)."""
+    cap = config.max_epochs or 300
+    return UncertaintyConfig(hidden=config.hidden, max_epochs=cap, min_epochs=min(5, cap), eval_samples=config.eval_samples,
+                             limit_train=config.limit_train, limit_eval=config.limit_eval)
+
+
+def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str | None = None) -> dict:
+    """One fit on task A by q_A's recipe, judged by the stopping rule, scored on A's test set."""
+    train_split, _, test = _task_a(config, seed)
+    model, q, convergence, history = fit_guide(_recipe(config), guide, train_split, seed, kl_schedule=kl_schedule)
+    metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
+    return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e.seconds for e in history.epochs),
+            "fit_seconds": sum(e.seconds for e in history.epochs), "epochs": convergence["epochs"], "converged": convergence["converged"],
+            "convergence": convergence, "history": history.to_records()}
+
+
 def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print) -> list[dict]:
+    """Every guide fitted on task A by q_A's recipe to convergence (or the cap), per seed."""
     rows = []
     for guide, seed in itertools.product(guides, config.seeds):
-        history, metrics = _fit_on_a(config, seed, guide=guide)
-        seconds = statistics.median(e.seconds for e in history.epochs)
-        rows.append({"guide": guide, "seed": seed, **metrics.to_dict(), "seconds_per_epoch": seconds, "history": history.to_records()})
-        log(f"guide {guide:>9} seed {seed}: accuracy {metrics.accuracy:.4f}, NLL {metrics.nll:.4f}, ECE {metrics.ece:.4f}, {seconds:.1f} s/epoch")
+        rows.append({"guide": guide, **_fit_to_convergence(config, seed, guide=guide)})
+        r = rows[-1]
+        log(f"guide {guide:>9} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
+            f"{r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'}), {r['seconds_per_epoch']:.1f} s/epoch")
     return rows
 
 
 def compare_schedules(config: StudyConfig, schedules: tuple[str, ...] = KL_SCHEDULES, log=print) -> list[dict]:
+    """``meanfield`` fitted on task A by q_A's recipe under every KL schedule, per seed."""
     rows = []
     for schedule, seed in itertools.product(schedules, config.seeds):
-        history, metrics = _fit_on_a(config, seed, kl_schedule=schedule)
-        rows.append({"kl_schedule": schedule, "seed": seed, **metrics.to_dict(), "history": history.to_records()})
-        log(f"schedule {schedule:>8} seed {seed}: accuracy {metrics.accuracy:.4f}, NLL {metrics.nll:.4f}, ECE {metrics.ece:.4f}")
+        rows.append({"kl_schedule": schedule, **_fit_to_convergence(config, seed, kl_schedule=schedule)})
+        r = rows[-1]
+        log(f"schedule {schedule:>8} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
+            f"ELBO {r['history'][-1]['elbo']:.4g} after {r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'})")
     return rows
 
 
@@ -258,33 +284,40 @@ def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
 
 
 def ablation_base(config: StudyConfig) -> ExperimentConfig:
-    """The settings of the paper run before q_A was fitted to convergence (a fixed number of
-    epochs on A in minibatches of 128, one learning rate of 1e-3 for locations and scales,
-    Blundell's schedule): the ablation's numbers in README."""
-    return ExperimentConfig(hidden=config.hidden, epochs_a=config.epochs, max_epochs_a=None, batch_size_a=None, lr=1e-3, lr_a=None, scale_lr=None,
-                            kl_schedule="blundell", epochs=config.epochs, fractions=(config.ablation_fraction,),
-                            seeds=config.seeds, eval_samples=config.eval_samples, limit_train=config.limit_train, min_steps=config.min_steps,
-                            limit_eval=config.limit_eval, methods=("scratch", "transfer"))
+    """The transfer experiment's paper configuration (q_A fitted to convergence by its recipe;
+    B's budget and learning rates), with the study's network, seeds, data limits and B epochs;
+    ``config.max_epochs`` caps q_A's fit (smoke runs). For the paper preset it equals
+    ``python -m pyro_bbt.transfer --preset paper``'s configuration, so ``--reuse`` can read that
+    run's q_A."""
+    cap = {} if config.max_epochs is None else dict(max_epochs_a=config.max_epochs, epochs_a=min(5, config.max_epochs))
+    return ExperimentConfig(**EXPERIMENT_PRESETS["paper"] | dict(hidden=config.hidden, seeds=config.seeds, eval_samples=config.eval_samples,
+                                                                  limit_train=config.limit_train, limit_eval=config.limit_eval,
+                                                                  min_steps=config.min_steps, epochs=config.epochs) | cap)
 
 
-def ablation(config: StudyConfig, log=print) -> list[dict]:
-    """Transfer on B at one fraction under the variants of :data:`ABLATION_VARIANTS`; task A is
-    fitted once per seed (tau = 1) under :func:`ablation_base` and shared by every variant, the
-    step budget is the same."""
+def ablation(config: StudyConfig, log=print, reuse: Path | None = None) -> list[dict]:
+    """Transfer on B at ``config.ablation_fraction`` under the variants of
+    :data:`ABLATION_VARIANTS`, shared head; task A is fitted once per seed (or read from the
+    finished run ``reuse`` of the same configuration) and shared by every variant, the step
+    budget is the same. A variant's learning rate other than the base's applies to the widths
+    too (the original used one rate for both)."""
     base = ablation_base(config)
+    run = _Run(ReadOnlyStore(reuse, base.to_dict())) if reuse is not None else _Run()
     rows = []
     for seed in config.seeds:
-        stage_a = _fit_task_a(base, _load(base, 1.0, seed), seed)
+        stage_a = _fit_task_a(base, _load(base, 1.0, seed), seed, run)
+        verdict = stage_a.convergence
+        log(f"seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
         tasks = _load(base, config.ablation_fraction, seed)
         steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
         for name, method, q_init, tau, lr in ABLATION_VARIANTS:
-            variant = replace(base, q_init=q_init, tau=tau, lr=lr)
+            variant = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
             stage = replace(stage_a, prior_from_a=_broadened(stage_a.prior_from_a, tau))
             start = time.perf_counter()
             outcome = _run_bayesian_b(variant, method, tasks, stage, steps, seed)
             rows.append({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
                          "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
-                         "a_test_before_accuracy": stage_a.a_test.accuracy, "seconds": time.perf_counter() - start})
+                         "a_test_before_accuracy": stage_a.a_test.accuracy, "q_a_convergence": verdict, "seconds": time.perf_counter() - start})
             log(f"{name:>62} seed {seed}: B {rows[-1]['b_test_accuracy']:.4f}, A after B {rows[-1]['a_test_after_accuracy']:.4f}")
     return rows
 
@@ -305,12 +338,18 @@ def ablation_table(rows: list[dict]) -> str:
 
 def guides_table(rows: list[dict]) -> str:
     """Markdown: per guide, mean ± std over seeds of test accuracy, NLL, ECE and of each seed's
-    median seconds per epoch."""
-    lines = ["| guide | test accuracy | test NLL | test ECE | s / epoch | seeds |", "|---|---|---|---|---|---|"]
+    median seconds per epoch; with the fits' epochs and the stopping rule's verdicts when the
+    rows have them."""
+    judged = all("converged" in r for r in rows)
+    extra = " epochs | converged fits |" if judged else ""
+    lines = ["| guide | test accuracy | test NLL | test ECE | s / epoch |" + extra + " seeds |", "|---|---|---|---|---|" + "---|---|" * judged + "---|"]
     for guide in dict.fromkeys(r["guide"] for r in rows):
         group = [r for r in rows if r["guide"] == guide]
         cells = [_mean_std(r[key] for r in group) for key in ("accuracy", "nll", "ece")]
         cells.append(_mean_std((r["seconds_per_epoch"] for r in group), digits=1))
+        if judged:
+            epochs = [r["epochs"] for r in group]
+            cells += [f"{min(epochs)}–{max(epochs)}" if min(epochs) != max(epochs) else str(epochs[0]), f"{sum(r['converged'] for r in group)}/{len(group)}"]
         lines.append(f"| {guide} | {' | '.join(cells)} | {len(group)} |")
     return "\n".join(lines) + "\n"
 
@@ -332,22 +371,22 @@ def plot_guides(rows: list[dict], path: Path) -> None:
 
 
 def plot_schedules(rows: list[dict], path: Path) -> None:
+    """Per schedule and seed: the full-data ELBO (left) and the epoch's summed weighted KL
+    (right) against the epoch on A, up to where the stopping rule ended the fit."""
     from .plots import _save, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for schedule in dict.fromkeys(r["kl_schedule"] for r in rows):
-        group = [r for r in rows if r["kl_schedule"] == schedule]
-        val = np.array([[e["val_accuracy"] for e in r["history"]] for r in group])
-        kl = np.array([[e["weighted_kl"] for e in r["history"]] for r in group])
-        epochs = np.arange(1, val.shape[1] + 1)
-        axes[0].errorbar(epochs, val.mean(0), yerr=sample_std(val, axis=0), marker="o", capsize=3, label=schedule)
-        axes[1].plot(epochs, kl.mean(0), marker="o", label=schedule)
-    axes[0].set_xlabel("epoch on A")
-    axes[0].set_ylabel("validation accuracy")
-    axes[1].set_xlabel("epoch on A")
+    colours = dict(zip(dict.fromkeys(r["kl_schedule"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for row in rows:
+        epochs = np.arange(1, len(row["history"]) + 1)
+        label = row["kl_schedule"] if row["seed"] == rows[0]["seed"] else None
+        axes[0].plot(epochs, [e["elbo"] for e in row["history"]], color=colours[row["kl_schedule"]], lw=1, label=label)
+        axes[1].plot(epochs, [e["weighted_kl"] for e in row["history"]], color=colours[row["kl_schedule"]], lw=1, label=label)
+    axes[0].set_ylabel("full-data ELBO (nats)")
     axes[1].set_ylabel("sum of weighted KL over the epoch")
-    axes[1].set_yscale("symlog")
     for ax in axes:
+        ax.set_xlabel("epoch on A")
+        ax.set_yscale("symlog")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)
@@ -360,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
-                        help="tradeoff only: finished python -m pyro_bbt.transfer runs (one per head) of the preset's configuration, "
-                             "whose fitted q_A and EWC nets are read instead of fitted again")
+                        help="tradeoff and ablation only: finished python -m pyro_bbt.transfer runs (tradeoff: one per head; ablation: the "
+                             "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="uncertainty only: run its units (one per guide and seed, one per seed for the nets) in N processes")
     parser.add_argument("--variants", type=_variant_keys, default=VARIANT_KEYS, metavar="KEY,KEY",
                         help=f"convergence only: the fitting variants to run (default all: {', '.join(VARIANT_KEYS)})")
     return parser
@@ -397,8 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants != VARIANT_KEYS and args.study != "convergence":
         print(f"{parser.prog}: error: --variants applies to the convergence study only", file=sys.stderr)
         return 2
-    if args.reuse and args.study != "tradeoff":
-        print(f"{parser.prog}: error: --reuse applies to the tradeoff study only", file=sys.stderr)
+    if args.reuse and args.study not in ("tradeoff", "ablation"):
+        print(f"{parser.prog}: error: --reuse applies to the tradeoff and ablation studies only", file=sys.stderr)
+        return 2
+    if args.workers != 1 and args.study != "uncertainty":
+        print(f"{parser.prog}: error: --workers applies to the uncertainty study only", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"{parser.prog}: error: --workers must be an integer >= 1, got {args.workers}", file=sys.stderr)
         return 2
     if args.study == "tradeoff":
         preset = dict(TRADEOFF_PRESETS[args.preset])
@@ -416,11 +463,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.study == "uncertainty":
         uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset])
-        rows = uncertainty_study(uconfig)
+        rows = uncertainty_study(uconfig, workers=args.workers)
         plot_uncertainty(rows, args.out / "uncertainty.png")
         plot_reliability(rows, args.out / "reliability.png")
         plot_shift(rows, args.out / "shift.png")
         atomic_write_text(args.out / "uncertainty.md", uncertainty_table(rows))
+        if any(r["convergence"] is not None for r in rows):
+            atomic_write_text(args.out / "guides.md", guides_table(guide_rows(rows)))
         atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": config_to_dict(uconfig), "rows": rows,
                                    "seconds": time.perf_counter() - start})
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
@@ -438,7 +487,15 @@ def main(argv: list[str] | None = None) -> int:
         plot_convergence(rows, args.out / "convergence.png")
         atomic_write_text(args.out / "convergence.md", convergence_table(rows))
     else:
-        rows = ablation(config)
+        reuse = _reuse_by_head(args.reuse) if args.reuse else {}
+        if set(reuse) - {"shared"}:
+            print(f"{parser.prog}: error: --reuse for the ablation takes the shared head's run; got heads {', '.join(sorted(reuse))}", file=sys.stderr)
+            return 2
+        try:
+            rows = ablation(config, reuse=reuse.get("shared"))
+        except ValueError as error:  # a --reuse directory of another configuration
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
         atomic_write_text(args.out / "ablation.md", ablation_table(rows))
     atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": vars(config) | {"seeds": list(config.seeds)},
                                "rows": rows, "seconds": time.perf_counter() - start})

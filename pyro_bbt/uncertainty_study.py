@@ -24,14 +24,17 @@ Writes ``uncertainty.json``, ``uncertainty.md`` (mean ± std over seeds), ``unce
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .convergence import assess_convergence
+from .convergence import assess_convergence, uninformed_scale_ratio
 from .data import Task, load_task
 from .ewc import MLP, DeterministicTrainConfig, train_deterministic
 from .experiment import ExperimentConfig, _fresh_bayesian, _train_config
@@ -54,10 +57,12 @@ from .uncertainty import (
     shift_suite,
 )
 
-__all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "uncertainty_study", "uncertainty_table", "plot_uncertainty",
-           "plot_reliability", "plot_shift"]
+__all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "fit_guide", "plan_units", "run_unit", "uncertainty_study",
+           "uncertainty_table", "guide_rows", "plot_uncertainty", "plot_reliability", "plot_shift"]
 
-DETERMINISTIC, ENSEMBLE = "deterministic", "ensemble"
+DETERMINISTIC, ENSEMBLE, NETS = "deterministic", "ensemble", "nets"
+TASK_A, TASK_B = Task(digits=(0, 1, 2, 3, 4), name="A"), Task(digits=(5, 6, 7, 8, 9), name="B")
+COST_ORDER: tuple[str, ...] = ("iaf", "planar", "lowrank", "meanfield", "normal", "delta")  # slowest first (s / epoch, README)
 PREDICTORS: tuple[str, ...] = (*GUIDES, DETERMINISTIC, ENSEMBLE)
 RELIABILITY_SETS: tuple[str, ...] = (IN_DISTRIBUTION, shift_name("rotation", 45.0))
 HISTOGRAM_BINS = 30
@@ -107,14 +112,21 @@ UNCERTAINTY_PRESETS = {
 }
 
 
-def _fit_guide(config: UncertaintyConfig, guide_name: str, train_split, seed: int):
+def fit_guide(config: UncertaintyConfig, guide_name: str, train_split, seed: int, kl_schedule: str | None = None):
+    """``guide_name`` fitted on ``train_split`` by q_A's recipe (:meth:`UncertaintyConfig.fitting`),
+    optionally under another KL schedule; returns ``(model, guide, convergence, history)``,
+    the convergence report (with the blank-pixel ratio; ``None`` for ``delta``) as a dict."""
     experiment = config.fitting(guide_name, seed)
+    if kl_schedule is not None:
+        experiment = replace(experiment, kl_schedule=kl_schedule)
     model, guide = _fresh_bayesian(experiment, experiment.base_prior(), seed)
     rule = experiment.stopping_rule
     lr = experiment.lr if experiment.lr_a is None else experiment.lr_a
     train_config = _train_config(experiment, None, seed, stopping=rule, lr=lr, batch_size=experiment.a_batch_size)
     history = train(model, guide, train_split, train_config)
-    convergence = assess_convergence(history.to_records(), rule)
+    # a point mass has no width to check (its posterior_loc_scale reports the prior's, by convention)
+    ratio = None if guide_name == "delta" else uninformed_scale_ratio(guide, model, train_split.x)
+    convergence = assess_convergence(history.to_records(), rule, ratio, experiment.max_epochs_a)
     return model, guide, convergence.to_dict(), history
 
 
@@ -171,46 +183,107 @@ def _score_predictor(log_probs_of, suite: dict, num_classes: int) -> dict:
     }
 
 
-def uncertainty_study(config: UncertaintyConfig, log=print) -> list[dict]:
-    """One row per predictor and seed (see the module docstring)."""
-    task_a, task_b = Task(digits=(0, 1, 2, 3, 4), name="A"), Task(digits=(5, 6, 7, 8, 9), name="B")
-    suite = shift_suite(task_a, task_b, config.rotations, config.noise_stds, config.limit_eval)
-    rows = []
-    for seed in config.seeds:
-        train_split = load_task(Task(digits=task_a.digits, seed=seed, name="A")).train
-        if config.limit_train is not None:
-            train_split = train_split.subset(config.limit_train)
-        num_classes = len(task_a.digits)
-        nets: list[MLP] = []
-        if {DETERMINISTIC, ENSEMBLE} & set(config.predictors):
-            start = time.perf_counter()
-            nets = _fit_nets(config, config.ensemble_size if ENSEMBLE in config.predictors else 1, train_split, seed)
-            net_seconds = time.perf_counter() - start
-        for predictor in config.predictors:
-            start = time.perf_counter()
-            convergence = None
-            if predictor in GUIDES:
-                model, guide, convergence, history = _fit_guide(config, predictor, train_split, seed)
-                fit_seconds = time.perf_counter() - start
-                eval_seed = seed
+def _suite(config: UncertaintyConfig) -> dict:
+    return shift_suite(TASK_A, TASK_B, config.rotations, config.noise_stds, config.limit_eval)
 
-                def log_probs_of(x, model=model, guide=guide):
-                    return bayesian_log_probs(model, guide, x, config.eval_samples, seed=eval_seed)
 
-            else:
-                members = nets[:1] if predictor == DETERMINISTIC else nets
-                fit_seconds = net_seconds * len(members) / len(nets)
+def _train_split(config: UncertaintyConfig, seed: int):
+    train_split = load_task(Task(digits=TASK_A.digits, seed=seed, name="A")).train
+    return train_split if config.limit_train is None else train_split.subset(config.limit_train)
 
-                def log_probs_of(x, members=members):
-                    return network_log_probs(members, x)
 
-            scores = _score_predictor(log_probs_of, suite, num_classes)
-            rows.append({"predictor": predictor, "seed": seed, "fit_seconds": fit_seconds, "convergence": convergence, **scores})
-            a = scores["sets"][IN_DISTRIBUTION]
-            verdict = "" if convergence is None else f", {convergence['epochs']} epochs, {'converged' if convergence['converged'] else 'NOT converged'}"
-            log(f"{predictor:>13} seed {seed}: A acc {a['accuracy']:.4f}, ECE {a['ece']:.4f}, AUROC unseen by entropy {scores['auroc_entropy']:.3f}, "
-                f"by MI {scores['auroc_mutual_information']:.3f}; fit {fit_seconds:.0f} s{verdict}")
-    return rows
+def _row(predictor: str, seed: int, fit_seconds: float, convergence: dict | None, scores: dict, seconds_per_epoch: float | None = None) -> dict:
+    return {"predictor": predictor, "seed": seed, "fit_seconds": fit_seconds, "seconds_per_epoch": seconds_per_epoch, "convergence": convergence,
+            **scores}
+
+
+def plan_units(config: UncertaintyConfig) -> list[tuple[str, int]]:
+    """The study's independent units of work, ``(what, seed)``: one per guide and seed, and one
+    ``"nets"`` unit per seed that fits the deterministic net and the ensemble's members (the
+    deterministic net is the ensemble's first member). Costliest guides first, so that a pool
+    of workers ends together."""
+    order = {guide: rank for rank, guide in enumerate(COST_ORDER)}
+    guides = sorted((p for p in config.predictors if p in GUIDES), key=lambda g: order.get(g, len(order)))
+    units = [(guide, seed) for guide in guides for seed in config.seeds]
+    if {DETERMINISTIC, ENSEMBLE} & set(config.predictors):
+        units += [(NETS, seed) for seed in config.seeds]
+    return units
+
+
+def run_unit(config: UncertaintyConfig, unit: tuple[str, int]) -> list[dict]:
+    """The rows of one unit (see :func:`plan_units`); depends on nothing but ``config`` and
+    ``unit``, so units may run in any order and in any process."""
+    what, seed = unit
+    suite, train_split, num_classes = _suite(config), _train_split(config, seed), len(TASK_A.digits)
+    if what == NETS:
+        count = config.ensemble_size if ENSEMBLE in config.predictors else 1
+        start = time.perf_counter()
+        nets = _fit_nets(config, count, train_split, seed)
+        net_seconds = time.perf_counter() - start
+        rows = []
+        for predictor in (p for p in config.predictors if p in (DETERMINISTIC, ENSEMBLE)):
+            members = nets[:1] if predictor == DETERMINISTIC else nets
+            scores = _score_predictor(lambda x, members=members: network_log_probs(members, x), suite, num_classes)
+            rows.append(_row(predictor, seed, net_seconds * len(members) / len(nets), None, scores))
+        return rows
+    start = time.perf_counter()
+    model, guide, convergence, history = fit_guide(config, what, train_split, seed)
+    fit_seconds = time.perf_counter() - start
+    scores = _score_predictor(lambda x: bayesian_log_probs(model, guide, x, config.eval_samples, seed=seed), suite, num_classes)
+    per_epoch = float(np.median([e.seconds for e in history.epochs]))
+    return [_row(what, seed, fit_seconds, convergence, scores, per_epoch)]
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _log_rows(rows: list[dict], log) -> None:
+    for row in rows:
+        a, convergence = row["sets"][IN_DISTRIBUTION], row["convergence"]
+        verdict = "" if convergence is None else f", {convergence['epochs']} epochs, {'converged' if convergence['converged'] else 'NOT converged'}"
+        log(f"{row['predictor']:>13} seed {row['seed']}: A acc {a['accuracy']:.4f}, ECE {a['ece']:.4f}, AUROC unseen by entropy "
+            f"{row['auroc_entropy']:.3f}, by MI {row['auroc_mutual_information']:.3f}; fit {row['fit_seconds']:.0f} s{verdict}")
+
+
+def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1) -> list[dict]:
+    """One row per predictor and seed (see the module docstring), seeds outer, predictors in
+    ``config.predictors``' order. ``workers > 1`` runs the units of :func:`plan_units` in that
+    many processes, each with ``cpu_count // workers`` torch threads (at least 1); the driver
+    alone collects the rows."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    units = plan_units(config)
+    by_unit: dict[tuple[str, int], list[dict]] = {}
+    if workers == 1:
+        for unit in units:
+            by_unit[unit] = run_unit(config, unit)
+            _log_rows(by_unit[unit], log)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = {pool.submit(run_unit, config, unit): unit for unit in units}
+            for future in as_completed(futures):
+                by_unit[futures[future]] = future.result()
+                _log_rows(by_unit[futures[future]], log)
+    rows = [row for unit_rows in by_unit.values() for row in unit_rows]
+    rank = {p: i for i, p in enumerate(config.predictors)}
+    return sorted(rows, key=lambda r: (config.seeds.index(r["seed"]), rank[r["predictor"]]))
+
+
+def guide_rows(rows: list[dict]) -> list[dict]:
+    """The guides' rows of the study in :func:`pyro_bbt.studies.guides_table`'s form: A's test
+    accuracy, NLL and ECE, median seconds per epoch, epochs and the stopping rule's verdict."""
+    out = []
+    for row in rows:
+        if row["convergence"] is None:
+            continue
+        a = row["sets"][IN_DISTRIBUTION]
+        out.append({"guide": row["predictor"], "seed": row["seed"], "accuracy": a["accuracy"], "nll": a["nll"], "ece": a["ece"],
+                    "seconds_per_epoch": row["seconds_per_epoch"], "fit_seconds": row["fit_seconds"], "epochs": row["convergence"]["epochs"],
+                    "converged": row["convergence"]["converged"]})
+    return out
 
 
 def _mean_std(values: list[float]) -> str:

@@ -19,20 +19,27 @@ from pyro_bbt.studies import (
     ablation_table,
     compare_guides,
     compare_schedules,
+    guides_table,
     plot_guides,
     plot_schedules,
 )
 
-TINY = StudyConfig(epochs=1, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100, min_steps=5)
+TINY = StudyConfig(epochs=1, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100, min_steps=5, max_epochs=2)
 
 
-def test_guides_study_covers_every_guide(tmp_path):
+def test_guides_study_fits_every_guide_by_the_recipe_and_judges_it(tmp_path):
     rows = compare_guides(TINY, log=lambda m: None)
     assert [r["guide"] for r in rows] == list(GUIDES)
     for row in rows:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["nll"] > 0 and row["seconds_per_epoch"] > 0
+        # q_A's recipe: minibatches of 2048 (one step per epoch on 200 images), stopped by the cap here
+        assert [e["steps"] for e in row["history"]] == [1, 2] and row["epochs"] == 2 and row["converged"] is False
+        assert row["convergence"]["max_epochs"] == 2
+    ratios = {r["guide"]: r["convergence"]["uninformed_scale_ratio"] for r in rows}
+    assert ratios["delta"] is None and 0.0 < ratios["meanfield"] < 1.0  # a point mass has no width; sigma starts at 0.01
     plot_guides(rows, tmp_path / "guides.png")
     assert (tmp_path / "guides.png").stat().st_size > 0
+    assert "| 2 | 0/1 | 1 |" in guides_table(rows)
 
 
 def test_schedules_study_none_has_zero_kl(tmp_path):
@@ -41,6 +48,8 @@ def test_schedules_study_none_has_zero_kl(tmp_path):
     by_name = {r["kl_schedule"]: r for r in rows}
     assert by_name["none"]["history"][-1]["weighted_kl"] == 0.0
     assert by_name["blundell"]["history"][-1]["weighted_kl"] > 0.0
+    # one minibatch per epoch: Blundell's weight M pi_1 = 1 and uniform's 1 give the same first step
+    assert by_name["blundell"]["history"][0]["elbo"] == pytest.approx(by_name["uniform"]["history"][0]["elbo"])
     plot_schedules(rows, tmp_path / "comparing_beta.png")
     assert (tmp_path / "comparing_beta.png").stat().st_size > 0
 
@@ -56,12 +65,31 @@ def test_ablation_runs_every_variant_with_one_budget():
         assert name in table
 
 
-def test_ablation_keeps_the_settings_before_convergence():
-    from pyro_bbt.studies import ablation_base
+def test_ablation_is_the_paper_configuration_so_it_can_reuse_the_paper_runs_q_a():
+    from pyro_bbt.experiment import PRESETS, ExperimentConfig
+    from pyro_bbt.runstore import config_differences
+    from pyro_bbt.studies import PRESETS as STUDY_PRESETS
+    from pyro_bbt.studies import STUDY_OVERRIDES, ablation_base
 
-    base = ablation_base(StudyConfig(epochs=5))
-    assert (base.a_batch_size, base.max_epochs_a, base.epochs_a, base.lr, base.lr_a, base.scale_lr, base.kl_schedule) == (
-        128, None, 5, 1e-3, None, None, "blundell")
+    base = ablation_base(StudyConfig(**STUDY_PRESETS["paper"] | STUDY_OVERRIDES[("ablation", "paper")]))
+    assert config_differences(ExperimentConfig(**PRESETS["paper"]).to_dict(), base.to_dict()) == []
+    assert (base.a_batch_size, base.max_epochs_a, base.lr_a, base.scale_lr, base.kl_schedule) == (2048, 300, 1e-2, 3e-2, "uniform")
+
+
+def test_ablation_reads_q_a_from_a_finished_run(tmp_path):
+    from pyro_bbt.transfer import main as transfer_main
+
+    run_dir = tmp_path / "run"
+    cli = ["--preset", "paper", "--hidden", "8", "--max-epochs-a", "2", "--epochs-a", "2", "--epochs", "1", "--min-steps", "5",
+           "--limit-train", "200", "--limit-eval", "100", "--eval-samples", "2", "--seeds", "0", "--quiet", "--out", str(run_dir)]
+    config = replace(TINY, epochs=1)
+    assert transfer_main(cli) == 0
+    saved = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    reused = ablation(config, log=lambda m: None, reuse=run_dir)
+    fitted = ablation(config, log=lambda m: None)
+    assert sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == saved
+    assert [r["b_test_accuracy"] for r in reused] == [r["b_test_accuracy"] for r in fitted]  # the same q_A, read or refitted
+    assert main(["ablation", "--preset", "quick", "--reuse", str(run_dir), "--out", str(tmp_path / "s")]) == 2
 
 
 def test_guides_table_is_mean_and_sample_std_per_guide():

@@ -157,6 +157,28 @@ def test_the_study_scores_guides_and_baselines_on_every_set(tmp_path, single_tor
     assert config_to_dict(config)["fitting"]["batch_size_a"] == 100
 
 
+def test_the_study_gives_the_same_rows_in_worker_processes(single_torch_thread):
+    from pyro_bbt.uncertainty_study import UncertaintyConfig, guide_rows, plan_units, uncertainty_study
+
+    config = UncertaintyConfig(predictors=("delta", "ensemble", "meanfield"), seeds=(0, 1), hidden=(8,), max_epochs=2, min_epochs=2,
+                               ensemble_size=2, net_epochs=1, eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,),
+                               noise_stds=(0.5,), experiment=dict(batch_size_a=50))
+    # the costlier guide first, then the nets; one unit per guide and seed
+    assert plan_units(config) == [("meanfield", 0), ("meanfield", 1), ("delta", 0), ("delta", 1), ("nets", 0), ("nets", 1)]
+    timing = ("fit_seconds", "seconds_per_epoch")
+
+    def without_timing(rows):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    serial = uncertainty_study(config, log=lambda m: None)
+    parallel = uncertainty_study(config, log=lambda m: None, workers=2)
+    assert [(r["predictor"], r["seed"]) for r in serial] == [(p, s) for s in (0, 1) for p in config.predictors]
+    assert without_timing(parallel) == without_timing(serial)
+    assert [(r["guide"], r["epochs"], r["converged"]) for r in guide_rows(serial)] == [("delta", 2, False), ("meanfield", 2, False)] * 2
+    with pytest.raises(ValueError, match="workers must be an integer >= 1, got 0"):
+        uncertainty_study(config, workers=0)
+
+
 def test_the_study_config_rejects_bad_values():
     from pyro_bbt.uncertainty_study import UncertaintyConfig
 
