@@ -40,6 +40,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
+from .fused import gaussian_kl_sum, mean_field_loc_scale, supports_fast_path
 from .guides import AutoMeanFieldNormal, has_closed_form_kl
 from .model import BayesianMLP
 from .priors import prior_loc_scale
@@ -96,10 +97,11 @@ class ELBOTerms:
 class _Estimator:
     """Shared plumbing: callable as an SVI loss, with a ``loss_and_grads`` that frees the graph."""
 
-    def __init__(self, num_particles: int = 1) -> None:
+    def __init__(self, num_particles: int = 1, fast: bool = False) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
         self.num_particles = num_particles
+        self.fast = fast  # mean-field sites: pyro_bbt.fused's posterior read-out and KL
         self.last: ELBOTerms | None = None
 
     def terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -140,11 +142,13 @@ class _RecordWithoutSampling(Messenger):
             msg["done"] = True
 
 
-def mean_field_posterior(guide, x, y, num_data: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def mean_field_posterior(guide, x, y, num_data: int, fast: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``(loc, scale)`` of every site of a mean-field Gaussian guide, differentiable, read off one
-    trace of the guide."""
+    trace of the guide; ``fast``: read off its parameters (:func:`pyro_bbt.fused.mean_field_loc_scale`)."""
     if not isinstance(guide, AutoMeanFieldNormal):
         raise ValueError(f"this estimator needs the 'meanfield' guide (a Gaussian at each weight site), got {type(guide).__name__}")
+    if fast and guide.prototype_trace is not None and supports_fast_path(guide):
+        return mean_field_loc_scale(guide)
     with _RecordWithoutSampling():
         trace = poutine.trace(guide).get_trace(x, y, num_data)
     return {
@@ -167,14 +171,17 @@ def gaussian_kl(loc_q: torch.Tensor, scale_q: torch.Tensor, loc_p: torch.Tensor,
     return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
 
 
-def closed_form_kl(model: BayesianMLP, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``KL(q || p) = sum_sites KL(N(loc, scale^2) || p_site)``: closed form for a Gaussian prior;
-    for another prior (the scale mixture) a one-sample estimate ``log q(w) - log p(w)``."""
+def closed_form_kl(model: BayesianMLP, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]], fast: bool = False) -> torch.Tensor:
+    """``KL(q || p) = sum_sites KL(N(loc, scale^2) || p_site)``: closed form for a Gaussian prior
+    (``fast``: :func:`pyro_bbt.fused.gaussian_kl_sum`, its gradient written out); for another
+    prior (the scale mixture) a one-sample estimate ``log q(w) - log p(w)``."""
     kl = None
     for name, shape in model.site_shapes.items():
         loc, scale = posterior[name]
         gaussian_prior = prior_loc_scale(model.prior, name, shape)
-        if gaussian_prior is not None:
+        if gaussian_prior is not None and fast and not any(t.requires_grad for t in gaussian_prior):
+            site_kl = gaussian_kl_sum(loc, scale, *gaussian_prior)
+        elif gaussian_prior is not None:
             site_kl = gaussian_kl(loc, scale, *gaussian_prior).sum()
         else:
             w = loc + scale * torch.randn_like(loc)
@@ -204,8 +211,8 @@ class WeightSamplingELBO(_Estimator):
     one batched matmul per layer.
     """
 
-    def __init__(self, num_particles: int = 1, closed_form_kl: bool = True) -> None:
-        super().__init__(num_particles)
+    def __init__(self, num_particles: int = 1, closed_form_kl: bool = True, fast: bool = False) -> None:
+        super().__init__(num_particles, fast)
         self.closed_form_kl = closed_form_kl
 
     def terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -214,13 +221,13 @@ class WeightSamplingELBO(_Estimator):
         return self._trace_terms(model, guide, x, y, num_data, kl_weight)
 
     def _mean_field_terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
-        posterior = mean_field_posterior(guide, x, y, num_data)
+        posterior = mean_field_posterior(guide, x, y, num_data, self.fast)
         batch = () if self.num_particles == 1 else (self.num_particles,)
         weights = {name: loc + scale * torch.randn(batch + loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, scale) in posterior.items()}
         with poutine.condition(data=weights):
             logits = model.logits(x)
         log_lik = _categorical_log_lik(logits, y, num_data, self.num_particles)
-        kl = kl_weight * closed_form_kl(model, posterior) if kl_weight > 0 else x.new_zeros(())
+        kl = kl_weight * closed_form_kl(model, posterior, self.fast) if kl_weight > 0 else x.new_zeros(())
         return ELBOTerms(kl - log_lik, log_lik.item(), kl.item(), logits.detach())
 
     def _trace_terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -259,19 +266,20 @@ class LocalReparameterizationELBO(_Estimator):
     """
 
     def terms(self, model: BayesianMLP, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
-        posterior = mean_field_posterior(guide, x, y, num_data)
+        posterior = mean_field_posterior(guide, x, y, num_data, self.fast)
         logits = model.local_reparameterized_logits(x, posterior, self.num_particles)
         log_lik = _categorical_log_lik(logits, y, num_data, self.num_particles)
-        kl = kl_weight * closed_form_kl(model, posterior) if kl_weight > 0 else x.new_zeros(())
+        kl = kl_weight * closed_form_kl(model, posterior, self.fast) if kl_weight > 0 else x.new_zeros(())
         return ELBOTerms(kl - log_lik, log_lik.item(), kl.item(), logits.detach())
 
 
-def make_estimator(name: str, guide, num_particles: int = 1):
-    """The estimator called ``name`` (one of :data:`ESTIMATORS`) for ``guide``."""
+def make_estimator(name: str, guide, num_particles: int = 1, fast: bool = False):
+    """The estimator called ``name`` (one of :data:`ESTIMATORS`) for ``guide``; ``fast`` uses
+    :mod:`pyro_bbt.fused` for mean-field sites (the same values to float rounding)."""
     if name == "weights":
-        return WeightSamplingELBO(num_particles, closed_form_kl=has_closed_form_kl(guide))
+        return WeightSamplingELBO(num_particles, closed_form_kl=has_closed_form_kl(guide), fast=fast)
     if name == "local":
         if not has_closed_form_kl(guide):
             raise ValueError(f"estimator 'local' needs the 'meanfield' guide, got {type(guide).__name__}")
-        return LocalReparameterizationELBO(num_particles)
+        return LocalReparameterizationELBO(num_particles, fast=fast)
     raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")

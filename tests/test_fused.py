@@ -1,0 +1,91 @@
+"""The fast path (pyro_bbt.fused) computes what the plain path computes, to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import fresh_model_and_guide, synthetic_batch
+from pyro_bbt.data import Split
+from pyro_bbt.fused import gaussian_kl_sum, mean_field_loc_scale, softplus, supports_fast_path
+from pyro_bbt.inference import TrainConfig, train
+from pyro_bbt.objectives import gaussian_kl, mean_field_posterior
+from pyro_bbt.priors import GaussianPrior, PerSitePrior
+
+
+def test_softplus_matches_torch_to_a_few_ulp_over_its_whole_range_and_its_gradient_is_the_sigmoid():
+    # the widths live near softplus^-1(0.01) = -4.6; the tails take the exact branches
+    x = torch.cat([torch.linspace(-30.0, 30.0, 20001), torch.tensor([-16.0, -15.999, 20.0, 20.001, 0.0, -88.0, 88.0])])
+    ours, theirs = softplus(x), F.softplus(x)
+    assert torch.all(ours > 0) and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, rtol=4 * torch.finfo(torch.float32).eps, atol=0.0)
+    # within [-16, 20]: the rounding correction, not log(1 + y) (which loses 1e-2 relative at x = -16)
+    inside = torch.linspace(-16.0, 20.0, 5001)
+    naive = torch.log(1.0 + torch.exp(inside))
+    assert (softplus(inside) - F.softplus(inside)).abs().div(F.softplus(inside)).max() < 1e-6 < (naive - F.softplus(inside)).abs().div(F.softplus(inside)).max()
+    leaf = x.clone().requires_grad_()
+    softplus(leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.sigmoid(x))
+
+
+@pytest.mark.parametrize("prior", ["scalar", "per-site", "scalar-nonzero"])
+def test_gaussian_kl_sum_and_its_gradient_match_autograd(prior):
+    generator = torch.Generator().manual_seed(0)
+    loc = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    scale = torch.rand(7, 5, generator=generator, dtype=torch.float64) + 0.05
+    if prior == "scalar":
+        p_loc, p_scale = torch.zeros((), dtype=torch.float64).expand(7, 5), torch.full((), 1.0, dtype=torch.float64).expand(7, 5)
+    elif prior == "scalar-nonzero":
+        p_loc, p_scale = torch.full((), 0.3, dtype=torch.float64).expand(7, 5), torch.full((), 0.5, dtype=torch.float64).expand(7, 5)
+    else:
+        p_loc = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+        p_scale = torch.rand(7, 5, generator=generator, dtype=torch.float64) + 0.1
+    grads = []
+    for kl_of in (lambda m, s: gaussian_kl_sum(m, s, p_loc, p_scale), lambda m, s: gaussian_kl(m, s, p_loc, p_scale).sum()):
+        m, s = loc.clone().requires_grad_(), scale.clone().requires_grad_()
+        value = kl_of(m, s)
+        (2.5 * value).backward()
+        grads.append((value.detach(), m.grad, s.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="holds the prior fixed"):
+        gaussian_kl_sum(loc, scale, p_loc.clone().requires_grad_(), p_scale)
+
+
+def test_the_posterior_read_off_the_parameters_is_the_traced_one():
+    x, y = synthetic_batch(batch=4, features=6, classes=3)
+    model, guide = fresh_model_and_guide((6, 5, 3), "meanfield", initialize=True, init_scale=0.05)
+    assert supports_fast_path(guide)
+    traced, read = mean_field_posterior(guide, x, y, 4), mean_field_loc_scale(guide)
+    assert list(read) == list(traced) == list(model.site_shapes)
+    for name in traced:
+        torch.testing.assert_close(read[name][0], traced[name][0], rtol=0, atol=0)
+        torch.testing.assert_close(read[name][1], traced[name][1], rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+        assert read[name][0].requires_grad and read[name][1].requires_grad
+
+
+@pytest.mark.parametrize("estimator,prior", [("local", "gaussian"), ("weights", "gaussian"), ("local", "per-site")])
+def test_the_fast_path_takes_the_plain_paths_steps(estimator, prior):
+    x, y = synthetic_batch(batch=40, features=6, classes=3, seed=1)
+    data = Split(x, y)
+    fits = []
+    for fast in (True, False):
+        model, guide = fresh_model_and_guide((6, 5, 3), "meanfield", seed=None, init_scale=0.05)
+        if prior == "per-site":  # a transferred prior: per-weight locations and widths
+            generator = torch.Generator().manual_seed(3)
+            shapes = model.site_shapes
+            model.prior = PerSitePrior({s: torch.randn(shape, generator=generator) for s, shape in shapes.items()},
+                                       {s: torch.rand(shape, generator=generator) + 0.2 for s, shape in shapes.items()}, fallback=GaussianPrior(1.0))
+        config = TrainConfig(epochs=3, batch_size=8, lr=1e-2, scale_lr=3e-2, estimator=estimator, progress=False, eval_samples=0, fast=fast)
+        history = train(model, guide, data, config)
+        fits.append(({n: p.detach().clone() for n, p in guide.named_parameters()}, [e.elbo for e in history.epochs]))
+    (fast_params, fast_elbos), (plain_params, plain_elbos) = fits
+    assert fast_elbos == pytest.approx(plain_elbos, rel=1e-5)
+    for name in plain_params:
+        torch.testing.assert_close(fast_params[name], plain_params[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_config_checks_fast():
+    with pytest.raises(ValueError, match="fast must be True or False, got 'yes'"):
+        TrainConfig(fast="yes")
