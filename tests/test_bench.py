@@ -30,6 +30,8 @@ RESULT_KEYS = {
     "rounds",
     "round_medians",
     "round_cpu_medians",
+    "predict_seconds",
+    "predict_ratio_to_bayes_torch_reparam",
     "test_accuracy",
     "epoch_cpu_seconds",
     "median_epoch_cpu_seconds",
@@ -91,7 +93,8 @@ def test_results_schema_and_ratios(report):
         assert r["ratio_to_fastest_peer"] is None  # no peer was run
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["median_epoch_seconds"] == pytest.approx(sum(r["epoch_seconds"]) / 2)  # the median of two rounds
-        assert r["ratio_to_bayes_torch_reparam"] is None  # the peer was not run
+        assert r["ratio_to_bayes_torch_reparam"] is None and r["predict_ratio_to_bayes_torch_reparam"] is None  # the peer was not run
+        assert _positive_finite(r["predict_seconds"])
         assert r["median_step_ms"] == pytest.approx(1000 * r["median_epoch_seconds"] / r["steps_per_epoch"])
         assert r["peak_rss_mib"] >= r["rss_before_training_mib"] > 0
         medians[r["name"]] = (r["median_epoch_seconds"], r["median_epoch_cpu_seconds"])
@@ -133,10 +136,23 @@ def test_summarize_ratios_with_both_references():
     assert targets["local_vs_deterministic"]["met"] is None
 
 
+def test_predictive_accuracy_averages_the_softmax_of_the_requested_samples():
+    split = bench.Split(torch.zeros(5, 2), torch.tensor([0, 0, 1, 1, 1]))
+    asked = []
+
+    def sample_logits(x, num_samples):
+        asked.append(num_samples)
+        # one sample says class 0 firmly, the other two class 1 mildly: the mean of the softmax picks 0
+        return torch.tensor([[9.0, 0.0], [0.0, 1.0], [0.0, 1.0]])[:, None, :].expand(3, x.shape[0], 2)
+
+    assert bench.predictive_accuracy(sample_logits, split, num_samples=3, batch_size=2) == pytest.approx(2 / 5)
+    assert asked == [3, 3, 3]
+
+
 def test_rounds_are_merged_by_the_median_of_each_rounds_median():
     def raw(name, seconds, round_index, rss):
         return {"name": name, "epoch_seconds": seconds, "epoch_cpu_seconds": seconds, "steps_per_epoch": 10, "round": round_index,
-                "peak_rss_mib": rss, "test_accuracy": 0.5 + round_index / 10}
+                "peak_rss_mib": rss, "test_accuracy": 0.5 + round_index / 10, "predict_seconds": rss / 100}
 
     rounds = [raw("torch-deterministic", [1.0, 3.0, 2.0], 1, 100.0), raw("bayes-torch-reparam", [4.0, 4.0, 5.0], 1, 300.0),
               raw("meanfield-local-1", [2.0, 30.0, 3.0], 1, 200.0),
@@ -150,6 +166,7 @@ def test_rounds_are_merged_by_the_median_of_each_rounds_median():
     assert local["round_medians"] == [3.0, 2.0, 4.0] and local["median_epoch_seconds"] == 3.0
     assert results["torch-deterministic"]["median_epoch_seconds"] == 2.0
     assert local["ratio_to_bayes_torch_reparam"] == pytest.approx(3.0 / 5.0)
+    assert local["predict_seconds"] == 1.5 and local["predict_ratio_to_bayes_torch_reparam"] == pytest.approx(1.5 / 3.0)  # medians of rounds
     assert local["epochs"] == 3 and local["rounds"] == 3 and local["peak_rss_mib"] == 200.0 and local["test_accuracy"] == pytest.approx(0.8)
     targets = {t["name"]: t for t in bench.evaluate_targets(list(results.values()))}
     assert targets["local_vs_bayes_torch"]["met"] is True and targets["local_vs_deterministic"]["met"] is True
@@ -214,7 +231,7 @@ def test_peer_trains_an_epoch_and_records_its_test_accuracy(name, single_torch_t
     result = bench.run_config(name, 1, train_size=256)  # raises FloatingPointError on a non-finite loss
     assert result["steps_per_epoch"] == 2 and len(result["epoch_seconds"]) == 1
     assert all(_positive_finite(s) for s in result["epoch_seconds"] + result["epoch_cpu_seconds"])
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and _positive_finite(result["predict_seconds"])
     split, _ = bench._load_splits(256)
     x, y = next(split.batches(bench.BATCH_SIZE, shuffle=False))
     assert math.isfinite(bench.TRAINERS[name](len(split)).step(x, y))
