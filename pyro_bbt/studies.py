@@ -50,6 +50,7 @@ from .priors import GaussianPrior, PerSitePrior
 from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 from .uncertainty_study import (
+    PREDICTORS,
     UNCERTAINTY_PRESETS,
     UncertaintyConfig,
     config_to_dict,
@@ -403,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="uncertainty only: run its units (one per guide and seed, one per seed for the nets) in N processes")
+    parser.add_argument("--predictors", type=_predictor_names, default=None, metavar="NAME,NAME",
+                        help=f"uncertainty only: the guides and baselines to fit and score (default all: {', '.join(PREDICTORS)})")
     parser.add_argument("--variants", type=_variant_keys, default=VARIANT_KEYS, metavar="KEY,KEY",
                         help=f"convergence only: the fitting variants to run (default all: {', '.join(VARIANT_KEYS)})")
     return parser
@@ -414,6 +417,14 @@ def _variant_keys(text: str) -> tuple[str, ...]:
     if unknown or not keys:
         raise argparse.ArgumentTypeError(f"unknown variant {', '.join(unknown) or repr(text)}; allowed: {', '.join(VARIANT_KEYS)}")
     return keys
+
+
+def _predictor_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in PREDICTORS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown predictor {', '.join(unknown) or repr(text)}; allowed: {', '.join(PREDICTORS)}")
+    return names
 
 
 def _reuse_by_head(dirs: list[Path]) -> dict[str, Path]:
@@ -441,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse and args.study not in ("tradeoff", "ablation"):
         print(f"{parser.prog}: error: --reuse applies to the tradeoff and ablation studies only", file=sys.stderr)
         return 2
-    if args.workers != 1 and args.study != "uncertainty":
-        print(f"{parser.prog}: error: --workers applies to the uncertainty study only", file=sys.stderr)
+    if (args.workers != 1 or args.predictors is not None) and args.study != "uncertainty":
+        print(f"{parser.prog}: error: --workers and --predictors apply to the uncertainty study only", file=sys.stderr)
         return 2
     if args.workers < 1:
         print(f"{parser.prog}: error: --workers must be an integer >= 1, got {args.workers}", file=sys.stderr)
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0
     if args.study == "uncertainty":
-        uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset])
+        uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors}))
         rows = uncertainty_study(uconfig, workers=args.workers)
         plot_uncertainty(rows, args.out / "uncertainty.png")
         plot_reliability(rows, args.out / "reliability.png")

@@ -147,6 +147,12 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert exit_info.value.code == 2 and "unknown variant nope; allowed: old," in capsys.readouterr().err
     assert main(["guides", "--variants", "old", "--out", str(tmp_path)]) == 2
     assert "--variants applies to the convergence study only" in capsys.readouterr().err
+    assert main(["guides", "--predictors", "meanfield", "--out", str(tmp_path)]) == 2
+    assert "--workers and --predictors apply to the uncertainty study only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["uncertainty", "--predictors", "meanfield,bayes"])
+    assert exit_info.value.code == 2 and "unknown predictor bayes; allowed: normal, meanfield" in capsys.readouterr().err
+    assert build_parser().parse_args(["uncertainty", "--predictors", "delta,ensemble"]).predictors == ("delta", "ensemble")
 
 
 def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):
