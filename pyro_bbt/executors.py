@@ -11,6 +11,11 @@ An executor runs :class:`Job` s (a picklable function and its arguments) and han
   of memory, ``os._exit``) fails the job it was running, with its exit code in the error, and is
   replaced; the other jobs go on.
 
+A job may report to the driver while it runs through the callable :meth:`Executor.forwarder`
+returns (the units send their per-epoch checkpoints that way): called in the job, it runs the
+driver's handler in the driver's process (serial: directly; processes: the worker sends the
+message over its pipe, ahead of the job's result).
+
 Both run every job with ``threads`` intra-op torch threads (serial: set around each job and
 restored after; processes: set once at each worker's start), because torch's float results
 depend on the number of threads: the same ``threads`` gives the same numbers whatever the
@@ -61,7 +66,6 @@ class Executor(Protocol):
     """What the driver needs of an executor."""
 
     threads: int
-    in_process: bool  # jobs run in the driver's process (they may call back into it)
 
     def free_slots(self) -> int:
         """How many more jobs may be submitted now."""
@@ -74,6 +78,10 @@ class Executor(Protocol):
 
     def next_result(self) -> JobResult:
         """Wait for a submitted job to finish and return its result."""
+
+    def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+        """A callable to hand to jobs: ``f(key, data)`` inside a job runs ``handler(key, data)``
+        in the driver's process."""
 
     def close(self) -> None:
         """Stop the workers, if any."""
@@ -94,8 +102,6 @@ def _call(job: Job) -> JobResult:
 
 class SerialExecutor:
     """Runs one job at a time in this process, with ``threads`` torch threads."""
-
-    in_process = True
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = _check_positive("threads per unit", threads)
@@ -123,6 +129,9 @@ class SerialExecutor:
         finally:
             torch.set_num_threads(before)
 
+    def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+        return handler
+
     def close(self) -> None:
         self._job = None
 
@@ -133,9 +142,24 @@ class SerialExecutor:
         self.close()
 
 
+_to_driver: Connection | None = None  # in a worker process: its pipe to the driver
+
+
+class _ToDriver:
+    """The forwarder of :class:`ProcessExecutor`: in a worker, sends ``(key, data)`` to the
+    driver, whose handler takes it before the job's result."""
+
+    def __call__(self, key: str, data: Any) -> None:
+        if _to_driver is None:
+            raise RuntimeError("a forwarder of ProcessExecutor is called outside its worker processes")
+        _to_driver.send_bytes(pickle.dumps(("message", key, data)))
+
+
 def _worker_main(conn: Connection, threads: int) -> None:
     """A worker's loop: receive a pickled :class:`Job`, run it, send back the pickled result;
     stop at ``None`` or when the driver's end closes."""
+    global _to_driver
+    _to_driver = conn
     torch.set_num_threads(threads)
     while True:
         try:
@@ -147,9 +171,9 @@ def _worker_main(conn: Connection, threads: int) -> None:
             return
         result = _call(job)
         try:
-            payload = pickle.dumps(result)
+            payload = pickle.dumps(("result", result))
         except Exception as error:  # noqa: BLE001 -- an unpicklable value is the job's failure
-            payload = pickle.dumps(JobResult(job.key, None, f"result could not be sent back: {type(error).__name__}: {error}"))
+            payload = pickle.dumps(("result", JobResult(job.key, None, f"result could not be sent back: {type(error).__name__}: {error}")))
         conn.send_bytes(payload)
 
 
@@ -163,13 +187,16 @@ class _Worker:
 class ProcessExecutor:
     """Runs jobs in up to ``workers`` spawned processes, each with ``threads`` torch threads."""
 
-    in_process = False
-
     def __init__(self, workers: int = 1, threads: int = 1) -> None:
         self.workers = _check_positive("workers", workers)
         self.threads = _check_positive("threads per unit", threads)
         self._context = multiprocessing.get_context("spawn")
         self._pool: list[_Worker] = []
+        self._handler: Callable[[str, Any], None] | None = None
+
+    def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+        self._handler = handler
+        return _ToDriver()
 
     def _start(self) -> _Worker:
         ours, theirs = self._context.Pipe(duplex=True)
@@ -206,11 +233,15 @@ class ProcessExecutor:
             for worker in running:
                 if worker.conn in ready or worker.conn.poll():
                     try:
-                        result = pickle.loads(worker.conn.recv_bytes())
+                        message = pickle.loads(worker.conn.recv_bytes())
                     except (EOFError, OSError):
                         return self._died(worker)
+                    if message[0] == "message":
+                        if self._handler is not None:
+                            self._handler(message[1], message[2])
+                        break  # wait again
                     worker.job = None
-                    return result
+                    return message[1]
                 if worker.process.sentinel in ready:
                     return self._died(worker)
 

@@ -367,10 +367,10 @@ class _Grid:
 
 def _job(config: ExperimentConfig, item: StageSpec | UnitSpec, grid: _Grid, store: RunStore | None, executor: Executor) -> Job:
     """The job of ``item``: its unit function with the saved stage it needs and its own
-    checkpoint, read from ``store`` by the driver. Epoch checkpoints are written as the unit goes
-    only when it runs in this process; a worker's are not kept (its unit restarts if killed)."""
+    checkpoint, read from ``store`` by the driver; the unit's epoch checkpoints come back through
+    the executor's forwarder and are written by the driver."""
     checkpoint = store.checkpoint(item.key) if store is not None else None
-    on_checkpoint = store.save_checkpoint if (store is not None and executor.in_process) else None
+    on_checkpoint = executor.forwarder(store.save_checkpoint) if store is not None else None
     if isinstance(item, StageSpec):
         saved = store.stage(item.key) if store is not None else None
         return Job(item.key, run_stage, (config, item, saved, checkpoint, on_checkpoint))
@@ -399,8 +399,8 @@ def run_experiment(
     them, each run by ``executor`` (default: :class:`~pyro_bbt.executors.SerialExecutor` with
     one torch thread) through :func:`~pyro_bbt.units.run_stage` / :func:`~pyro_bbt.units.run_unit`.
     This function alone writes ``store``: with one, every finished unit and task-A stage is
-    saved as it completes (epochs are checkpointed too when units run in this process), and
-    whatever the store already holds is reused, so a rerun resumes, under any executor.
+    saved as it completes, the unit in progress after every epoch (sent back by the workers),
+    and whatever the store already holds is reused, so a rerun resumes, under any executor.
     Records come out in the plan's order whatever order units finish in, so the results do not
     depend on the executor or its number of workers.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 from pathlib import Path
@@ -95,13 +96,18 @@ class _KillingExecutor(ProcessExecutor):
 def test_killed_workers_fail_their_job_alone_and_the_grid_completes(tmp_path):
     """A worker killed while it fits q_A fails that stage and the units that need it (recorded,
     not saved, so a resume runs them again); the rest of the grid completes. Then, on the same
-    pool: a job that kills its worker or raises fails alone, and workers run with ``threads``."""
+    pool: a job that kills its worker or raises fails alone, workers run with ``threads``, and a
+    job's forwarded message reaches the driver's handler."""
     config = ExperimentConfig(**{**TINY_CONFIG, "methods": ("scratch", "transfer")})
     store = RunStore(tmp_path, config.to_dict())
     with _KillingExecutor("A-bayesian-s0", workers=2, threads=2) as executor:
         results = run_experiment(config, log=lambda m: None, store=store, executor=executor)
+        messages = []
+        forward = executor.forwarder(lambda key, data: messages.append((key, data)))
         done = {}
-        for job in (Job("raises", int, ("x",)), Job("threads", torch.get_num_threads), Job("sum", sum, ([1, 2],)), Job("dies", os._exit, (7,))):
+        jobs = (Job("raises", int, ("x",)), Job("threads", torch.get_num_threads), Job("sum", sum, ([1, 2],)),
+                Job("reports", operator.call, (forward, "epoch", {"w": torch.ones(2)})), Job("dies", os._exit, (7,)))
+        for job in jobs:
             executor.submit(job)  # one at a time: the surviving worker runs them all, no new one starts
             done[job.key] = executor.next_result()
     status = {u["method"]: u for u in results["units"]}
@@ -114,6 +120,7 @@ def test_killed_workers_fail_their_job_alone_and_the_grid_completes(tmp_path):
     assert done["dies"].error == "worker process died (exit code 7) while running dies"
     assert "ValueError" in done["raises"].error and "'x'" in done["raises"].error
     assert done["threads"].value == 2 and done["sum"].value == 3 and done["sum"].ok
+    assert done["reports"].ok and len(messages) == 1 and messages[0][0] == "epoch" and messages[0][1]["w"].equal(torch.ones(2))
 
 
 @pytest.mark.parametrize(
