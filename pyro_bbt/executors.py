@@ -26,7 +26,9 @@ exception's traceback as ``error``; it does not stop the others.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,12 +157,22 @@ class _ToDriver:
         _to_driver.send_bytes(pickle.dumps(("message", key, data)))
 
 
+def _exit_with_driver() -> None:
+    """In a worker: end the process as soon as the driver's process ends (a killed driver must
+    not leave workers training on, competing with the run that resumes it)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+
 def _worker_main(conn: Connection, threads: int) -> None:
     """A worker's loop: receive a pickled :class:`Job`, run it, send back the pickled result;
     stop at ``None`` or when the driver's end closes."""
     global _to_driver
     _to_driver = conn
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
     while True:
         try:
             data = conn.recv_bytes()
