@@ -25,38 +25,73 @@ For the sequential methods the 2x2 accuracy matrix ``R[i][j]`` (test accuracy on
 training task i) gives backward transfer ``R[1][0] - R[0][0]`` (negative = forgetting) and
 forward transfer ``R[0][1] - b_B`` with ``b_B`` the B accuracy of a randomly initialised model
 (GEM, Lopez-Paz & Ranzato 2017).
+
+Where the work lives: this module holds the configuration (:class:`ExperimentConfig`,
+:data:`PRESETS`), the driver :func:`run_experiment` (plan -> executor -> store -> summary) and
+the sequential mode; :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
+:mod:`pyro_bbt.units` trains them (its helpers are re-exported here), and
+:mod:`pyro_bbt.executors` runs them in this process or in worker processes.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyro
 import torch
+from tqdm import tqdm
 
-from .continual import backward_transfer, forward_transfer, summarize
-from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
-from .data import Split, Task, TaskData, load_task
-from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
-from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
-from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
-from .checkpoint import prior_from_state, prior_state
-from .inference import EpochDiagnostics, NonFiniteLossError, TrainConfig, TrainState, train
-from .runstore import RunStore
+from .continual import summarize
+from .convergence import StoppingRule
+from .data import Task, load_task
+from .executors import Executor, Job, JobResult, SerialExecutor
+from .guides import GUIDES, posterior_as_prior
+from .inference import NonFiniteLossError, train
 from .kl_schedules import validate_schedule
-from .model import BayesianMLP
 from .objectives import ESTIMATORS
+from .plan import Plan, StageSpec, UnitSpec, build_plan
 from .plots import sample_std
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
+from .runstore import RunStore
+from .units import (  # noqa: F401 -- re-exported: the studies and tests import them from here
+    StageOutcome,
+    _bayes_metrics,
+    _check_finite,
+    _curve_epochs,
+    _failed_record,
+    _fit_task_a,
+    _fit_task_a_ewc,
+    _fresh_bayesian,
+    _head_view,
+    _HeadView,
+    _limit,
+    _load,
+    _net_metrics,
+    _Run,
+    _run_bayesian_b,
+    _run_ewc_b,
+    _run_joint,
+    _StageA,
+    _StageAEWC,
+    _start_from_posterior,
+    _Tasks,
+    _train_bayesian,
+    _train_config,
+    _train_with_checkpoints,
+    _unit_record,
+    _use_head,
+    run_stage,
+    run_unit,
+    steps_for,
+    unit_key,
+)
 
 __all__ = [
     "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
-    "sequence_tasks", "summarize_units", "unit_key",
+    "sequence_tasks", "steps_for", "summarize_units", "unit_key",
 ]
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -267,414 +302,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Tasks:
-    a: TaskData
-    b: TaskData
-
-
-def _limit(split: Split, n: int | None) -> Split:
-    return split if n is None else split.subset(n)
-
-
-def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
-    a = load_task(Task(digits=config.task_a, seed=seed, name="A"))
-    b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"))
-    out = []
-    for data in (a, b):
-        out.append(
-            TaskData(
-                task=data.task,
-                train=_limit(data.train, config.limit_train).to(config.device),
-                val=_limit(data.val, config.limit_eval).to(config.device),
-                test=_limit(data.test, config.limit_eval).to(config.device),
-            )
-        )
-    return _Tasks(*out)
-
-
-def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 1) -> int:
-    """The step budget: ``epochs`` passes over the data, or more if that is under ``min_steps``,
-    rounded up to whole passes, ``M * max(epochs, ceil(min_steps / M))`` with
-    ``M = ceil(num_examples / batch_size)``. Whole passes because a KL schedule's weights sum
-    to one over a pass: a run cut mid-pass pays that pass's KL on part of its data."""
-    per_epoch = math.ceil(num_examples / batch_size)
-    return per_epoch * max(epochs, math.ceil(min_steps / per_epoch))
-
-
-# --------------------------------------------------------------------------- Bayesian units
-
-
-@dataclass
-class _Run:
-    """Where a run keeps its progress (``store=None``: nowhere, nothing is resumable)."""
-
-    store: RunStore | None = None
-
-
-def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None,
-                  batch_size: int | None = None) -> TrainConfig:
-    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule;
-    at ``lr`` (default ``config.lr``) and ``config.scale_lr``, in minibatches of ``batch_size``
-    (default ``config.batch_size``)."""
-    return TrainConfig(
-        steps=steps,
-        stopping=stopping,
-        batch_size=config.batch_size if batch_size is None else batch_size,
-        lr=config.lr if lr is None else lr,
-        scale_lr=config.scale_lr,
-        num_particles=config.num_particles,
-        estimator=config.estimator,
-        kl_schedule=config.kl_schedule,
-        seed=seed,
-        eval_samples=0,
-        progress=False,
-    )
-
-
-def _fresh_bayesian(config: ExperimentConfig, prior: Prior, seed: int):
-    """A new model and guide with initialised parameters; clears Pyro's param store first, so
-    no parameter is shared with an earlier guide of the same name."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    model = BayesianMLP(config.sizes, prior, num_heads=config.num_heads).to(config.device)
-    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
-    initialize_guide(guide, model.sizes[0])
-    return model, guide
-
-
-def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[int]:
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
-
-
-def _use_head(model: BayesianMLP, head: int | None) -> None:
-    if model.num_heads > 1:
-        model.head = head
-
-
-def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> PredictiveMetrics:
-    """Posterior-predictive metrics on ``split`` through output ``head``."""
-    _use_head(model, head)
-    return evaluate(model, guide, split.x, split.y, num_samples=samples)
-
-
-def _train_with_checkpoints(model, guide, train_split: Split, train_config: TrainConfig, run: _Run, key: str, extra: dict, on_epoch=None):
-    """``train`` that saves a checkpoint after every epoch under ``key`` and, when one exists,
-    continues from it; ``extra`` (for example a learning curve) is saved and restored with it."""
-    resume = None
-    saved = run.store.checkpoint(key) if run.store is not None else None
-    if saved is not None:
-        resume = TrainState.from_dict(saved["train_state"])
-        for name, value in saved["extra"].items():
-            extra[name][:] = value
-
-    def save(state: TrainState) -> None:
-        run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})
-
-    on_checkpoint = save if run.store is not None else None
-    return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
-
-
-def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
-    """Train through output ``head`` for ``steps``, record B's learning curve at evenly spaced
-    epochs, and judge the fit by the stopping rule (which does not stop it: B's budget is the
-    same for every method)."""
-    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
-    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
-    curve: list[dict] = []
-
-    def on_epoch(diag: EpochDiagnostics) -> None:
-        if diag.epoch in record_at:
-            curve.append(
-                {
-                    "epoch": diag.epoch,
-                    "step": diag.steps,
-                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
-                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
-                }
-            )
-            _use_head(model, head)
-
-    _use_head(model, head)
-    history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
-    _use_head(model, head)
-    rule = replace(config.stopping_rule, min_epochs=1, lr_drops=0)
-    convergence = assess_convergence(history.to_records(), rule, uninformed_scale_ratio(guide, model, train_split.x))
-    return curve, history.to_records(), convergence.to_dict()
-
-
-@dataclass
-class _StageA:
-    """What the sequential methods need from task A for one seed."""
-
-    guide_state: dict
-    prior_from_a: Prior
-    a_test: PredictiveMetrics
-    b_test_before: PredictiveMetrics
-    b_random_init: float
-    steps: int
-    history: list
-    convergence: dict
-
-    def to_saved(self) -> dict:
-        return {
-            "guide_state": self.guide_state,
-            "prior": prior_state(self.prior_from_a),
-            "a_test": self.a_test.to_dict(),
-            "b_test_before": self.b_test_before.to_dict(),
-            "b_random_init": self.b_random_init,
-            "steps": self.steps,
-            "history": self.history,
-            "convergence": self.convergence,
-        }
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "_StageA":
-        return cls(
-            guide_state=saved["guide_state"],
-            prior_from_a=prior_from_state(saved["prior"]),
-            a_test=PredictiveMetrics(**saved["a_test"]),
-            b_test_before=PredictiveMetrics(**saved["b_test_before"]),
-            b_random_init=saved["b_random_init"],
-            steps=saved["steps"],
-            history=saved["history"],
-            convergence=saved["convergence"],
-        )
-
-
-def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | None = None) -> _StageA:
-    run = run or _Run()
-    key = f"A-bayesian-s{seed}"
-    saved = run.store.stage(key) if run.store is not None else None
-    if saved is not None:
-        return _StageA.from_saved(saved)
-    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
-    b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
-    lr_a = config.lr if config.lr_a is None else config.lr_a
-    batch_a = config.a_batch_size
-    if config.max_epochs_a is None:
-        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, batch_a), seed, lr=lr_a, batch_size=batch_a)
-    else:
-        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a, batch_size=batch_a)
-    _use_head(model, 0)
-    history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
-    convergence = assess_convergence(
-        history.to_records(), config.stopping_rule, uninformed_scale_ratio(guide, model, tasks.a.train.x), config.max_epochs_a
-    )
-    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
-    if config.head == "multihead":
-        # B's head has seen no data: its prior stays the base prior's width rather than q_A's leftovers.
-        rows = model.head_rows(config.b_head)
-        for site in model.output_sites:
-            prior_from_a.loc(site)[rows] = 0.0
-            prior_from_a.scale(site)[rows] = config.base_prior_std
-    stage = _StageA(
-        guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
-        prior_from_a=prior_from_a,
-        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
-        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        b_random_init=b_random_init[0],
-        steps=history.epochs[-1].steps,
-        history=history.to_records(),
-        convergence=convergence.to_dict(),
-    )
-    if run.store is not None:
-        run.store.save_stage(key, stage.to_saved())
-    return stage
-
-
-def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, state_a: dict) -> None:
-    """Set q_B = q_A. With a multi-head network, B's head keeps its fresh initialisation: under
-    task A it was only ever pulled towards the prior."""
-    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    guide.load_state_dict(state_a)
-    if config.head != "multihead":
-        return
-    rows = model.head_rows(config.b_head)
-    merged = guide.state_dict()
-    for key, value in merged.items():
-        if any(site in key for site in model.output_sites):
-            value[rows] = fresh[key][rows]
-    guide.load_state_dict(merged)
-
-
-def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
-    prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
-    model, guide = _fresh_bayesian(config, prior, seed)
-    start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
-    if start_from_a:
-        _start_from_posterior(config, model, guide, stage_a.guide_state)
-    curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
-    return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
-        "curve": curve,
-        "history": history,
-        "convergence": convergence,
-    }
-
-
-def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
-    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
-    # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
-    # is then evaluated through its own head.
-    offset = config.b_head * len(config.task_a)
-    both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
-    curve, history, convergence = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
-    return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
-        "curve": curve,
-        "history": history,
-        "convergence": convergence,
-    }
-
-
-# --------------------------------------------------------------------------- EWC
-
-
-class _HeadView(torch.nn.Module):
-    """The logits of one output head of a deterministic multi-head MLP (all outputs if single-head)."""
-
-    def __init__(self, net: MLP, rows: slice) -> None:
-        super().__init__()
-        self.net = net
-        self.rows = rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[..., self.rows]
-
-
-def _head_view(config: ExperimentConfig, net: MLP, head: int) -> _HeadView:
-    width = len(config.task_a)
-    return _HeadView(net, slice(head * width, (head + 1) * width))
-
-
-def _check_finite(net: torch.nn.Module, losses: list[float], x_probe: torch.Tensor, what: str, lr: float) -> None:
-    """Raise :class:`NonFiniteLossError` if training produced a non-finite loss, parameter or output."""
-    bad_steps = [step for step, loss in enumerate(losses, start=1) if not math.isfinite(loss)]
-    bad = [name for name, value in net.named_parameters() if not torch.isfinite(value).all()]
-    with torch.no_grad():
-        outputs_finite = bool(torch.isfinite(net(x_probe)).all())
-    if bad_steps or bad or not outputs_finite:
-        first = f"loss non-finite from step {bad_steps[0]}" if bad_steps else ("finite losses" if outputs_finite else "outputs overflow")
-        raise NonFiniteLossError(
-            f"{what}: {first}; non-finite parameters: {', '.join(bad) or 'none'}; try a lower learning rate (now {lr})"
-        )
-
-
-def _net_metrics(net: torch.nn.Module, split: Split) -> PredictiveMetrics:
-    net.eval()
-    with torch.no_grad():
-        log_probs = torch.log_softmax(net(split.x), dim=-1)
-    net.train()
-    return metrics_from_log_probs(log_probs, split.y)
-
-
-@dataclass
-class _StageAEWC:
-    net: MLP
-    penalty: EWCPenalty
-    a_test: PredictiveMetrics
-    b_test_before: PredictiveMetrics
-    b_random_init: float
-
-
-def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: _Run | None = None) -> _StageAEWC:
-    """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short)."""
-    run = run or _Run()
-    key = f"A-ewc-s{seed}"
-    torch.manual_seed(seed)
-    net = MLP((*config.sizes[:-1], config.sizes[-1] * config.num_heads)).to(config.device)
-    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
-    saved = run.store.stage(key) if run.store is not None else None
-    if saved is None:
-        b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
-        losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed))
-        _check_finite(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.ewc_lr)
-        generator = torch.Generator(device=config.device).manual_seed(seed)
-        fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
-        saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
-        if run.store is not None:
-            run.store.save_stage(key, saved)
-    net.load_state_dict(saved["net"])
-    return _StageAEWC(
-        net=net,
-        penalty=EWCPenalty(on_a, saved["fisher"], config.ewc_lambda),
-        a_test=_net_metrics(on_a, tasks.a.test),
-        b_test_before=_net_metrics(on_b, tasks.b.test),
-        b_random_init=saved["b_random_init"],
-    )
-
-
-def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
-    pyro.set_rng_seed(seed)
-    net = copy.deepcopy(stage.net)
-    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
-    steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
-    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
-    curve: list[dict] = []
-
-    def on_epoch(epoch_index: int, current: torch.nn.Module) -> None:
-        epoch = epoch_index + 1
-        if epoch in record_at or epoch * steps_per_epoch >= steps:
-            if curve and curve[-1]["epoch"] == epoch:
-                return
-            curve.append(
-                {
-                    "epoch": epoch,
-                    "step": min(epoch * steps_per_epoch, steps),
-                    "b_val_accuracy": _net_metrics(current, tasks.b.val).accuracy,
-                    "b_test_accuracy": _net_metrics(current, tasks.b.test).accuracy,
-                }
-            )
-
-    losses = train_deterministic(
-        on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed), stage.penalty, on_epoch
-    )
-    _check_finite(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.ewc_lr)
-    return {
-        "b_test": _net_metrics(on_b, tasks.b.test),
-        "a_test_after": _net_metrics(on_a, tasks.a.test),
-        "curve": curve,
-        "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == steps],
-    }
-
 
 # --------------------------------------------------------------------------- the protocol
-
-
-def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: dict, stage, seconds: float) -> dict:
-    record = {
-        "method": method,
-        "fraction": fraction,
-        "seed": seed,
-        "steps": steps,
-        "status": "ok",
-        "b_test": outcome["b_test"].to_dict(),
-        "a_test_after": outcome["a_test_after"].to_dict(),
-        "accuracy_matrix": None,
-        "backward_transfer": None,
-        "forward_transfer": None,
-        "curve": outcome["curve"],
-        "history": outcome["history"],
-        "convergence": outcome.get("convergence"),
-        "prior_converged": stage.convergence["converged"] if method == "transfer" else None,
-        "seconds": seconds,
-    }
-    if stage is not None:
-        R = [
-            [stage.a_test.accuracy, stage.b_test_before.accuracy],
-            [outcome["a_test_after"].accuracy, outcome["b_test"].accuracy],
-        ]
-        record["accuracy_matrix"] = R
-        record["backward_transfer"] = backward_transfer(R)
-        record["forward_transfer"] = forward_transfer(R, [0.0, stage.b_random_init])
-    return record
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -705,17 +334,6 @@ def summarize_units(units: list[dict]) -> dict:
     return out
 
 
-def _failed_record(method: str, fraction: float, seed: int, steps: int, error: str) -> dict:
-    return {
-        "method": method, "fraction": fraction, "seed": seed, "steps": steps, "status": "failed", "error": error,
-        "b_test": None, "a_test_after": None, "accuracy_matrix": None, "backward_transfer": None,
-        "forward_transfer": None, "curve": [], "history": [], "convergence": None, "prior_converged": None, "seconds": 0.0,
-    }
-
-
-def unit_key(method: str, fraction: float, seed: int) -> str:
-    return f"{method}-f{fraction:g}-s{seed}"
-
 
 def _not_converged_warning(seed: int, convergence: dict) -> str:
     drift = convergence["last_scale_drift"] or {}
@@ -729,114 +347,181 @@ def _not_converged_warning(seed: int, convergence: dict) -> str:
     )
 
 
+
+
+@dataclass
+class _Grid:
+    """The driver's view of a run in progress: what is finished, what each stage left for the
+    units that need it."""
+
+    plan: Plan
+    stage_states: dict[str, dict | None]
+    stage_errors: dict[str, str]
+    stage_crashed: set[str]
+    entries: dict[str, dict]
+    records: dict[str, dict]
+
+    def ready(self, item: StageSpec | UnitSpec) -> bool:
+        return isinstance(item, StageSpec) or item.needs is None or item.needs in self.stage_states or item.needs in self.stage_errors
+
+
+def _job(config: ExperimentConfig, item: StageSpec | UnitSpec, grid: _Grid, store: RunStore | None, executor: Executor) -> Job:
+    """The job of ``item``: its unit function with the saved stage it needs and its own
+    checkpoint, read from ``store`` by the driver; the unit's epoch checkpoints come back through
+    the executor's forwarder and are written by the driver."""
+    checkpoint = store.checkpoint(item.key) if store is not None else None
+    on_checkpoint = executor.forwarder(store.save_checkpoint) if store is not None else None
+    if isinstance(item, StageSpec):
+        saved = store.stage(item.key) if store is not None else None
+        return Job(item.key, run_stage, (config, item, saved, checkpoint, on_checkpoint))
+    state = grid.stage_states.get(item.needs) if item.needs is not None else None
+    return Job(item.key, run_unit, (config, item, state, grid.stage_errors.get(item.needs, ""), checkpoint, on_checkpoint))
+
+
+def _around_bar(write: Callable[[str], None]) -> Callable[[str], None]:
+    def around(message: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            write(message)
+    return around
+
+
 def run_experiment(
     config: ExperimentConfig,
     log: Callable[[str], None] = print,
     store: RunStore | None = None,
     warn: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
+    progress: bool = False,
 ) -> dict:
     """Run the whole protocol and return the results (the content of ``results.json``).
 
-    With a ``store``, every finished unit and task-A stage is saved as it completes and every
-    epoch is checkpointed, and whatever the store already holds is reused: a rerun resumes.
+    The grid is :func:`~pyro_bbt.plan.build_plan`'s: task-A stages, then the B units that need
+    them, each run by ``executor`` (default: :class:`~pyro_bbt.executors.SerialExecutor` with
+    one torch thread) through :func:`~pyro_bbt.units.run_stage` / :func:`~pyro_bbt.units.run_unit`.
+    This function alone writes ``store``: with one, every finished unit and task-A stage is
+    saved as it completes, the unit in progress after every epoch (sent back by the workers),
+    and whatever the store already holds is reused, so a rerun resumes, under any executor.
+    Records come out in the plan's order whatever order units finish in, so the results do not
+    depend on the executor or its number of workers.
+
     A unit whose loss or parameters become non-finite is recorded with ``status: "failed"``
-    and its error; the others go on. A q_A that the stopping rule does not call converged is
-    reported through ``warn`` (default: ``log``) when ``transfer`` will use it, and listed
-    under ``"warnings"``.
+    and its error (and saved: a resume keeps it); a unit that raises or whose worker dies is
+    recorded failed with the error too, but not saved, so a resume runs it again. Either way
+    the others go on. A q_A that the stopping rule does not call converged is reported through
+    ``warn`` (default: ``log``) when ``transfer`` will use it, and listed under ``"warnings"``.
+    ``progress`` shows one bar for the grid (units done / total, failures).
     """
     warn = warn or log
-    run = _Run(store)
-    units: list[dict] = []
-    stages_a: list[dict] = []
-    warnings: list[str] = []
-    for seed in config.seeds:
-        full = _load(config, 1.0, seed)
-        stage_a = stage_ewc = None
-        failure_a = ""
-        steps_a = steps_for(len(full.a.train), config.epochs_a, config.batch_size)
-        if any(m in config.methods for m in ("transfer", "finetune")):
-            start = time.perf_counter()
-            try:
-                stage_a = _fit_task_a(config, full, seed, run)
-            except NonFiniteLossError as error:
-                failure_a = f"task A failed: {error}"
-                log(f"seed {seed}: {failure_a}")
+    if progress:  # lines printed while the bar is shown: clear it first, redraw it after
+        log, warn = _around_bar(log), _around_bar(warn)
+    executor = executor or SerialExecutor()
+    plan = build_plan(config)
+    grid = _Grid(plan, {}, {}, set(), {}, {})
+    waiting: list[StageSpec | UnitSpec] = []
+    for item in plan.order:
+        record = store.record(item.key) if (store is not None and isinstance(item, UnitSpec)) else None
+        if record is not None:
+            grid.records[item.key] = record
+        else:
+            waiting.append(item)
+    failures = sum(r["status"] != "ok" for r in grid.records.values())
+    bar = tqdm(total=len(plan), initial=len(grid.records), disable=not progress, desc="units", unit="unit", file=sys.stderr, dynamic_ncols=True)
+    try:
+        while waiting or executor.busy():
+            while executor.free_slots() > 0:
+                item = next((i for i in waiting if grid.ready(i)), None)
+                if item is None:
+                    break
+                waiting.remove(item)
+                if isinstance(item, UnitSpec) and item.needs in grid.stage_errors:  # its stage failed: so does it
+                    error = grid.stage_errors[item.needs]
+                    result = JobResult(item.key, _failed_record(item.method, item.fraction, item.seed, item.steps, error))
+                    if item.needs in grid.stage_crashed:  # not saved: a resume runs the stage again
+                        result.error = error
+                    failures += _finish_unit(item, result, grid, store, log)
+                    bar.update(1)
+                    bar.set_postfix(failed=failures)
+                    continue
+                executor.submit(_job(config, item, grid, store, executor))
+            if not executor.busy():
+                if waiting and not any(grid.ready(i) for i in waiting):
+                    raise RuntimeError(f"units wait for stages that never ran: {[i.key for i in waiting]}")
+                continue
+            result = executor.next_result()
+            item = next(i for i in plan.order if i.key == result.key)
+            if isinstance(item, StageSpec):
+                failures += _finish_stage(config, item, result, grid, store, log, warn)
             else:
-                verdict = stage_a.convergence
-                log(
-                    f"seed {seed}: task A fitted in {time.perf_counter() - start:.1f} s, {verdict['epochs']} epochs, "
-                    f"{'converged' if verdict['converged'] else 'not converged'}, uninformed sigma ratio "
-                    f"{verdict['uninformed_scale_ratio']}, test accuracy {stage_a.a_test.accuracy:.4f}"
-                )
-                if "transfer" in config.methods and not verdict["converged"]:
-                    warnings.append(_not_converged_warning(seed, verdict))
-                    warn("warning: " + warnings[-1])
-                stages_a.append(
-                    {"seed": seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
-                     "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
-                     "convergence": verdict, "history": stage_a.history}
-                )
-        failure_ewc = ""
-        if "ewc" in config.methods:
-            try:
-                stage_ewc = _fit_task_a_ewc(config, full, steps_a, seed, run)
-            except NonFiniteLossError as error:
-                failure_ewc = f"task A failed: {error}"
-                log(f"seed {seed}: {failure_ewc}")
-        if stage_ewc is not None:
-            log(f"seed {seed}: deterministic task A net for EWC, test accuracy {stage_ewc.a_test.accuracy:.4f}")
-            stages_a.append(
-                {"seed": seed, "kind": "deterministic", "steps": steps_a, "a_test": stage_ewc.a_test.to_dict(),
-                 "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
-                 "convergence": None, "history": []}
-            )
-        for fraction in config.fractions:
-            tasks = _load(config, fraction, seed)
-            steps_b = steps_for(len(tasks.b.train), config.epochs, config.batch_size, config.min_steps)
-            for method in config.methods:
-                key = unit_key(method, fraction, seed)
-                steps = steps_b
-                if method == "joint":  # A's and B's budgets, in whole passes over the union
-                    steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, config.batch_size, steps_a + steps_b)
-                unit = store.record(key) if store is not None else None
-                if unit is None:
-                    failure = failure_ewc if method == "ewc" else failure_a
-                    unit = _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure, run, key)
-                    if store is not None:
-                        store.save_record(key, unit)
-                units.append(unit)
-                if unit["status"] == "ok":
-                    log(
-                        f"seed {seed} fraction {fraction:g} {method:>8}: B acc {unit['b_test']['accuracy']:.4f}, "
-                        f"A acc after B {unit['a_test_after']['accuracy']:.4f}, {steps} steps, {unit['seconds']:.1f} s"
-                    )
-                else:
-                    log(f"seed {seed} fraction {fraction:g} {method:>8}: FAILED: {unit['error']}")
+                failures += _finish_unit(item, result, grid, store, log)
+            bar.update(1)
+            bar.set_postfix(failed=failures)
+    finally:
+        bar.close()
+    units = [grid.records[u.key] for u in plan.units]
+    warnings = [
+        _not_converged_warning(s.seed, grid.entries[s.key]["convergence"])
+        for s in plan.stages
+        if s.kind == "bayesian" and s.key in grid.entries and "transfer" in config.methods and not grid.entries[s.key]["convergence"]["converged"]
+    ]
     return {
-        "schema_version": 2,
+        "schema_version": 3,
         "config": config.to_dict(),
+        "threads_per_unit": executor.threads,
         "warnings": warnings,
-        "task_a": stages_a,
+        "task_a": [grid.entries[s.key] for s in plan.stages if s.key in grid.entries],
         "units": units,
         "summary": summarize_units(units),
     }
 
 
-def _run_unit(config, method, fraction, seed, steps, tasks, stage_a, stage_ewc, failure, run, key) -> dict:
-    if (method in ("transfer", "finetune") and stage_a is None) or (method == "ewc" and stage_ewc is None):
-        return _failed_record(method, fraction, seed, steps, failure)
-    start = time.perf_counter()
-    try:
-        if method == "ewc":
-            outcome, stage = _run_ewc_b(config, tasks, stage_ewc, steps, seed), stage_ewc
-        elif method == "joint":
-            outcome, stage = _run_joint(config, tasks, steps, seed, run, key), None
-        else:
-            outcome = _run_bayesian_b(config, method, tasks, stage_a, steps, seed, run, key)
-            stage = stage_a if method != "scratch" else None
-    except NonFiniteLossError as error:
-        return _failed_record(method, fraction, seed, steps, str(error))
-    return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+def _finish_stage(config: ExperimentConfig, spec: StageSpec, result: JobResult, grid: _Grid, store: RunStore | None,
+                  log: Callable[[str], None], warn: Callable[[str], None]) -> int:
+    """Take in a finished stage: save it, keep its state for its units, log it; 1 if it failed."""
+    outcome: StageOutcome | None = result.value
+    error = result.error or (outcome.error if outcome is not None else "")
+    if error:
+        grid.stage_errors[spec.key] = error if error.startswith("task A failed") else f"task A failed: {error}"
+        if result.error:  # raised or its worker died, rather than a non-finite loss
+            grid.stage_crashed.add(spec.key)
+        log(f"seed {spec.seed}: {grid.stage_errors[spec.key]}")
+        return 1
+    if outcome.state is not None:
+        if store is not None:
+            store.save_stage(spec.key, outcome.state)
+        grid.stage_states[spec.key] = outcome.state
+    else:  # rebuilt from the store's copy
+        grid.stage_states[spec.key] = store.stage(spec.key) if store is not None else None
+    grid.entries[spec.key] = entry = outcome.entry
+    if spec.kind == "bayesian":
+        verdict = entry["convergence"]
+        log(
+            f"seed {spec.seed}: task A fitted in {outcome.seconds:.1f} s, {verdict['epochs']} epochs, "
+            f"{'converged' if verdict['converged'] else 'not converged'}, uninformed sigma ratio "
+            f"{verdict['uninformed_scale_ratio']}, test accuracy {entry['a_test']['accuracy']:.4f}"
+        )
+        if "transfer" in config.methods and not verdict["converged"]:
+            warn("warning: " + _not_converged_warning(spec.seed, verdict))
+    else:
+        log(f"seed {spec.seed}: deterministic task A net for EWC, test accuracy {entry['a_test']['accuracy']:.4f}")
+    return 0
+
+
+def _finish_unit(spec: UnitSpec, result: JobResult, grid: _Grid, store: RunStore | None, log: Callable[[str], None]) -> int:
+    """Take in a finished unit: keep (and, unless it crashed, save) its record, log it; 1 if it failed."""
+    if result.ok:
+        record = result.value
+        if store is not None:
+            store.save_record(spec.key, record)
+    else:  # raised or its worker died: not saved, a resume runs it again
+        record = _failed_record(spec.method, spec.fraction, spec.seed, spec.steps, result.error)
+    grid.records[spec.key] = record
+    head = f"seed {spec.seed} fraction {spec.fraction:g} {spec.method:>8}"
+    if record["status"] == "ok":
+        log(f"{head}: B acc {record['b_test']['accuracy']:.4f}, A acc after B {record['a_test_after']['accuracy']:.4f}, "
+            f"{spec.steps} steps, {record['seconds']:.1f} s")
+        return 0
+    log(f"{head}: FAILED: {record['error']}")
+    return 1
 
 
 # --------------------------------------------------------------------------- sequential mode

@@ -5,9 +5,16 @@ Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in README.m
 and ``final_accuracy.png``. Progress (finished units, per-epoch checkpoints) is kept under
 ``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``; ``--resume`` continues an interrupted run.
 
-Exit codes: 0 done; 1 done, but some units failed (NaN/inf; see ``results.json``); 2 bad input.
-``results.json`` holds no wall-clock times (they are in ``timing.json``), so the same seeds and
-configuration give an identical file.
+Units run one after another in this process (``--executor serial``, the default) or in a pool
+of ``--workers N`` local processes (``--executor processes``); this process alone writes
+``--out``, and the workers return their results to it. Every unit runs with
+``--threads-per-unit`` torch threads (default 1) whatever the executor, because torch's float
+results depend on the number of threads.
+
+Exit codes: 0 done; 1 done, but some units failed (NaN/inf, an error, a worker process that
+died; see ``results.json``); 2 bad input. ``results.json`` holds no wall-clock times (they are in
+``timing.json``), so the same seeds, configuration and ``--threads-per-unit`` give an identical
+file whatever the executor and number of workers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
+from .executors import EXECUTORS, make_executor
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
@@ -60,6 +70,16 @@ def _int_or_none(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -117,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--executor", default="serial", help=f"where units run: {' or '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes, results identical)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes (default 1)")
+    p.add_argument("--threads-per-unit", type=_positive_int, default=1, help="torch intra-op threads of every unit, whatever the executor (default 1); results depend on it, so keep it to compare runs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no progress bar")
     return p
 
 
@@ -206,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--resume is not supported with --sequence (sequence runs restart)")
         if args.sequence and not set(config.methods) & set(SEQUENCE_METHODS):
             raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
+        if args.executor not in EXECUTORS:
+            raise UsageError(f"unknown --executor {args.executor!r}; allowed: {', '.join(EXECUTORS)}")
+        if args.workers > 1 and args.executor != "processes":
+            raise UsageError(f"--workers {args.workers} needs --executor processes (--executor {args.executor} runs one unit at a time)")
+        if args.sequence and args.executor != "serial":
+            raise UsageError(f"--executor {args.executor} is not supported with --sequence (its chains run serially)")
         _prepare_out_dir(args.out, config, args)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -218,15 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **config.to_dict()})
     if args.sequence:
-        results = run_sequence(config, args.sequence, log=log)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads_per_unit)
+        try:
+            results = run_sequence(config, args.sequence, log=log)
+        finally:
+            torch.set_num_threads(threads)
         atomic_write_json(args.out / "results.json", results)
         plot_sequence(results, args.out / "sequence.png")
         log(f"done in {time.perf_counter() - start:.0f} s: {args.out / 'results.json'}, {args.out / 'sequence.png'}")
         return 0
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"))
-    results, timing = split_timing(run_experiment(config, log=log, store=store, warn=warn))
+    with make_executor(args.executor, args.workers, args.threads_per_unit) as executor:
+        raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
+    results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start
+    timing["workers"] = args.workers if args.executor == "processes" else 1
     atomic_write_json(args.out / "results.json", results)
     atomic_write_json(args.out / "timing.json", timing)
     write_csv(args.out / "metrics.csv", results["units"], timing)

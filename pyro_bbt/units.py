@@ -1,0 +1,569 @@
+"""The units of work of the transfer experiment: task A's stages and the B units.
+
+Every function here is pure in the sense the executors need: a configuration, a unit's spec
+and the saved state of the stage it depends on go in; a record (and, for a stage, the state to
+save) comes out. Nothing here writes a run directory: the driver
+(:func:`~pyro_bbt.experiment.run_experiment`) alone does, through
+:class:`~pyro_bbt.runstore.RunStore`. The training helpers (``_fit_task_a``,
+``_run_bayesian_b``, ...) are also used by the studies, and re-exported by
+:mod:`pyro_bbt.experiment`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyro
+import torch
+
+from .checkpoint import prior_from_state, prior_state
+from .continual import backward_transfer, forward_transfer
+from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
+from .data import Split, Task, TaskData, load_task
+from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
+from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
+from .guides import GuideConfig, initialize_guide, make_guide, posterior_as_prior
+from .inference import EpochDiagnostics, NonFiniteLossError, TrainConfig, TrainState, train
+from .model import BayesianMLP
+from .priors import Prior
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
+    from .plan import StageSpec, UnitSpec
+    from .runstore import RunStore
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Tasks:
+    a: TaskData
+    b: TaskData
+
+
+def _limit(split: Split, n: int | None) -> Split:
+    return split if n is None else split.subset(n)
+
+
+def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
+    a = load_task(Task(digits=config.task_a, seed=seed, name="A"))
+    b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"))
+    out = []
+    for data in (a, b):
+        out.append(
+            TaskData(
+                task=data.task,
+                train=_limit(data.train, config.limit_train).to(config.device),
+                val=_limit(data.val, config.limit_eval).to(config.device),
+                test=_limit(data.test, config.limit_eval).to(config.device),
+            )
+        )
+    return _Tasks(*out)
+
+
+def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 1) -> int:
+    """The step budget: ``epochs`` passes over the data, or more if that is under ``min_steps``,
+    rounded up to whole passes, ``M * max(epochs, ceil(min_steps / M))`` with
+    ``M = ceil(num_examples / batch_size)``. Whole passes because a KL schedule's weights sum
+    to one over a pass: a run cut mid-pass pays that pass's KL on part of its data."""
+    per_epoch = math.ceil(num_examples / batch_size)
+    return per_epoch * max(epochs, math.ceil(min_steps / per_epoch))
+
+
+# --------------------------------------------------------------------------- Bayesian units
+
+
+@dataclass
+class _Run:
+    """Where a fit reads its saved stage and checkpoint and keeps its progress: a
+    :class:`RunStore` (the studies), a unit's :class:`_UnitStore` (the executors), or
+    ``None``: nowhere, nothing is resumable."""
+
+    store: RunStore | _UnitStore | None = None
+
+
+def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None,
+                  batch_size: int | None = None) -> TrainConfig:
+    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule;
+    at ``lr`` (default ``config.lr``) and ``config.scale_lr``, in minibatches of ``batch_size``
+    (default ``config.batch_size``)."""
+    return TrainConfig(
+        steps=steps,
+        stopping=stopping,
+        batch_size=config.batch_size if batch_size is None else batch_size,
+        lr=config.lr if lr is None else lr,
+        scale_lr=config.scale_lr,
+        num_particles=config.num_particles,
+        estimator=config.estimator,
+        kl_schedule=config.kl_schedule,
+        seed=seed,
+        eval_samples=0,
+        progress=False,
+    )
+
+
+def _fresh_bayesian(config: ExperimentConfig, prior: Prior, seed: int):
+    """A new model and guide with initialised parameters; clears Pyro's param store first, so
+    no parameter is shared with an earlier guide of the same name."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = BayesianMLP(config.sizes, prior, num_heads=config.num_heads).to(config.device)
+    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
+    initialize_guide(guide, model.sizes[0])
+    return model, guide
+
+
+def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[int]:
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
+
+
+def _use_head(model: BayesianMLP, head: int | None) -> None:
+    if model.num_heads > 1:
+        model.head = head
+
+
+def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> PredictiveMetrics:
+    """Posterior-predictive metrics on ``split`` through output ``head``."""
+    _use_head(model, head)
+    return evaluate(model, guide, split.x, split.y, num_samples=samples)
+
+
+def _train_with_checkpoints(model, guide, train_split: Split, train_config: TrainConfig, run: _Run, key: str, extra: dict, on_epoch=None):
+    """``train`` that saves a checkpoint after every epoch under ``key`` and, when one exists,
+    continues from it; ``extra`` (for example a learning curve) is saved and restored with it."""
+    resume = None
+    saved = run.store.checkpoint(key) if run.store is not None else None
+    if saved is not None:
+        resume = TrainState.from_dict(saved["train_state"])
+        for name, value in saved["extra"].items():
+            extra[name][:] = value
+
+    def save(state: TrainState) -> None:
+        run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})
+
+    on_checkpoint = save if run.store is not None else None
+    return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
+
+
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
+    """Train through output ``head`` for ``steps``, record B's learning curve at evenly spaced
+    epochs, and judge the fit by the stopping rule (which does not stop it: B's budget is the
+    same for every method)."""
+    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    curve: list[dict] = []
+
+    def on_epoch(diag: EpochDiagnostics) -> None:
+        if diag.epoch in record_at:
+            curve.append(
+                {
+                    "epoch": diag.epoch,
+                    "step": diag.steps,
+                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
+                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
+                }
+            )
+            _use_head(model, head)
+
+    _use_head(model, head)
+    history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
+    _use_head(model, head)
+    rule = replace(config.stopping_rule, min_epochs=1, lr_drops=0)
+    convergence = assess_convergence(history.to_records(), rule, uninformed_scale_ratio(guide, model, train_split.x))
+    return curve, history.to_records(), convergence.to_dict()
+
+
+@dataclass
+class _StageA:
+    """What the sequential methods need from task A for one seed."""
+
+    guide_state: dict
+    prior_from_a: Prior
+    a_test: PredictiveMetrics
+    b_test_before: PredictiveMetrics
+    b_random_init: float
+    steps: int
+    history: list
+    convergence: dict
+
+    def to_saved(self) -> dict:
+        return {
+            "guide_state": self.guide_state,
+            "prior": prior_state(self.prior_from_a),
+            "a_test": self.a_test.to_dict(),
+            "b_test_before": self.b_test_before.to_dict(),
+            "b_random_init": self.b_random_init,
+            "steps": self.steps,
+            "history": self.history,
+            "convergence": self.convergence,
+        }
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "_StageA":
+        return cls(
+            guide_state=saved["guide_state"],
+            prior_from_a=prior_from_state(saved["prior"]),
+            a_test=PredictiveMetrics(**saved["a_test"]),
+            b_test_before=PredictiveMetrics(**saved["b_test_before"]),
+            b_random_init=saved["b_random_init"],
+            steps=saved["steps"],
+            history=saved["history"],
+            convergence=saved["convergence"],
+        )
+
+
+def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | None = None) -> _StageA:
+    run = run or _Run()
+    key = f"A-bayesian-s{seed}"
+    saved = run.store.stage(key) if run.store is not None else None
+    if saved is not None:
+        return _StageA.from_saved(saved)
+    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
+    b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
+    lr_a = config.lr if config.lr_a is None else config.lr_a
+    batch_a = config.a_batch_size
+    if config.max_epochs_a is None:
+        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, batch_a), seed, lr=lr_a, batch_size=batch_a)
+    else:
+        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a, batch_size=batch_a)
+    _use_head(model, 0)
+    history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
+    convergence = assess_convergence(
+        history.to_records(), config.stopping_rule, uninformed_scale_ratio(guide, model, tasks.a.train.x), config.max_epochs_a
+    )
+    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
+    if config.head == "multihead":
+        # B's head has seen no data: its prior stays the base prior's width rather than q_A's leftovers.
+        rows = model.head_rows(config.b_head)
+        for site in model.output_sites:
+            prior_from_a.loc(site)[rows] = 0.0
+            prior_from_a.scale(site)[rows] = config.base_prior_std
+    stage = _StageA(
+        guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
+        prior_from_a=prior_from_a,
+        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        b_random_init=b_random_init[0],
+        steps=history.epochs[-1].steps,
+        history=history.to_records(),
+        convergence=convergence.to_dict(),
+    )
+    if run.store is not None:
+        run.store.save_stage(key, stage.to_saved())
+    return stage
+
+
+def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, state_a: dict) -> None:
+    """Set q_B = q_A. With a multi-head network, B's head keeps its fresh initialisation: under
+    task A it was only ever pulled towards the prior."""
+    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    guide.load_state_dict(state_a)
+    if config.head != "multihead":
+        return
+    rows = model.head_rows(config.b_head)
+    merged = guide.state_dict()
+    for key, value in merged.items():
+        if any(site in key for site in model.output_sites):
+            value[rows] = fresh[key][rows]
+    guide.load_state_dict(merged)
+
+
+def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
+    prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
+    model, guide = _fresh_bayesian(config, prior, seed)
+    start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
+    if start_from_a:
+        _start_from_posterior(config, model, guide, stage_a.guide_state)
+    curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
+    return {
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        "curve": curve,
+        "history": history,
+        "convergence": convergence,
+    }
+
+
+def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
+    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
+    # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
+    # is then evaluated through its own head.
+    offset = config.b_head * len(config.task_a)
+    both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
+    curve, history, convergence = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
+    return {
+        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        "curve": curve,
+        "history": history,
+        "convergence": convergence,
+    }
+
+
+# --------------------------------------------------------------------------- EWC
+
+
+class _HeadView(torch.nn.Module):
+    """The logits of one output head of a deterministic multi-head MLP (all outputs if single-head)."""
+
+    def __init__(self, net: MLP, rows: slice) -> None:
+        super().__init__()
+        self.net = net
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[..., self.rows]
+
+
+def _head_view(config: ExperimentConfig, net: MLP, head: int) -> _HeadView:
+    width = len(config.task_a)
+    return _HeadView(net, slice(head * width, (head + 1) * width))
+
+
+def _check_finite(net: torch.nn.Module, losses: list[float], x_probe: torch.Tensor, what: str, lr: float) -> None:
+    """Raise :class:`NonFiniteLossError` if training produced a non-finite loss, parameter or output."""
+    bad_steps = [step for step, loss in enumerate(losses, start=1) if not math.isfinite(loss)]
+    bad = [name for name, value in net.named_parameters() if not torch.isfinite(value).all()]
+    with torch.no_grad():
+        outputs_finite = bool(torch.isfinite(net(x_probe)).all())
+    if bad_steps or bad or not outputs_finite:
+        first = f"loss non-finite from step {bad_steps[0]}" if bad_steps else ("finite losses" if outputs_finite else "outputs overflow")
+        raise NonFiniteLossError(
+            f"{what}: {first}; non-finite parameters: {', '.join(bad) or 'none'}; try a lower learning rate (now {lr})"
+        )
+
+
+def _net_metrics(net: torch.nn.Module, split: Split) -> PredictiveMetrics:
+    net.eval()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(net(split.x), dim=-1)
+    net.train()
+    return metrics_from_log_probs(log_probs, split.y)
+
+
+@dataclass
+class _StageAEWC:
+    net: MLP
+    penalty: EWCPenalty
+    a_test: PredictiveMetrics
+    b_test_before: PredictiveMetrics
+    b_random_init: float
+
+
+def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: _Run | None = None) -> _StageAEWC:
+    """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short)."""
+    run = run or _Run()
+    key = f"A-ewc-s{seed}"
+    torch.manual_seed(seed)
+    net = MLP((*config.sizes[:-1], config.sizes[-1] * config.num_heads)).to(config.device)
+    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
+    saved = run.store.stage(key) if run.store is not None else None
+    if saved is None:
+        b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
+        losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed))
+        _check_finite(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.ewc_lr)
+        generator = torch.Generator(device=config.device).manual_seed(seed)
+        fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
+        saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
+        if run.store is not None:
+            run.store.save_stage(key, saved)
+    net.load_state_dict(saved["net"])
+    return _StageAEWC(
+        net=net,
+        penalty=EWCPenalty(on_a, saved["fisher"], config.ewc_lambda),
+        a_test=_net_metrics(on_a, tasks.a.test),
+        b_test_before=_net_metrics(on_b, tasks.b.test),
+        b_random_init=saved["b_random_init"],
+    )
+
+
+def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
+    pyro.set_rng_seed(seed)
+    net = copy.deepcopy(stage.net)
+    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
+    steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
+    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    curve: list[dict] = []
+
+    def on_epoch(epoch_index: int, current: torch.nn.Module) -> None:
+        epoch = epoch_index + 1
+        if epoch in record_at or epoch * steps_per_epoch >= steps:
+            if curve and curve[-1]["epoch"] == epoch:
+                return
+            curve.append(
+                {
+                    "epoch": epoch,
+                    "step": min(epoch * steps_per_epoch, steps),
+                    "b_val_accuracy": _net_metrics(current, tasks.b.val).accuracy,
+                    "b_test_accuracy": _net_metrics(current, tasks.b.test).accuracy,
+                }
+            )
+
+    losses = train_deterministic(
+        on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed), stage.penalty, on_epoch
+    )
+    _check_finite(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.ewc_lr)
+    return {
+        "b_test": _net_metrics(on_b, tasks.b.test),
+        "a_test_after": _net_metrics(on_a, tasks.a.test),
+        "curve": curve,
+        "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == steps],
+    }
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: dict, stage, seconds: float) -> dict:
+    record = {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "steps": steps,
+        "status": "ok",
+        "b_test": outcome["b_test"].to_dict(),
+        "a_test_after": outcome["a_test_after"].to_dict(),
+        "accuracy_matrix": None,
+        "backward_transfer": None,
+        "forward_transfer": None,
+        "curve": outcome["curve"],
+        "history": outcome["history"],
+        "convergence": outcome.get("convergence"),
+        "prior_converged": stage.convergence["converged"] if method == "transfer" else None,
+        "seconds": seconds,
+    }
+    if stage is not None:
+        R = [
+            [stage.a_test.accuracy, stage.b_test_before.accuracy],
+            [outcome["a_test_after"].accuracy, outcome["b_test"].accuracy],
+        ]
+        record["accuracy_matrix"] = R
+        record["backward_transfer"] = backward_transfer(R)
+        record["forward_transfer"] = forward_transfer(R, [0.0, stage.b_random_init])
+    return record
+
+
+
+def _failed_record(method: str, fraction: float, seed: int, steps: int, error: str) -> dict:
+    return {
+        "method": method, "fraction": fraction, "seed": seed, "steps": steps, "status": "failed", "error": error,
+        "b_test": None, "a_test_after": None, "accuracy_matrix": None, "backward_transfer": None,
+        "forward_transfer": None, "curve": [], "history": [], "convergence": None, "prior_converged": None, "seconds": 0.0,
+    }
+
+
+def unit_key(method: str, fraction: float, seed: int) -> str:
+    return f"{method}-f{fraction:g}-s{seed}"
+
+
+
+
+# --------------------------------------------------------------------------- the unit functions
+
+
+@dataclass
+class _UnitStore:
+    """What one unit sees of the run directory, in place of a :class:`RunStore`: the saved
+    stage it depends on (``stage_data``) and its own checkpoint to continue from
+    (``checkpoint_data``), both handed over by the driver. A checkpoint the unit makes goes to
+    ``on_checkpoint`` (the driver's store when the unit runs in the driver's process, else
+    nowhere); a stage the unit finishes is kept in ``saved_stage`` for the driver to write."""
+
+    stage_data: dict | None = None
+    checkpoint_data: dict | None = None
+    on_checkpoint: Callable[[str, dict], None] | None = None
+    saved_stage: dict | None = None
+
+    def stage(self, key: str) -> dict | None:
+        return self.stage_data
+
+    def save_stage(self, key: str, data: dict) -> None:
+        self.saved_stage = data
+
+    def checkpoint(self, key: str) -> dict | None:
+        return self.checkpoint_data
+
+    def save_checkpoint(self, key: str, data: dict) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(key, data)
+
+    def clear_checkpoint(self, key: str) -> None:
+        pass
+
+
+@dataclass
+class StageOutcome:
+    """What a task-A stage unit returns: ``state``, the stage to save (``None`` when it was
+    given saved, or failed), ``entry``, its record under ``results.json``'s ``task_a`` (``None``
+    when it failed), and ``error`` (``""`` when it did not)."""
+
+    key: str
+    state: dict | None
+    entry: dict | None
+    error: str = ""
+    seconds: float = 0.0
+
+
+def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = None, checkpoint: dict | None = None,
+              on_checkpoint: Callable[[str, dict], None] | None = None) -> StageOutcome:
+    """Fit the task-A stage ``spec`` (q_A, or EWC's deterministic net and Fisher) for ``config``,
+    continuing from ``checkpoint`` if given; with ``saved`` (the stage as a finished run saved
+    it), only rebuild its record. Clears Pyro's param store first. A non-finite loss is returned
+    as ``error``, not raised."""
+    pyro.clear_param_store()
+    start = time.perf_counter()
+    full = _load(config, 1.0, spec.seed)
+    store = _UnitStore(saved, checkpoint, on_checkpoint)
+    try:
+        if spec.kind == "bayesian":
+            stage_a = _fit_task_a(config, full, spec.seed, _Run(store))
+            entry = {"seed": spec.seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
+                     "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
+                     "convergence": stage_a.convergence, "history": stage_a.history}
+        else:
+            stage_ewc = _fit_task_a_ewc(config, full, spec.steps, spec.seed, _Run(store))
+            entry = {"seed": spec.seed, "kind": "deterministic", "steps": spec.steps, "a_test": stage_ewc.a_test.to_dict(),
+                     "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
+                     "convergence": None, "history": []}
+    except NonFiniteLossError as error:
+        return StageOutcome(spec.key, None, None, f"task A failed: {error}", time.perf_counter() - start)
+    return StageOutcome(spec.key, store.saved_stage, entry, "", time.perf_counter() - start)
+
+
+def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None = None, stage_error: str = "",
+             checkpoint: dict | None = None, on_checkpoint: Callable[[str, dict], None] | None = None) -> dict:
+    """Train the B unit ``spec`` for ``config`` and return its record (as in ``results.json``).
+
+    ``stage_state`` is the saved state of the stage ``spec.needs`` (``None``: the stage failed
+    with ``stage_error``, and so does this unit); ``checkpoint`` an epoch of this unit to
+    continue from. Clears Pyro's param store first. A non-finite loss gives a record with
+    ``status: "failed"`` and the error rather than an exception."""
+    pyro.clear_param_store()
+    method, fraction, seed, steps = spec.method, spec.fraction, spec.seed, spec.steps
+    if spec.needs is not None and stage_state is None:
+        return _failed_record(method, fraction, seed, steps, stage_error or f"stage {spec.needs} is missing")
+    tasks = _load(config, fraction, seed)
+    run = _Run(_UnitStore(None, checkpoint, on_checkpoint))
+    start = time.perf_counter()
+    try:
+        if method == "ewc":
+            # the saved stage is rebuilt, not retrained: only its test splits are read
+            stage: Any = _fit_task_a_ewc(config, tasks, 0, seed, _Run(_UnitStore(stage_state)))
+            outcome = _run_ewc_b(config, tasks, stage, steps, seed)
+        elif method == "joint":
+            outcome, stage = _run_joint(config, tasks, steps, seed, run, spec.key), None
+        else:
+            stage_a = _StageA.from_saved(stage_state) if stage_state is not None else None
+            outcome = _run_bayesian_b(config, method, tasks, stage_a, steps, seed, run, spec.key)
+            stage = stage_a if method != "scratch" else None
+    except NonFiniteLossError as error:
+        return _failed_record(method, fraction, seed, steps, str(error))
+    return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)

@@ -1,0 +1,143 @@
+"""The plan, the executors, and identical results whatever the executor (``--executor``)."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_bbt.executors import Job, ProcessExecutor, SerialExecutor
+from pyro_bbt.experiment import ExperimentConfig, run_experiment
+from pyro_bbt.plan import build_plan
+from pyro_bbt.runstore import RunStore
+from pyro_bbt.transfer import main
+
+# One seed, two fractions, every method, a few steps: seconds per run.
+TINY = [
+    "--limit-train", "200", "--limit-eval", "100", "--hidden", "8", "--epochs", "1", "--epochs-a", "2", "--max-epochs-a", "none",
+    "--batch-size", "32", "--min-steps", "8", "--fractions", "0.2,1", "--seeds", "0", "--eval-samples", "4", "--quiet",
+]
+TINY_CONFIG = dict(hidden=(8,), epochs=1, epochs_a=2, max_epochs_a=None, batch_size=32, min_steps=8, fractions=(1.0,), seeds=(0,),
+                   eval_samples=4, limit_train=200, limit_eval=100)
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serial") / "run"
+    assert main([*TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def processes_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("processes") / "run"
+    assert main([*TINY, "--out", str(out), "--executor", "processes", "--workers", "2"]) == 0
+    return out
+
+
+def test_plan_lists_stages_before_the_units_that_need_them():
+    plan = build_plan(ExperimentConfig(**{**TINY_CONFIG, "fractions": (0.2, 1.0)}))
+    assert [s.key for s in plan.stages] == ["A-bayesian-s0", "A-ewc-s0"]
+    assert len(plan.units) == 2 * 5 and len(plan) == 12
+    needs = {u.method: u.needs for u in plan.units if u.fraction == 0.2}
+    assert needs == {"scratch": None, "transfer": "A-bayesian-s0", "finetune": "A-bayesian-s0", "ewc": "A-ewc-s0", "joint": None}
+    order = [item.key for item in plan.order]
+    assert all(order.index(u.needs) < order.index(u.key) for u in plan.units if u.needs)
+    joint, scratch = (next(u for u in plan.units if u.method == m and u.fraction == 1.0) for m in ("joint", "scratch"))
+    assert joint.steps > scratch.steps  # A's budget and B's
+
+
+def test_serial_and_processes_give_byte_identical_results(serial_run, processes_run):
+    assert (processes_run / "results.json").read_bytes() == (serial_run / "results.json").read_bytes()
+    results = json.loads((serial_run / "results.json").read_text())
+    assert results["schema_version"] == 3 and results["threads_per_unit"] == 1
+    assert {u["method"] for u in results["units"]} == {"scratch", "transfer", "finetune", "ewc", "joint"}
+    assert all(u["status"] == "ok" for u in results["units"])
+    assert '"seconds"' not in (serial_run / "results.json").read_text()
+    timing = json.loads((processes_run / "timing.json").read_text())
+    assert timing["workers"] == 2 and all(timing[f"units/{i}"] >= 0 for i in range(len(results["units"])))
+
+
+def test_resume_under_the_other_executor_gives_the_same_bytes(serial_run, processes_run, tmp_path):
+    """Half the units and a stage written by worker processes, the rest by the serial executor."""
+    out = tmp_path / "partial"
+    shutil.copytree(processes_run, out)
+    (out / "results.json").unlink()
+    for path in sorted((out / "units").glob("*.json"))[::2]:
+        path.unlink()
+    (out / "stages" / "A-bayesian-s0.pt").unlink()
+    assert main([*TINY, "--out", str(out), "--resume"]) == 0
+    assert (out / "results.json").read_bytes() == (serial_run / "results.json").read_bytes()
+
+
+def test_serial_executor_sets_the_threads_around_each_job_only():
+    before = torch.get_num_threads()
+    executor = SerialExecutor(threads=before + 1)
+    executor.submit(Job("threads", torch.get_num_threads))
+    assert executor.next_result().value == before + 1 and torch.get_num_threads() == before
+
+
+class _KillingExecutor(ProcessExecutor):
+    """Runs ``os._exit(9)`` in a worker in place of the job ``victim``."""
+
+    def __init__(self, victim: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.victim = victim
+
+    def submit(self, job: Job) -> None:
+        super().submit(Job(job.key, os._exit, (9,)) if job.key == self.victim else job)
+
+
+def test_killed_workers_fail_their_job_alone_and_the_grid_completes(tmp_path):
+    """A worker killed while it fits q_A fails that stage and the units that need it (recorded,
+    not saved, so a resume runs them again); the rest of the grid completes. Then, on the same
+    pool: a job that kills its worker or raises fails alone, workers run with ``threads``, and a
+    job's forwarded message reaches the driver's handler."""
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ("scratch", "transfer")})
+    store = RunStore(tmp_path, config.to_dict())
+    with _KillingExecutor("A-bayesian-s0", workers=2, threads=2) as executor:
+        results = run_experiment(config, log=lambda m: None, store=store, executor=executor)
+        messages = []
+        forward = executor.forwarder(lambda key, data: messages.append((key, data)))
+        done = {}
+        jobs = (Job("raises", int, ("x",)), Job("threads", torch.get_num_threads), Job("sum", sum, ([1, 2],)),
+                Job("reports", operator.call, (forward, "epoch", {"w": torch.ones(2)})), Job("dies", os._exit, (7,)))
+        for job in jobs:
+            executor.submit(job)  # one at a time: the surviving worker runs them all, no new one starts
+            done[job.key] = executor.next_result()
+    status = {u["method"]: u for u in results["units"]}
+    assert status["scratch"]["status"] == "ok"
+    assert status["transfer"]["status"] == "failed"
+    assert status["transfer"]["error"] == "task A failed: worker process died (exit code 9) while running A-bayesian-s0"
+    assert results["task_a"] == []
+    assert store.record("scratch-f1-s0") is not None and store.record("transfer-f1-s0") is None
+    assert store.stage("A-bayesian-s0") is None
+    assert done["dies"].error == "worker process died (exit code 7) while running dies"
+    assert "ValueError" in done["raises"].error and "'x'" in done["raises"].error
+    assert done["threads"].value == 2 and done["sum"].value == 3 and done["sum"].ok
+    assert done["reports"].ok and len(messages) == 1 and messages[0][0] == "epoch" and messages[0][1]["w"].equal(torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--executor", "ray"], "unknown --executor 'ray'; allowed: serial, processes"),
+        (["--workers", "0"], "--workers"),
+        (["--threads-per-unit", "two"], "--threads-per-unit"),
+        (["--workers", "2"], "--workers 2 needs --executor processes"),
+    ],
+)
+def test_cli_rejects_bad_executor_settings_with_one_line(tmp_path, capsys, args, needle):
+    try:
+        code = main([*TINY, *args, "--out", str(tmp_path / "x")])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "x").exists()
