@@ -283,6 +283,12 @@ def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None,
     if start_from_a:
         _start_from_posterior(config, model, guide, stage_a.guide_state)
     curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
+    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
+
+
+def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, convergence) -> dict:
+    """A Bayesian B unit's outcome: B's and A's test metrics through their heads, and its curve,
+    history and convergence report."""
     return {
         "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
@@ -299,13 +305,7 @@ def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str
     offset = config.b_head * len(config.task_a)
     both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
     curve, history, convergence = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
-    return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
-        "curve": curve,
-        "history": history,
-        "convergence": convergence,
-    }
+    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
 
 
 # --------------------------------------------------------------------------- EWC
