@@ -372,8 +372,10 @@ def plot_guides(rows: list[dict], path: Path) -> None:
 
 
 def plot_schedules(rows: list[dict], path: Path) -> None:
-    """Per schedule and seed: the full-data ELBO (left) and the epoch's summed weighted KL
-    (right) against the epoch on A, up to where the stopping rule ended the fit."""
+    """Per schedule and seed: the epoch's objective, expected log-likelihood minus the summed
+    weighted KL (left; the ELBO wherever the schedule's weights average 1, the log-likelihood
+    alone for ``none``), and that weighted KL (right), against the epoch on A, up to where the
+    stopping rule ended the fit."""
     from .plots import _save, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -383,7 +385,7 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
         label = row["kl_schedule"] if row["seed"] == rows[0]["seed"] else None
         axes[0].plot(epochs, [e["elbo"] for e in row["history"]], color=colours[row["kl_schedule"]], lw=1, label=label)
         axes[1].plot(epochs, [e["weighted_kl"] for e in row["history"]], color=colours[row["kl_schedule"]], lw=1, label=label)
-    axes[0].set_ylabel("full-data ELBO (nats)")
+    axes[0].set_ylabel("expected log-lik - weighted KL (nats)")  # the ELBO once the weights are 1 (not for none)
     axes[1].set_ylabel("sum of weighted KL over the epoch")
     for ax in axes:
         ax.set_xlabel("epoch on A")
