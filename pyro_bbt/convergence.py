@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+from pyro.infer.autoguide import AutoDelta
 
 from .guides import posterior_loc_scale
 from .model import BayesianMLP
@@ -165,9 +166,11 @@ def _prior_std(model: BayesianMLP, site: str, shape: torch.Size) -> torch.Tensor
 @torch.no_grad()
 def uninformed_scale_ratio(guide, model: BayesianMLP, x_train: torch.Tensor, num_samples: int = 64) -> float | None:
     """``median(sigma_q / sigma_prior)`` over the first-layer weights fed by inputs that are 0 in
-    every image of ``x_train`` (1.0 is exact under a Gaussian prior); ``None`` if there are none."""
+    every image of ``x_train`` (1.0 is exact under a Gaussian prior); ``None`` if there are none,
+    or if ``guide`` is a point mass (``AutoDelta``: it has no width to check; its
+    :func:`~pyro_bbt.guides.posterior_loc_scale` reports the prior's by convention)."""
     mask = uninformed_inputs(x_train).to("cpu")
-    if not bool(mask.any()):
+    if not bool(mask.any()) or isinstance(guide, AutoDelta):
         return None
     site, shape = next(iter(model.site_shapes.items()))
     _, scale = posterior_loc_scale(guide, model, num_samples)[site]

@@ -4,7 +4,7 @@
 These compute what the plain path computes (:func:`pyro_bbt.objectives.mean_field_posterior`,
 :func:`torch.nn.functional.softplus`, :func:`pyro_bbt.objectives.gaussian_kl` under autograd),
 to float rounding (tested), in fewer passes over the 478k weights of the 784-400-400 network.
-On this CPU build ``torch.log1p`` costs six times ``torch.log`` per element, and the KL's
+On this CPU build ``torch.log1p`` costs about eight times ``torch.log`` per element, and the KL's
 autograd graph saves and revisits five intermediates per site; together they were a third of
 a step (``python -m pyro_bbt.bench --profile meanfield-local-1``).
 :class:`~pyro_bbt.inference.TrainConfig` ``fast=False`` goes back to the plain path.
@@ -18,8 +18,6 @@ from pyro.distributions import constraints
 __all__ = ["softplus", "gaussian_kl_sum", "mean_field_loc_scale", "supports_fast_path"]
 
 SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
-
-
 SOFTPLUS_TINY = -16.0  # below it log(1 + e^x) = e^x to float32 precision (relative error e^x / 2 < 6e-8)
 
 

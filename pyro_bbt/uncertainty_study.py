@@ -124,8 +124,7 @@ def fit_guide(config: UncertaintyConfig, guide_name: str, train_split, seed: int
     lr = experiment.lr if experiment.lr_a is None else experiment.lr_a
     train_config = _train_config(experiment, None, seed, stopping=rule, lr=lr, batch_size=experiment.a_batch_size)
     history = train(model, guide, train_split, train_config)
-    # a point mass has no width to check (its posterior_loc_scale reports the prior's, by convention)
-    ratio = None if guide_name == "delta" else uninformed_scale_ratio(guide, model, train_split.x)
+    ratio = uninformed_scale_ratio(guide, model, train_split.x)
     convergence = assess_convergence(history.to_records(), rule, ratio, experiment.max_epochs_a)
     return model, guide, convergence.to_dict(), history
 

@@ -101,6 +101,8 @@ def test_uninformed_scale_ratio_at_initialisation():
     assert uninformed_scale_ratio(guide, model, data.x) == pytest.approx(0.02 / mixture.stddev)
     assert uninformed_scale_ratio(guide, model, torch.ones(3, 12)) is None  # no blank input
     assert set(median_scales(guide, model)) == {"layers.0.weight", "layers.1.weight"}
+    model, guide = fresh_model_and_guide(SIZES, "delta", initialize=True)
+    assert uninformed_scale_ratio(guide, model, data.x) is None  # a point mass has no width to check
 
 
 # ----------------------------------------------------------------------------- the stopping rule
