@@ -209,11 +209,13 @@ def plan_units(config: UncertaintyConfig) -> list[tuple[str, int]]:
     return units
 
 
-def run_unit(config: UncertaintyConfig, unit: tuple[str, int]) -> list[dict]:
+def run_unit(config: UncertaintyConfig, unit: tuple[str, int], suite: dict | None = None) -> list[dict]:
     """The rows of one unit (see :func:`plan_units`); depends on nothing but ``config`` and
-    ``unit``, so units may run in any order and in any process."""
+    ``unit``, so units may run in any order and in any process. ``suite``: the scored sets
+    (:func:`~pyro_bbt.uncertainty.shift_suite`), if the caller has built them already."""
     what, seed = unit
-    suite, train_split, num_classes = _suite(config), _train_split(config, seed), len(TASK_A.digits)
+    suite = _suite(config) if suite is None else suite
+    train_split, num_classes = _train_split(config, seed), len(TASK_A.digits)
     if what == NETS:
         count = config.ensemble_size if ENSEMBLE in config.predictors else 1
         start = time.perf_counter()
@@ -255,8 +257,9 @@ def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1) ->
     units = plan_units(config)
     by_unit: dict[tuple[str, int], list[dict]] = {}
     if workers == 1:
+        suite = _suite(config)  # built once and shared by every unit (workers build their own)
         for unit in units:
-            by_unit[unit] = run_unit(config, unit)
+            by_unit[unit] = run_unit(config, unit, suite)
             _log_rows(by_unit[unit], log)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
