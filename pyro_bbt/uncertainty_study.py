@@ -166,7 +166,7 @@ def _score_predictor(log_probs_of, suite: dict, num_classes: int) -> dict:
         sets[name] = score(log_probs, split.y if labelled else None).to_dict()
         if name in (IN_DISTRIBUTION, UNSEEN) or name in RELIABILITY_SETS:
             detail[name] = (log_probs, split.y)
-    (a_lp, a_y), (u_lp, _) = detail[IN_DISTRIBUTION], detail[UNSEEN]
+    (a_lp, _), (u_lp, _) = detail[IN_DISTRIBUTION], detail[UNSEEN]
     a_total, _, a_mi = decompose(a_lp)
     u_total, _, u_mi = decompose(u_lp)
     top = math.log(num_classes)
