@@ -59,6 +59,7 @@ from .uncertainty_study import (
     plot_reliability,
     plot_shift,
     plot_uncertainty,
+    reused_rows,
     uncertainty_study,
     uncertainty_table,
 )
@@ -402,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
-                        help="tradeoff and ablation only: finished python -m pyro_bbt.transfer runs (tradeoff: one per head; ablation: the "
-                             "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again")
+                        help="tradeoff and ablation: finished python -m pyro_bbt.transfer runs (tradeoff: one per head; ablation: the "
+                             "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again; "
+                             "uncertainty: earlier uncertainty outputs of the same configuration, whose predictors' rows are taken as they are "
+                             "(only the other predictors are fitted)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="uncertainty only: run its units (one per guide and seed, one per seed for the nets) in N processes")
     parser.add_argument("--predictors", type=_predictor_names, default=None, metavar="NAME,NAME",
@@ -451,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants != VARIANT_KEYS and args.study != "convergence":
         print(f"{parser.prog}: error: --variants applies to the convergence study only", file=sys.stderr)
         return 2
-    if args.reuse and args.study not in ("tradeoff", "ablation"):
-        print(f"{parser.prog}: error: --reuse applies to the tradeoff and ablation studies only", file=sys.stderr)
+    if args.reuse and args.study not in ("tradeoff", "ablation", "uncertainty"):
+        print(f"{parser.prog}: error: --reuse applies to the tradeoff, ablation and uncertainty studies only", file=sys.stderr)
         return 2
     if (args.workers != 1 or args.predictors is not None) and args.study != "uncertainty":
         print(f"{parser.prog}: error: --workers and --predictors apply to the uncertainty study only", file=sys.stderr)
@@ -476,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.study == "uncertainty":
         uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors}))
-        rows = uncertainty_study(uconfig, workers=args.workers)
+        try:
+            reused, reused_from = reused_rows(uconfig, args.reuse)
+        except ValueError as error:  # a --reuse directory of another configuration, or without uncertainty.json
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
+        rows = uncertainty_study(uconfig, workers=args.workers, reuse=reused)
         plot_uncertainty(rows, args.out / "uncertainty.png")
         plot_reliability(rows, args.out / "reliability.png")
         plot_shift(rows, args.out / "shift.png")
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["convergence"] is not None for r in rows):
             atomic_write_text(args.out / "guides.md", guides_table(guide_rows(rows)))
         atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": config_to_dict(uconfig), "rows": rows,
-                                   "seconds": time.perf_counter() - start})
+                                   "reused": reused_from, "seconds": time.perf_counter() - start})
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0
     config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))

@@ -23,6 +23,7 @@ Writes ``uncertainty.json``, ``uncertainty.md`` (mean ± std over seeds), ``unce
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -57,7 +58,7 @@ from .uncertainty import (
     shift_suite,
 )
 
-__all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "fit_guide", "plan_units", "run_unit", "uncertainty_study",
+__all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "fit_guide", "plan_units", "run_unit", "uncertainty_study", "reused_rows",
            "uncertainty_table", "guide_rows", "plot_uncertainty", "plot_reliability", "plot_shift"]
 
 DETERMINISTIC, ENSEMBLE, NETS = "deterministic", "ensemble", "nets"
@@ -247,25 +248,62 @@ def _log_rows(rows: list[dict], log) -> None:
             f"{row['auroc_entropy']:.3f}, by MI {row['auroc_mutual_information']:.3f}; fit {row['fit_seconds']:.0f} s{verdict}")
 
 
-def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1) -> list[dict]:
+def reused_rows(config: UncertaintyConfig, run_dirs: list[Path]) -> tuple[list[dict], dict[str, str]]:
+    """The rows of earlier runs of this study (``uncertainty.json`` in each of ``run_dirs``)
+    for the predictors of ``config`` they hold for every seed of ``config``, and for each such
+    predictor the directory it came from. Their configuration must equal ``config``'s in
+    everything but ``predictors`` (the same seeds, recipe, sets and sample counts), else
+    ``ValueError`` naming the first difference; a predictor found in two of them is taken from
+    the first."""
+    wanted = dict(config_to_dict(config))
+    wanted.pop("predictors")
+    rows: list[dict] = []
+    sources: dict[str, str] = {}
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "uncertainty.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--reuse {run_dir}: no uncertainty.json there (is it a python -m pyro_bbt.studies uncertainty output?)") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--reuse {run_dir}: {path} is not valid JSON ({error})") from None
+        theirs = dict(saved.get("config", {}))
+        theirs.pop("predictors", None)
+        mine = json.loads(json.dumps(wanted))  # tuples as lists, as they were saved
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                raise ValueError(f"--reuse {run_dir}: its configuration differs in {key!r} ({theirs.get(key)!r} there, {mine.get(key)!r} here)")
+        for predictor in config.predictors:
+            found = [r for r in saved["rows"] if r["predictor"] == predictor and r["seed"] in config.seeds]
+            if predictor not in sources and sorted(r["seed"] for r in found) == sorted(config.seeds):
+                rows += found
+                sources[predictor] = str(run_dir)
+    return rows, sources
+
+
+def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, reuse: list[dict] | None = None) -> list[dict]:
     """One row per predictor and seed (see the module docstring), seeds outer, predictors in
     ``config.predictors``' order. ``workers > 1`` runs the units of :func:`plan_units` in that
     many processes, each with ``cpu_count // workers`` torch threads (at least 1); the driver
-    alone collects the rows."""
+    alone collects the rows. ``reuse``: rows of earlier runs of the same configuration
+    (:func:`reused_rows`); their predictors are not fitted again."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    units = plan_units(config)
-    by_unit: dict[tuple[str, int], list[dict]] = {}
+    reuse = list(reuse or [])
+    done = {r["predictor"] for r in reuse}
+    missing = tuple(p for p in config.predictors if p not in done)
+    units = plan_units(replace(config, predictors=missing)) if missing else []
+    by_unit: dict[tuple[str, int], list[dict]] = {("reused", 0): reuse}
     if workers == 1:
-        suite = _suite(config)  # built once and shared by every unit (workers build their own)
+        suite = _suite(config) if units else {}  # built once and shared by every unit (workers build their own)
         for unit in units:
-            by_unit[unit] = run_unit(config, unit, suite)
+            by_unit[unit] = run_unit(replace(config, predictors=missing), unit, suite)
             _log_rows(by_unit[unit], log)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(run_unit, config, unit): unit for unit in units}
+            futures = {pool.submit(run_unit, replace(config, predictors=missing), unit): unit for unit in units}
             for future in as_completed(futures):
                 by_unit[futures[future]] = future.result()
                 _log_rows(by_unit[futures[future]], log)

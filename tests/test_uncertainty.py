@@ -218,3 +218,35 @@ def test_report_says_how_uncertainty_on_a_tracks_forgetting(tmp_path, capsys):
     out = capsys.readouterr().out
     # entropy rises with forgetting (+1), the mutual information here falls (-1, up to ties)
     assert "| transfer | 0.895 ± 0.007 / 0.105 ± 0.007 / 0.500 ± 0.000 | 0.795 ± 0.007 / 0.205 ± 0.007 / 0.400 ± 0.000 | +1.00 | -0.89 |" in out
+
+
+def test_the_study_reuses_rows_of_an_earlier_run_of_the_same_configuration(tmp_path, single_torch_thread, capsys):
+    from dataclasses import replace
+
+    from pyro_bbt.files import atomic_write_json
+    from pyro_bbt.studies import main
+    from pyro_bbt.uncertainty_study import UncertaintyConfig, config_to_dict, reused_rows, uncertainty_study
+
+    config = UncertaintyConfig(predictors=("delta",), seeds=(0, 1), hidden=(8,), max_epochs=2, min_epochs=2, ensemble_size=2, net_epochs=1,
+                               eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,), noise_stds=(0.5,),
+                               experiment=dict(batch_size_a=50))
+    earlier = uncertainty_study(config, log=lambda m: None)
+    atomic_write_json(tmp_path / "first" / "uncertainty.json", {"config": config_to_dict(config), "rows": earlier})
+
+    wider = replace(config, predictors=("delta", "deterministic"))
+    reused, sources = reused_rows(wider, [tmp_path / "first"])
+    assert reused == earlier and sources == {"delta": str(tmp_path / "first")}
+    logged = []
+    rows = uncertainty_study(wider, log=logged.append, reuse=reused)
+    # only the deterministic nets were fitted; the delta rows are the earlier ones, in the study's order
+    assert len(logged) == 2 and all("deterministic" in line for line in logged)
+    assert [(r["predictor"], r["seed"]) for r in rows] == [("delta", 0), ("deterministic", 0), ("delta", 1), ("deterministic", 1)]
+    assert [r for r in rows if r["predictor"] == "delta"] == earlier
+
+    with pytest.raises(ValueError, match=r"differs in 'eval_samples' \(2 there, 3 here\)"):
+        reused_rows(replace(wider, eval_samples=3), [tmp_path / "first"])
+    with pytest.raises(ValueError, match="no uncertainty.json there"):
+        reused_rows(wider, [tmp_path / "nowhere"])
+    # the CLI says so before fitting anything, exit 2, nothing written
+    assert main(["uncertainty", "--reuse", str(tmp_path / "first"), "--out", str(tmp_path / "out")]) == 2
+    assert "its configuration differs in 'ensemble_size' (2 there, 3 here)" in capsys.readouterr().err and not (tmp_path / "out").exists()
