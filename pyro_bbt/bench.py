@@ -33,6 +33,9 @@ schedule, which changes the KL's weight per step but not the cost of a step):
 * ``meanfield-local-1``: the default training (``meanfield`` guide, ``local`` estimator);
 * ``meanfield-local-1-plain``: the same through the plain Pyro path (``fast=False``: the guide
   traced every step, autograd's KL, Adam's ``foreach`` kernel), the library before the fast path;
+* ``meanfield-local-1-compiled``: the default with ``TrainConfig(compile=True)``: the step as one
+  function under ``torch.compile``; it is compiled (for both minibatch shapes of an epoch) on
+  a throwaway guide before the timed epochs, and that time is reported as ``compile_seconds``;
 * ``meanfield-weights-16`` / ``meanfield-weights-1``: weight sampling with 16 / 1 particles;
 * ``normal-weights-16``: Pyro's AutoNormal with 16 weight-sampling particles.
 
@@ -147,7 +150,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -228,6 +231,7 @@ class BenchConfig:
     module: str | None = None
     package: str | None = None
     fast: bool = True
+    compile: bool = False
 
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -239,6 +243,8 @@ CONFIGS: dict[str, BenchConfig] = {
         BenchConfig("meanfield-local-1", "pyro", "pyro_bbt meanfield guide, local estimator", "meanfield", "local", 1),
         BenchConfig("meanfield-local-1-plain", "pyro", "pyro_bbt meanfield guide, local estimator, plain path (fast=False)", "meanfield",
                     "local", 1, fast=False),
+        BenchConfig("meanfield-local-1-compiled", "pyro", "pyro_bbt meanfield guide, local estimator, step under torch.compile "
+                    "(TrainConfig(compile=True); compiled before the timed epochs)", "meanfield", "local", 1, compile=True),
         BenchConfig("meanfield-weights-16", "pyro", "pyro_bbt meanfield guide, weights estimator, 16 particles", "meanfield", "weights", 16),
         BenchConfig("normal-weights-16", "pyro", "pyro_bbt AutoNormal guide, weights estimator, 16 particles", "normal", "weights", 16),
         BenchConfig("meanfield-weights-1", "pyro", "pyro_bbt meanfield guide, weights estimator, 1 particle", "meanfield", "weights", 1),
@@ -304,6 +310,8 @@ TARGETS: tuple[Target, ...] = (
            "default training (meanfield local) <= 1.1x hand-written local reparameterisation (torch-lrt)"),
     Target("local_vs_deterministic", "meanfield-local-1", "ratio_to_deterministic", 2.5, "x",
            "stretch: default training (meanfield local) <= 2.5x the deterministic MLP"),
+    Target("compiled_vs_deterministic", "meanfield-local-1-compiled", "ratio_to_deterministic", 2.5, "x",
+           "stretch, opt-in: meanfield local with compile=True <= 2.5x the deterministic MLP"),
     Target("predict_vs_bayes_torch", "meanfield-local-1", "predict_ratio_to_bayes_torch_reparam", 1.0, "x",
            "prediction, 32 weight samples over A's 5,139 test images (evaluate) <= 1.0x bayesian-torch's loop"),
     Target("weights16_vs_bbb16", "meanfield-weights-16", "ratio_to_bbb16", 1.0, "x",
@@ -622,11 +630,13 @@ TRAINERS: dict[str, TrainerFactory] = {
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall-clock and process-CPU seconds of each epoch, and the trained configuration's accuracy."""
+    """Wall-clock and process-CPU seconds of each epoch, the trained configuration's accuracy,
+    and (``compile=True``) the seconds its untimed compilation took."""
 
     seconds: list[float]
     cpu_seconds: list[float]
     accuracy: Callable[[Split, int], float]
+    compile_seconds: float | None = None
 
 
 def _time_step_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> Timing:
@@ -653,9 +663,6 @@ def _time_step_epochs(config: BenchConfig, split: Split, epochs: int, seed: int)
 def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int) -> Timing:
     """Wall-clock seconds of each epoch of :func:`pyro_bbt.inference.train` (from its history)
     and process-CPU seconds (between its ``on_epoch`` calls, the first from the call of ``train``)."""
-    pyro.clear_param_store()
-    model = BayesianMLP(SIZES)
-    guide = make_guide(config.guide, model, GuideConfig(init_scale=INIT_SCALE))
     train_config = TrainConfig(
         epochs=epochs,
         batch_size=BATCH_SIZE,
@@ -666,11 +673,24 @@ def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int)
         eval_samples=0,
         progress=False,
         fast=config.fast,
+        compile=config.compile,
     )
+    compile_seconds = None
+    if config.compile:  # compile for both batch shapes of an epoch on a throwaway guide, untimed
+        start = time.perf_counter()
+        pyro.clear_param_store()
+        warm_model = BayesianMLP(SIZES)
+        warm_size = BATCH_SIZE + (len(split) % BATCH_SIZE)
+        train(warm_model, make_guide(config.guide, warm_model, GuideConfig(init_scale=INIT_SCALE)), split.subset(warm_size),
+              replace(train_config, epochs=1))
+        compile_seconds = time.perf_counter() - start
+    pyro.clear_param_store()
+    model = BayesianMLP(SIZES)
+    guide = make_guide(config.guide, model, GuideConfig(init_scale=INIT_SCALE))
     cpu_marks = [time.process_time()]
     history = train(model, guide, split, train_config, on_epoch=lambda _: cpu_marks.append(time.process_time()))
     cpu_seconds = [b - a for a, b in zip(cpu_marks[:-1], cpu_marks[1:])]
-    return Timing([e.seconds for e in history.epochs], cpu_seconds, _pyro_accuracy(model, guide))
+    return Timing([e.seconds for e in history.epochs], cpu_seconds, _pyro_accuracy(model, guide), compile_seconds)
 
 
 # ------------------------------------------------------------------ one configuration
@@ -716,6 +736,7 @@ def run_config(
         "steps_per_epoch": math.ceil(len(split) / BATCH_SIZE),
         "test_accuracy": timing.accuracy(test_split, EVAL_SAMPLES) if test else None,
         "predict_seconds": predict_seconds,
+        "compile_seconds": timing.compile_seconds,
         "peak_rss_mib": peak,
         "peak_rss_source": source,
         "rss_before_training_mib": rss_before,

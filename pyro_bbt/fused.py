@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from pyro.distributions import constraints
 
-__all__ = ["softplus", "gaussian_kl_sum", "mean_field_loc_scale", "supports_fast_path"]
+__all__ = ["softplus", "gaussian_kl_sum", "mean_field_loc_scale", "mean_field_loc_rho", "supports_fast_path", "broadcast_scalar", "local_elbo_terms",
+           "compiled_local_elbo_terms"]
 
 SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
 SOFTPLUS_TINY = -16.0  # below it log(1 + e^x) = e^x to float32 precision (relative error e^x / 2 < 6e-8)
@@ -53,7 +54,7 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return _Softplus.apply(x)
 
 
-def _scalar(t: torch.Tensor) -> torch.Tensor | None:
+def broadcast_scalar(t: torch.Tensor) -> torch.Tensor | None:
     """The one value of a tensor that is a scalar broadcast to a shape (all strides 0), else ``None``."""
     if t.dim() == 0:
         return t
@@ -65,7 +66,7 @@ def _scalar(t: torch.Tensor) -> torch.Tensor | None:
 class _GaussianKLSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loc, scale, prior_loc, prior_scale):
-        p_loc, p_scale = _scalar(prior_loc), _scalar(prior_scale)
+        p_loc, p_scale = broadcast_scalar(prior_loc), broadcast_scalar(prior_scale)
         if p_loc is not None and p_scale is not None:
             # one prior for the whole site: 1/2 [sum s^2 + sum (m - m0)^2] / s0^2 - sum log s + n (log s0 - 1/2)
             inv_var = p_scale.reciprocal().square()
@@ -113,11 +114,78 @@ def mean_field_loc_scale(guide) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``(loc, scale)`` of every site of an initialised ``AutoNormal``-family guide, read from its
     unconstrained parameters (``scale = softplus(rho)``) instead of tracing the guide; the same
     values as the trace's (tested)."""
+    return {name: (loc, softplus(rho)) for name, (loc, rho) in mean_field_loc_rho(guide).items()}
+
+
+# --------------------------------------------------------------------------- the compiled step
+
+def _softplus_plain(rho: torch.Tensor) -> torch.Tensor:
+    """:func:`softplus` as traceable arithmetic for ``torch.compile`` (inductor fuses it with what
+    follows, so the range checks of :func:`_softplus_values` are written as ``where``)."""
+    x = rho.clamp(SOFTPLUS_TINY, SOFTPLUS_THRESHOLD)
+    y = torch.exp(x)
+    u = y + 1.0
+    middle = torch.log(u) * (y / (u - 1.0))
+    return torch.where(rho > SOFTPLUS_THRESHOLD, rho, torch.where(rho < SOFTPLUS_TINY, torch.exp(rho), middle))
+
+
+def local_elbo_terms(locs: list[torch.Tensor], rhos: list[torch.Tensor], prior_locs: list[torch.Tensor], prior_scales: list[torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor, eps: list[torch.Tensor], head: tuple[int, int] | None, likelihood_scale: torch.Tensor,
+                     kl_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One particle of :class:`~pyro_bbt.objectives.LocalReparameterizationELBO`, as one pure
+    function of the guide's unconstrained parameters, for ``torch.compile``.
+
+    Sites come in layer order, weight then bias (``locs[2l]``, ``locs[2l + 1]``), with
+    ``sigma = softplus(rho)``. Layer ``l`` maps ``h`` to
+    ``a = h mu_W^T + mu_b + sqrt(h^2 (sigma_W^2)^T + sigma_b^2) * eps_l`` (ReLU between layers),
+    ``head = (start, stop)`` slices the output units. Returns
+    ``(loss, log_lik, weighted_kl, logits)`` with ``log_lik = likelihood_scale * sum_n log softmax(a_n)[y_n]``
+    and ``weighted_kl = kl_weight * sum_sites 1/2 sum [r + (mu - m0)^2 / s0^2 - 1 - log r]``,
+    ``r = sigma^2 / s0^2``; ``loss = weighted_kl - log_lik``. The priors ``(m0, s0)`` are 0-d
+    (one value per site) or of the site's shape, held fixed."""
+    h = x
+    kl = x.new_zeros(())
+    layers = len(locs) // 2
+    for index in range(layers):
+        w_loc, b_loc = locs[2 * index], locs[2 * index + 1]
+        w_scale, b_scale = _softplus_plain(rhos[2 * index]), _softplus_plain(rhos[2 * index + 1])
+        w_var, b_var = w_scale * w_scale, b_scale * b_scale
+        mean = torch.nn.functional.linear(h, w_loc, b_loc)
+        var = torch.nn.functional.linear(h * h, w_var, b_var)
+        h = mean + var.sqrt() * eps[index]
+        if index < layers - 1:
+            h = torch.relu(h)
+        for site, (loc, scale, var_site) in enumerate(((w_loc, w_scale, w_var), (b_loc, b_scale, b_var))):
+            p_loc, p_scale = prior_locs[2 * index + site], prior_scales[2 * index + site]
+            inv_var = 1.0 / (p_scale * p_scale)
+            ratio = var_site * inv_var
+            kl = kl + 0.5 * (ratio + (loc - p_loc).square() * inv_var - 1.0 - 2.0 * torch.log(scale) + torch.log(p_scale * p_scale)).sum()
+    logits = h if head is None else h[..., head[0]:head[1]]
+    log_lik = likelihood_scale * torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).sum()
+    weighted_kl = kl_weight * kl
+    return weighted_kl - log_lik, log_lik, weighted_kl, logits
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_local_elbo_terms(backend: str = "inductor"):
+    """:func:`local_elbo_terms` under ``torch.compile`` with ``backend`` (``inductor``: fused C++
+    kernels; ``eager``: traced by dynamo but run by eager torch, for tests), built on first use
+    and kept for the process (dynamo keeps one graph per input shape and prior layout)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(local_elbo_terms, backend=backend, dynamic=False)
+    return _COMPILED[backend]
+
+
+def mean_field_loc_rho(guide) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(loc, rho)`` of every site of an initialised ``AutoNormal``-family guide: its
+    unconstrained parameters, ``scale = softplus(rho)``."""
     out = {}
     locs, scales = guide.locs, guide.scales
     for name in guide._event_dims:
         module, _, leaf = name.rpartition(".")
         loc_module = locs.get_submodule(module) if module else locs
         scale_module = scales.get_submodule(module) if module else scales
-        out[name] = (loc_module._parameters[f"{leaf}_unconstrained"], softplus(scale_module._parameters[f"{leaf}_unconstrained"]))
+        out[name] = (loc_module._parameters[f"{leaf}_unconstrained"], scale_module._parameters[f"{leaf}_unconstrained"])
     return out

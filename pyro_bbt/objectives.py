@@ -40,7 +40,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
-from .fused import gaussian_kl_sum, mean_field_loc_scale, supports_fast_path
+from .fused import broadcast_scalar, compiled_local_elbo_terms, gaussian_kl_sum, mean_field_loc_rho, mean_field_loc_scale, supports_fast_path
 from .guides import AutoMeanFieldNormal, has_closed_form_kl
 from .model import BayesianMLP
 from .priors import prior_loc_scale
@@ -265,7 +265,41 @@ class LocalReparameterizationELBO(_Estimator):
     deterministic forward passes. Needs the ``meanfield`` guide.
     """
 
+    def __init__(self, num_particles: int = 1, fast: bool = False, compile: bool | str = False) -> None:
+        super().__init__(num_particles, fast)
+        # one particle through pyro_bbt.fused.local_elbo_terms under torch.compile with this backend
+        self.compile_backend = "inductor" if compile is True else (compile or None)
+
+    def _compiled_terms(self, model: BayesianMLP, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms | None:
+        """The step through :func:`pyro_bbt.fused.compiled_local_elbo_terms`, or ``None`` where it
+        does not apply (several particles, a guide not of the ``AutoNormal`` family, a prior that
+        is not Gaussian or is being learned at some site)."""
+        if self.num_particles != 1 or guide.prototype_trace is None or not supports_fast_path(guide):
+            return None
+        params = mean_field_loc_rho(guide)
+        locs, rhos, prior_locs, prior_scales = [], [], [], []
+        for name, shape in model.site_shapes.items():
+            gaussian_prior = prior_loc_scale(model.prior, name, shape)
+            if gaussian_prior is None or any(t.requires_grad for t in gaussian_prior) or name not in params:
+                return None
+            loc, rho = params[name]
+            locs.append(loc)
+            rhos.append(rho)
+            for out, value in zip((prior_locs, prior_scales), gaussian_prior):
+                scalar = broadcast_scalar(value)
+                out.append(value if scalar is None else scalar)
+        # the same draws, in the same order, as local_reparameterized_logits' randn_like per layer
+        eps = [torch.randn(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
+        head = None if model.head is None else (model.head_rows(model.head).start, model.head_rows(model.head).stop)
+        loss, log_lik, weighted_kl, logits = compiled_local_elbo_terms(self.compile_backend)(
+            locs, rhos, prior_locs, prior_scales, x, y, eps, head, x.new_tensor(num_data / y.shape[0]), x.new_tensor(float(kl_weight)))
+        return ELBOTerms(loss, log_lik.item(), weighted_kl.item(), logits.detach())
+
     def terms(self, model: BayesianMLP, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
+        if self.compile_backend is not None:
+            compiled = self._compiled_terms(model, guide, x, y, num_data, kl_weight)
+            if compiled is not None:
+                return compiled
         posterior = mean_field_posterior(guide, x, y, num_data, self.fast)
         logits = model.local_reparameterized_logits(x, posterior, self.num_particles)
         log_lik = _categorical_log_lik(logits, y, num_data, self.num_particles)
@@ -273,13 +307,16 @@ class LocalReparameterizationELBO(_Estimator):
         return ELBOTerms(kl - log_lik, log_lik.item(), kl.item(), logits.detach())
 
 
-def make_estimator(name: str, guide, num_particles: int = 1, fast: bool = False):
+def make_estimator(name: str, guide, num_particles: int = 1, fast: bool = False, compile: bool | str = False):
     """The estimator called ``name`` (one of :data:`ESTIMATORS`) for ``guide``; ``fast`` uses
-    :mod:`pyro_bbt.fused` for mean-field sites (the same values to float rounding)."""
+    :mod:`pyro_bbt.fused` for mean-field sites (the same values to float rounding); ``compile``
+    (``True``, or a ``torch.compile`` backend's name) runs the ``local`` estimator's
+    single-particle step as one compiled function (:func:`pyro_bbt.fused.local_elbo_terms`;
+    the same values to float rounding)."""
     if name == "weights":
         return WeightSamplingELBO(num_particles, closed_form_kl=has_closed_form_kl(guide), fast=fast)
     if name == "local":
         if not has_closed_form_kl(guide):
             raise ValueError(f"estimator 'local' needs the 'meanfield' guide, got {type(guide).__name__}")
-        return LocalReparameterizationELBO(num_particles, fast=fast)
+        return LocalReparameterizationELBO(num_particles, fast=fast, compile=compile)
     raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
