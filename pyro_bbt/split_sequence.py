@@ -69,7 +69,7 @@ from .continual import summarize
 from .convergence import assess_convergence, uninformed_scale_ratio
 from .data import INPUT_DIM, Split, Task, load_task
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
-from .guides import GuideConfig, initialize_guide, make_guide, posterior_as_prior
+from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
 from .inference import NonFiniteLossError, train
 from .model import BayesianMLP
 from .plots import sample_std
@@ -166,11 +166,20 @@ def split_tasks(scenario: str) -> list[SplitTask]:
     ]
 
 
-def check_split_methods(methods: Sequence[str]) -> tuple[str, ...]:
-    """``methods`` if every one is a method of the split sequence, else ``ValueError`` naming it."""
+ROW_GUIDES = ("normal", "meanfield", "delta")  # guides whose state holds each output row of a site
+
+
+def check_split_methods(methods: Sequence[str], scenario: str | None = None, guide: str | None = None) -> tuple[str, ...]:
+    """``methods`` if every one is a method of the split sequence, else ``ValueError`` naming it.
+    With ``scenario`` and ``guide``: also refuse a guide that cannot start a new head fresh (the
+    task scenario's ``transfer`` and ``finetune`` reset the rows of untrained heads)."""
     bad = [m for m in methods if m not in SPLIT_METHODS]
     if bad or not methods:
         raise ValueError(f"the split sequence runs the methods {', '.join(SPLIT_METHODS)}; got {', '.join(bad or ['none'])}")
+    chained = [m for m in methods if m in ("transfer", "finetune")]
+    if scenario == "task" and chained and guide in GUIDES and guide not in ROW_GUIDES:  # an unknown guide: ExperimentConfig says so
+        raise ValueError(f"the task scenario's {' and '.join(chained)} start every new head fresh, which the guides "
+                         f"{', '.join(ROW_GUIDES)} support; got guide {guide!r}")
     return tuple(methods)
 
 
@@ -477,7 +486,7 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
     ``config.methods`` (all in :data:`SPLIT_METHODS`) and every seed; return the content of
     ``results.json`` (its ``"seconds"`` entries are wall-clock times, which the CLI moves to
     ``timing.json``). Nothing is checkpointed: an interrupted run restarts."""
-    methods = check_split_methods(config.methods)
+    methods = check_split_methods(config.methods, split.scenario, config.guide)
     tasks = split_tasks(split.scenario)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
     warnings: list[str] = []

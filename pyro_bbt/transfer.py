@@ -187,11 +187,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if given is not None:
             values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a") and given == "none") else given
     try:
+        if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
+            check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
         config = ExperimentConfig(**values)
         if split is None:
             config.check_data()
-        else:
-            check_split_methods(config.methods)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     return config

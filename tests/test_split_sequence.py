@@ -20,6 +20,7 @@ from pyro_bbt.split_sequence import (
     SplitConfig,
     _fresh_bayesian,
     accuracy_row,
+    check_split_methods,
     load_split_task,
     split_tasks,
 )
@@ -65,6 +66,10 @@ def test_bad_scenario_or_fit_is_one_clear_value_error():
         run_sequence(_config("task", methods=("scratch",)), "split", log=lambda m: None, split=SplitConfig("task"))
     with pytest.raises(ValueError, match="SplitConfig"):
         run_sequence(_config("task"), "split", log=lambda m: None)
+    with pytest.raises(ValueError, match="got guide 'planar'"):  # a new head cannot start fresh in a flow's packed vector
+        check_split_methods(("ewc", "finetune"), "task", "planar")
+    assert check_split_methods(("ewc", "joint"), "task", "planar") == ("ewc", "joint")
+    assert check_split_methods(("finetune",), "class", "planar") == ("finetune",)
 
 
 def _check_results(results: dict, scenario: str) -> None:
@@ -165,6 +170,7 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
         (["--sequence", "split", "--scenario", "task", "--fit", "maybe"], "unknown fit 'maybe'"),
         (["--sequence", "split", "--scenario", "task", "--methods", "scratch,transfer"], "got scratch"),
         (["--sequence", "split", "--scenario", "task", "--head", "shared"], "--head not used by --sequence split"),
+        (["--sequence", "split", "--scenario", "task", "--guide", "lowrank"], "got guide 'lowrank'"),
     ],
 )
 def test_cli_bad_split_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
