@@ -162,5 +162,6 @@ def plot_split_sequence(results: dict, path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title(f"split MNIST, {results['scenario']} scenario (fit: {results['fit']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:  # no line when no seed finished
+        ax.legend(fontsize=8, loc="lower left")
     _save(fig, path)

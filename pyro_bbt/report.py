@@ -82,13 +82,14 @@ def split_sequence_table(results: dict) -> str:
         curve = entry["average_accuracy_curve"]
         steps = "—" if curve is None else ", ".join(f"{100 * a:.1f}" for a in curve["mean"])
         verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
-        converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "— (deterministic)"
+        converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else ("— (deterministic)" if method == "ewc" else "—")
         lines.append(f"| {method} | {_percent(summary.get('average_accuracy'))} | {_percent(summary.get('backward_transfer'), True)} | "
                      f"{_percent(summary.get('forward_transfer'), True)} | {_percent(summary.get('average_forgetting'))} | {steps} | "
                      f"{entry['seeds_finished']}/{len(entry['per_seed'])} | {converged} |")
     lines += ["", "Tasks: " + "; ".join(
         f"{t['digits'][0]}/{t['digits'][1]} -> labels {t['labels'][0]}/{t['labels'][1]}" + ("" if t["head"] is None else f", head {t['head']}") for t in tasks) + "."]
     lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]
+    lines += [f"FAILED: {method} seed {e['seed']}: {e['error']}" for method, entry in results["methods"].items() for e in entry["per_seed"] if e.get("error")]
     return "\n".join(lines) + "\n"
 
 

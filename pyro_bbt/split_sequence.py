@@ -57,6 +57,7 @@ Forward transfer is measured against each method's randomly initialised model (G
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -334,10 +335,11 @@ class _Chain:
     R: np.ndarray
     baseline: list[float]
     fits: list[_Fit]
+    error: str = ""  # why the sequence stopped early (a non-finite loss); rows not reached are NaN
 
     def entry(self, seed: int) -> dict:
         out = {"seed": seed, "accuracy_matrix": self.R.tolist(), "random_init_accuracy": self.baseline, "summary": None,
-               "fits": [f.to_dict() for f in self.fits]}
+               "fits": [f.to_dict() for f in self.fits], "error": self.error}
         if not np.isnan(self.R).any():
             out["summary"] = summarize(self.R, self.baseline).to_dict()
         return out
@@ -345,31 +347,41 @@ class _Chain:
 
 @dataclass
 class _FirstTask:
-    """Task 0's fit, shared by ``transfer`` and ``finetune`` (the same computation for both)."""
+    """Task 0's fit, shared by ``transfer`` and ``finetune`` (the same computation for both);
+    ``error`` when its loss went non-finite (then there is no state, row or fit)."""
 
-    guide_state: dict
-    row: list[float]
     baseline: list[float]
-    fit: _Fit
+    guide_state: dict | None = None
+    row: list[float] | None = None
+    fit: _Fit | None = None
+    error: str = ""
 
 
 def _first_task(config, split, tasks, trains, tests, seed) -> _FirstTask:
     model, guide = _fresh_bayesian(config, split, config.base_prior(), seed)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-    fit = _fit_posterior(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
-    return _FirstTask(_guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), baseline, fit)
+    try:
+        fit = _fit_posterior(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
+    except NonFiniteLossError as error:
+        return _FirstTask(baseline, error=str(error))
+    return _FirstTask(baseline, _guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), fit)
 
 
 def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: int, first: _FirstTask, log) -> _Chain:
     """``transfer`` or ``finetune`` over the sequence, from the shared first task."""
     T = len(tasks)
     R = np.full((T, T), np.nan)
+    if first.error:
+        log(f"seed {seed} split/{split.scenario} {method}: task 0 failed: {first.error}")
+        return _Chain(R, first.baseline, [], f"task 0: {first.error}")
     R[0] = first.row
     fits = [first.fit]
     state = first.guide_state
-    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed)
-    guide.load_state_dict(state)
-    prior = _prior_from(config, model, guide, _untrained_rows(model, 1)) if method == "transfer" else config.base_prior()
+    prior = config.base_prior()
+    if method == "transfer":
+        model, guide = _fresh_bayesian(config, split, prior, seed)
+        guide.load_state_dict(state)
+        prior = _prior_from(config, model, guide, _untrained_rows(model, 1))
     log(f"seed {seed} split/{split.scenario} {method}: after task 0: " + " ".join(f"{a:.3f}" for a in R[0]))
     for t in range(1, T):
         model, guide = _fresh_bayesian(config, split, prior, seed)
@@ -378,7 +390,7 @@ def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: 
             fits.append(_fit_posterior(config, split, model, guide, trains[t], tasks[t].head, seed, t, [t], _fixed_budget(config, trains[t:t + 1])))
         except NonFiniteLossError as error:
             log(f"seed {seed} split/{split.scenario} {method}: task {t} failed: {error}")
-            break
+            return _Chain(R, first.baseline, fits, f"task {t}: {error}")
         R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
         state = _guide_state(guide)
         if method == "transfer":
@@ -404,7 +416,7 @@ def _run_joint(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
             fits.append(_fit_posterior(config, split, model, guide, union, None, seed, t, seen, _fixed_budget(config, trains[: t + 1])))
         except NonFiniteLossError as error:
             log(f"seed {seed} split/{split.scenario} joint: tasks 0..{t} failed: {error}")
-            break
+            return _Chain(R, baseline, fits, f"tasks 0..{t}: {error}")
         R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
         log(f"seed {seed} split/{split.scenario} joint: on tasks 0..{t}: " + " ".join(f"{a:.3f}" for a in R[t]))
     return _Chain(R, baseline, fits)
@@ -432,7 +444,7 @@ def _run_ewc(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
             _check_finite(views[t], losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
         except NonFiniteLossError as error:
             log(f"seed {seed} split/{split.scenario} ewc: task {t} failed: {error}")
-            break
+            return _Chain(R, baseline, [], f"task {t}: {error}")
         R[t] = row()
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(views[t], trains[t].x[: config.fisher_samples], generator=generator)
@@ -456,8 +468,11 @@ def _average_accuracy_curve(R: np.ndarray) -> list[float]:
 def _method_summary(entries: list[dict]) -> dict:
     """Mean and standard deviation over the seeds whose sequence finished."""
     done = [e for e in entries if e["summary"] is not None]
+    with warnings.catch_warnings():  # a row no seed reached stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        matrix_mean = np.nanmean([e["accuracy_matrix"] for e in entries], axis=0).tolist()
     out: dict = {
-        "accuracy_matrix_mean": np.nanmean([e["accuracy_matrix"] for e in entries], axis=0).tolist(),
+        "accuracy_matrix_mean": matrix_mean,
         "seeds_finished": len(done),
         "summary": None,
         "average_accuracy_curve": None,
@@ -489,7 +504,7 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
     methods = check_split_methods(config.methods, split.scenario, config.guide)
     tasks = split_tasks(split.scenario)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
-    warnings: list[str] = []
+    unconverged: list[str] = []
     for seed in config.seeds:
         data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device) for task in tasks]
         trains, tests = [d[0] for d in data], [d[1] for d in data]
@@ -499,7 +514,8 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
                 if first is None:
                     first = _first_task(config, split, tasks, trains, tests, seed)
                 chain = _run_bayesian_chain(config, split, method, tasks, trains, tests, seed, first, log)
-                first.fit = replace(first.fit, reused=True, seconds=0.0)  # the other method reuses it
+                if first.fit is not None:  # the other method reuses it
+                    first.fit = replace(first.fit, reused=True, seconds=0.0)
             elif method == "joint":
                 chain = _run_joint(config, split, tasks, trains, tests, seed, log)
             else:
@@ -507,7 +523,7 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
             per_method[method].append(chain.entry(seed))
             for warning in _convergence_warnings(method, seed, chain.fits, split.fit):
                 log(f"warning: {warning}")
-                warnings.append(warning)
+                unconverged.append(warning)
     return {
         "schema_version": 1,
         "mode": "sequence",
@@ -517,6 +533,6 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
         "tasks": [task.to_dict() for task in tasks],
         "domains": [task.name for task in tasks],
         "config": config.to_dict(),
-        "warnings": warnings,
+        "warnings": unconverged,
         "methods": {m: {"per_seed": entries, **_method_summary(entries)} for m, entries in per_method.items()},
     }

@@ -114,6 +114,16 @@ def test_rule_fit_records_the_stopping_rule_verdict(single_torch_thread):
     assert results["warnings"] and "NOT converged" in results["warnings"][0]
 
 
+def test_a_non_finite_loss_stops_that_sequence_and_is_recorded(single_torch_thread):
+    config = _config("domain", methods=("finetune", "ewc"), lr=1e30, scale_lr=1e30, ewc_lr=1e30, init_scale=10.0)
+    results = run_sequence(config, "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
+    for method, entry in results["methods"].items():
+        (seed_entry,) = entry["per_seed"]
+        assert seed_entry["error"].startswith("task 0: ") and seed_entry["summary"] is None, method
+        assert np.isnan(seed_entry["accuracy_matrix"]).all() and entry["seeds_finished"] == 0
+        assert entry["summary"] is None and entry["average_accuracy_curve"] is None
+
+
 def test_task_scenario_reads_task_t_through_head_t():
     """A hand-built network whose head h says 1 only for an input lit at pixel h: task t's test
     images (pixel t lit, label 1) are all right through head t, all wrong through any other."""
