@@ -28,6 +28,7 @@ __all__ = [
     "MLP",
     "DeterministicTrainConfig",
     "EWCPenalty",
+    "EWCPenaltySum",
     "accuracy",
     "fisher_diagonal",
     "sample_model_labels",
@@ -184,6 +185,21 @@ class EWCPenalty:
         return 0.5 * self.ewc_lambda * self.distance(net)
 
 
+class EWCPenaltySum:
+    """The penalties of several earlier tasks together (Kirkpatrick et al.'s form for a
+    sequence): ``sum_s (λ_s/2) Σ_k F_{s,k} (θ_k − θ*_{s,k})²``, one :class:`EWCPenalty` per task
+    ``s``, each with its own anchors and Fisher."""
+
+    def __init__(self, penalties: Sequence[EWCPenalty]) -> None:
+        if not penalties:
+            raise ValueError("EWCPenaltySum needs at least one penalty")
+        self.penalties = list(penalties)
+
+    def __call__(self, net: nn.Module) -> Tensor:
+        """The summed penalty at ``net``'s current parameters (differentiable)."""
+        return torch.stack([penalty(net) for penalty in self.penalties]).sum()
+
+
 def _check_keys(param_names: set[str], fisher_names: set[str]) -> None:
     if param_names != fisher_names:
         missing = sorted(param_names - fisher_names)
@@ -237,7 +253,7 @@ def train_deterministic(
     x: Tensor,
     y: Tensor,
     config: DeterministicTrainConfig,
-    penalty: EWCPenalty | None = None,
+    penalty: EWCPenalty | EWCPenaltySum | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float]:
     """Train ``net`` with Adam on ``CE(net(x_b), y_b) [+ penalty(net)]``.

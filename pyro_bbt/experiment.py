@@ -28,7 +28,8 @@ forward transfer ``R[0][1] - b_B`` with ``b_B`` the B accuracy of a randomly ini
 
 Where the work lives: this module holds the configuration (:class:`ExperimentConfig`,
 :data:`PRESETS`), the driver :func:`run_experiment` (plan -> executor -> store -> summary) and
-the sequential mode; :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
+the sequential mode (the split-MNIST sequence of five tasks lives in
+:mod:`pyro_bbt.split_sequence`); :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
 :mod:`pyro_bbt.units` trains them (its helpers are re-exported here), and
 :mod:`pyro_bbt.executors` runs them in this process or in worker processes.
 """
@@ -56,6 +57,7 @@ from .plan import Plan, StageSpec, UnitSpec, build_plan
 from .plots import sample_std
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .runstore import RunStore
+from .split_sequence import SplitConfig, run_split_sequence
 from .units import (  # noqa: F401 -- re-exported: the studies and tests import them from here
     StageOutcome,
     _bayes_metrics,
@@ -90,7 +92,7 @@ from .units import (  # noqa: F401 -- re-exported: the studies and tests import 
 )
 
 __all__ = [
-    "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
+    "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "CHAIN_SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
     "sequence_tasks", "steps_for", "summarize_units", "unit_key",
 ]
 
@@ -526,21 +528,23 @@ def _finish_unit(spec: UnitSpec, result: JobResult, grid: _Grid, store: RunStore
 
 # --------------------------------------------------------------------------- sequential mode
 
-SEQUENCES = ("rotations", "permutations")
+CHAIN_SEQUENCES = ("rotations", "permutations")
+SEQUENCES = (*CHAIN_SEQUENCES, "split")
 SEQUENCE_METHODS = ("transfer", "finetune")
 SEQUENCE_LENGTH = 4
 
 
 def sequence_tasks(kind: str, digits: tuple[int, ...], seed: int) -> list[Task]:
     """The chain A -> B -> C -> D over the same digits: rotated by 0, 15, 30, 45 degrees (as the
-    original), or with pixel permutations (task 0 unpermuted)."""
-    _choice("sequence", kind, SEQUENCES)
+    original), or with pixel permutations (task 0 unpermuted). (The ``split`` sequence's tasks
+    are :func:`~pyro_bbt.split_sequence.split_tasks`.)"""
+    _choice("sequence", kind, CHAIN_SEQUENCES)
     if kind == "rotations":
         return [Task(digits=digits, rotation=15.0 * k, seed=seed, name=f"rot{15 * k}") for k in range(SEQUENCE_LENGTH)]
     return [Task(digits=digits, permutation_seed=None if k == 0 else 1000 + k, seed=seed, name=f"perm{k}") for k in range(SEQUENCE_LENGTH)]
 
 
-def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print) -> dict:
+def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print, split: SplitConfig | None = None) -> dict:
     """Train the chain of :func:`sequence_tasks` in order with each Bayesian sequential method
     (``transfer``: every task's prior is the previous posterior and q starts there, as in
     variational continual learning; ``finetune``: q starts at the previous posterior, the prior
@@ -549,7 +553,17 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     Every task trains for B's fixed budget at ``lr``/``scale_lr``: this mode does not fit its
     posteriors by the stopping rule and records no convergence verdict, so what it transfers is
     not shown converged. The units of this mode are not checkpointed; the run restarts if
-    interrupted."""
+    interrupted.
+
+    ``kind="split"`` runs the five tasks of split MNIST instead, in the scenario and fit mode of
+    ``split`` (required then): :func:`~pyro_bbt.split_sequence.run_split_sequence`."""
+    _choice("sequence", kind, SEQUENCES)
+    if kind == "split":
+        if split is None:
+            raise ValueError("the split sequence needs a SplitConfig (its scenario: task, domain or class)")
+        return run_split_sequence(config, split, log=log)
+    if split is not None:
+        raise ValueError(f"a SplitConfig (scenario {split.scenario!r}) is only valid with the sequence 'split', not {kind!r}")
     methods = [m for m in config.methods if m in SEQUENCE_METHODS]
     if not methods:
         raise ValueError(f"sequential mode runs the methods {', '.join(SEQUENCE_METHODS)}; got {', '.join(config.methods)}")

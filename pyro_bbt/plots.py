@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
 
-__all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all"]
+__all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all", "plot_sequence", "plot_split_sequence"]
 
 COLORS = {"scratch": "tab:gray", "transfer": "tab:blue", "finetune": "tab:orange", "ewc": "tab:green", "joint": "tab:purple"}
 
@@ -142,3 +142,26 @@ def plot_sequence(results: dict, path: Path) -> None:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="test accuracy")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)
+
+
+def plot_split_sequence(results: dict, path: Path) -> None:
+    """Split MNIST: the average test accuracy on the tasks seen so far,
+    ``a_t = 1/(t+1) sum_{j<=t} R[t][j]``, against the number of tasks seen, one line per method
+    (mean, error bars +- the sample standard deviation over the seeds whose sequence finished)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    num_tasks = len(results["tasks"])
+    for method, entry in results["methods"].items():
+        curve = entry["average_accuracy_curve"]
+        if curve is None:
+            continue
+        ax.errorbar(np.arange(1, num_tasks + 1), curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=f"{method} (n={curve['n']})",
+                    color=COLORS.get(method))
+    ax.set_xticks(range(1, num_tasks + 1))
+    ax.set_xlabel("number of tasks seen")
+    ax.set_ylabel("average accuracy on the tasks seen")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"split MNIST, {results['scenario']} scenario (fit: {results['fit']})")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # no line when no seed finished
+        ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)

@@ -8,7 +8,9 @@ posterior sigma per weight site, the uninformed-weight sigma ratio) with the run
 The README's result tables are this command's output. ``--plots`` also redraws the run's
 figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run);
 ``--uncertainty`` adds the predictive entropy and mutual information on A's test digits after B,
-per method and fraction, and Spearman's correlation of each with forgetting.
+per method and fraction, and Spearman's correlation of each with forgetting. For a
+``--sequence split`` run it prints :func:`split_sequence_table` (``--plots`` redraws
+``split_mnist.png`` and ``sequence.png``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
+__all__ = ["split_sequence_table", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -55,6 +57,39 @@ def transfer_tables(results: dict) -> str:
         lines.append(f"Task A test accuracy before B ({kind} net): {mean:.4f} (seeds: {', '.join(f'{v:.4f}' for v in values)})")
     failed = [u for u in results["units"] if u["status"] != "ok"]
     lines.append(f"Units: {len(results['units'])}, failed: {len(failed)}.")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(entry: dict | None, signed: bool = False) -> str:
+    if entry is None:
+        return "—"
+    return f"{100 * entry['mean']:{'+' if signed else ''}.2f} ± {100 * entry['std']:.2f}"
+
+
+def split_sequence_table(results: dict) -> str:
+    """The Markdown table of a ``--sequence split`` run: per method, the average accuracy after
+    the last task (ACC), backward and forward transfer, average forgetting (all in %, mean ± std
+    over the seeds whose sequence finished), the average accuracy on the tasks seen after each
+    task, and how many posteriors the stopping rule calls converged."""
+    tasks = results["tasks"]
+    seeds = results["config"]["seeds"]
+    lines = [f"**Split MNIST, {results['scenario']} scenario** ({len(tasks)} tasks, fit: {results['fit']}, seeds {', '.join(map(str, seeds))}; "
+             "in %, mean ± std over seeds)", "",
+             "| method | ACC after the last task | BWT | FWT | forgetting | average accuracy after 1, 2, ... tasks | seeds | converged posteriors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, entry in results["methods"].items():
+        summary = entry["summary"] or {}
+        curve = entry["average_accuracy_curve"]
+        steps = "—" if curve is None else ", ".join(f"{100 * a:.1f}" for a in curve["mean"])
+        verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
+        converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else ("— (deterministic)" if method == "ewc" else "—")
+        lines.append(f"| {method} | {_percent(summary.get('average_accuracy'))} | {_percent(summary.get('backward_transfer'), True)} | "
+                     f"{_percent(summary.get('forward_transfer'), True)} | {_percent(summary.get('average_forgetting'))} | {steps} | "
+                     f"{entry['seeds_finished']}/{len(entry['per_seed'])} | {converged} |")
+    lines += ["", "Tasks: " + "; ".join(
+        f"{t['digits'][0]}/{t['digits'][1]} -> labels {t['labels'][0]}/{t['labels'][1]}" + ("" if t["head"] is None else f", head {t['head']}") for t in tasks) + "."]
+    lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]
+    lines += [f"FAILED: {method} seed {e['seed']}: {e['error']}" for method, entry in results["methods"].items() for e in entry["per_seed"] if e.get("error")]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {path} does not exist (run python -m pyro_bbt.transfer --out {args.run_dir} first)", file=sys.stderr)
         return 2
     results = json.loads(path.read_text())
+    if results.get("sequence") == "split":
+        print(split_sequence_table(results), end="")
+        if args.plots:
+            from .plots import plot_sequence, plot_split_sequence
+
+            for name, plot in (("split_mnist.png", plot_split_sequence), ("sequence.png", plot_sequence)):
+                plot(results, args.run_dir / name)
+                print(f"wrote {args.run_dir / name}")
+        return 0
     if results.get("mode") == "sequence":
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2

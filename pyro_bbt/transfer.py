@@ -2,7 +2,10 @@
 
 Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in README.md),
 ``metrics.csv``, ``timing.json`` and the figures ``transfer_results.png``, ``forgetting.png``
-and ``final_accuracy.png``. Progress (finished units, per-epoch checkpoints) is kept under
+and ``final_accuracy.png``. ``--sequence split --scenario task|domain|class`` runs the five
+tasks of split MNIST instead (:mod:`pyro_bbt.split_sequence`, with its own ``--preset`` values)
+and writes ``config.json``, ``results.json``, ``timing.json``, ``split_mnist.md``,
+``split_mnist.png`` and ``sequence.png``. Progress (finished units, per-epoch checkpoints) is kept under
 ``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``; ``--resume`` continues an interrupted run.
 
 Units run one after another in this process (``--executor serial``, the default) or in a pool
@@ -31,6 +34,7 @@ import torch
 
 from .executors import EXECUTORS, make_executor
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
+from .split_sequence import FITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .guides import GUIDES
@@ -133,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, help="cap on training images per task (smoke tests)")
     p.add_argument("--limit-eval", type=int, help="cap on validation/test images per task (smoke tests)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}, each task for B's fixed budget (not fitted by the stopping rule); writes sequence.png")
+    p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}, each task for B's fixed budget (not fitted by the stopping rule); writes sequence.png. split: the five tasks 0/1, 2/3, 4/5, 6/7, 8/9 of split MNIST in the --scenario given, with the methods {', '.join(SPLIT_METHODS)} and the split presets; writes split_mnist.png, split_mnist.md and sequence.png")
+    p.add_argument("--scenario", help=f"only with --sequence split: {', '.join(SCENARIOS)} (incremental task: a 2-way head per task, the task id given at test time; domain: one shared 2-way head; class: one shared 10-way head)")
+    p.add_argument("--fit", help=f"only with --sequence split: how each posterior is fitted, {' or '.join(FITS)} (rule: by the stopping rule as q_A, --max-epochs-a, --batch-size-a, --lr-a; fixed: --epochs/--min-steps at --lr, the verdict recorded); default: the preset's")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
@@ -144,15 +150,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ExperimentConfig fields that --sequence split sets itself (--scenario) or does not use
+NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init")
+
+
+def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
+    """The :class:`SplitConfig` of ``--sequence split`` (``None`` for the other modes); raises
+    :class:`UsageError` for ``--scenario``/``--fit`` without it, a missing or unknown scenario,
+    and flags the split sequence does not use."""
+    sequence = getattr(args, "sequence", None)
+    scenario, fit = getattr(args, "scenario", None), getattr(args, "fit", None)
+    if sequence != "split":
+        for flag, value in (("--scenario", scenario), ("--fit", fit)):
+            if value is not None:
+                raise UsageError(f"{flag} {value} is only valid with --sequence split (got {'--sequence ' + sequence if sequence else 'no --sequence'})")
+        return None
+    if scenario is None:
+        raise UsageError(f"--sequence split needs --scenario ({', '.join(SCENARIOS)})")
+    unused = [f"--{name.replace('_', '-')}" for name in NOT_FOR_SPLIT if getattr(args, name, None) is not None]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} not used by --sequence split (its tasks, heads and starts are set by --scenario)")
+    try:
+        return SplitConfig(scenario=scenario, fit=SPLIT_PRESETS[args.preset].fit if fit is None else fit)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    values = dict(PRESETS[args.preset])
+    split = split_config_from_args(args)
+    if split is None:
+        values = dict(PRESETS[args.preset])
+    else:  # the split presets; the task scenario's heads are ExperimentConfig's multihead
+        values = {**SPLIT_PRESETS[args.preset].overrides, "head": "multihead" if split.scenario == "task" else "shared"}
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a") and given == "none") else given
     try:
+        if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
+            check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
         config = ExperimentConfig(**values)
-        config.check_data()
+        if split is None:
+            config.check_data()
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     return config
@@ -224,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        split = split_config_from_args(args)
         config = config_from_args(args)
         if args.sequence and args.resume:
             raise UsageError("--resume is not supported with --sequence (sequence runs restart)")
-        if args.sequence and not set(config.methods) & set(SEQUENCE_METHODS):
+        if args.sequence and split is None and not set(config.methods) & set(SEQUENCE_METHODS):
             raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
         if args.executor not in EXECUTORS:
             raise UsageError(f"unknown --executor {args.executor!r}; allowed: {', '.join(EXECUTORS)}")
@@ -245,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     start = time.perf_counter()
     if not args.resume:
-        atomic_write_json(args.out / "config.json", {"preset": args.preset, **config.to_dict()})
+        extra = {} if split is None else {"sequence": "split", **split.to_dict()}
+        atomic_write_json(args.out / "config.json", {"preset": args.preset, **extra, **config.to_dict()})
+    if split is not None:
+        return _run_split(args, config, split, log, start)
     if args.sequence:
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads_per_unit)
@@ -272,6 +315,33 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {timing['wall_clock']:.0f} s: {args.out / 'results.json'}, {args.out / 'metrics.csv'}, " + ", ".join(str(p) for p in figures))
     if failed:
         print(f"{parser.prog}: {len(failed)} of {len(results['units'])} units failed (see 'error' in {args.out / 'results.json'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_split(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig, log, start: float) -> int:
+    """``--sequence split``: run it, then write results.json, timing.json (the fits' wall-clock
+    seconds), split_mnist.md (the table), split_mnist.png and sequence.png (the figures)."""
+    from .plots import plot_sequence, plot_split_sequence
+    from .report import split_sequence_table
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads_per_unit)
+    try:
+        raw = run_sequence(config, "split", log=log, split=split)
+    finally:
+        torch.set_num_threads(threads)
+    results, timing = split_timing(raw)
+    timing["wall_clock"] = time.perf_counter() - start
+    atomic_write_json(args.out / "results.json", results)
+    atomic_write_json(args.out / "timing.json", timing)
+    atomic_write_text(args.out / "split_mnist.md", split_sequence_table(results))
+    plot_split_sequence(results, args.out / "split_mnist.png")
+    plot_sequence(results, args.out / "sequence.png")
+    log(f"done in {timing['wall_clock']:.0f} s: {args.out / 'results.json'}, {args.out / 'split_mnist.md'}, {args.out / 'split_mnist.png'}")
+    unfinished = [m for m, entry in results["methods"].items() if entry["seeds_finished"] < len(entry["per_seed"])]
+    if unfinished:
+        print(f"python -m pyro_bbt.transfer: a task failed (NaN/inf) for {', '.join(unfinished)} (see {args.out / 'results.json'})", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,538 @@
+"""Split MNIST as a 5-task continual-learning sequence, in the three scenarios.
+
+The tasks are the digit pairs ``T_t = (2t, 2t + 1)``, ``t = 0..4``, learnt in order. A digit
+``d = 2t + k`` (``k`` in {0, 1}, its position in the pair, ``k = d mod 2``) is labelled and
+read out according to the scenario (van de Ven & Tolias 2019; Hsu et al. 2018):
+
+=========  ========================  =========  ==========================================
+scenario   output layer              label      at test time
+=========  ========================  =========  ==========================================
+``task``   five 2-way heads          ``k``      task ``t`` is read through head ``t`` (the
+           (rows ``[2t, 2t + 2)``)              task id is given): incremental task
+``domain`` one shared 2-way head     ``k``      the shared head: incremental domain
+``class``  one shared 10-way head    ``d``      all 10 outputs compete: incremental class
+=========  ========================  =========  ==========================================
+
+Methods, for every seed, task after task (each writes row ``t`` of the accuracy matrix
+``R[t][j]``, the test accuracy on task ``j`` after training task ``t``):
+
+* ``transfer`` -- variational continual learning without coreset (Nguyen et al. 2018): the prior
+  of task ``t`` is the previous posterior, ``p_t = q_{t-1}`` (scales x ``tau``,
+  :func:`~pyro_bbt.guides.posterior_as_prior`), and ``q_t`` starts at ``q_{t-1}``;
+* ``finetune`` -- ``q_t`` starts at ``q_{t-1}``, the prior stays the base prior;
+* ``ewc`` -- a deterministic MLP of the same size trained on task ``t`` with the penalties of
+  every earlier task, ``CE_t(theta) + sum_{s<t} (lambda/2) sum_k F_{s,k} (theta_k - theta*_{s,k})^2``
+  (Kirkpatrick et al. 2017; ``F_s`` the diagonal Fisher at ``theta*_s``, the weights after task
+  ``s``, from task ``s``'s inputs with sampled labels: :mod:`pyro_bbt.ewc`);
+* ``joint`` -- offline, the upper bound: at every step ``t`` a fresh posterior under the base
+  prior on the training data of tasks ``0..t`` together, so ``R[t]`` is the joint model of the
+  first ``t + 1`` tasks. In the task scenario the joint fit has one softmax over all heads'
+  outputs (label ``2s + k``, as the A -> B experiment's joint) and is read through each task's head.
+
+In the task scenario a head that has seen no data is not carried over: when task ``t`` starts
+from ``q_{t-1}``, the rows of heads ``t..4`` keep the fresh guide's initialisation and (under
+``transfer``) their prior is the base prior's ``N(0, sigma^2)``, as VCL initialises a new head.
+The first task's fit is the same computation for ``transfer`` and ``finetune`` (base prior,
+fresh guide): it is made once per seed and shared (``reused: true`` on the second).
+
+How each posterior is fitted (:attr:`SplitConfig.fit`):
+
+* ``rule`` -- as q_A is (:func:`~pyro_bbt.units._fit_task_a`): by the stopping rule
+  (``config.stopping_rule``: at least ``epochs_a``, at most ``max_epochs_a`` epochs, learning
+  rates dropped ``lr_drops`` times), in minibatches of ``config.a_batch_size``, starting at
+  ``lr_a`` for the means and ``scale_lr`` for the widths; with ``max_epochs_a=None`` exactly
+  ``epochs_a`` epochs. The rule, its cap and the settings are the same for every task and method.
+* ``fixed`` -- every task for B's fixed budget, ``steps_for(N_t, epochs, batch_size, min_steps)``
+  steps at ``lr``/``scale_lr`` (``N_t`` task ``t``'s training images); joint's fit on tasks
+  ``0..t`` gets the sum of their budgets, as the A -> B joint gets ``steps_A + steps_B``.
+
+Either way the stopping rule's verdict on every Bayesian fit is recorded (under ``fixed`` it
+judges without stopping, as for q_B). EWC's deterministic nets have no posterior to converge:
+they train for the fixed budget at ``ewc_lr`` in both modes.
+
+Forward transfer is measured against each method's randomly initialised model (GEM);
+:func:`~pyro_bbt.continual.summarize` gives ACC, BWT, FWT and forgetting per seed.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyro
+import torch
+
+from .continual import summarize
+from .convergence import assess_convergence, uninformed_scale_ratio
+from .data import INPUT_DIM, Split, Task, load_task
+from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
+from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
+from .inference import NonFiniteLossError, train
+from .model import BayesianMLP
+from .plots import sample_std
+from .priors import Prior
+from .units import _bayes_metrics, _check_finite, _HeadView, _limit, _net_metrics, _train_config, _use_head, steps_for
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
+
+__all__ = [
+    "SCENARIOS", "SPLIT_METHODS", "FITS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
+    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence",
+]
+
+SCENARIOS = ("task", "domain", "class")
+SPLIT_METHODS = ("transfer", "finetune", "ewc", "joint")
+FITS = ("rule", "fixed")
+SPLIT_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """What a split-MNIST sequence adds to an :class:`~pyro_bbt.experiment.ExperimentConfig`:
+    the ``scenario`` (one of :data:`SCENARIOS`) and how each posterior is ``fit`` (one of
+    :data:`FITS`; see the module docstring)."""
+
+    scenario: str
+    fit: str = "rule"
+
+    def __post_init__(self) -> None:
+        _choice("scenario", self.scenario, SCENARIOS)
+        _choice("fit", self.fit, FITS)
+
+    @property
+    def num_heads(self) -> int:
+        """Output heads: one per task in the task scenario, else one shared head."""
+        return len(SPLIT_PAIRS) if self.scenario == "task" else 1
+
+    @property
+    def classes_per_head(self) -> int:
+        """Outputs per head: 10 digits in the class scenario, 2 positions in a pair otherwise."""
+        return 2 * len(SPLIT_PAIRS) if self.scenario == "class" else 2
+
+    def sizes(self, hidden: Sequence[int]) -> tuple[int, ...]:
+        """Layer widths of the network (one head's outputs last; see ``BayesianMLP(num_heads=)``)."""
+        return (INPUT_DIM, *hidden, self.classes_per_head)
+
+    def to_dict(self) -> dict:
+        return {"scenario": self.scenario, "fit": self.fit}
+
+
+@dataclass(frozen=True)
+class SplitTask:
+    """Task ``index`` of the sequence: its two ``digits``, the output ``head`` it is trained and
+    read through (``None``: the one shared head) and its labels, ``label_offset + k`` for
+    ``digits[k]``."""
+
+    index: int
+    digits: tuple[int, int]
+    head: int | None
+    label_offset: int
+
+    @property
+    def labels(self) -> tuple[int, int]:
+        return (self.label_offset, self.label_offset + 1)
+
+    @property
+    def name(self) -> str:
+        return f"{self.digits[0]}/{self.digits[1]}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "digits": list(self.digits), "labels": list(self.labels), "head": self.head}
+
+
+def split_tasks(scenario: str) -> list[SplitTask]:
+    """The five tasks of split MNIST under ``scenario``: digits ``(2t, 2t + 1)``; labels 0/1 read
+    through head ``t`` (``task``), 0/1 through the shared head (``domain``), or the digits
+    themselves through the shared 10-way head (``class``)."""
+    _choice("scenario", scenario, SCENARIOS)
+    return [
+        SplitTask(
+            index=t,
+            digits=pair,
+            head=t if scenario == "task" else None,
+            label_offset=pair[0] if scenario == "class" else 0,
+        )
+        for t, pair in enumerate(SPLIT_PAIRS)
+    ]
+
+
+ROW_GUIDES = ("normal", "meanfield", "delta")  # guides whose state holds each output row of a site
+
+
+def check_split_methods(methods: Sequence[str], scenario: str | None = None, guide: str | None = None) -> tuple[str, ...]:
+    """``methods`` if every one is a method of the split sequence, else ``ValueError`` naming it.
+    With ``scenario`` and ``guide``: also refuse a guide that cannot start a new head fresh (the
+    task scenario's ``transfer`` and ``finetune`` reset the rows of untrained heads)."""
+    bad = [m for m in methods if m not in SPLIT_METHODS]
+    if bad or not methods:
+        raise ValueError(f"the split sequence runs the methods {', '.join(SPLIT_METHODS)}; got {', '.join(bad or ['none'])}")
+    chained = [m for m in methods if m in ("transfer", "finetune")]
+    if scenario == "task" and chained and guide in GUIDES and guide not in ROW_GUIDES:  # an unknown guide: ExperimentConfig says so
+        raise ValueError(f"the task scenario's {' and '.join(chained)} start every new head fresh, which the guides "
+                         f"{', '.join(ROW_GUIDES)} support; got guide {guide!r}")
+    return tuple(methods)
+
+
+@dataclass(frozen=True)
+class SplitPreset:
+    """A preset of ``--sequence split``: ``overrides`` of :class:`ExperimentConfig`'s defaults and
+    the ``fit`` mode."""
+
+    overrides: dict = field(default_factory=dict)
+    fit: str = "rule"
+
+
+SPLIT_PRESETS: dict[str, SplitPreset] = {
+    # Every method on real MNIST, one seed, 1000 images per task, a few passes each: a smoke run.
+    "quick": SplitPreset(
+        dict(methods=SPLIT_METHODS, hidden=(100, 100), epochs=1, min_steps=40, seeds=(0,), eval_samples=8, limit_train=1000,
+             limit_eval=500, fisher_samples=500),
+        fit="fixed",
+    ),
+    # Hsu et al. 2018's network and optimiser (784-400-400 MLP, Adam at 1e-3, minibatches of 128), three seeds,
+    # 10 epochs per task (joint: per task it holds), the stopping rule's verdict recorded. Fitting every
+    # posterior by the rule (--fit rule, q_A's settings) costs several times more: q_A took 79-113 epochs.
+    "paper": SplitPreset(
+        dict(methods=SPLIT_METHODS, hidden=(400, 400), epochs=10, min_steps=1, seeds=(0, 1, 2), batch_size=128, lr=1e-3, ewc_lr=1e-3),
+        fit="fixed",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- data and networks
+
+
+def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = None, limit_eval: int | None = None,
+                    device: str = "cpu") -> tuple[Split, Split]:
+    """``(train, test)`` of ``task`` with the scenario's labels (``load_task`` labels
+    ``digits[k]`` as ``k``; the offset is added here), capped at ``limit_train`` / ``limit_eval``
+    images."""
+    data = load_task(Task(digits=task.digits, seed=seed, name=task.name))
+
+    def relabel(split: Split, limit: int | None) -> Split:
+        split = _limit(split, limit)
+        return Split(split.x, split.y + task.label_offset).to(device)
+
+    return relabel(data.train, limit_train), relabel(data.test, limit_eval)
+
+
+def _fresh_bayesian(config: ExperimentConfig, split: SplitConfig, prior: Prior, seed: int) -> tuple[BayesianMLP, object]:
+    """A new network of the scenario's shape and an initialised guide, on a cleared param store."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = BayesianMLP(split.sizes(config.hidden), prior, num_heads=split.num_heads).to(config.device)
+    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
+    initialize_guide(guide, INPUT_DIM)
+    return model, guide
+
+
+def _untrained_rows(model: BayesianMLP, first_untrained: int) -> slice | None:
+    """Output rows of the heads of tasks ``first_untrained..`` (none with one shared head)."""
+    if model.num_heads == 1 or first_untrained >= model.num_heads:
+        return None
+    return slice(first_untrained * model.num_classes, model.num_heads * model.num_classes)
+
+
+def _start_from(model: BayesianMLP, guide, previous: dict, rows: slice | None) -> None:
+    """Set q to the previous posterior ``previous`` (a guide state), except the output ``rows``
+    of untrained heads, which keep the fresh guide's initialisation."""
+    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    guide.load_state_dict(previous)
+    if rows is None:
+        return
+    merged = guide.state_dict()
+    for key, value in merged.items():
+        if any(site in key for site in model.output_sites):
+            value[rows] = fresh[key][rows]
+    guide.load_state_dict(merged)
+
+
+def _prior_from(config: ExperimentConfig, model: BayesianMLP, guide, rows: slice | None) -> Prior:
+    """VCL's next prior: ``q`` (scales x tau), with the base prior's ``N(0, sigma^2)`` on the
+    output ``rows`` of heads that have seen no data."""
+    prior = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
+    if rows is not None:
+        for site in model.output_sites:
+            prior.loc(site)[rows] = 0.0
+            prior.scale(site)[rows] = config.base_prior_std
+    return prior
+
+
+def accuracy_row(model: BayesianMLP, guide, tasks: Sequence[SplitTask], tests: Sequence[Split], samples: int) -> list[float]:
+    """Posterior-predictive test accuracy on every task, each read through its own head
+    (``task.head``; the shared head when ``None``), with ``samples`` weight samples."""
+    return [_bayes_metrics(model, guide, test, samples, task.head).accuracy for task, test in zip(tasks, tests)]
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class _Fit:
+    """One posterior's fit: what ``results.json`` keeps of it."""
+
+    task: int
+    trained_on: list[int]
+    steps: int
+    epochs: int
+    convergence: dict | None
+    seconds: float
+    reused: bool = False
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "trained_on": self.trained_on, "steps": self.steps, "epochs": self.epochs,
+                "convergence": self.convergence, "reused": self.reused, "seconds": self.seconds}
+
+
+def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
+    """The fixed budget of a fit on the tasks ``trains`` together: the sum of each task's,
+    ``sum_s steps_for(N_s, epochs, batch_size, min_steps)`` (one task: B's budget)."""
+    return sum(steps_for(len(s), config.epochs, config.batch_size, config.min_steps) for s in trains)
+
+
+def _fit_posterior(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None,
+                   seed: int, task: int, trained_on: list[int], fixed_steps: int) -> _Fit:
+    """Fit ``guide`` on ``train_split`` through output ``head`` (``None``: all outputs) as
+    ``split.fit`` says (``fixed``: for ``fixed_steps`` steps), and judge it by the stopping rule."""
+    _use_head(model, head)
+    if split.fit == "rule":
+        batch = config.a_batch_size
+        lr = config.lr if config.lr_a is None else config.lr_a
+        if config.max_epochs_a is None:
+            train_config = _train_config(config, steps_for(len(train_split), config.epochs_a, batch), seed, lr=lr, batch_size=batch)
+        else:
+            train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr, batch_size=batch)
+        rule, cap = config.stopping_rule, config.max_epochs_a
+    else:
+        train_config = _train_config(config, fixed_steps, seed)
+        rule, cap = replace(config.stopping_rule, min_epochs=1, lr_drops=0), None
+    start = time.perf_counter()
+    history = train(model, guide, train_split, train_config).to_records()
+    seconds = time.perf_counter() - start
+    report = assess_convergence(history, rule, uninformed_scale_ratio(guide, model, train_split.x), cap)
+    return _Fit(task, trained_on, history[-1]["steps"], len(history), report.to_dict(), seconds)
+
+
+def _guide_state(guide) -> dict:
+    return {k: v.detach().clone() for k, v in guide.state_dict().items()}
+
+
+@dataclass
+class _Chain:
+    """One method's run over the sequence for one seed."""
+
+    R: np.ndarray
+    baseline: list[float]
+    fits: list[_Fit]
+    error: str = ""  # why the sequence stopped early (a non-finite loss); rows not reached are NaN
+
+    def entry(self, seed: int) -> dict:
+        out = {"seed": seed, "accuracy_matrix": self.R.tolist(), "random_init_accuracy": self.baseline, "summary": None,
+               "fits": [f.to_dict() for f in self.fits], "error": self.error}
+        if not np.isnan(self.R).any():
+            out["summary"] = summarize(self.R, self.baseline).to_dict()
+        return out
+
+
+@dataclass
+class _FirstTask:
+    """Task 0's fit, shared by ``transfer`` and ``finetune`` (the same computation for both);
+    ``error`` when its loss went non-finite (then there is no state, row or fit)."""
+
+    baseline: list[float]
+    guide_state: dict | None = None
+    row: list[float] | None = None
+    fit: _Fit | None = None
+    error: str = ""
+
+
+def _first_task(config, split, tasks, trains, tests, seed) -> _FirstTask:
+    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed)
+    baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    try:
+        fit = _fit_posterior(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
+    except NonFiniteLossError as error:
+        return _FirstTask(baseline, error=str(error))
+    return _FirstTask(baseline, _guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), fit)
+
+
+def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: int, first: _FirstTask, log) -> _Chain:
+    """``transfer`` or ``finetune`` over the sequence, from the shared first task."""
+    T = len(tasks)
+    R = np.full((T, T), np.nan)
+    if first.error:
+        log(f"seed {seed} split/{split.scenario} {method}: task 0 failed: {first.error}")
+        return _Chain(R, first.baseline, [], f"task 0: {first.error}")
+    R[0] = first.row
+    fits = [first.fit]
+    state = first.guide_state
+    prior = config.base_prior()
+    if method == "transfer":
+        model, guide = _fresh_bayesian(config, split, prior, seed)
+        guide.load_state_dict(state)
+        prior = _prior_from(config, model, guide, _untrained_rows(model, 1))
+    log(f"seed {seed} split/{split.scenario} {method}: after task 0: " + " ".join(f"{a:.3f}" for a in R[0]))
+    for t in range(1, T):
+        model, guide = _fresh_bayesian(config, split, prior, seed)
+        _start_from(model, guide, state, _untrained_rows(model, t))
+        try:
+            fits.append(_fit_posterior(config, split, model, guide, trains[t], tasks[t].head, seed, t, [t], _fixed_budget(config, trains[t:t + 1])))
+        except NonFiniteLossError as error:
+            log(f"seed {seed} split/{split.scenario} {method}: task {t} failed: {error}")
+            return _Chain(R, first.baseline, fits, f"task {t}: {error}")
+        R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+        state = _guide_state(guide)
+        if method == "transfer":
+            prior = _prior_from(config, model, guide, _untrained_rows(model, t + 1))
+        log(f"seed {seed} split/{split.scenario} {method}: after task {t}: " + " ".join(f"{a:.3f}" for a in R[t]))
+    return _Chain(R, first.baseline, fits)
+
+
+def _run_joint(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
+    """At every step ``t`` a fresh posterior on tasks ``0..t`` together (all heads' outputs in one
+    softmax in the task scenario, each task's labels shifted to its head's rows)."""
+    T = len(tasks)
+    R = np.full((T, T), np.nan)
+    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed)
+    baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    fits = []
+    for t in range(T):
+        seen = list(range(t + 1))
+        offsets = [0 if tasks[s].head is None else tasks[s].head * split.classes_per_head for s in seen]
+        union = Split(torch.cat([trains[s].x for s in seen]), torch.cat([trains[s].y + o for s, o in zip(seen, offsets)]))
+        model, guide = _fresh_bayesian(config, split, config.base_prior(), seed)
+        try:
+            fits.append(_fit_posterior(config, split, model, guide, union, None, seed, t, seen, _fixed_budget(config, trains[: t + 1])))
+        except NonFiniteLossError as error:
+            log(f"seed {seed} split/{split.scenario} joint: tasks 0..{t} failed: {error}")
+            return _Chain(R, baseline, fits, f"tasks 0..{t}: {error}")
+        R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+        log(f"seed {seed} split/{split.scenario} joint: on tasks 0..{t}: " + " ".join(f"{a:.3f}" for a in R[t]))
+    return _Chain(R, baseline, fits)
+
+
+def _run_ewc(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
+    """EWC over the sequence: task ``t`` with the sum of the penalties of tasks ``0..t-1``."""
+    T = len(tasks)
+    R = np.full((T, T), np.nan)
+    torch.manual_seed(seed)
+    width = split.classes_per_head
+    net = MLP((*split.sizes(config.hidden)[:-1], width * split.num_heads)).to(config.device)
+    views = [_HeadView(net, slice(0, width) if task.head is None else slice(task.head * width, (task.head + 1) * width)) for task in tasks]
+
+    def row() -> list[float]:
+        return [_net_metrics(view, test).accuracy for view, test in zip(views, tests)]
+
+    baseline = row()
+    penalties: list[EWCPenalty] = []
+    for t in range(T):
+        steps = _fixed_budget(config, trains[t:t + 1])
+        losses = train_deterministic(views[t], trains[t].x, trains[t].y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed),
+                                     EWCPenaltySum(penalties) if penalties else None)
+        try:
+            _check_finite(views[t], losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
+        except NonFiniteLossError as error:
+            log(f"seed {seed} split/{split.scenario} ewc: task {t} failed: {error}")
+            return _Chain(R, baseline, [], f"task {t}: {error}")
+        R[t] = row()
+        generator = torch.Generator(device=config.device).manual_seed(seed)
+        fisher = fisher_diagonal(views[t], trains[t].x[: config.fisher_samples], generator=generator)
+        penalties.append(EWCPenalty(views[t], fisher, config.ewc_lambda))
+        log(f"seed {seed} split/{split.scenario} ewc: after task {t}: " + " ".join(f"{a:.3f}" for a in R[t]))
+    return _Chain(R, baseline, [])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(sample_std(values)), "n": len(values)}
+
+
+def _average_accuracy_curve(R: np.ndarray) -> list[float]:
+    """``a_t = 1/(t+1) sum_{j<=t} R[t][j]``: the average accuracy on the tasks seen so far."""
+    return [float(np.mean(R[t, : t + 1])) for t in range(R.shape[0])]
+
+
+def _method_summary(entries: list[dict]) -> dict:
+    """Mean and standard deviation over the seeds whose sequence finished."""
+    done = [e for e in entries if e["summary"] is not None]
+    with warnings.catch_warnings():  # a row no seed reached stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        matrix_mean = np.nanmean([e["accuracy_matrix"] for e in entries], axis=0).tolist()
+    out: dict = {
+        "accuracy_matrix_mean": matrix_mean,
+        "seeds_finished": len(done),
+        "summary": None,
+        "average_accuracy_curve": None,
+    }
+    if done:
+        out["summary"] = {
+            key: _mean_std([e["summary"][key] for e in done])
+            for key in ("average_accuracy", "backward_transfer", "forward_transfer", "average_forgetting")
+        }
+        curves = np.array([_average_accuracy_curve(np.array(e["accuracy_matrix"])) for e in done])
+        out["average_accuracy_curve"] = {"mean": curves.mean(0).tolist(), "std": sample_std(curves, axis=0).tolist(), "n": len(done)}
+    return out
+
+
+def _convergence_warnings(method: str, seed: int, fits: list[_Fit], fit_mode: str) -> list[str]:
+    missed = [f for f in fits if f.convergence is not None and not f.convergence["converged"] and not f.reused]
+    if not missed:
+        return []
+    how = "fitted by the stopping rule" if fit_mode == "rule" else "trained for the fixed budget (--fit fixed)"
+    return [f"seed {seed} {method}: posterior of task(s) {', '.join(str(f.task) for f in missed)} NOT converged by the stopping rule "
+            f"(each {how}; epochs {', '.join(str(f.epochs) for f in missed)})"]
+
+
+def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the five tasks of split MNIST under ``split.scenario`` with every method of
+    ``config.methods`` (all in :data:`SPLIT_METHODS`) and every seed; return the content of
+    ``results.json`` (its ``"seconds"`` entries are wall-clock times, which the CLI moves to
+    ``timing.json``). Nothing is checkpointed: an interrupted run restarts."""
+    methods = check_split_methods(config.methods, split.scenario, config.guide)
+    tasks = split_tasks(split.scenario)
+    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    unconverged: list[str] = []
+    for seed in config.seeds:
+        data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device) for task in tasks]
+        trains, tests = [d[0] for d in data], [d[1] for d in data]
+        first = None
+        for method in methods:
+            if method in ("transfer", "finetune"):
+                if first is None:
+                    first = _first_task(config, split, tasks, trains, tests, seed)
+                chain = _run_bayesian_chain(config, split, method, tasks, trains, tests, seed, first, log)
+                if first.fit is not None:  # the other method reuses it
+                    first.fit = replace(first.fit, reused=True, seconds=0.0)
+            elif method == "joint":
+                chain = _run_joint(config, split, tasks, trains, tests, seed, log)
+            else:
+                chain = _run_ewc(config, split, tasks, trains, tests, seed, log)
+            per_method[method].append(chain.entry(seed))
+            for warning in _convergence_warnings(method, seed, chain.fits, split.fit):
+                log(f"warning: {warning}")
+                unconverged.append(warning)
+    return {
+        "schema_version": 1,
+        "mode": "sequence",
+        "sequence": "split",
+        "scenario": split.scenario,
+        "fit": split.fit,
+        "tasks": [task.to_dict() for task in tasks],
+        "domains": [task.name for task in tasks],
+        "config": config.to_dict(),
+        "warnings": unconverged,
+        "methods": {m: {"per_seed": entries, **_method_summary(entries)} for m, entries in per_method.items()},
+    }
