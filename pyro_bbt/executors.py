@@ -10,17 +10,26 @@ An executor runs :class:`Job` s (a picklable function and its arguments) and han
   over a pipe per worker, so workers need no shared filesystem. A worker that dies (killed, out
   of memory, ``os._exit``) fails the job it was running, with its exit code in the error, and is
   replaced; the other jobs go on.
+* :class:`~pyro_bbt.ray_executor.RayExecutor` (``make_executor("ray", ...)``) runs jobs as Ray
+  tasks, on a local Ray it starts or on a cluster; it lives in :mod:`pyro_bbt.ray_executor`,
+  imported only when asked for, because Ray is an optional extra (``pip install -e ".[ray]"``).
 
 A job may report to the driver while it runs through the callable :meth:`Executor.forwarder`
 returns (the units send their per-epoch checkpoints that way): called in the job, it runs the
 driver's handler in the driver's process (serial: directly; processes: the worker sends the
-message over its pipe, ahead of the job's result).
+message over its pipe, ahead of the job's result; Ray: through a queue the driver drains).
 
-Both run every job with ``threads`` intra-op torch threads (serial: set around each job and
-restored after; processes: set once at each worker's start), because torch's float results
-depend on the number of threads: the same ``threads`` gives the same numbers whatever the
-executor and number of workers. A job that raises an ``Exception`` becomes a result with the
-exception's traceback as ``error``; it does not stop the others.
+A value that many jobs take as an argument (a task-A stage's state, needed by several B units)
+goes through :meth:`Executor.share` once: the value itself for the local executors, a reference
+into Ray's object store for Ray, passed as a job's argument in place of the value (the job
+receives the value).
+
+All run every job with ``threads`` intra-op torch threads (serial: set around each job and
+restored after; processes: set once at each worker's start; Ray: set at each task's start),
+because torch's float results depend on the number of threads: the same ``threads`` gives the
+same numbers whatever the executor and number of workers (on the same kind of CPU). A job that
+raises an ``Exception`` becomes a result with the exception's traceback as ``error``; it does
+not stop the others.
 """
 
 from __future__ import annotations
@@ -37,9 +46,16 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["EXECUTORS", "Job", "JobResult", "Executor", "SerialExecutor", "ProcessExecutor", "make_executor"]
+__all__ = [
+    "EXECUTORS", "Job", "JobResult", "Executor", "ExecutorUnavailableError", "SerialExecutor", "ProcessExecutor", "make_executor",
+]
 
-EXECUTORS = ("serial", "processes")
+EXECUTORS = ("serial", "processes", "ray")
+
+
+class ExecutorUnavailableError(RuntimeError):
+    """An executor cannot start here: its optional dependency is not installed, or the cluster
+    it was pointed at cannot run its jobs. The message names the cause and the fix."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,10 @@ class Executor(Protocol):
     def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
         """A callable to hand to jobs: ``f(key, data)`` inside a job runs ``handler(key, data)``
         in the driver's process."""
+
+    def share(self, value: Any) -> Any:
+        """A handle of ``value`` to pass as a job's argument in its place, made once for every
+        job that takes it; the job receives ``value``."""
 
     def close(self) -> None:
         """Stop the workers, if any."""
@@ -133,6 +153,10 @@ class SerialExecutor:
 
     def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
         return handler
+
+    def share(self, value: Any) -> Any:
+        """``value`` itself: jobs run in this process."""
+        return value
 
     def close(self) -> None:
         self._job = None
@@ -209,6 +233,10 @@ class ProcessExecutor:
     def forwarder(self, handler: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
         self._handler = handler
         return _ToDriver()
+
+    def share(self, value: Any) -> Any:
+        """``value`` itself: it is pickled into every job that takes it."""
+        return value
 
     def _start(self) -> _Worker:
         ours, theirs = self._context.Pipe(duplex=True)
@@ -291,11 +319,22 @@ class ProcessExecutor:
         self.close()
 
 
-def make_executor(name: str, workers: int = 1, threads: int = 1) -> SerialExecutor | ProcessExecutor:
+def make_executor(name: str, workers: int = 1, threads: int = 1, *, ray_address: str | None = None,
+                  gpus_per_unit: float = 0.0) -> Executor:
     """The executor called ``name`` (one of :data:`EXECUTORS`); ``ValueError`` naming the value
-    and the choices otherwise. ``workers`` counts for ``processes`` only."""
+    and the choices otherwise. ``workers`` counts for ``processes`` and ``ray`` only;
+    ``ray_address`` and ``gpus_per_unit`` are :class:`~pyro_bbt.ray_executor.RayExecutor`'s
+    ``address`` and ``gpus_per_unit`` (``ValueError`` if set for another executor). ``ray``
+    starts or connects to Ray at once, and raises :class:`ExecutorUnavailableError` when Ray is
+    not installed or the cluster cannot run the units."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
+    if name != "ray" and (ray_address is not None or gpus_per_unit):
+        raise ValueError(f"ray_address and gpus_per_unit are settings of the ray executor, not of {name!r}")
     if name == "serial":
         return SerialExecutor(threads)
     if name == "processes":
         return ProcessExecutor(workers, threads)
-    raise ValueError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
+    from .ray_executor import RayExecutor  # Ray is optional: imported only when asked for
+
+    return RayExecutor(workers, threads, address=ray_address, gpus_per_unit=gpus_per_unit)

@@ -31,7 +31,7 @@ Where the work lives: this module holds the configuration (:class:`ExperimentCon
 the sequential mode (the split-MNIST sequence of five tasks lives in
 :mod:`pyro_bbt.split_sequence`); :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
 :mod:`pyro_bbt.units` trains them (its helpers are re-exported here), and
-:mod:`pyro_bbt.executors` runs them in this process or in worker processes.
+:mod:`pyro_bbt.executors` runs them in this process, in worker processes or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -362,6 +363,7 @@ class _Grid:
     stage_crashed: set[str]
     entries: dict[str, dict]
     records: dict[str, dict]
+    shared_states: dict[str, Any] = field(default_factory=dict)  # stage key -> executor.share(its state)
 
     def ready(self, item: StageSpec | UnitSpec) -> bool:
         return isinstance(item, StageSpec) or item.needs is None or item.needs in self.stage_states or item.needs in self.stage_errors
@@ -370,13 +372,18 @@ class _Grid:
 def _job(config: ExperimentConfig, item: StageSpec | UnitSpec, grid: _Grid, store: RunStore | None, executor: Executor) -> Job:
     """The job of ``item``: its unit function with the saved stage it needs and its own
     checkpoint, read from ``store`` by the driver; the unit's epoch checkpoints come back through
-    the executor's forwarder and are written by the driver."""
+    the executor's forwarder and are written by the driver. A stage's state goes through
+    ``executor.share`` once, for all the units that need it (Ray: one copy in its object store)."""
     checkpoint = store.checkpoint(item.key) if store is not None else None
     on_checkpoint = executor.forwarder(store.save_checkpoint) if store is not None else None
     if isinstance(item, StageSpec):
         saved = store.stage(item.key) if store is not None else None
         return Job(item.key, run_stage, (config, item, saved, checkpoint, on_checkpoint))
-    state = grid.stage_states.get(item.needs) if item.needs is not None else None
+    state = None
+    if item.needs is not None and item.needs in grid.stage_states:
+        if item.needs not in grid.shared_states:
+            grid.shared_states[item.needs] = executor.share(grid.stage_states[item.needs])
+        state = grid.shared_states[item.needs]
     return Job(item.key, run_unit, (config, item, state, grid.stage_errors.get(item.needs, ""), checkpoint, on_checkpoint))
 
 

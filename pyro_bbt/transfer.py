@@ -8,14 +8,17 @@ and writes ``config.json``, ``results.json``, ``timing.json``, ``split_mnist.md`
 ``split_mnist.png`` and ``sequence.png``. Progress (finished units, per-epoch checkpoints) is kept under
 ``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``; ``--resume`` continues an interrupted run.
 
-Units run one after another in this process (``--executor serial``, the default) or in a pool
-of ``--workers N`` local processes (``--executor processes``); this process alone writes
-``--out``, and the workers return their results to it. Every unit runs with
-``--threads-per-unit`` torch threads (default 1) whatever the executor, because torch's float
-results depend on the number of threads.
+Units run one after another in this process (``--executor serial``, the default), in a pool
+of ``--workers N`` local processes (``--executor processes``), or as Ray tasks, at most
+``--workers N`` at a time, on a local Ray or on the cluster at ``--ray-address``
+(``--executor ray``, needs ``pip install -e ".[ray]"``); this process alone writes ``--out``,
+and the workers return their results to it. Every unit runs with ``--threads-per-unit`` torch
+threads (default 1) whatever the executor, because torch's float results depend on the number
+of threads.
 
-Exit codes: 0 done; 1 done, but some units failed (NaN/inf, an error, a worker process that
-died; see ``results.json``); 2 bad input. ``results.json`` holds no wall-clock times (they are in
+Exit codes: 0 done; 1 done, but some units failed (NaN/inf, an error, a worker process or Ray
+task that died; see ``results.json``); 2 bad input, or ``--executor ray`` without Ray or with
+a cluster that cannot run the units (nothing written). ``results.json`` holds no wall-clock times (they are in
 ``timing.json``), so the same seeds, configuration and ``--threads-per-unit`` give an identical
 file whatever the executor and number of workers.
 """
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .executors import EXECUTORS, make_executor
+from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import FITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
 from .files import atomic_write_json, atomic_write_text
@@ -83,6 +86,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _gpu_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value <= 1 or (value > 1 and value == int(value))):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or a whole number of GPUs, got {text!r}")
     return value
 
 
@@ -143,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
-    p.add_argument("--executor", default="serial", help=f"where units run: {' or '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes, results identical)")
-    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes (default 1)")
+    p.add_argument("--executor", default="serial", help=f"where units run: {', '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes; ray: Ray tasks, --workers at a time, on a local Ray or --ray-address; results identical)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes, or Ray tasks in flight at once under --executor ray (default 1)")
+    p.add_argument("--ray-address", help="--executor ray: HOST:PORT of a running Ray cluster's head (ray start --head), or auto; default: start a local Ray with --workers x --threads-per-unit CPUs")
+    p.add_argument("--gpus-per-unit", type=_gpu_fraction, help="--executor ray with --device cuda: GPUs each task asks Ray for, a fraction in (0, 1] or a whole number (default 1/--workers)")
     p.add_argument("--threads-per-unit", type=_positive_int, default=1, help="torch intra-op threads of every unit, whatever the executor (default 1); results depend on it, so keep it to compare runs")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no progress bar")
     return p
@@ -271,15 +286,51 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
         if args.executor not in EXECUTORS:
             raise UsageError(f"unknown --executor {args.executor!r}; allowed: {', '.join(EXECUTORS)}")
-        if args.workers > 1 and args.executor != "processes":
-            raise UsageError(f"--workers {args.workers} needs --executor processes (--executor {args.executor} runs one unit at a time)")
+        if args.workers > 1 and args.executor not in ("processes", "ray"):
+            raise UsageError(f"--workers {args.workers} needs --executor processes or ray (--executor {args.executor} runs one unit at a time)")
         if args.sequence and args.executor != "serial":
             raise UsageError(f"--executor {args.executor} is not supported with --sequence (its chains run serially)")
-        _prepare_out_dir(args.out, config, args)
+        gpus_per_unit = _gpus_per_unit(args, config)
+        executor = make_executor(args.executor, args.workers, args.threads_per_unit, ray_address=args.ray_address, gpus_per_unit=gpus_per_unit)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except ExecutorUnavailableError as error:
+        print(f"{parser.prog}: error: --executor {args.executor}: {error}", file=sys.stderr)
+        return 2
+    try:
+        _prepare_out_dir(args.out, config, args)
+    except UsageError as error:
+        executor.close()
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, config, executor, parser.prog)
+    finally:
+        executor.close()
 
+
+def _gpus_per_unit(args: argparse.Namespace, config: ExperimentConfig) -> float:
+    """The GPUs each Ray task asks for: ``--gpus-per-unit``, by default ``1 / --workers`` with a
+    CUDA device (the tasks in flight share one GPU) and 0 without; ``UsageError`` for settings
+    that cannot work."""
+    cuda = config.device.startswith("cuda")
+    if args.executor != "ray":
+        for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-unit", args.gpus_per_unit)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --executor ray (got --executor {args.executor})")
+        return 0.0
+    if cuda and config.device != "cuda":
+        raise UsageError(f"--executor ray gives each task its GPU itself: pass --device cuda, not --device {config.device}")
+    if args.gpus_per_unit is not None and not cuda:
+        raise UsageError(f"--gpus-per-unit {args.gpus_per_unit:g} needs --device cuda (got --device {config.device})")
+    if not cuda:
+        return 0.0
+    return args.gpus_per_unit if args.gpus_per_unit is not None else 1.0 / args.workers
+
+
+def _run(args: argparse.Namespace, config: ExperimentConfig, executor: Executor, prog: str) -> int:
+    """Run the checked command line ``args`` into ``args.out`` with ``executor``; the exit code."""
     from .plots import plot_sequence, save_all  # matplotlib only when there is something to plot
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
@@ -302,11 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"))
-    with make_executor(args.executor, args.workers, args.threads_per_unit) as executor:
-        raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
+    raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start
-    timing["workers"] = args.workers if args.executor == "processes" else 1
+    timing["workers"] = args.workers if args.executor in ("processes", "ray") else 1
     atomic_write_json(args.out / "results.json", results)
     atomic_write_json(args.out / "timing.json", timing)
     write_csv(args.out / "metrics.csv", results["units"], timing)
@@ -314,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [u for u in results["units"] if u["status"] != "ok"]
     log(f"done in {timing['wall_clock']:.0f} s: {args.out / 'results.json'}, {args.out / 'metrics.csv'}, " + ", ".join(str(p) for p in figures))
     if failed:
-        print(f"{parser.prog}: {len(failed)} of {len(results['units'])} units failed (see 'error' in {args.out / 'results.json'})", file=sys.stderr)
+        print(f"{prog}: {len(failed)} of {len(results['units'])} units failed (see 'error' in {args.out / 'results.json'})", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,7 @@
-"""The plan, the executors, and identical results whatever the executor (``--executor``)."""
+"""The plan, the executors, and identical results whatever the executor (``--executor``).
+
+The Ray tests are skipped where Ray is not installed (``pip install -e ".[ray]"``); they share
+one local Ray, started by the module-scoped fixture ``ray_session``."""
 
 from __future__ import annotations
 
@@ -6,14 +9,16 @@ import json
 import operator
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyro_bbt.executors import Job, ProcessExecutor, SerialExecutor
-from pyro_bbt.experiment import ExperimentConfig, run_experiment
-from pyro_bbt.plan import build_plan
+from pyro_bbt.executors import ExecutorUnavailableError, Job, ProcessExecutor, SerialExecutor, make_executor
+from pyro_bbt.experiment import ExperimentConfig, _Grid, _job, run_experiment
+from pyro_bbt.plan import UnitSpec, build_plan
+from pyro_bbt.ray_executor import RayExecutor
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
@@ -82,6 +87,30 @@ def test_serial_executor_sets_the_threads_around_each_job_only():
     assert executor.next_result().value == before + 1 and torch.get_num_threads() == before
 
 
+class _CountingExecutor(SerialExecutor):
+    """Wraps every shared value, and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: list = []
+
+    def share(self, value):
+        self.shared.append(value)
+        return ("handle", value)
+
+
+def test_the_driver_shares_a_stage_once_for_all_the_units_that_need_it():
+    config = ExperimentConfig(**TINY_CONFIG)
+    state = {"w": torch.ones(2)}
+    grid = _Grid(None, {"A-bayesian-s0": state}, {}, set(), {}, {})
+    executor = _CountingExecutor()
+    jobs = [_job(config, UnitSpec(method, fraction, 0, 8, "A-bayesian-s0"), grid, None, executor)
+            for method in ("transfer", "finetune") for fraction in (0.2, 1.0)]
+    scratch = _job(config, UnitSpec("scratch", 1.0, 0, 8, None), grid, None, executor)
+    assert executor.shared == [state]
+    assert all(job.args[2] == ("handle", state) for job in jobs) and scratch.args[2] is None
+
+
 class _KillingExecutor(ProcessExecutor):
     """Runs ``os._exit(9)`` in a worker in place of the job ``victim``."""
 
@@ -126,10 +155,14 @@ def test_killed_workers_fail_their_job_alone_and_the_grid_completes(tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--executor", "ray"], "unknown --executor 'ray'; allowed: serial, processes"),
+        (["--executor", "threads"], "unknown --executor 'threads'; allowed: serial, processes, ray"),
         (["--workers", "0"], "--workers"),
         (["--threads-per-unit", "two"], "--threads-per-unit"),
-        (["--workers", "2"], "--workers 2 needs --executor processes"),
+        (["--workers", "2"], "--workers 2 needs --executor processes or ray"),
+        (["--ray-address", "head:6379"], "--ray-address needs --executor ray (got --executor serial)"),
+        (["--executor", "processes", "--gpus-per-unit", "0.5"], "--gpus-per-unit needs --executor ray"),
+        (["--executor", "ray", "--gpus-per-unit", "1.5"], "--gpus-per-unit: expected a fraction in (0, 1] or a whole number of GPUs, got '1.5'"),
+        (["--executor", "ray", "--gpus-per-unit", "0.5"], "--gpus-per-unit 0.5 needs --device cuda (got --device cpu)"),
     ],
 )
 def test_cli_rejects_bad_executor_settings_with_one_line(tmp_path, capsys, args, needle):
@@ -141,3 +174,127 @@ def test_cli_rejects_bad_executor_settings_with_one_line(tmp_path, capsys, args,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_make_executor_refuses_ray_settings_for_another_executor():
+    with pytest.raises(ValueError, match="settings of the ray executor, not of 'processes'"):
+        make_executor("processes", 2, ray_address="head:6379")
+
+
+def test_cli_without_ray_says_how_to_install_it_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """``import ray`` fails (as where the extra is not installed): one line naming the fix, exit 2."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    out = tmp_path / "x"
+    assert main([*TINY, "--executor", "ray", "--workers", "2", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--executor ray" in lines[0] and 'pip install -e ".[ray]"' in lines[0]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray of 2 CPUs for the module, started and at the end shut down by a
+    ``RayExecutor(workers=2, threads=1)``; the executors the tests make meanwhile (the CLI's too)
+    find it running, use it, and leave it running."""
+    pytest.importorskip("ray")
+    with RayExecutor(workers=2, threads=1) as executor:
+        assert executor._owns_ray
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, ray_session) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "run"
+    assert main([*TINY, "--out", str(out), "--executor", "ray", "--workers", "2"]) == 0
+    return out
+
+
+def test_serial_and_ray_give_byte_identical_results(serial_run, ray_run):
+    assert (ray_run / "results.json").read_bytes() == (serial_run / "results.json").read_bytes()
+    timing = json.loads((ray_run / "timing.json").read_text())
+    assert timing["workers"] == 2
+
+
+def test_a_run_begun_under_ray_resumes_under_serial_to_the_same_bytes(serial_run, ray_run, tmp_path):
+    """Half the units and a stage written by Ray tasks, the rest by the serial executor."""
+    out = tmp_path / "partial"
+    shutil.copytree(ray_run, out)
+    (out / "results.json").unlink()
+    for path in sorted((out / "units").glob("*.json"))[1::2]:
+        path.unlink()
+    (out / "stages" / "A-ewc-s0.pt").unlink()
+    assert main([*TINY, "--out", str(out), "--resume"]) == 0
+    assert (out / "results.json").read_bytes() == (serial_run / "results.json").read_bytes()
+
+
+class _KillingRayExecutor(RayExecutor):
+    """Runs ``os._exit(9)`` in a Ray worker in place of the job ``victim``."""
+
+    def __init__(self, victim: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.victim = victim
+
+    def submit(self, job: Job) -> None:
+        super().submit(Job(job.key, os._exit, (9,)) if job.key == self.victim else job)
+
+
+class _ListingStore(RunStore):
+    """A run store that also lists the keys of the checkpoints it is asked to save."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.checkpointed: list[str] = []
+
+    def save_checkpoint(self, key: str, data: dict) -> None:
+        self.checkpointed.append(key)
+        super().save_checkpoint(key, data)
+
+
+def test_ray_task_whose_worker_dies_fails_alone_and_the_grid_completes(ray_session, tmp_path):
+    """As with worker processes: a Ray worker killed while it fits q_A fails that stage and the
+    units that need it (recorded, not saved), the rest completes and its per-epoch checkpoints
+    reach the driver's store before its record (which clears them). Then: a job that kills its
+    worker or raises fails alone, tasks run with ``threads``, a shared value reaches the job, and
+    a job's forwarded message reaches the driver's handler before its result."""
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ("scratch", "transfer")})
+    store = _ListingStore(tmp_path, config.to_dict())
+    with _KillingRayExecutor("A-bayesian-s0", workers=2, threads=1) as executor:
+        results = run_experiment(config, log=lambda m: None, store=store, executor=executor)
+        done = {}
+        with RayExecutor(workers=1, threads=2) as two_threads:  # on the same Ray, before a worker dies again
+            two_threads.submit(Job("threads", torch.get_num_threads))
+            done["threads"] = two_threads.next_result()
+        messages = []
+        forward = executor.forwarder(lambda key, data: messages.append((key, data)))
+        jobs = (Job("raises", int, ("x",)), Job("sum", sum, (executor.share([1, 2]),)),
+                Job("reports", operator.call, (forward, "epoch", {"w": torch.ones(2)})), Job("dies", os._exit, (7,)))
+        for job in jobs:
+            executor.submit(job)
+            done[job.key] = executor.next_result()
+    status = {u["method"]: u for u in results["units"]}
+    assert status["scratch"]["status"] == "ok"
+    assert status["transfer"]["status"] == "failed"
+    assert status["transfer"]["error"].startswith("task A failed: Ray task for A-bayesian-s0 failed: WorkerCrashedError: ")
+    assert results["task_a"] == []
+    assert store.record("scratch-f1-s0") is not None and store.record("transfer-f1-s0") is None
+    assert store.stage("A-bayesian-s0") is None
+    assert "scratch-f1-s0" in store.checkpointed and store.checkpoint("scratch-f1-s0") is None
+    assert done["dies"].error.startswith("Ray task for dies failed: WorkerCrashedError: ")
+    assert "ValueError" in done["raises"].error and "'x'" in done["raises"].error
+    assert done["threads"].value == 2 and done["sum"].value == 3 and done["sum"].ok
+    assert done["reports"].ok and len(messages) == 1 and messages[0][0] == "epoch" and messages[0][1]["w"].equal(torch.ones(2))
+
+
+def test_ray_refuses_a_cluster_that_cannot_run_a_unit(ray_session):
+    """The module's Ray has 2 CPUs and no GPU: a task asking for more would wait for ever."""
+    with pytest.raises(ExecutorUnavailableError, match="has 2 CPUs, fewer than the 3 threads per unit"):
+        RayExecutor(workers=1, threads=3)
+    with pytest.raises(ExecutorUnavailableError, match="has 0 GPUs, fewer than the 0.5 GPUs per unit"):
+        RayExecutor(workers=2, gpus_per_unit=0.5)
+    with pytest.raises(ValueError, match="already initialised in this process"):
+        RayExecutor(address="head:6379")
+    with pytest.raises(ValueError, match="GPUs per unit must be 0, a fraction in"):
+        RayExecutor(gpus_per_unit=1.5)
