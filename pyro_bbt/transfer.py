@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     try:
-        return _run(args, config, executor, parser.prog)
+        return _run(args, config, split, executor, parser.prog)
     finally:
         executor.close()
 
@@ -329,8 +329,9 @@ def _gpus_per_unit(args: argparse.Namespace, config: ExperimentConfig) -> float:
     return args.gpus_per_unit if args.gpus_per_unit is not None else 1.0 / args.workers
 
 
-def _run(args: argparse.Namespace, config: ExperimentConfig, executor: Executor, prog: str) -> int:
-    """Run the checked command line ``args`` into ``args.out`` with ``executor``; the exit code."""
+def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig | None, executor: Executor, prog: str) -> int:
+    """Run the checked command line ``args`` (``split``: its ``--sequence split`` settings) into
+    ``args.out`` with ``executor``; the exit code."""
     from .plots import plot_sequence, save_all  # matplotlib only when there is something to plot
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
