@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["split_sequence_table", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
+__all__ = ["split_sequence_table", "split_comparison_table", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -90,6 +90,37 @@ def split_sequence_table(results: dict) -> str:
         f"{t['digits'][0]}/{t['digits'][1]} -> labels {t['labels'][0]}/{t['labels'][1]}" + ("" if t["head"] is None else f", head {t['head']}") for t in tasks) + "."]
     lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]
     lines += [f"FAILED: {method} seed {e['seed']}: {e['error']}" for method, entry in results["methods"].items() for e in entry["per_seed"] if e.get("error")]
+    return "\n".join(lines) + "\n"
+
+
+HSU_2018 = "Hsu et al. 2018, *Re-evaluating Continual Learning Scenarios*, Table 2 (784-400-400 MLP, Adam at 1e-3, minibatches of 128)"
+NGUYEN_2018 = "Nguyen et al. 2018, *Variational Continual Learning*, split MNIST (multi-head)"
+# Published average accuracies after the fifth task of split MNIST, in %: (scenario, method, ACC, source).
+PUBLISHED_SPLIT_MNIST: tuple[tuple[str, str, float, str], ...] = (
+    ("task", "VCL, no coreset", 97.0, NGUYEN_2018),
+    ("task", "VCL + random coreset", 98.4, NGUYEN_2018),
+    ("domain", "EWC", 58.85, HSU_2018),
+    ("domain", "offline (joint)", 98.59, HSU_2018),
+)
+
+
+def split_comparison_table(runs: list[dict]) -> str:
+    """Markdown: per scenario of the ``--sequence split`` runs ``runs``, each method's average
+    accuracy after the last task (%, mean ± std over the seeds that finished, with the number of
+    seeds and of converged posteriors), then the published numbers of
+    :data:`PUBLISHED_SPLIT_MNIST` for that scenario with their source."""
+    lines = ["| scenario | method | ACC after task 5 (%) | seeds | converged posteriors | source |", "|---|---|---|---|---|---|"]
+    for results in runs:
+        scenario = results["scenario"]
+        for method, entry in results["methods"].items():
+            summary = entry["summary"] or {}
+            verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
+            converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "— (deterministic)" if method == "ewc" else "—"
+            lines.append(f"| {scenario} | {method} | {_percent(summary.get('average_accuracy'))} | {entry['seeds_finished']}/{len(entry['per_seed'])} | "
+                         f"{converged} | this repo, fit: {results['fit']} |")
+        for published_scenario, method, accuracy, source in PUBLISHED_SPLIT_MNIST:
+            if published_scenario == scenario:
+                lines.append(f"| {scenario} | {method} | {accuracy:.2f} | — | — | {source} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,7 +228,9 @@ def prior_scale_lines(run_dir: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
-    parser.add_argument("run_dir", type=Path, help="output directory of python -m pyro_bbt.transfer")
+    parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published only)")
+    parser.add_argument("--published", action="store_true",
+                        help="for --sequence split runs (one per scenario): one table of their average accuracies beside the published numbers")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
@@ -206,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.published:
+        runs = []
+        for run_dir in args.run_dir:
+            path = run_dir / "results.json"
+            results = json.loads(path.read_text()) if path.exists() else {}
+            if results.get("sequence") != "split":
+                print(f"{parser.prog}: error: --published reads --sequence split runs; {path} is "
+                      f"{'not one' if results else 'missing'}", file=sys.stderr)
+                return 2
+            runs.append(results)
+        print(split_comparison_table(runs), end="")
+        return 0
+    if len(args.run_dir) > 1:
+        print(f"{parser.prog}: error: several run directories need --published (got {len(args.run_dir)})", file=sys.stderr)
+        return 2
+    args.run_dir = args.run_dir[0]
     path = args.run_dir / "results.json"
     if not path.exists():
         print(f"{parser.prog}: error: {path} does not exist (run python -m pyro_bbt.transfer --out {args.run_dir} first)", file=sys.stderr)

@@ -167,6 +167,14 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
     capsys.readouterr()
     assert report_main([str(out)]) == 0
     assert capsys.readouterr().out == table
+    # beside the published numbers: ours for every method; the class scenario has no published row in the table
+    assert report_main([str(out), "--published"]) == 0
+    published = capsys.readouterr().out
+    acc = results["methods"]["transfer"]["summary"]["average_accuracy"]
+    assert f"| class | transfer | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | 1/1 | " in published
+    assert published.count("| class |") == len(SPLIT_METHODS) and "Hsu et al." not in published
+    assert report_main([str(out), str(tmp_path)]) == 2 and "several run directories need --published" in capsys.readouterr().err
+    assert report_main([str(out), str(tmp_path), "--published"]) == 2 and "is missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
