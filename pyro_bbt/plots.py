@@ -144,11 +144,7 @@ def plot_sequence(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_split_sequence(results: dict, path: Path) -> None:
-    """Split MNIST: the average test accuracy on the tasks seen so far,
-    ``a_t = 1/(t+1) sum_{j<=t} R[t][j]``, against the number of tasks seen, one line per method
-    (mean, error bars +- the sample standard deviation over the seeds whose sequence finished)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+def _draw_split_curves(ax, results: dict) -> None:
     num_tasks = len(results["tasks"])
     for method, entry in results["methods"].items():
         curve = entry["average_accuracy_curve"]
@@ -158,10 +154,27 @@ def plot_split_sequence(results: dict, path: Path) -> None:
                     color=COLORS.get(method))
     ax.set_xticks(range(1, num_tasks + 1))
     ax.set_xlabel("number of tasks seen")
-    ax.set_ylabel("average accuracy on the tasks seen")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"split MNIST, {results['scenario']} scenario (fit: {results['fit']})")
+    ax.set_title(f"split MNIST, {results['scenario']} scenario (fit: {results['fit']})", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no line when no seed finished
         ax.legend(fontsize=8, loc="lower left")
+
+
+def plot_split_sequence(results: dict, path: Path) -> None:
+    """Split MNIST: the average test accuracy on the tasks seen so far,
+    ``a_t = 1/(t+1) sum_{j<=t} R[t][j]``, against the number of tasks seen, one line per method
+    (mean, error bars +- the sample standard deviation over the seeds whose sequence finished)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    _draw_split_curves(ax, results)
+    ax.set_ylabel("average accuracy on the tasks seen")
+    _save(fig, path)
+
+
+def plot_split_scenarios(runs: list[dict], path: Path) -> None:
+    """:func:`plot_split_sequence` for several split runs (one per scenario), side by side."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs), 3.8), squeeze=False)
+    for ax, results in zip(axes[0], runs):
+        _draw_split_curves(ax, results)
+    axes[0][0].set_ylabel("average accuracy on the tasks seen")
     _save(fig, path)

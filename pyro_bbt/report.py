@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published only)")
     parser.add_argument("--published", action="store_true",
                         help="for --sequence split runs (one per scenario): one table of their average accuracies beside the published numbers")
+    parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
+                        help="with --published: also draw the runs' average-accuracy curves side by side into PNG")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
@@ -250,7 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             runs.append(results)
         print(split_comparison_table(runs), end="")
+        if args.figure is not None:
+            from .plots import plot_split_scenarios
+
+            plot_split_scenarios(runs, args.figure)
+            print(f"wrote {args.figure}")
         return 0
+    if args.figure is not None:
+        print(f"{parser.prog}: error: --figure needs --published", file=sys.stderr)
+        return 2
     if len(args.run_dir) > 1:
         print(f"{parser.prog}: error: several run directories need --published (got {len(args.run_dir)})", file=sys.stderr)
         return 2

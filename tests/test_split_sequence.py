@@ -168,8 +168,9 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
     assert report_main([str(out)]) == 0
     assert capsys.readouterr().out == table
     # beside the published numbers: ours for every method; the class scenario has no published row in the table
-    assert report_main([str(out), "--published"]) == 0
+    assert report_main([str(out), "--published", "--figure", str(tmp_path / "both.png")]) == 0
     published = capsys.readouterr().out
+    assert (tmp_path / "both.png").stat().st_size > 0
     acc = results["methods"]["transfer"]["summary"]["average_accuracy"]
     assert f"| class | transfer | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | 1/1 | " in published
     assert published.count("| class |") == len(SPLIT_METHODS) and "Hsu et al." not in published
