@@ -31,6 +31,7 @@ RESULT_KEYS = {
     "round_medians",
     "round_cpu_medians",
     "predict_seconds",
+    "compile_seconds",
     "predict_ratio_to_bayes_torch_reparam",
     "test_accuracy",
     "epoch_cpu_seconds",
@@ -95,6 +96,7 @@ def test_results_schema_and_ratios(report):
         assert r["median_epoch_seconds"] == pytest.approx(sum(r["epoch_seconds"]) / 2)  # the median of two rounds
         assert r["ratio_to_bayes_torch_reparam"] is None and r["predict_ratio_to_bayes_torch_reparam"] is None  # the peer was not run
         assert _positive_finite(r["predict_seconds"])
+        assert r["compile_seconds"] is None  # none of the cheap configurations compiles
         assert r["median_step_ms"] == pytest.approx(1000 * r["median_epoch_seconds"] / r["steps_per_epoch"])
         assert r["peak_rss_mib"] >= r["rss_before_training_mib"] > 0
         medians[r["name"]] = (r["median_epoch_seconds"], r["median_epoch_cpu_seconds"])
