@@ -117,7 +117,7 @@ def split_comparison_table(runs: list[dict]) -> str:
             verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
             converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "— (deterministic)" if method == "ewc" else "—"
             lines.append(f"| {scenario} | {method} | {_percent(summary.get('average_accuracy'))} | {entry['seeds_finished']}/{len(entry['per_seed'])} | "
-                         f"{converged} | this repo, fit: {results['fit']} |")
+                         f"{converged} | this repo, {'fixed budget (deterministic net)' if method == 'ewc' else 'fit: ' + results['fit']} |")
         for published_scenario, method, accuracy, source in PUBLISHED_SPLIT_MNIST:
             if published_scenario == scenario:
                 lines.append(f"| {scenario} | {method} | {accuracy:.2f} | — | — | {source} |")
