@@ -96,6 +96,17 @@ def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
+def predictive_accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of the predictive mean's class, ``argmax_c (1/S) sum_s p_s(c)``, from per-sample log
+    probabilities ``(S, N, C)`` (``(N, C)`` means ``S = 1``). A label ``>= C`` (a class whose
+    output is not among the ``C`` active ones, as in class-incremental learning before its task)
+    is never predicted: it counts as wrong."""
+    if log_probs.dim() == 2:
+        log_probs = log_probs.unsqueeze(0)
+    log_mean = torch.logsumexp(log_probs, dim=0)
+    return float((log_mean.argmax(-1) == labels).float().mean())
+
+
 def metrics_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> PredictiveMetrics:
     """Metrics from per-sample log probabilities ``(S, N, C)`` (``(N, C)`` means ``S = 1``)."""
     if log_probs.dim() == 2:
@@ -121,6 +132,14 @@ def evaluate(model: BayesianMLP, guide, x: torch.Tensor, y: torch.Tensor, num_sa
     """Posterior-predictive metrics of ``guide`` on ``(x, y)`` with ``num_samples`` weight samples."""
     weights = sample_posterior(model, guide, num_samples, x[:1])
     return metrics_from_log_probs(predictive_log_probs(model, weights, x, batch_size), y)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: BayesianMLP, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100, batch_size: int = 1000) -> float:
+    """Posterior-predictive accuracy alone (:func:`predictive_accuracy`; labels may exceed the
+    outputs), with the same draws as :func:`evaluate`."""
+    weights = sample_posterior(model, guide, num_samples, x[:1])
+    return predictive_accuracy(predictive_log_probs(model, weights, x, batch_size), y)
 
 
 @torch.no_grad()

@@ -89,6 +89,11 @@ class BayesianMLP(PyroModule):
         ``num_heads * sizes[-1]`` units and head ``k`` is the slice ``[k C, (k+1) C)``. The
         attribute ``head`` picks the slice the logits come from (``None``: all of them).
 
+    The attribute ``active_outputs`` (``None``: all) keeps only the first ``active_outputs``
+    units of the selected head in the logits, so the softmax runs over those classes alone: the
+    class-incremental protocol's "active outputs" (only the classes seen so far compete; Hsu et
+    al. 2018's ``valid_out_dim``). Inactive rows get no likelihood gradient.
+
     Call it as a Pyro model: ``model(x, y, num_data=N)``. With ``y=None`` the labels are sampled.
     Returns the logits, ``(B, C)`` or ``(S, B, C)`` under a sample plate.
     """
@@ -103,6 +108,7 @@ class BayesianMLP(PyroModule):
         self.sizes = sizes
         self.num_heads = num_heads
         self.head: int | None = 0 if num_heads > 1 else None
+        self.active_outputs: int | None = None
         self.prior = prior if prior is not None else GaussianPrior(1.0)
         widths = (*sizes[:-1], sizes[-1] * num_heads)
         self.layers = PyroModule[nn.ModuleList](
@@ -137,8 +143,21 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"head must lie in 0..{self.num_heads - 1}, got {head!r}")
         return slice(head * self.num_classes, (head + 1) * self.num_classes)
 
+    @property
+    def output_rows(self) -> slice | None:
+        """Rows of the output layer the logits come from (``None``: all): the rows of ``head``,
+        of which the first ``active_outputs``."""
+        rows = None if self.head is None else self.head_rows(self.head)
+        if self.active_outputs is None:
+            return rows
+        if not 1 <= self.active_outputs <= self.num_classes:
+            raise ValueError(f"active_outputs must lie in 1..{self.num_classes}, got {self.active_outputs!r}")
+        start = 0 if rows is None else rows.start
+        return slice(start, start + self.active_outputs)
+
     def _select_head(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.head is None else logits[..., self.head_rows(self.head)]
+        rows = self.output_rows
+        return logits if rows is None else logits[..., rows]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The network's logits; samples (or reuses, under replay/condition) every weight site."""

@@ -277,7 +277,8 @@ class LocalReparameterizationELBO(_Estimator):
                 out.append(value if scalar is None else scalar)
         # the same draws, in the same order, as local_reparameterized_logits' randn_like per layer
         eps = [torch.randn(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-        head = None if model.head is None else (model.head_rows(model.head).start, model.head_rows(model.head).stop)
+        rows = model.output_rows
+        head = None if rows is None else (rows.start, rows.stop)
         loss, log_lik, weighted_kl, logits = compiled_local_elbo_terms(self.compile_backend)(
             locs, rhos, prior_locs, prior_scales, x, y, eps, head, x.new_tensor(num_data / y.shape[0]), x.new_tensor(float(kl_weight)))
         return ELBOTerms(loss, log_lik.item(), weighted_kl.item(), logits.detach())

@@ -10,7 +10,9 @@ What :class:`RayExecutor` does, precisely:
   CPUs (``ray.init(num_cpus=..., include_dashboard=False)``; GPUs as Ray detects them) and
   shuts it down in :meth:`~RayExecutor.close`. With an ``address`` (``HOST:PORT`` of a
   cluster's head, as ``ray start --head`` prints it, or ``auto``) it connects to that cluster
-  and disconnects in :meth:`~RayExecutor.close`; the cluster runs on. If Ray is already
+  and disconnects in :meth:`~RayExecutor.close`; the cluster runs on. An address whose port
+  takes no TCP connection within 10 s is refused before Ray is asked (:func:`check_reachable`;
+  ``ray.init`` itself retries for minutes). If Ray is already
   initialised in this process (by the caller), that Ray is used as it is and left running
   (an ``address`` is then refused).
 * **Concurrency and resources.** At most ``workers`` tasks are in flight. Each asks Ray for
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +54,7 @@ import torch
 
 from .executors import ExecutorUnavailableError, Job, JobResult, _call, _check_positive
 
-__all__ = ["RayExecutor", "import_ray", "RAY_INSTALL_HINT"]
+__all__ = ["RayExecutor", "import_ray", "check_reachable", "RAY_INSTALL_HINT"]
 
 RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
 POLL_SECONDS = 0.2  # how often the driver drains the checkpoint queue while tasks run
@@ -67,6 +70,27 @@ def import_ray():
             f"the ray executor needs Ray, which cannot be imported here ({error}); install it with: {RAY_INSTALL_HINT}"
         ) from None
     return ray
+
+
+CONNECT_TIMEOUT_S = 10.0  # how long check_reachable waits for the head's port to accept a connection
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds, a Ray ``address`` whose port takes no connection
+    (``ray.init`` would retry for minutes): :class:`ExecutorUnavailableError` naming it.
+    ``HOST:PORT`` and ``ray://HOST:PORT`` are checked (``HOST`` alone: port 6379, Ray's
+    default); ``auto`` and ``local`` are Ray's to resolve. A malformed address is a ``ValueError``."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port_text = target.rpartition(":") if ":" in target else (target, "", "6379")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"the Ray address must be HOST:PORT (or ray://HOST:PORT, or auto), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout).close()
+    except OSError as error:
+        raise ExecutorUnavailableError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s ({error}); "
+                                       "start its head there with `ray start --head` or fix --ray-address") from None
 
 
 def _run_in_worker(key: str, fn: Callable[..., Any], threads: int, *args: Any) -> JobResult:
@@ -115,6 +139,8 @@ class RayExecutor:
         if not self._owns_ray and address is not None:
             raise ValueError(f"Ray is already initialised in this process; cannot connect to {address!r} too (pass no address to use it)")
         if self._owns_ray:
+            if address is not None:
+                check_reachable(address)
             try:
                 if address is None:
                     ray.init(num_cpus=self.workers * self.threads, include_dashboard=False, logging_level=logging.WARNING)

@@ -37,7 +37,7 @@ import torch
 
 from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
-from .split_sequence import FITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
+from .split_sequence import FITS, JOINTS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .guides import GUIDES
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}, each task for B's fixed budget (not fitted by the stopping rule); writes sequence.png. split: the five tasks 0/1, 2/3, 4/5, 6/7, 8/9 of split MNIST in the --scenario given, with the methods {', '.join(SPLIT_METHODS)} and the split presets; writes split_mnist.png, split_mnist.md and sequence.png")
     p.add_argument("--scenario", help=f"only with --sequence split: {', '.join(SCENARIOS)} (incremental task: a 2-way head per task, the task id given at test time; domain: one shared 2-way head; class: one shared 10-way head)")
+    p.add_argument("--joint", help=f"only with --sequence split: when the joint (offline) posterior is fitted, {' or '.join(JOINTS)} (every: on tasks 0..t after every task t; last: once, on all five tasks, ACC alone); default: the preset's")
     p.add_argument("--fit", help=f"only with --sequence split: how each posterior is fitted, {' or '.join(FITS)} (rule: by the stopping rule as q_A, --max-epochs-a, --batch-size-a, --lr-a; fixed: --epochs/--min-steps at --lr, the verdict recorded); default: the preset's")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
@@ -174,9 +175,9 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
     :class:`UsageError` for ``--scenario``/``--fit`` without it, a missing or unknown scenario,
     and flags the split sequence does not use."""
     sequence = getattr(args, "sequence", None)
-    scenario, fit = getattr(args, "scenario", None), getattr(args, "fit", None)
+    scenario, fit, joint = getattr(args, "scenario", None), getattr(args, "fit", None), getattr(args, "joint", None)
     if sequence != "split":
-        for flag, value in (("--scenario", scenario), ("--fit", fit)):
+        for flag, value in (("--scenario", scenario), ("--fit", fit), ("--joint", joint)):
             if value is not None:
                 raise UsageError(f"{flag} {value} is only valid with --sequence split (got {'--sequence ' + sequence if sequence else 'no --sequence'})")
         return None
@@ -186,7 +187,8 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
     if unused:
         raise UsageError(f"{', '.join(unused)} not used by --sequence split (its tasks, heads and starts are set by --scenario)")
     try:
-        return SplitConfig(scenario=scenario, fit=SPLIT_PRESETS[args.preset].fit if fit is None else fit)
+        preset = SPLIT_PRESETS[args.preset]
+        return SplitConfig(scenario=scenario, fit=preset.fit if fit is None else fit, joint=preset.joint if joint is None else joint)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

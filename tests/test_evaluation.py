@@ -11,9 +11,11 @@ from conftest import fresh_model_and_guide, synthetic_batch
 from pyro_bbt.evaluation import (
     PredictiveMetrics,
     evaluate,
+    evaluate_accuracy,
     evaluate_posterior_mean,
     expected_calibration_error,
     metrics_from_log_probs,
+    predictive_accuracy,
     predictive_log_probs,
     sample_posterior,
 )
@@ -124,6 +126,26 @@ def fitted_meanfield():
     model, guide = fresh_model_and_guide((20, 16, 3), init_scale=0.2, initialize=True)
     x, y = synthetic_batch(batch=30, features=20)
     return model, guide, x, y
+
+
+def test_predictive_accuracy_takes_the_mean_and_counts_inactive_labels_wrong():
+    """Sample 1 says class 0 at 0.9, sample 2 class 1 at 0.6: the mean says 0 (0.65 against
+    0.35), though one sample disagrees; a label 2 with two outputs can never be predicted."""
+    s1 = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    s2 = torch.tensor([[0.4, 0.6], [0.3, 0.7], [0.9, 0.1]], dtype=torch.float64)
+    log_probs = torch.stack([s1, s2]).log()
+    assert predictive_accuracy(log_probs, torch.tensor([0, 1, 0])) == 1.0
+    assert predictive_accuracy(log_probs, torch.tensor([1, 1, 2])) == pytest.approx(1 / 3)
+    assert predictive_accuracy(s1.log(), torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)  # (N, C): one sample
+    assert metrics_from_log_probs(log_probs, torch.tensor([1, 1, 0])).accuracy == predictive_accuracy(log_probs, torch.tensor([1, 1, 0]))
+
+
+def test_evaluate_accuracy_equals_evaluates_accuracy_with_the_same_draws(fitted_meanfield):
+    model, guide, x, y = fitted_meanfield
+    pyro.set_rng_seed(1)
+    full = evaluate(model, guide, x, y, num_samples=7, batch_size=8)
+    pyro.set_rng_seed(1)
+    assert evaluate_accuracy(model, guide, x, y, num_samples=7, batch_size=8) == full.accuracy
 
 
 def test_evaluate_returns_metrics_of_the_right_type(fitted_meanfield):

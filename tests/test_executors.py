@@ -9,7 +9,9 @@ import json
 import operator
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 from pyro_bbt.executors import ExecutorUnavailableError, Job, ProcessExecutor, SerialExecutor, make_executor
 from pyro_bbt.experiment import ExperimentConfig, _Grid, _job, run_experiment
 from pyro_bbt.plan import UnitSpec, build_plan
-from pyro_bbt.ray_executor import RayExecutor
+from pyro_bbt.ray_executor import RayExecutor, check_reachable
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
@@ -188,6 +190,40 @@ def test_cli_without_ray_says_how_to_install_it_and_writes_nothing(tmp_path, cap
     assert main([*TINY, "--executor", "ray", "--workers", "2", "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--executor ray" in lines[0] and 'pip install -e ".[ray]"' in lines[0]
+    assert not out.exists()
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_ray_address_is_refused_at_once_and_a_listening_one_passes():
+    port = _closed_port()
+    start = time.perf_counter()
+    with pytest.raises(ExecutorUnavailableError, match=f"cannot reach the Ray cluster at '127.0.0.1:{port}' within 10 s"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(ExecutorUnavailableError, match=f"'ray://127.0.0.1:{port}'"):
+        check_reachable(f"ray://127.0.0.1:{port}")
+    assert time.perf_counter() - start < 5  # refused, not retried for minutes
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}")  # a head's port that accepts: no error
+    check_reachable("auto")  # Ray resolves it
+    for bad in ("head:port", "head:0", ":6379", "head:70000"):
+        with pytest.raises(ValueError, match=f"the Ray address must be HOST:PORT .*got '{bad}'"):
+            check_reachable(bad)
+
+
+def test_cli_with_an_unreachable_ray_address_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x"
+    port = _closed_port()
+    assert main([*TINY, "--executor", "ray", "--workers", "2", "--ray-address", f"127.0.0.1:{port}", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in lines[0]
     assert not out.exists()
 
 

@@ -91,14 +91,16 @@ def test_train_config_checks_fast():
         TrainConfig(fast="yes")
 
 
-@pytest.mark.parametrize("prior", ["gaussian", "transferred"])
+@pytest.mark.parametrize("prior", ["gaussian", "transferred", "active-outputs"])
 def test_the_compiled_step_takes_the_fast_paths_steps(prior):
     """The local estimator's step as one function for torch.compile (pyro_bbt.fused.local_elbo_terms),
     traced by dynamo and run by its ``eager`` backend (inductor's C++ compilation of the same
     graph takes minutes on two cores; ``python -m pyro_bbt.bench`` runs it and reports the
     accuracy beside the default's). Head 1 of a two-head net; ``transferred``: a per-weight
     prior on the hidden layer beside the scalar fallback on the output layer; the Blundell
-    weights change the KL's weight every step (a tensor input: no recompilation)."""
+    weights change the KL's weight every step (a tensor input: no recompilation);
+    ``active-outputs``: only the head's first two outputs in the softmax (the class scenario's
+    digits seen so far)."""
     import pyro
 
     from pyro_bbt.guides import GuideConfig, make_guide
@@ -107,12 +109,16 @@ def test_the_compiled_step_takes_the_fast_paths_steps(prior):
     from pyro_bbt.objectives import make_estimator
 
     x, y = synthetic_batch(batch=40, features=6, classes=3, seed=2)
+    if prior == "active-outputs":
+        y = y % 2
     fits = []
     for compile in ("eager", False):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         model = BayesianMLP((6, 5, 3), num_heads=2)
         model.head = 1
+        if prior == "active-outputs":
+            model.active_outputs = 2
         if prior == "transferred":
             generator = torch.Generator().manual_seed(3)
             hidden = {s: shape for s, shape in model.site_shapes.items() if s.startswith("layers.0")}
@@ -134,7 +140,7 @@ def test_the_compiled_step_takes_the_fast_paths_steps(prior):
     assert compiled_last.log_lik == pytest.approx(eager_last.log_lik, rel=1e-5)
     assert compiled_last.weighted_kl == pytest.approx(eager_last.weighted_kl, rel=1e-5)
     torch.testing.assert_close(compiled_last.logits, eager_last.logits)
-    assert compiled_last.logits.shape == (10, 3)
+    assert compiled_last.logits.shape == (10, 2 if prior == "active-outputs" else 3)
     for name in eager_params:
         torch.testing.assert_close(compiled_params[name], eager_params[name], rtol=1e-4, atol=1e-5, msg=name)
 

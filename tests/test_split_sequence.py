@@ -13,12 +13,16 @@ import torch
 from pyro_bbt.continual import summarize
 from pyro_bbt.data import Split, load_mnist
 from pyro_bbt.experiment import ExperimentConfig, run_sequence
+from pyro_bbt.report import PUBLISHED_SPLIT_MNIST
 from pyro_bbt.report import main as report_main
+from pyro_bbt.report import merge_split_runs, split_comparison_table, split_sequence_table
 from pyro_bbt.split_sequence import (
     SCENARIOS,
     SPLIT_METHODS,
     SplitConfig,
     _fresh_bayesian,
+    _prior_from,
+    _start_from,
     accuracy_row,
     check_split_methods,
     load_split_task,
@@ -69,7 +73,9 @@ def test_bad_scenario_or_fit_is_one_clear_value_error():
     with pytest.raises(ValueError, match="got guide 'planar'"):  # a new head cannot start fresh in a flow's packed vector
         check_split_methods(("ewc", "finetune"), "task", "planar")
     assert check_split_methods(("ewc", "joint"), "task", "planar") == ("ewc", "joint")
-    assert check_split_methods(("finetune",), "class", "planar") == ("finetune",)
+    with pytest.raises(ValueError, match="class scenario's finetune start the output rows of every new digit fresh"):
+        check_split_methods(("finetune",), "class", "planar")
+    assert check_split_methods(("finetune",), "domain", "planar") == ("finetune",)
 
 
 def _check_results(results: dict, scenario: str) -> None:
@@ -103,6 +109,50 @@ def test_tiny_run_fills_a_5x5_matrix_per_method(scenario, single_torch_thread):
     _check_results(results, scenario)
 
 
+def test_joint_last_fits_once_on_all_five_tasks_and_reports_its_acc_alone(single_torch_thread):
+    config = _config("domain", methods=("joint", "ewc"))
+    results = run_sequence(config, "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed", joint="last"))
+    assert results["joint"] == "last"
+    (seed_entry,) = results["methods"]["joint"]["per_seed"]
+    R = np.array(seed_entry["accuracy_matrix"])
+    assert np.isnan(R[:4]).all() and ((R[4] >= 0) & (R[4] <= 1)).all()
+    (fit,) = seed_entry["fits"]
+    assert fit["trained_on"] == [0, 1, 2, 3, 4] and fit["steps"] == sum(max(4, 1 * 200 // 128) for _ in range(5))
+    assert seed_entry["summary"] == {"average_accuracy": pytest.approx(R[4].mean()), "backward_transfer": None,
+                                     "forward_transfer": None, "average_forgetting": None}
+    summary = results["methods"]["joint"]["summary"]
+    assert summary["average_accuracy"]["mean"] == pytest.approx(R[4].mean()) and summary["backward_transfer"] is None
+    assert results["methods"]["joint"]["average_accuracy_curve"]["mean"][4] == pytest.approx(R[4].mean())
+    assert results["methods"]["ewc"]["summary"]["backward_transfer"] is not None  # the other methods keep every metric
+    row = next(line for line in split_sequence_table(results).splitlines() if line.startswith("| joint |"))
+    assert row.startswith(f"| joint | {100 * R[4].mean():.2f} ± 0.00 | — | — | — | ")
+
+
+def test_report_merges_runs_of_one_scenario_and_refuses_what_does_not_merge(single_torch_thread, tmp_path, capsys):
+    """``--methods ewc`` and ``--methods joint --joint last`` run apart: one domain table with both
+    methods and the published domain rows once; the same method twice, or another seed, refused."""
+    ewc = run_sequence(_config("domain", methods=("ewc",)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
+    joint = run_sequence(_config("domain", methods=("joint",)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed", joint="last"))
+    (merged,) = merge_split_runs([ewc, joint])
+    assert list(merged["methods"]) == ["ewc", "joint"] and merged["config"]["methods"] == ["ewc", "joint"] and merged["joint"] == "last"
+    assert merged["methods"]["joint"] == joint["methods"]["joint"] and merged["methods"]["ewc"] == ewc["methods"]["ewc"]
+    table = split_comparison_table([ewc, joint])
+    domain_published = sum(1 for row in PUBLISHED_SPLIT_MNIST if row[0] == "domain")
+    assert table.count("| domain |") == 2 + domain_published
+    with pytest.raises(ValueError, match="two domain-scenario runs both hold ewc: give each method once"):
+        merge_split_runs([ewc, ewc])
+    other_seed = run_sequence(_config("domain", methods=("joint",), seeds=(1,)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
+    with pytest.raises(ValueError, match="two domain-scenario runs differ in seeds: only runs of one configuration merge"):
+        merge_split_runs([ewc, other_seed])
+    for name, results in (("a", ewc), ("b", ewc)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--published"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "both hold ewc" in err[0]
+
+
 def test_rule_fit_records_the_stopping_rule_verdict(single_torch_thread):
     config = _config("domain", methods=("transfer",), epochs_a=1, max_epochs_a=2, batch_size_a=None)
     results = run_sequence(config, "split", log=lambda m: None, split=SplitConfig("domain", fit="rule"))
@@ -128,7 +178,7 @@ def test_task_scenario_reads_task_t_through_head_t():
     """A hand-built network whose head h says 1 only for an input lit at pixel h: task t's test
     images (pixel t lit, label 1) are all right through head t, all wrong through any other."""
     config = _config("task", guide="delta", methods=("ewc",))
-    model, guide = _fresh_bayesian(config, SplitConfig("task"), config.base_prior(), seed=0)
+    model, guide = _fresh_bayesian(config, SplitConfig("task"), config.base_prior(), seed=0, task=0)
     state = guide.state_dict()
     hidden_w, hidden_b = torch.zeros(16, 784), torch.zeros(16)
     hidden_w[torch.arange(16), torch.arange(16)] = 1.0  # hidden unit i = pixel i
@@ -150,6 +200,60 @@ def test_task_scenario_reads_task_t_through_head_t():
     assert accuracy_row(model, guide, shifted, tests, samples=2) == [0.0] * 5
 
 
+def test_class_scenario_softmax_runs_over_the_digits_seen_so_far():
+    """A hand-built net whose output biases favour digit 9 over digit 0 over the rest: after task 0
+    (digits 0 and 1 active) it says 0 for every image, after task 4 (all ten active) it says 9."""
+    split = SplitConfig("class")
+    assert [split.active_outputs(t) for t in range(5)] == [2, 4, 6, 8, 10]
+    assert SplitConfig("task").active_outputs(2) is None and SplitConfig("domain").active_outputs(2) is None
+    config = _config("class", guide="delta", methods=("ewc",))
+    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed=0, task=0)
+    assert model.active_outputs == 2
+    state = guide.state_dict()
+    for site, shape in model.site_shapes.items():
+        state[f"{site}_unconstrained"] = torch.zeros(shape)
+    state["layers.1.bias_unconstrained"][[0, 9]] = torch.tensor([5.0, 10.0])
+    guide.load_state_dict(state)
+    tasks = split_tasks("class")
+    labels = [0, 2, 4, 6, 9]  # task t's first digit; task 4's second
+    tests = [Split(torch.zeros(3, 784), torch.full((3,), label)) for label in labels]
+    assert accuracy_row(model, guide, tasks, tests, samples=2) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    model.active_outputs = split.active_outputs(4)
+    assert accuracy_row(model, guide, tasks, tests, samples=2) == [0.0, 0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="active_outputs must lie in 1..10, got 11"):
+        model.active_outputs = 11
+        model.output_rows
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_untrained_output_rows_start_fresh_under_the_base_prior(scenario):
+    """Task t starts from q_{t-1} except the output rows [2t, 10) (heads or digits no task has
+    trained yet), which keep the fresh guide's values; under transfer their prior is N(0, sigma^2).
+    The domain scenario's one shared head is carried over whole."""
+    split = SplitConfig(scenario)
+    assert [split.untrained_rows(t) for t in (1, 3, 5)] == (
+        [None] * 3 if scenario == "domain" else [slice(2, 10), slice(6, 10), None])
+    config = _config(scenario, methods=("transfer",))
+    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed=0, task=2)
+    fresh = {k: v.clone() for k, v in guide.state_dict().items()}
+    previous = {k: v + 1.0 for k, v in fresh.items()}  # q_{t-1}: every value different from the fresh guide's
+    _start_from(model, guide, previous, split.untrained_rows(2))
+    started = guide.state_dict()
+    prior = _prior_from(config, model, guide, split.untrained_rows(2))
+    for key, value in started.items():
+        if "layers.1." in key and scenario != "domain":  # the output layer
+            torch.testing.assert_close(value[:4], previous[key][:4], msg=key)
+            torch.testing.assert_close(value[4:], fresh[key][4:], msg=key)
+        else:
+            torch.testing.assert_close(value, previous[key], msg=key)
+    for site in model.output_sites:
+        if scenario == "domain":
+            assert prior.scale(site).shape == model.site_shapes[site]  # every row: q's (the one shared head)
+        else:
+            assert (prior.loc(site)[4:] == 0).all() and (prior.scale(site)[4:] == config.base_prior_std).all(), site
+            assert (prior.scale(site)[:4] != config.base_prior_std).any(), site
+
+
 def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
     out = tmp_path / "split"
     assert main(["--sequence", "split", "--scenario", "class", *TINY_ARGS, "--out", str(out)]) == 0
@@ -164,16 +268,23 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
     table = (out / "split_mnist.md").read_text()
     for method in SPLIT_METHODS:
         assert f"| {method} | " in table
+        R = np.array(results["methods"][method]["per_seed"][0]["accuracy_matrix"])
+        t = int(np.argmin(np.diag(R)))  # the lowest accuracy on the task just trained, and where
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} | "))
+        assert row.endswith(f"| {100 * R[t, t]:.1f} (seed 0, task {t}) |"), row
     capsys.readouterr()
     assert report_main([str(out)]) == 0
     assert capsys.readouterr().out == table
-    # beside the published numbers: ours for every method; the class scenario has no published row in the table
+    # beside the published numbers: ours for every method, then Hsu et al.'s released logs for the class scenario
     assert report_main([str(out), "--published", "--figure", str(tmp_path / "both.png")]) == 0
     published = capsys.readouterr().out
     assert (tmp_path / "both.png").stat().st_size > 0
     acc = results["methods"]["transfer"]["summary"]["average_accuracy"]
     assert f"| class | transfer | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | 1/1 | " in published
-    assert published.count("| class |") == len(SPLIT_METHODS) and "Hsu et al." not in published
+    published_rows = [row for row in PUBLISHED_SPLIT_MNIST if row[0] == "class"]
+    assert published_rows and published.count("| class |") == len(SPLIT_METHODS) + len(published_rows)
+    assert "| class | SI (c 600) | 19.79 ± 0.22 | — | — | Hsu et al.'s released log, GT-RIPL/Continual-Learning-Benchmark@851b474 " in published
+    assert "VCL" not in published and "Table 2" not in published  # the task and domain scenarios' rows stay out
     assert report_main([str(out), str(tmp_path)]) == 2 and "several run directories need --published" in capsys.readouterr().err
     assert report_main([str(out), str(tmp_path), "--published"]) == 2 and "is missing" in capsys.readouterr().err
 
@@ -187,6 +298,9 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
         (["--sequence", "split"], "--sequence split needs --scenario"),
         (["--sequence", "split", "--scenario", "bogus"], "unknown scenario 'bogus'; allowed: task, domain, class"),
         (["--sequence", "split", "--scenario", "task", "--fit", "maybe"], "unknown fit 'maybe'"),
+        (["--joint", "last"], "--joint last is only valid with --sequence split"),
+        (["--sequence", "split", "--scenario", "domain", "--joint", "first"], "unknown joint 'first'; allowed: every, last"),
+        (["--sequence", "split", "--scenario", "class", "--guide", "iaf"], "got guide 'iaf'"),
         (["--sequence", "split", "--scenario", "task", "--methods", "scratch,transfer"], "got scratch"),
         (["--sequence", "split", "--scenario", "task", "--head", "shared"], "--head not used by --sequence split"),
         (["--sequence", "split", "--scenario", "task", "--guide", "lowrank"], "got guide 'lowrank'"),
