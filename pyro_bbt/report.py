@@ -93,7 +93,7 @@ def split_sequence_table(results: dict) -> str:
     for method, entry in results["methods"].items():
         summary = entry["summary"] or {}
         curve = entry["average_accuracy_curve"]
-        steps = "—" if curve is None else ", ".join(f"{100 * a:.1f}" for a in curve["mean"])
+        steps = "—" if curve is None else ", ".join("—" if a != a else f"{100 * a:.1f}" for a in curve["mean"])  # NaN: a row not computed
         verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
         converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else ("— (deterministic)" if method == "ewc" else "—")
         lines.append(f"| {method} | {_percent(summary.get('average_accuracy'))} | {_percent(summary.get('backward_transfer'), True)} | "

@@ -125,7 +125,7 @@ def test_joint_last_fits_once_on_all_five_tasks_and_reports_its_acc_alone(single
     assert results["methods"]["joint"]["average_accuracy_curve"]["mean"][4] == pytest.approx(R[4].mean())
     assert results["methods"]["ewc"]["summary"]["backward_transfer"] is not None  # the other methods keep every metric
     row = next(line for line in split_sequence_table(results).splitlines() if line.startswith("| joint |"))
-    assert row.startswith(f"| joint | {100 * R[4].mean():.2f} ± 0.00 | — | — | — | ")
+    assert row.startswith(f"| joint | {100 * R[4].mean():.2f} ± 0.00 | — | — | — | —, —, —, —, {100 * R[4].mean():.1f} | ")
 
 
 def test_report_merges_runs_of_one_scenario_and_refuses_what_does_not_merge(single_torch_thread, tmp_path, capsys):
