@@ -67,6 +67,8 @@ class TrainConfig:
     :param lr: Adam learning rate.
     :param scale_lr: Adam learning rate of the guide's width parameters
         (:func:`~pyro_bbt.guides.is_scale_parameter`); ``None``: ``lr``.
+    :param flow_lr: Adam learning rate of a flow's transform parameters
+        (:func:`~pyro_bbt.guides.is_flow_parameter`); ``None``: ``lr``.
     :param num_particles: Monte Carlo samples per step (vectorised).
     :param estimator: ``"weights"``, ``"local"`` or ``"auto"`` (local for the ``meanfield`` guide,
         weights otherwise).
@@ -98,6 +100,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     scale_lr: float | None = None
+    flow_lr: float | None = None
     num_particles: int = 1
     estimator: str = "auto"
     kl_schedule: str = "blundell"
@@ -121,10 +124,10 @@ class TrainConfig:
             raise ValueError(f"steps must be None or an integer >= 1, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.scale_lr is not None and not (
-            isinstance(self.scale_lr, (int, float)) and not isinstance(self.scale_lr, bool) and math.isfinite(self.scale_lr) and self.scale_lr > 0
-        ):
-            raise ValueError(f"scale_lr must be None or a finite number > 0, got {self.scale_lr!r}")
+        for name in ("scale_lr", "flow_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
         if self.stopping is not None and not isinstance(self.stopping, StoppingRule):
             raise ValueError(f"stopping must be None or a StoppingRule, got {self.stopping!r}")
         if self.stopping is not None and self.steps is not None:
@@ -254,7 +257,7 @@ def train(
         order.manual_seed(config.seed)
     initialize_guide(guide, train_split.x.shape[1])
     kernel = {"fused": True} if fast else {"foreach": True}
-    optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr), lr=config.lr, **kernel)
+    optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **kernel)
     first_epoch = step = 0
     if resume is not None:
         guide.load_state_dict(resume.guide_state)

@@ -41,7 +41,7 @@ from .evaluation import evaluate
 from .experiment import PRESETS as EXPERIMENT_PRESETS
 from .experiment import ExperimentConfig, _fit_task_a, _fresh_bayesian, _load, _Run, _run_bayesian_b, steps_for
 from .files import atomic_write_json, atomic_write_text
-from .guides import GUIDES
+from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale
 from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
@@ -50,6 +50,7 @@ from .priors import GaussianPrior, PerSitePrior
 from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 from .uncertainty_study import (
+    WARM_STARTS,
     PREDICTORS,
     UNCERTAINTY_PRESETS,
     UncertaintyConfig,
@@ -126,24 +127,43 @@ def _recipe(config: StudyConfig) -> UncertaintyConfig:
                              limit_train=config.limit_train, limit_eval=config.limit_eval)
 
 
-def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str | None = None) -> dict:
-    """One fit on task A by q_A's recipe, judged by the stopping rule, scored on A's test set."""
+def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str | None = None,
+                        start: dict | None = None, posteriors: dict | None = None) -> dict:
+    """One fit on task A by q_A's recipe, judged by the stopping rule, scored on A's test set;
+    started at the posterior ``start`` if given. With ``posteriors``, the fitted posterior
+    (:func:`~pyro_bbt.guides.posterior_loc_scale`) is stored there under ``seed``."""
     train_split, _, test = _task_a(config, seed)
-    model, q, convergence, history = fit_guide(_recipe(config), guide, train_split, seed, kl_schedule=kl_schedule)
+    model, q, convergence, history = fit_guide(_recipe(config), guide, train_split, seed, kl_schedule=kl_schedule, start=start)
     metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
+    if posteriors is not None:
+        posteriors[seed] = posterior_loc_scale(q, model)
     return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e.seconds for e in history.epochs),
             "fit_seconds": sum(e.seconds for e in history.epochs), "epochs": convergence["epochs"], "converged": convergence["converged"],
             "convergence": convergence, "history": history.to_records()}
 
 
 def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print) -> list[dict]:
-    """Every guide fitted on task A by q_A's recipe to convergence (or the cap), per seed."""
+    """Every guide fitted on task A by q_A's recipe to convergence (or the cap), per seed. The
+    guides of :data:`~pyro_bbt.guides.WARM_GUIDES` start at the same seed's fitted ``meanfield``
+    posterior, as in the uncertainty study
+    (:attr:`~pyro_bbt.uncertainty_study.UncertaintyConfig.warm_start`); that fit is the
+    ``meanfield`` row's when it has one, else it is made for them (``started_from`` says which)."""
     rows = []
+    meanfield: dict[int, dict] = {}
+    warm = _recipe(config).warm_start == "meanfield"
     for guide, seed in itertools.product(guides, config.seeds):
-        rows.append({"guide": guide, **_fit_to_convergence(config, seed, guide=guide)})
+        start = started_from = None
+        if warm and guide in WARM_GUIDES:
+            if seed not in meanfield:
+                _fit_to_convergence(config, seed, guide="meanfield", posteriors=meanfield)
+            start, started_from = meanfield[seed], "meanfield"
+        posteriors = meanfield if (warm and guide == "meanfield") else None
+        rows.append({"guide": guide, **_fit_to_convergence(config, seed, guide=guide, start=start, posteriors=posteriors),
+                     "started_from": started_from})
         r = rows[-1]
         log(f"guide {guide:>9} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
-            f"{r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'}), {r['seconds_per_epoch']:.1f} s/epoch")
+            f"{r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'}), {r['seconds_per_epoch']:.1f} s/epoch"
+            + ("" if started_from is None else f", from {started_from}"))
     return rows
 
 
@@ -411,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="uncertainty only: run its units (one per guide and seed, one per seed for the nets) in N processes")
     parser.add_argument("--predictors", type=_predictor_names, default=None, metavar="NAME,NAME",
                         help=f"uncertainty only: the guides and baselines to fit and score (default all: {', '.join(PREDICTORS)})")
+    parser.add_argument("--warm-start", choices=WARM_STARTS, default=None,
+                        help="uncertainty only: start lowrank, planar and iaf at the same seed's fitted meanfield posterior "
+                             "(meanfield, the default) or afresh (fresh)")
     parser.add_argument("--variants", type=_variant_keys, default=VARIANT_KEYS, metavar="KEY,KEY",
                         help=f"convergence only: the fitting variants to run (default all: {', '.join(VARIANT_KEYS)})")
     return parser
@@ -457,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse and args.study not in ("tradeoff", "ablation", "uncertainty"):
         print(f"{parser.prog}: error: --reuse applies to the tradeoff, ablation and uncertainty studies only", file=sys.stderr)
         return 2
-    if (args.workers != 1 or args.predictors is not None) and args.study != "uncertainty":
-        print(f"{parser.prog}: error: --workers and --predictors apply to the uncertainty study only", file=sys.stderr)
+    if (args.workers != 1 or args.predictors is not None or args.warm_start is not None) and args.study != "uncertainty":
+        print(f"{parser.prog}: error: --workers, --predictors and --warm-start apply to the uncertainty study only", file=sys.stderr)
         return 2
     if args.workers < 1:
         print(f"{parser.prog}: error: --workers must be an integer >= 1, got {args.workers}", file=sys.stderr)
@@ -478,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0
     if args.study == "uncertainty":
-        uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors}))
+        uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors})
+                                    | ({} if args.warm_start is None else {"warm_start": args.warm_start}))
         try:
             reused, reused_from = reused_rows(uconfig, args.reuse)
         except ValueError as error:  # a --reuse directory of another configuration, or without uncertainty.json

@@ -19,7 +19,7 @@ from pyro_bbt.convergence import (
 )
 from pyro_bbt.data import Split
 from pyro_bbt.experiment import ExperimentConfig, _load, run_experiment, steps_for
-from pyro_bbt.guides import GUIDES, guide_parameter_groups, guide_parameters, is_scale_parameter
+from pyro_bbt.guides import GUIDES, guide_parameter_groups, guide_parameters, is_flow_parameter, is_scale_parameter
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.priors import GaussianPrior, ScaleMixturePrior
 from pyro_bbt.report import convergence_lines
@@ -55,22 +55,34 @@ def test_scale_groups_partition_the_guide_parameters(guide_name):
     expected_width = {"lowrank": {"scale_unconstrained", "cov_factor"}, "planar": {"scale_unconstrained"}}
     if guide_name in expected_width:
         assert set(by_lr[0.5]) == expected_width[guide_name]
+    # with a flow lr of their own, the flows' transforms form a third group; nothing else moves
+    flow_groups = guide_parameter_groups(guide, lr=1e-3, scale_lr=0.5, flow_lr=2e-4)
+    by_flow_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in flow_groups}
+    assert sorted(map(id, [p for g in flow_groups for p in g["params"]])) == sorted(map(id, guide_parameters(guide)))
+    if guide_name in ("planar", "iaf"):
+        assert by_flow_lr[2e-4] and all(is_flow_parameter(n) for n in by_flow_lr[2e-4])
+        assert not any(is_flow_parameter(n) for n in by_flow_lr[1e-3] + by_flow_lr[0.5])
+        assert set(by_flow_lr[0.5]) == set(by_lr[0.5])
+    else:
+        assert by_flow_lr == by_lr
 
 
 @pytest.mark.parametrize("guide_name", ["normal", "meanfield", "lowrank", "planar", "iaf"])
 def test_scale_lr_moves_the_scales_and_only_them(guide_name, single_torch_thread):
     """Adam's first step moves every parameter with a nonzero gradient by its group's lr
-    (m/sqrt(v) = g/|g|): scales by scale_lr, everything else by lr."""
+    (m/sqrt(v) = g/|g|): scales by scale_lr, the flows' transforms by flow_lr, everything else by lr."""
     data = _half_blank_data(64)
     model, guide = fresh_model_and_guide(SIZES, guide_name, initialize=True, num_flows=2)
     before = {n: p.detach().clone() for n, p in guide.named_parameters()}
-    train(model, guide, data, TrainConfig(steps=1, batch_size=64, lr=1e-4, scale_lr=0.05, kl_schedule="uniform",
+    train(model, guide, data, TrainConfig(steps=1, batch_size=64, lr=1e-4, scale_lr=0.05, flow_lr=3e-3, kl_schedule="uniform",
                                           progress=False, eval_samples=0, estimator="weights"))
+    flows = [name for name, _ in guide.named_parameters() if is_flow_parameter(name)]
+    assert bool(flows) == (guide_name in ("planar", "iaf"))
     for name, value in guide.named_parameters():
         step = (value.detach() - before[name]).abs()
         moved = step[step > 0]
         assert moved.numel() > 0, name
-        expected = 0.05 if is_scale_parameter(name) else 1e-4
+        expected = 3e-3 if is_flow_parameter(name) else 0.05 if is_scale_parameter(name) else 1e-4
         assert torch.allclose(moved.max(), torch.tensor(expected), rtol=1e-3), (name, float(moved.max()))
 
 

@@ -17,6 +17,7 @@ from pyro_bbt.guides import (
     has_closed_form_kl,
     make_guide,
     posterior_loc_scale,
+    start_from_posterior,
 )
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.model import BayesianMLP
@@ -197,3 +198,38 @@ def test_fast_estimators_reach_the_accuracy_band_of_pyro_trace_elbo(mnist3):
 
     assert min(accuracy.values()) > 0.85, accuracy
     assert max(accuracy.values()) - min(accuracy.values()) < 0.06, accuracy
+
+
+@pytest.mark.parametrize("name", ["normal", "meanfield", "lowrank", "planar", "iaf"])
+def test_start_from_posterior_sets_locations_and_widths(name):
+    """A fitted mean-field posterior becomes the start of another guide: exactly for the Gaussian
+    guides (lowrank with F = 0) and the flows' base Normal; every IAF starts as the identity, so the iaf guide's
+    samples have exactly the posterior's moments (up to Monte Carlo error); a planar flow only
+    adds its small random start."""
+    sizes = (6, 5, 3)
+    model, source = fresh_model_and_guide(sizes, "meanfield", initialize=True)
+    generator = torch.Generator().manual_seed(1)
+    posterior = {site: (loc + torch.randn(loc.shape, generator=generator), scale * (1 + torch.rand(scale.shape, generator=generator)))
+                 for site, (loc, scale) in posterior_loc_scale(source, model).items()}
+    _, guide = fresh_model_and_guide(sizes, name, initialize=True, num_flows=2)
+    assert start_from_posterior(guide, posterior) is guide
+    parts = list(guide) if name == "iaf" else [guide]
+    for part in parts:
+        if hasattr(part, "scale"):  # lowrank's diagonal, the flows' base Normal: the posterior, packed in the guide's site order
+            sites = [site for site, _ in part.prototype_trace.iter_stochastic_nodes()]
+            assert torch.equal(part.loc.detach(), torch.cat([posterior[site][0].reshape(-1) for site in sites]))
+            assert torch.allclose(part.scale.detach(), torch.cat([posterior[site][1].reshape(-1) for site in sites]), rtol=1e-5)
+    moments = posterior_loc_scale(guide, model, num_samples=40000)
+    for site, (loc, scale) in posterior.items():
+        if name == "planar":  # 2 planar flows in 38 dimensions move a draw by about |u| <= 2 / sqrt(38) per coordinate
+            assert (moments[site][0] - loc).abs().max() < 0.7
+        else:
+            tolerance = 0.0 if name in ("normal", "meanfield", "lowrank") else 5 * float(scale.max()) / math.sqrt(40000)
+            assert (moments[site][0] - loc).abs().max() <= tolerance + 1e-6, site
+            assert torch.allclose(moments[site][1], scale, rtol=0.03 if name == "iaf" else 1e-5), site
+    if name == "lowrank":  # F = 0: no correlation left
+        assert not guide.cov_factor.detach().any()
+    # a site missing from the posterior is named
+    with pytest.raises(ValueError, match="site 'layers.1.bias' of the guide is not in the posterior"):
+        start_from_posterior(fresh_model_and_guide(sizes, name, initialize=True, num_flows=2)[1],
+                             {k: v for k, v in posterior.items() if k != "layers.1.bias"})

@@ -40,6 +40,12 @@ def test_guides_study_fits_every_guide_by_the_recipe_and_judges_it(tmp_path):
     plot_guides(rows, tmp_path / "guides.png")
     assert (tmp_path / "guides.png").stat().st_size > 0
     assert "| 2 | 0/1 | 1 |" in guides_table(rows)
+    # lowrank and the flows start at the meanfield row's fit, the others afresh
+    assert {r["guide"]: r["started_from"] for r in rows} == {g: ("meanfield" if g in ("lowrank", "planar", "iaf") else None) for g in GUIDES}
+    # without a meanfield row, the same meanfield fit is made for the flows: the same planar row
+    alone = compare_guides(TINY, guides=("planar",), log=lambda m: None)
+    planar = next(r for r in rows if r["guide"] == "planar")
+    assert [e["elbo"] for e in alone[0]["history"]] == [e["elbo"] for e in planar["history"]] and alone[0]["accuracy"] == planar["accuracy"]
 
 
 def test_schedules_study_none_has_zero_kl(tmp_path):
@@ -148,7 +154,13 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert main(["guides", "--variants", "old", "--out", str(tmp_path)]) == 2
     assert "--variants applies to the convergence study only" in capsys.readouterr().err
     assert main(["guides", "--predictors", "meanfield", "--out", str(tmp_path)]) == 2
-    assert "--workers and --predictors apply to the uncertainty study only" in capsys.readouterr().err
+    assert "--workers, --predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
+    assert main(["guides", "--warm-start", "fresh", "--out", str(tmp_path)]) == 2
+    assert "--workers, --predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["uncertainty", "--warm-start", "map"])
+    assert exit_info.value.code == 2 and "invalid choice: 'map' (choose from meanfield, fresh)" in capsys.readouterr().err.replace("'meanfield', 'fresh'", "meanfield, fresh")
+    assert build_parser().parse_args(["uncertainty", "--warm-start", "fresh"]).warm_start == "fresh"
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["uncertainty", "--predictors", "meanfield,bayes"])
     assert exit_info.value.code == 2 and "unknown predictor bayes; allowed: normal, meanfield" in capsys.readouterr().err

@@ -149,8 +149,11 @@ def test_the_study_scores_guides_and_baselines_on_every_set(tmp_path, single_tor
     # one net has no epistemic part; three nets of different seeds disagree
     assert by[("deterministic", 0)]["sets"][UNSEEN]["mutual_information"] == 0.0
     assert by[("ensemble", 0)]["sets"][UNSEEN]["mutual_information"] > 0.0
+    # a fit learnt A when its accuracy on A's test digits reaches learnt_accuracy (0.9)
+    assert all(r["learnt"] == (r["sets"][IN_DISTRIBUTION]["accuracy"] >= 0.9) for r in rows)
+    learnt = sum(by[("meanfield", s)]["learnt"] for s in (0, 1))
     table = uncertainty_table(rows)
-    assert table.count("\n") == 2 + 4 and "| ensemble |" in table and "| 0/2 | 2 |" in table
+    assert table.count("\n") == 2 + 4 and "| ensemble |" in table and f"| 0/2 | {learnt}/2 | 2 |" in table
     for plot, name in ((plot_uncertainty, "u.png"), (plot_reliability, "r.png"), (plot_shift, "s.png")):
         plot(rows, tmp_path / name)
         assert (tmp_path / name).stat().st_size > 0
@@ -186,67 +189,79 @@ def test_the_study_config_rejects_bad_values():
         UncertaintyConfig(predictors=("bayes",))
     with pytest.raises(ValueError, match="ensemble-size must be an integer >= 1, got 0"):
         UncertaintyConfig(ensemble_size=0)
+    with pytest.raises(ValueError, match="unknown warm-start 'map'; allowed: meanfield, fresh"):
+        UncertaintyConfig(warm_start="map")
+    with pytest.raises(ValueError, match="flow-lr must be a finite number > 0, got 0"):
+        UncertaintyConfig(flow_lr=0)
+    with pytest.raises(ValueError, match=r"learnt-accuracy must lie in \[0, 1\], got 1.5"):
+        UncertaintyConfig(learnt_accuracy=1.5)
 
 
-def test_spearman_on_hand_computed_examples():
-    from pyro_bbt.report import spearman
-
-    assert spearman([1, 2, 3, 4], [2, 4, 9, 10]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [5, 3, 2, 0]) == pytest.approx(-1.0)
-    # ties share mid-ranks: x ranks 1, 2.5, 2.5, 4 against y ranks 1, 2, 3, 4
-    rx, ry = [1, 2.5, 2.5, 4], [1, 2, 3, 4]
-    expected = sum((a - 2.5) * (b - 2.5) for a, b in zip(rx, ry)) / (sum((a - 2.5) ** 2 for a in rx) * sum((b - 2.5) ** 2 for b in ry)) ** 0.5
-    assert spearman([0.1, 0.5, 0.5, 0.9], [1, 2, 3, 4]) == pytest.approx(expected)
-    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
-
-
-def test_report_says_how_uncertainty_on_a_tracks_forgetting(tmp_path, capsys):
-    import json
-
-    from pyro_bbt.report import main as report_main
-
-    def unit(method, fraction, seed, accuracy, entropy, mi):
-        return {"method": method, "fraction": fraction, "seed": seed, "status": "ok",
-                "a_test_after": {"accuracy": accuracy, "entropy": entropy, "mutual_information": mi}}
-
-    units = [unit("transfer", f, s, 0.9 - 0.1 * i - 0.01 * s, 0.1 + 0.1 * i + 0.01 * s, 0.5 - 0.1 * i)
-             for i, f in enumerate((0.1, 1.0)) for s in (0, 1)]
-    units.append({"method": "transfer", "fraction": 0.1, "seed": 2, "status": "failed"})
-    results = {"summary": {}, "task_a": [], "units": units}
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    assert report_main([str(tmp_path), "--uncertainty"]) == 0
-    out = capsys.readouterr().out
-    # entropy rises with forgetting (+1), the mutual information here falls (-1, up to ties)
-    assert "| transfer | 0.895 ± 0.007 / 0.105 ± 0.007 / 0.500 ± 0.000 | 0.795 ± 0.007 / 0.205 ± 0.007 / 0.400 ± 0.000 | +1.00 | -0.89 |" in out
-
-
-def test_the_study_reuses_rows_of_an_earlier_run_of_the_same_configuration(tmp_path, single_torch_thread, capsys):
+def test_richer_guides_start_from_the_same_seeds_fitted_meanfield(single_torch_thread):
     from dataclasses import replace
 
-    from pyro_bbt.files import atomic_write_json
-    from pyro_bbt.studies import main
-    from pyro_bbt.uncertainty_study import UncertaintyConfig, config_to_dict, reused_rows, uncertainty_study
+    from pyro_bbt.uncertainty_study import UncertaintyConfig, plan_units, uncertainty_study
 
-    config = UncertaintyConfig(predictors=("delta",), seeds=(0, 1), hidden=(8,), max_epochs=2, min_epochs=2, ensemble_size=2, net_epochs=1,
-                               eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,), noise_stds=(0.5,),
-                               experiment=dict(batch_size_a=50))
-    earlier = uncertainty_study(config, log=lambda m: None)
-    atomic_write_json(tmp_path / "first" / "uncertainty.json", {"config": config_to_dict(config), "rows": earlier})
+    config = UncertaintyConfig(predictors=("meanfield", "lowrank", "planar", "iaf", "delta"), seeds=(0,), hidden=(8,), max_epochs=3,
+                               min_epochs=2, eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,), noise_stds=(0.5,),
+                               experiment=dict(batch_size_a=50), learnt_accuracy=0.0)
+    # they have no unit of their own: the seed's meanfield unit fits them after it, first in the queue
+    assert config.warm_guides == ("lowrank", "planar", "iaf")
+    assert plan_units(config) == [("meanfield", 0), ("delta", 0)]
+    assert plan_units(replace(config, predictors=("iaf", "delta"))) == [("meanfield", 0), ("delta", 0)]
+    assert plan_units(replace(config, warm_start="fresh")) == [("iaf", 0), ("planar", 0), ("lowrank", 0), ("meanfield", 0), ("delta", 0)]
+    rows = uncertainty_study(config, log=lambda m: None)
+    by = {r["predictor"]: r for r in rows}
+    assert list(by) == ["meanfield", "lowrank", "planar", "iaf", "delta"] and all(r["learnt"] for r in rows)
+    for richer in ("lowrank", "planar", "iaf"):
+        assert by[richer]["started_from"] == {"guide": "meanfield", "epochs": by["meanfield"]["convergence"]["epochs"],
+                                              "fit_seconds": by["meanfield"]["fit_seconds"]}
+        assert by[richer]["convergence"]["epochs"] >= 2
+        # it goes on at the rates the meanfield fit ended with: the rule allows it no further drops
+        assert by[richer]["convergence"]["rule"]["lr_drops"] == 0 and by["meanfield"]["convergence"]["rule"]["lr_drops"] == 3
+    assert by["meanfield"]["started_from"] is None and by["delta"]["started_from"] is None
+    # without the meanfield row asked for, its fit still starts the others, and only their rows come back
+    alone = uncertainty_study(replace(config, predictors=("planar",)), log=lambda m: None)
+    assert [r["predictor"] for r in alone] == ["planar"] and alone[0]["started_from"]["guide"] == "meanfield"
+    assert alone[0]["sets"] == by["planar"]["sets"]  # the same meanfield fit, the same planar fit
 
-    wider = replace(config, predictors=("delta", "deterministic"))
-    reused, sources = reused_rows(wider, [tmp_path / "first"])
-    assert reused == earlier and sources == {"delta": str(tmp_path / "first")}
-    logged = []
-    rows = uncertainty_study(wider, log=logged.append, reuse=reused)
-    # only the deterministic nets were fitted; the delta rows are the earlier ones, in the study's order
-    assert len(logged) == 2 and all("deterministic" in line for line in logged)
-    assert [(r["predictor"], r["seed"]) for r in rows] == [("delta", 0), ("deterministic", 0), ("delta", 1), ("deterministic", 1)]
-    assert [r for r in rows if r["predictor"] == "delta"] == earlier
 
-    with pytest.raises(ValueError, match=r"differs in 'eval_samples' \(2 there, 3 here\)"):
-        reused_rows(replace(wider, eval_samples=3), [tmp_path / "first"])
-    with pytest.raises(ValueError, match="no uncertainty.json there"):
-        reused_rows(wider, [tmp_path / "nowhere"])
-    # the CLI says so before fitting anything, exit 2, nothing written
-    assert main(["uncertainty", "--reuse", str(tmp_path / "first"), "--out", str(tmp_path / "out")]) == 2
-    assert "its configuration differs in 'ensemble_size' (2 there, 3 here)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+def test_a_killed_study_leaves_no_worker_fitting_on(tmp_path):
+    """The study's worker processes end with the driver: a driver killed (SIGKILL, nothing to
+    clean up) while its workers are busy leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from pyro_bbt.uncertainty_study import _init_worker\n"
+        "def busy(_):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    context = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(2, mp_context=context, initializer=_init_worker, initargs=(1,)) as pool:\n"
+        "        list(pool.map(busy, range(2)))\n"
+    )
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    workers = [int(driver.stdout.readline()) for _ in range(2)]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (ended, not yet reaped by init) counts as ended
+            return stat.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
