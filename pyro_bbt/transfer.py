@@ -40,7 +40,7 @@ from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHO
 from .split_sequence import FITS, JOINTS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
-from .guides import GUIDES
+from .guides import FLOW_GUIDES, GUIDES
 from .kl_schedules import KL_SCHEDULES
 from .objectives import ESTIMATORS
 
@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         executor.close()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    if config.guide in FLOW_GUIDES:
+        print(f"{parser.prog}: warning: --guide {config.guide}: this experiment trains the flows' own parameters at the locations' "
+              f"rate (--lr-a {config.lr_a}), where their fits plateau or diverge (README, uncertainty study); its results with "
+              f"this guide are not to be trusted", file=sys.stderr)
     try:
         return _run(args, config, split, executor, parser.prog)
     finally:

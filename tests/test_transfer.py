@@ -290,3 +290,11 @@ def test_figures_use_the_sample_std_of_the_tables():
     assert sample_std([0.9]) == 0.0
     np.testing.assert_allclose(sample_std([[1.0, 2.0], [3.0, 6.0]], axis=0), [np.sqrt(2), np.sqrt(8)])
     np.testing.assert_array_equal(sample_std([[1.0, 2.0]], axis=0), [0.0, 0.0])
+
+
+def test_cli_warns_that_the_flow_guides_train_their_flows_at_lr_a(tmp_path, capsys):
+    args = [*TINY, "--methods", "scratch", "--max-epochs-a", "1"]
+    assert main([*args, "--guide", "planar", "--out", str(tmp_path / "planar")]) == 0
+    assert "warning: --guide planar: this experiment trains the flows' own parameters at the locations' rate (--lr-a 0.01)" in capsys.readouterr().err
+    assert main([*args, "--guide", "normal", "--out", str(tmp_path / "normal")]) == 0
+    assert "warning" not in capsys.readouterr().err
