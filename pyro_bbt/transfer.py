@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config.guide in FLOW_GUIDES:
         print(f"{parser.prog}: warning: --guide {config.guide}: this experiment trains the flows' own parameters at the locations' "
-              f"rate (--lr-a {config.lr_a}), where their fits plateau or diverge (README, uncertainty study); its results with "
+              f"learning rate (--lr-a, --lr), where their fits plateau or diverge (README, uncertainty study); its results with "
               f"this guide are not to be trusted", file=sys.stderr)
     try:
         return _run(args, config, split, executor, parser.prog)

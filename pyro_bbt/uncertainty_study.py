@@ -286,25 +286,25 @@ def run_unit(config: UncertaintyConfig, unit: tuple[str, int], suite: dict | Non
             scores = _score_predictor(lambda x, members=members: network_log_probs(members, x), suite, num_classes)
             rows.append(_row(predictor, seed, net_seconds * len(members) / len(nets), None, scores, learnt_accuracy=config.learnt_accuracy))
         return rows
-    fitted = _fit_and_score(config, what, train_split, seed, suite, num_classes)
-    rows = [fitted["row"]] if what in config.predictors else []
-    if what == "meanfield":
-        start = {"guide": "meanfield", "epochs": fitted["row"]["convergence"]["epochs"], "fit_seconds": fitted["row"]["fit_seconds"]}
+    rows = []
+
+    def fit_and_score(guide_name: str, start: dict | None = None, started_from: dict | None = None):
+        begin = time.perf_counter()
+        model, guide, convergence, history = fit_guide(config, guide_name, train_split, seed, start=start)
+        fit_seconds = time.perf_counter() - begin
+        if guide_name in config.predictors:  # a meanfield fitted only to start the others is not scored
+            scores = _score_predictor(lambda x: bayesian_log_probs(model, guide, x, config.eval_samples, seed=seed), suite, num_classes)
+            per_epoch = float(np.median([e.seconds for e in history.epochs]))
+            rows.append(_row(guide_name, seed, fit_seconds, convergence, scores, per_epoch, config.learnt_accuracy, started_from))
+        return model, guide, convergence, fit_seconds
+
+    model, guide, convergence, fit_seconds = fit_and_score(what)
+    if what == "meanfield" and config.warm_guides:
+        posterior = posterior_loc_scale(guide, model)
+        started_from = {"guide": "meanfield", "epochs": convergence["epochs"], "fit_seconds": fit_seconds}
         for richer in config.warm_guides:
-            rows.append(_fit_and_score(config, richer, train_split, seed, suite, num_classes, fitted["posterior"], start)["row"])
+            fit_and_score(richer, posterior, started_from)
     return rows
-
-
-def _fit_and_score(config: UncertaintyConfig, what: str, train_split, seed: int, suite: dict, num_classes: int,
-                   start: dict | None = None, started_from: dict | None = None) -> dict:
-    """One guide fitted (from ``start``, if given) and scored: its row and its fitted posterior."""
-    begin = time.perf_counter()
-    model, guide, convergence, history = fit_guide(config, what, train_split, seed, start=start)
-    fit_seconds = time.perf_counter() - begin
-    scores = _score_predictor(lambda x: bayesian_log_probs(model, guide, x, config.eval_samples, seed=seed), suite, num_classes)
-    per_epoch = float(np.median([e.seconds for e in history.epochs]))
-    posterior = posterior_loc_scale(guide, model) if what == "meanfield" and config.warm_guides else None
-    return {"row": _row(what, seed, fit_seconds, convergence, scores, per_epoch, config.learnt_accuracy, started_from), "posterior": posterior}
 
 
 def _init_worker(threads: int) -> None:

@@ -295,6 +295,6 @@ def test_figures_use_the_sample_std_of_the_tables():
 def test_cli_warns_that_the_flow_guides_train_their_flows_at_lr_a(tmp_path, capsys):
     args = [*TINY, "--methods", "scratch", "--max-epochs-a", "1"]
     assert main([*args, "--guide", "planar", "--out", str(tmp_path / "planar")]) == 0
-    assert "warning: --guide planar: this experiment trains the flows' own parameters at the locations' rate (--lr-a 0.01)" in capsys.readouterr().err
+    assert "warning: --guide planar: this experiment trains the flows' own parameters at the locations' learning rate (--lr-a, --lr)" in capsys.readouterr().err
     assert main([*args, "--guide", "normal", "--out", str(tmp_path / "normal")]) == 0
     assert "warning" not in capsys.readouterr().err
