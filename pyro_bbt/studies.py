@@ -147,23 +147,34 @@ def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=pr
     guides of :data:`~pyro_bbt.guides.WARM_GUIDES` start at the same seed's fitted ``meanfield``
     posterior, as in the uncertainty study
     (:attr:`~pyro_bbt.uncertainty_study.UncertaintyConfig.warm_start`); that fit is the
-    ``meanfield`` row's when it has one, else it is made for them (``started_from`` says which)."""
+    ``meanfield`` row's when it has one, else it is made for them. ``started_from`` records it as
+    the uncertainty study does, and such a fit counts as converged only when that one did too."""
     rows = []
-    meanfield: dict[int, dict] = {}
+    posteriors: dict[int, dict] = {}
+    meanfield: dict[int, dict] = {}  # seed -> its meanfield row, fitted once whichever guide needs it first
     warm = _recipe(config).warm_start == "meanfield"
+
+    def meanfield_row(seed: int) -> dict:
+        if seed not in meanfield:
+            meanfield[seed] = _fit_to_convergence(config, seed, guide="meanfield", posteriors=posteriors)
+        return meanfield[seed]
+
     for guide, seed in itertools.product(guides, config.seeds):
-        start = started_from = None
-        if warm and guide in WARM_GUIDES:
-            if seed not in meanfield:
-                _fit_to_convergence(config, seed, guide="meanfield", posteriors=meanfield)
-            start, started_from = meanfield[seed], "meanfield"
-        posteriors = meanfield if (warm and guide == "meanfield") else None
-        rows.append({"guide": guide, **_fit_to_convergence(config, seed, guide=guide, start=start, posteriors=posteriors),
-                     "started_from": started_from})
+        started_from = None
+        if guide == "meanfield":
+            row = dict(meanfield_row(seed))
+        elif warm and guide in WARM_GUIDES:
+            start = meanfield_row(seed)
+            started_from = {"guide": "meanfield", "epochs": start["epochs"], "converged": start["converged"], "fit_seconds": start["fit_seconds"]}
+            row = _fit_to_convergence(config, seed, guide=guide, start=posteriors[seed])
+            row["converged"] = row["converged"] and start["converged"]
+        else:
+            row = _fit_to_convergence(config, seed, guide=guide)
+        rows.append({"guide": guide, **row, "started_from": started_from})
         r = rows[-1]
         log(f"guide {guide:>9} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
             f"{r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'}), {r['seconds_per_epoch']:.1f} s/epoch"
-            + ("" if started_from is None else f", from {started_from}"))
+            + ("" if started_from is None else f", from {started_from['guide']}"))
     return rows
 
 

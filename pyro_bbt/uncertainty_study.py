@@ -301,7 +301,7 @@ def run_unit(config: UncertaintyConfig, unit: tuple[str, int], suite: dict | Non
     model, guide, convergence, fit_seconds = fit_and_score(what)
     if what == "meanfield" and config.warm_guides:
         posterior = posterior_loc_scale(guide, model)
-        started_from = {"guide": "meanfield", "epochs": convergence["epochs"], "fit_seconds": fit_seconds}
+        started_from = {"guide": "meanfield", "epochs": convergence["epochs"], "converged": convergence["converged"], "fit_seconds": fit_seconds}
         for richer in config.warm_guides:
             fit_and_score(richer, posterior, started_from)
     return rows
@@ -318,7 +318,8 @@ def _log_rows(rows: list[dict], log) -> None:
     for row in rows:
         a, convergence = row["sets"][IN_DISTRIBUTION], row["convergence"]
         verdict = "" if convergence is None else f", {convergence['epochs']} epochs, {'converged' if convergence['converged'] else 'NOT converged'}"
-        verdict += "" if row["started_from"] is None else f" (from {row['started_from']['guide']})"
+        start = row["started_from"]
+        verdict += "" if start is None else f" (from {start['guide']}, {'converged' if start['converged'] else 'NOT converged'})"
         verdict += "" if row["learnt"] else ", did NOT learn A"
         log(f"{row['predictor']:>13} seed {row['seed']}: A acc {a['accuracy']:.4f}, ECE {a['ece']:.4f}, AUROC unseen by entropy "
             f"{row['auroc_entropy']:.3f}, by MI {row['auroc_mutual_information']:.3f}; fit {row['fit_seconds']:.0f} s{verdict}")
@@ -388,6 +389,13 @@ def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, re
     return sorted(rows, key=lambda r: (config.seeds.index(r["seed"]), rank[r["predictor"]]))
 
 
+def fit_converged(row: dict) -> bool:
+    """The rule's verdict on a guide's row; a fit started from another posterior
+    (``started_from``) counts as converged only when that posterior's fit did too."""
+    start = row["started_from"]
+    return row["convergence"]["converged"] and (start is None or start["converged"])
+
+
 def guide_rows(rows: list[dict]) -> list[dict]:
     """The guides' rows of the study in :func:`pyro_bbt.studies.guides_table`'s form: A's test
     accuracy, NLL and ECE, median seconds per epoch, epochs and the stopping rule's verdict."""
@@ -398,7 +406,7 @@ def guide_rows(rows: list[dict]) -> list[dict]:
         a = row["sets"][IN_DISTRIBUTION]
         out.append({"guide": row["predictor"], "seed": row["seed"], "accuracy": a["accuracy"], "nll": a["nll"], "ece": a["ece"],
                     "seconds_per_epoch": row["seconds_per_epoch"], "fit_seconds": row["fit_seconds"], "epochs": row["convergence"]["epochs"],
-                    "converged": row["convergence"]["converged"]})
+                    "converged": fit_converged(row)})
     return out
 
 
@@ -426,7 +434,7 @@ def uncertainty_table(rows: list[dict]) -> str:
     for predictor in predictors:
         group = [r for r in rows if r["predictor"] == predictor]
         cells = [_mean_std([r["sets"][s][k] for r in group]) for _, s, k in columns]
-        verdicts = [r["convergence"]["converged"] for r in group if r["convergence"] is not None]
+        verdicts = [fit_converged(r) for r in group if r["convergence"] is not None]
         converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "—"
         lines.append(f"| {predictor} | " + " | ".join(cells) + f" | {_mean_std([r['auroc_entropy'] for r in group])} | "
                      f"{_mean_std([r['auroc_mutual_information'] for r in group])} | {converged} | {sum(r['learnt'] for r in group)}/{len(group)} | {len(group)} |")

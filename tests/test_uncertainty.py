@@ -200,7 +200,7 @@ def test_the_study_config_rejects_bad_values():
 def test_richer_guides_start_from_the_same_seeds_fitted_meanfield(single_torch_thread):
     from dataclasses import replace
 
-    from pyro_bbt.uncertainty_study import UncertaintyConfig, plan_units, uncertainty_study
+    from pyro_bbt.uncertainty_study import UncertaintyConfig, guide_rows, plan_units, uncertainty_study, uncertainty_table
 
     config = UncertaintyConfig(predictors=("meanfield", "lowrank", "planar", "iaf", "delta"), seeds=(0,), hidden=(8,), max_epochs=3,
                                min_epochs=2, eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,), noise_stds=(0.5,),
@@ -215,11 +215,20 @@ def test_richer_guides_start_from_the_same_seeds_fitted_meanfield(single_torch_t
     assert list(by) == ["meanfield", "lowrank", "planar", "iaf", "delta"] and all(r["learnt"] for r in rows)
     for richer in ("lowrank", "planar", "iaf"):
         assert by[richer]["started_from"] == {"guide": "meanfield", "epochs": by["meanfield"]["convergence"]["epochs"],
+                                              "converged": by["meanfield"]["convergence"]["converged"],
                                               "fit_seconds": by["meanfield"]["fit_seconds"]}
         assert by[richer]["convergence"]["epochs"] >= 2
         # it goes on at the rates the meanfield fit ended with: the rule allows it no further drops
         assert by[richer]["convergence"]["rule"]["lr_drops"] == 0 and by["meanfield"]["convergence"]["rule"]["lr_drops"] == 3
     assert by["meanfield"]["started_from"] is None and by["delta"]["started_from"] is None
+    # a fit started from an unconverged posterior is not counted converged, even when its own phase met the rule:
+    # with any gain and drift accepted, meanfield still needs its three drops (more epochs than the cap of 3), planar none
+    lenient = replace(config, predictors=("meanfield", "planar"), experiment=dict(batch_size_a=50, window=1, rel_tol=1e9, scale_tol=1e9))
+    meanfield, planar = uncertainty_study(lenient, log=lambda m: None)
+    assert meanfield["convergence"]["converged"] is False and planar["convergence"]["converged"] is True
+    assert planar["started_from"]["converged"] is False
+    assert [(g["guide"], g["converged"]) for g in guide_rows([meanfield, planar])] == [("meanfield", False), ("planar", False)]
+    assert "| planar |" in uncertainty_table([meanfield, planar]).splitlines()[-1] and "| 0/1 | 1/1 | 1 |" in uncertainty_table([meanfield, planar])
     # without the meanfield row asked for, its fit still starts the others, and only their rows come back
     alone = uncertainty_study(replace(config, predictors=("planar",)), log=lambda m: None)
     assert [r["predictor"] for r in alone] == ["planar"] and alone[0]["started_from"]["guide"] == "meanfield"
