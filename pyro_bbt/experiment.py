@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -50,8 +50,9 @@ from .continual import summarize
 from .convergence import StoppingRule
 from .data import Task, load_task
 from .executors import Executor, Job, JobResult, SerialExecutor
-from .guides import GUIDES, posterior_as_prior
-from .inference import NonFiniteLossError, train
+from .fitting import FitRecipe, fit_posterior, guide_state, new_posterior, prior_from_posterior
+from .guides import GUIDES
+from .inference import NonFiniteLossError
 from .kl_schedules import validate_schedule
 from .objectives import ESTIMATORS
 from .plan import Plan, StageSpec, UnitSpec, build_plan
@@ -67,7 +68,6 @@ from .units import (  # noqa: F401 -- re-exported: the studies and tests import 
     _failed_record,
     _fit_task_a,
     _fit_task_a_ewc,
-    _fresh_bayesian,
     _head_view,
     _HeadView,
     _limit,
@@ -79,11 +79,8 @@ from .units import (  # noqa: F401 -- re-exported: the studies and tests import 
     _run_joint,
     _StageA,
     _StageAEWC,
-    _start_from_posterior,
     _Tasks,
     _train_bayesian,
-    _train_config,
-    _train_with_checkpoints,
     _unit_record,
     _use_head,
     run_stage,
@@ -274,6 +271,29 @@ class ExperimentConfig:
         cap = self.max_epochs_a if self.max_epochs_a is not None else self.epochs_a
         return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol,
                             lr_drops=self.lr_drops, lr_factor=self.lr_factor)
+
+    def recipe_a(self) -> FitRecipe:
+        """How q_A (and every posterior fitted "like q_A") is fitted: by :attr:`stopping_rule` from
+        ``lr_a`` and ``scale_lr`` in minibatches of :attr:`a_batch_size`, or, with
+        ``max_epochs_a=None``, for exactly ``epochs_a`` epochs, judged by the same rule."""
+        common = dict(lr=self.lr if self.lr_a is None else self.lr_a, batch_size=self.a_batch_size, **self._optimiser())
+        if self.max_epochs_a is None:
+            return FitRecipe(epochs=self.epochs_a, judge=self.stopping_rule, **common)
+        return FitRecipe(rule=self.stopping_rule, **common)
+
+    def recipe_b(self, steps: int) -> FitRecipe:
+        """B's fixed budget of ``steps`` at ``lr``/``scale_lr`` in minibatches of ``batch_size``,
+        judged (not stopped) by the stopping rule without its drops."""
+        judge = replace(self.stopping_rule, min_epochs=1, lr_drops=0)
+        return FitRecipe(lr=self.lr, batch_size=self.batch_size, steps=steps, judge=judge, **self._optimiser())
+
+    def new_posterior(self, prior: Prior, seed: int):
+        """A fresh network of this configuration under ``prior`` and its initialised guide
+        (:func:`~pyro_bbt.fitting.new_posterior`: param store cleared, seeded with ``seed``)."""
+        return new_posterior(self.sizes, prior, self.guide, init_scale=self.init_scale, seed=seed, num_heads=self.num_heads, device=self.device)
+
+    def _optimiser(self) -> dict:
+        return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule)
 
     @property
     def a_batch_size(self) -> int:
@@ -557,9 +577,9 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     variational continual learning; ``finetune``: q starts at the previous posterior, the prior
     stays the base prior), and fill the accuracy matrix ``R[i][j]`` after every task. Forward
     transfer is measured against the randomly initialised model's accuracy on each task.
-    Every task trains for B's fixed budget at ``lr``/``scale_lr``: this mode does not fit its
-    posteriors by the stopping rule and records no convergence verdict, so what it transfers is
-    not shown converged. The units of this mode are not checkpointed; the run restarts if
+    Every task trains for B's fixed budget at ``lr``/``scale_lr`` (:func:`~pyro_bbt.fitting.fit_posterior`
+    with :meth:`ExperimentConfig.recipe_b`): this mode does not fit its posteriors by the stopping
+    rule; each task's verdict is recorded under ``fits`` and none is shown converged. The units of this mode are not checkpointed; the run restarts if
     interrupted.
 
     ``kind="split"`` runs the five tasks of split MNIST instead, in the scenario and fit mode of
@@ -584,25 +604,27 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
             state = None
             R = np.zeros((len(tasks), len(tasks)))
             baseline = None
+            fits = []
             for i, train_split in enumerate(trains):
-                model, guide = _fresh_bayesian(config, prior, seed)
+                model, guide = config.new_posterior(prior, seed)
                 if baseline is None:
                     baseline = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
                 if state is not None:
                     guide.load_state_dict(state)
                 steps = steps_for(len(train_split), config.epochs, config.batch_size, config.min_steps)
                 try:
-                    train(model, guide, train_split, _train_config(config, steps, seed))
+                    fit = fit_posterior(model, guide, train_split, config.recipe_b(steps), seed)
+                    fits.append({"task": i, "steps": fit.steps, "epochs": fit.epochs, "convergence": fit.convergence})
                 except NonFiniteLossError as error:
                     log(f"seed {seed} {method}: task {i} failed: {error}")
                     R[i:, :] = np.nan
                     break
                 R[i] = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
-                state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+                state = guide_state(guide)
                 if method == "transfer":
-                    prior = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
+                    prior = prior_from_posterior(guide, model, config.base_prior(), config.base_prior_std, config.tau)
                 log(f"seed {seed} {kind} {method}: after task {i}: " + " ".join(f"{a:.3f}" for a in R[i]))
-            entry = {"seed": seed, "accuracy_matrix": R.tolist(), "random_init_accuracy": baseline}
+            entry = {"seed": seed, "accuracy_matrix": R.tolist(), "random_init_accuracy": baseline, "fits": fits}
             if not np.isnan(R).any():
                 entry["summary"] = summarize(R, baseline).to_dict()
             per_method[method].append(entry)

@@ -70,34 +70,32 @@ Forward transfer is measured against each method's randomly initialised model (G
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyro
 import torch
 
 from .continual import summarize
-from .convergence import assess_convergence, uninformed_scale_ratio
 from .data import INPUT_DIM, Split, Task, load_task
 from .evaluation import evaluate_accuracy, predictive_accuracy
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
-from .guides import GUIDES, GuideConfig, initialize_guide, make_guide, posterior_as_prior
-from .inference import NonFiniteLossError, train
+from .fitting import fit_posterior, guide_state, new_posterior, prior_from_posterior, start_from_state
+from .guides import GUIDES
+from .inference import NonFiniteLossError
 from .model import BayesianMLP
 from .plots import sample_std
 from .priors import Prior
-from .units import _check_finite, _HeadView, _limit, _train_config, _use_head, steps_for
+from .units import _check_finite, _HeadView, _limit, _use_head, steps_for
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence",
+    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -267,41 +265,17 @@ def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = No
     return relabel(data.train, limit_train), relabel(data.test, limit_eval)
 
 
-def _fresh_bayesian(config: ExperimentConfig, split: SplitConfig, prior: Prior, seed: int, task: int) -> tuple[BayesianMLP, object]:
-    """A new network of the scenario's shape, with the outputs active while ``task`` is trained,
-    and an initialised guide, on a cleared param store."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    model = BayesianMLP(split.sizes(config.hidden), prior, num_heads=split.num_heads).to(config.device)
-    model.active_outputs = split.active_outputs(task)
-    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
-    initialize_guide(guide, INPUT_DIM)
-    return model, guide
+def new_split_posterior(config: ExperimentConfig, split: SplitConfig, prior: Prior, seed: int, task: int) -> tuple[BayesianMLP, object]:
+    """A new network of the scenario's shape under ``prior``, with the outputs active while
+    ``task`` is trained, and its initialised guide (:func:`~pyro_bbt.fitting.new_posterior`)."""
+    return new_posterior(split.sizes(config.hidden), prior, config.guide, init_scale=config.init_scale, seed=seed, num_heads=split.num_heads,
+                         device=config.device, active_outputs=split.active_outputs(task))
 
 
-def _start_from(model: BayesianMLP, guide, previous: dict, rows: slice | None) -> None:
-    """Set q to the previous posterior ``previous`` (a guide state), except the output ``rows``
-    of untrained heads or digits, which keep the fresh guide's initialisation."""
-    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    guide.load_state_dict(previous)
-    if rows is None:
-        return
-    merged = guide.state_dict()
-    for key, value in merged.items():
-        if any(site in key for site in model.output_sites):
-            value[rows] = fresh[key][rows]
-    guide.load_state_dict(merged)
-
-
-def _prior_from(config: ExperimentConfig, model: BayesianMLP, guide, rows: slice | None) -> Prior:
+def next_prior(config: ExperimentConfig, model: BayesianMLP, guide, rows: slice | None) -> Prior:
     """VCL's next prior: ``q`` (scales x tau), with the base prior's ``N(0, sigma^2)`` on the
     output ``rows`` of heads or digits that have seen no data."""
-    prior = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
-    if rows is not None:
-        for site in model.output_sites:
-            prior.loc(site)[rows] = 0.0
-            prior.scale(site)[rows] = config.base_prior_std
-    return prior
+    return prior_from_posterior(guide, model, config.base_prior(), config.base_prior_std, config.tau, rows)
 
 
 def accuracy_row(model: BayesianMLP, guide, tasks: Sequence[SplitTask], tests: Sequence[Split], samples: int) -> list[float]:
@@ -350,31 +324,14 @@ def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
     return sum(steps_for(len(s), config.epochs, config.batch_size, config.min_steps) for s in trains)
 
 
-def _fit_posterior(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None,
-                   seed: int, task: int, trained_on: list[int], fixed_steps: int) -> _Fit:
+def _fit(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None,
+         seed: int, task: int, trained_on: list[int], fixed_steps: int) -> _Fit:
     """Fit ``guide`` on ``train_split`` through output ``head`` (``None``: all outputs) as
-    ``split.fit`` says (``fixed``: for ``fixed_steps`` steps), and judge it by the stopping rule."""
+    ``split.fit`` says: q_A's recipe (``rule``) or B's budget of ``fixed_steps`` (``fixed``)."""
     _use_head(model, head)
-    if split.fit == "rule":
-        batch = config.a_batch_size
-        lr = config.lr if config.lr_a is None else config.lr_a
-        if config.max_epochs_a is None:
-            train_config = _train_config(config, steps_for(len(train_split), config.epochs_a, batch), seed, lr=lr, batch_size=batch)
-        else:
-            train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr, batch_size=batch)
-        rule, cap = config.stopping_rule, config.max_epochs_a
-    else:
-        train_config = _train_config(config, fixed_steps, seed)
-        rule, cap = replace(config.stopping_rule, min_epochs=1, lr_drops=0), None
-    start = time.perf_counter()
-    history = train(model, guide, train_split, train_config).to_records()
-    seconds = time.perf_counter() - start
-    report = assess_convergence(history, rule, uninformed_scale_ratio(guide, model, train_split.x), cap)
-    return _Fit(task, trained_on, history[-1]["steps"], len(history), report.to_dict(), seconds)
-
-
-def _guide_state(guide) -> dict:
-    return {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    recipe = config.recipe_a() if split.fit == "rule" else config.recipe_b(fixed_steps)
+    fit = fit_posterior(model, guide, train_split, recipe, seed)
+    return _Fit(task, trained_on, fit.steps, fit.epochs, fit.convergence, fit.seconds)
 
 
 @dataclass
@@ -411,13 +368,13 @@ class _FirstTask:
 
 
 def _first_task(config, split, tasks, trains, tests, seed) -> _FirstTask:
-    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed, 0)
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     try:
-        fit = _fit_posterior(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
+        fit = _fit(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
     except NonFiniteLossError as error:
         return _FirstTask(baseline, error=str(error))
-    return _FirstTask(baseline, _guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), fit)
+    return _FirstTask(baseline, guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), fit)
 
 
 def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: int, first: _FirstTask, log) -> _Chain:
@@ -432,22 +389,22 @@ def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: 
     state = first.guide_state
     prior = config.base_prior()
     if method == "transfer":
-        model, guide = _fresh_bayesian(config, split, prior, seed, 0)
+        model, guide = new_split_posterior(config, split, prior, seed, 0)
         guide.load_state_dict(state)
-        prior = _prior_from(config, model, guide, split.untrained_rows(1))
+        prior = next_prior(config, model, guide, split.untrained_rows(1))
     log(f"seed {seed} split/{split.scenario} {method}: after task 0: " + " ".join(f"{a:.3f}" for a in R[0]))
     for t in range(1, T):
-        model, guide = _fresh_bayesian(config, split, prior, seed, t)
-        _start_from(model, guide, state, split.untrained_rows(t))
+        model, guide = new_split_posterior(config, split, prior, seed, t)
+        start_from_state(model, guide, state, split.untrained_rows(t))
         try:
-            fits.append(_fit_posterior(config, split, model, guide, trains[t], tasks[t].head, seed, t, [t], _fixed_budget(config, trains[t:t + 1])))
+            fits.append(_fit(config, split, model, guide, trains[t], tasks[t].head, seed, t, [t], _fixed_budget(config, trains[t:t + 1])))
         except NonFiniteLossError as error:
             log(f"seed {seed} split/{split.scenario} {method}: task {t} failed: {error}")
             return _Chain(R, first.baseline, fits, f"task {t}: {error}")
         R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-        state = _guide_state(guide)
+        state = guide_state(guide)
         if method == "transfer":
-            prior = _prior_from(config, model, guide, split.untrained_rows(t + 1))
+            prior = next_prior(config, model, guide, split.untrained_rows(t + 1))
         log(f"seed {seed} split/{split.scenario} {method}: after task {t}: " + " ".join(f"{a:.3f}" for a in R[t]))
     return _Chain(R, first.baseline, fits)
 
@@ -458,7 +415,7 @@ def _run_joint(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
     labels shifted to its head's rows)."""
     T = len(tasks)
     R = np.full((T, T), np.nan)
-    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed, 0)
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     fits = []
     last_only = split.joint == "last"
@@ -466,9 +423,9 @@ def _run_joint(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
         seen = list(range(t + 1))
         offsets = [0 if tasks[s].head is None else tasks[s].head * split.classes_per_head for s in seen]
         union = Split(torch.cat([trains[s].x for s in seen]), torch.cat([trains[s].y + o for s, o in zip(seen, offsets)]))
-        model, guide = _fresh_bayesian(config, split, config.base_prior(), seed, t)
+        model, guide = new_split_posterior(config, split, config.base_prior(), seed, t)
         try:
-            fits.append(_fit_posterior(config, split, model, guide, union, None, seed, t, seen, _fixed_budget(config, trains[: t + 1])))
+            fits.append(_fit(config, split, model, guide, union, None, seed, t, seen, _fixed_budget(config, trains[: t + 1])))
         except NonFiniteLossError as error:
             log(f"seed {seed} split/{split.scenario} joint: tasks 0..{t} failed: {error}")
             return _Chain(R, baseline, fits, f"tasks 0..{t}: {error}", last_only)

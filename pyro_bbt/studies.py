@@ -39,14 +39,14 @@ import numpy as np
 from .data import Task, load_task
 from .evaluation import evaluate
 from .experiment import PRESETS as EXPERIMENT_PRESETS
-from .experiment import ExperimentConfig, _fit_task_a, _fresh_bayesian, _load, _Run, _run_bayesian_b, steps_for
+from .experiment import ExperimentConfig, _fit_task_a, _load, _Run, _run_bayesian_b, steps_for
+from .fitting import FitRecipe, broaden, fit_posterior
 from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale
-from .inference import TrainConfig, train
 from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .plots import sample_std
-from .priors import GaussianPrior, PerSitePrior
+from .priors import GaussianPrior
 from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 from .uncertainty_study import (
@@ -107,16 +107,18 @@ def _task_a(config: StudyConfig, seed: int):
 
 def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell", lr: float = 1e-3,
               scale_lr: float | None = None, stopping: StoppingRule | None = None, on_epoch=None, batch_size: int = 128):
+    """One fit on task A (the convergence study's variants): ``config.epochs`` epochs, or by
+    ``stopping``; returns the per-epoch records and the test metrics."""
     experiment = ExperimentConfig(guide=guide, kl_schedule=kl_schedule, hidden=config.hidden, seeds=(seed,))
     train_split, val, test = _task_a(config, seed)
-    model, q = _fresh_bayesian(experiment, GaussianPrior(experiment.prior_scale), seed)
-    train_config = TrainConfig(epochs=config.epochs, stopping=stopping, seed=seed, kl_schedule=kl_schedule, lr=lr, scale_lr=scale_lr,
-                               batch_size=batch_size, progress=False, eval_samples=8)
+    model, q = experiment.new_posterior(GaussianPrior(experiment.prior_scale), seed)
+    budget = dict(rule=stopping) if stopping is not None else dict(epochs=config.epochs)
+    recipe = FitRecipe(lr=lr, batch_size=batch_size, scale_lr=scale_lr, kl_schedule=kl_schedule, **budget)
     if on_epoch is not None:
         on_epoch = partial(on_epoch, model, q, train_split)
-    history = train(model, q, train_split, train_config, val_split=val, on_epoch=on_epoch)
+    fit = fit_posterior(model, q, train_split, recipe, seed, val_split=val, eval_samples=8, on_epoch=on_epoch)
     metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
-    return history, metrics
+    return fit.history, metrics
 
 
 def _recipe(config: StudyConfig) -> UncertaintyConfig:
@@ -137,9 +139,9 @@ def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield"
     metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
     if posteriors is not None:
         posteriors[seed] = posterior_loc_scale(q, model)
-    return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e.seconds for e in history.epochs),
-            "fit_seconds": sum(e.seconds for e in history.epochs), "epochs": convergence["epochs"], "converged": convergence["converged"],
-            "convergence": convergence, "history": history.to_records()}
+    return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e["seconds"] for e in history),
+            "fit_seconds": sum(e["seconds"] for e in history), "epochs": convergence["epochs"], "converged": convergence["converged"],
+            "convergence": convergence, "history": history}
 
 
 def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print) -> list[dict]:
@@ -240,11 +242,11 @@ def compare_convergence(config: StudyConfig, rule: StoppingRule | None = None, v
         history, metrics = _fit_on_a(config, seed, kl_schedule=variant.kl_schedule, lr=variant.lr, scale_lr=variant.scale_lr, stopping=variant_rule,
                                      batch_size=variant.batch_size,
                                      on_epoch=lambda model, q, data, _: ratios.append(uninformed_scale_ratio(q, model, data.x)))
-        records = history.to_records()
+        records = history
         converged = assess_convergence(records, variant_rule).converged
         rows.append({"variant": variant.name, **asdict(variant), "seed": seed,
                      **metrics.to_dict(), "rule_epoch": len(records) if converged else None, "uninformed_scale_ratio": ratios,
-                     "wall": list(itertools.accumulate(e.seconds for e in history.epochs)), "history": records})
+                     "wall": list(itertools.accumulate(e["seconds"] for e in records)), "history": records})
         final = records[-1]
         log(f"{variant.name:>42} seed {seed}: ELBO {final['elbo']:.4g} after {len(records)} epochs ({rows[-1]['wall'][-1]:.0f} s), "
             f"median sigma {', '.join(f'{v:.3f}' for v in final['median_scale'].values())}, "
@@ -310,12 +312,6 @@ ABLATION_VARIANTS = [
 ]
 
 
-def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
-    return PerSitePrior(
-        {s: prior.loc(s) for s in prior.sites}, {s: tau * prior.scale(s) for s in prior.sites}, fallback=prior.fallback
-    )
-
-
 def ablation_base(config: StudyConfig) -> ExperimentConfig:
     """The transfer experiment's paper configuration (q_A fitted to convergence by its recipe;
     B's budget and learning rates), with the study's network, seeds, data limits and B epochs;
@@ -345,7 +341,7 @@ def ablation(config: StudyConfig, log=print, reuse: Path | None = None) -> list[
         steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
         for name, method, q_init, tau, lr in ABLATION_VARIANTS:
             variant = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
-            stage = replace(stage_a, prior_from_a=_broadened(stage_a.prior_from_a, tau))
+            stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau))
             start = time.perf_counter()
             outcome = _run_bayesian_b(variant, method, tasks, stage, steps, seed)
             rows.append({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,

@@ -38,8 +38,8 @@ from .experiment import (
     _run_joint,
     steps_for,
 )
+from .fitting import broaden
 from .plots import COLORS, sample_std
-from .priors import PerSitePrior
 from .runstore import ReadOnlyStore
 
 __all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]
@@ -67,10 +67,6 @@ TRADEOFF_PRESETS = {
 }
 
 
-def _broadened(prior: PerSitePrior, tau: float) -> PerSitePrior:
-    return PerSitePrior({s: prior.loc(s) for s in prior.sites}, {s: tau * prior.scale(s) for s in prior.sites}, fallback=prior.fallback)
-
-
 def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
     """One row per (head, seed, fraction, method, knob): B and A test accuracy after B."""
     rows = []
@@ -94,7 +90,7 @@ def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
                 for method, knob in points:
                     start = time.perf_counter()
                     if method == "transfer":
-                        stage = replace(stage_a, prior_from_a=_broadened(stage_a.prior_from_a, knob))
+                        stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, knob))
                         outcome = _run_bayesian_b(replace(base, tau=knob), method, tasks, stage, steps, seed)
                     elif method == "ewc":
                         penalty = EWCPenalty(_head_view(base, stage_ewc.net, 0), fisher, knob)

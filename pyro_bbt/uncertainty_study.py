@@ -47,13 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convergence import assess_convergence, uninformed_scale_ratio
 from .data import Task, load_task
 from .executors import _exit_with_driver
 from .ewc import MLP, DeterministicTrainConfig, train_deterministic
-from .experiment import ExperimentConfig, _fresh_bayesian, _train_config
+from .experiment import ExperimentConfig
+from .fitting import fit_posterior
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale, start_from_posterior
-from .inference import train
 from .plots import sample_std
 from .uncertainty import (
     IN_DISTRIBUTION,
@@ -162,22 +161,13 @@ def fit_guide(config: UncertaintyConfig, guide_name: str, train_split, seed: int
     experiment = config.fitting(guide_name, seed)
     if kl_schedule is not None:
         experiment = replace(experiment, kl_schedule=kl_schedule)
-    model, guide = _fresh_bayesian(experiment, experiment.base_prior(), seed)
-    rule = experiment.stopping_rule
-    lr = experiment.lr if experiment.lr_a is None else experiment.lr_a
-    scale_lr = experiment.scale_lr
-    if start is not None:
-        # go on where that fit stopped: at its last rates, without further drops
+    model, guide = experiment.new_posterior(experiment.base_prior(), seed)
+    recipe = replace(experiment.recipe_a(), flow_lr=config.flow_lr)
+    if start is not None:  # go on where that fit stopped: at its last rates, without further drops
         start_from_posterior(guide, start)
-        refined = experiment.lr_factor ** experiment.lr_drops
-        lr, scale_lr = lr * refined, None if scale_lr is None else scale_lr * refined
-        rule = replace(rule, lr_drops=0)
-    train_config = _train_config(experiment, None, seed, stopping=rule, lr=lr, batch_size=experiment.a_batch_size)
-    train_config = replace(train_config, scale_lr=scale_lr, flow_lr=config.flow_lr)
-    history = train(model, guide, train_split, train_config)
-    ratio = uninformed_scale_ratio(guide, model, train_split.x)
-    convergence = assess_convergence(history.to_records(), rule, ratio, experiment.max_epochs_a)
-    return model, guide, convergence.to_dict(), history
+        recipe = recipe.refined(experiment.lr_drops, experiment.lr_factor)
+    fit = fit_posterior(model, guide, train_split, recipe, seed)
+    return model, guide, fit.convergence, fit.history
 
 
 def _fit_nets(config: UncertaintyConfig, count: int, train_split, seed: int) -> list[MLP]:
@@ -294,7 +284,7 @@ def run_unit(config: UncertaintyConfig, unit: tuple[str, int], suite: dict | Non
         fit_seconds = time.perf_counter() - begin
         if guide_name in config.predictors:  # a meanfield fitted only to start the others is not scored
             scores = _score_predictor(lambda x: bayesian_log_probs(model, guide, x, config.eval_samples, seed=seed), suite, num_classes)
-            per_epoch = float(np.median([e.seconds for e in history.epochs]))
+            per_epoch = float(np.median([e["seconds"] for e in history]))
             rows.append(_row(guide_name, seed, fit_seconds, convergence, scores, per_epoch, config.learnt_accuracy, started_from))
         return model, guide, convergence, fit_seconds
 

@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,12 +24,11 @@ import torch
 
 from .checkpoint import prior_from_state, prior_state
 from .continual import backward_transfer, forward_transfer
-from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
-from .guides import GuideConfig, initialize_guide, make_guide, posterior_as_prior
-from .inference import EpochDiagnostics, NonFiniteLossError, TrainConfig, TrainState, train
+from .fitting import fit_posterior, guide_state, prior_from_posterior, start_from_state
+from .inference import EpochDiagnostics, NonFiniteLossError
 from .model import BayesianMLP
 from .priors import Prior
 
@@ -89,37 +88,6 @@ class _Run:
     store: RunStore | _UnitStore | None = None
 
 
-def _train_config(config: ExperimentConfig, steps: int | None, seed: int, stopping: StoppingRule | None = None, lr: float | None = None,
-                  batch_size: int | None = None) -> TrainConfig:
-    """B's fixed budget of ``steps``, or (``steps=None``) up to ``stopping``'s cap by its rule;
-    at ``lr`` (default ``config.lr``) and ``config.scale_lr``, in minibatches of ``batch_size``
-    (default ``config.batch_size``)."""
-    return TrainConfig(
-        steps=steps,
-        stopping=stopping,
-        batch_size=config.batch_size if batch_size is None else batch_size,
-        lr=config.lr if lr is None else lr,
-        scale_lr=config.scale_lr,
-        num_particles=config.num_particles,
-        estimator=config.estimator,
-        kl_schedule=config.kl_schedule,
-        seed=seed,
-        eval_samples=0,
-        progress=False,
-    )
-
-
-def _fresh_bayesian(config: ExperimentConfig, prior: Prior, seed: int):
-    """A new model and guide with initialised parameters; clears Pyro's param store first, so
-    no parameter is shared with an earlier guide of the same name."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    model = BayesianMLP(config.sizes, prior, num_heads=config.num_heads).to(config.device)
-    guide = make_guide(config.guide, model, GuideConfig(init_scale=config.init_scale))
-    initialize_guide(guide, model.sizes[0])
-    return model, guide
-
-
 def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[int]:
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
@@ -136,27 +104,10 @@ def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> Predi
     return evaluate(model, guide, split.x, split.y, num_samples=samples)
 
 
-def _train_with_checkpoints(model, guide, train_split: Split, train_config: TrainConfig, run: _Run, key: str, extra: dict, on_epoch=None):
-    """``train`` that saves a checkpoint after every epoch under ``key`` and, when one exists,
-    continues from it; ``extra`` (for example a learning curve) is saved and restored with it."""
-    resume = None
-    saved = run.store.checkpoint(key) if run.store is not None else None
-    if saved is not None:
-        resume = TrainState.from_dict(saved["train_state"])
-        for name, value in saved["extra"].items():
-            extra[name][:] = value
-
-    def save(state: TrainState) -> None:
-        run.store.save_checkpoint(key, {"train_state": state.to_dict(), "extra": extra})
-
-    on_checkpoint = save if run.store is not None else None
-    return train(model, guide, train_split, train_config, on_epoch=on_epoch, on_checkpoint=on_checkpoint, resume=resume)
-
-
 def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
-    """Train through output ``head`` for ``steps``, record B's learning curve at evenly spaced
-    epochs, and judge the fit by the stopping rule (which does not stop it: B's budget is the
-    same for every method)."""
+    """Train through output ``head`` for ``steps`` (B's fixed budget, :meth:`ExperimentConfig.recipe_b`),
+    record B's learning curve at evenly spaced epochs, and judge the fit by the stopping rule
+    (which does not stop it: B's budget is the same for every method)."""
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
@@ -174,11 +125,9 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
             _use_head(model, head)
 
     _use_head(model, head)
-    history = _train_with_checkpoints(model, guide, train_split, _train_config(config, steps, seed), run, key, {"curve": curve}, on_epoch)
+    fit = fit_posterior(model, guide, train_split, config.recipe_b(steps), seed, on_epoch=on_epoch, store=run.store, key=key, extra={"curve": curve})
     _use_head(model, head)
-    rule = replace(config.stopping_rule, min_epochs=1, lr_drops=0)
-    convergence = assess_convergence(history.to_records(), rule, uninformed_scale_ratio(guide, model, train_split.x))
-    return curve, history.to_records(), convergence.to_dict()
+    return curve, fit.history, fit.convergence
 
 
 @dataclass
@@ -226,62 +175,34 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
     saved = run.store.stage(key) if run.store is not None else None
     if saved is not None:
         return _StageA.from_saved(saved)
-    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
+    model, guide = config.new_posterior(config.base_prior(), seed)
     b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
-    lr_a = config.lr if config.lr_a is None else config.lr_a
-    batch_a = config.a_batch_size
-    if config.max_epochs_a is None:
-        train_config = _train_config(config, steps_for(len(tasks.a.train), config.epochs_a, batch_a), seed, lr=lr_a, batch_size=batch_a)
-    else:
-        train_config = _train_config(config, None, seed, stopping=config.stopping_rule, lr=lr_a, batch_size=batch_a)
     _use_head(model, 0)
-    history = _train_with_checkpoints(model, guide, tasks.a.train, train_config, run, key, {"b_random_init": b_random_init})
-    convergence = assess_convergence(
-        history.to_records(), config.stopping_rule, uninformed_scale_ratio(guide, model, tasks.a.train.x), config.max_epochs_a
-    )
-    prior_from_a = posterior_as_prior(guide, model, config.tau, fallback=config.base_prior())
-    if config.head == "multihead":
-        # B's head has seen no data: its prior stays the base prior's width rather than q_A's leftovers.
-        rows = model.head_rows(config.b_head)
-        for site in model.output_sites:
-            prior_from_a.loc(site)[rows] = 0.0
-            prior_from_a.scale(site)[rows] = config.base_prior_std
+    fit = fit_posterior(model, guide, tasks.a.train, config.recipe_a(), seed, store=run.store, key=key, extra={"b_random_init": b_random_init})
+    # Multi-head: B's head has seen no data, so its prior stays the base prior rather than q_A's leftovers.
+    fresh_rows = model.head_rows(config.b_head) if config.head == "multihead" else None
+    prior_from_a = prior_from_posterior(guide, model, config.base_prior(), config.base_prior_std, config.tau, fresh_rows)
     stage = _StageA(
-        guide_state={k: v.detach().clone() for k, v in guide.state_dict().items()},
+        guide_state=guide_state(guide),
         prior_from_a=prior_from_a,
         a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         b_random_init=b_random_init[0],
-        steps=history.epochs[-1].steps,
-        history=history.to_records(),
-        convergence=convergence.to_dict(),
+        steps=fit.steps,
+        history=fit.history,
+        convergence=fit.convergence,
     )
     if run.store is not None:
         run.store.save_stage(key, stage.to_saved())
     return stage
 
 
-def _start_from_posterior(config: ExperimentConfig, model: BayesianMLP, guide, state_a: dict) -> None:
-    """Set q_B = q_A. With a multi-head network, B's head keeps its fresh initialisation: under
-    task A it was only ever pulled towards the prior."""
-    fresh = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    guide.load_state_dict(state_a)
-    if config.head != "multihead":
-        return
-    rows = model.head_rows(config.b_head)
-    merged = guide.state_dict()
-    for key, value in merged.items():
-        if any(site in key for site in model.output_sites):
-            value[rows] = fresh[key][rows]
-    guide.load_state_dict(merged)
-
-
 def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
     prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
-    model, guide = _fresh_bayesian(config, prior, seed)
+    model, guide = config.new_posterior(prior, seed)
     start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
-    if start_from_a:
-        _start_from_posterior(config, model, guide, stage_a.guide_state)
+    if start_from_a:  # multi-head: B's head keeps its fresh initialisation
+        start_from_state(model, guide, stage_a.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
     curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
     return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
 
@@ -299,7 +220,7 @@ def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, converge
 
 
 def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
-    model, guide = _fresh_bayesian(config, config.base_prior(), seed)
+    model, guide = config.new_posterior(config.base_prior(), seed)
     # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
     # is then evaluated through its own head.
     offset = config.b_head * len(config.task_a)

@@ -20,14 +20,14 @@ from pyro_bbt.split_sequence import (
     SCENARIOS,
     SPLIT_METHODS,
     SplitConfig,
-    _fresh_bayesian,
-    _prior_from,
-    _start_from,
     accuracy_row,
     check_split_methods,
     load_split_task,
+    new_split_posterior,
+    next_prior,
     split_tasks,
 )
+from pyro_bbt.fitting import start_from_state
 from pyro_bbt.transfer import main
 
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
@@ -178,7 +178,7 @@ def test_task_scenario_reads_task_t_through_head_t():
     """A hand-built network whose head h says 1 only for an input lit at pixel h: task t's test
     images (pixel t lit, label 1) are all right through head t, all wrong through any other."""
     config = _config("task", guide="delta", methods=("ewc",))
-    model, guide = _fresh_bayesian(config, SplitConfig("task"), config.base_prior(), seed=0, task=0)
+    model, guide = new_split_posterior(config, SplitConfig("task"), config.base_prior(), seed=0, task=0)
     state = guide.state_dict()
     hidden_w, hidden_b = torch.zeros(16, 784), torch.zeros(16)
     hidden_w[torch.arange(16), torch.arange(16)] = 1.0  # hidden unit i = pixel i
@@ -207,7 +207,7 @@ def test_class_scenario_softmax_runs_over_the_digits_seen_so_far():
     assert [split.active_outputs(t) for t in range(5)] == [2, 4, 6, 8, 10]
     assert SplitConfig("task").active_outputs(2) is None and SplitConfig("domain").active_outputs(2) is None
     config = _config("class", guide="delta", methods=("ewc",))
-    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed=0, task=0)
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed=0, task=0)
     assert model.active_outputs == 2
     state = guide.state_dict()
     for site, shape in model.site_shapes.items():
@@ -234,12 +234,12 @@ def test_untrained_output_rows_start_fresh_under_the_base_prior(scenario):
     assert [split.untrained_rows(t) for t in (1, 3, 5)] == (
         [None] * 3 if scenario == "domain" else [slice(2, 10), slice(6, 10), None])
     config = _config(scenario, methods=("transfer",))
-    model, guide = _fresh_bayesian(config, split, config.base_prior(), seed=0, task=2)
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed=0, task=2)
     fresh = {k: v.clone() for k, v in guide.state_dict().items()}
     previous = {k: v + 1.0 for k, v in fresh.items()}  # q_{t-1}: every value different from the fresh guide's
-    _start_from(model, guide, previous, split.untrained_rows(2))
+    start_from_state(model, guide, previous, split.untrained_rows(2))
     started = guide.state_dict()
-    prior = _prior_from(config, model, guide, split.untrained_rows(2))
+    prior = next_prior(config, model, guide, split.untrained_rows(2))
     for key, value in started.items():
         if "layers.1." in key and scenario != "domain":  # the output layer
             torch.testing.assert_close(value[:4], previous[key][:4], msg=key)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pyro_bbt.data import Task, load_task
-from pyro_bbt.experiment import ExperimentConfig, _fresh_bayesian, run_experiment, summarize_units
+from pyro_bbt.experiment import ExperimentConfig, run_experiment, summarize_units
+from pyro_bbt.fitting import start_from_state
 from pyro_bbt.guides import initialize_guide, make_guide, posterior_as_prior, posterior_loc_scale
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.model import BayesianMLP
@@ -77,7 +78,7 @@ def test_from_posterior_starts_q_b_at_q_a(fitted):
     state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     expected = posterior_loc_scale(guide, model)
     config = ExperimentConfig(hidden=(16,), task_a=(0, 1, 2), task_b=(3, 4, 5), fractions=(1.0,), seeds=(0,))
-    model_b, guide_b = _fresh_bayesian(config, posterior_as_prior(guide, model), seed=1)
+    model_b, guide_b = config.new_posterior(posterior_as_prior(guide, model), seed=1)
     fresh = posterior_loc_scale(guide_b, model_b)
     assert not torch.equal(fresh["layers.0.weight"][0], expected["layers.0.weight"][0])
     guide_b.load_state_dict(state)
@@ -204,7 +205,7 @@ def test_cli_refuses_existing_results_without_overwrite(tmp_path):
 
 
 def test_multihead_prior_keeps_a_head_and_resets_b_head():
-    from pyro_bbt.experiment import _fit_task_a, _load, _start_from_posterior
+    from pyro_bbt.experiment import _fit_task_a, _load
 
     config = ExperimentConfig(
         hidden=(8,), head="multihead", epochs_a=1, fractions=(1.0,), seeds=(0,), limit_train=200, limit_eval=50,
@@ -212,9 +213,9 @@ def test_multihead_prior_keeps_a_head_and_resets_b_head():
     )
     tasks = _load(config, 1.0, 0)
     stage = _fit_task_a(config, tasks, seed=0)
-    model_b, guide_b = _fresh_bayesian(config, stage.prior_from_a, seed=0)
+    model_b, guide_b = config.new_posterior(stage.prior_from_a, seed=0)
     fresh = posterior_loc_scale(guide_b, model_b)
-    _start_from_posterior(config, model_b, guide_b, stage.guide_state)
+    start_from_state(model_b, guide_b, stage.guide_state, model_b.head_rows(config.b_head))
     started = posterior_loc_scale(guide_b, model_b)
     a_rows, b_rows = model_b.head_rows(0), model_b.head_rows(1)
     weight = "layers.1.weight"
