@@ -571,7 +571,8 @@ def sequence_tasks(kind: str, digits: tuple[int, ...], seed: int) -> list[Task]:
     return [Task(digits=digits, permutation_seed=None if k == 0 else 1000 + k, seed=seed, name=f"perm{k}") for k in range(SEQUENCE_LENGTH)]
 
 
-def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print, split: SplitConfig | None = None) -> dict:
+def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print, split: SplitConfig | None = None,
+                 executor: Executor | None = None, store: RunStore | None = None, progress: bool = False) -> dict:
     """Train the chain of :func:`sequence_tasks` in order with each Bayesian sequential method
     (``transfer``: every task's prior is the previous posterior and q starts there, as in
     variational continual learning; ``finetune``: q starts at the previous posterior, the prior
@@ -583,12 +584,13 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     interrupted.
 
     ``kind="split"`` runs the five tasks of split MNIST instead, in the scenario and fit mode of
-    ``split`` (required then): :func:`~pyro_bbt.split_sequence.run_split_sequence`."""
+    ``split`` (required then): :func:`~pyro_bbt.split_sequence.run_split_sequence`, as units on
+    ``executor``, kept in ``store`` (so it resumes)."""
     _choice("sequence", kind, SEQUENCES)
     if kind == "split":
         if split is None:
             raise ValueError("the split sequence needs a SplitConfig (its scenario: task, domain or class)")
-        return run_split_sequence(config, split, log=log)
+        return run_split_sequence(config, split, log=log, executor=executor, store=store, progress=progress)
     if split is not None:
         raise ValueError(f"a SplitConfig (scenario {split.scenario!r}) is only valid with the sequence 'split', not {kind!r}")
     methods = [m for m in config.methods if m in SEQUENCE_METHODS]

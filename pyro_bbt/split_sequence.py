@@ -51,7 +51,7 @@ fresh guide): it is made once per seed and shared (``reused: true`` on the secon
 
 How each posterior is fitted (:attr:`SplitConfig.fit`):
 
-* ``rule`` -- as q_A is (:func:`~pyro_bbt.units._fit_task_a`): by the stopping rule
+* ``rule`` -- as q_A is (:meth:`~pyro_bbt.experiment.ExperimentConfig.recipe_a`): by the stopping rule
   (``config.stopping_rule``: at least ``epochs_a``, at most ``max_epochs_a`` epochs, learning
   rates dropped ``lr_drops`` times), in minibatches of ``config.a_batch_size``, starting at
   ``lr_a`` for the means and ``scale_lr`` for the widths; with ``max_epochs_a=None`` exactly
@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,12 +82,16 @@ from .continual import summarize
 from .data import INPUT_DIM, Split, Task, load_task
 from .evaluation import evaluate_accuracy, predictive_accuracy
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
-from .fitting import fit_posterior, guide_state, new_posterior, prior_from_posterior, start_from_state
+from .checkpoint import prior_from_state, prior_state
+from .engine import Unit, UnitCheckpoints, UnitOutcome, run_units
+from .executors import Executor
+from .fitting import Fit, fit_posterior, guide_state, new_posterior, prior_from_posterior, start_from_state
 from .guides import GUIDES
 from .inference import NonFiniteLossError
 from .model import BayesianMLP
 from .plots import sample_std
 from .priors import Prior
+from .runstore import RunStore
 from .units import _check_finite, _HeadView, _limit, _use_head, steps_for
 
 if TYPE_CHECKING:
@@ -95,7 +99,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior",
+    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -298,24 +302,18 @@ def _net_accuracy(net: torch.nn.Module, test: Split) -> float:
     return accuracy
 
 
-# --------------------------------------------------------------------------- fitting
+# --------------------------------------------------------------------------- the units
+#
+# The sequence is a plan of units (pyro_bbt.engine): per seed, task 0's fit under the base prior
+# (``first``, shared by transfer and finetune), then per chained method one unit per task t >= 1
+# that needs the unit of task t - 1 (its posterior and, under transfer, the prior it leaves);
+# joint's fits (one per t, or the last only) and EWC's whole chain need nothing.
 
 
-@dataclass
-class _Fit:
-    """One posterior's fit: what ``results.json`` keeps of it."""
-
-    task: int
-    trained_on: list[int]
-    steps: int
-    epochs: int
-    convergence: dict | None
-    seconds: float
-    reused: bool = False
-
-    def to_dict(self) -> dict:
-        return {"task": self.task, "trained_on": self.trained_on, "steps": self.steps, "epochs": self.epochs,
-                "convergence": self.convergence, "reused": self.reused, "seconds": self.seconds}
+def _fit_record(task: int, trained_on: list[int], fit, reused: bool = False) -> dict:
+    """What ``results.json`` keeps of one posterior's fit."""
+    return {"task": task, "trained_on": trained_on, "steps": fit.steps, "epochs": fit.epochs, "convergence": fit.convergence,
+            "reused": reused, "seconds": fit.seconds}
 
 
 def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
@@ -324,120 +322,93 @@ def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
     return sum(steps_for(len(s), config.epochs, config.batch_size, config.min_steps) for s in trains)
 
 
-def _fit(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None,
-         seed: int, task: int, trained_on: list[int], fixed_steps: int) -> _Fit:
+def _split_data(config: ExperimentConfig, split: SplitConfig, seed: int) -> tuple[list[SplitTask], list[Split], list[Split]]:
+    tasks = split_tasks(split.scenario)
+    data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device) for task in tasks]
+    return tasks, [d[0] for d in data], [d[1] for d in data]
+
+
+def _fit(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None, seed: int,
+         fixed_steps: int, key: str, checkpoint: dict | None, on_checkpoint) -> Fit:
     """Fit ``guide`` on ``train_split`` through output ``head`` (``None``: all outputs) as
-    ``split.fit`` says: q_A's recipe (``rule``) or B's budget of ``fixed_steps`` (``fixed``)."""
+    ``split.fit`` says: q_A's recipe (``rule``) or B's budget of ``fixed_steps`` (``fixed``),
+    continuing from ``checkpoint`` and sending each epoch's to ``on_checkpoint``."""
     _use_head(model, head)
     recipe = config.recipe_a() if split.fit == "rule" else config.recipe_b(fixed_steps)
-    fit = fit_posterior(model, guide, train_split, recipe, seed)
-    return _Fit(task, trained_on, fit.steps, fit.epochs, fit.convergence, fit.seconds)
+    store = UnitCheckpoints(checkpoint, on_checkpoint) if on_checkpoint is not None else None
+    return fit_posterior(model, guide, train_split, recipe, seed, store=store, key=key)
 
 
-@dataclass
-class _Chain:
-    """One method's run over the sequence for one seed."""
-
-    R: np.ndarray
-    baseline: list[float]
-    fits: list[_Fit]
-    error: str = ""  # why the sequence stopped early (a non-finite loss); rows not reached are NaN
-    last_only: bool = False  # only the last row was computed (joint after the last task): ACC alone
-
-    def entry(self, seed: int) -> dict:
-        out = {"seed": seed, "accuracy_matrix": self.R.tolist(), "random_init_accuracy": self.baseline, "summary": None,
-               "fits": [f.to_dict() for f in self.fits], "error": self.error}
-        if self.last_only and not self.error:
-            out["summary"] = {"average_accuracy": float(np.mean(self.R[-1])), "backward_transfer": None, "forward_transfer": None,
-                              "average_forgetting": None}
-        elif not np.isnan(self.R).any():
-            out["summary"] = summarize(self.R, self.baseline).to_dict()
-        return out
+def _failed(error: str, **fields) -> UnitOutcome:
+    return UnitOutcome({"status": "failed", "error": error, **fields})
 
 
-@dataclass
-class _FirstTask:
-    """Task 0's fit, shared by ``transfer`` and ``finetune`` (the same computation for both);
-    ``error`` when its loss went non-finite (then there is no state, row or fit)."""
-
-    baseline: list[float]
-    guide_state: dict | None = None
-    row: list[float] | None = None
-    fit: _Fit | None = None
-    error: str = ""
-
-
-def _first_task(config, split, tasks, trains, tests, seed) -> _FirstTask:
+def first_task_unit(config: ExperimentConfig, split: SplitConfig, seed: int, key: str, checkpoint: dict | None = None,
+                    on_checkpoint=None) -> UnitOutcome:
+    """Task 0 under the base prior from a fresh guide (the same computation for ``transfer`` and
+    ``finetune``): its accuracy row, the untrained network's row (``baseline``) and its fit; the
+    state is the posterior and the prior it leaves for task 1 under ``transfer``."""
+    tasks, trains, tests = _split_data(config, split, seed)
     model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     try:
-        fit = _fit(config, split, model, guide, trains[0], tasks[0].head, seed, 0, [0], _fixed_budget(config, trains[:1]))
+        fit = _fit(config, split, model, guide, trains[0], tasks[0].head, seed, _fixed_budget(config, trains[:1]), key, checkpoint, on_checkpoint)
     except NonFiniteLossError as error:
-        return _FirstTask(baseline, error=str(error))
-    return _FirstTask(baseline, guide_state(guide), accuracy_row(model, guide, tasks, tests, config.eval_samples), fit)
+        return _failed(f"task 0: {error}", baseline=baseline)
+    row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    state = {"guide": guide_state(guide), "prior": prior_state(next_prior(config, model, guide, split.untrained_rows(1)))}
+    return UnitOutcome({"status": "ok", "task": 0, "row": row, "baseline": baseline, "fit": _fit_record(0, [0], fit)}, state)
 
 
-def _run_bayesian_chain(config, split, method: str, tasks, trains, tests, seed: int, first: _FirstTask, log) -> _Chain:
-    """``transfer`` or ``finetune`` over the sequence, from the shared first task."""
+def chain_unit(config: ExperimentConfig, split: SplitConfig, method: str, seed: int, task: int, key: str, previous: dict,
+               checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
+    """Task ``task`` of ``method``'s chain, from the posterior ``previous`` of task ``task - 1``
+    (its output rows of untrained heads or digits fresh); under ``transfer`` its prior is the one
+    ``previous`` left, under ``finetune`` the base prior."""
+    tasks, trains, tests = _split_data(config, split, seed)
+    prior = prior_from_state(previous["prior"]) if method == "transfer" else config.base_prior()
+    model, guide = new_split_posterior(config, split, prior, seed, task)
+    start_from_state(model, guide, previous["guide"], split.untrained_rows(task))
+    try:
+        fit = _fit(config, split, model, guide, trains[task], tasks[task].head, seed, _fixed_budget(config, trains[task:task + 1]), key,
+                   checkpoint, on_checkpoint)
+    except NonFiniteLossError as error:
+        return _failed(f"task {task}: {error}")
+    row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    state = {"guide": guide_state(guide)}
+    if method == "transfer" and task + 1 < len(tasks):
+        state["prior"] = prior_state(next_prior(config, model, guide, split.untrained_rows(task + 1)))
+    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, [task], fit)}, state)
+
+
+def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: int, with_baseline: bool, key: str,
+               checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
+    """A fresh posterior under the base prior on tasks ``0..task`` together (all heads' outputs in
+    one softmax in the task scenario, each task's labels shifted to its head's rows);
+    ``with_baseline``: also the untrained network's accuracy row."""
+    tasks, trains, tests = _split_data(config, split, seed)
+    fields = {}
+    if with_baseline:
+        model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
+        fields["baseline"] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    seen = list(range(task + 1))
+    offsets = [0 if tasks[s].head is None else tasks[s].head * split.classes_per_head for s in seen]
+    union = Split(torch.cat([trains[s].x for s in seen]), torch.cat([trains[s].y + o for s, o in zip(seen, offsets)]))
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed, task)
+    try:
+        fit = _fit(config, split, model, guide, union, None, seed, _fixed_budget(config, trains[: task + 1]), key, checkpoint, on_checkpoint)
+    except NonFiniteLossError as error:
+        return _failed(f"tasks 0..{task}: {error}", **fields)
+    row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, seen, fit), **fields})
+
+
+def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
+    """EWC over the whole sequence (short deterministic fits, one unit): task ``t`` with the sum of
+    the penalties of tasks ``0..t-1``; rows not reached after a non-finite loss are ``None``."""
+    tasks, trains, tests = _split_data(config, split, seed)
     T = len(tasks)
-    R = np.full((T, T), np.nan)
-    if first.error:
-        log(f"seed {seed} split/{split.scenario} {method}: task 0 failed: {first.error}")
-        return _Chain(R, first.baseline, [], f"task 0: {first.error}")
-    R[0] = first.row
-    fits = [first.fit]
-    state = first.guide_state
-    prior = config.base_prior()
-    if method == "transfer":
-        model, guide = new_split_posterior(config, split, prior, seed, 0)
-        guide.load_state_dict(state)
-        prior = next_prior(config, model, guide, split.untrained_rows(1))
-    log(f"seed {seed} split/{split.scenario} {method}: after task 0: " + " ".join(f"{a:.3f}" for a in R[0]))
-    for t in range(1, T):
-        model, guide = new_split_posterior(config, split, prior, seed, t)
-        start_from_state(model, guide, state, split.untrained_rows(t))
-        try:
-            fits.append(_fit(config, split, model, guide, trains[t], tasks[t].head, seed, t, [t], _fixed_budget(config, trains[t:t + 1])))
-        except NonFiniteLossError as error:
-            log(f"seed {seed} split/{split.scenario} {method}: task {t} failed: {error}")
-            return _Chain(R, first.baseline, fits, f"task {t}: {error}")
-        R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-        state = guide_state(guide)
-        if method == "transfer":
-            prior = next_prior(config, model, guide, split.untrained_rows(t + 1))
-        log(f"seed {seed} split/{split.scenario} {method}: after task {t}: " + " ".join(f"{a:.3f}" for a in R[t]))
-    return _Chain(R, first.baseline, fits)
-
-
-def _run_joint(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
-    """At every step ``t`` (``split.joint == "last"``: at the last only) a fresh posterior on
-    tasks ``0..t`` together (all heads' outputs in one softmax in the task scenario, each task's
-    labels shifted to its head's rows)."""
-    T = len(tasks)
-    R = np.full((T, T), np.nan)
-    model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
-    baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-    fits = []
-    last_only = split.joint == "last"
-    for t in ([T - 1] if last_only else range(T)):
-        seen = list(range(t + 1))
-        offsets = [0 if tasks[s].head is None else tasks[s].head * split.classes_per_head for s in seen]
-        union = Split(torch.cat([trains[s].x for s in seen]), torch.cat([trains[s].y + o for s, o in zip(seen, offsets)]))
-        model, guide = new_split_posterior(config, split, config.base_prior(), seed, t)
-        try:
-            fits.append(_fit(config, split, model, guide, union, None, seed, t, seen, _fixed_budget(config, trains[: t + 1])))
-        except NonFiniteLossError as error:
-            log(f"seed {seed} split/{split.scenario} joint: tasks 0..{t} failed: {error}")
-            return _Chain(R, baseline, fits, f"tasks 0..{t}: {error}", last_only)
-        R[t] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-        log(f"seed {seed} split/{split.scenario} joint: on tasks 0..{t}: " + " ".join(f"{a:.3f}" for a in R[t]))
-    return _Chain(R, baseline, fits, last_only=last_only)
-
-
-def _run_ewc(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
-    """EWC over the sequence: task ``t`` with the sum of the penalties of tasks ``0..t-1``."""
-    T = len(tasks)
-    R = np.full((T, T), np.nan)
+    rows: list[list[float] | None] = [None] * T
     torch.manual_seed(seed)
     width = split.classes_per_head
     net = MLP((*split.sizes(config.hidden)[:-1], width * split.num_heads)).to(config.device)
@@ -461,14 +432,115 @@ def _run_ewc(config, split, tasks, trains, tests, seed: int, log) -> _Chain:
         try:
             _check_finite(current, losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
         except NonFiniteLossError as error:
-            log(f"seed {seed} split/{split.scenario} ewc: task {t} failed: {error}")
-            return _Chain(R, baseline, [], f"task {t}: {error}")
-        R[t] = row(t)
+            return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": f"task {t}: {error}"})
+        rows[t] = row(t)
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(current, trains[t].x[: config.fisher_samples], generator=generator)
         penalties.append(EWCPenalty(current, fisher, config.ewc_lambda))
-        log(f"seed {seed} split/{split.scenario} ewc: after task {t}: " + " ".join(f"{a:.3f}" for a in R[t]))
-    return _Chain(R, baseline, [])
+    return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": ""})
+
+
+def _chain_keys(method: str, seed: int) -> list[str]:
+    """The units of ``method``'s chain for ``seed``, task by task (task 0: the shared first fit)."""
+    return [f"split-first-s{seed}"] + [f"split-{method}-t{t}-s{seed}" for t in range(1, len(SPLIT_PAIRS))]
+
+
+def _joint_tasks(split: SplitConfig) -> list[int]:
+    return [len(SPLIT_PAIRS) - 1] if split.joint == "last" else list(range(len(SPLIT_PAIRS)))
+
+
+def plan_split(config: ExperimentConfig, split: SplitConfig) -> list[Unit]:
+    """The units of the sequence for every seed and method of ``config``."""
+    methods = check_split_methods(config.methods, split.scenario, config.guide)
+    units: list[Unit] = []
+    for seed in config.seeds:
+        chained = [m for m in methods if m in ("transfer", "finetune")]
+        if chained:
+            key = f"split-first-s{seed}"
+            units.append(Unit(key, first_task_unit, (config, split, seed, key)))
+        for method in chained:
+            keys = _chain_keys(method, seed)
+            units += [Unit(keys[t], chain_unit, (config, split, method, seed, t, keys[t]), needs=(keys[t - 1],)) for t in range(1, len(keys))]
+        if "joint" in methods:
+            for i, t in enumerate(_joint_tasks(split)):
+                key = f"split-joint-t{t}-s{seed}"
+                units.append(Unit(key, joint_unit, (config, split, seed, t, i == 0, key)))
+        if "ewc" in methods:
+            units.append(Unit(f"split-ewc-s{seed}", ewc_unit, (config, split, seed)))
+    return units
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class _Chain:
+    """One method's run over the sequence for one seed."""
+
+    R: np.ndarray
+    baseline: list[float]
+    fits: list[dict]
+    error: str = ""  # why the sequence stopped early (a non-finite loss); rows not reached are NaN
+    last_only: bool = False  # only the last row was computed (joint after the last task): ACC alone
+
+    def entry(self, seed: int) -> dict:
+        out = {"seed": seed, "accuracy_matrix": self.R.tolist(), "random_init_accuracy": self.baseline, "summary": None,
+               "fits": self.fits, "error": self.error}
+        if self.last_only and not self.error:
+            out["summary"] = {"average_accuracy": float(np.mean(self.R[-1])), "backward_transfer": None, "forward_transfer": None,
+                              "average_forgetting": None}
+        elif not np.isnan(self.R).any():
+            out["summary"] = summarize(self.R, self.baseline).to_dict()
+        return out
+
+
+def _own_error(record: dict, task: int, what: str) -> str:
+    """A failed unit's error as the sequence reports it (a unit that raised has only a traceback)."""
+    error = record.get("error", "")
+    return error if error.startswith(what) else f"{what}: {error}"
+
+
+def _assemble_chain(outcomes: dict[str, UnitOutcome], method: str, seed: int, first_reused: bool) -> _Chain:
+    T = len(SPLIT_PAIRS)
+    R = np.full((T, T), np.nan)
+    first = outcomes[f"split-first-s{seed}"].record
+    baseline = first.get("baseline")
+    fits: list[dict] = []
+    for t, key in enumerate(_chain_keys(method, seed)):
+        record = outcomes[key].record
+        if record["status"] != "ok":
+            return _Chain(R, baseline, fits, _own_error(record, t, f"task {t}"))
+        R[t] = record["row"]
+        fit = dict(record["fit"])
+        if t == 0 and first_reused:
+            fit.update(reused=True, seconds=0.0)
+        fits.append(fit)
+    return _Chain(R, baseline, fits)
+
+
+def _assemble_joint(outcomes: dict[str, UnitOutcome], split: SplitConfig, seed: int) -> _Chain:
+    T = len(SPLIT_PAIRS)
+    R = np.full((T, T), np.nan)
+    last_only = split.joint == "last"
+    joint_tasks = _joint_tasks(split)
+    baseline = outcomes[f"split-joint-t{joint_tasks[0]}-s{seed}"].record.get("baseline")
+    fits: list[dict] = []
+    for t in joint_tasks:
+        record = outcomes[f"split-joint-t{t}-s{seed}"].record
+        if record["status"] != "ok":
+            return _Chain(R, baseline, fits, _own_error(record, t, f"tasks 0..{t}"), last_only)
+        R[t] = record["row"]
+        fits.append(record["fit"])
+    return _Chain(R, baseline, fits, last_only=last_only)
+
+
+def _assemble_ewc(outcomes: dict[str, UnitOutcome], seed: int) -> _Chain:
+    T = len(SPLIT_PAIRS)
+    record = outcomes[f"split-ewc-s{seed}"].record
+    if record["status"] != "ok":
+        return _Chain(np.full((T, T), np.nan), record.get("baseline"), [], _own_error(record, 0, "task 0"))
+    R = np.array([[np.nan] * T if row is None else row for row in record["rows"]], dtype=float)
+    return _Chain(R, record["baseline"], [], record["error"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -505,39 +577,50 @@ def _method_summary(entries: list[dict]) -> dict:
     return out
 
 
-def _convergence_warnings(method: str, seed: int, fits: list[_Fit], fit_mode: str) -> list[str]:
-    missed = [f for f in fits if f.convergence is not None and not f.convergence["converged"] and not f.reused]
+def _convergence_warnings(method: str, seed: int, fits: list[dict], fit_mode: str) -> list[str]:
+    missed = [f for f in fits if f["convergence"] is not None and not f["convergence"]["converged"] and not f["reused"]]
     if not missed:
         return []
     how = "fitted by the stopping rule" if fit_mode == "rule" else "trained for the fixed budget (--fit fixed)"
-    return [f"seed {seed} {method}: posterior of task(s) {', '.join(str(f.task) for f in missed)} NOT converged by the stopping rule "
-            f"(each {how}; epochs {', '.join(str(f.epochs) for f in missed)})"]
+    return [f"seed {seed} {method}: posterior of task(s) {', '.join(str(f['task']) for f in missed)} NOT converged by the stopping rule "
+            f"(each {how}; epochs {', '.join(str(f['epochs']) for f in missed)})"]
 
 
-def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callable[[str], None] = print) -> dict:
+def _log_unit(split: SplitConfig, log: Callable[[str], None]) -> Callable[[Unit, UnitOutcome], None]:
+    def on_finish(unit: Unit, outcome: UnitOutcome) -> None:
+        record = outcome.record
+        if record["status"] != "ok":
+            log(f"{unit.key} ({split.scenario} scenario) failed: {record.get('error', '')}")
+        elif "row" in record:
+            log(f"{unit.key} ({split.scenario} scenario): after task {record['task']}: " + " ".join(f"{a:.3f}" for a in record["row"]))
+        else:
+            log(f"{unit.key} ({split.scenario} scenario): " + " | ".join(" ".join(f"{a:.3f}" for a in r) for r in record["rows"] if r is not None))
+    return on_finish
+
+
+def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callable[[str], None] = print, executor: Executor | None = None,
+                       store: RunStore | None = None, progress: bool = False) -> dict:
     """Run the five tasks of split MNIST under ``split.scenario`` with every method of
-    ``config.methods`` (all in :data:`SPLIT_METHODS`) and every seed; return the content of
-    ``results.json`` (its ``"seconds"`` entries are wall-clock times, which the CLI moves to
-    ``timing.json``). Nothing is checkpointed: an interrupted run restarts."""
+    ``config.methods`` (all in :data:`SPLIT_METHODS`) and every seed, as the units of
+    :func:`plan_split` on ``executor`` (default: serial) through :func:`~pyro_bbt.engine.run_units`;
+    return the content of ``results.json`` (its ``"seconds"`` entries are wall-clock times, which
+    the CLI moves to ``timing.json``). With ``store``, every finished unit and the one in progress
+    (after every epoch) are kept, so a rerun on the same store resumes."""
     methods = check_split_methods(config.methods, split.scenario, config.guide)
     tasks = split_tasks(split.scenario)
+    outcomes = run_units(plan_split(config, split), executor, store, on_finish=_log_unit(split, log), progress=progress)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
     unconverged: list[str] = []
     for seed in config.seeds:
-        data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device) for task in tasks]
-        trains, tests = [d[0] for d in data], [d[1] for d in data]
-        first = None
+        first_used = False
         for method in methods:
             if method in ("transfer", "finetune"):
-                if first is None:
-                    first = _first_task(config, split, tasks, trains, tests, seed)
-                chain = _run_bayesian_chain(config, split, method, tasks, trains, tests, seed, first, log)
-                if first.fit is not None:  # the other method reuses it
-                    first.fit = replace(first.fit, reused=True, seconds=0.0)
+                chain = _assemble_chain(outcomes, method, seed, first_reused=first_used)
+                first_used = True
             elif method == "joint":
-                chain = _run_joint(config, split, tasks, trains, tests, seed, log)
+                chain = _assemble_joint(outcomes, split, seed)
             else:
-                chain = _run_ewc(config, split, tasks, trains, tests, seed, log)
+                chain = _assemble_ewc(outcomes, seed)
             per_method[method].append(chain.entry(seed))
             for warning in _convergence_warnings(method, seed, chain.fits, split.fit):
                 log(f"warning: {warning}")

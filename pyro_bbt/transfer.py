@@ -250,7 +250,13 @@ def write_csv(path: Path, units: list[dict], timing: dict[str, float]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespace) -> None:
+def run_description(config: ExperimentConfig, split: SplitConfig | None) -> dict:
+    """What ``config.json`` holds besides the preset, and what ``--resume`` compares: the
+    configuration, and for ``--sequence split`` its scenario, fit and joint."""
+    return config.to_dict() if split is None else {"sequence": "split", **split.to_dict(), **config.to_dict()}
+
+
+def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespace, split: SplitConfig | None = None) -> None:
     """Refuse to mix runs: existing results need --overwrite (start afresh) or --resume (same config)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -261,9 +267,14 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         saved_path = out / "config.json"
         if not saved_path.exists():
             raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
-        saved = json.loads(saved_path.read_text())
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UsageError(f"--resume: {saved_path} is damaged ({type(error).__name__}: {error}); rerun with --overwrite") from None
+        if not isinstance(saved, dict):
+            raise UsageError(f"--resume: {saved_path} is damaged (not a JSON object); rerun with --overwrite")
         saved.pop("preset", None)
-        differences = config_differences(saved, config.to_dict())
+        differences = config_differences(saved, run_description(config, split))
         if differences:
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
         return
@@ -282,16 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split = split_config_from_args(args)
         config = config_from_args(args)
-        if args.sequence and args.resume:
-            raise UsageError("--resume is not supported with --sequence (sequence runs restart)")
+        if args.sequence and args.sequence != "split" and args.resume:
+            raise UsageError(f"--resume is not supported with --sequence {args.sequence} (its chains restart); --sequence split resumes")
         if args.sequence and split is None and not set(config.methods) & set(SEQUENCE_METHODS):
             raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
         if args.executor not in EXECUTORS:
             raise UsageError(f"unknown --executor {args.executor!r}; allowed: {', '.join(EXECUTORS)}")
         if args.workers > 1 and args.executor not in ("processes", "ray"):
             raise UsageError(f"--workers {args.workers} needs --executor processes or ray (--executor {args.executor} runs one unit at a time)")
-        if args.sequence and args.executor != "serial":
-            raise UsageError(f"--executor {args.executor} is not supported with --sequence (its chains run serially)")
+        if args.sequence and args.sequence != "split" and args.executor != "serial":
+            raise UsageError(f"--executor {args.executor} is not supported with --sequence {args.sequence} (its chains run serially)")
         gpus_per_unit = _gpus_per_unit(args, config)
         executor = make_executor(args.executor, args.workers, args.threads_per_unit, ray_address=args.ray_address, gpus_per_unit=gpus_per_unit)
     except UsageError as error:
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: --executor {args.executor}: {error}", file=sys.stderr)
         return 2
     try:
-        _prepare_out_dir(args.out, config, args)
+        _prepare_out_dir(args.out, config, args, split)
     except UsageError as error:
         executor.close()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -343,10 +354,9 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     start = time.perf_counter()
     if not args.resume:
-        extra = {} if split is None else {"sequence": "split", **split.to_dict()}
-        atomic_write_json(args.out / "config.json", {"preset": args.preset, **extra, **config.to_dict()})
+        atomic_write_json(args.out / "config.json", {"preset": args.preset, **run_description(config, split)})
     if split is not None:
-        return _run_split(args, config, split, log, start)
+        return _run_split(args, config, split, executor, log, start)
     if args.sequence:
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads_per_unit)
@@ -376,20 +386,19 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
     return 0
 
 
-def _run_split(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig, log, start: float) -> int:
-    """``--sequence split``: run it, then write results.json, timing.json (the fits' wall-clock
-    seconds), split_mnist.md (the table), split_mnist.png and sequence.png (the figures)."""
+def _run_split(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig, executor: Executor, log, start: float) -> int:
+    """``--sequence split``: run its units on ``executor``, kept in ``--out`` (so ``--resume``
+    continues it), then write results.json, timing.json (the fits' wall-clock seconds),
+    split_mnist.md (the table), split_mnist.png and sequence.png (the figures)."""
     from .plots import plot_sequence, plot_split_sequence
     from .report import split_sequence_table
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads_per_unit)
-    try:
-        raw = run_sequence(config, "split", log=log, split=split)
-    finally:
-        torch.set_num_threads(threads)
+    warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    store = RunStore(args.out, run_description(config, split), on_damaged=lambda message: warn(f"warning: {message}"))
+    raw = run_sequence(config, "split", log=log, split=split, executor=executor, store=store, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start
+    timing["workers"] = args.workers if args.executor in ("processes", "ray") else 1
     atomic_write_json(args.out / "results.json", results)
     atomic_write_json(args.out / "timing.json", timing)
     atomic_write_text(args.out / "split_mnist.md", split_sequence_table(results))

@@ -190,3 +190,55 @@ def test_any_cli_arguments_succeed_or_exit_2_with_one_line(tmp_path, capsys, cho
         assert not out.exists()
     else:
         assert (out / "results.json").exists()
+
+
+# The split sequence as units (pyro_bbt.engine): one seed, each task fitted by the rule on a few
+# images, so that a unit lasts several epochs and the run can be killed inside one.
+SPLIT_TINY = [
+    "--sequence", "split", "--scenario", "task", "--preset", "quick", "--limit-train", "200", "--limit-eval", "60", "--hidden", "8",
+    "--seeds", "0", "--fit", "rule", "--epochs-a", "3", "--max-epochs-a", "6", "--batch-size-a", "50", "--eval-samples", "4",
+    "--methods", "transfer,ewc,joint", "--joint", "last", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def split_uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "split"
+    process = _cli(*SPLIT_TINY, "--out", str(out))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return out
+
+
+def test_split_sequence_killed_mid_chain_resumes_in_worker_processes_to_the_same_results(split_uninterrupted, tmp_path):
+    """SIGKILL once a chain unit has finished (its successors still to come), then --resume with
+    two worker processes: the finished units are read back, the rest run, and results.json is
+    byte-identical to the uninterrupted serial run's."""
+    out = tmp_path / "killed"
+    process = _cli(*SPLIT_TINY, "--out", str(out))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and not (out / "units" / "split-transfer-t1-s0.json").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    kept = sorted(p.name for p in (out / "units").iterdir())
+    assert "split-first-s0.json" in kept and "split-transfer-t4-s0.json" not in kept, kept
+    resumed = _cli(*SPLIT_TINY, "--out", str(out), "--resume", "--executor", "processes", "--workers", "2")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert (out / "results.json").read_bytes() == (split_uninterrupted / "results.json").read_bytes()
+
+
+def test_split_resume_refuses_another_scenario_and_a_damaged_config(split_uninterrupted, tmp_path, capsys):
+    other = [a if a != "task" else "domain" for a in SPLIT_TINY]
+    assert main([*other, "--out", str(split_uninterrupted), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another configuration" in err and "scenario: 'task' -> 'domain'" in err and len(err.splitlines()) == 1
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"hidden": [8')
+    assert main([*SPLIT_TINY, "--out", str(damaged), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{damaged / 'config.json'} is damaged (JSONDecodeError" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in damaged.iterdir()) == ["config.json"]

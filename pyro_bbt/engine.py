@@ -1,0 +1,177 @@
+"""The study engine: a plan of units with dependencies, run on any executor, kept in a store.
+
+A study is data: a list of :class:`Unit` s, each a picklable function of its arguments and of
+the states of the units it ``needs``, returning a :class:`UnitOutcome` (a JSON ``record`` for
+``results.json`` and, for the units others depend on, a ``state`` of tensors). :func:`run_units`
+runs them in dependency order on an :class:`~pyro_bbt.executors.Executor` (serial, processes or
+Ray), as many at once as it has slots, and, with a :class:`~pyro_bbt.runstore.RunStore`, keeps
+every finished unit on disk (the state under ``stages/``, then the record under ``units/``) and
+the unit in progress after every epoch (``checkpoints/``), so a rerun on the same store resumes
+after a kill: finished units are read back, an interrupted one continues from its last epoch.
+
+Failures:
+
+* a unit that reports a failure itself (``record["status"] == "failed"``, e.g. a non-finite
+  loss) is saved like any other; the units that need it fail too, with its error, and are saved;
+* a unit that raises, or whose worker dies, fails with the traceback but is **not** saved, and
+  neither are the units that need it, so a resume runs them again.
+
+The outcomes come back keyed by unit, so the summary a study builds from them does not depend on
+the order in which units finished, hence not on the executor or its number of workers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from .executors import Executor, Job, JobResult, SerialExecutor
+from .runstore import RunStore
+
+__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "run_units"]
+
+
+@dataclass
+class UnitOutcome:
+    """What a unit returns: its ``record`` (JSON, with ``status`` ``"ok"`` or ``"failed"``) and the
+    ``state`` the units that need it receive (``None`` when nothing depends on it)."""
+
+    record: dict
+    state: dict | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.record.get("status") == "failed"
+
+
+def failed_outcome(error: str) -> UnitOutcome:
+    return UnitOutcome({"status": "failed", "error": error})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``fn(*args, *states, checkpoint, on_checkpoint)``, where ``states`` are the states of the
+    units named in ``needs`` (in that order), ``checkpoint`` the unit's last saved epoch (or
+    ``None``) and ``on_checkpoint(key, data)`` saves one; it returns a :class:`UnitOutcome`."""
+
+    key: str
+    fn: Callable[..., UnitOutcome]
+    args: tuple = ()
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class UnitCheckpoints:
+    """A unit's view of its checkpoints, for :func:`~pyro_bbt.fitting.fit_posterior`'s ``store``:
+    the last one the engine read for it (``saved``) and where new ones go (``on_checkpoint``, the
+    engine's forwarder to the store in the driver's process)."""
+
+    saved: dict | None
+    on_checkpoint: Callable[[str, dict], None] | None
+
+    def checkpoint(self, key: str) -> dict | None:
+        return self.saved
+
+    def save_checkpoint(self, key: str, data: dict) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(key, data)
+
+
+def _stored(unit: Unit, store: RunStore | None, needed: set[str]) -> UnitOutcome | None:
+    """The finished outcome of ``unit`` in ``store``, or ``None`` if it must run (absent, or its
+    state is missing while another unit needs it)."""
+    if store is None:
+        return None
+    record = store.record(unit.key)
+    if record is None:
+        return None
+    state = store.stage(unit.key) if unit.key in needed and record.get("status") == "ok" else None
+    if unit.key in needed and record.get("status") == "ok" and state is None:
+        return None
+    return UnitOutcome(record, state)
+
+
+def run_units(
+    units: Sequence[Unit],
+    executor: Executor | None = None,
+    store: RunStore | None = None,
+    on_finish: Callable[[Unit, UnitOutcome], None] | None = None,
+    progress: bool = False,
+    description: str = "units",
+) -> dict[str, UnitOutcome]:
+    """Run ``units`` (keys unique, every ``needs`` naming an earlier unit) on ``executor``
+    (default: serial, one torch thread) with ``store`` (``None``: nothing kept) and return every
+    unit's outcome by key. ``on_finish(unit, outcome)`` is called as each unit finishes (not for
+    those read back from the store). ``progress`` shows one bar for the whole plan."""
+    by_key = {u.key: u for u in units}
+    if len(by_key) != len(units):
+        raise ValueError("unit keys must be unique")
+    for unit in units:
+        unknown = [n for n in unit.needs if n not in by_key]
+        if unknown:
+            raise ValueError(f"unit {unit.key!r} needs {', '.join(unknown)}, which the plan does not hold")
+    executor = executor or SerialExecutor()
+    needed = {n for u in units for n in u.needs}
+    done: dict[str, UnitOutcome] = {}
+    crashed: set[str] = set()
+    shared: dict[str, Any] = {}
+    waiting: list[Unit] = []
+    for unit in units:
+        outcome = _stored(unit, store, needed)
+        if outcome is None:
+            waiting.append(unit)
+        else:
+            done[unit.key] = outcome
+    bar = tqdm(total=len(units), initial=len(done), disable=not progress, desc=description, unit="unit", file=sys.stderr, dynamic_ncols=True)
+
+    def finish(unit: Unit, outcome: UnitOutcome, keep: bool) -> None:
+        done[unit.key] = outcome
+        if keep and store is not None:
+            if outcome.state is not None and unit.key in needed:
+                store.save_stage(unit.key, outcome.state)
+            store.save_record(unit.key, outcome.record)
+        elif not keep:
+            crashed.add(unit.key)
+        if on_finish is not None:
+            on_finish(unit, outcome)
+        bar.update(1)
+
+    def job(unit: Unit) -> Job:
+        states = []
+        for need in unit.needs:
+            if need not in shared:
+                shared[need] = executor.share(done[need].state)
+            states.append(shared[need])
+        checkpoint = store.checkpoint(unit.key) if store is not None else None
+        on_checkpoint = executor.forwarder(store.save_checkpoint) if store is not None else None
+        return Job(unit.key, unit.fn, (*unit.args, *states, checkpoint, on_checkpoint))
+
+    try:
+        while waiting or executor.busy():
+            while executor.free_slots() > 0:
+                unit = next((u for u in waiting if all(n in done for n in u.needs)), None)
+                if unit is None:
+                    break
+                waiting.remove(unit)
+                failed_need = next((n for n in unit.needs if done[n].failed), None)
+                if failed_need is not None:  # what it needs failed: so does it, kept only if that one was
+                    finish(unit, failed_outcome(f"{failed_need} failed: {done[failed_need].record.get('error', '')}"), failed_need not in crashed)
+                    continue
+                executor.submit(job(unit))
+            if not executor.busy():
+                if waiting and not any(all(n in done for n in u.needs) for u in waiting):
+                    raise RuntimeError(f"units wait for one another in a cycle: {[u.key for u in waiting]}")
+                continue
+            result: JobResult = executor.next_result()
+            unit = by_key[result.key]
+            if result.ok:
+                finish(unit, result.value, keep=True)
+            else:
+                finish(unit, failed_outcome(result.error), keep=False)
+    finally:
+        bar.close()
+    return done

@@ -1,0 +1,79 @@
+"""The study engine (pyro_bbt.engine): dependency order, states handed on, failures and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_bbt.engine import Unit, UnitOutcome, run_units
+from pyro_bbt.runstore import RunStore
+
+CALLS: list[str] = []
+
+
+def _add(key: str, value: float, *states_and_checkpoint) -> UnitOutcome:
+    """A unit: its state is ``value`` plus the sum of the states it needs."""
+    *states, _checkpoint, _on_checkpoint = states_and_checkpoint
+    CALLS.append(key)
+    total = value + sum(float(s["total"]) for s in states)
+    return UnitOutcome({"status": "ok", "total": total}, {"total": torch.tensor(total)})
+
+
+def _report_failure(key: str, *rest) -> UnitOutcome:
+    CALLS.append(key)
+    return UnitOutcome({"status": "failed", "error": "loss is nan at step 3"})
+
+
+def _raise(key: str, *rest) -> UnitOutcome:
+    CALLS.append(key)
+    raise RuntimeError("worker lost")
+
+
+def _chain(second) -> list[Unit]:
+    return [
+        Unit("a", _add, ("a", 1.0)),
+        Unit("b", second, ("b", 2.0) if second is _add else ("b",), needs=("a",)),
+        Unit("c", _add, ("c", 4.0), needs=("b",)),
+        Unit("d", _add, ("d", 8.0), needs=("a",)),
+    ]
+
+
+def test_units_get_the_states_they_need_and_a_store_resumes_without_rerunning(tmp_path):
+    CALLS.clear()
+    store = RunStore(tmp_path, {"study": "sums"})
+    out = run_units(_chain(_add), store=store)
+    assert {k: o.record["total"] for k, o in out.items()} == {"a": 1.0, "b": 3.0, "c": 7.0, "d": 9.0}
+    assert CALLS == ["a", "b", "c", "d"]
+    CALLS.clear()
+    again = run_units(_chain(_add), store=RunStore(tmp_path, {"study": "sums"}))
+    assert CALLS == [] and {k: o.record for k, o in again.items()} == {k: o.record for k, o in out.items()}
+    (tmp_path / "units" / "c.json").unlink()  # c lost: rerun from b's stored state alone
+    run_units(_chain(_add), store=RunStore(tmp_path, {"study": "sums"}))
+    assert CALLS == ["c"]
+
+
+def test_a_reported_failure_fails_what_needs_it_and_is_kept(tmp_path):
+    CALLS.clear()
+    out = run_units(_chain(_report_failure), store=RunStore(tmp_path, {"study": "fail"}))
+    assert out["c"].failed and out["c"].record["error"] == "b failed: loss is nan at step 3"
+    assert not out["d"].failed and CALLS == ["a", "b", "d"]
+    CALLS.clear()
+    run_units(_chain(_report_failure), store=RunStore(tmp_path, {"study": "fail"}))
+    assert CALLS == []  # kept: a resume does not run it again
+
+
+def test_a_unit_that_raises_is_not_kept_so_a_resume_runs_it_and_its_dependents_again(tmp_path):
+    CALLS.clear()
+    out = run_units(_chain(_raise), store=RunStore(tmp_path, {"study": "raise"}))
+    assert out["b"].failed and "worker lost" in out["b"].record["error"] and out["c"].failed
+    assert sorted(p.stem for p in (tmp_path / "units").iterdir()) == ["a", "d"]
+    CALLS.clear()
+    out = run_units(_chain(_add), store=RunStore(tmp_path, {"study": "raise"}))
+    assert CALLS == ["b", "c"] and out["c"].record["total"] == 7.0
+
+
+def test_a_plan_with_an_unknown_need_or_a_cycle_is_refused():
+    with pytest.raises(ValueError, match="unit 'b' needs z, which the plan does not hold"):
+        run_units([Unit("a", _add, ("a", 1.0)), Unit("b", _add, ("b", 1.0), needs=("z",))])
+    with pytest.raises(RuntimeError, match="cycle"):
+        run_units([Unit("a", _add, ("a", 1.0), needs=("b",)), Unit("b", _add, ("b", 1.0), needs=("a",))])
