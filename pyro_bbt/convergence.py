@@ -196,6 +196,8 @@ class ConvergenceReport:
     last_scale_drift: dict[str, float] | None
     uninformed_scale_ratio: float | None = None
     rule: dict | None = None
+    rule_holds: bool | None = None
+    verdict: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,22 +206,29 @@ class ConvergenceReport:
         gain = "n/a" if self.elbo_gain is None else f"{self.elbo_gain:.2%}"
         ratio = "n/a" if self.uninformed_scale_ratio is None else f"{self.uninformed_scale_ratio:.3f}"
         sigma = ", ".join(f"{site} {value:.3g}" for site, value in self.median_scale.items())
+        verdict = "" if self.verdict is None else ("; verdict: converged" if self.verdict["converged"] else "; verdict: " + "; ".join(self.verdict["reasons"]))
         return (f"{'converged' if self.converged else 'NOT converged'} after {self.epochs} epochs: ELBO gain over the last "
-                f"{(self.rule or {}).get('window', '?')} epochs {gain}; median sigma {sigma}; uninformed-weight sigma ratio {ratio}")
+                f"{(self.rule or {}).get('window', '?')} epochs {gain}; median sigma {sigma}; uninformed-weight sigma ratio {ratio}{verdict}")
 
 
 def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio: float | None = None, max_epochs: int | None = None) -> ConvergenceReport:
     """Judge a finished fit from its per-epoch records (``TrainHistory.to_records()``: each has
-    ``elbo``, ``median_scale`` and ``lr_scale``) by ``rule``, whether or not the rule stopped it:
-    converged when the rule would stop now (its learning-rate drops all taken)."""
+    ``elbo``, ``median_scale`` and ``lr_scale``, and the last one the ``verdict`` of
+    :func:`~pyro_bbt.inference.train`, if it judged it). With a verdict, converged is the
+    verdict's: the ELBO could gain at most its tolerance and the blank-pixel check holds
+    (:mod:`pyro_bbt.verdict`); ``rule_holds`` then only says whether ``rule`` would stop now.
+    Without one (a guide the verdict cannot judge, or an older history), converged when the rule
+    would stop now (its learning-rate drops all taken)."""
     elbos = [record["elbo"] for record in history]
     medians = [record["median_scale"] for record in history]
     phase = _current_phase(history) if history else []
     last_drift = None
     if len(medians) >= 2:
         last_drift = {site: abs(math.log(medians[-1][site]) - math.log(medians[-2][site])) for site in medians[-1]}
+    rule_holds = bool(history) and rule.decide(history) == "stop"
+    verdict = history[-1].get("verdict") if history else None
     return ConvergenceReport(
-        converged=bool(history) and rule.decide(history) == "stop",
+        converged=rule_holds if verdict is None else bool(verdict["converged"]),
         epochs=len(history),
         max_epochs=max_epochs,
         elbo_trace=elbos,
@@ -228,6 +237,8 @@ def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio
         last_scale_drift=last_drift,
         uninformed_scale_ratio=uninformed_ratio,
         rule=rule.to_dict(),
+        rule_holds=rule_holds,
+        verdict=verdict,
     )
 
 

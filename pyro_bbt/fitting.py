@@ -33,6 +33,7 @@ from .guides import GuideConfig, initialize_guide, make_guide, posterior_as_prio
 from .inference import EpochDiagnostics, TrainConfig, TrainState, train
 from .model import BayesianMLP
 from .priors import PerSitePrior, Prior
+from .verdict import VerdictConfig
 
 __all__ = [
     "FitRecipe",
@@ -58,8 +59,11 @@ class FitRecipe:
     * ``steps``: exactly this many optimisation steps;
     * ``epochs``: exactly this many passes over the data.
 
-    ``judge`` is the rule whose verdict a fixed budget records (it does not stop the fit; default:
-    ``rule``). The loss is the full-data negative ELBO with the ``kl_schedule``'s weights
+    ``judge`` is the rule whose criteria a fixed budget records (it does not stop the fit; default:
+    ``rule``). ``verdict`` (:class:`~pyro_bbt.verdict.VerdictConfig`) judges every fit by the nats
+    its ELBO could still gain and the blank-pixel check, and under ``rule`` keeps a fit going at
+    lower rates until it holds (:func:`~pyro_bbt.inference.train`); ``None``: the rule's criteria
+    alone. The loss is the full-data negative ELBO with the ``kl_schedule``'s weights
     (:mod:`pyro_bbt.inference`).
     """
 
@@ -74,6 +78,7 @@ class FitRecipe:
     num_particles: int = 1
     estimator: str = "auto"
     kl_schedule: str = "uniform"
+    verdict: VerdictConfig | None = VerdictConfig()
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("rule", "steps", "epochs") if getattr(self, name) is not None]
@@ -113,6 +118,8 @@ class FitRecipe:
             seed=seed,
             eval_samples=eval_samples,
             progress=False,
+            verdict=self.verdict,
+            warn_unconverged=False,  # the fit's record says so
         )
 
 

@@ -18,7 +18,10 @@ Per-epoch diagnostics (:class:`EpochDiagnostics`):
 * ``weighted_kl``: ``sum_i pi_i KL_i`` over the epoch (equal to ``KL(q||p)`` when the weights sum to 1,
   up to the posterior's move within the epoch);
 * ``elbo = expected_log_lik - weighted_kl``;
-* ``seconds``: wall time of the epoch's optimisation steps (validation excluded);
+* ``seconds``: wall time of the epoch's optimisation steps and of the verdict judged after it, if
+  any (validation excluded);
+* ``verdict``: the convergence verdict (:func:`~pyro_bbt.verdict.judge`) where one was judged
+  after the epoch (``None`` elsewhere);
 * ``train_accuracy`` from the training minibatches' own predictions (free, but taken while the
   posterior moves), ``val_accuracy`` from the posterior predictive with ``eval_samples`` draws;
 * ``median_scale``: each weight site's median posterior standard deviation after the epoch;
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -51,8 +55,9 @@ from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
+from .verdict import VerdictConfig, can_judge, judge
 
-__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "train"]
+__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
 
 @dataclass
@@ -92,6 +97,17 @@ class TrainConfig:
         and backward). Its first step in a process compiles for tens of seconds (once per batch
         shape; inductor caches on disk), so it pays off on long fits. The same steps to float
         rounding (tested). Off by default.
+    :param verdict: how the fit is judged (:class:`~pyro_bbt.verdict.VerdictConfig`): the nats
+        the ELBO could still gain, estimated from independent full-data gradients whatever the
+        step size, and the blank-pixel check. Judged at the end of the fit and, under ``stopping``,
+        each time the rule would stop: a fit the verdict does not call converged goes on with
+        both rates multiplied by ``stopping.lr_factor`` once more (at most
+        ``verdict.max_overrules`` times). Each judgement is recorded in that epoch's
+        ``verdict``. ``None``: no verdict (a deliberate fixed budget, say).
+    :param warn_unconverged: warn (:class:`UnconvergedFitWarning`) when the fit returned is not
+        converged by the verdict. Callers that record the verdict themselves turn it off.
+
+    :meth:`converged` is the recipe that fits to convergence.
     """
 
     epochs: int = 10
@@ -111,6 +127,20 @@ class TrainConfig:
     validate: bool = False
     fast: bool = True
     compile: bool = False
+    verdict: VerdictConfig | None = VerdictConfig()
+    warn_unconverged: bool = True
+
+    @classmethod
+    def converged(cls, **overrides) -> "TrainConfig":
+        """The recipe that fits a posterior to convergence: Adam from lr 1e-2 for the locations
+        and 3e-2 for the widths, minibatches of 2048, uniform KL weights, the stopping rule with
+        three drops by 0.3 (at most 300 epochs), then the verdict, which lowers the rates further
+        until the ELBO could gain at most ``verdict.tol_per_datum`` nats per example. On fewer
+        than about 20k images pass a smaller ``batch_size`` (about a tenth of the data): one
+        step per epoch is too slow a step to converge. ``overrides`` replace any field."""
+        values = dict(stopping=StoppingRule(max_epochs=300, lr_drops=3, lr_factor=0.3), lr=1e-2, scale_lr=3e-2, batch_size=2048,
+                      kl_schedule="uniform", eval_samples=0)
+        return cls(**(values | overrides))
 
     def __post_init__(self) -> None:
         validate_schedule(self.kl_schedule)
@@ -136,7 +166,9 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be a finite number > 0, got {self.warmup_epochs!r}")
         if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) or self.eval_samples < 0:
             raise ValueError(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}")
-        for name in ("progress", "validate", "fast", "compile"):
+        if self.verdict is not None and not isinstance(self.verdict, VerdictConfig):
+            raise ValueError(f"verdict must be None or a VerdictConfig, got {self.verdict!r}")
+        for name in ("progress", "validate", "fast", "compile", "warn_unconverged"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -153,6 +185,7 @@ class EpochDiagnostics:
     seconds: float
     median_scale: dict[str, float] = field(default_factory=dict)
     lr_scale: float = 1.0
+    verdict: dict | None = None
 
 
 @dataclass
@@ -166,18 +199,36 @@ class TrainHistory:
         atomic_write_text(path, json.dumps(self.to_records(), indent=2))
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """One row per epoch; the median scales as columns ``median_scale/<site>``."""
+        """One row per epoch; the median scales as columns ``median_scale/<site>``, the verdict as
+        ``verdict_converged`` (empty where none was judged; the whole verdict is in the JSON)."""
         records = self.to_records()
-        names = [f.name for f in fields(EpochDiagnostics) if f.name != "median_scale"]
+        names = [f.name for f in fields(EpochDiagnostics) if f.name not in ("median_scale", "verdict")]
         sites = list(dict.fromkeys(site for r in records for site in r["median_scale"]))
-        header = names + [f"median_scale/{site}" for site in sites]
-        rows = [[r[n] for n in names] + [r["median_scale"].get(site) for site in sites] for r in records]
+        header = names + [f"median_scale/{site}" for site in sites] + ["verdict_converged"]
+        rows = [[r[n] for n in names] + [r["median_scale"].get(site) for site in sites] + [None if r["verdict"] is None else r["verdict"]["converged"]]
+                for r in records]
         lines = [",".join(header)] + [",".join("" if v is None else repr(v) for v in row) for row in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class UnconvergedFitWarning(UserWarning):
+    """:func:`train` returns a fit that the verdict does not call converged."""
+
+
+def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory") -> dict:
+    """Judge the fit after the last epoch of ``history``, record the verdict there and add its
+    cost to that epoch's ``seconds``."""
+    start = time.perf_counter()
+    v, last = config.verdict, history.epochs[-1]
+    verdict = judge(model, guide, train_split, tol_per_datum=v.tol_per_datum, num_pairs=v.num_pairs, batch_size=v.batch_size, seed=v.seed + last.epoch,
+                    num_draws=v.num_draws, steps=v.steps, direction=v.direction)
+    last.verdict = verdict.to_dict()
+    last.seconds += time.perf_counter() - start
+    return last.verdict
 
 
 def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -267,10 +318,16 @@ def train(
         history.epochs = [EpochDiagnostics(**record) for record in resume.history]
         first_epoch, step = resume.epoch, resume.step
     lr_scale = history.epochs[-1].lr_scale if history.epochs else 1.0
+    judging = config.verdict is not None and can_judge(guide)
 
     for epoch in range(first_epoch, num_epochs):
         if config.stopping is not None and history.epochs:
             action = config.stopping.decide(history.to_records())
+            if action == "stop" and judging:
+                verdict = history.epochs[-1].verdict or _judge_last(model, guide, train_split, config, history)
+                overruled = sum(e.verdict is not None and not e.verdict["converged"] for e in history.epochs[:-1])
+                if not verdict["converged"] and overruled < config.verdict.max_overrules:
+                    action = "drop"  # not there yet: a smaller step, and the rule's criteria again
             if action == "stop":
                 break
             if action == "drop":
@@ -343,4 +400,9 @@ def train(
                     history=history.to_records(),
                 )
             )
+    if judging and history.epochs and history.epochs[-1].verdict is None:
+        _judge_last(model, guide, train_split, config, history)
+    if judging and config.warn_unconverged and history.epochs and not history.epochs[-1].verdict["converged"]:
+        warnings.warn(f"the fit returned is NOT converged after {len(history.epochs)} epochs: {'; '.join(history.epochs[-1].verdict['reasons'])}",
+                      UnconvergedFitWarning, stacklevel=2)
     return history

@@ -3,6 +3,7 @@ seeds (the sample standard deviation, ``ddof=1``, as in the tables of ``results.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
+from .stats import sample_std  # noqa: E402
 
-__all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all", "plot_sequence", "plot_split_sequence"]
+__all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all", "plot_sequence", "plot_split_sequence",
+           "plot_learning_curves"]
 
 COLORS = {"scratch": "tab:gray", "transfer": "tab:blue", "finetune": "tab:orange", "ewc": "tab:green", "joint": "tab:purple"}
 
@@ -23,15 +26,6 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-
-
-def sample_std(values, axis=None):
-    """Standard deviation over seeds with ``ddof=1`` (0 where there is one value), as the tables use."""
-    array = np.asarray(values, dtype=float)
-    n = array.size if axis is None else array.shape[axis]
-    if n < 2:
-        return np.zeros(()) if axis is None else np.zeros(np.delete(array.shape, axis))
-    return array.std(axis=axis, ddof=1)
 
 
 def _methods(results: dict) -> list[str]:
@@ -178,3 +172,64 @@ def plot_split_scenarios(runs: list[dict], path: Path) -> None:
         _draw_split_curves(ax, results)
     axes[0][0].set_ylabel("average accuracy on the tasks seen")
     _save(fig, path)
+
+
+def _curve_xy(points: list[dict], timing: dict[str, float], prefix: str, x: str) -> tuple[np.ndarray, np.ndarray]:
+    """One unit's curve: ``x`` (``"step"``, or ``"seconds"`` read from ``timing`` under
+    ``PREFIX/curve/I``) against B's test accuracy."""
+    if x == "step":
+        xs = [p["step"] for p in points]
+    else:
+        xs = [timing.get(f"{prefix}/curve/{i}", np.nan) for i in range(len(points))]
+    return np.asarray(xs, dtype=float), np.asarray([p["b_test_accuracy"] for p in points], dtype=float)
+
+
+def _held(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``ys`` on ``grid``: the last value recorded at or before each grid point (NaN before the
+    first), held after the fit ended, since a converged fit is finished."""
+    index = np.searchsorted(xs, grid, side="right") - 1
+    return np.where(index >= 0, ys[np.clip(index, 0, None)], np.nan)
+
+
+def plot_learning_curves(runs: dict[str, tuple[dict, dict]], path: Path, fractions: tuple[float, ...] | None = None) -> None:
+    """B's test accuracy against optimisation steps and against fit wall time, per head (``runs``:
+    head -> (results.json, timing.json) of a transfer run), one column per fraction of B; mean
+    +- std over seeds on a common log-spaced axis, each seed's curve held at its last point after
+    its fit ended (marked with a dot: where the fit converged or hit its cap). ``fractions``:
+    default every fraction the runs hold."""
+    heads = list(runs)
+    fractions = fractions or tuple(sorted({f for results, _ in runs.values() for f in _fractions(results)}))
+    fig, axes = plt.subplots(2 * len(heads), len(fractions), figsize=(4.2 * len(fractions), 3.0 * 2 * len(heads)), squeeze=False)
+    for h, head in enumerate(heads):
+        results, timing = runs[head]
+        for row, x in enumerate(("step", "seconds")):
+            for col, fraction in enumerate(fractions):
+                ax = axes[2 * h + row][col]
+                for method in _methods(results):
+                    picked = [(i, u) for i, u in enumerate(results["units"])
+                              if u["method"] == method and u["fraction"] == fraction and u["status"] == "ok" and u["curve"]]
+                    curves = [_curve_xy(u["curve"], timing, f"units/{i}", x) for i, u in picked]
+                    curves = [(xs, ys) for xs, ys in curves if len(xs) and np.isfinite(xs).all()]
+                    if not curves:
+                        continue
+                    low = max(min(xs[0] for xs, _ in curves), 1e-3)
+                    grid = np.geomspace(low, max(xs[-1] for xs, _ in curves), 60)
+                    values = np.array([_held(xs, ys, grid) for xs, ys in curves])
+                    with np.errstate(invalid="ignore"), warnings.catch_warnings():  # grid points before a seed's first point are NaN
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        mean = np.nanmean(values, 0)
+                        std = np.nanstd(values, 0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+                    color = COLORS.get(method)
+                    ax.plot(grid, mean, label=method, color=color)
+                    ax.fill_between(grid, mean - std, mean + std, alpha=0.15, color=color)
+                    ax.plot([xs[-1] for xs, _ in curves], [ys[-1] for _, ys in curves], "o", ms=3, color=color)
+                ax.set_xscale("log")
+                ax.grid(alpha=0.3)
+                ax.set_title(f"{head} head, {fraction:g} of B", fontsize=9)
+                ax.set_xlabel("optimisation steps" if x == "step" else "fit wall time (s)", fontsize=8)
+            axes[2 * h + row][0].set_ylabel("B test accuracy")
+    labelled = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(labelled.values(), labelled.keys(), loc="upper center", ncol=len(labelled), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

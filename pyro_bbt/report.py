@@ -197,7 +197,7 @@ def _sites(medians: dict[str, float]) -> str:
 def convergence_lines(results: dict) -> str:
     """The stopping rule's verdict on every q_A, a count of converged q_B per method and fraction,
     and the run's warnings."""
-    lines = ["**Convergence** (stopping rule: ELBO gain over the window and median-sigma drift per epoch)", ""]
+    lines = ["**Convergence** (converged: the verdict, pyro_bbt.verdict, where the fit was judged; else the stopping rule's criteria)", ""]
     lines += ["| q_A, seed | epochs (cap) | converged | ELBO gain over window | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
               "|---|---|---|---|---|---|---|"]
     for stage in results["task_a"]:
@@ -214,10 +214,40 @@ def convergence_lines(results: dict) -> str:
         if unit.get("convergence"):
             counts.setdefault((unit["method"], unit["fraction"]), []).append(unit["convergence"]["converged"])
     if counts:
-        lines += ["", "q_B meeting the same rule after B's fixed budget (converged / units): " + "; ".join(
+        how = "fitted by the rule and the verdict" if results["config"].get("fit_b") == "rule" else "after B's fixed budget"
+        lines += ["", f"q_B converged, {how} (converged / units): " + "; ".join(
             f"{method} {fraction:g}: {sum(flags)}/{len(flags)}" for (method, fraction), flags in counts.items())]
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
+    return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer", "scratch"), ("transfer", "ewc"), ("transfer", "finetune"))) -> str:
+    """Per-seed paired differences of B's test accuracy and of A's accuracy after B between two
+    methods at each fraction (same seed, same data): mean, and a 95 % t interval over seeds."""
+    from statistics import mean, stdev
+
+    # two-sided 95 % t quantiles by degrees of freedom (1..9); a normal 1.96 beyond
+    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    ok = {(u["method"], u["fraction"], u["seed"]): u for u in results["units"] if u["status"] == "ok"}
+    fractions = sorted({f for _, f, _ in ok})
+    lines = ["**Paired differences over seeds** (mean [95 % t interval], n seeds)", "",
+             "| difference | fraction | B test accuracy | A accuracy after B | n |", "|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{values[0]:+.3f}" if values else "—"
+        half = t95.get(len(values) - 1, 1.96) * stdev(values) / len(values) ** 0.5
+        return f"{mean(values):+.3f} [{mean(values) - half:+.3f}, {mean(values) + half:+.3f}]"
+
+    for first, second in pairs:
+        for fraction in fractions:
+            seeds = sorted(s for m, f, s in ok if m == first and f == fraction and (second, f, s) in ok)
+            if not seeds:
+                continue
+            b = [ok[(first, fraction, s)]["b_test"]["accuracy"] - ok[(second, fraction, s)]["b_test"]["accuracy"] for s in seeds]
+            a = [ok[(first, fraction, s)]["a_test_after"]["accuracy"] - ok[(second, fraction, s)]["a_test_after"]["accuracy"] for s in seeds]
+            lines.append(f"| {first} − {second} | {fraction:g} | {cell(b)} | {cell(a)} | {len(seeds)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(runs of one scenario with different --methods are merged)")
     parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
                         help="with --published: also draw the runs' average-accuracy curves side by side into PNG")
+    parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
+                        help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given (one per head) into PNG")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
@@ -333,6 +365,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure is not None:
         print(f"{parser.prog}: error: --figure needs --published", file=sys.stderr)
         return 2
+    if args.learning_curves is not None:
+        from .plots import plot_learning_curves
+
+        runs = {}
+        for run_dir in args.run_dir:
+            paths = [run_dir / "results.json", run_dir / "timing.json"]
+            missing = [str(p) for p in paths if not p.exists()]
+            if missing:
+                print(f"{parser.prog}: error: --learning-curves needs transfer runs; {', '.join(missing)} missing", file=sys.stderr)
+                return 2
+            results, timing = (json.loads(p.read_text()) for p in paths)
+            if "units" not in results:
+                print(f"{parser.prog}: error: --learning-curves needs A -> B transfer runs; {paths[0]} is not one", file=sys.stderr)
+                return 2
+            runs[results["config"]["head"]] = (results, timing)
+        plot_learning_curves(runs, args.learning_curves)
+        print(f"wrote {args.learning_curves}")
+        return 0
     if len(args.run_dir) > 1:
         print(f"{parser.prog}: error: several run directories need --published (got {len(args.run_dir)})", file=sys.stderr)
         return 2
@@ -355,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2
     print(transfer_tables(results), end="")
+    print(paired_lines(results), end="")
     print(convergence_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.uncertainty:

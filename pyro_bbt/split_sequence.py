@@ -89,7 +89,7 @@ from .fitting import Fit, fit_posterior, guide_state, new_posterior, prior_from_
 from .guides import GUIDES
 from .inference import NonFiniteLossError
 from .model import BayesianMLP
-from .plots import sample_std
+from .stats import mean_std, sample_std
 from .priors import Prior
 from .runstore import RunStore
 from .units import _check_finite, _HeadView, _limit, _use_head, steps_for
@@ -546,10 +546,6 @@ def _assemble_ewc(outcomes: dict[str, UnitOutcome], seed: int) -> _Chain:
 # --------------------------------------------------------------------------- the run
 
 
-def _mean_std(values: Sequence[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(sample_std(values)), "n": len(values)}
-
-
 def _average_accuracy_curve(R: np.ndarray) -> list[float]:
     """``a_t = 1/(t+1) sum_{j<=t} R[t][j]``: the average accuracy on the tasks seen so far."""
     return [float(np.mean(R[t, : t + 1])) for t in range(R.shape[0])]
@@ -569,7 +565,7 @@ def _method_summary(entries: list[dict]) -> dict:
     }
     if done:
         out["summary"] = {  # a metric the seeds do not have (joint fitted after the last task only: ACC alone) is None
-            key: None if done[0]["summary"][key] is None else _mean_std([e["summary"][key] for e in done])
+            key: None if done[0]["summary"][key] is None else mean_std([e["summary"][key] for e in done])
             for key in ("average_accuracy", "backward_transfer", "forward_transfer", "average_forgetting")
         }
         curves = np.array([_average_accuracy_curve(np.array(e["accuracy_matrix"])) for e in done])  # NaN where a row is

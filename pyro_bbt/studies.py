@@ -45,7 +45,7 @@ from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale
 from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
-from .plots import sample_std
+from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
 from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
@@ -108,12 +108,13 @@ def _task_a(config: StudyConfig, seed: int):
 def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell", lr: float = 1e-3,
               scale_lr: float | None = None, stopping: StoppingRule | None = None, on_epoch=None, batch_size: int = 128):
     """One fit on task A (the convergence study's variants): ``config.epochs`` epochs, or by
-    ``stopping``; returns the per-epoch records and the test metrics."""
+    ``stopping``'s criteria alone (this study measures the rule, not the verdict); returns the
+    per-epoch records and the test metrics."""
     experiment = ExperimentConfig(guide=guide, kl_schedule=kl_schedule, hidden=config.hidden, seeds=(seed,))
     train_split, val, test = _task_a(config, seed)
     model, q = experiment.new_posterior(GaussianPrior(experiment.prior_scale), seed)
     budget = dict(rule=stopping) if stopping is not None else dict(epochs=config.epochs)
-    recipe = FitRecipe(lr=lr, batch_size=batch_size, scale_lr=scale_lr, kl_schedule=kl_schedule, **budget)
+    recipe = FitRecipe(lr=lr, batch_size=batch_size, scale_lr=scale_lr, kl_schedule=kl_schedule, verdict=None, **budget)
     if on_epoch is not None:
         on_epoch = partial(on_epoch, model, q, train_split)
     fit = fit_posterior(model, q, train_split, recipe, seed, val_split=val, eval_samples=8, on_epoch=on_epoch)
@@ -351,17 +352,12 @@ def ablation(config: StudyConfig, log=print, reuse: Path | None = None) -> list[
     return rows
 
 
-def _mean_std(values, digits: int = 4) -> str:
-    values = list(values)
-    return f"{np.mean(values):.{digits}f} ± {sample_std(values):.{digits}f}"
-
-
 def ablation_table(rows: list[dict]) -> str:
     lines = ["| variant | B test accuracy | A test accuracy after B | seeds |", "|---|---|---|---|"]
     for name, *_ in ABLATION_VARIANTS:
         group = [r for r in rows if r["variant"] == name]
         if group:
-            lines.append(f"| {name} | {_mean_std(r['b_test_accuracy'] for r in group)} | {_mean_std(r['a_test_after_accuracy'] for r in group)} | {len(group)} |")
+            lines.append(f"| {name} | {format_mean_std(r['b_test_accuracy'] for r in group)} | {format_mean_std(r['a_test_after_accuracy'] for r in group)} | {len(group)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,8 +370,8 @@ def guides_table(rows: list[dict]) -> str:
     lines = ["| guide | test accuracy | test NLL | test ECE | s / epoch |" + extra + " seeds |", "|---|---|---|---|---|" + "---|---|" * judged + "---|"]
     for guide in dict.fromkeys(r["guide"] for r in rows):
         group = [r for r in rows if r["guide"] == guide]
-        cells = [_mean_std(r[key] for r in group) for key in ("accuracy", "nll", "ece")]
-        cells.append(_mean_std((r["seconds_per_epoch"] for r in group), digits=1))
+        cells = [format_mean_std(r[key] for r in group) for key in ("accuracy", "nll", "ece")]
+        cells.append(format_mean_std((r["seconds_per_epoch"] for r in group), digits=1))
         if judged:
             epochs = [r["epochs"] for r in group]
             cells += [f"{min(epochs)}–{max(epochs)}" if min(epochs) != max(epochs) else str(epochs[0]), f"{sum(r['converged'] for r in group)}/{len(group)}"]

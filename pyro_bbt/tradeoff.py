@@ -39,7 +39,8 @@ from .experiment import (
     steps_for,
 )
 from .fitting import broaden
-from .plots import COLORS, sample_std
+from .plots import COLORS
+from .stats import sample_std
 from .runstore import ReadOnlyStore
 
 __all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]

@@ -79,6 +79,15 @@ def _int_or_none(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
 
 
+def _float_or_none(text: str) -> float | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -122,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs-a", type=_int_or_none, help="fit q_A until the stopping rule holds, at most this many epochs; none: exactly --epochs-a")
     p.add_argument("--rel-tol", type=float, help="stopping rule: relative ELBO gain over the last --window epochs below which the ELBO has converged")
     p.add_argument("--scale-tol", type=float, help="stopping rule: largest |log| change per epoch of every weight site's median sigma")
+    p.add_argument("--fit-b", choices=("fixed", "rule"), help="how every Bayesian fit on B (scratch, transfer, finetune, joint) is made: fixed, the same budget of steps for all (--epochs, --min-steps at --lr; the paper preset's until now); rule, each to convergence by q_A's rule, rates and verdict, in minibatches of about a tenth of its data (EWC keeps the fixed budget)")
+    p.add_argument("--verdict-tol", type=_float_or_none, help="convergence verdict: the nats per training example the ELBO may still be able to gain (estimated from independent full-data gradients, whatever the step size) for a fit to count as converged; under the stopping rule a fit goes on at lower rates until it holds (default 0.02); none: the rule's criteria alone, which a slow step can fool (to reproduce fixed-budget regimes only)")
     p.add_argument("--window", type=int, help="stopping rule: epochs over which both criteria must hold")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")
@@ -167,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ExperimentConfig fields that --sequence split sets itself (--scenario) or does not use
-NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init")
+NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b")
 
 
 def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
@@ -202,7 +213,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a") and given == "none") else given
+            values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a", "verdict_tol") and given == "none") else given
     try:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))

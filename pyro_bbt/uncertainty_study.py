@@ -53,7 +53,7 @@ from .ewc import MLP, DeterministicTrainConfig, train_deterministic
 from .experiment import ExperimentConfig
 from .fitting import fit_posterior
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale, start_from_posterior
-from .plots import sample_std
+from .stats import format_mean_std, sample_std
 from .uncertainty import (
     IN_DISTRIBUTION,
     NOISE_STDS,
@@ -386,6 +386,10 @@ def fit_converged(row: dict) -> bool:
     return row["convergence"]["converged"] and (start is None or start["converged"])
 
 
+def _mean_std(values: list[float | None]) -> str:
+    return format_mean_std(values, digits=3)
+
+
 def guide_rows(rows: list[dict]) -> list[dict]:
     """The guides' rows of the study in :func:`pyro_bbt.studies.guides_table`'s form: A's test
     accuracy, NLL and ECE, median seconds per epoch, epochs and the stopping rule's verdict."""
@@ -398,13 +402,6 @@ def guide_rows(rows: list[dict]) -> list[dict]:
                     "seconds_per_epoch": row["seconds_per_epoch"], "fit_seconds": row["fit_seconds"], "epochs": row["convergence"]["epochs"],
                     "converged": fit_converged(row)})
     return out
-
-
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    return f"{np.mean(values):.3f} ± {sample_std(values):.3f}"
 
 
 def uncertainty_table(rows: list[dict]) -> str:

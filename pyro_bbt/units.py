@@ -104,28 +104,44 @@ def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> Predi
     return evaluate(model, guide, split.x, split.y, num_samples=samples)
 
 
+def _curve_epochs_by_rule(max_epochs: int, points: int) -> set[int]:
+    """Epochs at which a fit by the rule (length unknown in advance) records its curve: about
+    ``points`` per decade of epochs, geometrically spaced up to the cap."""
+    return {int(round(e)) for e in np.geomspace(1, max_epochs, max(2, round(points * math.log10(max(max_epochs, 10)))))}
+
+
 def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
-    """Train through output ``head`` for ``steps`` (B's fixed budget, :meth:`ExperimentConfig.recipe_b`),
-    record B's learning curve at evenly spaced epochs, and judge the fit by the stopping rule
-    (which does not stop it: B's budget is the same for every method)."""
-    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
-    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    """Train through output ``head`` on B (or joint's union): for ``steps`` (B's fixed budget,
+    :meth:`ExperimentConfig.recipe_b`), or to convergence (``fit_b="rule"``,
+    :meth:`ExperimentConfig.recipe_b_converged`); record B's learning curve (validation and test
+    accuracy against steps and fit seconds) and the fit's convergence report."""
+    if config.fit_b == "rule":
+        recipe = config.recipe_b_converged(len(train_split))
+        record_at = _curve_epochs_by_rule(recipe.rule.max_epochs, config.curve_points)
+    else:
+        recipe = config.recipe_b(steps)
+        record_at = _curve_epochs(steps, math.ceil(len(train_split) / config.batch_size), config.curve_points)
     curve: list[dict] = []
+    elapsed = [0.0]
+
+    def point(epoch: int, step: int) -> dict:
+        point = {"epoch": epoch, "step": step,
+                 "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
+                 "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
+                 "seconds": elapsed[0]}
+        _use_head(model, head)
+        return point
 
     def on_epoch(diag: EpochDiagnostics) -> None:
+        elapsed[0] += diag.seconds
         if diag.epoch in record_at:
-            curve.append(
-                {
-                    "epoch": diag.epoch,
-                    "step": diag.steps,
-                    "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
-                    "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
-                }
-            )
-            _use_head(model, head)
+            curve.append(point(diag.epoch, diag.steps))
 
     _use_head(model, head)
-    fit = fit_posterior(model, guide, train_split, config.recipe_b(steps), seed, on_epoch=on_epoch, store=run.store, key=key, extra={"curve": curve})
+    fit = fit_posterior(model, guide, train_split, recipe, seed, on_epoch=on_epoch, store=run.store, key=key, extra={"curve": curve})
+    if fit.history and (not curve or curve[-1]["epoch"] != fit.epochs):  # the converged end is always a point
+        elapsed[0] = sum(e["seconds"] for e in fit.history)
+        curve.append(point(fit.epochs, fit.steps))
     _use_head(model, head)
     return curve, fit.history, fit.convergence
 
@@ -313,6 +329,7 @@ def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) 
     steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
+    start = time.perf_counter()
 
     def on_epoch(epoch_index: int, current: torch.nn.Module) -> None:
         epoch = epoch_index + 1
@@ -325,6 +342,7 @@ def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) 
                     "step": min(epoch * steps_per_epoch, steps),
                     "b_val_accuracy": _net_metrics(current, tasks.b.val).accuracy,
                     "b_test_accuracy": _net_metrics(current, tasks.b.test).accuracy,
+                    "seconds": time.perf_counter() - start,
                 }
             )
 
@@ -487,4 +505,6 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
             stage = stage_a if method != "scratch" else None
     except NonFiniteLossError as error:
         return _failed_record(method, fraction, seed, steps, str(error))
+    if method != "ewc" and config.fit_b == "rule" and outcome["history"]:  # fitted to convergence: the steps it took
+        steps = outcome["history"][-1]["steps"]
     return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)

@@ -223,7 +223,9 @@ def test_unreadable_file_raises_value_error(tmp_path):
 def _parse_csv_row(row):
     out = {"median_scale": {}}
     for key, text in row.items():
-        if key.startswith("median_scale/"):
+        if key == "verdict_converged":
+            out[key] = None if text == "" else text == "True"
+        elif key.startswith("median_scale/"):
             out["median_scale"][key.split("/", 1)[1]] = float(text)
         elif text == "":
             out[key] = None
@@ -232,6 +234,12 @@ def _parse_csv_row(row):
         else:
             out[key] = float(text)
     return out
+
+
+def _as_csv(records):
+    """What the CSV keeps of each record: the verdict's ``converged`` alone."""
+    return [{k: v for k, v in r.items() if k != "verdict"} | {"verdict_converged": None if r["verdict"] is None else r["verdict"]["converged"]}
+            for r in records]
 
 
 def test_train_history_csv_and_json_round_trip(tmp_path):
@@ -246,7 +254,7 @@ def test_train_history_csv_and_json_round_trip(tmp_path):
     history.to_csv(tmp_path / "h.csv")
     with open(tmp_path / "h.csv", newline="") as f:
         rows = [_parse_csv_row(r) for r in csv.DictReader(f)]
-    assert rows == history.to_records()
+    assert rows == _as_csv(history.to_records())
     assert rows[0]["val_accuracy"] is None and rows[1]["train_accuracy"] == 2 / 3
 
 
@@ -262,4 +270,4 @@ def test_trained_history_round_trips(tmp_path):
     assert len(records) == 2 and records[-1]["steps"] == 6
     assert json.loads((tmp_path / "h.json").read_text()) == records
     with open(tmp_path / "h.csv", newline="") as f:
-        assert [_parse_csv_row(r) for r in csv.DictReader(f)] == records
+        assert [_parse_csv_row(r) for r in csv.DictReader(f)] == _as_csv(records)

@@ -153,7 +153,8 @@ def test_train_stops_when_the_rule_holds_and_runs_on_while_the_elbo_climbs(singl
     data = _half_blank_data()
     loose = StoppingRule(max_epochs=200, min_epochs=4, window=2, rel_tol=5e-3, scale_tol=0.02)
     model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(0.5))
-    history = train(model, guide, data, TrainConfig(stopping=loose, batch_size=50, scale_lr=0.05, kl_schedule="uniform", progress=False, eval_samples=0))
+    history = train(model, guide, data, TrainConfig(stopping=loose, batch_size=50, scale_lr=0.05, kl_schedule="uniform", progress=False, eval_samples=0,
+                                                    verdict=None))  # the rule's mechanics alone
     epochs = len(history.epochs)
     assert 4 <= epochs < 200
     records = history.to_records()
@@ -227,7 +228,7 @@ def test_unconverged_q_a_is_flagged_when_transferred(single_torch_thread):
 
 def test_converged_q_a_is_not_flagged(single_torch_thread):
     warned = []
-    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=1, lr_factor=0.1)
+    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=1, lr_factor=0.1, verdict_tol=None)
     results = run_experiment(config, log=lambda m: None, warn=warned.append)
     assert warned == [] and results["warnings"] == []
     stage = results["task_a"][0]["convergence"]
@@ -239,7 +240,7 @@ def test_converged_q_a_is_not_flagged(single_torch_thread):
 
 
 def test_the_rule_drops_q_a_learning_rates_by_lr_factor_lr_drops_times(single_torch_thread):
-    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=2, lr_factor=0.5)
+    config = _tiny(epochs_a=4, max_epochs_a=40, rel_tol=1.0, scale_tol=10.0, window=1, lr_drops=2, lr_factor=0.5, verdict_tol=None)
     stage = run_experiment(config, log=lambda m: None)["task_a"][0]
     # 4 epochs (the minimum) at lr_a, then 2 epochs (window 1) after each of the two drops
     assert [r["lr_scale"] for r in stage["history"]] == [1.0] * 4 + [0.5] * 2 + [0.25] * 2
@@ -290,3 +291,71 @@ def test_scale_mixture_prior_from_the_config(single_torch_thread):
     results = run_experiment(config, log=lambda m: None, warn=lambda m: None)
     assert [u["status"] for u in results["units"]] == ["ok", "ok"]
     assert results["config"]["prior"] == "mixture"
+
+
+# ----------------------------------------------------------------------------- the verdict in train
+
+
+def test_slow_steps_that_the_rule_passes_are_not_converged_and_train_warns(single_torch_thread):
+    """lr 1e-6, or one full-batch step per epoch at a small rate: nothing moves between epochs, so
+    the rule's per-epoch criteria hold at once; the verdict does not pass them, train warns, and
+    the report says not converged (the old rule alone says converged)."""
+    from pyro_bbt.inference import UnconvergedFitWarning
+
+    data = _half_blank_data()
+    loose = StoppingRule(max_epochs=40, min_epochs=3, window=2, lr_drops=0)
+    for config in (TrainConfig(epochs=20, lr=1e-6, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0),
+                   TrainConfig(epochs=20, lr=1e-3, scale_lr=5e-4, batch_size=10_000, kl_schedule="uniform", progress=False, eval_samples=0)):
+        model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+        with pytest.warns(UnconvergedFitWarning, match="NOT converged after 20 epochs"):
+            records = train(model, guide, data, config).to_records()
+        assert loose.decide(records) == "stop"  # the old rule is fooled
+        report = assess_convergence(records, loose)
+        assert report.rule_holds and not report.converged
+        assert any("blank-pixel" in reason for reason in report.verdict["reasons"])
+        assert [r["verdict"] is not None for r in records] == [False] * 19 + [True]
+
+
+def test_the_verdict_overrules_an_early_stop_with_further_drops(single_torch_thread):
+    """A rule with no drops and loose criteria would stop after 3 epochs; the verdict says no, so
+    the rates are lowered (x lr_factor) and the rule waits again, up to max_overrules times: each
+    judgement is recorded on its epoch, and the report's verdict is the last one."""
+    from pyro_bbt.verdict import VerdictConfig
+
+    data = _half_blank_data()
+    rule = StoppingRule(max_epochs=60, min_epochs=3, window=2, rel_tol=10.0, scale_tol=10.0, lr_drops=0, lr_factor=0.5)
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+    config = TrainConfig(stopping=rule, lr=1e-3, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
+                         verdict=VerdictConfig(max_overrules=2), warn_unconverged=False)
+    records = train(model, guide, data, config).to_records()
+    judged = [r for r in records if r["verdict"] is not None]
+    # judged at each stop (the rule needs window + 1 epochs at a rate): two overrules, then it stops
+    assert [r["epoch"] for r in judged] == [3, 6, 9] and len(records) == 9
+    assert [r["lr_scale"] for r in records] == [1.0] * 3 + [0.5] * 3 + [0.25] * 3
+    assert not any(r["verdict"]["converged"] for r in judged)
+    report = assess_convergence(records, rule)
+    assert report.rule_holds and not report.converged and report.verdict == judged[-1]["verdict"]
+
+
+def test_train_config_converged_is_the_recipe_that_fits_to_convergence():
+    config = TrainConfig.converged(batch_size=256)
+    assert config.stopping == StoppingRule(max_epochs=300, lr_drops=3, lr_factor=0.3)
+    assert (config.lr, config.scale_lr, config.batch_size, config.kl_schedule) == (1e-2, 3e-2, 256, "uniform")
+    assert config.verdict is not None and config.verdict.tol_per_datum > 0
+    with pytest.raises(ValueError, match="verdict must be None or a VerdictConfig, got 0.02"):
+        TrainConfig(verdict=0.02)
+
+
+def test_cli_slow_q_a_is_reported_not_converged(tmp_path, capsys):
+    """The issue's slow-step q_A: one full-batch step per epoch at lr 1e-3 for 40 epochs. The old
+    rule called it converged; now results.json does not, and the CLI says so."""
+    import json
+
+    out = tmp_path / "slow"
+    args = ["--limit-train", "400", "--limit-eval", "100", "--hidden", "16", "--seeds", "0", "--methods", "transfer", "--fractions", "0.1",
+            "--epochs-a", "40", "--max-epochs-a", "none", "--batch-size-a", "100000", "--lr-drops", "0", "--lr-a", "1e-3",
+            "--scale-lr", "5e-4", "--init-scale", "0.05", "--epochs", "1", "--min-steps", "2", "--eval-samples", "2", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    stage = json.loads((out / "results.json").read_text())["task_a"][0]["convergence"]
+    assert stage["converged"] is False and stage["verdict"]["converged"] is False
+    assert "q_A is NOT converged" in capsys.readouterr().err

@@ -77,3 +77,13 @@ def test_a_plan_with_an_unknown_need_or_a_cycle_is_refused():
         run_units([Unit("a", _add, ("a", 1.0)), Unit("b", _add, ("b", 1.0), needs=("z",))])
     with pytest.raises(RuntimeError, match="cycle"):
         run_units([Unit("a", _add, ("a", 1.0), needs=("b",)), Unit("b", _add, ("b", 1.0), needs=("a",))])
+
+
+def test_worker_processes_give_the_serial_outcomes():
+    from pyro_bbt.executors import ProcessExecutor
+
+    with ProcessExecutor(workers=2) as executor:
+        parallel = run_units(_chain(_add), executor)
+    serial = run_units(_chain(_add))
+    assert {k: o.record for k, o in parallel.items()} == {k: o.record for k, o in serial.items()}
+    assert torch.equal(parallel["c"].state["total"], serial["c"].state["total"])

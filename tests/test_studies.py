@@ -200,7 +200,7 @@ def test_tradeoff_reuses_the_q_a_of_a_finished_run_without_writing_there(tmp_pat
     from pyro_bbt.transfer import main as transfer_main
 
     args = dict(hidden=(8,), epochs_a=1, max_epochs_a=None, epochs=1, min_steps=3, limit_train=200, limit_eval=100, eval_samples=2,
-                fractions=(0.1,), seeds=(0,))
+                fractions=(0.1,), seeds=(0,), fit_b="rule")  # the paper preset's
     run_dir = tmp_path / "run"
     cli = ["--preset", "paper", "--hidden", "8", "--epochs-a", "1", "--max-epochs-a", "none", "--epochs", "1", "--min-steps", "3", "--limit-train", "200",
            "--limit-eval", "100", "--eval-samples", "2", "--fractions", "0.1", "--seeds", "0", "--quiet", "--out", str(run_dir)]

@@ -1,0 +1,718 @@
+"""Has a fit converged? The nats one natural-gradient step still gains, measured.
+
+:mod:`pyro_bbt.convergence` judges a fit by how much the ELBO and the widths *moved* per epoch, so
+a fit whose step is too small (one full-batch step per epoch, ``lr = 1e-6``) passes it. Here the
+fit is judged by where it *is*: by what the full-data ELBO
+
+    L(mu, sigma) = sum_{n=1}^N E_q[log p(y_n | x_n, w)] - KL(q(w) || p(w))      (no KL schedule)
+
+of a mean-field Gaussian ``q(w) = N(mu, diag sigma^2)`` still gains when ``q`` takes one step.
+
+**The criterion** (:func:`line_search_gain`, :func:`judge`):
+
+1. ``g``: the mean of ``2 num_pairs`` independent Monte Carlo estimates of the gradient of ``L``
+   w.r.t. ``(mu, log sigma)``, each one antithetic pass over the data in chunks (local
+   reparameterisation, the mean of the passes with noise ``eps`` and ``-eps``, the KL added once;
+   :func:`elbo_gradient`).
+2. A direction ``d``: the natural gradient ``d_mu = sigma^2 g_mu``, ``d_log_sigma = 1/2 g_log_sigma``
+   (``q``'s Fisher metric is ``1/sigma^2`` for ``mu`` and 2 for ``log sigma``; ``G = 1/2 g . d`` is
+   the quadratic model's gain of a unit step), by default *whitened* (:func:`whitened_direction`):
+   each unit's location step also undoes the correlations of the unit's inputs (pixels, hidden
+   activations), which the diagonal Fisher ignores and which make the natural gradient stiff: a
+   step along it soon overshoots in the correlated directions and stops gaining.
+3. The full-data ELBO with fixed noise (common random numbers, :func:`posterior_elbo`;
+   ``num_draws`` antithetic draws whose noise is *independent* of ``g``'s, so the direction is not
+   fitted to the evaluator's noise) at ``q`` and at ``(mu + a d_mu, log sigma + a d_log_sigma)``
+   for ``a`` in ``steps`` (0.01, 0.03, ..., 3) in turn, stopping where it falls (and trying
+   ``a = 0.001`` where ``0.01`` already falls), then once more at the vertex of the parabola
+   through the best step and its neighbours. The gain is ``max_a [L(a) - L(0)] >= 0``: a real,
+   achievable improvement (the posterior after the best step is ``LineSearchGain.posterior``
+   with ``keep_posterior``). Its standard error: the examples' draws are independent, so the
+   variance of the CRN difference over ``D`` draws is ``sum_n s_n^2 / D``, ``s_n^2`` example
+   ``n``'s variance of ``log p(a) - log p(0)`` over the draws (``num_draws >= 2``).
+4. Converged iff ``(gain + 2 stderr) / N <= tol_per_datum`` **and** the blank-pixel check (the
+   first layer's weights from inputs that are 0 in every image keep the prior's width). The
+   quadratic model's ``G = 1/2 g^T F^-1 g`` (:func:`remaining_gain`: a U-statistic over pairs of
+   the same gradient estimates, with a jackknife standard error) is recorded for diagnosis only.
+
+Everything runs on detached copies of ``(mu, sigma)``: the guide, its ``.grad`` and the
+torch/numpy/python random states are left as they were (the verdict's noise comes from its own
+seeded generators). Guides: ``meanfield`` and ``normal`` (``AutoNormal``, the same family).
+``delta`` (MAP) has no width, hence no ELBO: :func:`line_search_gain` returns ``None`` and
+:func:`judge` says it cannot judge it. ``lowrank``, ``planar``, ``iaf``: ``ValueError``.
+
+**Why not G.** The previous verdict used ``G`` itself. On task A (digits 0-4, 27,537 images,
+784-400-400-5, prior ``N(0, 1)``, ``meanfield``) at q_A fitted by today's recipe it read
+9093 +- 9120 nats (``num_pairs`` 2), 6779 +- 2460 (4), 6177 +- 1553 (8), and after 20 more epochs at
+lr 8.1e-5 that raised the ELBO by 130 nats, 23411 +- 11574: one antithetic pass's noise is about
+96,000 nats in ``G``'s units there (``G`` about 4,000), and a step along ``F^-1 g`` gains 30-70
+nats, not thousands: stiff, correlated directions stop it long before the quadratic model's
+unit step (on the small problem below, ``L(1) - L(0) = -6,400`` nats along the natural gradient
+of today's fit, whose ``G`` is 180).
+
+**Measurements** (``OMP_NUM_THREADS=1`` on a shared 2-core CPU; the defaults: ``num_pairs`` 4,
+``num_draws`` 2, whitened; "natural" the same with the plain natural gradient).
+
+The small problem: task A's first 2,000 training images, 784-32-5, ``kl_schedule="uniform"``,
+each setting fitted once and judged with verdict seeds 0-5. The gap is the reference's ELBO
+(-1233.9, :func:`fixed_noise_elbo` with 64 draws) minus the fit's; "upper" is
+``(gain + 2 stderr) / N``; "conv" how many of the 6 judgements pass at 0.01.
+
+    setting                                    epochs  gap (nats)  /datum  gain (nats), a          upper           conv  natural: gain  upper          conv
+    fresh guide (sigma 0.01)                        0     105,851  52.9    38,000, a = 3 (end)     19.0            0/6   38,770         19.4           0/6
+    lr 1e-6, one step of 2,000 per epoch          200     105,810  52.9    37,990, a = 3 (end)     19.0            0/6   38,790         19.4           0/6
+    same, lr 1e-3, scale_lr 5e-4, sigma0 0.05     120      60,637  30.3    32,630-32,930, a = 3    16.4-16.5       0/6   28,500-31,000  14.3-15.6      0/6
+    today's recipe (lr 1e-2/3e-2, batch 200,       59         201  0.100   21.9-30.8, a 0.2-0.3    0.0149-0.0202   0/6   4.7-8.3        0.0039-0.0064  6/6
+      StoppingRule(300, lr_drops=3, 0.3))
+    + 400 epochs at lr 3e-3 (widths 3x)           459        35.3  0.0176  10.1-23.7, a 0.14-0.24  0.0073-0.0164   3/6   4.5-14.0       0.0038-0.0098  6/6
+    + 400 at 1e-3                                 859        11.9  0.0059  1.6-6.8                 0.0018-0.0054   6/6   0.7-2.9        0.0009-0.0026  6/6
+    + 400 at 3e-4                                1259         2.3  0.0012  0-2.3                   0-0.0024        6/6   0-1.5          0-0.0018       6/6
+    + 400 at 1e-4                                1659         0.3  0.0002  0-1.2                   0-0.0016        6/6   0-0.8          0-0.0012       6/6
+    + 200 at 3e-5: the reference                 1859         0    0       0-1.7                   0-0.0020        6/6   0-1.1          0-0.0014       6/6
+
+``G`` was 173-219 nats at today's recipe (close to its gap, 201) but 315-503 at the fit after
+3e-3 (gap 35). The gain is a lower bound of the gap: one step cannot follow a long, gently sloped
+valley (the ELBO along the straight line from today's fit to the reference rises almost linearly,
+20 nats at a tenth of the way, 211 at the end). Gap / gain: 6.5-9 at today's recipe, 1.5-3.5 at
+3e-3, 1.7-7 at 1e-3 whitened; 24-43 at today's recipe along the plain natural gradient, which
+passes that fit (0.1 nats per example from the optimum) at 0.01. Cost: 0.2-0.25 s per judgement.
+
+Task A (27,537 images, 784-400-400-5): q_A fitted by today's recipe (110 epochs); "q_A long" the
+same continued 120 epochs at rates falling from 8.1e-5 to 6.6e-7 (its fixed-noise ELBO rose by
+134 nats, 8 draws); "slow": a fresh guide after 3 epochs at lr 1e-6 (batch 2048). Verdict seeds 0-2.
+
+    fit          ELBO (8 draws)  gain +- se (nats), a                              upper /datum              conv at 0.01   G (nats)                          s per judgement
+    q_A          -10,094.9       141 +- 45, 0.1;  116 +- 41, 0.066;  186 +- 66, 0.1  0.0084, 0.0072, 0.0116   2/3            2,885 +- 826 ... 14,489 +- 6,048  30-32
+                                 natural: 72 +- 35, a = 0.029                       0.0052
+    q_A long      -9,960.5       183 +- 61, 0.049; 238 +- 70, 0.03;  189 +- 93, 0.03  0.0111, 0.0137, 0.0136   0/3            12,732 +- 2,388 ... 33,636 +- 7,021  29-30
+    slow          -              710,018 +- 66, a = 3 (the grid's end)              25.8                     0/1 (and blank-pixel ratio 0.010)  131,416 +- 2  35
+
+The gain is achievable: q_A long's best step, applied to a copy and scored by an independent
+evaluator (4 other draws), raised the ELBO by 153 +- 48 and 130 +- 31 nats (reported: 183, 238;
+the maximum over steps is biased up by about a standard error). On task A the direction is
+limited by the gradient's noise: with ``num_pairs`` 2 (4 passes, 19 s) the gains at q_A were
+69 +- 26 and 81 +- 36 (upper 0.0044, 0.0056), at q_A long 145 +- 49 and 184 +- 67 (0.0089, 0.0115);
+with 16 passes (offline) 159 at q_A, where the plain natural gradient gains 58 (36 with 4).
+
+Cost on task A, one thread: each antithetic gradient pass about 2.5 s (8 of them, 20 s), the
+input moments and the whitening (40 conjugate-gradient steps for all units at once) 1.2 s, each
+fixed-noise evaluation (2 antithetic draws) 1.7 s, 5-7 of them: 28-35 s per judgement (the
+slow fit's, which rises to the grid's end, is the dearest), about 15-20 epochs of today's recipe.
+
+``DEFAULT_TOL_PER_DATUM = 0.01`` (on the upper bound, per example). On the small problem it
+rejects today's recipe (0.1 nats per example from the optimum; upper 0.0149-0.0202 in 6 of 6)
+and every fit further out, and the fits it passes are within 0.018 nats per example of the
+reference (the fit after 3e-3 passes 3 of 6 times), i.e. the old target of 0.02 on the *gap*
+holds for the fits it calls converged. 0.02 (the old value) would pass today's small-problem fit
+(5 of 6); 0.005 would reject the fit after 3e-3 too (0 of 6) and keep the passing gaps within
+0.006, but on task A two standard errors alone are 0.003-0.007 per example at the steps that
+gain. Today's q_A sits at the threshold: it passes 2 of 3 judgements (upper 0.0072, 0.0084;
+fails at 0.0116, 16% over). q_A long, 134 nats better, fails all three (0.0111-0.0137, 11-37% over):
+the continuation at falling rates left it with a larger gradient (``G`` 12,700-33,600 against
+2,400-14,500), and its gain is real (above). Because the gain is a lower bound whose gap ratio
+depends on the conditioning and (on large problems) on ``num_pairs``, the tolerance is a
+calibration on these problems, not a bound on the gap; the noise floor is per fit, not per
+datum (on 300 images of 784-16-3 the upper bound at a long fit is 0.0007-0.026 per example), so
+small splits need a tolerance of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+
+from .convergence import uninformed_scale_ratio
+from .data import Split
+from .model import BayesianMLP
+from .objectives import closed_form_kl
+from .priors import prior_loc_scale
+
+__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_STEPS", "DIRECTIONS", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
+           "VerdictConfig", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
+           "posterior_elbo", "fixed_noise_elbo", "judge", "can_judge"]
+
+GAIN_ESTIMATORS = ("local", "weights")
+DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
+DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (and steps[0] / 10 where steps[0] falls)
+DIRECTIONS = ("whitened", "natural")
+SUPPORTED_GUIDES = "'meanfield' (AutoMeanFieldNormal) and 'normal' (AutoNormal)"
+
+Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_tol(tol_per_datum: object) -> None:
+    if isinstance(tol_per_datum, bool) or not (isinstance(tol_per_datum, (int, float)) and math.isfinite(tol_per_datum) and tol_per_datum > 0):
+        raise ValueError(f"tol_per_datum must be a finite number > 0, got {tol_per_datum!r}")
+
+
+def _check_direction(direction: object) -> str:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; allowed: {', '.join(DIRECTIONS)}")
+    return direction
+
+
+def _check_steps(steps: object) -> tuple[float, ...]:
+    """``steps`` as a tuple of increasing finite numbers > 0 (at least one)."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence) or not steps:
+        raise ValueError(f"steps must be a non-empty sequence of increasing numbers > 0, got {steps!r}")
+    values = tuple(steps)
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0 for a in values) \
+            or any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"steps must be a non-empty sequence of increasing numbers > 0, got {steps!r}")
+    return tuple(float(a) for a in values)
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    """How :func:`~pyro_bbt.inference.train` judges a fit by :func:`judge`: at the end of every fit
+    and, under a stopping rule, each time the rule would stop it; a fit the verdict does not call
+    converged then goes on at rates lowered once more (up to ``max_overrules`` times).
+
+    :param tol_per_datum: the gain a natural-gradient step may still find, nats per training example.
+    :param num_pairs: ``2 num_pairs`` antithetic full-data gradient estimates per judgement, whose
+        mean sets the direction of the line search.
+    :param batch_size: chunk size of the passes over the data (memory only).
+    :param max_overrules: how many times the verdict may overrule the rule's stop.
+    :param seed: the verdict's own random numbers (``seed + epoch``): judging never moves the
+        training's generators, so a resumed fit stays bit-identical.
+    :param num_draws: antithetic draws of the fixed-noise ELBO at each step size (``>= 2``: the
+        standard error comes from their spread).
+    :param steps: the step sizes tried, in increasing order (stops where the ELBO falls).
+    :param direction: ``"whitened"`` (the natural gradient with each layer's input correlations
+        undone, :func:`whitened_direction`) or ``"natural"`` (:func:`natural_direction`).
+    """
+
+    tol_per_datum: float = DEFAULT_TOL_PER_DATUM
+    num_pairs: int = 4
+    batch_size: int = 2048
+    max_overrules: int = 3
+    seed: int = 0
+    num_draws: int = 2
+    steps: tuple[float, ...] = DEFAULT_STEPS
+    direction: str = "whitened"
+
+    def __post_init__(self) -> None:
+        _check_tol(self.tol_per_datum)
+        _check("num_pairs", self.num_pairs, 2)
+        _check("batch_size", self.batch_size, 1)
+        _check("max_overrules", self.max_overrules, 0)
+        _check("seed", self.seed, 0)
+        _check("num_draws", self.num_draws, 2)
+        object.__setattr__(self, "steps", _check_steps(self.steps))
+        _check_direction(self.direction)
+
+
+def can_judge(guide) -> bool:
+    """Whether :func:`judge` has a rule for ``guide``: the Gaussian mean-field guides
+    (``meanfield``, ``normal``)."""
+    return isinstance(guide, AutoNormal)
+
+
+@dataclass
+class GainEstimate:
+    """The quadratic model's gain ``G = 1/2 g^T F^-1 g`` (``nats``; ``per_datum = nats / num_data``),
+    its jackknife standard error, and the parts from the locations and from the widths."""
+
+    nats: float
+    per_datum: float
+    stderr: float
+    mu_part: float
+    scale_part: float
+    num_data: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LineSearchGain:
+    """What one step along ``direction`` gains: ``nats = max_a [L(a) - L(0)] >= 0`` of the
+    fixed-noise full-data ELBO (``per_datum = nats / num_data``), the standard error of that
+    difference, the best step ``step`` (0: no step tried gained), every step tried as
+    ``[a, L(a) - L(0), stderr]`` (increasing, the parabola's vertex last), ``elbo`` = ``L(0)``, and the quadratic model's
+    ``G`` from the same gradients (``quadratic``); ``posterior``: the posterior after the best step
+    (only where asked for, never in :meth:`to_dict`). No timings: records stay reproducible."""
+
+    nats: float
+    per_datum: float
+    stderr: float
+    step: float
+    tried: list[list[float]]
+    elbo: float
+    quadratic: GainEstimate
+    direction: str
+    num_data: int
+    posterior: Posterior | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return _without_posterior(asdict(self))
+
+
+def _without_posterior(record: dict) -> dict:
+    record.pop("posterior", None)
+    return record
+
+
+@dataclass
+class ELBOGradient:
+    """One Monte Carlo estimate of the full-data ELBO and its gradient w.r.t. each site's
+    ``(loc, scale)``, and the ``(loc, scale)`` it was taken at (all detached)."""
+
+    elbo: float
+    posterior: Posterior
+    grads: Posterior
+
+
+@contextmanager
+def _rng_neutral(seed: int) -> Iterator[None]:
+    """Seed torch with ``seed`` inside; on exit torch's, numpy's and python's generators are back."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _read_posterior(guide, requires_grad: bool) -> Posterior:
+    """Detached copies of every site's ``(loc, scale)``; ``ValueError`` for an unsupported guide."""
+    if not isinstance(guide, AutoNormal):
+        raise ValueError(f"no remaining-gain / ELBO rule for guide {type(guide).__name__}; supported: {SUPPORTED_GUIDES}")
+    if guide.prototype_trace is None:
+        raise ValueError("the guide has not been run yet: train it (or initialize_guide it) first")
+    with torch.no_grad():
+        posterior = {}
+        for name, _ in guide.prototype_trace.iter_stochastic_nodes():
+            loc, scale = guide._get_loc_and_scale(name)
+            posterior[name] = (loc.detach().clone().requires_grad_(requires_grad), scale.detach().clone().requires_grad_(requires_grad))
+    return posterior
+
+
+def _local_log_lik(model: BayesianMLP, posterior: Posterior, x: torch.Tensor, y: torch.Tensor, noise: list[torch.Tensor],
+                   antithetic: bool) -> torch.Tensor:
+    """Per-example ``log p(y | x, w)`` under local reparameterisation (the draws of
+    :meth:`BayesianMLP.local_reparameterized_logits`), shape ``(D, B)``, for the ``N(0, 1)`` draws
+    ``noise[l]`` of shape ``(D, B, d_l)`` per layer; ``antithetic``: the mean of the passes with
+    the draws and with their negatives. The first layer's mean and width are computed once for
+    all draws and signs."""
+    draws = noise[0].shape[0]
+    h = x
+    for index, eps in enumerate(noise):
+        w_loc, w_scale = posterior[f"layers.{index}.weight"]
+        b_loc, b_scale = posterior[f"layers.{index}.bias"]
+        if antithetic:
+            eps = torch.cat([eps, -eps])
+        h = F.linear(h, w_loc, b_loc) + F.linear(h * h, w_scale * w_scale, b_scale * b_scale).sqrt() * eps
+        if index < len(noise) - 1:
+            h = F.relu(h)
+    log_p = torch.log_softmax(model._select_head(h), dim=-1).gather(-1, y.expand(h.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return 0.5 * (log_p[:draws] + log_p[draws:]) if antithetic else log_p
+
+
+def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool) -> float:
+    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - KL(q || p)`` whose gradient
+    accumulates into the posterior tensors' ``.grad``, one chunk at a time, with torch's global
+    generator. ``weights``: one weight draw for all the data (the draws of
+    ``objectives.WeightSamplingELBO``); ``local``: pre-activations drawn per example (those of
+    ``local_reparameterized_logits``). ``antithetic``: the mean of the passes with the draws and
+    with their negatives."""
+    if estimator not in GAIN_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
+    log_lik = 0.0
+    if estimator == "local":
+        for x, y in split.batches(batch_size, shuffle=False):
+            noise = [torch.randn(1, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
+            chunk = _local_log_lik(model, posterior, x, y, noise, antithetic).sum()
+            chunk.backward()
+            log_lik += float(chunk.detach())
+    else:
+        signs = (1.0, -1.0) if antithetic else (1.0,)
+        weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
+        for x, y in split.batches(batch_size, shuffle=False):
+            for sign in signs:
+                with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
+                    logits = model.logits(x)
+                chunk = torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).sum() / len(signs)
+                chunk.backward()
+                log_lik += float(chunk.detach())
+    kl = closed_form_kl(model, posterior)
+    (-kl).backward()
+    return log_lik - float(kl.detach())
+
+
+def elbo_gradient(model: BayesianMLP, guide, split: Split, *, seed: int = 0, batch_size: int = 1000, estimator: str = "local",
+                  antithetic: bool = True) -> ELBOGradient:
+    """One estimate of the full-data ELBO (kl weight 1) and of its gradient w.r.t. every site's
+    ``(loc, scale)``, with torch's generator seeded by ``seed`` inside (the global state is restored)."""
+    _check("batch_size", batch_size, 1)
+    posterior = _read_posterior(guide, requires_grad=True)
+    with _rng_neutral(seed):
+        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic)
+    grads = {name: (loc.grad, scale.grad) for name, (loc, scale) in posterior.items()}
+    return ELBOGradient(elbo, {name: (loc.detach(), scale.detach()) for name, (loc, scale) in posterior.items()}, grads)
+
+
+def _gradients(model: BayesianMLP, guide, split: Split, count: int, batch_size: int, seed: int, estimator: str = "local",
+               antithetic: bool = True) -> list[ELBOGradient]:
+    seeds = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [elbo_gradient(model, guide, split, seed=s, batch_size=batch_size, estimator=estimator, antithetic=antithetic) for s in seeds]
+
+
+def _fisher_scaled(gradient: ELBOGradient) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma g_mu, sigma g_sigma)`` flattened over all sites: ``G = 1/2 |a|^2 + 1/4 |b|^2``."""
+    a = torch.cat([(sigma * gradient.grads[name][0]).reshape(-1) for name, (_, sigma) in gradient.posterior.items()])
+    b = torch.cat([(sigma * gradient.grads[name][1]).reshape(-1) for name, (_, sigma) in gradient.posterior.items()])
+    return a.double(), b.double()
+
+
+def _quadratic_gain(gradients: list[ELBOGradient], num_data: int) -> GainEstimate:
+    """``G`` averaged over all pairs ``i != j`` of the estimates (a U-statistic), with its jackknife
+    standard error."""
+    scaled = [_fisher_scaled(g) for g in gradients]
+    a, b = torch.stack([v[0] for v in scaled]), torch.stack([v[1] for v in scaled])
+    gram_mu, gram_scale = 0.5 * a @ a.T, 0.25 * b @ b.T
+    gram = gram_mu + gram_scale
+    m = gram.shape[0]
+
+    def off_mean(g: torch.Tensor) -> float:
+        return float((g.sum() - g.diagonal().sum()) / (m * (m - 1)))
+
+    nats = off_mean(gram)
+    off_total, rows = gram.sum() - gram.diagonal().sum(), gram.sum(1) - gram.diagonal()
+    leave_one_out = (off_total - 2 * rows) / ((m - 1) * (m - 2))
+    stderr = math.sqrt((m - 1) / m * float(((leave_one_out - leave_one_out.mean()) ** 2).sum()))
+    return GainEstimate(nats=nats, per_datum=nats / num_data, stderr=stderr, mu_part=off_mean(gram_mu), scale_part=off_mean(gram_scale),
+                        num_data=num_data)
+
+
+def remaining_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = 8, batch_size: int = 1000, seed: int = 0,
+                   estimator: str = "local", antithetic: bool = True) -> GainEstimate | None:
+    """The quadratic model's gain ``G = 1/2 g^T F^-1 g`` of ``guide`` on ``split`` (module
+    docstring), from ``M = 2 num_pairs`` independent gradient estimates (each one pass over
+    ``split`` in chunks of ``batch_size``): the mean of ``G`` over all ``M (M - 1) / 2`` pairs,
+    with its jackknife standard error. ``None`` for ``delta``. A diagnosis, not the verdict:
+    on the full problem it is dominated by stiff directions and noise."""
+    _check("num_pairs", num_pairs, 2)
+    if isinstance(guide, AutoDelta):
+        return None
+    return _quadratic_gain(_gradients(model, guide, split, 2 * num_pairs, batch_size, seed, estimator, antithetic), len(split))
+
+
+def natural_direction(gradients: Sequence[ELBOGradient]) -> Posterior:
+    """The natural gradient of the mean of ``gradients`` in ``(mu, log sigma)``, per site
+    ``(d_mu, d_log_sigma) = (sigma^2 g_mu, 1/2 sigma g_sigma)``: a unit step along it is the
+    quadratic model's optimum where the curvature is ``q``'s Fisher metric."""
+    count = len(gradients)
+    direction = {}
+    for name, (_, sigma) in gradients[0].posterior.items():
+        g_mu = sum(g.grads[name][0] for g in gradients) / count
+        g_sigma = sum(g.grads[name][1] for g in gradients) / count
+        direction[name] = (sigma * sigma * g_mu, 0.5 * sigma * g_sigma)
+    return direction
+
+
+def _input_moments(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int) -> list[torch.Tensor]:
+    """Every layer's ``E_n[h_n h_n^T]`` (float64) of its input ``h_n`` with a constant 1 appended
+    (the bias's input), under the network with the posterior's mean weights."""
+    moments: list[torch.Tensor | None] = [None] * len(model.layers)
+    with torch.no_grad():
+        for x, _ in split.batches(batch_size, shuffle=False):
+            h = x
+            for index in range(len(model.layers)):
+                extended = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], 1)
+                moment = (extended.T @ extended).double()
+                moments[index] = moment if moments[index] is None else moments[index] + moment
+                h = F.relu(F.linear(h, posterior[f"layers.{index}.weight"][0], posterior[f"layers.{index}.bias"][0]))
+    return [moment / len(split) for moment in moments]
+
+
+def whitened_direction(model: BayesianMLP, posterior: Posterior, natural: Posterior, split: Split, *, batch_size: int = 2048,
+                       damping: float = 0.1, iterations: int = 40) -> Posterior:
+    """The natural gradient with the correlations of each layer's inputs undone (module docstring).
+
+    Unit ``j`` of a layer sees inputs ``h`` (a 1 appended for the bias) with second moments
+    ``A = E_n[h h^T]``, correlation ``C = diag(A)^-1/2 A diag(A)^-1/2``. Its likelihood's curvature
+    w.r.t. the locations ``mu_j`` is taken to be ``beta_j A`` (a Kronecker factor, as in K-FAC);
+    with the prior's ``1 / s^2`` added and ``q``'s optimum ``1 / sigma_j^2`` as its diagonal, it is
+    ``S^-1 M_j S^-1`` with ``S = diag(sigma_j)``, ``M_j = R C R + I - R^2`` and
+    ``R = diag(rho_j)``, ``rho_ji^2 = 1 - sigma_ji^2 / s_ji^2`` the likelihood's share of the
+    precision (0 at a blank input; 1 under a non-Gaussian prior). The location part of the step is
+    ``d_mu_j = S M_j^-1 S g_mu_j``, where ``C = I`` gives the natural gradient ``sigma^2 g_mu``;
+    ``M_j`` is damped (``R`` scaled by ``sqrt(1 - damping)``) and solved by ``iterations`` steps
+    of conjugate gradients. The widths' part is the natural gradient's."""
+    moments = _input_moments(model, posterior, split, batch_size)
+    whitened = dict(natural)
+    for index, moment in enumerate(moments):
+        weight, bias = f"layers.{index}.weight", f"layers.{index}.bias"
+        diagonal = moment.diagonal()
+        live = diagonal > 1e-12 * diagonal.max()
+        inverse_sqrt = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
+        correlation = (moment * inverse_sqrt[:, None] * inverse_sqrt[None, :]).to(posterior[weight][0].dtype)
+        sigma = torch.cat([posterior[weight][1], posterior[bias][1][:, None]], 1)
+        rhs = torch.cat([natural[weight][0], natural[bias][0][:, None]], 1) / sigma  # sigma g_mu
+        prior = [prior_loc_scale(model.prior, name, posterior[name][0].shape) for name in (weight, bias)]
+        if all(p is not None for p in prior):
+            prior_scale = torch.cat([prior[0][1].expand_as(posterior[weight][0]), prior[1][1].expand_as(posterior[bias][0])[:, None]], 1)
+            rho = (1 - (sigma / prior_scale.to(sigma)) ** 2).clamp_min(0).sqrt()
+        else:
+            rho = torch.ones_like(sigma)
+        rho = rho * live.to(sigma.dtype)[None, :] * math.sqrt(1 - damping)
+
+        def apply(y: torch.Tensor) -> torch.Tensor:
+            return rho * ((rho * y) @ correlation) + (1 - rho * rho) * y
+
+        solution, residual = torch.zeros_like(rhs), rhs.clone()
+        search, norm = residual.clone(), (residual * residual).sum(1, keepdim=True)
+        for _ in range(iterations):  # conjugate gradients, every unit at once
+            product = apply(search)
+            alpha = norm / (search * product).sum(1, keepdim=True).clamp_min(1e-30)
+            solution += alpha * search
+            residual -= alpha * product
+            new_norm = (residual * residual).sum(1, keepdim=True)
+            search = residual + new_norm / norm.clamp_min(1e-30) * search
+            norm = new_norm
+        step = sigma * solution
+        whitened[weight] = (step[:, :-1].contiguous(), natural[weight][1])
+        whitened[bias] = (step[:, -1].contiguous(), natural[bias][1])
+    return whitened
+
+
+def step_posterior(posterior: Posterior, direction: Posterior, step: float) -> Posterior:
+    """``(mu + step d_mu, sigma exp(step d_log_sigma))`` per site (detached)."""
+    with torch.no_grad():
+        return {name: (loc + step * direction[name][0], scale * torch.exp(step * direction[name][1])) for name, (loc, scale) in posterior.items()}
+
+
+def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    state = int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def _crn_log_liks(model: BayesianMLP, posterior: Posterior, split: Split, num_draws: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-draw, per-example expected log-likelihoods ``(num_draws, N)`` (antithetic, local
+    reparameterisation; float64) and per-draw KLs ``(num_draws,)`` of ``posterior`` on ``split``,
+    with draws that depend only on ``(seed, batch_size)`` and the shapes: common random numbers
+    for every posterior of the same network. RNG-neutral (the KL of a non-Gaussian prior draws
+    from torch's generator, seeded here)."""
+    out = []
+    with torch.no_grad():
+        for index, (x, y) in enumerate(split.batches(batch_size, shuffle=False)):
+            generator = _chunk_generator(seed, index, x.device)
+            noise = [torch.randn(num_draws, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device, generator=generator)
+                     for layer in model.layers]
+            out.append(_local_log_lik(model, posterior, x, y, noise, antithetic=True).double())
+        with _rng_neutral(seed):
+            kl = torch.stack([closed_form_kl(model, {n: (l.double(), s.double()) for n, (l, s) in posterior.items()}) for _ in range(num_draws)])
+    return torch.cat(out, dim=1), kl.double()
+
+
+def posterior_elbo(model: BayesianMLP, posterior: Posterior, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000) -> float:
+    """The full-data ELBO (kl weight 1) of the mean-field Gaussian ``posterior`` (site ->
+    ``(loc, scale)``) on ``split``: the mean of ``num_draws`` antithetic local-reparameterisation
+    passes whose noise depends only on ``seed``, ``batch_size`` and the shapes (common random
+    numbers: every posterior of the network is scored with the same draws). RNG-neutral."""
+    _check("num_draws", num_draws, 1)
+    _check("batch_size", batch_size, 1)
+    log_lik, kl = _crn_log_liks(model, posterior, split, num_draws, seed, batch_size)
+    return float(log_lik.sum(1).mean() - kl.mean())
+
+
+def fixed_noise_elbo(model: BayesianMLP, guide, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000,
+                     estimator: str = "local", antithetic: bool = True) -> float:
+    """The full-data ELBO (kl weight 1) of ``guide`` on ``split``, averaged over ``num_draws``
+    Monte Carlo passes whose noise depends only on ``seed`` (and the shapes): the same numbers at
+    every call, so two fits' ELBOs are compared with common random numbers. The default
+    (``local``, antithetic) is :func:`posterior_elbo` of the guide's posterior. RNG-neutral."""
+    _check("num_draws", num_draws, 1)
+    _check("batch_size", batch_size, 1)
+    posterior = _read_posterior(guide, requires_grad=False)
+    if estimator == "local" and antithetic:
+        return posterior_elbo(model, posterior, split, num_draws=num_draws, seed=seed, batch_size=batch_size)
+    if estimator not in GAIN_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
+    total = 0.0
+    with _rng_neutral(seed), torch.no_grad():
+        for _ in range(num_draws):
+            log_lik = 0.0
+            if estimator == "local":
+                for x, y in split.batches(batch_size, shuffle=False):
+                    noise = [torch.randn(1, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
+                    log_lik += float(_local_log_lik(model, posterior, x, y, noise, antithetic).double().sum())
+            else:
+                signs = (1.0, -1.0) if antithetic else (1.0,)
+                weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
+                for x, y in split.batches(batch_size, shuffle=False):
+                    for sign in signs:
+                        with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
+                            logits = model.logits(x)
+                        log_lik += float(torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).double().sum()) / len(signs)
+            total += log_lik - float(closed_form_kl(model, posterior))
+    return total / num_draws
+
+
+class _Difference:
+    """``L(a) - L(0)`` of the fixed-noise ELBO from per-draw, per-example log-likelihoods and
+    per-draw KLs, and its standard error: the examples' draws are independent, so the variance of
+    the mean over ``D`` draws is ``sum_n s_n^2 / D`` (``s_n^2``: example ``n``'s variance over the
+    draws), plus the KL's (zero for a Gaussian prior)."""
+
+    def __init__(self, base: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.log_lik, self.kl = base
+
+    def __call__(self, other: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        delta, delta_kl = other[0] - self.log_lik, other[1] - self.kl
+        draws = delta.shape[0]
+        gain = float(delta.sum(1).mean() - delta_kl.mean())
+        variance = float(delta.var(0).sum() + delta_kl.var()) / draws
+        if not math.isfinite(gain):
+            return -math.inf, math.inf
+        return gain, math.sqrt(max(variance, 0.0))
+
+
+def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = VerdictConfig.num_pairs, num_draws: int = VerdictConfig.num_draws,
+                     steps: Sequence[float] = DEFAULT_STEPS, batch_size: int = VerdictConfig.batch_size, seed: int = 0,
+                     direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False) -> LineSearchGain | None:
+    """What one step still gains (module docstring): the mean ``g`` of ``2 num_pairs`` antithetic
+    full-data gradient estimates, its natural gradient (:func:`natural_direction`), whitened
+    (:func:`whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
+    (:func:`posterior_elbo`, ``num_draws`` draws independent of ``g``'s) at ``a = 0`` and at each
+    of ``steps`` in turn, stopping where it falls (and trying ``steps[0] / 10`` where the first
+    falls); with ``refine``, once more at the vertex of the parabola through the best step and its
+    neighbours. The gain is the best ``L(a) - L(0)`` (0 if none gains), its standard error that
+    of the same difference; ``quadratic`` is :func:`remaining_gain`'s ``G`` from the same gradients. ``keep_posterior``: the result's ``posterior`` is the posterior after the best
+    step. ``None`` for ``delta``; the guide and every random generator are left as they were."""
+    _check("num_pairs", num_pairs, 2)
+    _check("num_draws", num_draws, 2)
+    _check("batch_size", batch_size, 1)
+    _check("seed", seed, 0)
+    steps = _check_steps(steps)
+    _check_direction(direction)
+    if isinstance(guide, AutoDelta):
+        return None
+    gradient_seed, evaluator_seed = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+    gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed)
+    quadratic = _quadratic_gain(gradients, len(split))
+    posterior = gradients[0].posterior
+    path = natural_direction(gradients)
+    del gradients
+    if direction == "whitened":
+        path = whitened_direction(model, posterior, path, split, batch_size=batch_size)
+
+    def evaluate(step: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size)
+
+    base = evaluate(0.0)
+    difference = _Difference(base)
+    elbo = float(base[0].sum(1).mean() - base[1].mean())
+    tried: list[list[float]] = []
+    for step in steps:
+        gain, stderr = difference(evaluate(step))
+        tried.append([step, gain, stderr])
+        if gain < max([0.0] + [t[1] for t in tried[:-1]]):
+            break
+    if tried[0][1] < 0:  # falls at once: one step ten times shorter
+        gain, stderr = difference(evaluate(steps[0] / 10))
+        tried.insert(0, [steps[0] / 10, gain, stderr])
+        tried = tried[:2]
+    points = [[0.0, 0.0, 0.0]] + tried
+    best = max(range(len(points)), key=lambda i: points[i][1])
+    if refine and 0 < best < len(points) - 1:
+        (a0, l0, _), (a1, l1, _), (a2, l2, _) = points[best - 1], points[best], points[best + 1]
+        vertex = a1
+        if math.isfinite(l2):
+            slope01, slope12 = (l1 - l0) / (a1 - a0), (l2 - l1) / (a2 - a1)
+            curvature = (slope12 - slope01) / (a2 - a0)  # < 0 at an interior maximum
+            if curvature < 0:
+                vertex = 0.5 * (a0 + a1) - slope01 / (2 * curvature)
+            if a0 < vertex < a2 and abs(vertex - a1) > 0.05 * a1:
+                gain, stderr = difference(evaluate(vertex))
+                tried.append([vertex, gain, stderr])
+                if gain > l1:
+                    points.append(tried[-1])
+                    best = len(points) - 1
+    step, nats, stderr = points[best]
+    if best == 0:
+        step, nats, stderr = 0.0, 0.0, tried[0][2]
+    num_data = len(split)
+    return LineSearchGain(nats=nats, per_datum=nats / num_data, stderr=stderr, step=step, tried=tried, elbo=elbo, quadratic=quadratic,
+                          direction=direction, num_data=num_data,
+                          posterior=step_posterior(posterior, path, step) if keep_posterior else None)
+
+
+@dataclass
+class Verdict:
+    """Whether a fit has converged, and why not. ``gain`` is the line search's
+    (:class:`LineSearchGain`, with the quadratic model's ``G`` for diagnosis);
+    ``gain_upper_per_datum`` its gain plus two standard errors, per training example;
+    ``uninformed_scale_ratio`` is ``None`` where the blank-pixel check does not apply (no blank
+    input, a non-Gaussian prior, a point mass)."""
+
+    converged: bool
+    tol_per_datum: float
+    gain: LineSearchGain | None
+    gain_upper_per_datum: float | None
+    uninformed_scale_ratio: float | None
+    ratio_bounds: tuple[float, float]
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        if record["gain"] is not None:
+            _without_posterior(record["gain"])
+        record["ratio_bounds"] = list(self.ratio_bounds)
+        return record
+
+    def __str__(self) -> str:
+        return "converged" if self.converged else "NOT converged: " + "; ".join(self.reasons)
+
+
+def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEFAULT_TOL_PER_DATUM, num_pairs: int = VerdictConfig.num_pairs,
+          batch_size: int = VerdictConfig.batch_size, seed: int = 0, num_draws: int = VerdictConfig.num_draws,
+          steps: Sequence[float] = DEFAULT_STEPS, direction: str = VerdictConfig.direction, ratio_bounds: tuple[float, float] = (0.9, 1.1)) -> Verdict:
+    """Converged iff the gain a natural-gradient step still finds (:func:`line_search_gain`), plus
+    two standard errors, per example of ``split`` is at most ``tol_per_datum`` **and**, where the
+    prior at the first layer is Gaussian and ``split.x`` has inputs that are 0 in every row, the
+    blank-pixel ratio (:func:`~pyro_bbt.convergence.uninformed_scale_ratio`, against the model's
+    current prior) lies in ``ratio_bounds``. A ``delta`` guide is never converged (no gain);
+    others raise as :func:`line_search_gain` does."""
+    _check_tol(tol_per_datum)
+    low, high = ratio_bounds
+    if not 0 < low <= 1 <= high:
+        raise ValueError(f"ratio_bounds must satisfy 0 < low <= 1 <= high, got {ratio_bounds!r}")
+    reasons = []
+    gain = line_search_gain(model, guide, split, num_pairs=num_pairs, num_draws=num_draws, steps=steps, batch_size=batch_size, seed=seed,
+                            direction=direction)
+    upper = None
+    if gain is None:
+        reasons.append(f"no remaining-gain estimate for guide {type(guide).__name__} (a point mass has no width); supported: {SUPPORTED_GUIDES}")
+    else:
+        upper = (gain.nats + 2 * gain.stderr) / gain.num_data
+        if upper > tol_per_datum:
+            path = "whitened natural gradient" if gain.direction == "whitened" else "natural gradient"
+            reasons.append(f"a step of {gain.step:.3g} along the {path} still gains {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} "
+                           f"nats per example ({gain.nats:.4g} nats in all); upper bound {upper:.3g} > tol_per_datum {tol_per_datum:.3g}")
+    site, shape = next(iter(model.site_shapes.items()))
+    ratio = None
+    if prior_loc_scale(model.prior, site, shape) is not None:
+        ratio = uninformed_scale_ratio(guide, model, split.x)
+        if ratio is not None and not low <= ratio <= high:
+            reasons.append(f"blank-pixel weights' sigma / prior sigma is {ratio:.3f}, outside [{low}, {high}] "
+                           f"(their exact posterior is the prior)")
+    return Verdict(not reasons, float(tol_per_datum), gain, upper, ratio, (float(low), float(high)), reasons)
