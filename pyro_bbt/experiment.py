@@ -567,7 +567,7 @@ def _finish_unit(spec: UnitSpec, result: JobResult, grid: _Grid, store: RunStore
     head = f"seed {spec.seed} fraction {spec.fraction:g} {spec.method:>8}"
     if record["status"] == "ok":
         log(f"{head}: B acc {record['b_test']['accuracy']:.4f}, A acc after B {record['a_test_after']['accuracy']:.4f}, "
-            f"{spec.steps} steps, {record['seconds']:.1f} s")
+            f"{record['steps']} steps, {record['seconds']:.1f} s")
         return 0
     log(f"{head}: FAILED: {record['error']}")
     return 1

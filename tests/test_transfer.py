@@ -299,3 +299,40 @@ def test_cli_warns_that_the_flow_guides_train_their_flows_at_lr_a(tmp_path, caps
     assert "warning: --guide planar: this experiment trains the flows' own parameters at the locations' learning rate (--lr-a, --lr)" in capsys.readouterr().err
     assert main([*args, "--guide", "normal", "--out", str(tmp_path / "normal")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_fit_b_rule_fits_every_bayesian_b_unit_by_the_rule_and_draws_the_learning_curves(tmp_path, capsys):
+    """--fit-b rule: each Bayesian B unit is fitted by the rule (its own epochs and steps, a curve
+    point at its last epoch, a verdict recorded); EWC keeps the fixed budget; the report draws the
+    learning curves against steps and fit seconds (from timing.json)."""
+    import json
+
+    from pyro_bbt.report import main as report_main
+
+    out = tmp_path / "rule"
+    args = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8", "--seeds", "0", "--fractions", "0.2", "--epochs-a", "2",
+            "--max-epochs-a", "4", "--batch-size-a", "50", "--fit-b", "rule", "--methods", "scratch,transfer,ewc", "--eval-samples", "2",
+            "--epochs", "1", "--min-steps", "3", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    timing = json.loads((out / "timing.json").read_text())
+    assert results["config"]["fit_b"] == "rule"
+    for index, unit in enumerate(results["units"]):
+        if unit["method"] == "ewc":
+            from pyro_bbt.plan import build_plan
+            from pyro_bbt.transfer import build_parser, config_from_args
+
+            (spec,) = [u for u in build_plan(config_from_args(build_parser().parse_args(args))).units if u.method == "ewc"]
+            assert unit["convergence"] is None and unit["steps"] == spec.steps  # the fixed budget
+            continue
+        history, convergence = unit["history"], unit["convergence"]
+        assert unit["steps"] == history[-1]["steps"] and 2 <= len(history) <= 4
+        assert convergence["verdict"] is not None and history[-1]["verdict"] == convergence["verdict"]
+        assert unit["curve"][-1]["epoch"] == len(history)
+        assert f"units/{index}/curve/{len(unit['curve']) - 1}" in timing  # the fit seconds of the last point
+    capsys.readouterr()
+    png = tmp_path / "curves.png"
+    assert report_main([str(out), "--learning-curves", str(png)]) == 0 and png.stat().st_size > 0
+    assert report_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| transfer − scratch | 0.2 |" in printed and "q_B converged, fitted by the rule and the verdict" in printed
