@@ -225,7 +225,7 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
     start = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
     verdict = judge(model, guide, train_split, tol_per_datum=v.tol_per_datum, num_pairs=v.num_pairs, batch_size=v.batch_size, seed=v.seed + last.epoch,
-                    num_draws=v.num_draws, steps=v.steps, direction=v.direction)
+                    num_draws=v.num_draws, steps=v.steps, direction=v.direction, gain_when_exact_fails=v.gain_when_exact_fails)
     last.verdict = verdict.to_dict()
     last.seconds += time.perf_counter() - start
     return last.verdict
