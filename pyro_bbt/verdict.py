@@ -329,32 +329,39 @@ def _local_log_lik(model: BayesianMLP, posterior: Posterior, x: torch.Tensor, y:
     return 0.5 * (log_p[:draws] + log_p[draws:]) if antithetic else log_p
 
 
-def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool) -> float:
-    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - KL(q || p)`` whose gradient
-    accumulates into the posterior tensors' ``.grad``, one chunk at a time, with torch's global
-    generator. ``weights``: one weight draw for all the data (the draws of
-    ``objectives.WeightSamplingELBO``); ``local``: pre-activations drawn per example (those of
-    ``local_reparameterized_logits``). ``antithetic``: the mean of the passes with the draws and
-    with their negatives."""
+def _log_lik_chunks(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str,
+                    antithetic: bool) -> Iterator[torch.Tensor]:
+    """One Monte Carlo draw of ``log p(y_n | x_n, w)`` for every example of ``split``, a chunk of
+    ``batch_size`` at a time, with torch's global generator: ``weights``, one weight draw for all
+    the data (the draws of ``objectives.WeightSamplingELBO``), each chunk once per sign;
+    ``local``, pre-activations drawn per example (those of ``local_reparameterized_logits``).
+    ``antithetic``: the mean of the draws and of their negatives (per chunk tensors scaled so that
+    their sum over everything yielded is the log-likelihood's estimate)."""
     if estimator not in GAIN_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
-    log_lik = 0.0
     if estimator == "local":
         for x, y in split.batches(batch_size, shuffle=False):
             noise = [torch.randn(1, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-            chunk = _local_log_lik(model, posterior, x, y, noise, antithetic).sum()
-            chunk.backward()
-            log_lik += float(chunk.detach())
-    else:
-        signs = (1.0, -1.0) if antithetic else (1.0,)
-        weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
-        for x, y in split.batches(batch_size, shuffle=False):
-            for sign in signs:
-                with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
-                    logits = model.logits(x)
-                chunk = torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).sum() / len(signs)
-                chunk.backward()
-                log_lik += float(chunk.detach())
+            yield _local_log_lik(model, posterior, x, y, noise, antithetic)
+        return
+    signs = (1.0, -1.0) if antithetic else (1.0,)
+    weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
+    for x, y in split.batches(batch_size, shuffle=False):
+        for sign in signs:
+            with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
+                logits = model.logits(x)
+            yield torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1) / len(signs)
+
+
+def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool) -> float:
+    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - KL(q || p)`` whose gradient
+    accumulates into the posterior tensors' ``.grad``, one chunk at a time (the draws of
+    :func:`_log_lik_chunks`), the KL added once."""
+    log_lik = 0.0
+    for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic):
+        total = chunk.sum()
+        total.backward()
+        log_lik += float(total.detach())
     kl = closed_form_kl(model, posterior)
     (-kl).backward()
     return log_lik - float(kl.detach())
@@ -548,24 +555,12 @@ def fixed_noise_elbo(model: BayesianMLP, guide, split: Split, *, num_draws: int 
     posterior = _read_posterior(guide, requires_grad=False)
     if estimator == "local" and antithetic:
         return posterior_elbo(model, posterior, split, num_draws=num_draws, seed=seed, batch_size=batch_size)
-    if estimator not in GAIN_ESTIMATORS:
+    if estimator not in GAIN_ESTIMATORS:  # before any draw
         raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
     total = 0.0
     with _rng_neutral(seed), torch.no_grad():
         for _ in range(num_draws):
-            log_lik = 0.0
-            if estimator == "local":
-                for x, y in split.batches(batch_size, shuffle=False):
-                    noise = [torch.randn(1, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-                    log_lik += float(_local_log_lik(model, posterior, x, y, noise, antithetic).double().sum())
-            else:
-                signs = (1.0, -1.0) if antithetic else (1.0,)
-                weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
-                for x, y in split.batches(batch_size, shuffle=False):
-                    for sign in signs:
-                        with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
-                            logits = model.logits(x)
-                        log_lik += float(torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).double().sum()) / len(signs)
+            log_lik = sum(float(chunk.double().sum()) for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic))
             total += log_lik - float(closed_form_kl(model, posterior))
     return total / num_draws
 
