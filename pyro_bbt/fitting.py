@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import pyro
+import torch
 
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .data import Split
@@ -42,6 +43,9 @@ __all__ = [
     "new_posterior",
     "guide_state",
     "start_from_state",
+    "set_means",
+    "normal_means",
+    "load_rows",
     "prior_from_posterior",
     "broaden",
     "fit_posterior",
@@ -186,6 +190,48 @@ def start_from_state(model: BayesianMLP, guide, state: dict, fresh_rows: slice |
     for key, value in merged.items():
         if any(site in key for site in model.output_sites):
             value[fresh_rows] = fresh[key][fresh_rows]
+    guide.load_state_dict(merged)
+
+
+def _loc_key(state: dict, site: str, kind: str = "locs") -> str:
+    for key in (f"{kind}.{site}", f"{kind}.{site}_unconstrained"):
+        if key in state:
+            return key
+    raise ValueError(f"the guide holds no {kind[:-1]} of site {site!r} (a normal or meanfield guide does)")
+
+
+def set_means(guide, means: dict[str, torch.Tensor]) -> None:
+    """Set the location of every site named in ``means`` (a ``normal`` or ``meanfield`` guide,
+    whose locations live in ``guide.locs``; the weights' support is real, so the stored
+    unconstrained value is the mean itself)."""
+    state = guide.state_dict()
+    for site, value in means.items():
+        key = _loc_key(state, site)
+        if state[key].shape != value.shape:
+            raise ValueError(f"site {site!r}: mean of shape {tuple(value.shape)} for a location of shape {tuple(state[key].shape)}")
+        state[key] = value.detach().to(state[key])
+    guide.load_state_dict(state)
+
+
+def normal_means(guide, model: BayesianMLP, std: float = 0.1, truncate: bool = True) -> None:
+    """Every location from ``N(0, std^2)``, truncated at ``2 std`` (TensorFlow's
+    ``truncated_normal``, VCL's initialisation of weights and biases) or not (Swaroop et al.'s
+    re-initialisation), drawn from torch's global generator."""
+    means = {}
+    for site, shape in model.site_shapes.items():
+        value = torch.empty(shape)
+        means[site] = torch.nn.init.trunc_normal_(value, std=std, a=-2 * std, b=2 * std) if truncate else value.normal_(0.0, std)
+    set_means(guide, means)
+
+
+def load_rows(model: BayesianMLP, guide, state: dict, rows: slice) -> None:
+    """Set the output ``rows`` of the guide (locations and scales of the output sites) to those of
+    the saved posterior ``state``, leaving everything else as it is: a fresh posterior that keeps
+    the heads, or digits, already learnt."""
+    merged = guide.state_dict()
+    for key, value in merged.items():
+        if any(site in key for site in model.output_sites):
+            value[rows] = state[key][rows]
     guide.load_state_dict(merged)
 
 

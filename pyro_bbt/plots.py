@@ -174,6 +174,31 @@ def plot_split_scenarios(runs: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_regimes(runs: list[dict], names: list[str], path: Path) -> None:
+    """Several split runs of one scenario (``names``: their labels): the average accuracy on the
+    tasks seen after each task (mean +- std over seeds), and the active units of each hidden layer
+    after each task (mean over seeds), one line per run and method."""
+    layers = max((len(c[0]) for r in runs for e in r["methods"].values() for c in [e.get("active_units_mean")] if c), default=0)
+    fig, axes = plt.subplots(1, 1 + layers, figsize=(5.0 * (1 + layers), 3.8), squeeze=False)
+    for name, results in zip(names, runs):
+        for method, entry in results["methods"].items():
+            label = name if len(results["methods"]) == 1 else f"{name} {method}"
+            curve = entry.get("average_accuracy_curve")
+            if curve:
+                x = np.arange(1, len(curve["mean"]) + 1)
+                axes[0][0].errorbar(x, curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=label)
+            counts = entry.get("active_units_mean")
+            for layer in range(layers if counts else 0):
+                axes[0][1 + layer].plot(np.arange(1, len(counts) + 1), [c[layer] for c in counts], marker="o", label=label)
+    axes[0][0].set(xlabel="tasks learnt", ylabel="average accuracy on the tasks seen")
+    axes[0][0].legend(fontsize=7)
+    for layer in range(layers):
+        axes[0][1 + layer].set(xlabel="tasks learnt", ylabel=f"active units, hidden layer {layer + 1}")
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _save(fig, path)
+
+
 def _curve_xy(points: list[dict], timing: dict[str, float], prefix: str, x: str) -> tuple[np.ndarray, np.ndarray]:
     """One unit's curve: ``x`` (``"step"``, or ``"seconds"`` read from ``timing`` under
     ``PREFIX/curve/I``) against B's test accuracy."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -106,6 +107,54 @@ def split_sequence_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+REGIME_KEYS = ("hidden", "epochs", "batch_size", "lr", "scale_lr", "init_scale", "prior_scale", "estimator", "num_particles", "kl_schedule",
+               "tau", "max_epochs_a", "batch_size_a", "lr_a", "verdict_tol")
+
+
+def regime_label(results: dict, others: list[dict]) -> str:
+    """What sets ``results`` apart from the ``others``: its fit, protocol and the configuration
+    values (of :data:`REGIME_KEYS`) that are not the same in every run, ``key=value`` joined."""
+    def settings(r: dict) -> dict:
+        return {"fit": r.get("fit"), **r.get("protocol", {}), **{k: r["config"].get(k) for k in REGIME_KEYS}}
+
+    mine, every = settings(results), [settings(r) for r in others]
+    varying = [k for k in mine if any(e.get(k) != mine[k] for e in every)]
+    return ", ".join(f"{k}={mine[k]:.3g}" if isinstance(mine[k], float) else f"{k}={mine[k]}" for k in varying) or "—"
+
+
+def regimes_table(runs: list[dict], names: list[str]) -> str:
+    """One row per run (and method) of several ``--sequence split`` runs of one scenario: the
+    settings that differ (:func:`regime_label`), ACC and BWT (mean ± std over seeds), the fits the
+    convergence verdict passes, the hidden layers' median sigma after the last task, and the active
+    hidden units per layer after every task (mean over seeds; :mod:`pyro_bbt.pruning`) with the
+    largest |ablation change| (nats per example) of any census."""
+    scenarios = {r["scenario"] for r in runs}
+    if len(scenarios) != 1:
+        raise ValueError(f"--regimes compares runs of one scenario; got {', '.join(sorted(scenarios))}")
+    lines = [f"**Split MNIST, {scenarios.pop()} scenario: one row per run** (ACC, BWT in %, mean ± std over seeds)", "",
+             "| run | settings | method | ACC | BWT | verdict: converged fits | median sigma, hidden layers, after the last task "
+             "| active units per hidden layer after tasks 1..5 | max abs ablation change |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, results in zip(names, runs):
+        label = regime_label(results, [r for r in runs if r is not results])
+        for method, entry in results["methods"].items():
+            summary = entry["summary"] or {}
+            fits = [f for e in entry["per_seed"] for f in e["fits"] if not f["reused"]]
+            verdicts = [f["convergence"]["converged"] for f in fits if f["convergence"] is not None]
+            last = [e["fits"][-1] for e in entry["per_seed"] if e["fits"] and e["fits"][-1]["convergence"]]
+            sigmas = "—"
+            if last:
+                sites = [k for k in last[0]["convergence"]["median_scale"] if k.endswith("weight")][:-1]
+                sigmas = ", ".join(f"{statistics.median(f['convergence']['median_scale'][k] for f in last):.3g}" for k in sites)
+            counts = entry.get("active_units_mean")
+            units = "—" if not counts else "; ".join("/".join(f"{n:.0f}" for n in per_layer) for per_layer in counts)
+            changes = [abs(f["units"]["ablation_change"]) for f in fits if f.get("units")]
+            change = f"{max(changes):.3f}" if changes else "—"
+            lines.append(f"| {name} | {label} | {method} | {_percent(summary.get('average_accuracy'))} | "
+                         f"{_percent(summary.get('backward_transfer'), True)} | {sum(verdicts)}/{len(verdicts)} | {sigmas} | {units} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
 HSU_2018 = "Hsu et al. 2018, *Re-evaluating Continual Learning Scenarios*, Table 2 (784-400-400 MLP, Adam at 1e-3, minibatches of 128)"
 NGUYEN_2018 = "Nguyen et al. 2018, *Variational Continual Learning*, split MNIST (multi-head)"
 _HSU_LOGS = ("Hsu et al.'s released log, GT-RIPL/Continual-Learning-Benchmark@{commit} outputs/split_MNIST_incremental_{scenario}/{file} "
@@ -136,6 +185,42 @@ PUBLISHED_SPLIT_MNIST: tuple[tuple[str, str, float, float | None, str], ...] = (
     ("class", "SI (c 600)", 19.79, 0.22, _hsu_log("class", "SI.log")),
     ("class", "Adam (naive)", 19.72, 0.03, _hsu_log("class", "Adam.log", "5040135")),
 )
+
+
+def merge_seeds(runs: list[dict], names: list[str]) -> tuple[list[dict], list[str]]:
+    """Runs of one configuration made apart for different seeds (``--seeds 0`` and ``--seeds
+    1,2``) become one run of all their seeds (per seed entries in seed order, summaries
+    recomputed; its name the names joined by ``+``); other runs are left as they are. Two such runs
+    that share a seed are refused (``ValueError``)."""
+    from .split_sequence import method_summary
+
+    def key(results: dict) -> str:
+        config = {k: v for k, v in results["config"].items() if k != "seeds"}
+        return json.dumps({"scenario": results["scenario"], "fit": results["fit"], "joint": results.get("joint"),
+                           "protocol": results.get("protocol"), "config": config}, sort_keys=True)
+
+    groups: dict[str, list[int]] = {}
+    for index, results in enumerate(runs):
+        groups.setdefault(key(results), []).append(index)
+    merged, merged_names = [], []
+    for indices in groups.values():
+        if len(indices) == 1:
+            merged.append(runs[indices[0]])
+            merged_names.append(names[indices[0]])
+            continue
+        seeds = [s for i in indices for s in runs[i]["config"]["seeds"]]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"runs {', '.join(names[i] for i in indices)} have one configuration and share seeds {sorted(seeds)}: "
+                             "only runs of different seeds merge")
+        first = runs[indices[0]]
+        methods = {}
+        for method in first["methods"]:
+            entries = sorted((e for i in indices for e in runs[i]["methods"][method]["per_seed"]), key=lambda e: e["seed"])
+            methods[method] = {"per_seed": entries, **method_summary(entries)}
+        merged.append({**first, "config": {**first["config"], "seeds": sorted(seeds)}, "methods": methods,
+                       "warnings": [w for i in indices for w in runs[i].get("warnings", [])]})
+        merged_names.append("+".join(names[i] for i in indices))
+    return merged, merged_names
 
 
 def merge_split_runs(runs: list[dict]) -> list[dict]:
@@ -327,11 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published only)")
     parser.add_argument("--published", action="store_true",
                         help="for --sequence split runs: one table of their average accuracies beside the published numbers "
-                             "(runs of one scenario with different --methods are merged)")
+                             "(runs of one scenario with different --methods, or of one configuration with different --seeds, are merged)")
     parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
                         help="with --published: also draw the runs' average-accuracy curves side by side into PNG")
     parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
                         help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given (one per head) into PNG")
+    parser.add_argument("--regimes", action="store_true",
+                        help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "
+                             "converged fits, median sigma, active units after every task; runs of one configuration with different --seeds are "
+                             "merged); --figure draws their curves and unit counts")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
@@ -340,6 +429,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.regimes:
+        runs = []
+        for run_dir in args.run_dir:
+            path = run_dir / "results.json"
+            results = json.loads(path.read_text()) if path.exists() else {}
+            if results.get("sequence") != "split":
+                print(f"{parser.prog}: error: --regimes reads --sequence split runs; {path} is {'not one' if results else 'missing'}", file=sys.stderr)
+                return 2
+            runs.append(results)
+        names = [run_dir.name for run_dir in args.run_dir]
+        try:
+            runs, names = merge_seeds(runs, names)
+            print(regimes_table(runs, names), end="")
+        except ValueError as error:
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
+        if args.figure is not None:
+            from .plots import plot_regimes
+
+            plot_regimes(runs, names, args.figure)
+            print(f"wrote {args.figure}")
+        return 0
     if args.published:
         runs = []
         for run_dir in args.run_dir:
@@ -351,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             runs.append(results)
         try:
-            runs = merge_split_runs(runs)
+            runs = merge_split_runs(merge_seeds(runs, [str(d) for d in args.run_dir])[0])
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2
@@ -363,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.figure}")
         return 0
     if args.figure is not None:
-        print(f"{parser.prog}: error: --figure needs --published", file=sys.stderr)
+        print(f"{parser.prog}: error: --figure needs --published or --regimes", file=sys.stderr)
         return 2
     if args.learning_curves is not None:
         from .plots import plot_learning_curves

@@ -64,12 +64,23 @@ Either way the stopping rule's verdict on every Bayesian fit is recorded (under 
 judges without stopping, as for q_B). EWC's deterministic nets have no posterior to converge:
 they train for the fixed budget at ``ewc_lr`` in both modes.
 
+After every Bayesian fit the active hidden units are counted (:mod:`pyro_bbt.pruning`: a unit is
+active when its incoming weights' mean KL to the base prior exceeds ``kappa``, the blank pixels of
+all images seen so far left out), with the ablation check on the tasks seen so far; ``results.json``
+keeps the count, the units' indices (so the units each task recruits can be read off) and the
+check per fit, and ``active_units_mean`` per method.
+
+The protocol's settings beyond the fit (:class:`SplitConfig`: the means' initialisation, pixel
+scaling, validation split, and where a chained ``q_t`` starts) are what Nguyen et al.'s and
+Swaroop et al.'s published runs fix; the presets ``vcl`` and ``vcl-swaroop`` hold them.
+
 Forward transfer is measured against each method's randomly initialised model (GEM);
 :func:`~pyro_bbt.continual.summarize` gives ACC, BWT, FWT and forgetting per seed.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,18 +90,19 @@ import numpy as np
 import torch
 
 from .continual import summarize
-from .data import INPUT_DIM, Split, Task, load_task
+from .data import INPUT_DIM, SCALINGS, Split, Task, load_task
 from .evaluation import evaluate_accuracy, predictive_accuracy
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
 from .checkpoint import prior_from_state, prior_state
 from .engine import Unit, UnitCheckpoints, UnitOutcome, run_units
 from .executors import Executor
-from .fitting import Fit, fit_posterior, guide_state, new_posterior, prior_from_posterior, start_from_state
+from .fitting import Fit, fit_posterior, guide_state, load_rows, new_posterior, prior_from_posterior, normal_means, set_means, start_from_state
 from .guides import GUIDES
 from .inference import NonFiniteLossError
 from .model import BayesianMLP
 from .stats import mean_std, sample_std
 from .priors import Prior
+from .pruning import unit_census
 from .runstore import RunStore
 from .units import _check_finite, _HeadView, _limit, _use_head, steps_for
 
@@ -99,13 +111,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "split_tasks", "load_split_task", "check_split_methods", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
+    "MEAN_INITS", "STARTS", "split_tasks", "load_split_task", "check_split_methods", "check_split_protocol", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
 ]
 
 SCENARIOS = ("task", "domain", "class")
 SPLIT_METHODS = ("transfer", "finetune", "ewc", "joint")
 FITS = ("rule", "fixed")
 JOINTS = ("every", "last")
+MEAN_INITS = ("fan-in", "truncnorm", "normal", "mle")
+STARTS = ("previous", "fresh")
 SPLIT_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
 
@@ -122,16 +136,44 @@ class SplitConfig:
     :data:`FITS`; see the module docstring) and when ``joint`` is fitted (one of :data:`JOINTS`):
     after ``every`` task (row ``t`` of its matrix: the joint model of tasks ``0..t``) or after the
     ``last`` only (the offline model of all five tasks, the upper bound the published tables
-    give; its other rows stay NaN and only its ACC is reported)."""
+    give; its other rows stay NaN and only its ACC is reported).
+
+    The protocol's remaining settings (VCL's and Swaroop et al.'s differ in each):
+
+    * ``mean_init`` (one of :data:`MEAN_INITS`): where the means of a posterior started fresh
+      begin (task 0's, joint's, and every task's under ``start="fresh"``): ``fan-in``,
+      ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` weights and zero biases; ``truncnorm``, weights and
+      biases from N(0, 0.1^2) truncated at two standard deviations (TensorFlow's
+      ``truncated_normal(stddev=0.1)``, VCL's new heads); ``normal``, N(0, 0.1^2) (Swaroop et
+      al.'s re-initialisation); ``mle``, the weights of a deterministic net
+      of the same shape (``truncnorm`` start) trained by Adam on the fit's data for the fixed budget
+      of that data (``epochs``/``min_steps``/``batch_size`` at ``lr``), VCL's start of task 1. Output
+      rows that have seen no data when a posterior starts from the previous one begin as a fresh
+      posterior's (``truncnorm`` under ``mle``).
+    * ``pixels`` (one of :data:`~pyro_bbt.data.SCALINGS`) and ``val_fraction``: the pixel scaling and
+      the share of each digit's training images held out (``0``: all 60,000, as VCL).
+    * ``start`` (one of :data:`STARTS`): ``q_t`` of a chained task starts at ``q_{t-1}``
+      (``previous``, VCL) or ``fresh`` by ``mean_init`` and ``init_scale`` (Swaroop et al. 2019),
+      keeping only the output rows of the tasks already learnt (the old heads, or the digits seen).
+    """
 
     scenario: str
     fit: str = "rule"
     joint: str = "every"
+    mean_init: str = "fan-in"
+    pixels: str = "blundell"
+    val_fraction: float = 0.1
+    start: str = "previous"
 
     def __post_init__(self) -> None:
         _choice("scenario", self.scenario, SCENARIOS)
         _choice("fit", self.fit, FITS)
         _choice("joint", self.joint, JOINTS)
+        _choice("mean init", self.mean_init, MEAN_INITS)
+        _choice("pixel scaling", self.pixels, SCALINGS)
+        _choice("start", self.start, STARTS)
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
+            raise ValueError(f"val-fraction must be a number in [0, 1), got {self.val_fraction!r}")
 
     @property
     def num_heads(self) -> int:
@@ -160,8 +202,19 @@ class SplitConfig:
         """Layer widths of the network (one head's outputs last; see ``BayesianMLP(num_heads=)``)."""
         return (INPUT_DIM, *hidden, self.classes_per_head)
 
+    def learnt_rows(self, first_untrained: int) -> slice | None:
+        """Output rows the tasks before ``first_untrained`` have trained, ``[0, 2 t)`` in the task and
+        class scenarios; ``None`` in the domain scenario (its one head belongs to no task alone)."""
+        if self.scenario == "domain" or first_untrained < 1:
+            return None
+        return slice(0, 2 * first_untrained)
+
+    def protocol(self) -> dict:
+        """The settings besides scenario, fit and joint (``results.json``'s ``"protocol"``)."""
+        return {"mean_init": self.mean_init, "pixels": self.pixels, "val_fraction": self.val_fraction, "start": self.start}
+
     def to_dict(self) -> dict:
-        return {"scenario": self.scenario, "fit": self.fit, "joint": self.joint}
+        return {"scenario": self.scenario, "fit": self.fit, "joint": self.joint, **self.protocol()}
 
 
 @dataclass(frozen=True)
@@ -222,14 +275,25 @@ def check_split_methods(methods: Sequence[str], scenario: str | None = None, gui
     return tuple(methods)
 
 
+MEAN_GUIDES = ("normal", "meanfield")  # guides whose means a mean initialisation can set
+
+
+def check_split_protocol(split: SplitConfig, guide: str) -> None:
+    """``ValueError`` when ``guide`` cannot follow ``split``'s protocol: a mean initialisation
+    other than fan-in sets the locations of a ``normal`` or ``meanfield`` guide."""
+    if split.mean_init != "fan-in" and guide in GUIDES and guide not in MEAN_GUIDES:
+        raise ValueError(f"mean init {split.mean_init!r} sets the means of the guides {', '.join(MEAN_GUIDES)}; got guide {guide!r}")
+
+
 @dataclass(frozen=True)
 class SplitPreset:
     """A preset of ``--sequence split``: ``overrides`` of :class:`ExperimentConfig`'s defaults, the
-    ``fit`` mode and when ``joint`` is fitted (:class:`SplitConfig`)."""
+    ``fit`` mode, when ``joint`` is fitted and the ``protocol`` settings of :class:`SplitConfig`."""
 
     overrides: dict = field(default_factory=dict)
     fit: str = "rule"
     joint: str = "every"
+    protocol: dict = field(default_factory=dict)  # SplitConfig's mean_init, pixels, val_fraction, start
 
 
 SPLIT_PRESETS: dict[str, SplitPreset] = {
@@ -249,6 +313,30 @@ SPLIT_PRESETS: dict[str, SplitPreset] = {
         fit="rule",
         joint="last",
     ),
+    # Nguyen et al. 2018's published run (nvcuong/variational-continual-learning, ddm/run_split.py, without coreset):
+    # 784-256-256, all 60,000 training images with pixels in [0, 1], task 1's means from a max-likelihood net, log-variance
+    # -6 (sigma = e^-3), N(0, 1) prior, 120 full-batch Adam steps at 1e-3 per task (widths at 5e-4 on softplus^-1(sigma):
+    # VCL's 1e-3 on log sigma^2 moves log sigma by half as much), 10 weight samples shared across the batch, 100 test
+    # samples. Three seeds where the paper reports one run. The verdict is recorded, not acted on (--fit fixed).
+    "vcl": SplitPreset(
+        dict(methods=("transfer",), hidden=(256, 256), epochs=120, min_steps=1, batch_size=100_000, lr=1e-3, scale_lr=5e-4,
+             init_scale=math.exp(-3), prior="gaussian", prior_scale=1.0, estimator="weights", num_particles=10, eval_samples=100,
+             kl_schedule="uniform", tau=1.0, seeds=(0, 1, 2)),
+        fit="fixed",
+        joint="last",
+        protocol=dict(mean_init="mle", pixels="unit", val_fraction=0.0, start="previous"),
+    ),
+    # Swaroop et al. 2019 (the same repository, improved_ddm/run_multihead_split.py): 784-200, 600 epochs per task in
+    # minibatches of 256, Adam at 5e-3 (widths at 2.5e-3, as above), every task's q_t re-initialised (means N(0, 0.1^2),
+    # log-variance -6) under the previous posterior as prior, the old heads kept, Adam new for every task.
+    "vcl-swaroop": SplitPreset(
+        dict(methods=("transfer",), hidden=(200,), epochs=600, min_steps=1, batch_size=256, lr=5e-3, scale_lr=2.5e-3,
+             init_scale=math.exp(-3), prior="gaussian", prior_scale=1.0, estimator="weights", num_particles=10, eval_samples=100,
+             kl_schedule="uniform", tau=1.0, seeds=(0, 1, 2)),
+        fit="fixed",
+        joint="last",
+        protocol=dict(mean_init="normal", pixels="unit", val_fraction=0.0, start="fresh"),
+    ),
 }
 
 
@@ -256,11 +344,11 @@ SPLIT_PRESETS: dict[str, SplitPreset] = {
 
 
 def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = None, limit_eval: int | None = None,
-                    device: str = "cpu") -> tuple[Split, Split]:
+                    device: str = "cpu", pixels: str = "blundell", val_fraction: float = 0.1) -> tuple[Split, Split]:
     """``(train, test)`` of ``task`` with the scenario's labels (``load_task`` labels
     ``digits[k]`` as ``k``; the offset is added here), capped at ``limit_train`` / ``limit_eval``
-    images."""
-    data = load_task(Task(digits=task.digits, seed=seed, name=task.name))
+    images, pixels scaled by ``pixels``, ``val_fraction`` of each digit's training images held out."""
+    data = load_task(Task(digits=task.digits, seed=seed, name=task.name, scaling=pixels, val_fraction=val_fraction))
 
     def relabel(split: Split, limit: int | None) -> Split:
         split = _limit(split, limit)
@@ -274,6 +362,44 @@ def new_split_posterior(config: ExperimentConfig, split: SplitConfig, prior: Pri
     ``task`` is trained, and its initialised guide (:func:`~pyro_bbt.fitting.new_posterior`)."""
     return new_posterior(split.sizes(config.hidden), prior, config.guide, init_scale=config.init_scale, seed=seed, num_heads=split.num_heads,
                          device=config.device, active_outputs=split.active_outputs(task))
+
+
+def _fresh_means(split: SplitConfig, model: BayesianMLP, guide) -> None:
+    """The random start of the means of a new posterior: N(0, 0.1^2) under ``normal``, truncated
+    at 0.2 under ``truncnorm`` and ``mle``; the guide's own fan-in draw under ``fan-in``."""
+    if split.mean_init != "fan-in":
+        normal_means(guide, model, truncate=split.mean_init != "normal")
+
+
+def max_likelihood_means(config: ExperimentConfig, split: SplitConfig, train_split: Split, head: int | None, task: int,
+                         seed: int) -> dict[str, torch.Tensor]:
+    """VCL's start of task 1: the weights of a deterministic net of the posterior's shape, started
+    from N(0, 0.1^2) truncated at 0.2 (weights and biases), trained by Adam at ``config.lr`` on
+    the mean cross-entropy of ``train_split`` through output ``head`` (``None``: the outputs
+    active at ``task``) for the fixed budget of that data, ``steps_for(N, epochs, batch_size,
+    min_steps)`` (VCL: 120 full-batch steps). Returns them keyed by the model's site names.
+    :raises ~pyro_bbt.inference.NonFiniteLossError: when its loss or weights go non-finite."""
+    torch.manual_seed(seed)
+    width = split.classes_per_head
+    net = MLP((*split.sizes(config.hidden)[:-1], width * split.num_heads)).to(config.device)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            torch.nn.init.trunc_normal_(parameter, std=0.1, a=-0.2, b=0.2)
+    rows = slice(head * width, (head + 1) * width) if head is not None else slice(0, split.active_outputs(task) or width * split.num_heads)
+    view = _HeadView(net, rows)
+    steps = _fixed_budget(config, [train_split])
+    losses = train_deterministic(view, train_split.x, train_split.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
+    _check_finite(view, losses, train_split.x[:256], "the max-likelihood start (--mean-init mle)", config.lr)
+    return {name: value.detach().clone() for name, value in net.named_parameters()}
+
+
+def _initial_means(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None,
+                   task: int, seed: int) -> None:
+    """Under ``mean_init="mle"``, set the means of the fresh posterior about to be fitted on
+    ``train_split`` to :func:`max_likelihood_means` (the other initialisations are already in
+    place: :func:`_fresh_means`)."""
+    if split.mean_init == "mle":
+        set_means(guide, max_likelihood_means(config, split, train_split, head, task, seed))
 
 
 def next_prior(config: ExperimentConfig, model: BayesianMLP, guide, rows: slice | None) -> Prior:
@@ -310,10 +436,33 @@ def _net_accuracy(net: torch.nn.Module, test: Split) -> float:
 # joint's fits (one per t, or the last only) and EWC's whole chain need nothing.
 
 
-def _fit_record(task: int, trained_on: list[int], fit, reused: bool = False) -> dict:
-    """What ``results.json`` keeps of one posterior's fit."""
+def _fit_record(task: int, trained_on: list[int], fit, units: dict | None = None, reused: bool = False) -> dict:
+    """What ``results.json`` keeps of one posterior's fit (``units``: its :func:`_census`)."""
     return {"task": task, "trained_on": trained_on, "steps": fit.steps, "epochs": fit.epochs, "convergence": fit.convergence,
-            "reused": reused, "seconds": fit.seconds}
+            "units": units, "reused": reused, "seconds": fit.seconds}
+
+
+CENSUS_EXAMPLES = 1000  # training images per task on which the census's ablation is checked
+CENSUS_SAMPLES = 16
+
+
+def _census(config: ExperimentConfig, model: BayesianMLP, guide, tasks: Sequence[SplitTask], trains: Sequence[Split], seen: list[int],
+            seed: int) -> dict:
+    """The active hidden units of the posterior after the tasks ``seen``
+    (:func:`~pyro_bbt.pruning.unit_census` against the base prior, the blank pixels of all their
+    images left out), its ablation change averaged over those tasks (each through its head, on its
+    first :data:`CENSUS_EXAMPLES` training images)."""
+    x_seen = torch.cat([trains[s].x for s in seen])
+    head, changes, census = model.head, [], None
+    for s in seen:
+        _use_head(model, tasks[s].head)
+        census = unit_census(guide, model, config.base_prior_std, x_seen, trains[s].x[:CENSUS_EXAMPLES], trains[s].y[:CENSUS_EXAMPLES],
+                             num_samples=CENSUS_SAMPLES, seed=seed)
+        changes.append(census.ablation_change)
+    model.head = head
+    record = census.to_dict()
+    record.update(ablation_change=float(np.mean(changes)), ablation_examples=sum(min(len(trains[s]), CENSUS_EXAMPLES) for s in seen))
+    return record
 
 
 def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
@@ -324,7 +473,7 @@ def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
 
 def _split_data(config: ExperimentConfig, split: SplitConfig, seed: int) -> tuple[list[SplitTask], list[Split], list[Split]]:
     tasks = split_tasks(split.scenario)
-    data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device) for task in tasks]
+    data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device, split.pixels, split.val_fraction) for task in tasks]
     return tasks, [d[0] for d in data], [d[1] for d in data]
 
 
@@ -350,35 +499,49 @@ def first_task_unit(config: ExperimentConfig, split: SplitConfig, seed: int, key
     state is the posterior and the prior it leaves for task 1 under ``transfer``."""
     tasks, trains, tests = _split_data(config, split, seed)
     model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
+    _fresh_means(split, model, guide)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     try:
+        _initial_means(config, split, model, guide, trains[0], tasks[0].head, 0, seed)
         fit = _fit(config, split, model, guide, trains[0], tasks[0].head, seed, _fixed_budget(config, trains[:1]), key, checkpoint, on_checkpoint)
     except NonFiniteLossError as error:
         return _failed(f"task 0: {error}", baseline=baseline)
     row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    units = _census(config, model, guide, tasks, trains, [0], seed)
     state = {"guide": guide_state(guide), "prior": prior_state(next_prior(config, model, guide, split.untrained_rows(1)))}
-    return UnitOutcome({"status": "ok", "task": 0, "row": row, "baseline": baseline, "fit": _fit_record(0, [0], fit)}, state)
+    return UnitOutcome({"status": "ok", "task": 0, "row": row, "baseline": baseline, "fit": _fit_record(0, [0], fit, units)}, state)
 
 
 def chain_unit(config: ExperimentConfig, split: SplitConfig, method: str, seed: int, task: int, key: str, previous: dict,
                checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
     """Task ``task`` of ``method``'s chain, from the posterior ``previous`` of task ``task - 1``
     (its output rows of untrained heads or digits fresh); under ``transfer`` its prior is the one
-    ``previous`` left, under ``finetune`` the base prior."""
+    ``previous`` left, under ``finetune`` the base prior. With ``split.start == "fresh"`` the
+    posterior starts fresh instead (``mean_init``), keeping only the rows of the tasks learnt."""
     tasks, trains, tests = _split_data(config, split, seed)
     prior = prior_from_state(previous["prior"]) if method == "transfer" else config.base_prior()
     model, guide = new_split_posterior(config, split, prior, seed, task)
-    start_from_state(model, guide, previous["guide"], split.untrained_rows(task))
+    _fresh_means(split, model, guide)
+    learnt = split.learnt_rows(task)
+    if split.start == "previous":
+        start_from_state(model, guide, previous["guide"], split.untrained_rows(task))
+    elif learnt is not None:
+        load_rows(model, guide, previous["guide"], learnt)
     try:
+        if split.start == "fresh":
+            _initial_means(config, split, model, guide, trains[task], tasks[task].head, task, seed)
+            if learnt is not None:  # the max-likelihood net's rows of the old heads are not theirs
+                load_rows(model, guide, previous["guide"], learnt)
         fit = _fit(config, split, model, guide, trains[task], tasks[task].head, seed, _fixed_budget(config, trains[task:task + 1]), key,
                    checkpoint, on_checkpoint)
     except NonFiniteLossError as error:
         return _failed(f"task {task}: {error}")
     row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
+    units = _census(config, model, guide, tasks, trains, list(range(task + 1)), seed)
     state = {"guide": guide_state(guide)}
     if method == "transfer" and task + 1 < len(tasks):
         state["prior"] = prior_state(next_prior(config, model, guide, split.untrained_rows(task + 1)))
-    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, [task], fit)}, state)
+    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, [task], fit, units)}, state)
 
 
 def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: int, with_baseline: bool, key: str,
@@ -390,17 +553,21 @@ def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: in
     fields = {}
     if with_baseline:
         model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
+        _fresh_means(split, model, guide)
         fields["baseline"] = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     seen = list(range(task + 1))
     offsets = [0 if tasks[s].head is None else tasks[s].head * split.classes_per_head for s in seen]
     union = Split(torch.cat([trains[s].x for s in seen]), torch.cat([trains[s].y + o for s, o in zip(seen, offsets)]))
     model, guide = new_split_posterior(config, split, config.base_prior(), seed, task)
+    _fresh_means(split, model, guide)
     try:
+        _initial_means(config, split, model, guide, union, None, task, seed)
         fit = _fit(config, split, model, guide, union, None, seed, _fixed_budget(config, trains[: task + 1]), key, checkpoint, on_checkpoint)
     except NonFiniteLossError as error:
         return _failed(f"tasks 0..{task}: {error}", **fields)
     row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
-    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, seen, fit), **fields})
+    units = _census(config, model, guide, tasks, trains, seen, seed)
+    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, seen, fit, units), **fields})
 
 
 def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
@@ -452,6 +619,7 @@ def _joint_tasks(split: SplitConfig) -> list[int]:
 def plan_split(config: ExperimentConfig, split: SplitConfig) -> list[Unit]:
     """The units of the sequence for every seed and method of ``config``."""
     methods = check_split_methods(config.methods, split.scenario, config.guide)
+    check_split_protocol(split, config.guide)
     units: list[Unit] = []
     for seed in config.seeds:
         chained = [m for m in methods if m in ("transfer", "finetune")]
@@ -551,7 +719,7 @@ def _average_accuracy_curve(R: np.ndarray) -> list[float]:
     return [float(np.mean(R[t, : t + 1])) for t in range(R.shape[0])]
 
 
-def _method_summary(entries: list[dict]) -> dict:
+def method_summary(entries: list[dict]) -> dict:
     """Mean and standard deviation over the seeds whose sequence finished."""
     done = [e for e in entries if e["summary"] is not None]
     with warnings.catch_warnings():  # a row no seed reached stays NaN
@@ -570,6 +738,9 @@ def _method_summary(entries: list[dict]) -> dict:
         }
         curves = np.array([_average_accuracy_curve(np.array(e["accuracy_matrix"])) for e in done])  # NaN where a row is
         out["average_accuracy_curve"] = {"mean": curves.mean(0).tolist(), "std": sample_std(curves, axis=0).tolist(), "n": len(done)}
+    counts = [[f["units"]["active"] for f in e["fits"]] for e in done if e["fits"] and all(f.get("units") for f in e["fits"])]
+    if counts and len({np.shape(c) for c in counts}) == 1:  # active units per fit and hidden layer, mean over the seeds
+        out["active_units_mean"] = np.mean(counts, axis=0).tolist()
     return out
 
 
@@ -628,9 +799,10 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
         "scenario": split.scenario,
         "fit": split.fit,
         "joint": split.joint,
+        "protocol": split.protocol(),
         "tasks": [task.to_dict() for task in tasks],
         "domains": [task.name for task in tasks],
         "config": config.to_dict(),
         "warnings": unconverged,
-        "methods": {m: {"per_seed": entries, **_method_summary(entries)} for m, entries in per_method.items()},
+        "methods": {m: {"per_seed": entries, **method_summary(entries)} for m, entries in per_method.items()},
     }

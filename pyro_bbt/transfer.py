@@ -37,7 +37,8 @@ import torch
 
 from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
-from .split_sequence import FITS, JOINTS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, SplitConfig, check_split_methods
+from .data import SCALINGS
+from .split_sequence import FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods, check_split_protocol
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .guides import FLOW_GUIDES, GUIDES
@@ -119,7 +120,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pyro_bbt.transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (default, minutes on 2 cores) or paper (full protocol); flags below override it")
+    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(SPLIT_PRESETS)), default="quick", help="quick (default, minutes on 2 cores) or paper (full protocol); with --sequence split also vcl (Nguyen et al. 2018's published split-MNIST run); flags below override it")
     p.add_argument("--task-a", type=_ints, help="digits of task A, e.g. 0,1,2,3,4")
     p.add_argument("--task-b", type=_ints, help="digits of task B, e.g. 5,6,7,8,9 (disjoint from A)")
     p.add_argument("--methods", type=_names, help=f"comma list of {', '.join(METHODS)}")
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help=f"only with --sequence split: {', '.join(SCENARIOS)} (incremental task: a 2-way head per task, the task id given at test time; domain: one shared 2-way head; class: one shared 10-way head)")
     p.add_argument("--joint", help=f"only with --sequence split: when the joint (offline) posterior is fitted, {' or '.join(JOINTS)} (every: on tasks 0..t after every task t; last: once, on all five tasks, ACC alone); default: the preset's")
     p.add_argument("--fit", help=f"only with --sequence split: how each posterior is fitted, {' or '.join(FITS)} (rule: by the stopping rule as q_A, --max-epochs-a, --batch-size-a, --lr-a; fixed: --epochs/--min-steps at --lr, the verdict recorded); default: the preset's")
+    p.add_argument("--mean-init", help=f"only with --sequence split: where the means of a posterior started fresh begin, {', '.join(MEAN_INITS)} (mle: a max-likelihood net trained on the fit's data for its fixed budget, VCL's start); default: the preset's")
+    p.add_argument("--pixels", help=f"only with --sequence split: pixel scaling, {', '.join(SCALINGS)} (blundell x/126, unit x/255); default: the preset's")
+    p.add_argument("--val-fraction", type=float, help="only with --sequence split: share of each digit's training images held out for validation, in [0, 1) (0: all 60,000, as VCL); default: the preset's")
+    p.add_argument("--start", help=f"only with --sequence split: where q_t of a chained task starts, {' or '.join(STARTS)} (previous: q_(t-1), VCL; fresh: by --mean-init and --init-scale, keeping the heads learnt, Swaroop et al. 2019); default: the preset's")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
@@ -187,10 +192,13 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
     and flags the split sequence does not use."""
     sequence = getattr(args, "sequence", None)
     scenario, fit, joint = getattr(args, "scenario", None), getattr(args, "fit", None), getattr(args, "joint", None)
+    protocol = {name: getattr(args, name, None) for name in ("mean_init", "pixels", "val_fraction", "start")}
     if sequence != "split":
-        for flag, value in (("--scenario", scenario), ("--fit", fit), ("--joint", joint)):
+        for flag, value in (("--scenario", scenario), ("--fit", fit), ("--joint", joint), *((f"--{k.replace('_', '-')}", v) for k, v in protocol.items())):
             if value is not None:
                 raise UsageError(f"{flag} {value} is only valid with --sequence split (got {'--sequence ' + sequence if sequence else 'no --sequence'})")
+        if args.preset not in PRESETS:
+            raise UsageError(f"--preset {args.preset} is a preset of --sequence split; the A -> B experiment's are {', '.join(sorted(PRESETS))}")
         return None
     if scenario is None:
         raise UsageError(f"--sequence split needs --scenario ({', '.join(SCENARIOS)})")
@@ -199,7 +207,9 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
         raise UsageError(f"{', '.join(unused)} not used by --sequence split (its tasks, heads and starts are set by --scenario)")
     try:
         preset = SPLIT_PRESETS[args.preset]
-        return SplitConfig(scenario=scenario, fit=preset.fit if fit is None else fit, joint=preset.joint if joint is None else joint)
+        given = {name: value for name, value in protocol.items() if value is not None}
+        return SplitConfig(scenario=scenario, fit=preset.fit if fit is None else fit, joint=preset.joint if joint is None else joint,
+                           **{**preset.protocol, **given})
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -217,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     try:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
+            check_split_protocol(split, values.get("guide", ExperimentConfig.guide))
         config = ExperimentConfig(**values)
         if split is None:
             config.check_data()

@@ -1,5 +1,7 @@
 """Shared fixtures for the model / guide / objective / evaluation / checkpoint tests."""
 
+import os
+
 import pyro
 import pytest
 import torch
@@ -7,6 +9,10 @@ import torch
 from pyro_bbt.data import Task, load_task
 from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide
 from pyro_bbt.model import BayesianMLP
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one worker per core, one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from pyro_bbt.split_sequence import (
     next_prior,
     split_tasks,
 )
-from pyro_bbt.fitting import start_from_state
+from pyro_bbt.fitting import guide_state, start_from_state
+from pyro_bbt.split_sequence import SPLIT_PRESETS, chain_unit, first_task_unit, max_likelihood_means
 from pyro_bbt.transfer import main
 
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
@@ -97,6 +98,11 @@ def _check_results(results: dict, scenario: str) -> None:
         assert [f["task"] for f in fits] == [0, 1, 2, 3, 4]
         assert all(isinstance(f["convergence"]["converged"], bool) and f["steps"] >= 4 for f in fits)
         assert [f["trained_on"] for f in fits] == ([list(range(t + 1)) for t in range(5)] if method == "joint" else [[t] for t in range(5)])
+        for f in fits:  # the active-unit census after every fit (pyro_bbt.pruning), one layer of 16 units here
+            units = f["units"]
+            assert units["widths"] == [16] and 0 <= units["active"][0] <= 16 and len(units["active_units"][0]) == units["active"][0]
+            assert units["ablation_examples"] == 200 * (f["task"] + 1) and np.isfinite(units["ablation_change"])
+        assert entry["active_units_mean"] == [[float(n) for n in f["units"]["active"]] for f in fits]
     # the first task's fit is one computation, shared by transfer and finetune
     transfer, finetune = (results["methods"][m]["per_seed"][0] for m in ("transfer", "finetune"))
     assert transfer["accuracy_matrix"][0] == finetune["accuracy_matrix"][0]
@@ -150,7 +156,7 @@ def test_report_merges_runs_of_one_scenario_and_refuses_what_does_not_merge(sing
     capsys.readouterr()
     assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--published"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "both hold ewc" in err[0]
+    assert len(err) == 1 and "share seeds [0, 0]: only runs of different seeds merge" in err[0]  # one run given twice
 
 
 def test_rule_fit_records_the_stopping_rule_verdict(single_torch_thread):
@@ -304,6 +310,13 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
         (["--sequence", "split", "--scenario", "task", "--methods", "scratch,transfer"], "got scratch"),
         (["--sequence", "split", "--scenario", "task", "--head", "shared"], "--head not used by --sequence split"),
         (["--sequence", "split", "--scenario", "task", "--guide", "lowrank"], "got guide 'lowrank'"),
+        (["--preset", "vcl"], "--preset vcl is a preset of --sequence split"),
+        (["--mean-init", "mle"], "--mean-init mle is only valid with --sequence split"),
+        (["--sequence", "split", "--scenario", "task", "--mean-init", "zeros"], "unknown mean init 'zeros'; allowed: fan-in, truncnorm, normal, mle"),
+        (["--sequence", "split", "--scenario", "task", "--pixels", "raw"], "unknown pixel scaling 'raw'; allowed: blundell, unit, standardize"),
+        (["--sequence", "split", "--scenario", "task", "--val-fraction", "1"], "val-fraction must be a number in [0, 1), got 1.0"),
+        (["--sequence", "split", "--scenario", "task", "--start", "middle"], "unknown start 'middle'; allowed: previous, fresh"),
+        (["--sequence", "split", "--scenario", "domain", "--preset", "vcl", "--guide", "delta"], "mean init 'mle' sets the means of the guides normal, meanfield; got guide 'delta'"),
     ],
 )
 def test_cli_bad_split_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
@@ -319,3 +332,113 @@ def test_cli_process_exits_2_for_scenario_without_split(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--scenario domain" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _loc(guide, site: str) -> torch.Tensor:
+    return guide.state_dict()[f"locs.{site}_unconstrained"]
+
+
+def test_vcl_protocol_starts_task_0_at_a_max_likelihood_net_and_new_heads_truncated_normal(single_torch_thread):
+    """--preset vcl's settings: all training images in [0, 1] (no validation split), task 0's means
+    from a max-likelihood net that fits its task, new heads' means N(0, 0.1^2) cut at 0.2."""
+    preset = SPLIT_PRESETS["vcl"]
+    split = SplitConfig("task", fit=preset.fit, **preset.protocol)
+    assert (split.mean_init, split.pixels, split.val_fraction, split.start) == ("mle", "unit", 0.0, "previous")
+    train, _ = load_split_task(split_tasks("task")[0], pixels="unit", val_fraction=0.0)
+    held_out, _ = load_split_task(split_tasks("task")[0])
+    assert len(train) == 12665 and len(held_out) < len(train) and 0.99 < float(train.x.max()) <= 1.0  # MNIST's 5,923 zeros + 6,742 ones
+    small = {"hidden": (16,), "epochs": 30, "num_particles": 2, "eval_samples": 4, "limit_train": 200}
+    config = _config("task", **{**preset.overrides, "methods": ("transfer",), "seeds": (0,), **small})
+    tasks, trains, tests = _split_data_for(config, split)
+    means = max_likelihood_means(config, split, trains[0], 0, 0, seed=0)
+    net_logits = torch.relu(trains[0].x @ means["layers.0.weight"].T + means["layers.0.bias"]) @ means["layers.1.weight"][:2].T + means["layers.1.bias"][:2]
+    assert (net_logits.argmax(-1) == trains[0].y).float().mean() > 0.95  # the net fits task 0 (0 vs 1)
+    untouched = means["layers.1.weight"][2:]  # the other heads' rows get no gradient: their truncated-normal start
+    assert untouched.abs().max() <= 0.2 and 0.05 < float(untouched.std()) < 0.12
+    outcome = first_task_unit(config, split, seed=0, key="k")
+    assert outcome.record["status"] == "ok" and outcome.record["row"][0] > 0.95
+    assert max(outcome.record["baseline"]) < 0.9  # the baseline is the random start, not the max-likelihood net
+    after = chain_unit(config, split, "transfer", 0, 1, "k1", outcome.state)
+    assert after.record["status"] == "ok" and after.record["row"][0] > 0.9
+
+
+def _split_data_for(config, split):
+    from pyro_bbt.split_sequence import _split_data
+    return _split_data(config, split, seed=0)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fresh_start_keeps_the_learnt_rows_and_nothing_else(scenario, single_torch_thread):
+    """--start fresh (Swaroop et al.): q_t starts by the mean initialisation and init_scale, except
+    the output rows of the tasks already learnt, which are q_{t-1}'s (in the domain scenario the
+    shared head is no task's own: everything starts fresh)."""
+    split = SplitConfig(scenario, fit="fixed", mean_init="truncnorm", start="fresh")
+    config = _config(scenario, methods=("transfer",), min_steps=1, epochs=1)
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed=3, task=0)
+    previous = {k: v + 5.0 for k, v in guide_state(guide).items()}  # far from any fresh start
+    outcome = chain_unit(config, split, "transfer", 0, 2, "k", {"guide": previous, "prior": _prior_state(config, split)})
+    assert outcome.record["status"] == "ok"
+    fitted = outcome.state["guide"]
+    for key, value in fitted.items():
+        if "layers.1." in key and scenario != "domain":
+            # heads/digits of tasks 0 and 1: kept (two Adam steps move a value by at most ~2 x 3e-2)
+            torch.testing.assert_close(value[:4], previous[key][:4], atol=0.1, rtol=0, msg=key)
+            assert (value[4:] - previous[key][4:]).abs().min() > 1.0, key
+        else:
+            assert (value - previous[key]).abs().min() > 1.0, key  # the shared layers start fresh
+    locs = [v for k, v in fitted.items() if k.startswith("locs.layers.0")]
+    assert all(v.abs().max() < 0.5 for v in locs)  # a truncated-normal start, one short fit away
+
+
+def _prior_state(config, split):
+    from pyro_bbt.checkpoint import prior_state
+    model, guide = new_split_posterior(config, split, config.base_prior(), seed=0, task=0)
+    return prior_state(next_prior(config, model, guide, split.untrained_rows(1)))
+
+
+def test_protocol_is_recorded_in_config_and_results(tmp_path):
+    out = tmp_path / "s"
+    assert main(["--sequence", "split", "--scenario", "domain", *TINY_ARGS, "--methods", "transfer", "--mean-init", "truncnorm",
+                 "--pixels", "unit", "--val-fraction", "0", "--start", "fresh", "--out", str(out)]) == 0
+    protocol = {"mean_init": "truncnorm", "pixels": "unit", "val_fraction": 0.0, "start": "fresh"}
+    assert json.loads((out / "results.json").read_text())["protocol"] == protocol
+    assert {k: json.loads((out / "config.json").read_text())[k] for k in protocol} == protocol
+
+
+def test_report_regimes_compares_runs_that_differ_in_one_setting(tmp_path, capsys):
+    runs = []
+    for name, extra in (("sigma-small", ["--init-scale", "0.01"]), ("sigma-wide", ["--init-scale", "0.1"])):
+        runs.append(tmp_path / name)
+        assert main(["--sequence", "split", "--scenario", "task", *TINY_ARGS, "--methods", "transfer", *extra, "--out", str(runs[-1])]) == 0
+    capsys.readouterr()
+    assert report_main([*map(str, runs), "--regimes", "--figure", str(tmp_path / "regimes.png")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "regimes.png").stat().st_size > 0
+    for run, sigma in zip(runs, ("0.01", "0.1")):
+        results = json.loads((run / "results.json").read_text())
+        acc = results["methods"]["transfer"]["summary"]["average_accuracy"]
+        counts = "; ".join(f"{n:.0f}" for (n,) in results["methods"]["transfer"]["active_units_mean"])
+        row = next(line for line in out.splitlines() if line.startswith(f"| {run.name} |"))
+        assert row.startswith(f"| {run.name} | init_scale={sigma} | transfer | {100 * acc['mean']:.2f} ± 0.00 | ") and f"| {counts} |" in row, row
+    other = tmp_path / "domain"
+    assert main(["--sequence", "split", "--scenario", "domain", *TINY_ARGS, "--methods", "transfer", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert report_main([str(runs[0]), str(other), "--regimes"]) == 2
+    assert "--regimes compares runs of one scenario; got domain, task" in capsys.readouterr().err
+
+
+def test_report_merges_runs_of_one_configuration_made_for_different_seeds(tmp_path, capsys):
+    """--seeds 0 and --seeds 1 run apart give the same table as --seeds 0,1 in one run."""
+    at = TINY_ARGS.index("--seeds")
+    args = ["--sequence", "split", "--scenario", "domain", *TINY_ARGS[:at], *TINY_ARGS[at + 2:], "--methods", "transfer"]
+    both, apart = tmp_path / "both", [tmp_path / "s0", tmp_path / "s1"]
+    assert main([*args, "--seeds", "0,1", "--out", str(both)]) == 0
+    for seed, out in enumerate(apart):
+        assert main([*args, "--seeds", str(seed), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert report_main([str(both), "--published"]) == 0
+    expected = capsys.readouterr().out
+    assert report_main([*map(str, apart), "--published"]) == 0
+    assert capsys.readouterr().out == expected and "| 2/2 |" in expected
+    assert report_main([str(apart[0]), str(both), "--regimes"]) == 2
+    assert "share seeds [0, 0, 1]: only runs of different seeds merge" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Active-unit census (pyro_bbt.pruning): per-unit KL to the base prior, blank pixels left out,
+and the ablation check on the same posterior draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_bbt.data import Split
+from pyro_bbt.fitting import FitRecipe, fit_posterior, new_posterior
+from pyro_bbt.priors import GaussianPrior
+from pyro_bbt.pruning import unit_census, unit_kl
+
+
+def _state_at_prior(guide, base_std: float) -> dict:
+    """Every weight and bias exactly N(0, base_std^2)."""
+    state = guide.state_dict()
+    for key in state:
+        if key.startswith("locs."):
+            state[key] = torch.zeros_like(state[key])
+        else:  # softplus^-1(base_std)
+            state[key] = torch.full_like(state[key], float(torch.log(torch.expm1(torch.tensor(base_std)))))
+    return state
+
+
+def test_units_at_the_base_prior_are_inactive_and_blank_pixels_do_not_count():
+    model, guide = new_posterior((6, 4, 3, 2), GaussianPrior(0.5), "meanfield", init_scale=0.1, seed=0)
+    state = _state_at_prior(guide, 0.5)
+    state["locs.layers.0.weight_unconstrained"][1, 2] = 3.0  # unit 1 of layer 0 reads pixel 2, which is informative
+    state["locs.layers.0.weight_unconstrained"][2, 5] = 3.0  # unit 2 reads pixel 5 alone, blank in every image
+    state["locs.layers.1.bias_unconstrained"][0] = 3.0  # unit 0 of layer 1: its bias has moved
+    guide.load_state_dict(state)
+    x = torch.rand(20, 6)
+    x[:, 5] = 0.0
+    k0, k1 = unit_kl(guide, model, 0.5, x)
+    assert torch.allclose(k0[[0, 2, 3]], torch.zeros(3), atol=1e-5) and torch.allclose(k1[1:], torch.zeros(2), atol=1e-5)
+    # KL(N(3, .25) || N(0, .25)) = 0.5 * 3^2 / 0.25 = 18 nats, shared by 5 informative inputs + the bias; the bias among 4 + 1
+    assert k0[1] == pytest.approx(18.0 / 6, rel=1e-4) and k1[0] == pytest.approx(18.0 / 5, rel=1e-4)
+    census = unit_census(guide, model, 0.5, x, x, torch.zeros(20, dtype=torch.long), kappa=0.05, num_samples=8)
+    assert census.active == [1, 1] and census.widths == [4, 3] and census.active_units == [[1], [0]]
+
+
+def test_ablation_of_a_fitted_posterior_changes_little_when_the_census_is_right(single_torch_thread):
+    """A tiny network fitted on a task needing few units: removing the units judged inactive
+    leaves the log-likelihood nearly as it was, removing every unit does not."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=generator)
+    y = (x[:, 0] > 0).long()
+    model, guide = new_posterior((5, 16, 2), GaussianPrior(1.0), "meanfield", init_scale=0.05, seed=0)
+    fit_posterior(model, guide, Split(x, y), FitRecipe(lr=3e-2, batch_size=400, steps=400, scale_lr=1e-1, estimator="local"), seed=0)
+    census = unit_census(guide, model, 1.0, x, x, y, kappa=0.5, num_samples=64)
+    assert 1 <= census.active[0] <= 4  # over-pruning: a few units carry the one direction that matters
+    assert abs(census.ablation_change) < 0.03
+    everything = unit_census(guide, model, 1.0, x, x, y, kappa=1e6, num_samples=64)  # every unit judged inactive
+    assert everything.active == [0] and everything.ablation_change < -0.1
+    with pytest.raises(ValueError, match="kappa must be a finite number > 0, got 0"):
+        unit_census(guide, model, 1.0, x, x, y, kappa=0)
