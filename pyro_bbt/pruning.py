@@ -1,10 +1,10 @@
 """Active hidden units: which units a mean-field posterior uses, and a check by ablation.
 
 Variational BNNs switch units off (over-pruning; Trippe & Turner 2018): every weight into a unit
-returns to the prior, and the units after it learn to ignore it. We call hidden unit ``j`` of
-layer ``l`` *active* when its incoming weights have left the **base** prior ``N(0, sigma_0^2)``:
+returns to the prior, and the units after it learn to ignore it. Each hidden unit ``j`` of layer
+``l`` is scored by how far its incoming weights have left the **base** prior ``N(0, sigma_0^2)``:
 
-    k_lj = 1/|C_l| sum_{i in C_l} KL( N(mu_lji, sigma_lji^2) || N(0, sigma_0^2) )  >  kappa
+    k_lj = 1/|C_l| sum_{i in C_l} KL( N(mu_lji, sigma_lji^2) || N(0, sigma_0^2) )
 
 nats per incoming weight, the bias counted as one more input. ``C_0`` leaves out the pixels that
 are 0 in every image seen so far: their weights' exact posterior is the prior whatever the unit
@@ -12,10 +12,17 @@ does (:func:`~pyro_bbt.convergence.uninformed_inputs`), so they carry no evidenc
 prior is the yardstick, not the prior of the task being learnt: under VCL that prior is the
 previous posterior, against which a unit recruited by an earlier task would look unused.
 
-The threshold ``kappa`` is checked functionally, by ablation: every unit judged inactive is
-removed at once (its outgoing weights set to 0 in every posterior draw) and the predictive
-log-likelihood per example of ``(x, y)`` is computed with and without it, on the same draws. The
-census is trustworthy when that change, :attr:`UnitCensus.ablation_change`, is below ``delta``.
+A unit is *active* when ``k_lj > kappa``. The threshold is set functionally, by ablation: every
+unit at or below ``kappa`` is removed at once (its outgoing weights set to 0 in every posterior
+draw) and the predictive log-likelihood per example is computed with and without them, on the
+same draws, on each evaluation set given (for example each task seen so far, through its head);
+the mean change is :attr:`UnitCensus.ablation_change`. With ``kappa=None`` the census takes the
+largest ``kappa`` of :data:`KAPPA_GRID` whose ablation, and every smaller one's, lowers the
+log-likelihood by less than ``delta``: the fewest units, ranked by their distance from the prior,
+that carry the network's predictions. A rise is allowed: a unit at the prior feeds the next layer
+noise of its prior's width, so removing it can raise the log-likelihood, which is no sign of use. (A fixed ``kappa`` fails both ways: a first-layer unit that
+reads a few dozen pixels has a small mean KL over its ~600 inputs, and a unit left near its
+initialisation a large one.)
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from .evaluation import metrics_from_log_probs, predictive_log_probs, sample_pos
 from .guides import posterior_loc_scale
 from .model import BayesianMLP
 
-__all__ = ["DEFAULT_KAPPA", "UnitCensus", "unit_kl", "unit_census"]
+__all__ = ["KAPPA_GRID", "DEFAULT_DELTA", "UnitCensus", "unit_kl", "unit_census", "ablation_change"]
 
-DEFAULT_KAPPA = 0.2  # nats per incoming weight
+KAPPA_GRID: tuple[float, ...] = tuple(round(10 ** (e / 4), 6) for e in range(-16, 5))  # 1e-4 ... 10 nats per incoming weight
+DEFAULT_DELTA = 0.01  # nats per example
 
 
 def _kl_to_base(loc: torch.Tensor, scale: torch.Tensor, base_std: float) -> torch.Tensor:
@@ -61,45 +69,95 @@ def unit_kl(guide, model: BayesianMLP, base_std: float, x_seen: torch.Tensor, nu
 
 @dataclass
 class UnitCensus:
-    """The active units of every hidden layer (``active``: counts; ``widths``: layer sizes), the
-    threshold ``kappa`` and the ablation check: ``ablation_change``, the predictive log-likelihood
-    per example after removing all inactive units minus before (same draws), on ``ablation_examples``."""
+    """The active units of every hidden layer (``active``: counts; ``widths``: layer sizes;
+    ``active_units``: their indices), the threshold ``kappa`` (``kappa_searched``: found by the
+    ablation search), and its check: ``ablation_change``, the predictive log-likelihood per example
+    after removing every inactive unit minus before (same draws), averaged over the evaluation
+    sets, on ``ablation_examples`` examples in all, against ``delta``."""
 
     active: list[int]
     widths: list[int]
     kappa: float
+    kappa_searched: bool
     ablation_change: float
     ablation_examples: int
+    delta: float
     active_units: list[list[int]]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@torch.no_grad()
-def unit_census(guide, model: BayesianMLP, base_std: float, x_seen: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                kappa: float = DEFAULT_KAPPA, num_samples: int = 32, seed: int = 0) -> UnitCensus:
-    """Count the active units (:func:`unit_kl` above ``kappa``) and check the count by ablation
-    on ``(x, y)`` (the model's current head and active outputs) with ``num_samples`` draws."""
-    if not (math.isfinite(kappa) and kappa > 0):
-        raise ValueError(f"kappa must be a finite number > 0, got {kappa!r}")
-    masks = [k > kappa for k in unit_kl(guide, model, base_std, x_seen)]
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    weights = sample_posterior(model, guide, num_samples, x[:1])
-    torch.set_rng_state(generator_state)
-    full = metrics_from_log_probs(predictive_log_probs(model, weights, x), y).nll
+Evaluation = tuple[int | None, torch.Tensor, torch.Tensor]  # (head, x, y)
+
+
+def _with_head(model: BayesianMLP, head: int | None) -> None:
+    if model.num_heads > 1:
+        model.head = head
+
+
+def _nll(model: BayesianMLP, weights: dict[str, torch.Tensor], evaluations: list[Evaluation]) -> list[float]:
+    head, out = model.head, []
+    for evaluation_head, x, y in evaluations:
+        _with_head(model, evaluation_head)
+        out.append(metrics_from_log_probs(predictive_log_probs(model, weights, x), y).nll)
+    model.head = head
+    return out
+
+
+def _ablated(weights: dict[str, torch.Tensor], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     ablated = dict(weights)
     for layer, mask in enumerate(masks):
         site = f"layers.{layer + 1}.weight"
         ablated[site] = weights[site].clone()
-        ablated[site][..., ~mask.to(ablated[site].device)] = 0.0  # (S, out, in): the inactive inputs of the next layer
-    after = metrics_from_log_probs(predictive_log_probs(model, ablated, x), y).nll
+        ablated[site][..., ~mask.to(ablated[site].device)] = 0.0  # (..., out, in): the removed units' outgoing weights
+    return ablated
+
+
+@torch.no_grad()
+def ablation_change(model: BayesianMLP, weights: dict[str, torch.Tensor], masks: list[torch.Tensor], evaluations: list[Evaluation],
+                    before: list[float] | None = None) -> float:
+    """Mean over ``evaluations`` of the predictive log-likelihood per example with the hidden
+    units outside ``masks`` removed (their outgoing weights zeroed in every draw of ``weights``)
+    minus without (``before``: the negative log-likelihoods without, if already computed)."""
+    before = _nll(model, weights, evaluations) if before is None else before
+    after = _nll(model, _ablated(weights, masks), evaluations)
+    return float(sum(b - a for b, a in zip(before, after)) / len(before))
+
+
+@torch.no_grad()
+def unit_census(guide, model: BayesianMLP, base_std: float, x_seen: torch.Tensor, evaluations: list[Evaluation],
+                kappa: float | None = None, delta: float = DEFAULT_DELTA, num_samples: int = 16, seed: int = 0) -> UnitCensus:
+    """Count the active units (:func:`unit_kl` above ``kappa``; ``None``: the ablation search
+    over :data:`KAPPA_GRID`) and check the count by ablation on ``evaluations`` (``(head, x, y)``
+    each) with ``num_samples`` posterior draws shared by every comparison."""
+    if kappa is not None and not (math.isfinite(kappa) and kappa > 0):
+        raise ValueError(f"kappa must be a finite number > 0 or None, got {kappa!r}")
+    if not evaluations:
+        raise ValueError("unit_census needs at least one evaluation set (head, x, y)")
+    scores = unit_kl(guide, model, base_std, x_seen)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    weights = sample_posterior(model, guide, num_samples, evaluations[0][1][:1])
+    torch.set_rng_state(generator_state)
+    before = _nll(model, weights, evaluations)
+    if kappa is not None:
+        chosen, change = kappa, ablation_change(model, weights, [k > kappa for k in scores], evaluations, before)
+    else:
+        chosen, change = KAPPA_GRID[0], ablation_change(model, weights, [k > KAPPA_GRID[0] for k in scores], evaluations, before)
+        for candidate in KAPPA_GRID[1:]:
+            candidate_change = ablation_change(model, weights, [k > candidate for k in scores], evaluations, before)
+            if candidate_change <= -delta:
+                break
+            chosen, change = candidate, candidate_change
+    masks = [k > chosen for k in scores]
     return UnitCensus(
         active=[int(m.sum()) for m in masks],
         widths=[int(m.numel()) for m in masks],
-        kappa=kappa,
-        ablation_change=float(full - after),  # log-likelihood after minus before: nll before minus after
-        ablation_examples=int(x.shape[0]),
+        kappa=chosen,
+        kappa_searched=kappa is None,
+        ablation_change=change,
+        ablation_examples=sum(int(x.shape[0]) for _, x, _ in evaluations),
+        delta=delta,
         active_units=[torch.nonzero(m).flatten().tolist() for m in masks],
     )

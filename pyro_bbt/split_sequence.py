@@ -66,9 +66,10 @@ they train for the fixed budget at ``ewc_lr`` in both modes.
 
 After every Bayesian fit the active hidden units are counted (:mod:`pyro_bbt.pruning`: a unit is
 active when its incoming weights' mean KL to the base prior exceeds ``kappa``, the blank pixels of
-all images seen so far left out), with the ablation check on the tasks seen so far; ``results.json``
-keeps the count, the units' indices (so the units each task recruits can be read off) and the
-check per fit, and ``active_units_mean`` per method.
+all images seen so far left out, and ``kappa`` is the largest for which removing every other unit
+changes the log-likelihood on the tasks seen so far by less than 0.01 nats per example);
+``results.json`` keeps the count, the units' indices (so the units each task recruits can be read
+off), ``kappa`` and the ablation change per fit, and ``active_units_mean`` per method.
 
 The protocol's settings beyond the fit (:class:`SplitConfig`: the means' initialisation, pixel
 scaling, validation split, and where a chained ``q_t`` starts) are what Nguyen et al.'s and
@@ -450,19 +451,11 @@ def _census(config: ExperimentConfig, model: BayesianMLP, guide, tasks: Sequence
             seed: int) -> dict:
     """The active hidden units of the posterior after the tasks ``seen``
     (:func:`~pyro_bbt.pruning.unit_census` against the base prior, the blank pixels of all their
-    images left out), its ablation change averaged over those tasks (each through its head, on its
+    images left out, the threshold found by ablation on each task seen, through its head, on its
     first :data:`CENSUS_EXAMPLES` training images)."""
     x_seen = torch.cat([trains[s].x for s in seen])
-    head, changes, census = model.head, [], None
-    for s in seen:
-        _use_head(model, tasks[s].head)
-        census = unit_census(guide, model, config.base_prior_std, x_seen, trains[s].x[:CENSUS_EXAMPLES], trains[s].y[:CENSUS_EXAMPLES],
-                             num_samples=CENSUS_SAMPLES, seed=seed)
-        changes.append(census.ablation_change)
-    model.head = head
-    record = census.to_dict()
-    record.update(ablation_change=float(np.mean(changes)), ablation_examples=sum(min(len(trains[s]), CENSUS_EXAMPLES) for s in seen))
-    return record
+    evaluations = [(tasks[s].head, trains[s].x[:CENSUS_EXAMPLES], trains[s].y[:CENSUS_EXAMPLES]) for s in seen]
+    return unit_census(guide, model, config.base_prior_std, x_seen, evaluations, num_samples=CENSUS_SAMPLES, seed=seed).to_dict()
 
 
 def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:

@@ -9,7 +9,7 @@ import torch
 from pyro_bbt.data import Split
 from pyro_bbt.fitting import FitRecipe, fit_posterior, new_posterior
 from pyro_bbt.priors import GaussianPrior
-from pyro_bbt.pruning import unit_census, unit_kl
+from pyro_bbt.pruning import KAPPA_GRID, unit_census, unit_kl
 
 
 def _state_at_prior(guide, base_std: float) -> dict:
@@ -36,22 +36,26 @@ def test_units_at_the_base_prior_are_inactive_and_blank_pixels_do_not_count():
     assert torch.allclose(k0[[0, 2, 3]], torch.zeros(3), atol=1e-5) and torch.allclose(k1[1:], torch.zeros(2), atol=1e-5)
     # KL(N(3, .25) || N(0, .25)) = 0.5 * 3^2 / 0.25 = 18 nats, shared by 5 informative inputs + the bias; the bias among 4 + 1
     assert k0[1] == pytest.approx(18.0 / 6, rel=1e-4) and k1[0] == pytest.approx(18.0 / 5, rel=1e-4)
-    census = unit_census(guide, model, 0.5, x, x, torch.zeros(20, dtype=torch.long), kappa=0.05, num_samples=8)
-    assert census.active == [1, 1] and census.widths == [4, 3] and census.active_units == [[1], [0]]
+    census = unit_census(guide, model, 0.5, x, [(None, x, torch.zeros(20, dtype=torch.long))], kappa=0.05, num_samples=8)
+    assert census.active == [1, 1] and census.widths == [4, 3] and census.active_units == [[1], [0]] and not census.kappa_searched
 
 
-def test_ablation_of_a_fitted_posterior_changes_little_when_the_census_is_right(single_torch_thread):
-    """A tiny network fitted on a task needing few units: removing the units judged inactive
-    leaves the log-likelihood nearly as it was, removing every unit does not."""
+def test_the_threshold_found_by_ablation_keeps_the_units_a_fitted_posterior_uses(single_torch_thread):
+    """A tiny network fitted on a task needing few units: the search finds the largest threshold
+    whose ablation changes the log-likelihood by less than delta, which keeps a few units; removing
+    every unit does not leave the log-likelihood as it was."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(400, 5, generator=generator)
     y = (x[:, 0] > 0).long()
     model, guide = new_posterior((5, 16, 2), GaussianPrior(1.0), "meanfield", init_scale=0.05, seed=0)
     fit_posterior(model, guide, Split(x, y), FitRecipe(lr=3e-2, batch_size=400, steps=400, scale_lr=1e-1, estimator="local"), seed=0)
-    census = unit_census(guide, model, 1.0, x, x, y, kappa=0.5, num_samples=64)
+    data = [(None, x, y)]
+    census = unit_census(guide, model, 1.0, x, data, num_samples=64)
+    assert census.kappa_searched and census.kappa in KAPPA_GRID and census.ablation_change > -census.delta == -0.01
     assert 1 <= census.active[0] <= 4  # over-pruning: a few units carry the one direction that matters
-    assert abs(census.ablation_change) < 0.03
-    everything = unit_census(guide, model, 1.0, x, x, y, kappa=1e6, num_samples=64)  # every unit judged inactive
+    following = KAPPA_GRID[KAPPA_GRID.index(census.kappa) + 1]  # the next threshold removes a unit that matters
+    assert unit_census(guide, model, 1.0, x, data, kappa=following, num_samples=64).ablation_change <= -0.01
+    everything = unit_census(guide, model, 1.0, x, data, kappa=1e6, num_samples=64)  # every unit judged inactive
     assert everything.active == [0] and everything.ablation_change < -0.1
-    with pytest.raises(ValueError, match="kappa must be a finite number > 0, got 0"):
-        unit_census(guide, model, 1.0, x, x, y, kappa=0)
+    with pytest.raises(ValueError, match="kappa must be a finite number > 0 or None, got 0"):
+        unit_census(guide, model, 1.0, x, data, kappa=0)
