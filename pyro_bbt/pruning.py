@@ -16,7 +16,8 @@ A unit is *active* when ``k_lj > kappa``. The threshold is set functionally, by 
 unit at or below ``kappa`` is removed at once (its outgoing weights set to 0 in every posterior
 draw) and the predictive log-likelihood per example is computed with and without them, on the
 same draws, on each evaluation set given (for example each task seen so far, through its head);
-the mean change is :attr:`UnitCensus.ablation_change`. With ``kappa=None`` the census takes the
+the change on the set where it is lowest is :attr:`UnitCensus.ablation_change` (a unit is needed
+if any task needs it; a task already forgotten can even gain from the removal). With ``kappa=None`` the census takes the
 largest ``kappa`` of :data:`KAPPA_GRID` whose ablation, and every smaller one's, lowers the
 log-likelihood by less than ``delta``: the fewest units, ranked by their distance from the prior,
 that carry the network's predictions. A rise is allowed: a unit at the prior feeds the next layer
@@ -72,8 +73,8 @@ class UnitCensus:
     """The active units of every hidden layer (``active``: counts; ``widths``: layer sizes;
     ``active_units``: their indices), the threshold ``kappa`` (``kappa_searched``: found by the
     ablation search), and its check: ``ablation_change``, the predictive log-likelihood per example
-    after removing every inactive unit minus before (same draws), averaged over the evaluation
-    sets, on ``ablation_examples`` examples in all, against ``delta``."""
+    after removing every inactive unit minus before (same draws), on the evaluation set where it
+    is lowest, ``ablation_examples`` examples in all, against ``delta``."""
 
     active: list[int]
     widths: list[int]
@@ -96,16 +97,11 @@ def _with_head(model: BayesianMLP, head: int | None) -> None:
         model.head = head
 
 
-def _nll(model: BayesianMLP, weights: dict[str, torch.Tensor], evaluations: list[Evaluation]) -> list[float]:
-    head, out = model.head, []
-    for evaluation_head, x, y in evaluations:
-        _with_head(model, evaluation_head)
-        out.append(metrics_from_log_probs(predictive_log_probs(model, weights, x), y).nll)
-    model.head = head
-    return out
-
-
 def _ablated(weights: dict[str, torch.Tensor], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with the outgoing weights of every hidden unit outside ``masks`` zeroed in every
+    draw. (Replacing a unit by its mean activation instead keeps ``W_out mean(h)``, which for a unit
+    at the prior is a large random shift per draw: its outgoing weights are noise of the prior's
+    width.)"""
     ablated = dict(weights)
     for layer, mask in enumerate(masks):
         site = f"layers.{layer + 1}.weight"
@@ -114,15 +110,26 @@ def _ablated(weights: dict[str, torch.Tensor], masks: list[torch.Tensor]) -> dic
     return ablated
 
 
+def _nll(model: BayesianMLP, weights: dict[str, torch.Tensor], evaluations: list[Evaluation], masks: list[torch.Tensor] | None = None) -> list[float]:
+    head, out = model.head, []
+    for evaluation_head, x, y in evaluations:
+        _with_head(model, evaluation_head)
+        used = weights if masks is None else _ablated(weights, masks)
+        out.append(metrics_from_log_probs(predictive_log_probs(model, used, x), y).nll)
+    model.head = head
+    return out
+
+
 @torch.no_grad()
 def ablation_change(model: BayesianMLP, weights: dict[str, torch.Tensor], masks: list[torch.Tensor], evaluations: list[Evaluation],
                     before: list[float] | None = None) -> float:
-    """Mean over ``evaluations`` of the predictive log-likelihood per example with the hidden
-    units outside ``masks`` removed (their outgoing weights zeroed in every draw of ``weights``)
-    minus without (``before``: the negative log-likelihoods without, if already computed)."""
+    """The predictive log-likelihood per example with the hidden units outside ``masks`` removed
+    (their outgoing weights zeroed in every draw of ``weights``) minus without, on the evaluation
+    set where it falls most (``before``: the negative log-likelihoods without, if already
+    computed)."""
     before = _nll(model, weights, evaluations) if before is None else before
-    after = _nll(model, _ablated(weights, masks), evaluations)
-    return float(sum(b - a for b, a in zip(before, after)) / len(before))
+    after = _nll(model, weights, evaluations, masks)
+    return min(float(b - a) for b, a in zip(before, after))
 
 
 @torch.no_grad()
