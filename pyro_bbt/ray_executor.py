@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -91,6 +92,16 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     except OSError as error:
         raise ExecutorUnavailableError(f"cannot reach the Ray cluster at {address!r} within {timeout:g} s ({error}); "
                                        "start its head there with `ray start --head` or fix --ray-address") from None
+
+
+AUTH_HINT = ("if the cluster uses token authentication (Ray >= 2.59's `ray start --head` turns it on and writes the token to "
+             "~/.ray/auth_token), set RAY_AUTH_MODE=token in this shell, with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+
+
+def connect_hint(environ: Mapping[str, str]) -> str:
+    """What to add to a failed connection's message: the token-authentication hint unless the
+    driver's environment ``environ`` already asks for token authentication."""
+    return "" if environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else f"; {AUTH_HINT}"
 
 
 def _run_in_worker(key: str, fn: Callable[..., Any], threads: int, *args: Any) -> JobResult:
@@ -150,7 +161,8 @@ class RayExecutor:
                 self._owns_ray = ray.is_initialized()
                 self.close()
                 where = "start a local Ray" if address is None else f"connect to the Ray cluster at {address!r}"
-                raise ExecutorUnavailableError(f"cannot {where}: {type(error).__name__}: {error}") from None
+                hint = "" if address is None else connect_hint(os.environ)
+                raise ExecutorUnavailableError(f"cannot {where}: {type(error).__name__}: {error}{hint}") from None
         try:
             self._check_resources()
         except ExecutorUnavailableError:

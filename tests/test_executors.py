@@ -334,3 +334,10 @@ def test_ray_refuses_a_cluster_that_cannot_run_a_unit(ray_session):
         RayExecutor(address="head:6379")
     with pytest.raises(ValueError, match="GPUs per unit must be 0, a fraction in"):
         RayExecutor(gpus_per_unit=1.5)
+
+
+def test_a_failed_connection_names_token_authentication_unless_the_driver_asks_for_it():
+    from pyro_bbt.ray_executor import AUTH_HINT, connect_hint
+    assert connect_hint({}) == f"; {AUTH_HINT}" and "RAY_AUTH_MODE=token" in AUTH_HINT and "~/.ray/auth_token" in AUTH_HINT
+    assert connect_hint({"RAY_AUTH_MODE": "disabled"}) == f"; {AUTH_HINT}"
+    assert connect_hint({"RAY_AUTH_MODE": "token"}) == "" and connect_hint({"RAY_AUTH_MODE": " TOKEN "}) == ""
