@@ -48,6 +48,7 @@ import torch
 
 __all__ = [
     "EXECUTORS", "Job", "JobResult", "Executor", "ExecutorUnavailableError", "SerialExecutor", "ProcessExecutor", "make_executor",
+    "run_job", "check_positive_int", "exit_with_driver",
 ]
 
 EXECUTORS = ("serial", "processes", "ray")
@@ -109,13 +110,16 @@ class Executor(Protocol):
         """Stop the workers, if any."""
 
 
-def _check_positive(name: str, value: int) -> int:
+def check_positive_int(name: str, value: int) -> int:
+    """``value`` if it is an integer >= 1 (not a bool); else a ``ValueError`` naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
 
 
-def _call(job: Job) -> JobResult:
+def run_job(job: Job) -> JobResult:
+    """Run ``job`` here and now: its value as a :class:`JobResult`, or, if it raises an
+    ``Exception``, a result with the traceback as ``error``."""
     try:
         return JobResult(job.key, job.fn(*job.args))
     except Exception:  # noqa: BLE001 -- any failure of one unit is recorded, the others go on
@@ -126,7 +130,7 @@ class SerialExecutor:
     """Runs one job at a time in this process, with ``threads`` torch threads."""
 
     def __init__(self, threads: int = 1) -> None:
-        self.threads = _check_positive("threads per unit", threads)
+        self.threads = check_positive_int("threads per unit", threads)
         self._job: Job | None = None
 
     def free_slots(self) -> int:
@@ -147,7 +151,7 @@ class SerialExecutor:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return _call(job)
+            return run_job(job)
         finally:
             torch.set_num_threads(before)
 
@@ -181,7 +185,7 @@ class _ToDriver:
         _to_driver.send_bytes(pickle.dumps(("message", key, data)))
 
 
-def _exit_with_driver() -> None:
+def exit_with_driver() -> None:
     """In a worker: end the process as soon as the driver's process ends (a killed driver must
     not leave workers training on, competing with the run that resumes it)."""
     parent = multiprocessing.parent_process()
@@ -196,7 +200,7 @@ def _worker_main(conn: Connection, threads: int) -> None:
     global _to_driver
     _to_driver = conn
     torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
+    threading.Thread(target=exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
     while True:
         try:
             data = conn.recv_bytes()
@@ -205,7 +209,7 @@ def _worker_main(conn: Connection, threads: int) -> None:
         job = pickle.loads(data)
         if job is None:
             return
-        result = _call(job)
+        result = run_job(job)
         try:
             payload = pickle.dumps(("result", result))
         except Exception as error:  # noqa: BLE001 -- an unpicklable value is the job's failure
@@ -224,8 +228,8 @@ class ProcessExecutor:
     """Runs jobs in up to ``workers`` spawned processes, each with ``threads`` torch threads."""
 
     def __init__(self, workers: int = 1, threads: int = 1) -> None:
-        self.workers = _check_positive("workers", workers)
-        self.threads = _check_positive("threads per unit", threads)
+        self.workers = check_positive_int("workers", workers)
+        self.threads = check_positive_int("threads per unit", threads)
         self._context = multiprocessing.get_context("spawn")
         self._pool: list[_Worker] = []
         self._handler: Callable[[str, Any], None] | None = None

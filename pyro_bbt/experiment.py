@@ -30,7 +30,7 @@ Where the work lives: this module holds the configuration (:class:`ExperimentCon
 :data:`PRESETS`), the driver :func:`run_experiment` (plan -> executor -> store -> summary) and
 the sequential mode (the split-MNIST sequence of five tasks lives in
 :mod:`pyro_bbt.split_sequence`); :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
-:mod:`pyro_bbt.units` trains them (its helpers are re-exported here), and
+:mod:`pyro_bbt.units` trains them (the studies import its training helpers from there), and
 :mod:`pyro_bbt.executors` runs them in this process, in worker processes or as Ray tasks.
 """
 
@@ -61,29 +61,11 @@ from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .runstore import RunStore
 from .verdict import DEFAULT_TOL_PER_DATUM, VerdictConfig
 from .split_sequence import SplitConfig, run_split_sequence
-from .units import (  # noqa: F401 -- re-exported: the studies and tests import them from here
+from .units import (
     StageOutcome,
-    _bayes_metrics,
-    _check_finite,
-    _curve_epochs,
-    _failed_record,
-    _fit_task_a,
-    _fit_task_a_ewc,
-    _head_view,
-    _HeadView,
-    _limit,
-    _load,
-    _net_metrics,
-    _Run,
-    _run_bayesian_b,
-    _run_ewc_b,
-    _run_joint,
-    _StageA,
-    _StageAEWC,
-    _Tasks,
-    _train_bayesian,
-    _unit_record,
-    _use_head,
+    bayesian_metrics,
+    failed_unit_record,
+    limit_split,
     run_stage,
     run_unit,
     steps_for,
@@ -484,7 +466,7 @@ def run_experiment(
                 waiting.remove(item)
                 if isinstance(item, UnitSpec) and item.needs in grid.stage_errors:  # its stage failed: so does it
                     error = grid.stage_errors[item.needs]
-                    result = JobResult(item.key, _failed_record(item.method, item.fraction, item.seed, item.steps, error))
+                    result = JobResult(item.key, failed_unit_record(item.method, item.fraction, item.seed, item.steps, error))
                     if item.needs in grid.stage_crashed:  # not saved: a resume runs the stage again
                         result.error = error
                     failures += _finish_unit(item, result, grid, store, log)
@@ -562,7 +544,7 @@ def _finish_unit(spec: UnitSpec, result: JobResult, grid: _Grid, store: RunStore
         if store is not None:
             store.save_record(spec.key, record)
     else:  # raised or its worker died: not saved, a resume runs it again
-        record = _failed_record(spec.method, spec.fraction, spec.seed, spec.steps, result.error)
+        record = failed_unit_record(spec.method, spec.fraction, spec.seed, spec.steps, result.error)
     grid.records[spec.key] = record
     head = f"seed {spec.seed} fraction {spec.fraction:g} {spec.method:>8}"
     if record["status"] == "ok":
@@ -619,8 +601,8 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     per_method: dict[str, list] = {m: [] for m in methods}
     for seed in config.seeds:
         tasks = [load_task(t) for t in sequence_tasks(kind, config.task_a, seed)]
-        trains = [_limit(t.train, config.limit_train).to(config.device) for t in tasks]
-        tests = [_limit(t.test, config.limit_eval).to(config.device) for t in tasks]
+        trains = [limit_split(t.train, config.limit_train).to(config.device) for t in tasks]
+        tests = [limit_split(t.test, config.limit_eval).to(config.device) for t in tasks]
         for method in methods:
             prior: Prior = config.base_prior()
             state = None
@@ -630,7 +612,7 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
             for i, train_split in enumerate(trains):
                 model, guide = config.new_posterior(prior, seed)
                 if baseline is None:
-                    baseline = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
+                    baseline = [bayesian_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
                 if state is not None:
                     guide.load_state_dict(state)
                 steps = steps_for(len(train_split), config.epochs, config.batch_size, config.min_steps)
@@ -641,7 +623,7 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
                     log(f"seed {seed} {method}: task {i} failed: {error}")
                     R[i:, :] = np.nan
                     break
-                R[i] = [_bayes_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
+                R[i] = [bayesian_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
                 state = guide_state(guide)
                 if method == "transfer":
                     prior = prior_from_posterior(guide, model, config.base_prior(), config.base_prior_std, config.tau)

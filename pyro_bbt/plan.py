@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .units import _load, steps_for, unit_key
+from .units import load_task_pair, steps_for, unit_key
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -87,14 +87,14 @@ def build_plan(config: ExperimentConfig) -> Plan:
     stages: list[StageSpec] = []
     units: list[UnitSpec] = []
     for seed in config.seeds:
-        full = _load(config, 1.0, seed)
+        full = load_task_pair(config, 1.0, seed)
         steps_a = steps_for(len(full.a.train), config.epochs_a, config.batch_size)
         if any(m in config.methods for m in ("transfer", "finetune")):
             stages.append(StageSpec(seed, "bayesian", 0))
         if "ewc" in config.methods:
             stages.append(StageSpec(seed, "deterministic", steps_a))
         for fraction in config.fractions:
-            n_b = len(full.b.train) if fraction == 1.0 else len(_load(config, fraction, seed).b.train)
+            n_b = len(full.b.train) if fraction == 1.0 else len(load_task_pair(config, fraction, seed).b.train)
             steps_b = steps_for(n_b, config.epochs, config.batch_size, config.min_steps)
             for method in config.methods:
                 steps = steps_b

@@ -17,12 +17,13 @@ from .files import atomic_write  # noqa: E402
 from .stats import sample_std  # noqa: E402
 
 __all__ = ["sample_std", "plot_transfer_results", "plot_forgetting", "plot_final_accuracy", "save_all", "plot_sequence", "plot_split_sequence",
-           "plot_learning_curves"]
+           "plot_learning_curves", "save_figure"]
 
 COLORS = {"scratch": "tab:gray", "transfer": "tab:blue", "finetune": "tab:orange", "ewc": "tab:green", "joint": "tab:purple"}
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as a PNG (atomically) and close it."""
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -56,7 +57,7 @@ def plot_transfer_results(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("B test accuracy")
     axes[0][-1].legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _grouped(results: dict, key) -> dict:
@@ -86,7 +87,7 @@ def plot_forgetting(results: dict, path: Path) -> None:
     ax.set_ylabel("A test accuracy after B")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_final_accuracy(results: dict, path: Path) -> None:
@@ -103,7 +104,7 @@ def plot_final_accuracy(results: dict, path: Path) -> None:
     ax.set_ylabel("B test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_all(results: dict, out_dir: Path) -> list[Path]:
@@ -162,7 +163,7 @@ def plot_split_sequence(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     _draw_split_curves(ax, results)
     ax.set_ylabel("average accuracy on the tasks seen")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_split_scenarios(runs: list[dict], path: Path) -> None:
@@ -171,7 +172,7 @@ def plot_split_scenarios(runs: list[dict], path: Path) -> None:
     for ax, results in zip(axes[0], runs):
         _draw_split_curves(ax, results)
     axes[0][0].set_ylabel("average accuracy on the tasks seen")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_regimes(runs: list[dict], names: list[str], path: Path) -> None:
@@ -196,7 +197,7 @@ def plot_regimes(runs: list[dict], names: list[str], path: Path) -> None:
         axes[0][1 + layer].set(xlabel="tasks learnt", ylabel=f"active units, hidden layer {layer + 1}")
     for ax in axes[0]:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _curve_xy(points: list[dict], timing: dict[str, float], prefix: str, x: str) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from .executors import ExecutorUnavailableError, Job, JobResult, _call, _check_positive
+from .executors import ExecutorUnavailableError, Job, JobResult, check_positive_int, run_job
 
 __all__ = ["RayExecutor", "import_ray", "check_reachable", "RAY_INSTALL_HINT"]
 
@@ -108,7 +108,7 @@ def _run_in_worker(key: str, fn: Callable[..., Any], threads: int, *args: Any) -
     """The body of every Ray task: ``fn(*args)`` with ``threads`` torch threads, as a
     :class:`JobResult` (an exception in ``fn`` becomes its ``error``)."""
     torch.set_num_threads(threads)
-    return _call(Job(key, fn, args))
+    return run_job(Job(key, fn, args))
 
 
 class _QueueForwarder:
@@ -136,8 +136,8 @@ class RayExecutor:
     for Ray's lifetime, the data path, forwarding and failures."""
 
     def __init__(self, workers: int = 1, threads: int = 1, *, address: str | None = None, gpus_per_unit: float = 0.0) -> None:
-        self.workers = _check_positive("workers", workers)
-        self.threads = _check_positive("threads per unit", threads)
+        self.workers = check_positive_int("workers", workers)
+        self.threads = check_positive_int("threads per unit", threads)
         self.gpus_per_unit = _check_gpus(gpus_per_unit)
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise ValueError(f"the Ray address must be HOST:PORT or auto, got {address!r}")

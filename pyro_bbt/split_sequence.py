@@ -105,7 +105,7 @@ from .stats import mean_std, sample_std
 from .priors import Prior
 from .pruning import unit_census
 from .runstore import RunStore
-from .units import _check_finite, _HeadView, _limit, _use_head, steps_for
+from .units import HeadView, check_finite_training, limit_split, steps_for, use_head
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -352,7 +352,7 @@ def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = No
     data = load_task(Task(digits=task.digits, seed=seed, name=task.name, scaling=pixels, val_fraction=val_fraction))
 
     def relabel(split: Split, limit: int | None) -> Split:
-        split = _limit(split, limit)
+        split = limit_split(split, limit)
         return Split(split.x, split.y + task.label_offset).to(device)
 
     return relabel(data.train, limit_train), relabel(data.test, limit_eval)
@@ -387,10 +387,10 @@ def max_likelihood_means(config: ExperimentConfig, split: SplitConfig, train_spl
         for parameter in net.parameters():
             torch.nn.init.trunc_normal_(parameter, std=0.1, a=-0.2, b=0.2)
     rows = slice(head * width, (head + 1) * width) if head is not None else slice(0, split.active_outputs(task) or width * split.num_heads)
-    view = _HeadView(net, rows)
+    view = HeadView(net, rows)
     steps = _fixed_budget(config, [train_split])
     losses = train_deterministic(view, train_split.x, train_split.y, DeterministicTrainConfig(config.lr, config.batch_size, steps, seed))
-    _check_finite(view, losses, train_split.x[:256], "the max-likelihood start (--mean-init mle)", config.lr)
+    check_finite_training(view, losses, train_split.x[:256], "the max-likelihood start (--mean-init mle)", config.lr)
     return {name: value.detach().clone() for name, value in net.named_parameters()}
 
 
@@ -415,7 +415,7 @@ def accuracy_row(model: BayesianMLP, guide, tasks: Sequence[SplitTask], tests: S
     ``samples`` weight samples. A digit whose output is not active yet is never predicted."""
     row = []
     for task, test in zip(tasks, tests):
-        _use_head(model, task.head)
+        use_head(model, task.head)
         row.append(evaluate_accuracy(model, guide, test.x, test.y, num_samples=samples))
     return row
 
@@ -475,7 +475,7 @@ def _fit(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide
     """Fit ``guide`` on ``train_split`` through output ``head`` (``None``: all outputs) as
     ``split.fit`` says: q_A's recipe (``rule``) or B's budget of ``fixed_steps`` (``fixed``),
     continuing from ``checkpoint`` and sending each epoch's to ``on_checkpoint``."""
-    _use_head(model, head)
+    use_head(model, head)
     recipe = config.recipe_a() if split.fit == "rule" else config.recipe_b(fixed_steps)
     store = UnitCheckpoints(checkpoint, on_checkpoint) if on_checkpoint is not None else None
     return fit_posterior(model, guide, train_split, recipe, seed, store=store, key=key)
@@ -573,11 +573,11 @@ def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint
     width = split.classes_per_head
     net = MLP((*split.sizes(config.hidden)[:-1], width * split.num_heads)).to(config.device)
 
-    def view(task: SplitTask, after: int) -> _HeadView:
+    def view(task: SplitTask, after: int) -> HeadView:
         """``task``'s head while task ``after`` is trained and after it (its active outputs)."""
         if task.head is not None:
-            return _HeadView(net, slice(task.head * width, (task.head + 1) * width))
-        return _HeadView(net, slice(0, split.active_outputs(after) or width))
+            return HeadView(net, slice(task.head * width, (task.head + 1) * width))
+        return HeadView(net, slice(0, split.active_outputs(after) or width))
 
     def row(after: int) -> list[float]:
         return [_net_accuracy(view(task, after), test) for task, test in zip(tasks, tests)]
@@ -590,7 +590,7 @@ def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint
         losses = train_deterministic(current, trains[t].x, trains[t].y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed),
                                      EWCPenaltySum(penalties) if penalties else None)
         try:
-            _check_finite(current, losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
+            check_finite_training(current, losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
         except NonFiniteLossError as error:
             return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": f"task {t}: {error}"})
         rows[t] = row(t)

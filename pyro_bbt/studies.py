@@ -39,7 +39,7 @@ import numpy as np
 from .data import Task, load_task
 from .evaluation import evaluate
 from .experiment import PRESETS as EXPERIMENT_PRESETS
-from .experiment import ExperimentConfig, _fit_task_a, _load, _Run, _run_bayesian_b, steps_for
+from .experiment import ExperimentConfig
 from .fitting import FitRecipe, broaden, fit_posterior
 from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale
@@ -49,6 +49,7 @@ from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
 from .runstore import ReadOnlyStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
+from .units import FitStorage, fit_task_a, load_task_pair, run_bayesian_b, steps_for
 from .uncertainty_study import (
     WARM_STARTS,
     PREDICTORS,
@@ -278,7 +279,7 @@ def convergence_table(rows: list[dict], checkpoints: tuple[float, ...] = (60, 12
 
 
 def plot_convergence(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for row in rows:
@@ -297,7 +298,7 @@ def plot_convergence(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 ABLATION_VARIANTS = [
@@ -332,19 +333,19 @@ def ablation(config: StudyConfig, log=print, reuse: Path | None = None) -> list[
     budget is the same. A variant's learning rate other than the base's applies to the widths
     too (the original used one rate for both)."""
     base = ablation_base(config)
-    run = _Run(ReadOnlyStore(reuse, base.to_dict())) if reuse is not None else _Run()
+    run = FitStorage(ReadOnlyStore(reuse, base.to_dict())) if reuse is not None else FitStorage()
     rows = []
     for seed in config.seeds:
-        stage_a = _fit_task_a(base, _load(base, 1.0, seed), seed, run)
+        stage_a = fit_task_a(base, load_task_pair(base, 1.0, seed), seed, run)
         verdict = stage_a.convergence
         log(f"seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
-        tasks = _load(base, config.ablation_fraction, seed)
+        tasks = load_task_pair(base, config.ablation_fraction, seed)
         steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
         for name, method, q_init, tau, lr in ABLATION_VARIANTS:
             variant = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
             stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau))
             start = time.perf_counter()
-            outcome = _run_bayesian_b(variant, method, tasks, stage, steps, seed)
+            outcome = run_bayesian_b(variant, method, tasks, stage, steps, seed)
             rows.append({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
                          "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
                          "a_test_before_accuracy": stage_a.a_test.accuracy, "q_a_convergence": verdict, "seconds": time.perf_counter() - start})
@@ -380,7 +381,7 @@ def guides_table(rows: list[dict]) -> str:
 
 
 def plot_guides(rows: list[dict], path: Path) -> None:
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     guides = list(dict.fromkeys(r["guide"] for r in rows))
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
@@ -392,7 +393,7 @@ def plot_guides(rows: list[dict], path: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
         if key == "accuracy":
             ax.set_ylim(max(0.0, min(np.mean(v) for v in values) - 0.05), 1.0)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_schedules(rows: list[dict], path: Path) -> None:
@@ -400,7 +401,7 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
     weighted KL (left; the ELBO wherever the schedule's weights average 1, the log-likelihood
     alone for ``none``), and that weighted KL (right), against the epoch on A, up to where the
     stopping rule ended the fit."""
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = dict(zip(dict.fromkeys(r["kl_schedule"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -416,7 +417,7 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
         ax.set_yscale("symlog")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,23 +25,22 @@ from pathlib import Path
 import numpy as np
 
 from .ewc import EWCPenalty
-from .experiment import (
-    PRESETS,
-    ExperimentConfig,
-    _Run,
-    _fit_task_a,
-    _fit_task_a_ewc,
-    _head_view,
-    _load,
-    _run_bayesian_b,
-    _run_ewc_b,
-    _run_joint,
-    steps_for,
-)
+from .experiment import PRESETS, ExperimentConfig
 from .fitting import broaden
 from .plots import COLORS
 from .stats import sample_std
 from .runstore import ReadOnlyStore
+from .units import (
+    FitStorage,
+    fit_task_a,
+    fit_task_a_ewc,
+    head_view,
+    load_task_pair,
+    run_bayesian_b,
+    run_ewc_b,
+    run_joint,
+    steps_for,
+)
 
 __all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]
 
@@ -74,17 +73,17 @@ def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
     for head in config.heads:
         base = replace(config.experiment or ExperimentConfig(), head=head, tau=1.0)
         reused = (config.reuse or {}).get(head)
-        run = _Run(ReadOnlyStore(reused, base.to_dict())) if reused is not None else _Run()
+        run = FitStorage(ReadOnlyStore(reused, base.to_dict())) if reused is not None else FitStorage()
         for seed in config.seeds:
-            full = _load(base, 1.0, seed)
-            stage_a = _fit_task_a(base, full, seed, run)
+            full = load_task_pair(base, 1.0, seed)
+            stage_a = fit_task_a(base, full, seed, run)
             steps_a = steps_for(len(full.a.train), base.epochs_a, base.batch_size)
-            stage_ewc = _fit_task_a_ewc(base, full, steps_a, seed, run)
+            stage_ewc = fit_task_a_ewc(base, full, steps_a, seed, run)
             fisher = stage_ewc.penalty.fisher
             verdict = stage_a.convergence
             log(f"{head} seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
             for fraction in config.fractions:
-                tasks = _load(base, fraction, seed)
+                tasks = load_task_pair(base, fraction, seed)
                 steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
                 points = [("scratch", None), ("finetune", None), ("joint", None)]
                 points += [("transfer", tau) for tau in config.taus] + [("ewc", lam) for lam in config.lambdas]
@@ -92,15 +91,15 @@ def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
                     start = time.perf_counter()
                     if method == "transfer":
                         stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, knob))
-                        outcome = _run_bayesian_b(replace(base, tau=knob), method, tasks, stage, steps, seed)
+                        outcome = run_bayesian_b(replace(base, tau=knob), method, tasks, stage, steps, seed)
                     elif method == "ewc":
-                        penalty = EWCPenalty(_head_view(base, stage_ewc.net, 0), fisher, knob)
-                        outcome = _run_ewc_b(base, tasks, replace(stage_ewc, penalty=penalty), steps, seed)
+                        penalty = EWCPenalty(head_view(base, stage_ewc.net, 0), fisher, knob)
+                        outcome = run_ewc_b(base, tasks, replace(stage_ewc, penalty=penalty), steps, seed)
                     elif method == "joint":
                         joint_steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, base.batch_size, steps_a + steps)
-                        outcome = _run_joint(base, tasks, joint_steps, seed, _Run(), key="")
+                        outcome = run_joint(base, tasks, joint_steps, seed, FitStorage(), key="")
                     else:
-                        outcome = _run_bayesian_b(base, method, tasks, stage_a, steps, seed)
+                        outcome = run_bayesian_b(base, method, tasks, stage_a, steps, seed)
                     rows.append({
                         "head": head, "seed": seed, "fraction": fraction, "method": method, "knob": knob, "steps": steps,
                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
@@ -137,7 +136,7 @@ def tradeoff_table(rows: list[dict]) -> str:
 def plot_tradeoff(rows: list[dict], path) -> None:
     """One panel per (head, fraction): A accuracy after B (x) against B accuracy (y); transfer a
     curve over tau and EWC a curve over lambda, the other methods points; error bars: std over seeds."""
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     heads = list(dict.fromkeys(r["head"] for r in rows))
     fractions = list(dict.fromkeys(r["fraction"] for r in rows))
@@ -164,4 +163,4 @@ def plot_tradeoff(rows: list[dict], path) -> None:
             ax.set_ylabel("B test accuracy")
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .data import Task, load_task
-from .executors import _exit_with_driver
+from .executors import exit_with_driver
 from .ewc import MLP, DeterministicTrainConfig, train_deterministic
 from .experiment import ExperimentConfig
 from .fitting import fit_posterior
@@ -301,7 +301,7 @@ def _init_worker(threads: int) -> None:
     """A worker's start: its torch threads, and a watchdog that ends it when the driver's
     process ends (a killed study must not leave its workers fitting on)."""
     torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
+    threading.Thread(target=exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
 
 
 def _log_rows(rows: list[dict], log) -> None:
@@ -439,7 +439,7 @@ def plot_uncertainty(rows: list[dict], path: Path) -> None:
     """Per predictor: histograms (summed over seeds) of predictive entropy (top row) and mutual
     information (bottom row, log axis; a deterministic net's is 0) on A's test digits and on
     unseen digits."""
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     grouped = _by_predictor(rows)
     fig, axes = plt.subplots(2, len(grouped), figsize=(2.6 * len(grouped), 5), squeeze=False)
@@ -459,13 +459,13 @@ def plot_uncertainty(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("fraction of inputs")
     axes[1][0].set_ylabel("fraction of inputs")
     axes[0][0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(rows: list[dict], path: Path) -> None:
     """Per predictor, the reliability diagram (pooled over seeds) on A's test set and on its
     45-degree rotation: accuracy against confidence per bin, the diagonal is calibrated."""
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     grouped = _by_predictor(rows)
     fig, axes = plt.subplots(1, len(grouped), figsize=(2.6 * len(grouped), 2.9), squeeze=False)
@@ -482,12 +482,12 @@ def plot_reliability(rows: list[dict], path: Path) -> None:
         ax.set(title=predictor, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_shift(rows: list[dict], path: Path) -> None:
     """Accuracy and ECE (mean ± std over seeds) against rotation angle and noise level."""
-    from .plots import _save, plt
+    from .plots import save_figure, plt
 
     grouped = _by_predictor(rows)
     sets = list(rows[0]["sets"])
@@ -506,7 +506,7 @@ def plot_shift(rows: list[dict], path: Path) -> None:
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def config_to_dict(config: UncertaintyConfig) -> dict:

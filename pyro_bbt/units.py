@@ -4,9 +4,9 @@ Every function here is pure in the sense the executors need: a configuration, a 
 and the saved state of the stage it depends on go in; a record (and, for a stage, the state to
 save) comes out. Nothing here writes a run directory: the driver
 (:func:`~pyro_bbt.experiment.run_experiment`) alone does, through
-:class:`~pyro_bbt.runstore.RunStore`. The training helpers (``_fit_task_a``,
-``_run_bayesian_b``, ...) are also used by the studies, and re-exported by
-:mod:`pyro_bbt.experiment`.
+:class:`~pyro_bbt.runstore.RunStore`. The training helpers (``fit_task_a``,
+``run_bayesian_b``, ...) are also used by the studies (:mod:`pyro_bbt.studies`,
+:mod:`pyro_bbt.tradeoff`), which import them from here.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ class _Tasks:
     b: TaskData
 
 
-def _limit(split: Split, n: int | None) -> Split:
+def limit_split(split: Split, n: int | None) -> Split:
     return split if n is None else split.subset(n)
 
 
-def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
+def load_task_pair(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
     a = load_task(Task(digits=config.task_a, seed=seed, name="A"))
     b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"))
     out = []
@@ -59,9 +59,9 @@ def _load(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
         out.append(
             TaskData(
                 task=data.task,
-                train=_limit(data.train, config.limit_train).to(config.device),
-                val=_limit(data.val, config.limit_eval).to(config.device),
-                test=_limit(data.test, config.limit_eval).to(config.device),
+                train=limit_split(data.train, config.limit_train).to(config.device),
+                val=limit_split(data.val, config.limit_eval).to(config.device),
+                test=limit_split(data.test, config.limit_eval).to(config.device),
             )
         )
     return _Tasks(*out)
@@ -80,7 +80,7 @@ def steps_for(num_examples: int, epochs: int, batch_size: int, min_steps: int = 
 
 
 @dataclass
-class _Run:
+class FitStorage:
     """Where a fit reads its saved stage and checkpoint and keeps its progress: a
     :class:`RunStore` (the studies), a unit's :class:`_UnitStore` (the executors), or
     ``None``: nowhere, nothing is resumable."""
@@ -93,14 +93,14 @@ def _curve_epochs(total_steps: int, steps_per_epoch: int, points: int) -> set[in
     return {int(round(e)) for e in np.linspace(1, num_epochs, min(points, num_epochs))}
 
 
-def _use_head(model: BayesianMLP, head: int | None) -> None:
+def use_head(model: BayesianMLP, head: int | None) -> None:
     if model.num_heads > 1:
         model.head = head
 
 
-def _bayes_metrics(model, guide, split: Split, samples: int, head: int) -> PredictiveMetrics:
+def bayesian_metrics(model, guide, split: Split, samples: int, head: int) -> PredictiveMetrics:
     """Posterior-predictive metrics on ``split`` through output ``head``."""
-    _use_head(model, head)
+    use_head(model, head)
     return evaluate(model, guide, split.x, split.y, num_samples=samples)
 
 
@@ -110,7 +110,7 @@ def _curve_epochs_by_rule(max_epochs: int, points: int) -> set[int]:
     return {int(round(e)) for e in np.geomspace(1, max_epochs, max(2, round(points * math.log10(max(max_epochs, 10)))))}
 
 
-def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: _Run, key: str) -> tuple[list, list, dict]:
+def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: int, tasks: _Tasks, head: int | None, run: FitStorage, key: str) -> tuple[list, list, dict]:
     """Train through output ``head`` on B (or joint's union): for ``steps`` (B's fixed budget,
     :meth:`ExperimentConfig.recipe_b`), or to convergence (``fit_b="rule"``,
     :meth:`ExperimentConfig.recipe_b_converged`); record B's learning curve (validation and test
@@ -126,10 +126,10 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
 
     def point(epoch: int, step: int) -> dict:
         point = {"epoch": epoch, "step": step,
-                 "b_val_accuracy": _bayes_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
-                 "b_test_accuracy": _bayes_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
+                 "b_val_accuracy": bayesian_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
+                 "b_test_accuracy": bayesian_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
                  "seconds": elapsed[0]}
-        _use_head(model, head)
+        use_head(model, head)
         return point
 
     def on_epoch(diag: EpochDiagnostics) -> None:
@@ -137,12 +137,12 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
         if diag.epoch in record_at:
             curve.append(point(diag.epoch, diag.steps))
 
-    _use_head(model, head)
+    use_head(model, head)
     fit = fit_posterior(model, guide, train_split, recipe, seed, on_epoch=on_epoch, store=run.store, key=key, extra={"curve": curve})
     if fit.history and (not curve or curve[-1]["epoch"] != fit.epochs):  # the converged end is always a point
         elapsed[0] = sum(e["seconds"] for e in fit.history)
         curve.append(point(fit.epochs, fit.steps))
-    _use_head(model, head)
+    use_head(model, head)
     return curve, fit.history, fit.convergence
 
 
@@ -185,15 +185,15 @@ class _StageA:
         )
 
 
-def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | None = None) -> _StageA:
-    run = run or _Run()
+def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStorage | None = None) -> _StageA:
+    run = run or FitStorage()
     key = f"A-bayesian-s{seed}"
     saved = run.store.stage(key) if run.store is not None else None
     if saved is not None:
         return _StageA.from_saved(saved)
     model, guide = config.new_posterior(config.base_prior(), seed)
-    b_random_init = [_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
-    _use_head(model, 0)
+    b_random_init = [bayesian_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy]
+    use_head(model, 0)
     fit = fit_posterior(model, guide, tasks.a.train, config.recipe_a(), seed, store=run.store, key=key, extra={"b_random_init": b_random_init})
     # Multi-head: B's head has seen no data, so its prior stays the base prior rather than q_A's leftovers.
     fresh_rows = model.head_rows(config.b_head) if config.head == "multihead" else None
@@ -201,8 +201,8 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
     stage = _StageA(
         guide_state=guide_state(guide),
         prior_from_a=prior_from_a,
-        a_test=_bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
-        b_test_before=_bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        a_test=bayesian_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        b_test_before=bayesian_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         b_random_init=b_random_init[0],
         steps=fit.steps,
         history=fit.history,
@@ -213,13 +213,13 @@ def _fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: _Run | 
     return stage
 
 
-def _run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: _Run | None = None, key: str = "") -> dict:
+def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None, key: str = "") -> dict:
     prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
     model, guide = config.new_posterior(prior, seed)
     start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
     if start_from_a:  # multi-head: B's head keeps its fresh initialisation
         start_from_state(model, guide, stage_a.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
-    curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or _Run(), key)
+    curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or FitStorage(), key)
     return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
 
 
@@ -227,15 +227,15 @@ def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, converge
     """A Bayesian B unit's outcome: B's and A's test metrics through their heads, and its curve,
     history and convergence report."""
     return {
-        "b_test": _bayes_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
-        "a_test_after": _bayes_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
+        "b_test": bayesian_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
+        "a_test_after": bayesian_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
         "convergence": convergence,
     }
 
 
-def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str) -> dict:
+def run_joint(config, tasks: _Tasks, steps: int, seed: int, run: FitStorage, key: str) -> dict:
     model, guide = config.new_posterior(config.base_prior(), seed)
     # Multi-head: one softmax over both heads' outputs, B's labels shifted past A's; each task
     # is then evaluated through its own head.
@@ -248,7 +248,7 @@ def _run_joint(config, tasks: _Tasks, steps: int, seed: int, run: _Run, key: str
 # --------------------------------------------------------------------------- EWC
 
 
-class _HeadView(torch.nn.Module):
+class HeadView(torch.nn.Module):
     """The logits of one output head of a deterministic multi-head MLP (all outputs if single-head)."""
 
     def __init__(self, net: MLP, rows: slice) -> None:
@@ -260,12 +260,12 @@ class _HeadView(torch.nn.Module):
         return self.net(x)[..., self.rows]
 
 
-def _head_view(config: ExperimentConfig, net: MLP, head: int) -> _HeadView:
+def head_view(config: ExperimentConfig, net: MLP, head: int) -> HeadView:
     width = len(config.task_a)
-    return _HeadView(net, slice(head * width, (head + 1) * width))
+    return HeadView(net, slice(head * width, (head + 1) * width))
 
 
-def _check_finite(net: torch.nn.Module, losses: list[float], x_probe: torch.Tensor, what: str, lr: float) -> None:
+def check_finite_training(net: torch.nn.Module, losses: list[float], x_probe: torch.Tensor, what: str, lr: float) -> None:
     """Raise :class:`NonFiniteLossError` if training produced a non-finite loss, parameter or output."""
     bad_steps = [step for step, loss in enumerate(losses, start=1) if not math.isfinite(loss)]
     bad = [name for name, value in net.named_parameters() if not torch.isfinite(value).all()]
@@ -295,18 +295,18 @@ class _StageAEWC:
     b_random_init: float
 
 
-def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: _Run | None = None) -> _StageAEWC:
+def fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: FitStorage | None = None) -> _StageAEWC:
     """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short)."""
-    run = run or _Run()
+    run = run or FitStorage()
     key = f"A-ewc-s{seed}"
     torch.manual_seed(seed)
     net = MLP((*config.sizes[:-1], config.sizes[-1] * config.num_heads)).to(config.device)
-    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
+    on_a, on_b = head_view(config, net, 0), head_view(config, net, config.b_head)
     saved = run.store.stage(key) if run.store is not None else None
     if saved is None:
         b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
         losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed))
-        _check_finite(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.ewc_lr)
+        check_finite_training(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.ewc_lr)
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
         saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
@@ -322,10 +322,10 @@ def _fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: i
     )
 
 
-def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
+def run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
     pyro.set_rng_seed(seed)
     net = copy.deepcopy(stage.net)
-    on_a, on_b = _head_view(config, net, 0), _head_view(config, net, config.b_head)
+    on_a, on_b = head_view(config, net, 0), head_view(config, net, config.b_head)
     steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
     record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
     curve: list[dict] = []
@@ -349,7 +349,7 @@ def _run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) 
     losses = train_deterministic(
         on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed), stage.penalty, on_epoch
     )
-    _check_finite(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.ewc_lr)
+    check_finite_training(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.ewc_lr)
     return {
         "b_test": _net_metrics(on_b, tasks.b.test),
         "a_test_after": _net_metrics(on_a, tasks.a.test),
@@ -391,7 +391,7 @@ def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: d
 
 
 
-def _failed_record(method: str, fraction: float, seed: int, steps: int, error: str) -> dict:
+def failed_unit_record(method: str, fraction: float, seed: int, steps: int, error: str) -> dict:
     return {
         "method": method, "fraction": fraction, "seed": seed, "steps": steps, "status": "failed", "error": error,
         "b_test": None, "a_test_after": None, "accuracy_matrix": None, "backward_transfer": None,
@@ -459,16 +459,16 @@ def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = No
     as ``error``, not raised."""
     pyro.clear_param_store()
     start = time.perf_counter()
-    full = _load(config, 1.0, spec.seed)
+    full = load_task_pair(config, 1.0, spec.seed)
     store = _UnitStore(saved, checkpoint, on_checkpoint)
     try:
         if spec.kind == "bayesian":
-            stage_a = _fit_task_a(config, full, spec.seed, _Run(store))
+            stage_a = fit_task_a(config, full, spec.seed, FitStorage(store))
             entry = {"seed": spec.seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
                      "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
                      "convergence": stage_a.convergence, "history": stage_a.history}
         else:
-            stage_ewc = _fit_task_a_ewc(config, full, spec.steps, spec.seed, _Run(store))
+            stage_ewc = fit_task_a_ewc(config, full, spec.steps, spec.seed, FitStorage(store))
             entry = {"seed": spec.seed, "kind": "deterministic", "steps": spec.steps, "a_test": stage_ewc.a_test.to_dict(),
                      "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
                      "convergence": None, "history": []}
@@ -488,23 +488,23 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
     pyro.clear_param_store()
     method, fraction, seed, steps = spec.method, spec.fraction, spec.seed, spec.steps
     if spec.needs is not None and stage_state is None:
-        return _failed_record(method, fraction, seed, steps, stage_error or f"stage {spec.needs} is missing")
-    tasks = _load(config, fraction, seed)
-    run = _Run(_UnitStore(None, checkpoint, on_checkpoint))
+        return failed_unit_record(method, fraction, seed, steps, stage_error or f"stage {spec.needs} is missing")
+    tasks = load_task_pair(config, fraction, seed)
+    run = FitStorage(_UnitStore(None, checkpoint, on_checkpoint))
     start = time.perf_counter()
     try:
         if method == "ewc":
             # the saved stage is rebuilt, not retrained: only its test splits are read
-            stage: Any = _fit_task_a_ewc(config, tasks, 0, seed, _Run(_UnitStore(stage_state)))
-            outcome = _run_ewc_b(config, tasks, stage, steps, seed)
+            stage: Any = fit_task_a_ewc(config, tasks, 0, seed, FitStorage(_UnitStore(stage_state)))
+            outcome = run_ewc_b(config, tasks, stage, steps, seed)
         elif method == "joint":
-            outcome, stage = _run_joint(config, tasks, steps, seed, run, spec.key), None
+            outcome, stage = run_joint(config, tasks, steps, seed, run, spec.key), None
         else:
             stage_a = _StageA.from_saved(stage_state) if stage_state is not None else None
-            outcome = _run_bayesian_b(config, method, tasks, stage_a, steps, seed, run, spec.key)
+            outcome = run_bayesian_b(config, method, tasks, stage_a, steps, seed, run, spec.key)
             stage = stage_a if method != "scratch" else None
     except NonFiniteLossError as error:
-        return _failed_record(method, fraction, seed, steps, str(error))
+        return failed_unit_record(method, fraction, seed, steps, str(error))
     if method != "ewc" and config.fit_b == "rule" and outcome["history"]:  # fitted to convergence: the steps it took
         steps = outcome["history"][-1]["steps"]
     return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)

@@ -18,7 +18,8 @@ from pyro_bbt.convergence import (
     uninformed_scale_ratio,
 )
 from pyro_bbt.data import Split
-from pyro_bbt.experiment import ExperimentConfig, _load, run_experiment, steps_for
+from pyro_bbt.experiment import ExperimentConfig, run_experiment, steps_for
+from pyro_bbt.units import load_task_pair
 from pyro_bbt.guides import GUIDES, guide_parameter_groups, guide_parameters, is_flow_parameter, is_scale_parameter
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.priors import GaussianPrior, ScaleMixturePrior
@@ -254,7 +255,7 @@ def test_q_a_is_fitted_in_minibatches_of_batch_size_a(batch_size_a, steps_per_ep
     results = run_experiment(config, log=lambda m: None)
     assert results["task_a"][0]["steps"] == 2 * steps_per_epoch
     assert [r["epoch"] for r in results["task_a"][0]["history"]] == [1, 2]
-    assert {u["steps"] for u in results["units"]} == {steps_for(len(_load(config, 0.1, 0).b.train), 1, 100, 3)}
+    assert {u["steps"] for u in results["units"]} == {steps_for(len(load_task_pair(config, 0.1, 0).b.train), 1, 100, 3)}
 
 
 def test_cli_reads_batch_size_a_and_lr_factor_and_rejects_bad_ones(tmp_path, capsys):

@@ -205,14 +205,14 @@ def test_cli_refuses_existing_results_without_overwrite(tmp_path):
 
 
 def test_multihead_prior_keeps_a_head_and_resets_b_head():
-    from pyro_bbt.experiment import _fit_task_a, _load
+    from pyro_bbt.units import fit_task_a, load_task_pair
 
     config = ExperimentConfig(
         hidden=(8,), head="multihead", epochs_a=1, fractions=(1.0,), seeds=(0,), limit_train=200, limit_eval=50,
         eval_samples=2, prior_scale=0.5,
     )
-    tasks = _load(config, 1.0, 0)
-    stage = _fit_task_a(config, tasks, seed=0)
+    tasks = load_task_pair(config, 1.0, 0)
+    stage = fit_task_a(config, tasks, seed=0)
     model_b, guide_b = config.new_posterior(stage.prior_from_a, seed=0)
     fresh = posterior_loc_scale(guide_b, model_b)
     start_from_state(model_b, guide_b, stage.guide_state, model_b.head_rows(config.b_head))
