@@ -6,7 +6,7 @@ These compute what the plain path computes (:func:`pyro_bbt.objectives.mean_fiel
 to float rounding (tested), in fewer passes over the 478k weights of the 784-400-400 network.
 On this CPU build ``torch.log1p`` costs about eight times ``torch.log`` per element, and the KL's
 autograd graph saves and revisits five intermediates per site; together they were a third of
-a step (``python -m pyro_bbt.bench --profile meanfield-local-1``).
+a step (``python benchmarks/bench.py --profile meanfield-local-1``).
 :class:`~pyro_bbt.inference.TrainConfig` ``fast=False`` goes back to the plain path.
 """
 

@@ -51,3 +51,20 @@ def fresh_model_and_guide(sizes, guide: str = "meanfield", *, prior=None, seed: 
     if initialize:
         initialize_guide(made, sizes[0])
     return model, made
+
+
+def load_benchmark(name: str = "bench"):
+    """The script ``benchmarks/<name>.py``, which lives outside the package, imported as the
+    top-level module ``name``. Its folder goes first on ``sys.path``, as when the script runs as
+    ``python benchmarks/<name>.py``, so that the child processes the bench spawns (they import
+    the function they run by its module's name) find it too."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    module = importlib.import_module(name)
+    assert Path(module.__file__).resolve() == folder / f"{name}.py", f"{name} imported from {module.__file__}, not {folder}"
+    return module

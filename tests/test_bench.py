@@ -1,14 +1,19 @@
-"""Tests for the benchmark CLI (pyro_bbt.bench): output schema only, no timing assertions."""
+"""Tests for the benchmark CLI (benchmarks/bench.py, outside the package): output schema only, no timing assertions."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pyro_bbt import bench
+from conftest import load_benchmark
 from pyro_bbt.guides import initialize_guide, posterior_loc_scale
+
+bench = load_benchmark("bench")
 
 CHEAP = ["torch-deterministic", "meanfield-local-1"]
 PEERS = [name for name, config in bench.CONFIGS.items() if config.kind == bench.PEER]
@@ -182,6 +187,19 @@ def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         bench.main(argv)
     assert info.value.code == 2
+
+
+def test_runs_as_a_script_from_any_directory(tmp_path):
+    """``python benchmarks/bench.py`` as a user runs it, outside the package and from another
+    folder: it imports the installed pyro_bbt, and its spawned child finds the script's functions."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, bench.__file__, "--configs", "torch-deterministic", "--train-size", "256", "--epochs", "1",
+               "--rounds", "1", "--threads", "1", "--out", out.name]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert [r["name"] for r in json.loads(out.read_text())["results"]] == ["torch-deterministic"]
+    assert f"wrote {out.name}" in result.stdout
 
 
 def test_profile_names_the_training_functions(capsys, tmp_path):

@@ -95,7 +95,7 @@ def test_train_config_checks_fast():
 def test_the_compiled_step_takes_the_fast_paths_steps(prior):
     """The local estimator's step as one function for torch.compile (pyro_bbt.fused.local_elbo_terms),
     traced by dynamo and run by its ``eager`` backend (inductor's C++ compilation of the same
-    graph takes minutes on two cores; ``python -m pyro_bbt.bench`` runs it and reports the
+    graph takes minutes on two cores; ``python benchmarks/bench.py`` runs it and reports the
     accuracy beside the default's). Head 1 of a two-head net; ``transferred``: a per-weight
     prior on the hidden layer beside the scalar fallback on the output layer; the Blundell
     weights change the KL's weight every step (a tensor input: no recompilation);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -9,24 +10,36 @@ from pathlib import Path
 import pyro
 import pytest
 
-from pyro_bbt import bench, report, studies, transfer
+from conftest import load_benchmark
+from pyro_bbt import report, studies, transfer
 from pyro_bbt.priors import PerSitePrior
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+bench = load_benchmark("bench")
+# The command-line tools outside the package, run as ``python <path>`` from the repository's root.
+SCRIPTS = {"bench": "benchmarks/bench.py"}
 
 
 def _blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
+def _command(module: str) -> list[str]:
+    """The words that run ``module``: ``python -m pyro_bbt.<module>``, or ``python <path>`` for a
+    script outside the package (:data:`SCRIPTS`)."""
+    return ["python", SCRIPTS[module]] if module in SCRIPTS else ["python", "-m", f"pyro_bbt.{module}"]
+
+
 def _commands(module: str) -> list[list[str]]:
-    """Arguments of every ``python -m pyro_bbt.<module>`` line in the README's bash blocks."""
+    """Arguments of every line that runs ``module`` (:func:`_command`) in the README's bash blocks."""
+    prefix = _command(module)
     commands = []
     for block in _blocks("bash"):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
-            if words[:3] == ["python", "-m", f"pyro_bbt.{module}"]:
-                commands.append(words[3:])
+            if words[:len(prefix)] == prefix:
+                commands.append(words[len(prefix):])
     return commands
 
 
@@ -53,6 +66,16 @@ def test_python_api_example_runs(single_torch_thread):
 )
 def test_readme_command_lines_parse(module, parser):
     commands = _commands(module)
-    assert commands, f"no python -m pyro_bbt.{module} command in README.md"
+    assert commands, f"no {' '.join(_command(module))} command in README.md"
     for args in commands:
         parser().parse_args(args)  # argparse exits (SystemExit) on an unknown flag or bad value
+
+
+def test_readme_names_only_commands_that_exist():
+    """Every ``python -m pyro_bbt.<x>`` in README.md (prose or code) names a module of the package, and
+    every ``python <path>.py`` a file of the repository: a moved or renamed tool leaves no stale command."""
+    modules = set(re.findall(r"python -m (pyro_bbt(?:\.\w+)+)", README))
+    scripts = set(re.findall(r"python ([\w./-]+\.py)\b", README))
+    assert modules and scripts, "the README names no command; this test reads nothing"
+    assert sorted(m for m in modules if importlib.util.find_spec(m) is None) == []
+    assert sorted(s for s in scripts if not (ROOT / s).is_file()) == []

@@ -1,6 +1,8 @@
 """Speed and memory benchmark of pyro_bbt's training against plain-PyTorch references.
 
-Run ``python -m pyro_bbt.bench`` (``--help`` for the flags). Every configuration trains on
+Run ``python benchmarks/bench.py`` from the repository's root (``--help`` for the flags). This
+script is not part of the installed package: it imports ``pyro_bbt`` like any user's code, and
+the peers it compares against come with ``pip install -e ".[bench]"``. Every configuration trains on
 task A of split MNIST (digits 0-4, :func:`pyro_bbt.data.load_task`, its ``train`` split,
 minibatches of 128, Adam with lr 1e-3) for ``--epochs`` epochs, and the wall-clock seconds
 of every epoch are recorded. After the timed epochs (outside the timing and after the peak
@@ -162,13 +164,13 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 
-from .data import Split, Task, load_task
-from .evaluation import evaluate
-from .ewc import MLP
-from .files import atomic_write_json
-from .guides import GuideConfig, make_guide
-from .inference import TrainConfig, train
-from .model import BayesianMLP
+from pyro_bbt.data import Split, Task, load_task
+from pyro_bbt.evaluation import evaluate
+from pyro_bbt.ewc import MLP
+from pyro_bbt.files import atomic_write_json
+from pyro_bbt.guides import GuideConfig, make_guide
+from pyro_bbt.inference import TrainConfig, train
+from pyro_bbt.model import BayesianMLP
 
 __all__ = [
     "BenchConfig",
@@ -955,7 +957,7 @@ def _config_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_bbt.bench",
+        prog="python benchmarks/bench.py",
         description="Time epochs of pyro_bbt training against plain-PyTorch references and peer libraries on "
                     "split-MNIST task A.",
     )
@@ -1061,7 +1063,7 @@ def _read_report(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read the benchmark report {path}: {error}") from None
     if not isinstance(report, dict) or not isinstance(report.get("results"), list):
-        raise ValueError(f"{path} is not a report of python -m pyro_bbt.bench (it has no 'results' list)")
+        raise ValueError(f"{path} is not a report of python benchmarks/bench.py (it has no 'results' list)")
     return report
 
 
