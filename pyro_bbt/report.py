@@ -426,18 +426,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_runs(run_dirs: list[Path], flag: str) -> list[dict]:
+    """The ``results.json`` of each ``--sequence split`` run in ``run_dirs``; ``ValueError``
+    naming the first that is missing or not a split run."""
+    runs = []
+    for run_dir in run_dirs:
+        path = run_dir / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        if results.get("sequence") != "split":
+            raise ValueError(f"{flag} reads --sequence split runs; {path} is {'not one' if results else 'missing'}")
+        runs.append(results)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.regimes:
-        runs = []
-        for run_dir in args.run_dir:
-            path = run_dir / "results.json"
-            results = json.loads(path.read_text()) if path.exists() else {}
-            if results.get("sequence") != "split":
-                print(f"{parser.prog}: error: --regimes reads --sequence split runs; {path} is {'not one' if results else 'missing'}", file=sys.stderr)
-                return 2
-            runs.append(results)
+        try:
+            runs = _split_runs(args.run_dir, "--regimes")
+        except ValueError as error:
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
         names = [run_dir.name for run_dir in args.run_dir]
         try:
             runs, names = merge_seeds(runs, names)
@@ -452,17 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.figure}")
         return 0
     if args.published:
-        runs = []
-        for run_dir in args.run_dir:
-            path = run_dir / "results.json"
-            results = json.loads(path.read_text()) if path.exists() else {}
-            if results.get("sequence") != "split":
-                print(f"{parser.prog}: error: --published reads --sequence split runs; {path} is "
-                      f"{'not one' if results else 'missing'}", file=sys.stderr)
-                return 2
-            runs.append(results)
         try:
-            runs = merge_split_runs(merge_seeds(runs, [str(d) for d in args.run_dir])[0])
+            runs = merge_split_runs(merge_seeds(_split_runs(args.run_dir, "--published"), [str(d) for d in args.run_dir])[0])
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2
