@@ -18,6 +18,7 @@ from .files import atomic_torch_save
 from .guides import GuideConfig, initialize_guide, make_guide
 from .model import BayesianMLP
 from .priors import PerSitePrior, Prior, build_prior
+from .pyro_internals import param_store_name
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "prior_state", "prior_from_state"]
 
@@ -91,7 +92,7 @@ def load_checkpoint(
     model = BayesianMLP(sizes, prior_from_state(payload["prior"]), num_heads=payload.get("num_heads", 1))
     guide = make_guide(payload["guide_name"], model, GuideConfig(**payload["guide_config"]))
     store = pyro.get_param_store()
-    for name in [n for n in store.keys() if n.startswith(guide._pyro_name + ".")]:
+    for name in [n for n in store.keys() if n.startswith(param_store_name(guide) + ".")]:
         del store[name]
     initialize_guide(guide, sizes[0])
     try:

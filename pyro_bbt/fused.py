@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from pyro.distributions import constraints
 
+from .pyro_internals import event_dims, unconstrained_loc_scale_parameters
+
 __all__ = ["softplus", "gaussian_kl_sum", "mean_field_loc_scale", "mean_field_loc_rho", "supports_fast_path", "broadcast_scalar", "gaussian_kl", "local_elbo_terms",
            "compiled_local_elbo_terms"]
 
@@ -191,11 +193,4 @@ def compiled_local_elbo_terms(backend: str = "inductor"):
 def mean_field_loc_rho(guide) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``(loc, rho)`` of every site of an initialised ``AutoNormal``-family guide: its
     unconstrained parameters, ``scale = softplus(rho)``."""
-    out = {}
-    locs, scales = guide.locs, guide.scales
-    for name in guide._event_dims:
-        module, _, leaf = name.rpartition(".")
-        loc_module = locs.get_submodule(module) if module else locs
-        scale_module = scales.get_submodule(module) if module else scales
-        out[name] = (loc_module._parameters[f"{leaf}_unconstrained"], scale_module._parameters[f"{leaf}_unconstrained"])
-    return out
+    return {name: unconstrained_loc_scale_parameters(guide, name) for name in event_dims(guide)}

@@ -58,6 +58,15 @@ from pyro.distributions import constraints
 
 from .model import BayesianMLP
 from .priors import PerSitePrior, Prior
+from .pyro_internals import (
+    continuous_init_loc,
+    continuous_loc_scale,
+    create_plates,
+    event_dims,
+    loc_and_scale,
+    unconstrained_shapes,
+    unpack_latent,
+)
 
 __all__ = [
     "GUIDES",
@@ -155,20 +164,20 @@ class AutoMeanFieldNormal(AutoNormal):
 
     def get_loc_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of ``q(w_site)``."""
-        return self._get_loc_and_scale(name)
+        return loc_and_scale(self, name)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
+        plates = create_plates(self, *args, **kwargs)
         result = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             with ExitStack() as stack:
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
-                loc, scale = self._get_loc_and_scale(name)
-                result[name] = pyro.sample(name, dist.Normal(loc, scale).to_event(self._event_dims[name]))
+                loc, scale = loc_and_scale(self, name)
+                result[name] = pyro.sample(name, dist.Normal(loc, scale).to_event(event_dims(self)[name]))
         return result
 
 
@@ -199,7 +208,7 @@ class AutoFlowNormal(AutoContinuous):
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
-        self.loc = nn.Parameter(self._init_loc())
+        self.loc = nn.Parameter(continuous_init_loc(self))
         self.scale = PyroParam(self.loc.new_full((self.latent_dim,), self._init_scale), self.scale_constraint)
         self.flows = nn.ModuleList(self._transform_fn(self.latent_dim)).to(self.loc.device)
 
@@ -256,10 +265,6 @@ def has_closed_form_kl(guide: AutoGuide) -> bool:
     return isinstance(guide, AutoMeanFieldNormal)
 
 
-def _unpack(guide: AutoContinuous, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {site["name"]: value for site, value in guide._unpack_latent(vector)}
-
-
 @torch.no_grad()
 def posterior_loc_scale(
     guide: AutoGuide, model: BayesianMLP, num_samples: int = 256
@@ -280,7 +285,7 @@ def posterior_loc_scale(
         return result
     if isinstance(guide, AutoNormal):  # includes AutoMeanFieldNormal
         return {
-            name: tuple(t.detach().clone() for t in guide._get_loc_and_scale(name))
+            name: tuple(t.detach().clone() for t in loc_and_scale(guide, name))
             for name, _ in guide.prototype_trace.iter_stochastic_nodes()
         }
     if isinstance(guide, AutoDelta):
@@ -292,12 +297,12 @@ def posterior_loc_scale(
         return result
     if isinstance(guide, AutoFlowNormal):
         samples = guide.get_posterior().sample((num_samples,))
-        loc = _unpack(guide, samples.mean(0))
-        scale = _unpack(guide, samples.std(0))
+        loc = unpack_latent(guide, samples.mean(0))
+        scale = unpack_latent(guide, samples.std(0))
         return {name: (loc[name].clone(), scale[name].clone()) for name in loc}
     if isinstance(guide, AutoContinuous):
-        loc_vec, scale_vec = guide._loc_scale()
-        loc, scale = _unpack(guide, loc_vec.detach()), _unpack(guide, scale_vec.detach())
+        loc_vec, scale_vec = continuous_loc_scale(guide)
+        loc, scale = unpack_latent(guide, loc_vec.detach()), unpack_latent(guide, scale_vec.detach())
         return {name: (loc[name].clone(), scale[name].clone()) for name in loc}
     raise TypeError(f"no posterior_loc_scale rule for guide type {type(guide).__name__}")
 
@@ -420,16 +425,16 @@ def start_from_posterior(guide: AutoGuide, posterior: dict[str, tuple[torch.Tens
             raise ValueError(f"site {name!r} of the guide is not in the posterior to start from (it has {sorted(posterior)})")
     if isinstance(guide, AutoNormal):  # includes AutoMeanFieldNormal
         for name in sites:
-            loc, scale = guide._get_loc_and_scale(name)
+            loc, scale = loc_and_scale(guide, name)
             new_loc, new_scale = posterior[name]
             if new_loc.shape != loc.shape or new_scale.shape != scale.shape:
                 raise ValueError(f"site {name!r}: the posterior's shape {tuple(new_loc.shape)} differs from the guide's {tuple(loc.shape)}")
-            event_dim = guide._event_dims[name]
+            event_dim = event_dims(guide)[name]
             deep_setattr(guide.locs, name, PyroParam(new_loc.detach().clone().to(loc), event_dim=event_dim))
             deep_setattr(guide.scales, name, PyroParam(new_scale.detach().clone().to(scale), constraint=guide.scale_constraint, event_dim=event_dim))
         return guide
     if isinstance(guide, (AutoFlowNormal, AutoLowRankMultivariateNormal)):
-        shapes = dict(guide._unconstrained_shapes)
+        shapes = unconstrained_shapes(guide)
         for name in sites:
             if tuple(posterior[name][0].shape) != tuple(shapes[name]):
                 raise ValueError(f"site {name!r}: the posterior's shape {tuple(posterior[name][0].shape)} differs from the guide's {tuple(shapes[name])}")

@@ -29,6 +29,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from .priors import GaussianPrior, Prior
+from .pyro_internals import pyro_module_fullname
 
 __all__ = ["BayesianLinear", "BayesianMLP", "batched_linear"]
 
@@ -63,12 +64,12 @@ class BayesianLinear(PyroModule):
         self.out_features = out_features
         self.weight = PyroSample(
             lambda layer: prior_fn().site_distribution(
-                layer._pyro_get_fullname("weight"), torch.Size((layer.out_features, layer.in_features))
+                pyro_module_fullname(layer, "weight"), torch.Size((layer.out_features, layer.in_features))
             )
         )
         self.bias = PyroSample(
             lambda layer: prior_fn().site_distribution(
-                layer._pyro_get_fullname("bias"), torch.Size((layer.out_features,))
+                pyro_module_fullname(layer, "bias"), torch.Size((layer.out_features,))
             )
         )
 

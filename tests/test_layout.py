@@ -1,6 +1,7 @@
 """The package's layout, read from its source with :mod:`ast` (nothing of it is imported): no
 module imports a private name (one starting with an underscore) from another module of the
-package, and the module-level imports between its modules form no cycle."""
+package, the module-level imports between its modules form no cycle, and no module but
+:mod:`pyro_bbt.pyro_internals` reads a Pyro-private attribute."""
 
 from __future__ import annotations
 
@@ -125,6 +126,43 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+PYRO_INTERNALS = f"{PACKAGE}.pyro_internals"
+
+PYRO_PRIVATE_ATTRIBUTES = frozenset({
+    "_event_dims", "_get_loc_and_scale", "_parameters",  # AutoNormal's sites; nn.Module's table behind a PyroParam
+    "_unpack_latent", "_loc_scale", "_init_loc", "_unconstrained_shapes",  # AutoContinuous's packed latent vector
+    "_create_plates", "_pyro_name", "_pyro_get_fullname",  # any AutoGuide / PyroModule
+})
+"""Pyro-private attributes (and ``nn.Module._parameters``) that only :mod:`pyro_bbt.pyro_internals`
+may read. Not here: ``_setup_prototype``, which the package's guides override and call through
+``super()`` (Pyro's documented way to extend an ``AutoGuide``); a ``def _loc_scale`` override is a
+definition, not a read, and is not flagged."""
+
+_ATTRIBUTE_FUNCTIONS = frozenset({"getattr", "hasattr", "setattr", "delattr"})
+
+
+def pyro_private_reads(modules: dict[str, tuple[Path, ast.Module]]) -> list[tuple[str, str, int]]:
+    """``(module, attribute, line)`` for every use of a :data:`PYRO_PRIVATE_ATTRIBUTES` name
+    outside :mod:`pyro_bbt.pyro_internals`: as an attribute (``x._event_dims``, any depth) or as
+    the name given to ``getattr`` / ``hasattr`` / ``setattr`` / ``delattr``; by module, then line."""
+    found = set()
+    for name, (_, tree) in modules.items():
+        if name == PYRO_INTERNALS:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in PYRO_PRIVATE_ATTRIBUTES:
+                found.add((name, node.attr, node.lineno))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _ATTRIBUTE_FUNCTIONS
+                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in PYRO_PRIVATE_ATTRIBUTES):
+                found.add((name, node.args[1].value, node.lineno))
+    return sorted(found, key=lambda read: (read[0], read[2], read[1]))
+
+
+def unexpected_pyro_private_reads(modules) -> list[str]:
+    """The reads outside the adapter, as ``module: .attribute (line n)``."""
+    return [f"{module}: .{attribute} (line {line})" for module, attribute, line in pyro_private_reads(modules) if module != PYRO_INTERNALS]
+
+
 def test_no_module_imports_a_private_name_from_another_module():
     found = private_imports(package_modules())
     assert not found, "private names imported from another module of the package (make them public where defined):\n" + "\n".join(found)
@@ -150,3 +188,47 @@ def test_the_checks_see_violations():
     assert find_cycles(import_graph(modules)) == [[f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c", f"{PACKAGE}.a"]]
     del modules[f"{PACKAGE}.c"]
     assert find_cycles(import_graph(modules)) == []  # b's import of a is for type checking only
+
+
+def test_only_pyro_internals_reads_pyro_private_attributes():
+    modules = package_modules()
+    assert PYRO_INTERNALS in modules
+    adapter_strings = {node.value for node in ast.walk(modules[PYRO_INTERNALS][1]) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert PYRO_PRIVATE_ATTRIBUTES <= adapter_strings, f"the adapter reads none of {sorted(PYRO_PRIVATE_ATTRIBUTES - adapter_strings)}: the list is stale"
+    unexpected = unexpected_pyro_private_reads(modules)
+    assert not unexpected, ("Pyro-private attributes read outside pyro_bbt/pyro_internals.py (add or use a function there):\n"
+                            + "\n".join(unexpected))
+
+
+def test_the_pyro_private_check_sees_violations():
+    """A made-up package: reads of Pyro-private attributes are flagged wherever they are, except
+    in pyro_internals; the documented ``_setup_prototype`` extension and a ``_loc_scale`` override
+    are not."""
+    source = (
+        "class G(AutoNormal):\n"
+        "    def _setup_prototype(self, *args):\n"
+        "        super()._setup_prototype(*args)\n"
+        "    def _loc_scale(self):\n"
+        "        return self.locs, self.scales._private_thing\n"
+        "    def forward(self):\n"
+        "        return self._get_loc_and_scale('w'), self._event_dims['w']\n"
+        "def f(guide, m):\n"
+        "    p = m.locs._parameters['w_unconstrained']\n"
+        "    return guide._pyro_name + '.', getattr(guide, '_unpack_latent')(p), hasattr(guide, 'event_dims')\n"
+    )
+    modules = {
+        f"{PACKAGE}.a": (PACKAGE_DIR / "a.py", ast.parse(source)),
+        f"{PACKAGE}.b": (PACKAGE_DIR / "b.py", ast.parse("def g(module):\n    return [module._pyro_get_fullname('w') for _ in ()]\n")),
+        PYRO_INTERNALS: (PACKAGE_DIR / "pyro_internals.py", ast.parse(source)),
+    }
+    assert pyro_private_reads(modules) == [
+        (f"{PACKAGE}.a", "_event_dims", 7),
+        (f"{PACKAGE}.a", "_get_loc_and_scale", 7),
+        (f"{PACKAGE}.a", "_parameters", 9),
+        (f"{PACKAGE}.a", "_pyro_name", 10),
+        (f"{PACKAGE}.a", "_unpack_latent", 10),
+        (f"{PACKAGE}.b", "_pyro_get_fullname", 2),
+    ]
+    assert unexpected_pyro_private_reads(modules) == [
+        f"{PACKAGE}.a: ._event_dims (line 7)", f"{PACKAGE}.a: ._get_loc_and_scale (line 7)", f"{PACKAGE}.a: ._parameters (line 9)",
+        f"{PACKAGE}.a: ._pyro_name (line 10)", f"{PACKAGE}.a: ._unpack_latent (line 10)", f"{PACKAGE}.b: ._pyro_get_fullname (line 2)"]
