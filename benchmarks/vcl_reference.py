@@ -16,7 +16,7 @@ Nguyen et al. 2018's code (nvcuong/variational-continual-learning, ``ddm/run_spl
 * test: 100 weight samples, softmax averaged, each task through its head.
 
 It does not use pyro_bbt's model, guide or training loop: it is the reference that
-``--preset vcl`` is compared with, task by task (README, "VCL's published number").
+``--preset vcl`` is compared with, task by task (docs/split-mnist.md, "VCL's published number").
 
     python benchmarks/vcl_reference.py --seed 0 --out runs/vcl-reference-s0.json
 """

@@ -75,7 +75,7 @@ __all__ = ["UncertaintyConfig", "UNCERTAINTY_PRESETS", "PREDICTORS", "fit_guide"
 
 DETERMINISTIC, ENSEMBLE, NETS = "deterministic", "ensemble", "nets"
 TASK_A, TASK_B = Task(digits=(0, 1, 2, 3, 4), name="A"), Task(digits=(5, 6, 7, 8, 9), name="B")
-COST_ORDER: tuple[str, ...] = ("iaf", "planar", "lowrank", "meanfield", "normal", "delta")  # slowest first (s / epoch, README)
+COST_ORDER: tuple[str, ...] = ("iaf", "planar", "lowrank", "meanfield", "normal", "delta")  # slowest first (s / epoch, docs/studies.md)
 PREDICTORS: tuple[str, ...] = (*GUIDES, DETERMINISTIC, ENSEMBLE)
 RELIABILITY_SETS: tuple[str, ...] = (IN_DISTRIBUTION, shift_name("rotation", 45.0))
 HISTOGRAM_BINS = 30

@@ -1,5 +1,5 @@
 """benchmarks/vcl_reference.py, the PyTorch port of VCL's published run that --preset vcl is
-compared with: it runs the five tasks and writes what README's comparison reads."""
+compared with: it runs the five tasks and writes what the comparison in docs/split-mnist.md reads."""
 
 from __future__ import annotations
 
