@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from .continual import summarize
-from .convergence import StoppingRule
+from .convergence import ELBO_TESTS, StoppingRule
 from .data import Task, load_task
 from .executors import Executor, Job, JobResult, SerialExecutor
 from .fitting import FitRecipe, fit_posterior, guide_state, new_posterior, prior_from_posterior
@@ -59,7 +59,7 @@ from .plan import Plan, StageSpec, UnitSpec, build_plan
 from .stats import mean_std
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .runstore import RunStore
-from .verdict import DEFAULT_TOL_PER_DATUM, VerdictConfig
+from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig
 from .split_sequence import SplitConfig, run_split_sequence
 from .units import (
     StageOutcome,
@@ -113,7 +113,15 @@ class ExperimentConfig:
 
     B's Bayesian fits (scratch, transfer, finetune, joint): ``fit_b="fixed"``, the same budget of
     steps for every method (``epochs``, ``min_steps``, at ``lr``); ``"rule"``, each to convergence
-    by q_A's rule, rates and verdict (:meth:`recipe_b_converged`). EWC's nets keep the fixed budget.
+    by q_A's rule, rates and verdict (:meth:`recipe_b_converged`), at most ``max_epochs_b`` epochs
+    (``None``: q_A's cap). EWC's nets keep the fixed budget.
+
+    The rule's ELBO test (``elbo_test``, :class:`~pyro_bbt.convergence.StoppingRule`):
+    ``"two-point"`` (``rel_tol`` between two epochs ``window`` apart) or ``"means"`` (two window
+    means, two standard errors). What a fit the verdict rejects does (``overrule``, at most
+    ``max_overrules`` times, :class:`~pyro_bbt.verdict.VerdictConfig`): ``"drop"`` its rates once
+    more, or ``"restart"`` from the first rates. ``confirm_verdict``: a pass counts only when a
+    second judgement with noise of its own passes too.
 
     Optimisation: Adam at ``lr`` for the guides' locations and ``scale_lr`` for their widths
     (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch.
@@ -152,6 +160,11 @@ class ExperimentConfig:
     window: int = 5
     rel_tol: float = 1e-2
     scale_tol: float = 0.02
+    elbo_test: str = "two-point"
+    overrule: str = "drop"
+    max_overrules: int = 3
+    confirm_verdict: bool = False
+    max_epochs_b: int | None = None
     epochs: int = 5
     min_steps: int = 200
     fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
@@ -216,6 +229,16 @@ class ExperimentConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
         if not (math.isfinite(self.tau) and self.tau >= 1):
             raise ValueError(f"tau (prior broadening) must be finite and >= 1, got {self.tau!r}")
+        if self.elbo_test not in ELBO_TESTS:
+            raise ValueError(f"unknown elbo-test {self.elbo_test!r}; allowed: {', '.join(ELBO_TESTS)}")
+        if self.overrule not in OVERRULES:
+            raise ValueError(f"unknown overrule {self.overrule!r}; allowed: {', '.join(OVERRULES)}")
+        if not isinstance(self.confirm_verdict, bool):
+            raise ValueError(f"confirm-verdict must be true or false, got {self.confirm_verdict!r}")
+        if not isinstance(self.max_overrules, int) or isinstance(self.max_overrules, bool) or self.max_overrules < 0:
+            raise ValueError(f"max-overrules must be an integer >= 0, got {self.max_overrules!r}")
+        if self.max_epochs_b is not None and (not isinstance(self.max_epochs_b, int) or isinstance(self.max_epochs_b, bool) or self.max_epochs_b < self.epochs_a):
+            raise ValueError(f"max-epochs-b must be none or an integer >= epochs-a ({self.epochs_a}), got {self.max_epochs_b!r}")
         if self.verdict_tol is not None and not (isinstance(self.verdict_tol, (int, float)) and math.isfinite(self.verdict_tol) and self.verdict_tol > 0):
             raise ValueError(f"verdict-tol must be none or a finite number > 0, got {self.verdict_tol!r}")
         if self.scale_lr is not None and not (math.isfinite(self.scale_lr) and self.scale_lr > 0):
@@ -266,7 +289,7 @@ class ExperimentConfig:
         """The rule that judges every fit and, with ``max_epochs_a`` set, stops task A's."""
         cap = self.max_epochs_a if self.max_epochs_a is not None else self.epochs_a
         return StoppingRule(max_epochs=cap, min_epochs=self.epochs_a, window=self.window, rel_tol=self.rel_tol, scale_tol=self.scale_tol,
-                            lr_drops=self.lr_drops, lr_factor=self.lr_factor)
+                            lr_drops=self.lr_drops, lr_factor=self.lr_factor, elbo_test=self.elbo_test)
 
     def recipe_a(self) -> FitRecipe:
         """How q_A (and every posterior fitted "like q_A") is fitted: by :attr:`stopping_rule` from
@@ -294,10 +317,12 @@ class ExperimentConfig:
         :attr:`a_batch_size`), so that a fit on 1 % of B takes ten steps an epoch rather than
         one."""
         batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10)))
-        return FitRecipe(rule=self.stopping_rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser())
+        rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
+        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser())
 
     def _optimiser(self) -> dict:
-        verdict = None if self.verdict_tol is None else VerdictConfig(tol_per_datum=self.verdict_tol)
+        verdict = None if self.verdict_tol is None else VerdictConfig(tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
+                                                                    confirm=self.confirm_verdict)
         return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict)
 
     @property

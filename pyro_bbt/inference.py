@@ -55,7 +55,7 @@ from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
-from .verdict import VerdictConfig, can_judge, judge
+from .verdict import VerdictConfig, can_judge, judge_by
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -224,9 +224,7 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
     cost to that epoch's ``seconds``."""
     start = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
-    verdict = judge(model, guide, train_split, tol_per_datum=v.tol_per_datum, num_pairs=v.num_pairs, batch_size=v.batch_size, seed=v.seed + last.epoch,
-                    num_draws=v.num_draws, steps=v.steps, direction=v.direction, gain_when_exact_fails=v.gain_when_exact_fails)
-    last.verdict = verdict.to_dict()
+    last.verdict = judge_by(model, guide, train_split, v, v.seed + last.epoch)
     last.seconds += time.perf_counter() - start
     return last.verdict
 
@@ -309,6 +307,7 @@ def train(
     initialize_guide(guide, train_split.x.shape[1])
     kernel = {"fused": True} if fast else {"foreach": True}
     optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **kernel)
+    first_rates = [group["lr"] for group in optimizer.param_groups]
     first_epoch = step = 0
     if resume is not None:
         guide.load_state_dict(resume.guide_state)
@@ -327,9 +326,13 @@ def train(
                 verdict = history.epochs[-1].verdict or _judge_last(model, guide, train_split, config, history)
                 overruled = sum(e.verdict is not None and not e.verdict["converged"] for e in history.epochs[:-1])
                 if not verdict["converged"] and overruled < config.verdict.max_overrules:
-                    action = "drop"  # not there yet: a smaller step, and the rule's criteria again
+                    action = config.verdict.overrule  # not there yet: a smaller step (or the first rates again), and the rule's criteria again
             if action == "stop":
                 break
+            if action == "restart":
+                lr_scale = 1.0
+                for group, rate in zip(optimizer.param_groups, first_rates):
+                    group["lr"] = rate
             if action == "drop":
                 lr_scale *= config.stopping.lr_factor
                 for group in optimizer.param_groups:

@@ -5,7 +5,8 @@ and fraction of B's data, mean +- standard deviation over seeds of B's test accu
 accuracy after B, B's test NLL and ECE, and backward transfer; task A's accuracy before B; and
 the convergence diagnostics of every posterior (epochs, the stopping rule's verdict, median
 posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings.
-The README's result tables are this command's output. ``--plots`` also redraws the run's
+The result tables of docs/transfer-results.md and docs/split-mnist.md are this command's output.
+``--plots`` also redraws the run's
 figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run);
 ``--uncertainty`` adds the predictive entropy and mutual information on A's test digits after B,
 per method and fraction, and Spearman's correlation of each with forgetting. For a
@@ -223,6 +224,44 @@ def merge_seeds(runs: list[dict], names: list[str]) -> tuple[list[dict], list[st
     return merged, merged_names
 
 
+def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
+    """One A -> B run from runs of one configuration made apart for different ``--methods``,
+    ``--fractions`` or ``--seeds``: their q_A stages (one per seed; a seed's stage fitted in two runs must be the
+    same record) and units, with the summary recomputed. Runs whose configurations differ in
+    anything else, or that share a (method, fraction, seed) unit, are refused (``ValueError``)."""
+    from .experiment import summarize_units
+
+    def rest(results: dict) -> dict:
+        return {k: v for k, v in results["config"].items() if k not in ("methods", "fractions", "seeds")}
+
+    for results, name in zip(runs, names):
+        if "units" not in results:
+            raise ValueError(f"{name} is not an A -> B transfer run")
+        if rest(results) != rest(runs[0]):
+            differing = sorted(k for k in set(rest(results)) | set(rest(runs[0])) if rest(results).get(k) != rest(runs[0]).get(k))
+            raise ValueError(f"{name} and {names[0]} differ in {', '.join(differing)}: only runs that differ in --methods, --fractions or --seeds merge")
+    units, seen, stages = [], set(), {}
+    for results, name in zip(runs, names):
+        for unit in results["units"]:
+            key = (unit["method"], unit["fraction"], unit["seed"])
+            if key in seen:
+                raise ValueError(f"{name} repeats the unit {key[0]} at {key[1]:g}, seed {key[2]}: only runs of different units merge")
+            seen.add(key)
+            units.append(unit)
+        for stage in results["task_a"]:
+            key = (stage.get("kind"), stage["seed"])
+            if key in stages and stages[key] != stage:
+                raise ValueError(f"{name}'s task-A stage {key[0]} of seed {key[1]} differs from another run's: those runs were not made alike")
+            stages[key] = stage
+    methods = [m for results in runs for m in results["config"]["methods"]]
+    seeds = sorted({s for results in runs for s in results["config"]["seeds"]})
+    fractions = sorted({f for results in runs for f in results["config"].get("fractions", [])})
+    first = runs[0]
+    return {**first, "config": {**first["config"], "methods": list(dict.fromkeys(methods)), "fractions": fractions, "seeds": seeds},
+            "task_a": [stages[k] for k in sorted(stages, key=lambda k: (k[1], str(k[0])))], "units": units, "summary": summarize_units(units),
+            "warnings": [w for results in runs for w in results.get("warnings", [])]}
+
+
 def merge_split_runs(runs: list[dict]) -> list[dict]:
     """One ``results.json`` per scenario: runs of the same scenario (for example ``--methods
     transfer,finetune,ewc`` and ``--methods joint`` made apart) are merged into one whose
@@ -302,6 +341,16 @@ def convergence_lines(results: dict) -> str:
         how = "fitted by the rule and the verdict" if results["config"].get("fit_b") == "rule" else "after B's fixed budget"
         lines += ["", f"q_B converged, {how} (converged / units): " + "; ".join(
             f"{method} {fraction:g}: {sum(flags)}/{len(flags)}" for (method, fraction), flags in counts.items())]
+        judged = {}
+        for unit in results["units"]:
+            verdicts = [r["verdict"] for r in unit.get("history") or [] if r.get("verdict")]
+            if verdicts:
+                upper = verdicts[-1].get("gain_upper_per_datum")  # None: the blank-pixel check failed first, the gain was not measured
+                judged.setdefault((unit["method"], unit["fraction"]), []).append(
+                    f"s{unit['seed']} {len(verdicts)}{'*' if verdicts[-1]['converged'] else ''} ({'—' if upper is None else f'{upper:.3g}'})")
+        if judged:
+            lines += ["", "Verdicts per q_B (seed, judgements, * when the last passed, its upper bound in nats per example): " + "; ".join(
+                f"{method} {fraction:g}: {', '.join(items)}" for (method, fraction), items in judged.items())]
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines) + "\n"
@@ -409,7 +458,8 @@ def prior_scale_lines(run_dir: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
-    parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published only)")
+    parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published, --regimes, "
+                        "--learning-curves, or A -> B runs of one configuration made apart for different --methods, --fractions or --seeds, whose tables are merged)")
     parser.add_argument("--published", action="store_true",
                         help="for --sequence split runs: one table of their average accuracies beside the published numbers "
                              "(runs of one scenario with different --methods, or of one configuration with different --seeds, are merged)")
@@ -495,14 +545,25 @@ def main(argv: list[str] | None = None) -> int:
         plot_learning_curves(runs, args.learning_curves)
         print(f"wrote {args.learning_curves}")
         return 0
+    for run_dir in args.run_dir:
+        if not (run_dir / "results.json").exists():
+            print(f"{parser.prog}: error: {run_dir / 'results.json'} does not exist (run python -m pyro_bbt.transfer --out {run_dir} first)", file=sys.stderr)
+            return 2
     if len(args.run_dir) > 1:
-        print(f"{parser.prog}: error: several run directories need --published (got {len(args.run_dir)})", file=sys.stderr)
-        return 2
+        if args.plots or args.uncertainty:
+            print(f"{parser.prog}: error: --plots and --uncertainty read one run directory (got {len(args.run_dir)})", file=sys.stderr)
+            return 2
+        try:
+            merged = merge_transfer_runs([json.loads((d / "results.json").read_text()) for d in args.run_dir], [str(d) for d in args.run_dir])
+        except ValueError as error:
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 2
+        print(transfer_tables(merged), end="")
+        print(paired_lines(merged), end="")
+        print(convergence_lines(merged), end="")
+        return 0
     args.run_dir = args.run_dir[0]
     path = args.run_dir / "results.json"
-    if not path.exists():
-        print(f"{parser.prog}: error: {path} does not exist (run python -m pyro_bbt.transfer --out {args.run_dir} first)", file=sys.stderr)
-        return 2
     results = json.loads(path.read_text())
     if results.get("sequence") == "split":
         print(split_sequence_table(results), end="")

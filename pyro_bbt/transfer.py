@@ -1,6 +1,6 @@
 """``python -m pyro_bbt.transfer``: the split-MNIST transfer and forgetting experiment.
 
-Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in README.md),
+Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in docs/experiment.md),
 ``metrics.csv``, ``timing.json`` and the figures ``transfer_results.png``, ``forgetting.png``
 and ``final_accuracy.png``. ``--sequence split --scenario task|domain|class`` runs the five
 tasks of split MNIST instead (:mod:`pyro_bbt.split_sequence`, with its own ``--preset`` values)
@@ -36,11 +36,13 @@ from pathlib import Path
 import torch
 
 from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
-from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
+from .convergence import ELBO_TESTS
 from .data import SCALINGS
+from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods, check_split_protocol
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
+from .verdict import OVERRULES
 from .guides import FLOW_GUIDES, GUIDES
 from .kl_schedules import KL_SCHEDULES
 from .objectives import ESTIMATORS
@@ -133,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel-tol", type=float, help="stopping rule: relative ELBO gain over the last --window epochs below which the ELBO has converged")
     p.add_argument("--scale-tol", type=float, help="stopping rule: largest |log| change per epoch of every weight site's median sigma")
     p.add_argument("--fit-b", choices=("fixed", "rule"), help="how every Bayesian fit on B (scratch, transfer, finetune, joint) is made: fixed, the same budget of steps for all (--epochs, --min-steps at --lr; the paper preset's until now); rule, each to convergence by q_A's rule, rates and verdict, in minibatches of about a tenth of its data (EWC keeps the fixed budget)")
-    p.add_argument("--verdict-tol", type=_float_or_none, help="convergence verdict: the nats per training example the ELBO may still be able to gain (estimated from independent full-data gradients, whatever the step size) for a fit to count as converged; under the stopping rule a fit goes on at lower rates until it holds (default 0.02); none: the rule's criteria alone, which a slow step can fool (to reproduce fixed-budget regimes only)")
+    p.add_argument("--verdict-tol", type=_float_or_none, help="convergence verdict: the nats per training example the ELBO may still be able to gain (estimated from independent full-data gradients, whatever the step size) for a fit to count as converged; under the stopping rule a fit goes on (--overrule) until it holds (default 0.01); none: the rule's criteria alone, which a slow step can fool (to reproduce fixed-budget regimes only)")
     p.add_argument("--window", type=int, help="stopping rule: epochs over which both criteria must hold")
+    p.add_argument("--elbo-test", help=f"stopping rule: how the ELBO is told to have stopped rising, {' or '.join(ELBO_TESTS)} (two-point: --rel-tol between two epochs --window apart; means: the last --window epochs' mean not two standard errors above the --window before); default two-point")
+    p.add_argument("--overrule", help=f"what a fit the verdict rejects does, {' or '.join(OVERRULES)} (drop: its rates once more; restart: from the first rates, the rule's drops renewed); default drop")
+    p.add_argument("--max-overrules", type=int, help="how many times the verdict may overrule the rule's stop (default 3)")
+    p.add_argument("--confirm-verdict", action="store_const", const=True, help="a fit passes the verdict only when a second judgement, with noise of its own, passes too (a fit judged at every overrule otherwise passes on the first judgement whose noise falls low enough)")
+    p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")
     p.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2")
@@ -223,7 +230,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = None if (f.name in ("max_epochs_a", "batch_size_a", "verdict_tol") and given == "none") else given
+            values[f.name] = None if (f.name in ("max_epochs_a", "max_epochs_b", "batch_size_a", "verdict_tol") and given == "none") else given
     try:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config.guide in FLOW_GUIDES:
         print(f"{parser.prog}: warning: --guide {config.guide}: this experiment trains the flows' own parameters at the locations' "
-              f"learning rate (--lr-a, --lr), where their fits plateau or diverge (README, uncertainty study); its results with "
+              f"learning rate (--lr-a, --lr), where their fits plateau or diverge (docs/studies.md, uncertainty study); its results with "
               f"this guide are not to be trusted", file=sys.stderr)
     try:
         return _run(args, config, split, executor, parser.prog)

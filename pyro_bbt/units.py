@@ -185,6 +185,11 @@ class _StageA:
         )
 
 
+def stage_prior(saved: dict) -> Prior:
+    """The prior that ``transfer`` fits B under, from a saved q_A stage."""
+    return _StageA.from_saved(saved).prior_from_a
+
+
 def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStorage | None = None) -> _StageA:
     run = run or FitStorage()
     key = f"A-bayesian-s{seed}"

@@ -135,15 +135,17 @@ from .data import Split
 from .model import BayesianMLP
 from .objectives import closed_form_kl
 from .priors import prior_loc_scale
+from .pyro_internals import loc_and_scale
 
-__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_STEPS", "DIRECTIONS", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
+__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
            "VerdictConfig", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
-           "posterior_elbo", "fixed_noise_elbo", "judge", "can_judge"]
+           "posterior_elbo", "fixed_noise_elbo", "judge", "judge_by", "can_judge", "CONFIRMATION_SEED_OFFSET"]
 
 GAIN_ESTIMATORS = ("local", "weights")
 DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
 DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (and steps[0] / 10 where steps[0] falls)
 DIRECTIONS = ("whitened", "natural")
+OVERRULES = ("drop", "restart")
 SUPPORTED_GUIDES = "'meanfield' (AutoMeanFieldNormal) and 'normal' (AutoNormal)"
 
 Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -188,6 +190,12 @@ class VerdictConfig:
         mean sets the direction of the line search.
     :param batch_size: chunk size of the passes over the data (memory only).
     :param max_overrules: how many times the verdict may overrule the rule's stop.
+    :param confirm: a pass counts only when a second judgement, with noise of its own, passes too
+        (both recorded; the second under ``"confirmation"``). A fit judged many times (each
+        overrule) would otherwise pass on the first judgement whose noise falls low enough.
+    :param overrule: what a fit the verdict overrules does next: ``"drop"``, go on at rates
+        lowered once more; ``"restart"``, go on from the first rates with the rule's drops
+        renewed (a warm restart; Adam's moments kept).
     :param seed: the verdict's own random numbers (``seed + epoch``): judging never moves the
         training's generators, so a resumed fit stays bit-identical.
     :param num_draws: antithetic draws of the fixed-noise ELBO at each step size (``>= 2``: the
@@ -208,9 +216,13 @@ class VerdictConfig:
     steps: tuple[float, ...] = DEFAULT_STEPS
     direction: str = "whitened"
     gain_when_exact_fails: bool = False
+    overrule: str = "drop"
+    confirm: bool = False
 
     def __post_init__(self) -> None:
         _check_tol(self.tol_per_datum)
+        if self.overrule not in OVERRULES:
+            raise ValueError(f"unknown overrule {self.overrule!r}; allowed: {', '.join(OVERRULES)}")
         _check("num_pairs", self.num_pairs, 2)
         _check("batch_size", self.batch_size, 1)
         _check("max_overrules", self.max_overrules, 0)
@@ -303,7 +315,7 @@ def _read_posterior(guide, requires_grad: bool) -> Posterior:
     with torch.no_grad():
         posterior = {}
         for name, _ in guide.prototype_trace.iter_stochastic_nodes():
-            loc, scale = guide._get_loc_and_scale(name)
+            loc, scale = loc_and_scale(guide, name)
             posterior[name] = (loc.detach().clone().requires_grad_(requires_grad), scale.detach().clone().requires_grad_(requires_grad))
     return posterior
 
@@ -719,3 +731,26 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
             reasons.append(f"a step of {gain.step:.3g} along the {path} still gains {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} "
                            f"nats per example ({gain.nats:.4g} nats in all); upper bound {upper:.3g} > tol_per_datum {tol_per_datum:.3g}")
     return Verdict(not reasons, float(tol_per_datum), gain, upper, ratio, (float(low), float(high)), reasons)
+
+
+CONFIRMATION_SEED_OFFSET = 1_000_003  # the confirming judgement's noise: none of the first judgements' seeds
+
+
+def judge_by(model: BayesianMLP, guide, split: Split, config: VerdictConfig, seed: int) -> dict:
+    """:func:`judge` with ``config``'s settings and ``seed``, as a record; with ``config.confirm``,
+    a pass is judged again with noise of its own (``seed + CONFIRMATION_SEED_OFFSET``), recorded
+    under ``"confirmation"``, and counts only if that passes too."""
+
+    def judged(seed: int) -> Verdict:
+        return judge(model, guide, split, tol_per_datum=config.tol_per_datum, num_pairs=config.num_pairs, batch_size=config.batch_size, seed=seed,
+                     num_draws=config.num_draws, steps=config.steps, direction=config.direction, gain_when_exact_fails=config.gain_when_exact_fails)
+
+    verdict = judged(seed)
+    record = verdict.to_dict()
+    if config.confirm and verdict.converged:
+        confirmation = judged(seed + CONFIRMATION_SEED_OFFSET)
+        record["confirmation"] = confirmation.to_dict()
+        if not confirmation.converged:
+            record["converged"] = False
+            record["reasons"] = ["the confirming judgement: " + reason for reason in confirmation.reasons]
+    return record

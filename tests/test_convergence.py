@@ -338,6 +338,50 @@ def test_the_verdict_overrules_an_early_stop_with_further_drops(single_torch_thr
     assert report.rule_holds and not report.converged and report.verdict == judged[-1]["verdict"]
 
 
+def test_the_means_test_tells_a_slow_rise_of_a_large_elbo_from_noise():
+    """A KL-dominated ELBO near -7,000 that still rises 10 nats an epoch under scatter: the
+    two-point test calls it stopped (50 nats over 5 epochs is 0.7 %), the window means do not; a
+    flat trace with the same scatter is stopped by both."""
+    noise = [3.0, -2.0, 1.0, -4.0, 2.0, 0.0, -1.0, 4.0, -3.0, 1.0]
+    rising = [-7000.0 + 10 * t + e for t, e in enumerate(noise)]
+    flat = [-7000.0 + e for e in noise]
+    two_point, means = StoppingRule(window=5), StoppingRule(window=5, elbo_test="means")
+    assert two_point.elbo_stopped(rising) and two_point.elbo_stopped(flat)
+    assert means.elbo_stopped(rising) is False and means.elbo_stopped(flat) is True
+    gain, stderr = means.mean_gain(rising)
+    assert gain == pytest.approx(50.0 + (sum(noise[5:]) - sum(noise[:5])) / 5) and 0 < stderr < 25  # the within-window rise counts as scatter
+    assert means.elbo_stopped(rising[:9]) is None  # 2 windows needed
+    assert means.criteria_hold(flat, _medians([0.2] * 10)) and not means.criteria_hold(rising, _medians([0.2] * 10))
+    with pytest.raises(ValueError, match="unknown elbo_test 'bogus'; allowed: means, two-point"):
+        StoppingRule(elbo_test="bogus")
+
+
+def test_a_restart_renews_the_rules_drops():
+    rule = StoppingRule(max_epochs=100, min_epochs=2, window=1, rel_tol=1.0, scale_tol=1.0, lr_drops=1)
+    flat = {"elbo": -1.0, "median_scale": {"w": 0.5}}
+    dropped = [{**flat, "lr_scale": 1.0}] * 2 + [{**flat, "lr_scale": 0.3}] * 2
+    assert rule.decide(dropped) == "stop"  # its one drop taken
+    restarted = dropped + [{**flat, "lr_scale": 1.0}] * 2
+    assert rule.decide(restarted) == "drop"  # back at the first rates: the drop is due again
+
+
+def test_the_verdict_overrules_by_a_restart_at_the_first_rates(single_torch_thread):
+    """``overrule="restart"``: a fit the verdict rejects goes back to the first rates and the
+    rule's drops start over (here one drop by 0.5 before each stop)."""
+    from pyro_bbt.verdict import VerdictConfig
+
+    data = _half_blank_data()
+    rule = StoppingRule(max_epochs=60, min_epochs=3, window=2, rel_tol=10.0, scale_tol=10.0, lr_drops=1, lr_factor=0.5)
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+    config = TrainConfig(stopping=rule, lr=1e-3, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
+                         verdict=VerdictConfig(max_overrules=1, overrule="restart"), warn_unconverged=False)
+    records = train(model, guide, data, config).to_records()
+    assert [r["lr_scale"] for r in records] == [1.0] * 3 + [0.5] * 3 + [1.0] * 3 + [0.5] * 3
+    assert [r["epoch"] for r in records if r["verdict"] is not None] == [6, 12]
+    with pytest.raises(ValueError, match="unknown overrule 'later'; allowed: drop, restart"):
+        VerdictConfig(overrule="later")
+
+
 def test_train_config_converged_is_the_recipe_that_fits_to_convergence():
     config = TrainConfig.converged(batch_size=256)
     assert config.stopping == StoppingRule(max_epochs=300, lr_drops=3, lr_factor=0.3)

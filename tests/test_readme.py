@@ -1,8 +1,10 @@
-"""README.md is a contract: its Python example runs, and its command lines parse."""
+"""README.md and docs/*.md are a contract: README's Python example runs, every command line in them
+parses and names a tool that exists, README stays short, and every relative link resolves."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 from pathlib import Path
@@ -11,18 +13,21 @@ import pyro
 import pytest
 
 from conftest import load_benchmark
-from pyro_bbt import report, studies, transfer
+from pyro_bbt import rejudge, report, studies, transfer
 from pyro_bbt.priors import PerSitePrior
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# README.md and the pages under docs/ that the bulk of it moved to: their commands are checked alike.
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+README_MAX_LINES = 300
 bench = load_benchmark("bench")
 # The command-line tools outside the package, run as ``python <path>`` from the repository's root.
 SCRIPTS = {"bench": "benchmarks/bench.py"}
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 def _command(module: str) -> list[str]:
@@ -31,15 +36,17 @@ def _command(module: str) -> list[str]:
     return ["python", SCRIPTS[module]] if module in SCRIPTS else ["python", "-m", f"pyro_bbt.{module}"]
 
 
-def _commands(module: str) -> list[list[str]]:
-    """Arguments of every line that runs ``module`` (:func:`_command`) in the README's bash blocks."""
+def _commands(module: str) -> list[tuple[str, list[str]]]:
+    """(page, arguments) of every line that runs ``module`` (:func:`_command`) in the bash blocks of
+    README.md and docs/*.md (:data:`PAGES`)."""
     prefix = _command(module)
     commands = []
-    for block in _blocks("bash"):
-        for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:len(prefix)] == prefix:
-                commands.append(words[len(prefix):])
+    for page, text in PAGES.items():
+        for block in _blocks("bash", text):
+            for line in block.splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:len(prefix)] == prefix:
+                    commands.append((page, words[len(prefix):]))
     return commands
 
 
@@ -62,20 +69,66 @@ def test_python_api_example_runs(single_torch_thread):
 
 @pytest.mark.parametrize(
     "module, parser",
-    [("transfer", transfer.build_parser), ("bench", bench.build_parser), ("studies", studies.build_parser), ("report", report.build_parser)],
+    [("transfer", transfer.build_parser), ("bench", bench.build_parser), ("studies", studies.build_parser), ("report", report.build_parser),
+     ("rejudge", rejudge.build_parser)],
 )
 def test_readme_command_lines_parse(module, parser):
     commands = _commands(module)
-    assert commands, f"no {' '.join(_command(module))} command in README.md"
-    for args in commands:
-        parser().parse_args(args)  # argparse exits (SystemExit) on an unknown flag or bad value
+    assert commands, f"no {' '.join(_command(module))} command in README.md or docs/*.md"
+    for page, args in commands:
+        try:
+            parser().parse_args(args)  # argparse exits (SystemExit) on an unknown flag or bad value
+        except SystemExit:
+            pytest.fail(f"{page}: {' '.join(_command(module) + args)} does not parse")
 
 
 def test_readme_names_only_commands_that_exist():
-    """Every ``python -m pyro_bbt.<x>`` in README.md (prose or code) names a module of the package, and
-    every ``python <path>.py`` a file of the repository: a moved or renamed tool leaves no stale command."""
-    modules = set(re.findall(r"python -m (pyro_bbt(?:\.\w+)+)", README))
-    scripts = set(re.findall(r"python ([\w./-]+\.py)\b", README))
-    assert modules and scripts, "the README names no command; this test reads nothing"
-    assert sorted(m for m in modules if importlib.util.find_spec(m) is None) == []
-    assert sorted(s for s in scripts if not (ROOT / s).is_file()) == []
+    """Every ``python -m pyro_bbt.<x>`` in README.md and docs/*.md (prose or code) names a module of the
+    package, and every ``python <path>.py`` a file of the repository: a moved or renamed tool leaves no
+    stale command."""
+    modules = {(page, m) for page, text in PAGES.items() for m in re.findall(r"python -m (pyro_bbt(?:\.\w+)+)", text)}
+    scripts = {(page, s) for page, text in PAGES.items() for s in re.findall(r"python ([\w./-]+\.py)\b", text)}
+    assert modules and scripts, "README.md and docs/*.md name no command; this test reads nothing"
+    assert sorted((page, m) for page, m in modules if importlib.util.find_spec(m) is None) == []
+    assert sorted((page, s) for page, s in scripts if not (ROOT / s).is_file()) == []
+
+
+def test_readme_is_short():
+    """README.md says what the project is, how to start and what it found; the rest lives in docs/."""
+    lines = len(README.splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (at most {README_MAX_LINES}): move material to docs/"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors of every heading outside code blocks, repeated ones numbered as GitHub does."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M):
+        slug = _slug(heading)
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_relative_links_resolve():
+    """Every relative link and image of README.md and docs/*.md points to a file of the repository (a
+    docs page's images are ``../figs/...``), and every ``#anchor`` into a Markdown page to one of its headings."""
+    broken, links = [], 0
+    for page, text in PAGES.items():
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            links += 1
+            path, _, anchor = target.partition("#")
+            file = ((ROOT / page).parent / path).resolve() if path else ROOT / page
+            if not file.is_file():
+                broken.append(f"{page}: {target} (no file {os.path.relpath(file, ROOT)})")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+                broken.append(f"{page}: {target} (no heading #{anchor})")
+    assert links, "README.md and docs/*.md link nothing; this test reads nothing"
+    assert broken == []

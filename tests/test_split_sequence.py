@@ -292,7 +292,7 @@ def test_cli_class_scenario_writes_results_table_and_figures(tmp_path, capsys):
     assert published_rows and published.count("| class |") == len(SPLIT_METHODS) + len(published_rows)
     assert "| class | SI (c 600) | 19.79 ± 0.22 | — | — | Hsu et al.'s released log, GT-RIPL/Continual-Learning-Benchmark@851b474 " in published
     assert "VCL" not in published and "Table 2" not in published  # the task and domain scenarios' rows stay out
-    assert report_main([str(out), str(tmp_path)]) == 2 and "several run directories need --published" in capsys.readouterr().err
+    assert report_main([str(out), str(tmp_path)]) == 2 and "results.json does not exist" in capsys.readouterr().err
     assert report_main([str(out), str(tmp_path), "--published"]) == 2 and "is missing" in capsys.readouterr().err
 
 

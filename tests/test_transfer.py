@@ -17,7 +17,7 @@ from pyro_bbt.guides import initialize_guide, make_guide, posterior_as_prior, po
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.priors import GaussianPrior, PerSitePrior
-from pyro_bbt.transfer import CSV_COLUMNS, main
+from pyro_bbt.transfer import CSV_COLUMNS, build_parser, config_from_args, main
 
 TINY = [
     "--limit-train", "300", "--limit-eval", "200", "--hidden", "16", "--epochs", "1", "--epochs-a", "1",
@@ -114,11 +114,26 @@ def test_initialize_guide_creates_parameters():
         ({"scale_lr": 0.0}, "scale-lr"),
         ({"mixture_pi": 1.5}, "mixture-pi"),
         ({"rel_tol": -1.0}, "rel-tol"),
+        ({"elbo_test": "slope"}, "elbo-test 'slope'; allowed: means, two-point"),
+        ({"overrule": "never"}, "overrule 'never'; allowed: drop, restart"),
+        ({"max_overrules": -1}, "max-overrules"),
+        ({"max_epochs_b": 2}, "max-epochs-b"),
     ],
 )
 def test_experiment_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**kwargs)
+
+
+def test_b_fits_take_the_rules_test_overrule_and_cap_from_the_config():
+    config = ExperimentConfig(fit_b="rule", elbo_test="means", overrule="restart", max_overrules=7, max_epochs_b=900, confirm_verdict=True)
+    recipe = config.recipe_b_converged(265)
+    assert (recipe.rule.elbo_test, recipe.rule.max_epochs, recipe.cap) == ("means", 900, 900)
+    assert (recipe.verdict.overrule, recipe.verdict.max_overrules, recipe.verdict.confirm) == ("restart", 7, True)
+    assert config_from_args(build_parser().parse_args(["--confirm-verdict", "--overrule", "restart"])).confirm_verdict
+    assert not config_from_args(build_parser().parse_args([])).confirm_verdict
+    assert config.recipe_a().rule.max_epochs == config.max_epochs_a and config.recipe_a().rule.elbo_test == "means"
+    assert ExperimentConfig(fit_b="rule").recipe_b_converged(265).cap == ExperimentConfig.max_epochs_a  # none: q_A's cap
 
 
 def test_cli_end_to_end_writes_files_with_schema(tmp_path):
@@ -176,6 +191,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["--fractions", "abc"], "abc"),
         (["--preset", "huge"], "huge"),
         (["--tau", "0.5"], "tau"),
+        (["--elbo-test", "slope"], "elbo-test 'slope'"),
+        (["--overrule", "never"], "overrule 'never'"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
@@ -268,6 +285,39 @@ def test_report_tables_show_mean_and_std_per_method_and_fraction(tmp_path, capsy
     assert "| scratch | 0.3500 ± 0.0707 |" in out
     assert "Task A test accuracy before B (bayesian net): 0.9900" in out
     assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_merges_runs_made_apart_for_different_methods(tmp_path, capsys):
+    from pyro_bbt.experiment import summarize_units
+    from pyro_bbt.report import main as report_main
+
+    def unit(method, seed, b, a, judged):
+        history = [{"epoch": e, "verdict": {"converged": ok, "gain_upper_per_datum": upper}} for e, (ok, upper) in enumerate(judged, 1)]
+        return {"method": method, "fraction": 0.1, "seed": seed, "status": "ok", "b_test": {"accuracy": b, "nll": 0.5, "ece": 0.01},
+                "a_test_after": {"accuracy": a}, "backward_transfer": None, "history": history,
+                "convergence": {"converged": judged[-1][0]}}
+
+    def write(name, methods, units, stages, lr=1e-3):
+        config = {"methods": methods, "seeds": [0, 1], "lr": lr, "fit_b": "rule"}
+        results = {"config": config, "summary": summarize_units(units), "units": units, "task_a": stages}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        return str(tmp_path / name)
+
+    q_a = [{"kind": "bayesian", "seed": 0, "a_test": {"accuracy": 0.99}}, {"kind": "deterministic", "seed": 0, "a_test": {"accuracy": 0.98}}]
+    scratch = write("scratch", ["scratch"], [unit("scratch", 0, 0.90, 0.30, [(False, 0.05), (True, 0.009)]),
+                                             unit("scratch", 1, 0.80, 0.40, [(False, 0.07)])], [])
+    transfer = write("transfer", ["transfer"], [unit("transfer", 0, 0.70, 0.95, [(True, 0.004)])], q_a)
+    assert report_main([scratch, transfer]) == 0
+    out = capsys.readouterr().out
+    assert "| scratch | 0.8500 ± 0.0707 |" in out and "| transfer | 0.7000 ± 0.0000 |" in out
+    assert "| transfer − scratch | 0.1 | -0.200 | +0.650 | 1 |" in out  # paired on the seed both ran
+    assert "scratch 0.1: s0 2* (0.009), s1 1 (0.07); transfer 0.1: s0 1* (0.004)" in out
+    other = write("other", ["finetune"], [unit("finetune", 0, 0.5, 0.2, [(True, 0.001)])], [], lr=1e-2)
+    assert report_main([scratch, other]) == 2 and "differ in lr" in capsys.readouterr().err
+    again = write("again", ["finetune"], [unit("finetune", 0, 0.5, 0.2, [(True, 0.001)])], [{**q_a[0], "a_test": {"accuracy": 0.5}}])
+    assert report_main([transfer, again]) == 2 and "task-A stage bayesian of seed 0 differs" in capsys.readouterr().err
+    assert report_main([scratch, scratch]) == 2 and "repeats the unit scratch at 0.1, seed 0" in capsys.readouterr().err
 
 
 def test_report_plots_redraws_the_figures_of_a_cli_run(tmp_path):

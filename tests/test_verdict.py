@@ -19,8 +19,8 @@ from pyro_bbt.data import Split
 from pyro_bbt.fused import mean_field_loc_rho
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.objectives import LocalReparameterizationELBO, WeightSamplingELBO
-from pyro_bbt.verdict import (VerdictConfig, _read_posterior, elbo_gradient, fixed_noise_elbo, judge, line_search_gain, natural_direction,
-                              posterior_elbo, remaining_gain, step_posterior, whitened_direction)
+from pyro_bbt.verdict import (CONFIRMATION_SEED_OFFSET, VerdictConfig, _read_posterior, elbo_gradient, fixed_noise_elbo, judge, judge_by,
+                              line_search_gain, natural_direction, posterior_elbo, remaining_gain, step_posterior, whitened_direction)
 
 SIZES = (784, 16, 3)
 LONG_PHASES = ((60, 1e-2), (60, 3e-3), (100, 1e-3), (100, 3e-4))  # (epochs, lr); widths at 3 lr
@@ -111,6 +111,27 @@ def test_a_long_fit_gains_nothing_and_the_gain_is_a_lower_bound(mnist3, long_fit
     fit(model, guide, data, ((100, 1e-3), (100, 3e-4)))
     improvement = fixed_noise_elbo(model, guide, data) - before
     assert 0.4 * improvement < gain.nats < 1.1 * improvement, (gain, improvement)
+
+
+def test_a_confirmed_pass_needs_a_second_judgement_with_noise_of_its_own(mnist3, long_fit, single_torch_thread):
+    """With ``confirm``, a pass is judged again with another seed; a tolerance between the two
+    judgements' upper bounds passes the first and fails the confirmation, so the fit is not
+    converged and both are recorded. Without ``confirm`` the record is the one judgement's."""
+    data = mnist3[0]
+    model, guide = loaded(long_fit)
+    scale_widths(guide, 0.95)  # a few nats to gain (blank-pixel ratio 0.95, inside the bounds)
+    uppers = {seed: judge(model, guide, data, seed=seed).to_dict()["gain_upper_per_datum"] for seed in range(6)}
+    confirming = {seed: judge(model, guide, data, seed=seed + CONFIRMATION_SEED_OFFSET).to_dict()["gain_upper_per_datum"] for seed in range(6)}
+    seed = next(s for s in range(6) if uppers[s] < confirming[s])
+    tol = (uppers[seed] + confirming[seed]) / 2
+    plain = judge_by(model, guide, data, VerdictConfig(tol_per_datum=tol), seed)
+    assert plain["converged"] and "confirmation" not in plain and plain == judge(model, guide, data, tol_per_datum=tol, seed=seed, gain_when_exact_fails=False).to_dict()
+    confirmed = judge_by(model, guide, data, VerdictConfig(tol_per_datum=tol, confirm=True), seed)
+    assert not confirmed["converged"] and confirmed["gain"] == plain["gain"]
+    assert not confirmed["confirmation"]["converged"] and confirmed["confirmation"]["gain_upper_per_datum"] == pytest.approx(confirming[seed])
+    assert confirmed["reasons"][0].startswith("the confirming judgement: ")
+    both = judge_by(model, guide, data, VerdictConfig(tol_per_datum=2 * max(uppers[seed], confirming[seed]), confirm=True), seed)
+    assert both["converged"] and both["confirmation"]["converged"]
 
 
 def test_the_gain_is_an_improvement_a_step_achieves(mnist3, long_fit, single_torch_thread):
