@@ -101,9 +101,10 @@ class TrainConfig:
         the ELBO could still gain, estimated from independent full-data gradients whatever the
         step size, and the blank-pixel check. Judged at the end of the fit and, under ``stopping``,
         each time the rule would stop: a fit the verdict does not call converged goes on with
-        both rates multiplied by ``stopping.lr_factor`` once more (at most
-        ``verdict.max_overrules`` times). Each judgement is recorded in that epoch's
-        ``verdict``. ``None``: no verdict (a deliberate fixed budget, say).
+        both rates multiplied by ``stopping.lr_factor`` once more, or, with
+        ``verdict.overrule="restart"``, from the first rates with the rule's drops renewed (at
+        most ``verdict.max_overrules`` times). Each judgement is recorded in that epoch's
+        ``verdict`` (with ``verdict.confirm``, a pass and its confirming judgement). ``None``: no verdict (a deliberate fixed budget, say).
     :param warn_unconverged: warn (:class:`UnconvergedFitWarning`) when the fit returned is not
         converged by the verdict. Callers that record the verdict themselves turn it off.
 
