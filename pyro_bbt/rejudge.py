@@ -35,7 +35,12 @@ __all__ = ["saved_config", "rejudge", "main"]
 def saved_config(run_dir: Path) -> tuple[ExperimentConfig, dict]:
     """The :class:`ExperimentConfig` of ``run_dir/config.json`` (lists as tuples; fields the file
     predates take their defaults) and the file's configuration as saved (what its store checks)."""
-    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{run_dir / 'config.json'} is damaged ({type(error).__name__}: {error})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{run_dir / 'config.json'} is damaged (not a JSON object)")
     saved.pop("preset", None)
     if saved.get("sequence") is not None:
         raise ValueError(f"{run_dir} is a --sequence run; rejudge reads A -> B runs")
@@ -52,13 +57,14 @@ def rejudge(run_dir: Path, key: str, times: int = 4) -> dict:
     if key not in specs:
         raise ValueError(f"no unit {key!r} in {run_dir}; its units: {', '.join(specs)}")
     spec = specs[key]
-    if spec.method == "ewc" or config.verdict_tol is None:
-        raise ValueError(f"unit {key!r} has no verdict to check (EWC's nets, or a run with --verdict-tol none)")
-    unit_path = run_dir / "units" / f"{key}.json"
-    if not unit_path.exists():
-        raise ValueError(f"{unit_path} does not exist: the unit has not finished")
-    recorded = json.loads(unit_path.read_text())["record"]
-    stage_state = RunStore(run_dir, saved).stage(spec.needs) if spec.needs is not None else None
+    if spec.method not in ("scratch", "transfer", "finetune") or config.verdict_tol is None:
+        raise ValueError(f"unit {key!r} cannot be judged again: rejudge reads scratch, transfer and finetune units of a run with a verdict "
+                         "(EWC's nets have none; joint fits A and B together)")
+    store = RunStore(run_dir, saved)  # checks each file's format, key and configuration
+    recorded = store.record(key)
+    if recorded is None or recorded["status"] != "ok":
+        raise ValueError(f"unit {key!r} of {run_dir} has not finished, or failed: nothing to judge")
+    stage_state = store.stage(spec.needs) if spec.needs is not None else None
     last: dict = {}
     record = run_unit(config, spec, stage_state, on_checkpoint=lambda _key, data: last.update(data))
     verdict = record["convergence"]["verdict"]

@@ -554,7 +554,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: error: --plots and --uncertainty read one run directory (got {len(args.run_dir)})", file=sys.stderr)
             return 2
         try:
-            merged = merge_transfer_runs([json.loads((d / "results.json").read_text()) for d in args.run_dir], [str(d) for d in args.run_dir])
+            runs = []
+            for run_dir in args.run_dir:
+                try:
+                    runs.append(json.loads((run_dir / "results.json").read_text()))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{run_dir / 'results.json'} is damaged ({error})") from None
+            merged = merge_transfer_runs(runs, [str(d) for d in args.run_dir])
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2

@@ -318,6 +318,8 @@ def test_report_merges_runs_made_apart_for_different_methods(tmp_path, capsys):
     again = write("again", ["finetune"], [unit("finetune", 0, 0.5, 0.2, [(True, 0.001)])], [{**q_a[0], "a_test": {"accuracy": 0.5}}])
     assert report_main([transfer, again]) == 2 and "task-A stage bayesian of seed 0 differs" in capsys.readouterr().err
     assert report_main([scratch, scratch]) == 2 and "repeats the unit scratch at 0.1, seed 0" in capsys.readouterr().err
+    (tmp_path / "other" / "results.json").write_text("{")
+    assert report_main([scratch, other]) == 2 and "other/results.json is damaged" in capsys.readouterr().err
 
 
 def test_report_plots_redraws_the_figures_of_a_cli_run(tmp_path):
