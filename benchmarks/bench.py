@@ -141,7 +141,6 @@ the median over rounds of each round's median epoch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -164,6 +163,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 
+from bench_common import INSTALL_HINT, load_average, missing_package, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
 from pyro_bbt.ewc import MLP
@@ -203,7 +203,6 @@ PEER = "peer"
 EVAL_SAMPLES = 8
 PREDICT_SAMPLES = 32  # prediction timing: the predictive mean over 32 weight samples of task A's test set
 PREDICT_REPEATS = 1  # per round; the report takes the median over rounds
-INSTALL_HINT = 'pip install -e ".[bench]"'
 MIB = 1024 * 1024
 
 
@@ -261,36 +260,11 @@ CONFIGS: dict[str, BenchConfig] = {
 }
 
 
-def missing_package(config: BenchConfig) -> str | None:
-    """The pip package that ``config`` needs and this environment cannot import (``None``: runnable)."""
-    if config.module is None:
-        return None
-    try:
-        found = importlib.util.find_spec(config.module) is not None
-    except (ImportError, ValueError):  # a missing parent package of a dotted name
-        found = False
-    return None if found else (config.package or config.module)
-
-
 def select_configs(names: Sequence[str] | None, configs: Mapping[str, BenchConfig] = CONFIGS) -> tuple[list[str], list[str]]:
-    """The configurations to run, and one line for each one skipped.
-
-    ``names=None`` (no ``--configs``) selects every configuration in ``configs``, skipping those
-    whose package is missing. Naming such a configuration explicitly raises ``ValueError``
-    naming its package.
-    """
-    selected, skipped, refused = [], [], []
-    for name in list(configs) if names is None else names:
-        package = missing_package(configs[name])
-        if package is None:
-            selected.append(name)
-        elif names is None:
-            skipped.append(f"{name}: skipped, package {package} is not installed ({INSTALL_HINT})")
-        else:
-            refused.append(f"{name} needs package {package}")
-    if refused:
-        raise ValueError(f"not installed: {'; '.join(refused)} ({INSTALL_HINT})")
-    return selected, skipped
+    """The configurations to run, and one line for each one skipped
+    (:func:`bench_common.select_available`): ``names=None`` (no ``--configs``) selects every
+    configuration, skipping those whose package is missing; naming such a one raises."""
+    return select_available(names, configs)
 
 
 @dataclass(frozen=True)
@@ -346,14 +320,6 @@ def peak_rss_mib() -> tuple[float, str]:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return maxrss * scale / MIB, "ru_maxrss"
-
-
-def load_average() -> float | None:
-    """The 1-minute load average of the machine (``None`` where unavailable)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def current_rss_mib() -> float | None:
@@ -935,16 +901,6 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
 # ------------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _config_list(text: str) -> list[str]:
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in CONFIGS]
@@ -963,18 +919,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"first {QUICK_TRAIN_SIZE} training images and {QUICK_EPOCHS} epochs (unless given)")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"epochs per configuration (default {DEFAULT_EPOCHS}; {QUICK_EPOCHS} with --quick)")
-    parser.add_argument("--train-size", type=_positive_int, default=None,
+    parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training images (default: all; "
                              f"{QUICK_TRAIN_SIZE} with --quick)")
     parser.add_argument("--configs", type=_config_list, default=None,
                         help=f"comma-separated subset of: {', '.join(CONFIGS)} (default: all, skipping the "
                              f"peers whose package is not installed: {INSTALL_HINT})")
-    parser.add_argument("--rounds", type=_positive_int, default=None,
+    parser.add_argument("--rounds", type=positive_int, default=None,
                         help=f"interleaved rounds: every configuration runs once per round, in turn, and its median is the median "
                              f"over rounds (default {DEFAULT_ROUNDS}; 1 with --quick)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads in every configuration (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the minibatch order")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON output (default bench.json)")

@@ -46,6 +46,7 @@ __all__ = [
     "uninformed_scale_ratio",
     "assess_convergence",
     "check_posterior",
+    "elbo_test_text",
 ]
 
 
@@ -235,7 +236,10 @@ class ConvergenceReport:
 
     ``elbo_trace`` holds one entry per epoch (the per-epoch medians are in the fit's history); ``last_scale_drift`` is
     each site's ``|log m_t - log m_{t-1}|`` over the last epoch; ``elbo_gain`` the relative gain
-    over the rule's window (``None`` when too few epochs ran to judge).
+    over the rule's window (``None`` when too few epochs ran to judge); ``elbo_mean_gain``, for a
+    rule whose ``elbo_test`` is ``"means"``, the statistic that test judged: the last ``window``
+    epochs' mean ELBO minus the ``window`` before's, and its standard error, in nats (``None``
+    for ``"two-point"`` or too few epochs).
     """
 
     converged: bool
@@ -249,17 +253,35 @@ class ConvergenceReport:
     rule: dict | None = None
     rule_holds: bool | None = None
     verdict: dict | None = None
+    elbo_mean_gain: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        gain = "n/a" if self.elbo_gain is None else f"{self.elbo_gain:.2%}"
+        gain = elbo_test_text(self.to_dict())
         ratio = "n/a" if self.uninformed_scale_ratio is None else f"{self.uninformed_scale_ratio:.3f}"
         sigma = ", ".join(f"{site} {value:.3g}" for site, value in self.median_scale.items())
         verdict = "" if self.verdict is None else ("; verdict: converged" if self.verdict["converged"] else "; verdict: " + "; ".join(self.verdict["reasons"]))
         return (f"{'converged' if self.converged else 'NOT converged'} after {self.epochs} epochs: ELBO gain over the last "
                 f"{(self.rule or {}).get('window', '?')} epochs {gain}; median sigma {sigma}; uninformed-weight sigma ratio {ratio}{verdict}")
+
+
+def elbo_test_text(report: dict) -> str:
+    """The statistic a :class:`ConvergenceReport` (as a dict, e.g. from results.json)'s ELBO test
+    judged, as text: ``"+12 ± 30 nats (means)"`` or ``"4.1e-03 (two-point)"``; ``"n/a"`` when too
+    few epochs ran. Reports written before the means test existed read as two-point."""
+    if (report.get("rule") or {}).get("elbo_test") == "means":
+        if report.get("elbo_mean_gain") is None:
+            return "n/a"
+        gain, stderr = report["elbo_mean_gain"]
+        return f"{gain:+.3g} ± {stderr:.2g} nats (means)"
+    return "n/a" if report.get("elbo_gain") is None else f"{report['elbo_gain']:.1e} (two-point)"
+
+
+def _mean_gain_or_none(rule: StoppingRule, elbos: list[float]) -> list[float] | None:
+    measured = rule.mean_gain(elbos) if rule.elbo_test == "means" else None
+    return None if measured is None else [float(measured[0]), float(measured[1])]
 
 
 def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio: float | None = None, max_epochs: int | None = None) -> ConvergenceReport:
@@ -284,6 +306,7 @@ def assess_convergence(history: list[dict], rule: StoppingRule, uninformed_ratio
         max_epochs=max_epochs,
         elbo_trace=elbos,
         elbo_gain=rule.elbo_gain([record["elbo"] for record in phase]),
+        elbo_mean_gain=_mean_gain_or_none(rule, [record["elbo"] for record in phase]),
         median_scale=medians[-1] if medians else {},
         last_scale_drift=last_drift,
         uninformed_scale_ratio=uninformed_ratio,

@@ -11,7 +11,8 @@ An executor runs :class:`Job` s (a picklable function and its arguments) and han
   of memory, ``os._exit``) fails the job it was running, with its exit code in the error, and is
   replaced; the other jobs go on.
 * :class:`~pyro_bbt.ray_executor.RayExecutor` (``make_executor("ray", ...)``) runs jobs as Ray
-  tasks, on a local Ray it starts or on a cluster; it lives in :mod:`pyro_bbt.ray_executor`,
+  tasks, on a local Ray it starts or on a cluster, and has Ray run a job again (a few times, by
+  default) when its worker process or node dies; it lives in :mod:`pyro_bbt.ray_executor`,
   imported only when asked for, because Ray is an optional extra (``pip install -e ".[ray]"``).
 
 A job may report to the driver while it runs through the callable :meth:`Executor.forwarder`
@@ -324,21 +325,23 @@ class ProcessExecutor:
 
 
 def make_executor(name: str, workers: int = 1, threads: int = 1, *, ray_address: str | None = None,
-                  gpus_per_unit: float = 0.0) -> Executor:
+                  gpus_per_unit: float = 0.0, ray_retries: int | None = None) -> Executor:
     """The executor called ``name`` (one of :data:`EXECUTORS`); ``ValueError`` naming the value
     and the choices otherwise. ``workers`` counts for ``processes`` and ``ray`` only;
-    ``ray_address`` and ``gpus_per_unit`` are :class:`~pyro_bbt.ray_executor.RayExecutor`'s
-    ``address`` and ``gpus_per_unit`` (``ValueError`` if set for another executor). ``ray``
-    starts or connects to Ray at once, and raises :class:`ExecutorUnavailableError` when Ray is
-    not installed or the cluster cannot run the units."""
+    ``ray_address``, ``gpus_per_unit`` and ``ray_retries`` are
+    :class:`~pyro_bbt.ray_executor.RayExecutor`'s ``address``, ``gpus_per_unit`` and
+    ``max_retries`` (``None``: its default), and a ``ValueError`` if set for another executor.
+    ``ray`` starts or connects to Ray at once, and raises :class:`ExecutorUnavailableError`
+    when Ray is not installed or the cluster cannot run the units."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
-    if name != "ray" and (ray_address is not None or gpus_per_unit):
-        raise ValueError(f"ray_address and gpus_per_unit are settings of the ray executor, not of {name!r}")
+    if name != "ray" and (ray_address is not None or gpus_per_unit or ray_retries is not None):
+        raise ValueError(f"ray_address, gpus_per_unit and ray_retries are settings of the ray executor, not of {name!r}")
     if name == "serial":
         return SerialExecutor(threads)
     if name == "processes":
         return ProcessExecutor(workers, threads)
-    from .ray_executor import RayExecutor  # Ray is optional: imported only when asked for
+    from .ray_executor import DEFAULT_MAX_RETRIES, RayExecutor  # Ray is optional: imported only when asked for
 
-    return RayExecutor(workers, threads, address=ray_address, gpus_per_unit=gpus_per_unit)
+    retries = DEFAULT_MAX_RETRIES if ray_retries is None else ray_retries
+    return RayExecutor(workers, threads, address=ray_address, gpus_per_unit=gpus_per_unit, max_retries=retries)

@@ -34,12 +34,20 @@ What :class:`RayExecutor` does, precisely:
   handler sees every message of a job before its result, as with the other executors. So
   ``--resume`` continues an interrupted unit from its last epoch under Ray too.
 * **Failures.** A job that raises becomes a result with the traceback as ``error``, as with
-  the other executors. A task that Ray cannot finish -- its worker process died (killed, out
-  of memory, ``os._exit``), its node died, its result could not be serialised -- is **not
-  retried** (``max_retries=0``): it becomes a result whose ``error`` names the job and Ray's
-  error (``Ray task for KEY failed: WorkerCrashedError: ...``), and the other jobs go on. The
+  the other executors, and is never retried (``retry_exceptions=False``: it would raise again).
+  A task whose worker process dies (killed, out of memory, ``os._exit``) or whose node dies
+  is retried by Ray up to ``max_retries`` times (default :data:`DEFAULT_MAX_RETRIES`), on any
+  node that has the CPUs and GPUs it asks for: the retry runs the job again from its start,
+  with the arguments it was submitted with (the checkpoint it began from, not the last one it
+  forwarded), and gives the same result, since a job is a pure function of its arguments. A
+  task that still cannot finish after that (or at once with ``max_retries=0``), or whose
+  result cannot be serialised, becomes a result whose ``error`` names the job and Ray's error
+  (``Ray task for KEY failed: WorkerCrashedError: ...``), and the other jobs go on. The
   driver records such a unit as failed without saving it, so a resume runs it again, from its
   last forwarded checkpoint.
+* **The driver's node.** The checkpoint queue's actor is placed on the driver's node, so
+  losing any other node loses no message; the values :meth:`~RayExecutor.share` puts live
+  there too (``ray.put`` stores them where it is called).
 """
 
 from __future__ import annotations
@@ -55,9 +63,12 @@ import torch
 
 from .executors import ExecutorUnavailableError, Job, JobResult, check_positive_int, run_job
 
-__all__ = ["RayExecutor", "import_ray", "check_reachable", "RAY_INSTALL_HINT"]
+__all__ = ["RayExecutor", "import_ray", "check_reachable", "check_retries", "RAY_INSTALL_HINT", "DEFAULT_MAX_RETRIES"]
 
 RAY_INSTALL_HINT = 'pip install -e ".[ray]"'
+# Times Ray runs a task again after its worker process or node died (a killed node is a
+# cluster's common failure); Ray's own default for tasks too. A job that raises is not retried.
+DEFAULT_MAX_RETRIES = 3
 POLL_SECONDS = 0.2  # how often the driver drains the checkpoint queue while tasks run
 
 
@@ -94,8 +105,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                                        "start its head there with `ray start --head` or fix --ray-address") from None
 
 
-AUTH_HINT = ("if the cluster uses token authentication (Ray >= 2.59's `ray start --head` turns it on and writes the token to "
-             "~/.ray/auth_token), set RAY_AUTH_MODE=token in this shell, with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+AUTH_HINT = ("if the cluster uses token authentication (Ray 2.60's `ray start --head` turns it on with RAY_AUTH_MODE=token, or by "
+             "itself when ~/.ray/auth_token exists), set RAY_AUTH_MODE=token in this shell, with the head's token in ~/.ray/auth_token "
+             "or RAY_AUTH_TOKEN (or start the cluster with RAY_AUTH_MODE=disabled)")
 
 
 def connect_hint(environ: Mapping[str, str]) -> str:
@@ -122,6 +134,13 @@ class _QueueForwarder:
         self.queue.put((key, data))
 
 
+def check_retries(max_retries: int) -> int:
+    """``max_retries`` if it is an integer >= 0 (not a bool); else a ``ValueError`` naming it."""
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise ValueError(f"Ray task retries must be an integer >= 0, got {max_retries!r}")
+    return max_retries
+
+
 def _check_gpus(gpus_per_unit: float) -> float:
     """``gpus_per_unit`` if Ray can ask for it: a number >= 0, whole when above 1."""
     if isinstance(gpus_per_unit, bool) or not isinstance(gpus_per_unit, (int, float)) or not math.isfinite(gpus_per_unit) \
@@ -132,13 +151,16 @@ def _check_gpus(gpus_per_unit: float) -> float:
 
 class RayExecutor:
     """Runs jobs as Ray tasks, at most ``workers`` at a time, each with ``threads`` torch
-    threads, ``threads`` CPUs and ``gpus_per_unit`` GPUs of Ray's; see the module's docstring
-    for Ray's lifetime, the data path, forwarding and failures."""
+    threads, ``threads`` CPUs and ``gpus_per_unit`` GPUs of Ray's, run again up to
+    ``max_retries`` times when its worker process or node dies; see the module's docstring for
+    Ray's lifetime, the data path, forwarding and failures."""
 
-    def __init__(self, workers: int = 1, threads: int = 1, *, address: str | None = None, gpus_per_unit: float = 0.0) -> None:
+    def __init__(self, workers: int = 1, threads: int = 1, *, address: str | None = None, gpus_per_unit: float = 0.0,
+                 max_retries: int = DEFAULT_MAX_RETRIES) -> None:
         self.workers = check_positive_int("workers", workers)
         self.threads = check_positive_int("threads per unit", threads)
         self.gpus_per_unit = _check_gpus(gpus_per_unit)
+        self.max_retries = check_retries(max_retries)
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise ValueError(f"the Ray address must be HOST:PORT or auto, got {address!r}")
         self.address = address
@@ -168,7 +190,7 @@ class RayExecutor:
         except ExecutorUnavailableError:
             self.close()
             raise
-        self._remote = ray.remote(max_retries=0, retry_exceptions=False)(_run_in_worker)
+        self._remote = ray.remote(max_retries=self.max_retries, retry_exceptions=False)(_run_in_worker)
 
     def _check_resources(self) -> None:
         """Refuse a Ray whose whole cluster cannot give one task its CPUs and GPUs (its tasks
@@ -201,8 +223,10 @@ class RayExecutor:
         self._handler = handler
         if self._queue is None:
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self._queue = Queue(actor_options={"num_cpus": 0})
+            on_this_node = NodeAffinitySchedulingStrategy(self._ray.get_runtime_context().get_node_id(), soft=False)
+            self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node})
         return _QueueForwarder(self._queue)
 
     def _drain(self) -> None:

@@ -22,6 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from .convergence import elbo_test_text
+
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
@@ -322,13 +324,13 @@ def convergence_lines(results: dict) -> str:
     """The stopping rule's verdict on every q_A, a count of converged q_B per method and fraction,
     and the run's warnings."""
     lines = ["**Convergence** (converged: the verdict, pyro_bbt.verdict, where the fit was judged; else the stopping rule's criteria)", ""]
-    lines += ["| q_A, seed | epochs (cap) | converged | ELBO gain over window | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
+    lines += ["| q_A, seed | epochs (cap) | converged | ELBO test over the window (its statistic) | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
               "|---|---|---|---|---|---|---|"]
     for stage in results["task_a"]:
         verdict = stage.get("convergence")
         if verdict is None:
             continue
-        gain = "—" if verdict["elbo_gain"] is None else f"{verdict['elbo_gain']:.1e}"
+        gain = elbo_test_text(verdict).replace("n/a", "—")
         drift = "—" if not verdict["last_scale_drift"] else f"{max(verdict['last_scale_drift'].values()):.3f}"
         ratio = "—" if verdict["uninformed_scale_ratio"] is None else f"{verdict['uninformed_scale_ratio']:.3f}"
         cap = verdict["max_epochs"] if verdict["max_epochs"] is not None else "fixed"

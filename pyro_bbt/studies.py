@@ -318,10 +318,10 @@ def ablation_base(config: StudyConfig) -> ExperimentConfig:
     """The transfer experiment's paper configuration (q_A fitted to convergence by its recipe;
     B's budget and learning rates), with the study's network, seeds, data limits and B epochs;
     ``config.max_epochs`` caps q_A's fit (smoke runs). For the paper preset it equals
-    ``python -m pyro_bbt.transfer --preset paper``'s configuration, so ``--reuse`` can read that
-    run's q_A."""
+    ``python -m pyro_bbt.transfer --preset paper-v1``'s configuration (the transfer experiment's
+    paper preset when the ablation was run), so ``--reuse`` can read that run's q_A."""
     cap = {} if config.max_epochs is None else dict(max_epochs_a=config.max_epochs, epochs_a=min(5, config.max_epochs))
-    return ExperimentConfig(**EXPERIMENT_PRESETS["paper"] | dict(hidden=config.hidden, seeds=config.seeds, eval_samples=config.eval_samples,
+    return ExperimentConfig(**EXPERIMENT_PRESETS["paper-v1"] | dict(hidden=config.hidden, seeds=config.seeds, eval_samples=config.eval_samples,
                                                                   limit_train=config.limit_train, limit_eval=config.limit_eval,
                                                                   min_steps=config.min_steps, epochs=config.epochs) | cap)
 

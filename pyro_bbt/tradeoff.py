@@ -62,8 +62,9 @@ class TradeoffConfig:
 TRADEOFF_PRESETS = {
     "quick": dict(seeds=(0,), fractions=(0.1,), taus=(1.0, 10.0), lambdas=(10.0, 1e3),
                   experiment=dict(epochs_a=1, max_epochs_a=None, batch_size_a=None, epochs=1, min_steps=50, limit_train=4000, limit_eval=2000, eval_samples=16)),
-    # The experiment's paper preset: with --reuse, the q_A of its runs (one per head) are read, not refitted.
-    "paper": dict(experiment=dict(PRESETS["paper"])),
+    # The experiment's paper preset when the study was run (paper-v1): with --reuse, the q_A of
+    # its runs (one per head) are read, not refitted.
+    "paper": dict(experiment=dict(PRESETS["paper-v1"])),
 }
 
 

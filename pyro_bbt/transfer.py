@@ -11,13 +11,14 @@ and writes ``config.json``, ``results.json``, ``timing.json``, ``split_mnist.md`
 Units run one after another in this process (``--executor serial``, the default), in a pool
 of ``--workers N`` local processes (``--executor processes``), or as Ray tasks, at most
 ``--workers N`` at a time, on a local Ray or on the cluster at ``--ray-address``
-(``--executor ray``, needs ``pip install -e ".[ray]"``); this process alone writes ``--out``,
-and the workers return their results to it. Every unit runs with ``--threads-per-unit`` torch
+(``--executor ray``, needs ``pip install -e ".[ray]"``; a unit whose worker process or node
+dies is run again, on any node, up to ``--ray-retries`` times); this process alone writes
+``--out``, and the workers return their results to it. Every unit runs with ``--threads-per-unit`` torch
 threads (default 1) whatever the executor, because torch's float results depend on the number
 of threads.
 
-Exit codes: 0 done; 1 done, but some units failed (NaN/inf, an error, a worker process or Ray
-task that died; see ``results.json``); 2 bad input, or ``--executor ray`` without Ray or with
+Exit codes: 0 done; 1 done, but some units failed (NaN/inf, an error, a worker process that
+died, or a Ray task that died more than ``--ray-retries`` times; see ``results.json``); 2 bad input, or ``--executor ray`` without Ray or with
 a cluster that cannot run the units (nothing written). ``results.json`` holds no wall-clock times (they are in
 ``timing.json``), so the same seeds, configuration and ``--threads-per-unit`` give an identical
 file whatever the executor and number of workers.
@@ -30,12 +31,14 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
+from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
@@ -91,14 +94,22 @@ def _float_or_none(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """``argparse`` type: an integer >= ``minimum``, else one line naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _gpu_fraction(text: str) -> float:
@@ -122,7 +133,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pyro_bbt.transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(SPLIT_PRESETS)), default="quick", help="quick (default, minutes on 2 cores) or paper (full protocol); with --sequence split also vcl (Nguyen et al. 2018's published split-MNIST run); flags below override it")
+    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(SPLIT_PRESETS)), default="quick", help="quick (default, minutes on 2 cores), paper (full protocol) or paper-v1 (the paper preset until 2026-12-04: two-point ELBO test, drop overrule, no confirmation); with --sequence split also vcl (Nguyen et al. 2018's published split-MNIST run); flags below override it")
     p.add_argument("--task-a", type=_ints, help="digits of task A, e.g. 0,1,2,3,4")
     p.add_argument("--task-b", type=_ints, help="digits of task B, e.g. 5,6,7,8,9 (disjoint from A)")
     p.add_argument("--methods", type=_names, help=f"comma list of {', '.join(METHODS)}")
@@ -137,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-b", choices=("fixed", "rule"), help="how every Bayesian fit on B (scratch, transfer, finetune, joint) is made: fixed, the same budget of steps for all (--epochs, --min-steps at --lr; the paper preset's until now); rule, each to convergence by q_A's rule, rates and verdict, in minibatches of about a tenth of its data (EWC keeps the fixed budget)")
     p.add_argument("--verdict-tol", type=_float_or_none, help="convergence verdict: the nats per training example the ELBO may still be able to gain (estimated from independent full-data gradients, whatever the step size) for a fit to count as converged; under the stopping rule a fit goes on (--overrule) until it holds (default 0.01); none: the rule's criteria alone, which a slow step can fool (to reproduce fixed-budget regimes only)")
     p.add_argument("--window", type=int, help="stopping rule: epochs over which both criteria must hold")
-    p.add_argument("--elbo-test", help=f"stopping rule: how the ELBO is told to have stopped rising, {' or '.join(ELBO_TESTS)} (two-point: --rel-tol between two epochs --window apart; means: the last --window epochs' mean not two standard errors above the --window before); default two-point")
-    p.add_argument("--overrule", help=f"what a fit the verdict rejects does, {' or '.join(OVERRULES)} (drop: its rates once more; restart: from the first rates, the rule's drops renewed); default drop")
-    p.add_argument("--max-overrules", type=int, help="how many times the verdict may overrule the rule's stop (default 3)")
-    p.add_argument("--confirm-verdict", action="store_const", const=True, help="a fit passes the verdict only when a second judgement, with noise of its own, passes too (a fit judged at every overrule otherwise passes on the first judgement whose noise falls low enough)")
-    p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a")
+    p.add_argument("--elbo-test", help=f"stopping rule: how the ELBO is told to have stopped rising, {' or '.join(ELBO_TESTS)} (two-point: --rel-tol between two epochs --window apart; means: the last --window epochs' mean not two standard errors above the --window before); default two-point, means in the paper preset")
+    p.add_argument("--overrule", help=f"what a fit the verdict rejects does, {' or '.join(OVERRULES)} (drop: its rates once more; restart: from the first rates, the rule's drops renewed); default drop, restart in the paper preset")
+    p.add_argument("--max-overrules", type=int, help="how many times the verdict may overrule the rule's stop (default 3, 60 in the paper preset)")
+    p.add_argument("--confirm-verdict", action=argparse.BooleanOptionalAction, help="a fit passes the verdict only when a second judgement, with noise of its own, passes too (a fit judged at every overrule otherwise passes on the first judgement whose noise falls low enough); on in the paper preset, --no-confirm-verdict turns it off")
+    p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a; 3000 in the paper preset")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")
     p.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2")
@@ -183,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default="serial", help=f"where units run: {', '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes; ray: Ray tasks, --workers at a time, on a local Ray or --ray-address; results identical)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes, or Ray tasks in flight at once under --executor ray (default 1)")
     p.add_argument("--ray-address", help="--executor ray: HOST:PORT of a running Ray cluster's head (ray start --head), or auto; default: start a local Ray with --workers x --threads-per-unit CPUs")
+    p.add_argument("--ray-retries", type=_nonnegative_int, help=f"--executor ray: times Ray runs a unit again, on any node, when its worker process or node dies (default {DEFAULT_MAX_RETRIES}; 0: the unit fails and waits for --resume); a unit that raises is not retried; results do not depend on it")
     p.add_argument("--gpus-per-unit", type=_gpu_fraction, help="--executor ray with --device cuda: GPUs each task asks Ray for, a fraction in (0, 1] or a whole number (default 1/--workers)")
     p.add_argument("--threads-per-unit", type=_positive_int, default=1, help="torch intra-op threads of every unit, whatever the executor (default 1); results depend on it, so keep it to compare runs")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no progress bar")
@@ -332,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--workers {args.workers} needs --executor processes or ray (--executor {args.executor} runs one unit at a time)")
         if args.sequence and args.sequence != "split" and args.executor != "serial":
             raise UsageError(f"--executor {args.executor} is not supported with --sequence {args.sequence} (its chains run serially)")
+        _check_ray_only_flags(args)
         gpus_per_unit = _gpus_per_unit(args, config)
-        executor = make_executor(args.executor, args.workers, args.threads_per_unit, ray_address=args.ray_address, gpus_per_unit=gpus_per_unit)
+        executor = make_executor(args.executor, args.workers, args.threads_per_unit, ray_address=args.ray_address, gpus_per_unit=gpus_per_unit,
+                                 ray_retries=args.ray_retries)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
@@ -356,15 +370,21 @@ def main(argv: list[str] | None = None) -> int:
         executor.close()
 
 
+def _check_ray_only_flags(args: argparse.Namespace) -> None:
+    """``UsageError`` naming the first flag of the Ray executor given without ``--executor ray``."""
+    if args.executor == "ray":
+        return
+    for flag, value in (("--ray-address", args.ray_address), ("--ray-retries", args.ray_retries), ("--gpus-per-unit", args.gpus_per_unit)):
+        if value is not None:
+            raise UsageError(f"{flag} needs --executor ray (got --executor {args.executor})")
+
+
 def _gpus_per_unit(args: argparse.Namespace, config: ExperimentConfig) -> float:
     """The GPUs each Ray task asks for: ``--gpus-per-unit``, by default ``1 / --workers`` with a
     CUDA device (the tasks in flight share one GPU) and 0 without; ``UsageError`` for settings
     that cannot work."""
     cuda = config.device.startswith("cuda")
     if args.executor != "ray":
-        for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-unit", args.gpus_per_unit)):
-            if value is not None:
-                raise UsageError(f"{flag} needs --executor ray (got --executor {args.executor})")
         return 0.0
     if cuda and config.device != "cuda":
         raise UsageError(f"--executor ray gives each task its GPU itself: pass --device cuda, not --device {config.device}")

@@ -13,6 +13,7 @@ from pyro_bbt.convergence import (
     StoppingRule,
     assess_convergence,
     check_posterior,
+    elbo_test_text,
     median_scales,
     uninformed_inputs,
     uninformed_scale_ratio,
@@ -354,6 +355,15 @@ def test_the_means_test_tells_a_slow_rise_of_a_large_elbo_from_noise():
     assert means.criteria_hold(flat, _medians([0.2] * 10)) and not means.criteria_hold(rising, _medians([0.2] * 10))
     with pytest.raises(ValueError, match="unknown elbo_test 'bogus'; allowed: means, two-point"):
         StoppingRule(elbo_test="bogus")
+
+    # results.json and the report carry the statistic the rule's own test judged, not the two-point gain
+    records = [{"elbo": e, "median_scale": {"w": 0.2}, "lr_scale": 1.0} for e in rising]
+    for rule, expected in ((means, f"{gain:+.3g} ± {stderr:.2g} nats (means)"), (two_point, f"{two_point.elbo_gain(rising):.1e} (two-point)")):
+        report = assess_convergence(records, rule)
+        assert elbo_test_text(report.to_dict()) == expected and expected in str(report)
+    assert assess_convergence(records, means).elbo_mean_gain == pytest.approx([gain, stderr])
+    assert assess_convergence(records, two_point).elbo_mean_gain is None
+    assert elbo_test_text(assess_convergence(records[:9], means).to_dict()) == "n/a"  # 2 windows needed
 
 
 def test_a_restart_renews_the_rules_drops():

@@ -165,6 +165,9 @@ def test_killed_workers_fail_their_job_alone_and_the_grid_completes(tmp_path):
         (["--executor", "processes", "--gpus-per-unit", "0.5"], "--gpus-per-unit needs --executor ray"),
         (["--executor", "ray", "--gpus-per-unit", "1.5"], "--gpus-per-unit: expected a fraction in (0, 1] or a whole number of GPUs, got '1.5'"),
         (["--executor", "ray", "--gpus-per-unit", "0.5"], "--gpus-per-unit 0.5 needs --device cuda (got --device cpu)"),
+        (["--executor", "processes", "--ray-retries", "1"], "--ray-retries needs --executor ray (got --executor processes)"),
+        (["--executor", "ray", "--ray-retries", "-1"], "--ray-retries: expected an integer >= 0, got '-1'"),
+        (["--executor", "ray", "--ray-retries", "many"], "--ray-retries: expected an integer >= 0, got 'many'"),
     ],
 )
 def test_cli_rejects_bad_executor_settings_with_one_line(tmp_path, capsys, args, needle):
@@ -181,6 +184,8 @@ def test_cli_rejects_bad_executor_settings_with_one_line(tmp_path, capsys, args,
 def test_make_executor_refuses_ray_settings_for_another_executor():
     with pytest.raises(ValueError, match="settings of the ray executor, not of 'processes'"):
         make_executor("processes", 2, ray_address="head:6379")
+    with pytest.raises(ValueError, match="settings of the ray executor, not of 'serial'"):
+        make_executor("serial", ray_retries=0)
 
 
 def test_cli_without_ray_says_how_to_install_it_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -290,14 +295,15 @@ class _ListingStore(RunStore):
 
 
 def test_ray_task_whose_worker_dies_fails_alone_and_the_grid_completes(ray_session, tmp_path):
-    """As with worker processes: a Ray worker killed while it fits q_A fails that stage and the
-    units that need it (recorded, not saved), the rest completes and its per-epoch checkpoints
-    reach the driver's store before its record (which clears them). Then: a job that kills its
-    worker or raises fails alone, tasks run with ``threads``, a shared value reaches the job, and
-    a job's forwarded message reaches the driver's handler before its result."""
+    """With no retries (``max_retries=0``, ``--ray-retries 0``), as with worker processes: a Ray
+    worker killed while it fits q_A fails that stage and the units that need it (recorded, not
+    saved), the rest completes and its per-epoch checkpoints reach the driver's store before its
+    record (which clears them). Then: a job that kills its worker or raises fails alone, tasks
+    run with ``threads``, a shared value reaches the job, and a job's forwarded message reaches
+    the driver's handler before its result."""
     config = ExperimentConfig(**{**TINY_CONFIG, "methods": ("scratch", "transfer")})
     store = _ListingStore(tmp_path, config.to_dict())
-    with _KillingRayExecutor("A-bayesian-s0", workers=2, threads=1) as executor:
+    with _KillingRayExecutor("A-bayesian-s0", workers=2, threads=1, max_retries=0) as executor:
         results = run_experiment(config, log=lambda m: None, store=store, executor=executor)
         done = {}
         with RayExecutor(workers=1, threads=2) as two_threads:  # on the same Ray, before a worker dies again
@@ -322,6 +328,57 @@ def test_ray_task_whose_worker_dies_fails_alone_and_the_grid_completes(ray_sessi
     assert "ValueError" in done["raises"].error and "'x'" in done["raises"].error
     assert done["threads"].value == 2 and done["sum"].value == 3 and done["sum"].ok
     assert done["reports"].ok and len(messages) == 1 and messages[0][0] == "epoch" and messages[0][1]["w"].equal(torch.ones(2))
+
+
+def _exit_the_first_time(marker: str, value: int) -> int:
+    """``value``, after killing the worker process the first time it is called (when the file
+    ``marker`` does not exist yet; it creates it)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(9)
+    return value
+
+
+def _count_and_raise(counter: str) -> None:
+    """Append a line to the file ``counter`` (one per call), then raise."""
+    with open(counter, "a") as file:
+        file.write("called\n")
+    raise RuntimeError("raised on purpose")
+
+
+@pytest.fixture
+def test_functions_by_value():
+    """Ray's workers cannot import this test module: send its functions by value."""
+    import ray.cloudpickle
+
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_ray_retries_a_task_whose_worker_dies_but_not_one_that_raises(ray_session, tmp_path, test_functions_by_value):
+    """With retries (the default: 3), a job whose worker process dies the first time runs again
+    and its result comes back; with none it fails; a job that raises is run once, whatever the
+    retries."""
+    from pyro_bbt.ray_executor import DEFAULT_MAX_RETRIES
+
+    with make_executor("ray") as default:  # on the module's Ray
+        assert default.max_retries == DEFAULT_MAX_RETRIES == 3
+    done = {}
+    for retries in (1, 0):
+        with RayExecutor(workers=1, threads=1, max_retries=retries) as executor:
+            executor.submit(Job(f"dies once, {retries} retries", _exit_the_first_time, (str(tmp_path / f"ran-{retries}"), 7)))
+            done[retries] = executor.next_result()
+            executor.submit(Job("raises", _count_and_raise, (str(tmp_path / f"calls-{retries}"),)))
+            done[f"raises-{retries}"] = executor.next_result()
+    assert done[1].ok and done[1].value == 7
+    assert done[0].error.startswith("Ray task for dies once, 0 retries failed: WorkerCrashedError: ")
+    for retries in (1, 0):
+        assert "RuntimeError: raised on purpose" in done[f"raises-{retries}"].error
+        assert (tmp_path / f"calls-{retries}").read_text() == "called\n"
+    with pytest.raises(ValueError, match="Ray task retries must be an integer >= 0, got -1"):
+        RayExecutor(max_retries=-1)
 
 
 def test_ray_refuses_a_cluster_that_cannot_run_a_unit(ray_session):

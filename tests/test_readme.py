@@ -22,8 +22,9 @@ README = (ROOT / "README.md").read_text()
 PAGES = {path.relative_to(ROOT).as_posix(): path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 README_MAX_LINES = 300
 bench = load_benchmark("bench")
+converge = load_benchmark("converge")
 # The command-line tools outside the package, run as ``python <path>`` from the repository's root.
-SCRIPTS = {"bench": "benchmarks/bench.py"}
+SCRIPTS = {"bench": "benchmarks/bench.py", "converge": "benchmarks/converge.py"}
 
 
 def _blocks(language: str, text: str = README) -> list[str]:
@@ -69,8 +70,8 @@ def test_python_api_example_runs(single_torch_thread):
 
 @pytest.mark.parametrize(
     "module, parser",
-    [("transfer", transfer.build_parser), ("bench", bench.build_parser), ("studies", studies.build_parser), ("report", report.build_parser),
-     ("rejudge", rejudge.build_parser)],
+    [("transfer", transfer.build_parser), ("bench", bench.build_parser), ("converge", converge.build_parser), ("studies", studies.build_parser),
+     ("report", report.build_parser), ("rejudge", rejudge.build_parser)],
 )
 def test_readme_command_lines_parse(module, parser):
     commands = _commands(module)

@@ -73,14 +73,14 @@ def test_ablation_runs_every_variant_with_one_budget():
         assert name in table
 
 
-def test_ablation_is_the_paper_configuration_so_it_can_reuse_the_paper_runs_q_a():
+def test_ablation_is_the_paper_v1_configuration_so_it_can_reuse_the_paper_runs_q_a():
     from pyro_bbt.experiment import PRESETS, ExperimentConfig
     from pyro_bbt.runstore import config_differences
     from pyro_bbt.studies import PRESETS as STUDY_PRESETS
     from pyro_bbt.studies import STUDY_OVERRIDES, ablation_base
 
     base = ablation_base(StudyConfig(**STUDY_PRESETS["paper"] | STUDY_OVERRIDES[("ablation", "paper")]))
-    assert config_differences(ExperimentConfig(**PRESETS["paper"]).to_dict(), base.to_dict()) == []
+    assert config_differences(ExperimentConfig(**PRESETS["paper-v1"]).to_dict(), base.to_dict()) == []
     assert (base.a_batch_size, base.max_epochs_a, base.lr_a, base.scale_lr, base.kl_schedule) == (2048, 300, 1e-2, 3e-2, "uniform")
 
 
@@ -88,7 +88,7 @@ def test_ablation_reads_q_a_from_a_finished_run(tmp_path):
     from pyro_bbt.transfer import main as transfer_main
 
     run_dir = tmp_path / "run"
-    cli = ["--preset", "paper", "--hidden", "8", "--max-epochs-a", "2", "--epochs-a", "2", "--epochs", "1", "--min-steps", "5",
+    cli = ["--preset", "paper-v1", "--hidden", "8", "--max-epochs-a", "2", "--epochs-a", "2", "--epochs", "1", "--min-steps", "5",
            "--limit-train", "200", "--limit-eval", "100", "--eval-samples", "2", "--seeds", "0", "--quiet", "--out", str(run_dir)]
     config = replace(TINY, epochs=1)
     assert transfer_main(cli) == 0
@@ -200,9 +200,9 @@ def test_tradeoff_reuses_the_q_a_of_a_finished_run_without_writing_there(tmp_pat
     from pyro_bbt.transfer import main as transfer_main
 
     args = dict(hidden=(8,), epochs_a=1, max_epochs_a=None, epochs=1, min_steps=3, limit_train=200, limit_eval=100, eval_samples=2,
-                fractions=(0.1,), seeds=(0,), fit_b="rule")  # the paper preset's
+                fractions=(0.1,), seeds=(0,), fit_b="rule")  # the paper-v1 preset's (the tradeoff study's paper experiment)
     run_dir = tmp_path / "run"
-    cli = ["--preset", "paper", "--hidden", "8", "--epochs-a", "1", "--max-epochs-a", "none", "--epochs", "1", "--min-steps", "3", "--limit-train", "200",
+    cli = ["--preset", "paper-v1", "--hidden", "8", "--epochs-a", "1", "--max-epochs-a", "none", "--epochs", "1", "--min-steps", "3", "--limit-train", "200",
            "--limit-eval", "100", "--eval-samples", "2", "--fractions", "0.1", "--seeds", "0", "--quiet", "--out", str(run_dir)]
     assert transfer_main(cli) == 0
     before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))

@@ -136,6 +136,22 @@ def test_b_fits_take_the_rules_test_overrule_and_cap_from_the_config():
     assert ExperimentConfig(fit_b="rule").recipe_b_converged(265).cap == ExperimentConfig.max_epochs_a  # none: q_A's cap
 
 
+def test_the_paper_preset_fits_by_window_means_restarts_and_confirmed_passes_and_paper_v1_as_before():
+    def parsed(*argv: str) -> ExperimentConfig:
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    paper, v1 = parsed("--preset", "paper"), parsed("--preset", "paper-v1")
+    settings = ("elbo_test", "overrule", "max_overrules", "confirm_verdict", "max_epochs_b")
+    assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000)
+    assert tuple(getattr(v1, name) for name in settings) == tuple(getattr(ExperimentConfig, name) for name in settings) == ("two-point", "drop", 3, False, None)
+    assert paper.recipe_b_converged(2647).verdict.confirm and paper.recipe_a().rule.elbo_test == "means"
+    # everything else is the same protocol
+    assert {k: v for k, v in paper.to_dict().items() if k not in settings} == {k: v for k, v in v1.to_dict().items() if k not in settings}
+    # each setting can be turned back from the command line
+    off = parsed("--preset", "paper", "--no-confirm-verdict", "--elbo-test", "two-point", "--overrule", "drop", "--max-overrules", "3", "--max-epochs-b", "none")
+    assert off.to_dict() == v1.to_dict()
+
+
 def test_cli_end_to_end_writes_files_with_schema(tmp_path):
     out = tmp_path / "run"
     assert main([*TINY, "--out", str(out)]) == 0

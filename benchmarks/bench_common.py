@@ -1,0 +1,72 @@
+"""What the benchmark scripts (``bench.py``, ``converge.py``) share: which peers this environment
+can run, the CLI's positive integers, and the machine's load average. Imported by its name: the
+scripts' folder is first on ``sys.path`` when they run (``python benchmarks/NAME.py``) and in the
+tests (``conftest.load_benchmark``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+__all__ = ["INSTALL_HINT", "Needs", "missing_package", "select_available", "positive_int", "load_average"]
+
+INSTALL_HINT = 'pip install -e ".[bench]"'
+
+
+class Needs(Protocol):
+    """A configuration or row that may need an optional package: ``module`` to import (``None``:
+    nothing) and the pip ``package`` that provides it (``None``: the module's name)."""
+
+    module: str | None
+    package: str | None
+
+
+def missing_package(item: Needs) -> str | None:
+    """The pip package that ``item`` needs and this environment cannot import (``None``: runnable)."""
+    if item.module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(item.module) is not None
+    except (ImportError, ValueError):  # a missing parent package of a dotted name
+        found = False
+    return None if found else (item.package or item.module)
+
+
+def select_available(names: Sequence[str] | None, items: Mapping[str, Needs]) -> tuple[list[str], list[str]]:
+    """The names to run and one line per name skipped: ``names=None`` selects every item,
+    skipping those whose package is missing; naming such an item raises ``ValueError`` naming its
+    package."""
+    selected, skipped, refused = [], [], []
+    for name in list(items) if names is None else names:
+        package = missing_package(items[name])
+        if package is None:
+            selected.append(name)
+        elif names is None:
+            skipped.append(f"{name}: skipped, package {package} is not installed ({INSTALL_HINT})")
+        else:
+            refused.append(f"{name} needs package {package}")
+    if refused:
+        raise ValueError(f"not installed: {'; '.join(refused)} ({INSTALL_HINT})")
+    return selected, skipped
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -1,0 +1,248 @@
+"""Tests for the convergence bench (benchmarks/converge.py, outside the package): real fits on tiny
+data (200 images, 784-8-5, two epochs), the IVON -> mean-field mapping, the common evaluator, and
+the CLI's errors. No timing assertions."""
+
+import json
+import math
+import time
+from dataclasses import replace
+
+import pyro
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from conftest import load_benchmark
+from pyro_bbt.experiment import PRESETS, ExperimentConfig
+from pyro_bbt.ewc import MLP
+from pyro_bbt.guides import initialize_guide, make_guide, posterior_loc_scale, start_from_posterior
+from pyro_bbt.model import BayesianMLP
+
+converge = load_benchmark("converge")
+
+TINY = ["--problem", "small", "--limit-train", "200", "--hidden", "8", "--max-epochs", "2", "--judge-every", "1", "--time-cap", "30",
+        "--eval-draws", "2", "--threads", "1"]
+BAYESIAN_KEYS = {"name", "seed", "round", "seconds", "converged", "gain_upper_per_datum", "verdict_reasons", "stopped_by", "judgements",
+                 "judge_seconds", "epochs", "steps", "elbo", "elbo_per_datum", "kl", "train_nll_per_datum", "test_accuracy", "trace",
+                 "load_average", "continued", "remaining_gain_per_datum", "start_seconds"}
+MLP_KEYS = {"name", "seed", "round", "seconds", "converged", "stopped_by", "epochs", "best_epoch", "steps", "val_accuracy", "test_accuracy",
+            "trace", "load_average"}
+FAKE_ROW = converge.Row("fake-peer", "a row whose package is missing", converge.run_mlp, module="pyro_bbt_no_such_module",
+                        package="no-such-package")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("converge")
+    threads = torch.get_num_threads()
+    assert converge.main([*TINY, "--rounds", "2", "--continue", "1@3e-3,1@1e-3", "--out", str(folder / "converge.json"), "--figure", str(folder / "converge.png")]) == 0
+    assert torch.get_num_threads() == threads  # the bench's one thread does not leak into the caller
+    assert (folder / "converge.png").stat().st_size > 0
+    return json.loads((folder / "converge.json").read_text())
+
+
+def test_every_row_runs_and_returns_its_fields(report):
+    assert [r["name"] for r in report["raw"]] == list(converge.ROWS) * 2  # interleaved: every row once per round
+    assert [r["seed"] for r in report["raw"]] == [0] * len(converge.ROWS) + [1] * len(converge.ROWS)
+    for record in report["raw"]:
+        assert set(record) == (MLP_KEYS if record["name"] == "mlp" else BAYESIAN_KEYS), record["name"]
+        assert record["seconds"] > 0 and 1 <= record["epochs"] <= 2 and record["steps"] >= record["epochs"]
+        assert len(record["trace"]) == record["epochs"]
+        assert [p["epoch"] for p in record["trace"]] == list(range(1, record["epochs"] + 1))
+        assert all(a["seconds"] <= b["seconds"] <= record["seconds"] for a, b in zip(record["trace"], record["trace"][1:]))
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+        if record["name"] == "mlp":
+            assert record["converged"] is None and 0.0 <= record["val_accuracy"] <= 1.0
+            continue
+        assert record["converged"] is False and record["stopped_by"] == "epoch cap"  # two epochs of 200 images: nobody converges
+        assert record["judgements"] >= 1 and record["verdict_reasons"]
+        assert all(math.isfinite(record[key]) for key in ("elbo", "kl", "train_nll_per_datum"))
+        assert record["elbo_per_datum"] == pytest.approx(record["elbo"] / 200)
+        assert record["train_nll_per_datum"] == pytest.approx(-(record["elbo"] + record["kl"]) / 200)
+        assert all(math.isfinite(p["elbo"]) for p in record["trace"])
+        if record["name"] == "pyro-svi":  # AutoNormal: not continued
+            assert record["continued"] == [] and record["remaining_gain_per_datum"] is None
+        else:  # fitted on, off the clock, stage by stage, each stage scored by the common evaluator
+            assert [(c["epochs"], c["lr"]) for c in record["continued"]] == [(1, 3e-3), (2, 1e-3)]
+            assert all(math.isfinite(c["elbo"]) for c in record["continued"]) and record["continued"][0]["elbo"] != record["elbo"]
+            assert record["remaining_gain_per_datum"] == pytest.approx((max(c["elbo"] for c in record["continued"]) - record["elbo"]) / 200)
+        if record["name"] == "recipe-mle":  # the deterministic net's early stopping first, on the clock
+            assert record["judge_seconds"] is None and 0 < record["start_seconds"] < record["trace"][0]["seconds"]
+            continue
+        assert record["start_seconds"] is None
+        if record["name"] == "recipe":
+            assert record["judge_seconds"] is None and record["steps"] == 2 * 7  # minibatches of 32 (a tenth of 200, at least 32)
+        else:
+            assert record["judgements"] == 2 and 0 < record["judge_seconds"] < record["seconds"]  # judged after each epoch
+
+
+def test_meta_and_summary(report):
+    meta = report["meta"]
+    assert meta["complete"] is True and meta["rounds"] == 2 and meta["num_threads"] == 1
+    assert meta["sizes"] == [784, 8, 5] and meta["train_size"] == 200 and meta["prior_std"] == 1.0 and meta["guide"] == "meanfield"
+    assert meta["evaluator"]["num_draws"] == 2 and meta["verdict"]["tol_per_datum"] == 0.01
+    summary = {s["name"]: s for s in report["summary"]}
+    assert list(summary) == list(converge.ROWS)
+    for name, s in summary.items():
+        assert s["rounds"] == 2 and s["median_seconds"] == pytest.approx(sum(s["seconds"]) / 2)
+        assert s["ratio_to_recipe"] == pytest.approx(s["median_seconds"] / summary["recipe"]["median_seconds"])
+        assert s["ratio_to_mlp"] == pytest.approx(s["median_seconds"] / summary["mlp"]["median_seconds"])
+    assert summary["recipe"]["ratio_to_recipe"] == pytest.approx(1.0) and summary["recipe"]["target_met"] is None
+    assert summary["mlp"]["converged_rounds"] is None and summary["mlp"]["median_elbo"] is None
+    gaps = [s["elbo_gap_per_datum_to_best"] for s in report["summary"] if s["median_elbo"] is not None]
+    assert min(gaps) == 0.0 and all(g >= 0 for g in gaps)
+    assert summary["ivon"]["target_met"] is False and summary["pyro-svi"]["target_met"] is False  # never converged
+    table = converge.markdown_table(report["summary"])
+    assert table.count("\n") == 1 + len(summary) and "not converged by cap" in table
+
+
+def test_ivon_mapping_is_exact_at_initialisation():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    num_data, prior_std, init_std = 200, 1.0, 0.01
+    net = MLP((6, 4, 3))
+    optimizer = converge.ivon_optimizer(net, num_data, prior_std, init_std, converge.IVONSettings())
+    group = optimizer.param_groups[0]
+    assert group["ess"] == num_data and group["weight_decay"] == pytest.approx(1 / (num_data * prior_std**2))  # the prior N(0, 1), not 1e-4
+    expected = 1 / math.sqrt(group["ess"] * (group["hess_init"] + group["weight_decay"]))
+    assert expected == pytest.approx(init_std, rel=1e-12)
+    posterior = converge.ivon_posterior(optimizer, net)
+    assert list(posterior) == [name for name, _ in net.named_parameters()] == list(BayesianMLP((6, 4, 3)).site_shapes)
+    model = BayesianMLP((6, 4, 3))
+    guide = initialize_guide(make_guide("meanfield", model), 6)
+    start_from_posterior(guide, posterior)
+    read = posterior_loc_scale(guide, model)
+    for name, parameter in net.named_parameters():
+        loc, scale = read[name]
+        assert torch.equal(loc, parameter.detach())
+        assert torch.allclose(scale, torch.full_like(scale, expected), rtol=1e-6) and torch.allclose(scale, torch.full_like(scale, init_std), rtol=1e-6)
+
+
+def test_ivon_posterior_is_the_width_ivon_samples_with():
+    """The formula checked against the package itself: the spread of the weights that
+    ``sampled_params`` draws is the width :func:`ivon_posterior` reads, after training moved it."""
+    torch.manual_seed(0)
+    net = MLP((4, 3))
+    optimizer = converge.ivon_optimizer(net, 50, 1.0, 0.1, converge.IVONSettings(lr=0.05, beta2=0.9))
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    for _ in range(20):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    posterior = converge.ivon_posterior(optimizer, net)
+    assert not torch.allclose(posterior["layers.0.weight"][1], torch.full((3, 4), 0.1))  # the Hessian moved the widths
+    draws = {name: [] for name in posterior}
+    for _ in range(4000):
+        with optimizer.sampled_params():
+            for name, parameter in net.named_parameters():
+                draws[name].append(parameter.detach().clone())
+    for name, (loc, scale) in posterior.items():
+        samples = torch.stack(draws[name])
+        assert torch.allclose(samples.mean(0), loc, atol=4 * float(scale.max()) / math.sqrt(4000))
+        assert torch.allclose(samples.std(0), scale, rtol=0.08)
+        assert torch.equal(dict(net.named_parameters())[name].detach(), loc)  # between steps the parameters hold the means
+
+
+def test_common_evaluator_gives_the_same_elbo_whichever_row_produced_the_posterior(mnist3):
+    """One posterior, as the recipe's and IVON's ``meanfield`` guide holds it and as plain
+    Pyro's ``AutoNormal`` does: the evaluator scores it the same."""
+    train = mnist3[0].subset(100)
+    sizes = (784, 8, 3)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    net = MLP(sizes)
+    optimizer = converge.ivon_optimizer(net, len(train), 1.0, 0.05, converge.IVONSettings())
+    posterior = converge.ivon_posterior(optimizer, net)
+    model = BayesianMLP(sizes)
+    meanfield = initialize_guide(make_guide("meanfield", model), 784)
+    start_from_posterior(meanfield, posterior)
+    autonormal = initialize_guide(AutoNormal(model, init_scale=0.5), 784)
+    start_from_posterior(autonormal, posterior)
+    evaluator = converge.Evaluator(num_draws=4, seed=3)
+    first, second = evaluator.score(model, meanfield, train), evaluator.score(model, autonormal, train)
+    assert first.elbo == pytest.approx(second.elbo, rel=1e-9) and first.kl == pytest.approx(second.kl, rel=1e-9)
+    assert first == evaluator.score(model, meanfield, train)  # fixed noise: the same numbers at every call
+    assert converge.Evaluator(num_draws=4, seed=4).score(model, meanfield, train).elbo != first.elbo
+
+
+def test_judged_rows_are_judged_every_k_epochs_and_stop_at_the_first_pass_or_a_divergence():
+    config = converge.ConvergeConfig(converge.PROBLEMS["small"], max_epochs=10, judge_every=2)
+    judged = []
+
+    def judge(epoch):
+        judged.append(epoch)
+        return {"converged": epoch == 4, "gain_upper_per_datum": 0.001, "reasons": []}
+
+    epochs = iter(range(1, 11))
+    finished = converge.run_judged(lambda: (-100.0, 3 * next(epochs)), judge, config, start=time.perf_counter())
+    assert judged == [2, 4] and finished.stopped_by == "verdict" and finished.epochs == 4 and finished.steps == 12
+    assert finished.judgements == 2 and finished.verdict["converged"] is True
+
+    def never(epoch):
+        judged.append(epoch)
+        return {"converged": False, "gain_upper_per_datum": None, "reasons": ["not yet"]}
+
+    judged.clear()
+    finished = converge.run_judged(lambda: (-1.0, 1), never, replace(config, max_epochs=5), start=time.perf_counter())
+    assert judged == [2, 4, 5] and finished.stopped_by == "epoch cap" and finished.epochs == 5  # judged once more at the cap
+
+    def diverging():
+        if len(judged) >= 3:
+            raise FloatingPointError("loss is nan")
+        return -1.0, 1
+
+    judged.clear()
+    finished = converge.run_judged(diverging, never, config, start=time.perf_counter())
+    assert finished.stopped_by == "diverged in epoch 7 (loss is nan)" and finished.epochs == 6 and judged == [2, 4, 6]
+
+
+def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
+    args = converge.build_parser().parse_args(["--problem", "small", "--experiment", "window=10,verdict_tol=0.003,max_epochs_b=none"])
+    config = converge.config_from_args(args)
+    assert config.experiment == (("window", 10), ("verdict_tol", 0.003), ("max_epochs_b", None))
+    experiment = ExperimentConfig(**PRESETS["paper"] | dict(config.experiment))
+    recipe = converge.recipe_for(experiment, 2_000)
+    assert recipe.rule.window == 10 and recipe.verdict.tol_per_datum == 0.003
+
+
+def test_the_recipe_is_the_presets_q_a_recipe():
+    experiment = ExperimentConfig(**PRESETS["paper"])
+    assert converge.recipe_for(experiment, 27_537) == experiment.recipe_a()  # task A: the preset's recipe itself
+    small = converge.recipe_for(experiment, 2_000)
+    assert small.batch_size == 200 and small.rule == experiment.recipe_a().rule
+    capped = converge.recipe_for(experiment, 2_000, max_epochs=3)
+    assert capped.rule.max_epochs == 3 and capped.rule.min_epochs == 3
+    assert converge.recipe_for(experiment, 2_000, max_epochs=1000).rule.max_epochs == experiment.recipe_a().rule.max_epochs
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--rows", "nope"], "unknown or empty rows nope; allowed: recipe, recipe-mle, ivon, pyro-svi, mlp"),
+     (["--rows", ","], "allowed: recipe, recipe-mle, ivon, pyro-svi, mlp"),
+     (["--problem", "task-b"], "invalid choice: 'task-b' (choose from"),
+     (["--hidden", "8,x"], "expected comma-separated positive widths"),
+     (["--ivon-beta2", "1.5"], "IVON's beta2 must lie in [0, 1)"),
+     (["--continue", "300"], "continuation stage '300' is not EPOCHS@LR"),
+     (["--continue", "0@1e-3"], "continuation stage '0@1e-3' needs EPOCHS >= 1 and LR > 0"),
+     (["--experiment", "windw=10"], "--experiment item 'windw=10' is not KEY=VALUE with KEY a field of ExperimentConfig"),
+     (["--experiment", "elbo_test=bogus"], "unknown elbo-test 'bogus'; allowed:")],
+)
+def test_bad_values_give_one_clear_error(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        converge.main([*argv, "--out", str(tmp_path / "c.json")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_a_row_whose_package_is_missing_is_skipped_unless_named(monkeypatch, capsys, tmp_path):
+    rows = {"mlp": converge.ROWS["mlp"], "fake-peer": FAKE_ROW}
+    assert converge.select_rows(None, rows) == (["mlp"], ['fake-peer: skipped, package no-such-package is not installed (pip install -e ".[bench]")'])
+    with pytest.raises(ValueError, match="fake-peer needs package no-such-package"):
+        converge.select_rows(["mlp", "fake-peer"], rows)
+    monkeypatch.setitem(converge.ROWS, FAKE_ROW.name, FAKE_ROW)
+    with pytest.raises(SystemExit) as info:
+        converge.main(["--rows", "fake-peer", "--out", str(tmp_path / "c.json")])
+    assert info.value.code == 2 and "no-such-package" in capsys.readouterr().err
