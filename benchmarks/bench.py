@@ -163,7 +163,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 
-from bench_common import INSTALL_HINT, load_average, missing_package, positive_int, select_available
+from bench_common import INSTALL_HINT, load_average, missing_package, name_list, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
 from pyro_bbt.ewc import MLP
@@ -902,13 +902,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
 
 
 def _config_list(text: str) -> list[str]:
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in CONFIGS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown or empty configs {unknown or text!r}; allowed: {', '.join(CONFIGS)}"
-        )
-    return names
+    return name_list(text, list(CONFIGS), "configs")
 
 
 def build_parser() -> argparse.ArgumentParser:

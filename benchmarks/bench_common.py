@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["INSTALL_HINT", "Needs", "missing_package", "select_available", "positive_int", "load_average"]
+__all__ = ["INSTALL_HINT", "Needs", "missing_package", "select_available", "name_list", "positive_int", "load_average"]
 
 INSTALL_HINT = 'pip install -e ".[bench]"'
 
@@ -51,6 +51,16 @@ def select_available(names: Sequence[str] | None, items: Mapping[str, Needs]) ->
     if refused:
         raise ValueError(f"not installed: {'; '.join(refused)} ({INSTALL_HINT})")
     return selected, skipped
+
+
+def name_list(text: str, allowed: Sequence[str], kind: str) -> list[str]:
+    """``argparse`` type: comma-separated names of ``allowed`` (duplicates dropped, order kept);
+    else one line naming the unknown ones (``kind``: "rows", "configs") and the allowed ones."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in allowed]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown or empty {kind} {', '.join(unknown) or repr(text)}; allowed: {', '.join(allowed)}")
+    return names
 
 
 def positive_int(text: str) -> int:
