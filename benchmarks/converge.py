@@ -28,8 +28,9 @@ The rows (``--rows``)
 * ``recipe``: today's q_A recipe, exactly as the paper preset fits q_A:
   :meth:`~pyro_bbt.experiment.ExperimentConfig.recipe_a` through
   :func:`~pyro_bbt.fitting.fit_posterior` (Adam, the stopping rule with its learning-rate drops,
-  then the verdict, which overrules the rule's stop until it passes or its overrules are spent),
-  from :meth:`~pyro_bbt.experiment.ExperimentConfig.new_posterior`. Where a tenth of the data is
+  then the verdict, which overrules the rule's stop until it passes or its overrules are spent,
+  and, in the paper preset, its continuation: a pass counts once a continuation as long as the fit
+  so far no longer raises the ELBO), from :meth:`~pyro_bbt.experiment.ExperimentConfig.new_posterior`. Where a tenth of the data is
   fewer than the preset's 2,048 images, the minibatch is that tenth (at least 32), as the small
   problem's measurements used (200 on 2,000 images) and as
   :meth:`~pyro_bbt.experiment.ExperimentConfig.recipe_b_converged` does; on task A the recipe is
@@ -261,6 +262,7 @@ class ConvergeConfig:
     ivon: IVONSettings = field(default_factory=IVONSettings)
     continuation: tuple[tuple[int, float], ...] = ()
     experiment: tuple[tuple[str, object], ...] = ()
+    preset: str = "paper"
 
     def __post_init__(self) -> None:
         if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
@@ -270,6 +272,8 @@ class ConvergeConfig:
         for name in ("judge_every", "eval_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
         for epochs, lr in self.continuation:
             if not (isinstance(epochs, int) and epochs >= 1 and math.isfinite(lr) and lr > 0):
                 raise ValueError(f"each continuation stage must be EPOCHS@LR with EPOCHS >= 1 and LR > 0, got {epochs!r}@{lr!r}")
@@ -289,11 +293,11 @@ class ProblemData:
         return len(self.train)
 
 
-def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None) -> ProblemData:
-    """The paper preset with the problem's hidden sizes (and ``overrides`` of its
-    :class:`~pyro_bbt.experiment.ExperimentConfig` fields, ``--experiment``), and task A's
-    ``train`` (its first ``limit_train`` images), ``val`` and ``test`` splits."""
-    experiment = ExperimentConfig(**PRESETS["paper"] | dict(hidden=problem.hidden) | dict(overrides or {}))
+def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None, preset: str = "paper") -> ProblemData:
+    """The ``preset`` (the paper preset, ``--preset``) with the problem's hidden sizes (and
+    ``overrides`` of its :class:`~pyro_bbt.experiment.ExperimentConfig` fields, ``--experiment``),
+    and task A's ``train`` (its first ``limit_train`` images), ``val`` and ``test`` splits."""
+    experiment = ExperimentConfig(**PRESETS[preset] | dict(hidden=problem.hidden) | dict(overrides or {}))
     task = load_task(Task(digits=experiment.task_a, name="A"))
     train = task.train if problem.limit_train is None else task.train.subset(problem.limit_train)
     return ProblemData(experiment, train, task.val, task.test)
@@ -316,7 +320,9 @@ def recipe_for(experiment: ExperimentConfig, num_data: int, max_epochs: int | No
 
 def verdict_config(experiment: ExperimentConfig) -> VerdictConfig:
     """The verdict every Bayesian row is judged by: the recipe's own (the library's default
-    where the preset has none)."""
+    where the preset has none). The rows that run their own loops (``ivon``, ``pyro-svi``) are
+    judged by its line search alone: the continuation lives in :func:`~pyro_bbt.inference.train`;
+    for them ``--continue`` measures what it would."""
     return experiment.recipe_a().verdict or VerdictConfig()
 
 
@@ -732,7 +738,7 @@ class Row:
 ROWS: dict[str, Row] = {
     r.name: r
     for r in (
-        Row(RECIPE, "today's q_A recipe: the paper preset's recipe_a through fit_posterior (rule + verdict)", run_recipe),
+        Row(RECIPE, "today's q_A recipe: the paper preset's recipe_a through fit_posterior (rule, verdict and its continuation)", run_recipe),
         Row("recipe-mle", "the recipe from the deterministic MLP's weights as means (VCL's start), the MLP's time counted", run_recipe_mle),
         Row("ivon", "IVON (Shen et al. 2024) on a deterministic MLP, its posterior judged every k epochs", run_ivon, module="ivon",
             package="ivon-opt"),
@@ -984,6 +990,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", type=_experiment_overrides, default=(),
                         help="change the paper preset's configuration that the recipe rows fit by, KEY=VALUE,... over ExperimentConfig's fields, "
                              "e.g. window=10 or verdict_tol=0.003 (default: the preset as it is)")
+    parser.add_argument("--preset", choices=[name for name in PRESETS if name.startswith("paper")], default="paper",
+                        help="the A -> B preset whose q_A recipe the recipe rows fit by (default paper; paper-v2: the recipe before the continuation, "
+                             "whose passes the measurements of 2026-12-04 continued)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of round 1 (round r: seed + r - 1)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default figs/converge-PROBLEM.json)")
@@ -996,7 +1005,7 @@ def config_from_args(args: argparse.Namespace) -> ConvergeConfig:
     problem = replace(base, limit_train=args.limit_train or base.limit_train, hidden=args.hidden or base.hidden)
     ivon_settings = IVONSettings(args.ivon_lr, args.ivon_beta1, args.ivon_beta2, args.ivon_mc_samples, args.ivon_batch_size)
     return ConvergeConfig(problem, args.max_epochs, args.time_cap, args.judge_every, args.eval_draws, args.eval_seed, ivon_settings, args.continuation,
-                          args.experiment)
+                          args.experiment, args.preset)
 
 
 def _package_version(package: str) -> str | None:
@@ -1088,7 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        data = load_problem(config.problem, dict(config.experiment))
+        data = load_problem(config.problem, dict(config.experiment), config.preset)
         raw: list[dict] = []
         for record in _run_all(config, data, args):
             raw.append(record)

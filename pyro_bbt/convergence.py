@@ -279,6 +279,17 @@ def elbo_test_text(report: dict) -> str:
     return "n/a" if report.get("elbo_gain") is None else f"{report['elbo_gain']:.1e} (two-point)"
 
 
+def continuation_text(verdict: dict | None) -> str:
+    """The last continuation a verdict record (``history[-1]["verdict"]``, or a
+    :class:`ConvergenceReport` dict's ``verdict``) scored, as text: ``"+2.1e-03 ± 2e-04 /example
+    over 496 epochs"`` (its fixed-noise ELBO gain per example; :mod:`pyro_bbt.verdict`), or ``"—"``
+    where no continuation was run."""
+    gain = (verdict or {}).get("continuation")
+    if not gain:
+        return "—"
+    return f"{gain['per_datum']:+.2g} ± {gain['stderr'] / gain['num_data']:.1g} /example over {gain['epochs']} epochs"
+
+
 def _mean_gain_or_none(rule: StoppingRule, elbos: list[float]) -> list[float] | None:
     measured = rule.mean_gain(elbos) if rule.elbo_test == "means" else None
     return None if measured is None else [float(measured[0]), float(measured[1])]

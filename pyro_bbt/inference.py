@@ -55,7 +55,7 @@ from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
-from .verdict import VerdictConfig, can_judge, judge_by
+from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, read_posterior
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -135,12 +135,16 @@ class TrainConfig:
     def converged(cls, **overrides) -> "TrainConfig":
         """The recipe that fits a posterior to convergence: Adam from lr 1e-2 for the locations
         and 3e-2 for the widths, minibatches of 2048, uniform KL weights, the stopping rule with
-        three drops by 0.3 (at most 300 epochs), then the verdict, which lowers the rates further
-        until the ELBO could gain at most ``verdict.tol_per_datum`` nats per example. On fewer
-        than about 20k images pass a smaller ``batch_size`` (about a tenth of the data): one
-        step per epoch is too slow a step to converge. ``overrides`` replace any field."""
-        values = dict(stopping=StoppingRule(max_epochs=300, lr_drops=3, lr_factor=0.3), lr=1e-2, scale_lr=3e-2, batch_size=2048,
-                      kl_schedule="uniform", eval_samples=0)
+        three drops by 0.3, then the verdict, which lowers the rates further until one step of the
+        ELBO could gain at most ``verdict.tol_per_datum`` nats per example, and then continues
+        the fit for as many epochs again (at least 20; at 0.3 then 0.1 times the first rates)
+        until such a continuation raises the fixed-noise ELBO by at most that tolerance: the ELBO
+        has stopped rising over the last half of the fit (``VerdictConfig(continuation_epochs=20,
+        continuation_fraction=1.0)``; at most 3,000 epochs in all). On fewer than about 20k
+        images pass a smaller ``batch_size`` (about a tenth of the data): one step per epoch is
+        too slow a step to converge. ``overrides`` replace any field."""
+        values = dict(stopping=StoppingRule(max_epochs=3000, lr_drops=3, lr_factor=0.3), lr=1e-2, scale_lr=3e-2, batch_size=2048,
+                      kl_schedule="uniform", eval_samples=0, verdict=VerdictConfig(continuation_epochs=20, continuation_fraction=1.0))
         return cls(**(values | overrides))
 
     def __post_init__(self) -> None:
@@ -187,6 +191,7 @@ class EpochDiagnostics:
     median_scale: dict[str, float] = field(default_factory=dict)
     lr_scale: float = 1.0
     verdict: dict | None = None
+    phase: str = "fit"
 
 
 @dataclass
@@ -208,7 +213,7 @@ class TrainHistory:
         header = names + [f"median_scale/{site}" for site in sites] + ["verdict_converged"]
         rows = [[r[n] for n in names] + [r["median_scale"].get(site) for site in sites] + [None if r["verdict"] is None else r["verdict"]["converged"]]
                 for r in records]
-        lines = [",".join(header)] + [",".join("" if v is None else repr(v) for v in row) for row in rows]
+        lines = [",".join(header)] + [",".join("" if v is None else v if isinstance(v, str) else repr(v) for v in row) for row in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -230,6 +235,52 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
     return last.verdict
 
 
+CONTINUATION_SEED_OFFSET = 2 * CONFIRMATION_SEED_OFFSET  # the continuation's evaluator: none of the judgements' seeds
+
+
+def _start_continuation(guide, epoch: int, config: VerdictConfig, pass_epoch: int | None = None) -> dict:
+    """Where a continuation starts (after ``epoch`` epochs): the guide's state, the evaluator's
+    seed and the epoch of the line-search pass it confirms (``epoch`` itself for the first
+    continuation after a pass; the chain's pass for the ones that follow a continuation that gained)."""
+    return {"start_epoch": epoch, "pass_epoch": epoch if pass_epoch is None else pass_epoch, "epochs": config.continuation_length(epoch),
+            "guide_state": {k: v.detach().clone() for k, v in guide.state_dict().items()}, "seed": config.seed + CONTINUATION_SEED_OFFSET + epoch}
+
+
+def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
+    """Score the continuation that ends after the last epoch of ``history`` against its start
+    (:func:`~pyro_bbt.verdict.continuation_gain`), return the guide to the start where the ELBO
+    fell, record the verdict on the last epoch (its cost added to that epoch's ``seconds``) and
+    return whether the fit is converged: the gain is within ``tol_per_datum`` and the blank-pixel
+    check holds for the posterior kept. The record is the line-search judgement whose pass
+    started the chain of continuations (a continuation that follows one that gained confirms the
+    same pass, not the previous continuation's rejection), with this continuation, the kept
+    posterior's blank-pixel ratio and the verdict on both."""
+    clock = time.perf_counter()
+    v, last = config.verdict, history.epochs[-1]
+    end_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
+    end = read_posterior(guide)
+    guide.load_state_dict(continuation["guide_state"])
+    start = read_posterior(guide)
+    gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
+                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates)
+    kept = "start" if gain.nats < 0 else "end"
+    if kept == "end":
+        guide.load_state_dict(end_state)
+    record = dict(history.epochs[continuation.get("pass_epoch", continuation["start_epoch"]) - 1].verdict or {})
+    bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
+    record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
+    if gain.upper_per_datum > v.tol_per_datum:
+        reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x the first rates still raised the "
+                       f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
+                       f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
+    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"]}
+    record["converged"] = bool(record.get("converged")) and not reasons
+    record["reasons"] = reasons if reasons else list(record.get("reasons") or [])
+    last.verdict = record
+    last.seconds += time.perf_counter() - clock
+    return record["converged"]
+
+
 def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
     probs = torch.softmax(logits, dim=-1)
     if probs.dim() == 3:
@@ -249,6 +300,7 @@ class TrainState:
     rng_state: torch.Tensor
     order_state: torch.Tensor
     history: list[dict]
+    continuation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -319,15 +371,35 @@ def train(
         first_epoch, step = resume.epoch, resume.step
     lr_scale = history.epochs[-1].lr_scale if history.epochs else 1.0
     judging = config.verdict is not None and can_judge(guide)
+    continuing = judging and config.stopping is not None and config.verdict.continuation_epochs > 0
+    continuation = resume.continuation if resume is not None else None  # where the running continuation started
 
     for epoch in range(first_epoch, num_epochs):
-        if config.stopping is not None and history.epochs:
+        if continuation is not None:
+            done = epoch - continuation["start_epoch"]
+            if done >= continuation["epochs"]:
+                if _finish_continuation(model, guide, train_split, config, history, continuation):
+                    continuation = None
+                    break
+                # it gained: the next continuation starts here and confirms the same pass
+                continuation, done = _start_continuation(guide, epoch, config.verdict, continuation.get("pass_epoch", continuation["start_epoch"])), 0
+            factors = config.verdict.continuation_rates
+            lr_scale = factors[done // (continuation["epochs"] // len(factors))]
+            for group, rate in zip(optimizer.param_groups, first_rates):
+                group["lr"] = rate * lr_scale
+        elif config.stopping is not None and history.epochs:
             action = config.stopping.decide(history.to_records())
             if action == "stop" and judging:
                 verdict = history.epochs[-1].verdict or _judge_last(model, guide, train_split, config, history)
                 overruled = sum(e.verdict is not None and not e.verdict["converged"] for e in history.epochs[:-1])
                 if not verdict["converged"] and overruled < config.verdict.max_overrules:
                     action = config.verdict.overrule  # not there yet: a smaller step (or the first rates again), and the rule's criteria again
+                elif verdict["converged"] and continuing:
+                    action = "continue"  # a pass counts once a continuation at fixed rates no longer raises the ELBO
+                    continuation = _start_continuation(guide, epoch, config.verdict)
+                    lr_scale = config.verdict.continuation_rates[0]
+                    for group, rate in zip(optimizer.param_groups, first_rates):
+                        group["lr"] = rate * lr_scale
             if action == "stop":
                 break
             if action == "restart":
@@ -388,6 +460,7 @@ def train(
             seconds=seconds,
             median_scale=median_scales(guide, model),
             lr_scale=lr_scale,
+            phase="fit" if continuation is None else "continuation",
         )
         history.epochs.append(diagnostics)
         if on_epoch is not None:
@@ -402,8 +475,19 @@ def train(
                     rng_state=torch.get_rng_state(),
                     order_state=order.get_state(),
                     history=history.to_records(),
+                    continuation=continuation,
                 )
             )
+    if continuation is not None:  # the cap ended the fit during a continuation
+        done = len(history.epochs) - continuation["start_epoch"]
+        if done >= continuation["epochs"]:
+            _finish_continuation(model, guide, train_split, config, history, continuation)
+        else:
+            record = dict(history.epochs[continuation["start_epoch"] - 1].verdict or {})  # the pass, or the last continuation that gained
+            record["converged"] = False
+            record["reasons"] = [f"the fit reached its cap of {len(history.epochs)} epochs {done} epochs into the "
+                                 f"{continuation['epochs']}-epoch continuation that confirms a pass"]
+            history.epochs[-1].verdict = record
     if judging and history.epochs and history.epochs[-1].verdict is None:
         _judge_last(model, guide, train_split, config, history)
     if judging and config.warn_unconverged and history.epochs and not history.epochs[-1].verdict["converged"]:

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .convergence import elbo_test_text
+from .convergence import continuation_text, elbo_test_text
 
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
@@ -324,8 +324,8 @@ def convergence_lines(results: dict) -> str:
     """The stopping rule's verdict on every q_A, a count of converged q_B per method and fraction,
     and the run's warnings."""
     lines = ["**Convergence** (converged: the verdict, pyro_bbt.verdict, where the fit was judged; else the stopping rule's criteria)", ""]
-    lines += ["| q_A, seed | epochs (cap) | converged | ELBO test over the window (its statistic) | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| q_A, seed | epochs (cap) | converged | ELBO test over the window (its statistic) | last continuation (ELBO gain) | largest last sigma drift | median sigma per layer | uninformed sigma ratio |",
+              "|---|---|---|---|---|---|---|---|"]
     for stage in results["task_a"]:
         verdict = stage.get("convergence")
         if verdict is None:
@@ -334,7 +334,8 @@ def convergence_lines(results: dict) -> str:
         drift = "—" if not verdict["last_scale_drift"] else f"{max(verdict['last_scale_drift'].values()):.3f}"
         ratio = "—" if verdict["uninformed_scale_ratio"] is None else f"{verdict['uninformed_scale_ratio']:.3f}"
         cap = verdict["max_epochs"] if verdict["max_epochs"] is not None else "fixed"
-        lines.append(f"| {stage['seed']} | {verdict['epochs']} ({cap}) | {'yes' if verdict['converged'] else 'NO'} | {gain} | {drift} | {_sites(verdict['median_scale'])} | {ratio} |")
+        lines.append(f"| {stage['seed']} | {verdict['epochs']} ({cap}) | {'yes' if verdict['converged'] else 'NO'} | {gain} | {continuation_text(verdict.get('verdict'))} | "
+                     f"{drift} | {_sites(verdict['median_scale'])} | {ratio} |")
     counts: dict[tuple[str, float], list[bool]] = {}
     for unit in results["units"]:
         if unit.get("convergence"):
@@ -348,10 +349,11 @@ def convergence_lines(results: dict) -> str:
             verdicts = [r["verdict"] for r in unit.get("history") or [] if r.get("verdict")]
             if verdicts:
                 upper = verdicts[-1].get("gain_upper_per_datum")  # None: the blank-pixel check failed first, the gain was not measured
+                continued = "" if not verdicts[-1].get("continuation") else f"; continued: {continuation_text(verdicts[-1])}"
                 judged.setdefault((unit["method"], unit["fraction"]), []).append(
-                    f"s{unit['seed']} {len(verdicts)}{'*' if verdicts[-1]['converged'] else ''} ({'—' if upper is None else f'{upper:.3g}'})")
+                    f"s{unit['seed']} {len(verdicts)}{'*' if verdicts[-1]['converged'] else ''} ({'—' if upper is None else f'{upper:.3g}'}{continued})")
         if judged:
-            lines += ["", "Verdicts per q_B (seed, judgements, * when the last passed, its upper bound in nats per example): " + "; ".join(
+            lines += ["", "Verdicts per q_B (seed, judgements, * when the last passed, its upper bound in nats per example; where a continuation confirmed it, that continuation's ELBO gain): " + "; ".join(
                 f"{method} {fraction:g}: {', '.join(items)}" for (method, fraction), items in judged.items())]
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overrule", help=f"what a fit the verdict rejects does, {' or '.join(OVERRULES)} (drop: its rates once more; restart: from the first rates, the rule's drops renewed); default drop, restart in the paper preset")
     p.add_argument("--max-overrules", type=int, help="how many times the verdict may overrule the rule's stop (default 3, 60 in the paper preset)")
     p.add_argument("--confirm-verdict", action=argparse.BooleanOptionalAction, help="a fit passes the verdict only when a second judgement, with noise of its own, passes too (a fit judged at every overrule otherwise passes on the first judgement whose noise falls low enough); on in the paper preset, --no-confirm-verdict turns it off")
+    p.add_argument("--continuation-epochs", type=int, help="convergence verdict: a pass counts only when the fit, continued this many epochs or more (--continuation-fraction) at 0.3 then 0.1 times its first rates, raises its fixed-noise ELBO by at most --verdict-tol per example; a continuation that gains more is followed by another; 0 (default): off")
+    p.add_argument("--continuation-fraction", type=float, help="with --continuation-epochs: each continuation lasts at least this fraction of the epochs so far (1: the fit doubles, so a pass says its last half gained at most --verdict-tol); default 0")
     p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a; 3000 in the paper preset")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")

@@ -231,6 +231,8 @@ def _parse_csv_row(row):
             out[key] = None
         elif key in ("epoch", "steps"):
             out[key] = int(text)
+        elif key == "phase":
+            out[key] = text
         else:
             out[key] = float(text)
     return out
@@ -246,7 +248,7 @@ def test_train_history_csv_and_json_round_trip(tmp_path):
     history = TrainHistory(
         [
             EpochDiagnostics(1, 5, -123.456789012345, -100.1, 23.356789012345, 0.4, None, 0.012, {"layers.0.weight": 0.25}),
-            EpochDiagnostics(2, 10, -90.0, -85.5, 4.5, 2 / 3, 0.8125, 1e-7, {"layers.0.weight": 1 / 3}),
+            EpochDiagnostics(2, 10, -90.0, -85.5, 4.5, 2 / 3, 0.8125, 1e-7, {"layers.0.weight": 1 / 3}, phase="continuation"),
         ]
     )
     history.to_json(tmp_path / "h.json")

@@ -213,7 +213,14 @@ def test_the_recipe_is_the_presets_q_a_recipe():
     assert small.batch_size == 200 and small.rule == experiment.recipe_a().rule
     capped = converge.recipe_for(experiment, 2_000, max_epochs=3)
     assert capped.rule.max_epochs == 3 and capped.rule.min_epochs == 3
-    assert converge.recipe_for(experiment, 2_000, max_epochs=1000).rule.max_epochs == experiment.recipe_a().rule.max_epochs
+    assert converge.recipe_for(experiment, 2_000, max_epochs=5000).rule.max_epochs == experiment.recipe_a().rule.max_epochs == 3000
+    # --preset paper-v2: the recipe before the continuation, whose passes the bench continued on 2026-12-04
+    config = converge.config_from_args(converge.build_parser().parse_args(["--problem", "small", "--preset", "paper-v2"]))
+    older = ExperimentConfig(**PRESETS[config.preset])
+    assert config.preset == "paper-v2" and older.recipe_a().verdict.continuation_epochs == 0 and older.recipe_a().rule.max_epochs == 300
+    assert experiment.recipe_a().verdict.continuation_epochs == 20
+    with pytest.raises(ValueError, match="unknown preset .quick2.; allowed: quick, paper, paper-v2, paper-v1"):
+        converge.ConvergeConfig(config.problem, preset="quick2")
 
 
 @pytest.mark.parametrize(

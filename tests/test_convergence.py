@@ -394,9 +394,12 @@ def test_the_verdict_overrules_by_a_restart_at_the_first_rates(single_torch_thre
 
 def test_train_config_converged_is_the_recipe_that_fits_to_convergence():
     config = TrainConfig.converged(batch_size=256)
-    assert config.stopping == StoppingRule(max_epochs=300, lr_drops=3, lr_factor=0.3)
+    assert config.stopping == StoppingRule(max_epochs=3000, lr_drops=3, lr_factor=0.3)
     assert (config.lr, config.scale_lr, config.batch_size, config.kl_schedule) == (1e-2, 3e-2, 256, "uniform")
     assert config.verdict is not None and config.verdict.tol_per_datum > 0
+    # a pass counts once the fit, continued as long again, no longer raises its ELBO
+    assert (config.verdict.continuation_epochs, config.verdict.continuation_fraction) == (20, 1.0)
+    assert config.verdict.continuation_length(150) == 150
     with pytest.raises(ValueError, match="verdict must be None or a VerdictConfig, got 0.02"):
         TrainConfig(verdict=0.02)
 

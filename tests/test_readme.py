@@ -14,6 +14,7 @@ import pytest
 
 from conftest import load_benchmark
 from pyro_bbt import rejudge, report, studies, transfer
+from pyro_bbt.convergence import StoppingRule
 from pyro_bbt.priors import PerSitePrior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +54,10 @@ def _commands(module: str) -> list[tuple[str, list[str]]]:
 
 def test_python_api_example_runs(single_torch_thread):
     (example,) = _blocks("python")
-    shortened = example.replace("StoppingRule(max_epochs=300,", "StoppingRule(max_epochs=1, min_epochs=1,").replace(
-        'kl_schedule="uniform")', 'kl_schedule="uniform", progress=False)').replace(
+    shortened = example.replace("TrainConfig.converged()", "TrainConfig.converged(stopping=StoppingRule(max_epochs=1, min_epochs=1), progress=False)").replace(
         "train(model, guide, a.train,", "train(model, guide, a.train.subset(256),")
     assert shortened.count("max_epochs=1") == 1 and "subset(256)" in shortened, "the README example changed its training call; update this test"
-    namespace: dict = {}
+    namespace: dict = {"StoppingRule": StoppingRule}
     pyro.clear_param_store()  # as in a fresh process: earlier tests leave guides of other shapes in Pyro's global store
     exec(compile(shortened, "README.md", "exec"), namespace)
     prior_b, model, guide = namespace["prior_b"], namespace["model"], namespace["guide"]

@@ -1,0 +1,160 @@
+"""The verdict's continuation (VerdictConfig.continuation_epochs): a pass counts only when the fit,
+continued at fixed fractions of its first rates, raises its fixed-noise ELBO by at most the
+tolerance; the continuation's epochs are in the history, its state survives a checkpoint, and the
+cap ends a fit in the middle of one unconverged."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fresh_model_and_guide
+from pyro_bbt.convergence import StoppingRule, continuation_text
+from pyro_bbt.data import Split
+from pyro_bbt.experiment import ExperimentConfig
+from pyro_bbt.inference import TrainConfig, TrainState, train
+from pyro_bbt.priors import GaussianPrior
+from pyro_bbt.runstore import RunStore, config_differences
+from pyro_bbt.transfer import build_parser, config_from_args
+from pyro_bbt.verdict import VerdictConfig, continuation_gain, read_posterior
+
+SIZES = (6, 8, 3)
+
+
+def _data(n: int = 200, seed: int = 0) -> Split:
+    """6 informative features (no blank input, so the blank-pixel check does not apply)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x[:, :3] @ torch.tensor([1.0, -1.0, 0.5]) > 0).long() + (x[:, 3] > 1).long()
+    return Split(x, y)
+
+
+def _config(stop_at: int, cap: int, tol: float) -> TrainConfig:
+    """The rule stops at ``stop_at`` (its criteria always hold), the verdict's line search judges
+    there, and a pass is continued for as many epochs as the fit has had (fraction 1)."""
+    rule = StoppingRule(max_epochs=cap, min_epochs=stop_at, window=1, rel_tol=100.0, scale_tol=100.0, lr_drops=0)
+    verdict = VerdictConfig(tol_per_datum=tol, continuation_epochs=4, continuation_fraction=1.0, max_overrules=0)
+    return TrainConfig(stopping=rule, lr=3e-2, scale_lr=9e-2, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
+                       verdict=verdict, warn_unconverged=False)
+
+
+def _fit(config: TrainConfig, **kwargs):
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+    records = train(model, guide, _data(), config, **kwargs).to_records()
+    return model, guide, records
+
+
+def test_a_pass_is_continued_at_fixed_fractions_of_the_first_rates_and_scored_with_common_noise(single_torch_thread):
+    """Stopped at epoch 20, the line search passes (tol 0.05); 20 more epochs at 0.3 then 0.1
+    times the first rates raise the ELBO by less than the tolerance: converged, and the record
+    says by how much, measured again here with the same draws."""
+    config = _config(stop_at=20, cap=200, tol=0.05)
+    model, guide, records = _fit(config)
+    assert len(records) == 40
+    assert [r["phase"] for r in records] == ["fit"] * 20 + ["continuation"] * 20
+    assert [r["lr_scale"] for r in records[20:]] == [0.3] * 10 + [0.1] * 10
+    assert records[19]["verdict"]["converged"] is True and "continuation" not in records[19]["verdict"]
+    last = records[-1]["verdict"]
+    gain = last["continuation"]
+    assert last["converged"] is True and last["gain_upper_per_datum"] <= 0.05
+    assert (gain["epochs"], gain["factors"], gain["start_epoch"], gain["num_data"]) == (20, [0.3, 0.1], 20, 200)
+    assert 0 < gain["upper_per_datum"] <= 0.05 and gain["stderr"] > 0
+    assert gain["upper_per_datum"] == pytest.approx((gain["nats"] + 2 * gain["stderr"]) / 200)
+    assert continuation_text(last) == f"{gain['per_datum']:+.2g} ± {gain['stderr'] / 200:.1g} /example over 20 epochs"
+    assert continuation_text(records[19]["verdict"]) == "—"
+    # the end kept (the ELBO rose): the guide's posterior is the end's, and the evaluator agrees
+    assert gain["kept"] == "end" and gain["nats"] > 0
+    start = _fit(_config(stop_at=20, cap=20, tol=0.05))[1]
+    again = continuation_gain(model, read_posterior(start), read_posterior(guide), _data(), num_draws=8,
+                              seed=config.verdict.seed + 2 * 1_000_003 + 20, batch_size=config.verdict.batch_size)
+    assert again.nats == pytest.approx(gain["nats"], rel=1e-9) and again.end_elbo == pytest.approx(gain["end_elbo"], rel=1e-9)
+
+
+def test_a_continuation_that_still_gains_overrules_a_pass_and_the_cap_ends_the_next_one_unconverged(single_torch_thread):
+    """Stopped at epoch 10, the line search passes at tol 0.04 (a step gains less than that), but
+    10 more epochs at fixed rates gain more: not converged. The next continuation (20 epochs,
+    fraction 1 of 20) starts at once and the cap of 30 ends it halfway: not converged, saying so."""
+    _, _, records = _fit(_config(stop_at=10, cap=30, tol=0.04))
+    assert len(records) == 30 and [r["phase"] for r in records] == ["fit"] * 10 + ["continuation"] * 20
+    assert records[9]["verdict"]["converged"] is True and records[9]["verdict"]["gain_upper_per_datum"] <= 0.04
+    rejected = records[19]["verdict"]
+    assert rejected["converged"] is False and rejected["continuation"]["upper_per_datum"] > 0.04
+    assert "10 more epochs at 0.3, 0.1 x the first rates still raised the fixed-noise ELBO" in rejected["reasons"][0]
+    assert [r["lr_scale"] for r in records[20:]] == [0.3] * 10  # the second continuation: 20 epochs, cut at its half
+    last = records[-1]["verdict"]
+    assert last["converged"] is False
+    assert last["reasons"] == ["the fit reached its cap of 30 epochs 10 epochs into the 20-epoch continuation that confirms a pass"]
+
+
+def test_the_continuation_after_one_that_gained_confirms_the_same_pass(single_torch_thread):
+    """The fit above with room to go on: the second continuation (epochs 20-40) gains less than
+    the tolerance, so the pass at epoch 10 is confirmed at epoch 40, although the record at epoch
+    20 (the second continuation's start) is the first continuation's rejection."""
+    _, guide, records = _fit(_config(stop_at=10, cap=200, tol=0.04))
+    assert len(records) == 40 and [r["phase"] for r in records] == ["fit"] * 10 + ["continuation"] * 30
+    assert records[19]["verdict"]["converged"] is False
+    last = records[-1]["verdict"]
+    gain = last["continuation"]
+    assert (gain["start_epoch"], gain["epochs"]) == (20, 20) and gain["upper_per_datum"] <= 0.04
+    assert last["converged"] is True and last["reasons"] == records[9]["verdict"]["reasons"]
+    assert last["gain_upper_per_datum"] == records[9]["verdict"]["gain_upper_per_datum"]
+
+
+def test_a_fit_resumed_inside_a_continuation_is_bit_identical(single_torch_thread):
+    config = _config(stop_at=10, cap=30, tol=0.04)
+    states = {}
+    _, guide, records = _fit(config, on_checkpoint=lambda state: states.__setitem__(state.epoch, state))
+    state = states[15]
+    assert state.continuation is not None and state.continuation["start_epoch"] == 10 and state.continuation["epochs"] == 10
+    buffer = io.BytesIO()  # through a checkpoint file, loaded as untrusted
+    torch.save(state.to_dict(), buffer)
+    buffer.seek(0)
+    restored = TrainState.from_dict(torch.load(buffer, weights_only=True))
+    _, resumed_guide, resumed = _fit(config, resume=restored)
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+
+    assert strip(resumed) == strip(records)
+    for (name, a), (_, b) in zip(guide.named_parameters(), resumed_guide.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_continuation_settings_are_checked_and_reach_the_fit_from_the_experiment():
+    assert VerdictConfig(continuation_epochs=5, continuation_fraction=0.5).continuation_length(31) == 16  # ceil(15.5) to a multiple of 2
+    assert VerdictConfig(continuation_epochs=5).continuation_length(100) == 6
+    assert VerdictConfig(continuation_epochs=3, continuation_rates=(0.2, 0.1, 0.05)).continuation_length(1) == 3
+    with pytest.raises(ValueError, match="continuation_epochs must be an integer >= 0, got -1"):
+        VerdictConfig(continuation_epochs=-1)
+    with pytest.raises(ValueError, match="continuation_fraction needs continuation_epochs >= 1"):
+        VerdictConfig(continuation_fraction=1.0)
+    with pytest.raises(ValueError, match=r"continuation_rates must be a non-empty sequence of numbers > 0 .*got \(0.3, 0\)"):
+        VerdictConfig(continuation_epochs=2, continuation_rates=(0.3, 0))
+    with pytest.raises(ValueError, match="continuation_draws must be an integer >= 2, got 1"):
+        VerdictConfig(continuation_draws=1)
+    with pytest.raises(ValueError, match="continuation-fraction 1.0 needs continuation-epochs >= 1"):
+        ExperimentConfig(continuation_fraction=1.0)
+    verdict = ExperimentConfig(continuation_epochs=20, continuation_fraction=1.0).recipe_a().verdict
+    assert (verdict.continuation_epochs, verdict.continuation_fraction) == (20, 1.0)
+    config = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-fraction", "0.5"]))
+    assert (config.continuation_epochs, config.continuation_fraction) == (10, 0.5)
+    assert config.recipe_b_converged(300).verdict.continuation_length(40) == 20
+
+
+def test_runs_stored_before_the_continuation_still_match_their_configuration():
+    """A config without a continuation is written without its fields, as every run stored before
+    they existed was: same config.json, same store hash, --resume accepts it; one with a
+    continuation names it as the difference."""
+    plain = ExperimentConfig()
+    assert not {"continuation_epochs", "continuation_fraction"} & set(plain.to_dict())
+    assert ExperimentConfig(**plain.to_dict()) == plain
+    stored = {k: v for k, v in asdict(plain).items() if k not in ("continuation_epochs", "continuation_fraction")}  # an old run's config.json
+    assert config_differences(stored, plain.to_dict()) == []
+    assert RunStore(Path("unused"), stored).hash == RunStore(Path("unused"), plain.to_dict()).hash
+    continued = ExperimentConfig(continuation_epochs=20)
+    assert config_differences(stored, continued.to_dict()) == ["continuation_epochs: None -> 20"]
+    assert ExperimentConfig(**continued.to_dict()) == continued
