@@ -498,6 +498,12 @@ def run_recipe_mle(data: ProblemData, config: ConvergeConfig, seed: int) -> dict
     return run_recipe(data, config, seed, mle_start=True)
 
 
+def run_recipe_averaged(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
+    """:func:`run_recipe` with ``continuation_average``: each continuation's end is the average of
+    the guide's parameters over its epochs at the last rate (a preset with continuations only)."""
+    return run_recipe(replace(data, experiment=replace(data.experiment, continuation_average=True)), config, seed)
+
+
 # ------------------------------------------------------------------- judged every k epochs
 
 
@@ -740,6 +746,8 @@ ROWS: dict[str, Row] = {
     for r in (
         Row(RECIPE, "today's q_A recipe: the paper preset's recipe_a through fit_posterior (rule, verdict and its continuation)", run_recipe),
         Row("recipe-mle", "the recipe from the deterministic MLP's weights as means (VCL's start), the MLP's time counted", run_recipe_mle),
+        Row("recipe-avg", "the recipe with each continuation's end the average of its epochs at the last rate (continuation_average)",
+            run_recipe_averaged),
         Row("ivon", "IVON (Shen et al. 2024) on a deterministic MLP, its posterior judged every k epochs", run_ivon, module="ivon",
             package="ivon-opt"),
         Row("pyro-svi", "plain Pyro: AutoNormal + SVI(Trace_ELBO) + Adam 1e-3, batch 128, judged every k epochs", run_pyro_svi),

@@ -124,7 +124,10 @@ class ExperimentConfig:
     second judgement with noise of its own passes too. ``continuation_epochs`` (``> 0``): a pass
     counts only when the fit, continued for ``max(continuation_epochs, continuation_fraction *
     epochs so far)`` epochs at 0.3 then 0.1 times its first rates, raises its fixed-noise ELBO by
-    at most ``verdict_tol`` per example (:class:`~pyro_bbt.verdict.VerdictConfig`).
+    at most ``verdict_tol`` per example (:class:`~pyro_bbt.verdict.VerdictConfig`);
+    ``continuation_rates``: its factors on the first rates, in equal parts (0.3 then 0.1);
+    ``continuation_average``: its end is the average of its epochs at the last factor (tail
+    averaging).
 
     Optimisation: Adam at ``lr`` for the guides' locations and ``scale_lr`` for their widths
     (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch.
@@ -169,6 +172,8 @@ class ExperimentConfig:
     confirm_verdict: bool = False
     continuation_epochs: int = 0
     continuation_fraction: float = 0.0
+    continuation_average: bool = False
+    continuation_rates: tuple[float, ...] = (0.3, 0.1)
     max_epochs_b: int | None = None
     epochs: int = 5
     min_steps: int = 200
@@ -249,6 +254,15 @@ class ExperimentConfig:
             raise ValueError(f"continuation-fraction must be a finite number >= 0, got {fraction!r}")
         if fraction > 0 and self.continuation_epochs == 0:
             raise ValueError(f"continuation-fraction {fraction!r} needs continuation-epochs >= 1 (0 turns continuations off)")
+        rates = self.continuation_rates
+        if isinstance(rates, (str, bytes)) or not isinstance(rates, (tuple, list)) or not rates \
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
+            raise ValueError(f"continuation-rates must be one or more numbers > 0 (factors on the first rates), got {rates!r}")
+        self.continuation_rates = tuple(float(r) for r in rates)
+        if not isinstance(self.continuation_average, bool):
+            raise ValueError(f"continuation-average must be true or false, got {self.continuation_average!r}")
+        if self.continuation_average and self.continuation_epochs == 0:
+            raise ValueError("continuation-average needs continuation-epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
         if self.max_epochs_b is not None and (not isinstance(self.max_epochs_b, int) or isinstance(self.max_epochs_b, bool) or self.max_epochs_b < self.epochs_a):
             raise ValueError(f"max-epochs-b must be none or an integer >= epochs-a ({self.epochs_a}), got {self.max_epochs_b!r}")
         if self.verdict_tol is not None and not (isinstance(self.verdict_tol, (int, float)) and math.isfinite(self.verdict_tol) and self.verdict_tol > 0):
@@ -336,6 +350,8 @@ class ExperimentConfig:
         verdict = None if self.verdict_tol is None else VerdictConfig(tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
+                                                                    continuation_average=self.continuation_average,
+                                                                    continuation_rates=self.continuation_rates,
                                                                     confirm=self.confirm_verdict)
         return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict)
 
@@ -370,7 +386,8 @@ class ExperimentConfig:
 
 # Fields added after runs were stored, each with the value that reproduces those runs; absent from
 # to_dict() at that value (ExperimentConfig(**record) restores it).
-LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0}
+LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
+                                   "continuation_rates": (0.3, 0.1)}
 
 
 PRESETS: dict[str, dict] = {

@@ -246,6 +246,19 @@ def _start_continuation(guide, epoch: int, config: VerdictConfig, pass_epoch: in
             "guide_state": {k: v.detach().clone() for k, v in guide.state_dict().items()}, "seed": config.seed + CONTINUATION_SEED_OFFSET + epoch}
 
 
+def _accumulate_average(guide, continuation: dict, epochs_done: int, num_rates: int) -> dict:
+    """The continuation with the guide's parameters after epoch ``epochs_done`` added to its
+    running sum when that epoch is at the last rate (its last ``epochs / num_rates`` epochs). A
+    new dict and new tensors: a :class:`TrainState` saved earlier keeps its own sum."""
+    length = continuation["epochs"]
+    if epochs_done - continuation["start_epoch"] <= length - length // num_rates:
+        return continuation
+    state = {k: v.detach() for k, v in guide.state_dict().items()}
+    total = continuation.get("average_sum")
+    total = {k: v.clone() for k, v in state.items()} if total is None else {k: total[k] + v for k, v in state.items()}
+    return continuation | {"average_sum": total, "average_count": continuation.get("average_count", 0) + 1}
+
+
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
     """Score the continuation that ends after the last epoch of ``history`` against its start
     (:func:`~pyro_bbt.verdict.continuation_gain`), return the guide to the start where the ELBO
@@ -257,7 +270,12 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     posterior's blank-pixel ratio and the verdict on both."""
     clock = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
-    end_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
+    averaged = continuation.get("average_count", 0)
+    if averaged:  # the continuation's end is its tail average (VerdictConfig.continuation_average)
+        end_state = {k: total / averaged for k, total in continuation["average_sum"].items()}
+        guide.load_state_dict(end_state)
+    else:
+        end_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
     end = read_posterior(guide)
     guide.load_state_dict(continuation["guide_state"])
     start = read_posterior(guide)
@@ -273,7 +291,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
         reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x the first rates still raised the "
                        f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
                        f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
-    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"]}
+    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged}
     record["converged"] = bool(record.get("converged")) and not reasons
     record["reasons"] = reasons if reasons else list(record.get("reasons") or [])
     last.verdict = record
@@ -463,6 +481,8 @@ def train(
             phase="fit" if continuation is None else "continuation",
         )
         history.epochs.append(diagnostics)
+        if continuation is not None and config.verdict.continuation_average:
+            continuation = _accumulate_average(guide, continuation, epoch + 1, len(config.verdict.continuation_rates))
         if on_epoch is not None:
             on_epoch(diagnostics)
         if on_checkpoint is not None:

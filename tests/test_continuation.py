@@ -33,11 +33,11 @@ def _data(n: int = 200, seed: int = 0) -> Split:
     return Split(x, y)
 
 
-def _config(stop_at: int, cap: int, tol: float) -> TrainConfig:
+def _config(stop_at: int, cap: int, tol: float, average: bool = False) -> TrainConfig:
     """The rule stops at ``stop_at`` (its criteria always hold), the verdict's line search judges
     there, and a pass is continued for as many epochs as the fit has had (fraction 1)."""
     rule = StoppingRule(max_epochs=cap, min_epochs=stop_at, window=1, rel_tol=100.0, scale_tol=100.0, lr_drops=0)
-    verdict = VerdictConfig(tol_per_datum=tol, continuation_epochs=4, continuation_fraction=1.0, max_overrules=0)
+    verdict = VerdictConfig(tol_per_datum=tol, continuation_epochs=4, continuation_fraction=1.0, max_overrules=0, continuation_average=average)
     return TrainConfig(stopping=rule, lr=3e-2, scale_lr=9e-2, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
                        verdict=verdict, warn_unconverged=False)
 
@@ -124,6 +124,62 @@ def test_a_fit_resumed_inside_a_continuation_is_bit_identical(single_torch_threa
         assert torch.equal(a, b), name
 
 
+def _fit_recording_states(config: TrainConfig, **kwargs):
+    """:func:`_fit`, with the guide's parameters after every epoch."""
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+    states = []
+    records = train(model, guide, _data(), config, on_epoch=lambda _: states.append({k: v.detach().clone() for k, v in guide.state_dict().items()}),
+                    **kwargs).to_records()
+    return model, guide, records, states
+
+
+def test_an_averaged_continuation_ends_at_the_mean_of_its_epochs_at_the_last_rate(single_torch_thread):
+    """With continuation_average the continuation after the pass at epoch 10 (epochs 11-20, at 0.3
+    then 0.1 times the first rates) is scored, and kept, as the average of the guide's parameters
+    after epochs 16-20 (the fixed-noise evaluator agrees), not as the last iterate (on this small,
+    still-rising fit the average trails it)."""
+    config = _config(stop_at=10, cap=200, tol=0.04, average=True)
+    model, guide, records, states = _fit_recording_states(config)
+    first = records[19]["verdict"]["continuation"]
+    assert (first["start_epoch"], first["epochs"], first["averaged_epochs"]) == (10, 10, 5)
+    tail = {k: sum(state[k] for state in states[15:20]) / 5 for k in states[0]}
+    start = {k: v for k, v in states[9].items()}
+    model2, guide2 = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0), initialize=True)
+    seed = config.verdict.seed + 2 * 1_000_003 + 10
+    guide2.load_state_dict(start)
+    at_start = read_posterior(guide2)
+    guide2.load_state_dict(tail)
+    averaged = continuation_gain(model2, at_start, read_posterior(guide2), _data(), num_draws=8, seed=seed, batch_size=config.verdict.batch_size)
+    assert averaged.nats == pytest.approx(first["nats"], rel=1e-6)
+    guide2.load_state_dict(states[19])
+    last = continuation_gain(model2, at_start, read_posterior(guide2), _data(), num_draws=8, seed=seed, batch_size=config.verdict.batch_size)
+    assert averaged.nats != pytest.approx(last.nats, rel=1e-3)
+    final = records[-1]["verdict"]
+    if final["converged"] and final["continuation"]["kept"] == "end":  # the guide returned is the last continuation's average
+        end, length = len(records), final["continuation"]["epochs"]
+        half = length // 2
+        mean = {k: sum(state[k] for state in states[end - half:end]) / half for k in states[0]}
+        for name, value in guide.state_dict().items():
+            assert torch.allclose(value, mean[name], rtol=0, atol=1e-6), name
+    else:
+        assert final["continuation"]["averaged_epochs"] > 0
+
+
+def test_a_fit_resumed_while_it_averages_is_bit_identical(single_torch_thread):
+    config = _config(stop_at=10, cap=30, tol=0.04, average=True)
+    states = {}
+    _, guide, records, _ = _fit_recording_states(config, on_checkpoint=lambda state: states.__setitem__(state.epoch, state))
+    assert states[17].continuation["average_count"] == 2 and "average_sum" not in states[15].continuation
+    buffer = io.BytesIO()
+    torch.save(states[17].to_dict(), buffer)
+    buffer.seek(0)
+    restored = TrainState.from_dict(torch.load(buffer, weights_only=True))
+    _, resumed_guide, resumed, _ = _fit_recording_states(config, resume=restored)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    for (name, a), (_, b) in zip(guide.named_parameters(), resumed_guide.named_parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_continuation_settings_are_checked_and_reach_the_fit_from_the_experiment():
     assert VerdictConfig(continuation_epochs=5, continuation_fraction=0.5).continuation_length(31) == 16  # ceil(15.5) to a multiple of 2
     assert VerdictConfig(continuation_epochs=5).continuation_length(100) == 6
@@ -143,6 +199,20 @@ def test_continuation_settings_are_checked_and_reach_the_fit_from_the_experiment
     config = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-fraction", "0.5"]))
     assert (config.continuation_epochs, config.continuation_fraction) == (10, 0.5)
     assert config.recipe_b_converged(300).verdict.continuation_length(40) == 20
+    assert config.recipe_a().verdict.continuation_average is False
+    averaged = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-average"]))
+    assert averaged.continuation_average is True and averaged.recipe_a().verdict.continuation_average is True
+    with pytest.raises(ValueError, match="continuation_average must be true or false, got 1"):
+        VerdictConfig(continuation_epochs=2, continuation_average=1)
+    with pytest.raises(ValueError, match="continuation_average needs continuation_epochs >= 1"):
+        VerdictConfig(continuation_average=True)
+    with pytest.raises(ValueError, match="continuation-average needs continuation-epochs >= 1"):
+        ExperimentConfig(continuation_average=True)
+    one_rate = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-rates", "1"]))
+    assert one_rate.continuation_rates == (1.0,) and one_rate.recipe_a().verdict.continuation_rates == (1.0,)
+    assert one_rate.recipe_a().verdict.continuation_length(7) == 10
+    with pytest.raises(ValueError, match=r"continuation-rates must be one or more numbers > 0 .*got \(0.3, -1\)"):
+        ExperimentConfig(continuation_epochs=5, continuation_rates=(0.3, -1))
 
 
 def test_runs_stored_before_the_continuation_still_match_their_configuration():
@@ -150,11 +220,14 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     they existed was: same config.json, same store hash, --resume accepts it; one with a
     continuation names it as the difference."""
     plain = ExperimentConfig()
-    assert not {"continuation_epochs", "continuation_fraction"} & set(plain.to_dict())
+    later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates")
+    assert not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
-    stored = {k: v for k, v in asdict(plain).items() if k not in ("continuation_epochs", "continuation_fraction")}  # an old run's config.json
+    stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json
     assert config_differences(stored, plain.to_dict()) == []
     assert RunStore(Path("unused"), stored).hash == RunStore(Path("unused"), plain.to_dict()).hash
     continued = ExperimentConfig(continuation_epochs=20)
     assert config_differences(stored, continued.to_dict()) == ["continuation_epochs: None -> 20"]
     assert ExperimentConfig(**continued.to_dict()) == continued
+    averaged = ExperimentConfig(continuation_epochs=20, continuation_average=True, continuation_rates=[1])  # as JSON gives it back
+    assert averaged.to_dict()["continuation_rates"] == (1.0,) and ExperimentConfig(**averaged.to_dict()) == averaged

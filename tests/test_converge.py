@@ -70,7 +70,7 @@ def test_every_row_runs_and_returns_its_fields(report):
             assert record["judge_seconds"] is None and 0 < record["start_seconds"] < record["trace"][0]["seconds"]
             continue
         assert record["start_seconds"] is None
-        if record["name"] == "recipe":
+        if record["name"] in ("recipe", "recipe-avg"):
             assert record["judge_seconds"] is None and record["steps"] == 2 * 7  # minibatches of 32 (a tenth of 200, at least 32)
         else:
             assert record["judgements"] == 2 and 0 < record["judge_seconds"] < record["seconds"]  # judged after each epoch
@@ -225,8 +225,8 @@ def test_the_recipe_is_the_presets_q_a_recipe():
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--rows", "nope"], "unknown or empty rows nope; allowed: recipe, recipe-mle, ivon, pyro-svi, mlp"),
-     (["--rows", ","], "allowed: recipe, recipe-mle, ivon, pyro-svi, mlp"),
+    [(["--rows", "nope"], "unknown or empty rows nope; allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, mlp"),
+     (["--rows", ","], "allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, mlp"),
      (["--problem", "task-b"], "invalid choice: 'task-b' (choose from"),
      (["--hidden", "8,x"], "expected comma-separated positive widths"),
      (["--ivon-beta2", "1.5"], "IVON's beta2 must lie in [0, 1)"),
@@ -253,3 +253,11 @@ def test_a_row_whose_package_is_missing_is_skipped_unless_named(monkeypatch, cap
     with pytest.raises(SystemExit) as info:
         converge.main(["--rows", "fake-peer", "--out", str(tmp_path / "c.json")])
     assert info.value.code == 2 and "no-such-package" in capsys.readouterr().err
+
+
+def test_the_averaged_row_needs_a_preset_with_continuations():
+    """``recipe-avg`` is the recipe with ``continuation_average``: under a preset without
+    continuations (paper-v2) there is nothing to average, and the row says so before fitting."""
+    data = converge.ProblemData(ExperimentConfig(**PRESETS["paper-v2"]), None, None, None)
+    with pytest.raises(ValueError, match="continuation-average needs continuation-epochs >= 1"):
+        converge.run_recipe_averaged(data, None, 0)

@@ -1,0 +1,115 @@
+"""Does averaging the iterates remove Adam's noise floor, and what is left when it does?
+
+Fits task A's posterior (``benchmarks/converge.py``'s problems: ``small`` is 2,000 images at
+784-32-5, ``task-a`` all 27,537 at 784-400-400) by the ``--preset``'s q_A recipe to its verdict
+(``paper-v2``: the line-search pass, confirmed, no continuation), then continues it for
+``--epochs`` epochs at ``--factor`` times the recipe's first rates (a fresh Adam, the recipe's
+minibatch and KL schedule, no verdict). At every power of two ``k`` it scores, with
+``converge.py``'s evaluator (the fixed-noise ELBO, 8 antithetic draws, common random numbers;
+``KL(q || p)`` in closed form):
+
+* ``last``: the last iterate;
+* ``avg``: the average of the guide's unconstrained parameters (locations, log-widths) after each
+  epoch of ``(k/2, k]`` (Polyak-Ruppert tail averaging, what
+  ``VerdictConfig.continuation_average`` does inside a continuation).
+
+Off the clock except ``seconds``, which counts from the start of the fit. One process, one torch
+thread. Writes ``--out`` (JSON: the pass, then one point per ``k``) after every point::
+
+    python benchmarks/averaging.py --problem small --factor 0.3 --epochs 1024 --out figs/averaging-small-f0.3.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from converge import PROBLEMS, Evaluator, Problem, load_problem, recipe_for  # noqa: E402
+
+from pyro_bbt.experiment import PRESETS  # noqa: E402
+from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
+
+
+def continue_and_average(problem: Problem, preset: str, seed: int, factor: float, epochs: int, max_epochs: int | None,
+                         eval_draws: int, out: Path | None = None) -> dict:
+    """The measurement above; returns (and writes to ``out``) ``{"args", "pass", "points"}``."""
+    data = load_problem(problem, preset=preset)
+    evaluator = Evaluator(num_draws=eval_draws)
+    model, guide = data.experiment.new_posterior(data.experiment.base_prior(), seed)
+    recipe = recipe_for(data.experiment, data.num_data, max_epochs)
+    start = time.perf_counter()
+    fit = fit_posterior(model, guide, data.train, recipe, seed)
+    score = evaluator.score(model, guide, data.train)
+    record = {"args": {"problem": problem.name, "limit_train": problem.limit_train, "hidden": list(problem.hidden), "preset": preset,
+                       "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws},
+              "pass": {"epochs": fit.epochs, "converged": fit.converged, "seconds": time.perf_counter() - start, "elbo": score.elbo, "kl": score.kl},
+              "points": []}
+    more = FitRecipe(lr=recipe.lr * factor, scale_lr=(recipe.scale_lr or recipe.lr) * factor, batch_size=recipe.batch_size, epochs=epochs,
+                     kl_schedule=recipe.kl_schedule, estimator=recipe.estimator, num_particles=recipe.num_particles, verdict=None)
+    window: dict = {"sum": None, "count": 0, "epoch": 0}
+
+    def on_epoch(_) -> None:
+        window["epoch"] += 1
+        state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+        window["sum"] = state if window["sum"] is None else {k: window["sum"][k] + v for k, v in state.items()}
+        window["count"] += 1
+        k = window["epoch"]
+        if k & (k - 1):
+            return
+        last = evaluator.score(model, guide, data.train)
+        guide.load_state_dict({name: total / window["count"] for name, total in window["sum"].items()})
+        averaged = evaluator.score(model, guide, data.train)
+        guide.load_state_dict(state)
+        record["points"].append({"epoch": k, "seconds": time.perf_counter() - start, "last_elbo": last.elbo, "last_kl": last.kl,
+                                 "avg_elbo": averaged.elbo, "avg_kl": averaged.kl, "avg_n": window["count"]})
+        print(f"[averaging] epoch {k}: last {last.elbo:,.1f}, average of the last {window['count']} {averaged.elbo:,.1f}", flush=True)
+        window["sum"], window["count"] = None, 0
+        if out is not None:
+            out.write_text(json.dumps(record, indent=1))
+
+    fit_posterior(model, guide, data.train, more, seed + 1000, on_epoch=on_epoch)
+    if out is not None:
+        out.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="small")
+    parser.add_argument("--limit-train", type=int, help="the problem's first N training images (tests)")
+    parser.add_argument("--hidden", type=int, help="one hidden layer of this width instead of the problem's (tests)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-v2", help="whose q_A recipe fits to the pass (default paper-v2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--factor", type=float, default=1.0, help="the continuation's rates, times the recipe's first rates")
+    parser.add_argument("--epochs", type=int, default=512, help="epochs of the continuation (scored at every power of two)")
+    parser.add_argument("--max-epochs", type=int, help="cap the fit to the pass at this many epochs (tests)")
+    parser.add_argument("--eval-draws", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    for name in ("epochs", "eval_draws", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.factor > 0:
+        parser.error(f"--factor must be > 0, got {args.factor}")
+    problem = PROBLEMS[args.problem]
+    if args.limit_train is not None or args.hidden is not None:
+        problem = Problem(problem.name, args.limit_train or problem.limit_train, (args.hidden,) if args.hidden else problem.hidden,
+                          problem.description + " (resized)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        continue_and_average(problem, args.preset, args.seed, args.factor, args.epochs, args.max_epochs, args.eval_draws, args.out)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""benchmarks/averaging.py (outside the package): a real fit on tiny data (200 images, 784-8-5,
+two epochs to the verdict, four more), scored as its last iterate and as the average of the
+iterates over (k/2, k] at every power of two k."""
+
+import json
+
+import pytest
+
+from conftest import load_benchmark
+
+averaging = load_benchmark("averaging")
+
+TINY = ["--problem", "small", "--limit-train", "200", "--hidden", "8", "--max-epochs", "2", "--epochs", "4", "--eval-draws", "2"]
+
+
+def test_the_tail_average_is_scored_at_every_power_of_two(tmp_path, single_torch_thread):
+    out = tmp_path / "averaging.json"
+    assert averaging.main([*TINY, "--factor", "0.3", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["args"]["factor"] == 0.3 and record["args"]["hidden"] == [8] and record["args"]["limit_train"] == 200
+    assert record["pass"]["epochs"] == 2 and record["pass"]["converged"] is False  # two epochs of 200 images
+    points = record["points"]
+    assert [p["epoch"] for p in points] == [1, 2, 4] and [p["avg_n"] for p in points] == [1, 1, 2]
+    assert points[0]["avg_elbo"] == pytest.approx(points[0]["last_elbo"], rel=1e-12)  # an average of one iterate is that iterate
+    assert points[2]["avg_elbo"] != pytest.approx(points[2]["last_elbo"], rel=1e-9)
+    assert all(p["seconds"] > record["pass"]["seconds"] for p in points)
+
+
+@pytest.mark.parametrize("flags, message", [(["--factor", "0"], "--factor must be > 0, got 0.0"), (["--epochs", "0"], "--epochs must be >= 1, got 0")])
+def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, flags, message):
+    out = tmp_path / "averaging.json"
+    with pytest.raises(SystemExit) as exit_info:
+        averaging.main([*TINY, *flags, "--out", str(out)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
