@@ -13,6 +13,11 @@ minibatch and KL schedule, no verdict). At every power of two ``k`` it scores, w
   epoch of ``(k/2, k]`` (Polyak-Ruppert tail averaging, what
   ``VerdictConfig.continuation_average`` does inside a continuation).
 
+and, for the pass and every average, where its KL to the prior ``N(0, sigma_p^2)`` lies
+(:func:`kl_breakdown`): per weight site, the first layer's blank-pixel columns apart (their exact
+posterior is the prior), and the hidden units whose incoming weights sit near the prior (mean KL
+per weight below 0.001, 0.01, 0.1 nats: :func:`pyro_bbt.pruning.unit_kl`).
+
 Off the clock except ``seconds``, which counts from the start of the fit. One process, one torch
 thread. Writes ``--out`` (JSON: the pass, then one point per ``k``) after every point::
 
@@ -32,8 +37,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from converge import PROBLEMS, Evaluator, Problem, load_problem, recipe_for  # noqa: E402
 
+from pyro_bbt.convergence import uninformed_inputs  # noqa: E402
 from pyro_bbt.experiment import PRESETS  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
+from pyro_bbt.guides import posterior_loc_scale  # noqa: E402
+from pyro_bbt.pruning import unit_kl  # noqa: E402
+
+UNIT_THRESHOLDS = (0.001, 0.01, 0.1)
+
+
+@torch.no_grad()
+def kl_breakdown(model, guide, x_train: torch.Tensor, prior_std: float) -> dict:
+    """Where ``KL(q || N(0, prior_std^2))`` lies: ``sites`` (nats per weight or bias site, closed
+    form), ``blank`` (the first layer's columns of pixels 0 in every training image) and
+    ``units_near_prior`` (per hidden layer, how many units have a mean KL per incoming weight at
+    most each of :data:`UNIT_THRESHOLDS`, blank pixels left out)."""
+    posterior = posterior_loc_scale(guide, model)
+    blank = uninformed_inputs(x_train)
+    sites, blank_kl = {}, 0.0
+    for site, (loc, scale) in posterior.items():
+        ratio = (scale / prior_std) ** 2
+        kl = 0.5 * (ratio + (loc / prior_std) ** 2 - 1.0 - torch.log(ratio))
+        sites[site] = float(kl.sum())
+        if site == "layers.0.weight":
+            blank_kl = float(kl[:, blank].sum())
+    units = [{str(t): int((k <= t).sum()) for t in UNIT_THRESHOLDS} | {"units": int(k.numel())}
+             for k in unit_kl(guide, model, prior_std, x_train)]
+    return {"sites": sites, "total": sum(sites.values()), "blank": blank_kl, "units_near_prior": units}
 
 
 def continue_and_average(problem: Problem, preset: str, seed: int, factor: float, epochs: int, max_epochs: int | None,
@@ -48,7 +78,8 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
     score = evaluator.score(model, guide, data.train)
     record = {"args": {"problem": problem.name, "limit_train": problem.limit_train, "hidden": list(problem.hidden), "preset": preset,
                        "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws},
-              "pass": {"epochs": fit.epochs, "converged": fit.converged, "seconds": time.perf_counter() - start, "elbo": score.elbo, "kl": score.kl},
+              "pass": {"epochs": fit.epochs, "converged": fit.converged, "seconds": time.perf_counter() - start, "elbo": score.elbo, "kl": score.kl,
+                       "kl_breakdown": kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)},
               "points": []}
     more = FitRecipe(lr=recipe.lr * factor, scale_lr=(recipe.scale_lr or recipe.lr) * factor, batch_size=recipe.batch_size, epochs=epochs,
                      kl_schedule=recipe.kl_schedule, estimator=recipe.estimator, num_particles=recipe.num_particles, verdict=None)
@@ -65,9 +96,10 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
         last = evaluator.score(model, guide, data.train)
         guide.load_state_dict({name: total / window["count"] for name, total in window["sum"].items()})
         averaged = evaluator.score(model, guide, data.train)
+        breakdown = kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)
         guide.load_state_dict(state)
         record["points"].append({"epoch": k, "seconds": time.perf_counter() - start, "last_elbo": last.elbo, "last_kl": last.kl,
-                                 "avg_elbo": averaged.elbo, "avg_kl": averaged.kl, "avg_n": window["count"]})
+                                 "avg_elbo": averaged.elbo, "avg_kl": averaged.kl, "avg_n": window["count"], "avg_kl_breakdown": breakdown})
         print(f"[averaging] epoch {k}: last {last.elbo:,.1f}, average of the last {window['count']} {averaged.elbo:,.1f}", flush=True)
         window["sum"], window["count"] = None, 0
         if out is not None:

@@ -24,6 +24,14 @@ def test_the_tail_average_is_scored_at_every_power_of_two(tmp_path, single_torch
     assert points[0]["avg_elbo"] == pytest.approx(points[0]["last_elbo"], rel=1e-12)  # an average of one iterate is that iterate
     assert points[2]["avg_elbo"] != pytest.approx(points[2]["last_elbo"], rel=1e-9)
     assert all(p["seconds"] > record["pass"]["seconds"] for p in points)
+    for breakdown in [record["pass"]["kl_breakdown"]] + [p["avg_kl_breakdown"] for p in points]:
+        assert set(breakdown["sites"]) == {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
+        assert breakdown["total"] == pytest.approx(sum(breakdown["sites"].values()))
+        assert 0 < breakdown["blank"] < breakdown["sites"]["layers.0.weight"]  # widths start at 0.01: blank weights are far from the prior
+        [layer] = breakdown["units_near_prior"]
+        assert layer["units"] == 8 and layer["0.001"] <= layer["0.01"] <= layer["0.1"] <= 8
+    # the closed form agrees with the evaluator's KL (converge.py's Evaluator), which is computed apart
+    assert record["pass"]["kl_breakdown"]["total"] == pytest.approx(record["pass"]["kl"], rel=1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [(["--factor", "0"], "--factor must be > 0, got 0.0"), (["--epochs", "0"], "--epochs must be >= 1, got 0")])
