@@ -284,7 +284,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     kept = "start" if gain.nats < 0 else "end"
     if kept == "end":
         guide.load_state_dict(end_state)
-    record = dict(history.epochs[continuation.get("pass_epoch", continuation["start_epoch"]) - 1].verdict or {})
+    record = dict(history.epochs[continuation["pass_epoch"] - 1].verdict or {})
     bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
     record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
     if gain.upper_per_datum > v.tol_per_datum:
@@ -400,7 +400,7 @@ def train(
                     continuation = None
                     break
                 # it gained: the next continuation starts here and confirms the same pass
-                continuation, done = _start_continuation(guide, epoch, config.verdict, continuation.get("pass_epoch", continuation["start_epoch"])), 0
+                continuation, done = _start_continuation(guide, epoch, config.verdict, continuation["pass_epoch"]), 0
             factors = config.verdict.continuation_rates
             lr_scale = factors[done // (continuation["epochs"] // len(factors))]
             for group, rate in zip(optimizer.param_groups, first_rates):
