@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import positive_int  # noqa: E402
 from converge import PROBLEMS, Evaluator, Problem, load_problem, recipe_for  # noqa: E402
 
 from pyro_bbt.convergence import uninformed_inputs  # noqa: E402
 from pyro_bbt.experiment import PRESETS  # noqa: E402
+from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
 from pyro_bbt.guides import posterior_loc_scale  # noqa: E402
 from pyro_bbt.pruning import unit_kl  # noqa: E402
@@ -103,24 +105,24 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
         print(f"[averaging] epoch {k}: last {last.elbo:,.1f}, average of the last {window['count']} {averaged.elbo:,.1f}", flush=True)
         window["sum"], window["count"] = None, 0
         if out is not None:
-            out.write_text(json.dumps(record, indent=1))
+            atomic_write_text(out, json.dumps(record, indent=1))
 
     fit_posterior(model, guide, data.train, more, seed + 1000, on_epoch=on_epoch)
     if out is not None:
-        out.write_text(json.dumps(record, indent=1))
+        atomic_write_text(out, json.dumps(record, indent=1))
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="small")
-    parser.add_argument("--limit-train", type=int, help="the problem's first N training images (tests)")
-    parser.add_argument("--hidden", type=int, help="one hidden layer of this width instead of the problem's (tests)")
+    parser.add_argument("--limit-train", type=positive_int, help="the problem's first N training images (tests)")
+    parser.add_argument("--hidden", type=positive_int, help="one hidden layer of this width instead of the problem's (tests)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-v2", help="whose q_A recipe fits to the pass (default paper-v2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--factor", type=float, default=1.0, help="the continuation's rates, times the recipe's first rates")
     parser.add_argument("--epochs", type=int, default=512, help="epochs of the continuation (scored at every power of two)")
-    parser.add_argument("--max-epochs", type=int, help="cap the fit to the pass at this many epochs (tests)")
+    parser.add_argument("--max-epochs", type=positive_int, help="cap the fit to the pass at this many epochs (tests)")
     parser.add_argument("--eval-draws", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)

@@ -34,7 +34,8 @@ def test_the_tail_average_is_scored_at_every_power_of_two(tmp_path, single_torch
     assert record["pass"]["kl_breakdown"]["total"] == pytest.approx(record["pass"]["kl"], rel=1e-4)
 
 
-@pytest.mark.parametrize("flags, message", [(["--factor", "0"], "--factor must be > 0, got 0.0"), (["--epochs", "0"], "--epochs must be >= 1, got 0")])
+@pytest.mark.parametrize("flags, message", [(["--factor", "0"], "--factor must be > 0, got 0.0"), (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+                                            (["--limit-train", "0"], "argument --limit-train:")])
 def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, flags, message):
     out = tmp_path / "averaging.json"
     with pytest.raises(SystemExit) as exit_info:
