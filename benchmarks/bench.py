@@ -664,24 +664,28 @@ def _time_pyro_epochs(config: BenchConfig, split: Split, epochs: int, seed: int)
 # ------------------------------------------------------------------ one configuration
 
 
-def _load_splits(train_size: int | None) -> tuple[Split, Split]:
-    """Task A's ``train`` split (its first ``train_size`` images) and its whole ``test`` split."""
+def _load_splits(train_size: int | None, test_size: int | None = None) -> tuple[Split, Split]:
+    """Task A's ``train`` split (its first ``train_size`` images) and its ``test`` split (its
+    first ``test_size`` images; ``None``: all 5,139)."""
     task = load_task(Task(digits=TASK_DIGITS))
-    return (task.train if train_size is None else task.train.subset(train_size)), task.test
+    return ((task.train if train_size is None else task.train.subset(train_size)),
+            (task.test if test_size is None else task.test.subset(test_size)))
 
 
 def run_config(
-    name: str, epochs: int, train_size: int | None = None, threads: int | None = None, seed: int = 0, test: bool = True
+    name: str, epochs: int, train_size: int | None = None, threads: int | None = None, seed: int = 0, test: bool = True,
+    test_size: int | None = None,
 ) -> dict:
     """Train configuration ``name`` for ``epochs`` epochs in this process; its raw measurements.
 
     Meant to run in a fresh process (see :func:`run_isolated`): the peak RSS is the process's,
-    read before the test accuracy is computed (``test=False``: not computed, ``None``).
+    read before the test accuracy is computed (``test=False``: not computed, ``None``) on the
+    first ``test_size`` test images (``None``: all; the prediction timing too).
     """
     if threads is not None:
         torch.set_num_threads(threads)
     config = CONFIGS[name]
-    split, test_split = _load_splits(train_size)
+    split, test_split = _load_splits(train_size, test_size)
     rss_before = current_rss_mib()
     load_before = load_average()
     timer = _time_pyro_epochs if config.kind == "pyro" else _time_step_epochs
@@ -701,6 +705,7 @@ def run_config(
         "epoch_seconds": timing.seconds,
         "epoch_cpu_seconds": timing.cpu_seconds,
         "train_size": len(split),
+        "test_size": len(test_split),
         "steps_per_epoch": math.ceil(len(split) / BATCH_SIZE),
         "test_accuracy": timing.accuracy(test_split, EVAL_SAMPLES) if test else None,
         "predict_seconds": predict_seconds,
@@ -713,11 +718,13 @@ def run_config(
     }
 
 
-def run_isolated(name: str, epochs: int, train_size: int | None, threads: int | None, seed: int) -> dict:
+def run_isolated(
+    name: str, epochs: int, train_size: int | None, threads: int | None, seed: int, test_size: int | None = None
+) -> dict:
     """:func:`run_config` in a freshly spawned child process (isolates timing and peak RSS)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes=1, maxtasksperchild=1) as pool:
-        return pool.apply(run_config, (name, epochs, train_size, threads, seed))
+        return pool.apply(run_config, (name, epochs, train_size, threads, seed, True, test_size))
 
 
 # ------------------------------------------------------------------------- summary
@@ -881,6 +888,7 @@ def _meta(args: argparse.Namespace, raw: Sequence[dict]) -> dict:
         "epochs": args.epochs,
         "rounds": args.rounds,
         "train_size": raw[0]["train_size"] if raw else None,
+        "test_size": raw[0].get("test_size") if raw else None,
         "quick": args.quick,
         "seed": args.seed,
         "threads_requested": args.threads,
@@ -918,6 +926,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training images (default: all; "
                              f"{QUICK_TRAIN_SIZE} with --quick)")
+    parser.add_argument("--test-size", type=positive_int, default=None,
+                        help="score the test accuracy and time the prediction on only the first N of task A's 5,139 test "
+                             "images (default: all; the predict target is stated for all)")
     parser.add_argument("--configs", type=_config_list, default=None,
                         help=f"comma-separated subset of: {', '.join(CONFIGS)} (default: all, skipping the "
                              f"peers whose package is not installed: {INSTALL_HINT})")
@@ -960,7 +971,7 @@ def _run_all(args: argparse.Namespace) -> Iterator[dict]:
     for round_index in range(args.rounds):
         for name in args.configs:
             print(f"[bench] round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
-            result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed) | {"round": round_index + 1}
+            result = run_isolated(name, args.epochs, args.train_size, args.threads, args.seed, args.test_size) | {"round": round_index + 1}
             seconds = ", ".join(f"{s:.2f}" for s in result["epoch_seconds"])
             cpu = ", ".join(f"{s:.2f}" for s in result["epoch_cpu_seconds"])
             print(f"[bench] {name}: epochs [{seconds}] s wall, [{cpu}] s CPU, peak {result['peak_rss_mib']:.0f} MiB, "
@@ -981,7 +992,8 @@ def print_report(report: dict) -> None:
     print(f"\nTask A (digits 0-4), {meta['train_size']} training images, batch {BATCH_SIZE}, "
           f"{meta.get('rounds', 1)} interleaved round(s) of {meta['epochs']} epoch(s) per config, {meta['num_threads']} torch thread(s); "
           f"median over rounds of each round's median epoch; "
-          f"test accuracy on task A's test split ({EVAL_SAMPLES} weight samples).\n")
+          f"test accuracy on {'all' if meta.get('test_size') is None else 'the first ' + str(meta['test_size']) + ' of'} "
+          f"task A's test images ({EVAL_SAMPLES} weight samples).\n")
     print(markdown_table(report["results"]))
     if meta.get("skipped"):
         print("\nSkipped:\n\n" + "\n".join(f"- {line}" for line in meta["skipped"]))

@@ -65,7 +65,6 @@ from .units import (
     StageOutcome,
     bayesian_metrics,
     failed_unit_record,
-    limit_split,
     run_stage,
     run_unit,
     steps_for,
@@ -682,9 +681,9 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
         raise ValueError(f"sequential mode runs the methods {', '.join(SEQUENCE_METHODS)}; got {', '.join(config.methods)}")
     per_method: dict[str, list] = {m: [] for m in methods}
     for seed in config.seeds:
-        tasks = [load_task(t) for t in sequence_tasks(kind, config.task_a, seed)]
-        trains = [limit_split(t.train, config.limit_train).to(config.device) for t in tasks]
-        tests = [limit_split(t.test, config.limit_eval).to(config.device) for t in tasks]
+        tasks = [load_task(t, limit_train=config.limit_train, limit_eval=config.limit_eval) for t in sequence_tasks(kind, config.task_a, seed)]
+        trains = [t.train.to(config.device) for t in tasks]
+        tests = [t.test.to(config.device) for t in tasks]
         for method in methods:
             prior: Prior = config.base_prior()
             state = None

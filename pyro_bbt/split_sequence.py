@@ -105,7 +105,7 @@ from .stats import mean_std, sample_std
 from .priors import Prior
 from .pruning import unit_census
 from .runstore import RunStore
-from .units import HeadView, check_finite_training, limit_split, steps_for, use_head
+from .units import HeadView, check_finite_training, steps_for, use_head
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -349,13 +349,13 @@ def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = No
     """``(train, test)`` of ``task`` with the scenario's labels (``load_task`` labels
     ``digits[k]`` as ``k``; the offset is added here), capped at ``limit_train`` / ``limit_eval``
     images, pixels scaled by ``pixels``, ``val_fraction`` of each digit's training images held out."""
-    data = load_task(Task(digits=task.digits, seed=seed, name=task.name, scaling=pixels, val_fraction=val_fraction))
+    data = load_task(Task(digits=task.digits, seed=seed, name=task.name, scaling=pixels, val_fraction=val_fraction),
+                     limit_train=limit_train, limit_eval=limit_eval)
 
-    def relabel(split: Split, limit: int | None) -> Split:
-        split = limit_split(split, limit)
+    def relabel(split: Split) -> Split:
         return Split(split.x, split.y + task.label_offset).to(device)
 
-    return relabel(data.train, limit_train), relabel(data.test, limit_eval)
+    return relabel(data.train), relabel(data.test)
 
 
 def new_split_posterior(config: ExperimentConfig, split: SplitConfig, prior: Prior, seed: int, task: int) -> tuple[BayesianMLP, object]:

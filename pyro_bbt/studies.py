@@ -99,11 +99,8 @@ STUDY_OVERRIDES = {("ablation", "paper"): dict(epochs=5, seeds=(0, 1, 2)), ("con
 
 
 def _task_a(config: StudyConfig, seed: int):
-    data = load_task(Task(digits=(0, 1, 2, 3, 4), seed=seed, name="A"))
-    train_split = data.train if config.limit_train is None else data.train.subset(config.limit_train)
-    test = data.test if config.limit_eval is None else data.test.subset(config.limit_eval)
-    val = data.val if config.limit_eval is None else data.val.subset(config.limit_eval)
-    return train_split, val, test
+    data = load_task(Task(digits=(0, 1, 2, 3, 4), seed=seed, name="A"), limit_train=config.limit_train, limit_eval=config.limit_eval)
+    return data.train, data.val, data.test
 
 
 def _fit_on_a(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str = "blundell", lr: float = 1e-3,

@@ -157,8 +157,7 @@ def shift_suite(task_a: Task, task_b: Task, rotations=ROTATIONS, noise_stds=NOIS
     ``limit`` keeps the first images of every set (the same images under every shift)."""
 
     def test(task: Task) -> Split:
-        split = load_task(task).test
-        return split if limit is None else split.subset(limit)
+        return load_task(task, limit_eval=limit).test
 
     suite = {IN_DISTRIBUTION: (test(task_a), True)}
     for angle in rotations:

@@ -228,8 +228,7 @@ def _suite(config: UncertaintyConfig) -> dict:
 
 
 def _train_split(config: UncertaintyConfig, seed: int):
-    train_split = load_task(Task(digits=TASK_A.digits, seed=seed, name="A")).train
-    return train_split if config.limit_train is None else train_split.subset(config.limit_train)
+    return load_task(Task(digits=TASK_A.digits, seed=seed, name="A"), limit_train=config.limit_train).train
 
 
 def _row(predictor: str, seed: int, fit_seconds: float, convergence: dict | None, scores: dict, seconds_per_epoch: float | None = None,

@@ -47,23 +47,13 @@ class _Tasks:
     b: TaskData
 
 
-def limit_split(split: Split, n: int | None) -> Split:
-    return split if n is None else split.subset(n)
-
-
 def load_task_pair(config: ExperimentConfig, fraction: float, seed: int) -> _Tasks:
-    a = load_task(Task(digits=config.task_a, seed=seed, name="A"))
-    b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"))
+    limits = dict(limit_train=config.limit_train, limit_eval=config.limit_eval)
+    a = load_task(Task(digits=config.task_a, seed=seed, name="A"), **limits)
+    b = load_task(Task(digits=config.task_b, fraction=fraction, seed=seed, name="B"), **limits)
     out = []
     for data in (a, b):
-        out.append(
-            TaskData(
-                task=data.task,
-                train=limit_split(data.train, config.limit_train).to(config.device),
-                val=limit_split(data.val, config.limit_eval).to(config.device),
-                test=limit_split(data.test, config.limit_eval).to(config.device),
-            )
-        )
+        out.append(TaskData(task=data.task, train=data.train.to(config.device), val=data.val.to(config.device), test=data.test.to(config.device)))
     return _Tasks(*out)
 
 

@@ -23,6 +23,7 @@ RESULT_KEYS = {
     "epoch_seconds",
     "epochs",
     "train_size",
+    "test_size",
     "steps_per_epoch",
     "median_epoch_seconds",
     "median_step_ms",
@@ -58,7 +59,8 @@ def _positive_finite(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = ["--train-size", "256", "--epochs", "1", "--rounds", "2", "--configs", ",".join(CHEAP), "--threads", "1", "--out", str(out)]
+    argv = ["--train-size", "256", "--test-size", "300", "--epochs", "1", "--rounds", "2", "--configs", ",".join(CHEAP), "--threads", "1",
+            "--out", str(out)]
     assert bench.main(argv) == 0
     return json.loads(out.read_text())
 
@@ -66,7 +68,7 @@ def report(tmp_path_factory):
 def test_report_top_level_and_meta(report):
     assert set(report) == {"meta", "results", "targets"}
     meta = report["meta"]
-    assert meta["train_size"] == 256
+    assert meta["train_size"] == 256 and meta["test_size"] == 300
     assert meta["epochs"] == 1 and meta["rounds"] == 2
     assert meta["batch_size"] == 128
     assert meta["task_digits"] == [0, 1, 2, 3, 4]
@@ -181,7 +183,7 @@ def test_rounds_are_merged_by_the_median_of_each_rounds_median():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--configs", "nope"], ["--configs", ""], ["--epochs", "0"], ["--threads", "x"], ["--bogus"]],
+    [["--configs", "nope"], ["--configs", ""], ["--epochs", "0"], ["--test-size", "0"], ["--threads", "x"], ["--bogus"]],
 )
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -193,8 +195,8 @@ def test_runs_as_a_script_from_any_directory(tmp_path):
     """``python benchmarks/bench.py`` as a user runs it, outside the package and from another
     folder: it imports the installed pyro_bbt, and its spawned child finds the script's functions."""
     out = tmp_path / "bench.json"
-    command = [sys.executable, bench.__file__, "--configs", "torch-deterministic", "--train-size", "256", "--epochs", "1",
-               "--rounds", "1", "--threads", "1", "--out", out.name]
+    command = [sys.executable, bench.__file__, "--configs", "torch-deterministic", "--train-size", "256", "--test-size", "100",
+               "--epochs", "1", "--rounds", "1", "--threads", "1", "--out", out.name]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -248,8 +250,8 @@ def _require(name: str) -> None:
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_trains_an_epoch_and_records_its_test_accuracy(name, single_torch_thread):
     _require(name)
-    result = bench.run_config(name, 1, train_size=256)  # raises FloatingPointError on a non-finite loss
-    assert result["steps_per_epoch"] == 2 and len(result["epoch_seconds"]) == 1
+    result = bench.run_config(name, 1, train_size=256, test_size=200)  # raises FloatingPointError on a non-finite loss
+    assert result["steps_per_epoch"] == 2 and result["test_size"] == 200 and len(result["epoch_seconds"]) == 1
     assert all(_positive_finite(s) for s in result["epoch_seconds"] + result["epoch_cpu_seconds"])
     assert 0.0 <= result["test_accuracy"] <= 1.0 and _positive_finite(result["predict_seconds"])
     split, _ = bench._load_splits(256)

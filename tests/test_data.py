@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -103,6 +104,41 @@ def test_corrupted_cache_raises_checksum_error(cache_copy, damage, name):
     assert err.path == path and err.expected == MNIST_FILES[name]
     with pytest.raises(ChecksumError):  # also through the loaders
         load_task(Task())
+
+
+def test_a_file_found_right_is_hashed_again_only_once_its_stat_changes(cache_copy, monkeypatch):
+    """Files older than a second, once verified, are not hashed on the next call; a file altered
+    in place, with its mtime put back, is (its ctime moved) and is refused; a file younger than a
+    second when hashed is hashed every time (its mtime could still tick over unseen)."""
+    hashed = []
+    real = D._sha256_file
+    monkeypatch.setattr(D, "_sha256_file", lambda path: hashed.append(path.name) or real(path))
+    raw = _raw(cache_copy)
+    old = [(raw / name, (raw / name).stat()) for name in MNIST_FILES]
+    for path, st in old:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # 10 s older
+    mnist_root()
+    assert sorted(hashed) == sorted(MNIST_FILES)
+    hashed.clear()
+    mnist_root()
+    assert hashed == []
+    path = raw / "t10k-labels-idx1-ubyte"
+    st = path.stat()
+    content = bytearray(path.read_bytes())
+    content[-1] ^= 0xFF
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ChecksumError):
+        mnist_root()
+    assert hashed == [path.name]
+    young = raw / "t10k-images-idx3-ubyte"
+    young.touch()
+    content[-1] ^= 0xFF
+    path.write_bytes(bytes(content))
+    hashed.clear()
+    mnist_root()
+    mnist_root()
+    assert hashed.count(young.name) == 2 and hashed.count(path.name) == 2
 
 
 def test_explicit_data_dir(cache_copy, tmp_path):
@@ -268,6 +304,22 @@ def test_returned_splits_do_not_share_the_cache():
     again = load_task(Task())
     assert torch.equal(again.train.x[0], before)
     assert again.test.y.max() == 4
+
+
+
+def test_limits_keep_the_first_images_of_each_split_as_copies():
+    full = load_task(Task())
+    cut = load_task(Task(), limit_train=30, limit_eval=20)
+    assert (len(cut.train), len(cut.val), len(cut.test)) == (30, 20, 20)
+    for part, whole in ((cut.train, full.train), (cut.val, full.val), (cut.test, full.test)):
+        assert torch.equal(part.x, whole.x[: len(part)]) and torch.equal(part.y, whole.y[: len(part)])
+    cut.train.x.zero_()
+    cut.test.y.fill_(7)
+    again = load_task(Task())
+    assert torch.equal(again.train.x[:30], full.train.x[:30]) and again.test.y.max() == 4
+    assert len(load_task(Task(), limit_train=10**9).train) == len(full.train)
+    with pytest.raises(ValueError, match="n"):
+        load_task(Task(), limit_eval=-1)
 
 
 # --------------------------------------------------------------------- validation
