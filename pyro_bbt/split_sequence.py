@@ -91,6 +91,7 @@ import numpy as np
 import torch
 
 from .continual import summarize
+from .coresets import CORESETS, select_coreset
 from .data import INPUT_DIM, SCALINGS, Split, Task, load_task
 from .evaluation import evaluate_accuracy, predictive_accuracy
 from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
@@ -112,7 +113,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "MEAN_INITS", "STARTS", "split_tasks", "load_split_task", "check_split_methods", "check_split_protocol", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
+    "MEAN_INITS", "STARTS", "CORESETS", "split_tasks", "load_split_task", "check_split_methods", "check_split_protocol", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -156,6 +157,14 @@ class SplitConfig:
     * ``start`` (one of :data:`STARTS`): ``q_t`` of a chained task starts at ``q_{t-1}``
       (``previous``, VCL) or ``fresh`` by ``mean_init`` and ``init_scale`` (Swaroop et al. 2019),
       keeping only the output rows of the tasks already learnt (the old heads, or the digits seen).
+    * ``coreset`` (one of :data:`~pyro_bbt.coresets.CORESETS`) and ``coreset_size``: VCL's
+      coresets (:mod:`pyro_bbt.coresets`). ``coreset_size`` points of every task's training
+      split are set aside (for every method: all train on the rest); after each task ``t`` a
+      ``transfer`` or ``finetune`` chain predicts task ``i <= t`` by a copy of ``q_t`` fitted,
+      under ``q_t`` as its prior, on coreset ``i`` through head ``i`` (task scenario) or on the
+      coresets ``0..t`` together (one shared head), by the fit of the tasks (``fit``; under
+      ``fixed`` the budget of the coreset's size). The copy is not propagated; the row without it
+      is kept too (``row_without_coreset``).
     """
 
     scenario: str
@@ -165,6 +174,8 @@ class SplitConfig:
     pixels: str = "blundell"
     val_fraction: float = 0.1
     start: str = "previous"
+    coreset: str = "none"
+    coreset_size: int = 40
 
     def __post_init__(self) -> None:
         _choice("scenario", self.scenario, SCENARIOS)
@@ -173,6 +184,9 @@ class SplitConfig:
         _choice("mean init", self.mean_init, MEAN_INITS)
         _choice("pixel scaling", self.pixels, SCALINGS)
         _choice("start", self.start, STARTS)
+        _choice("coreset", self.coreset, CORESETS)
+        if isinstance(self.coreset_size, bool) or not isinstance(self.coreset_size, int) or self.coreset_size < 1:
+            raise ValueError(f"coreset size must be an integer >= 1, got {self.coreset_size!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
             raise ValueError(f"val-fraction must be a number in [0, 1), got {self.val_fraction!r}")
 
@@ -211,8 +225,12 @@ class SplitConfig:
         return slice(0, 2 * first_untrained)
 
     def protocol(self) -> dict:
-        """The settings besides scenario, fit and joint (``results.json``'s ``"protocol"``)."""
-        return {"mean_init": self.mean_init, "pixels": self.pixels, "val_fraction": self.val_fraction, "start": self.start}
+        """The settings besides scenario, fit and joint (``results.json``'s ``"protocol"``); the
+        coreset's only when there is one (runs made before coresets keep their description)."""
+        out = {"mean_init": self.mean_init, "pixels": self.pixels, "val_fraction": self.val_fraction, "start": self.start}
+        if self.coreset != "none":
+            out.update(coreset=self.coreset, coreset_size=self.coreset_size)
+        return out
 
     def to_dict(self) -> dict:
         return {"scenario": self.scenario, "fit": self.fit, "joint": self.joint, **self.protocol()}
@@ -464,10 +482,18 @@ def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:
     return sum(steps_for(len(s), config.epochs, config.batch_size, config.min_steps) for s in trains)
 
 
-def _split_data(config: ExperimentConfig, split: SplitConfig, seed: int) -> tuple[list[SplitTask], list[Split], list[Split]]:
+def _split_data(config: ExperimentConfig, split: SplitConfig, seed: int
+                ) -> tuple[list[SplitTask], list[Split], list[Split], list[Split] | None]:
+    """The tasks, their training and test splits and their coresets (``None`` without): with a
+    coreset, each training split is what is left once task ``t``'s coreset (drawn with seed
+    ``10_000 seed + t`` when random) is set aside."""
     tasks = split_tasks(split.scenario)
     data = [load_split_task(task, seed, config.limit_train, config.limit_eval, config.device, split.pixels, split.val_fraction) for task in tasks]
-    return tasks, [d[0] for d in data], [d[1] for d in data]
+    trains, tests = [d[0] for d in data], [d[1] for d in data]
+    if split.coreset == "none":
+        return tasks, trains, tests, None
+    chosen = [select_coreset(train, split.coreset, split.coreset_size, 10_000 * seed + t) for t, train in enumerate(trains)]
+    return tasks, [rest for _, rest in chosen], tests, [coreset for coreset, _ in chosen]
 
 
 def _fit(config: ExperimentConfig, split: SplitConfig, model: BayesianMLP, guide, train_split: Split, head: int | None, seed: int,
@@ -485,12 +511,49 @@ def _failed(error: str, **fields) -> UnitOutcome:
     return UnitOutcome({"status": "failed", "error": error, **fields})
 
 
+def _coreset_row(config: ExperimentConfig, split: SplitConfig, tasks: Sequence[SplitTask], tests: Sequence[Split], coresets: Sequence[Split],
+                 task: int, seed: int, posterior: dict, prior: Prior, row: list[float]) -> tuple[list[float], list[dict]]:
+    """``row`` with the accuracy on every task ``i <= task`` predicted by a copy of the posterior
+    ``posterior`` (a guide state) fitted under ``prior`` on the coresets (one copy per task's
+    head in the task scenario, one on the coresets ``0..task`` together otherwise), and a record
+    of each copy's fit. Builds new guides (Pyro's param store is cleared): call it after
+    everything else is read from the posterior's own guide."""
+    row = list(row)
+    seen = list(range(task + 1))
+    groups = [[i] for i in seen] if split.scenario == "task" else [seen]
+    fits = []
+    for group in groups:
+        data = Split(torch.cat([coresets[i].x for i in group]), torch.cat([coresets[i].y for i in group]))
+        head = tasks[group[0]].head if split.scenario == "task" else None
+        model, guide = new_split_posterior(config, split, prior, seed, task)
+        start_from_state(model, guide, posterior)
+        fit = _fit(config, split, model, guide, data, head, seed, _fixed_budget(config, [data]), "coreset", None, None)
+        for i in group:
+            use_head(model, tasks[i].head)
+            row[i] = evaluate_accuracy(model, guide, tests[i].x, tests[i].y, num_samples=config.eval_samples)
+        fits.append({"tasks": group, "examples": len(data), "steps": fit.steps, "epochs": fit.epochs, "convergence": fit.convergence,
+                     "seconds": fit.seconds})
+    return row, fits
+
+
+def _with_coreset(config: ExperimentConfig, split: SplitConfig, record: dict, model: BayesianMLP, guide, tasks, tests, coresets,
+                  task: int, seed: int, state: dict) -> dict:
+    """``record`` (a finished task's, its ``row`` from the posterior itself) with VCL's coreset
+    prediction as its ``row`` and the posterior's own as ``row_without_coreset`` (no coreset:
+    ``record`` unchanged)."""
+    if coresets is None:
+        return record
+    prior = next_prior(config, model, guide, split.untrained_rows(task + 1))
+    row, fits = _coreset_row(config, split, tasks, tests, coresets, task, seed, state["guide"], prior, record["row"])
+    return {**record, "row": row, "row_without_coreset": record["row"], "coreset_fits": fits}
+
+
 def first_task_unit(config: ExperimentConfig, split: SplitConfig, seed: int, key: str, checkpoint: dict | None = None,
                     on_checkpoint=None) -> UnitOutcome:
     """Task 0 under the base prior from a fresh guide (the same computation for ``transfer`` and
     ``finetune``): its accuracy row, the untrained network's row (``baseline``) and its fit; the
     state is the posterior and the prior it leaves for task 1 under ``transfer``."""
-    tasks, trains, tests = _split_data(config, split, seed)
+    tasks, trains, tests, coresets = _split_data(config, split, seed)
     model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
     _fresh_means(split, model, guide)
     baseline = accuracy_row(model, guide, tasks, tests, config.eval_samples)
@@ -502,7 +565,12 @@ def first_task_unit(config: ExperimentConfig, split: SplitConfig, seed: int, key
     row = accuracy_row(model, guide, tasks, tests, config.eval_samples)
     units = _census(config, model, guide, tasks, trains, [0], seed)
     state = {"guide": guide_state(guide), "prior": prior_state(next_prior(config, model, guide, split.untrained_rows(1)))}
-    return UnitOutcome({"status": "ok", "task": 0, "row": row, "baseline": baseline, "fit": _fit_record(0, [0], fit, units)}, state)
+    record = {"status": "ok", "task": 0, "row": row, "baseline": baseline, "fit": _fit_record(0, [0], fit, units)}
+    try:
+        record = _with_coreset(config, split, record, model, guide, tasks, tests, coresets, 0, seed, state)
+    except NonFiniteLossError as error:
+        return _failed(f"task 0, coreset: {error}", baseline=baseline)
+    return UnitOutcome(record, state)
 
 
 def chain_unit(config: ExperimentConfig, split: SplitConfig, method: str, seed: int, task: int, key: str, previous: dict,
@@ -511,7 +579,7 @@ def chain_unit(config: ExperimentConfig, split: SplitConfig, method: str, seed: 
     (its output rows of untrained heads or digits fresh); under ``transfer`` its prior is the one
     ``previous`` left, under ``finetune`` the base prior. With ``split.start == "fresh"`` the
     posterior starts fresh instead (``mean_init``), keeping only the rows of the tasks learnt."""
-    tasks, trains, tests = _split_data(config, split, seed)
+    tasks, trains, tests, coresets = _split_data(config, split, seed)
     prior = prior_from_state(previous["prior"]) if method == "transfer" else config.base_prior()
     model, guide = new_split_posterior(config, split, prior, seed, task)
     _fresh_means(split, model, guide)
@@ -534,7 +602,12 @@ def chain_unit(config: ExperimentConfig, split: SplitConfig, method: str, seed: 
     state = {"guide": guide_state(guide)}
     if method == "transfer" and task + 1 < len(tasks):
         state["prior"] = prior_state(next_prior(config, model, guide, split.untrained_rows(task + 1)))
-    return UnitOutcome({"status": "ok", "task": task, "row": row, "fit": _fit_record(task, [task], fit, units)}, state)
+    record = {"status": "ok", "task": task, "row": row, "fit": _fit_record(task, [task], fit, units)}
+    try:
+        record = _with_coreset(config, split, record, model, guide, tasks, tests, coresets, task, seed, state)
+    except NonFiniteLossError as error:
+        return _failed(f"task {task}, coreset: {error}")
+    return UnitOutcome(record, state)
 
 
 def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: int, with_baseline: bool, key: str,
@@ -542,7 +615,7 @@ def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: in
     """A fresh posterior under the base prior on tasks ``0..task`` together (all heads' outputs in
     one softmax in the task scenario, each task's labels shifted to its head's rows);
     ``with_baseline``: also the untrained network's accuracy row."""
-    tasks, trains, tests = _split_data(config, split, seed)
+    tasks, trains, tests, _ = _split_data(config, split, seed)
     fields = {}
     if with_baseline:
         model, guide = new_split_posterior(config, split, config.base_prior(), seed, 0)
@@ -566,7 +639,7 @@ def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: in
 def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
     """EWC over the whole sequence (short deterministic fits, one unit): task ``t`` with the sum of
     the penalties of tasks ``0..t-1``; rows not reached after a non-finite loss are ``None``."""
-    tasks, trains, tests = _split_data(config, split, seed)
+    tasks, trains, tests, _ = _split_data(config, split, seed)
     T = len(tasks)
     rows: list[list[float] | None] = [None] * T
     torch.manual_seed(seed)
@@ -643,10 +716,15 @@ class _Chain:
     fits: list[dict]
     error: str = ""  # why the sequence stopped early (a non-finite loss); rows not reached are NaN
     last_only: bool = False  # only the last row was computed (joint after the last task): ACC alone
+    R_without_coreset: np.ndarray | None = None  # with a coreset: the rows predicted by the posteriors themselves
 
     def entry(self, seed: int) -> dict:
         out = {"seed": seed, "accuracy_matrix": self.R.tolist(), "random_init_accuracy": self.baseline, "summary": None,
                "fits": self.fits, "error": self.error}
+        if self.R_without_coreset is not None:
+            out["accuracy_matrix_without_coreset"] = self.R_without_coreset.tolist()
+            out["summary_without_coreset"] = (None if np.isnan(self.R_without_coreset).any()
+                                              else summarize(self.R_without_coreset, self.baseline).to_dict())
         if self.last_only and not self.error:
             out["summary"] = {"average_accuracy": float(np.mean(self.R[-1])), "backward_transfer": None, "forward_transfer": None,
                               "average_forgetting": None}
@@ -667,16 +745,21 @@ def _assemble_chain(outcomes: dict[str, UnitOutcome], method: str, seed: int, fi
     first = outcomes[f"split-first-s{seed}"].record
     baseline = first.get("baseline")
     fits: list[dict] = []
+    R0 = np.full((T, T), np.nan) if "row_without_coreset" in first else None
     for t, key in enumerate(_chain_keys(method, seed)):
         record = outcomes[key].record
         if record["status"] != "ok":
-            return _Chain(R, baseline, fits, _own_error(record, t, f"task {t}"))
+            return _Chain(R, baseline, fits, _own_error(record, t, f"task {t}"), R_without_coreset=R0)
         R[t] = record["row"]
+        if R0 is not None:
+            R0[t] = record["row_without_coreset"]
         fit = dict(record["fit"])
+        if "coreset_fits" in record:
+            fit["coreset_fits"] = record["coreset_fits"]
         if t == 0 and first_reused:
             fit.update(reused=True, seconds=0.0)
         fits.append(fit)
-    return _Chain(R, baseline, fits)
+    return _Chain(R, baseline, fits, R_without_coreset=R0)
 
 
 def _assemble_joint(outcomes: dict[str, UnitOutcome], split: SplitConfig, seed: int) -> _Chain:
@@ -731,6 +814,9 @@ def method_summary(entries: list[dict]) -> dict:
         }
         curves = np.array([_average_accuracy_curve(np.array(e["accuracy_matrix"])) for e in done])  # NaN where a row is
         out["average_accuracy_curve"] = {"mean": curves.mean(0).tolist(), "std": sample_std(curves, axis=0).tolist(), "n": len(done)}
+    without = [e.get("summary_without_coreset") for e in done]
+    if done and all(without):  # with a coreset: the posteriors' own predictions, for comparison
+        out["summary_without_coreset"] = {key: mean_std([w[key] for w in without]) for key in ("average_accuracy", "backward_transfer")}
     counts = [[f["units"]["active"] for f in e["fits"]] for e in done if e["fits"] and all(f.get("units") for f in e["fits"])]
     if counts and len({np.shape(c) for c in counts}) == 1:  # active units per fit and hidden layer, mean over the seeds
         out["active_units_mean"] = np.mean(counts, axis=0).tolist()

@@ -42,7 +42,8 @@ from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
-from .split_sequence import FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods, check_split_protocol
+from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
+                             check_split_protocol)
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .verdict import OVERRULES
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels", help=f"only with --sequence split: pixel scaling, {', '.join(SCALINGS)} (blundell x/126, unit x/255); default: the preset's")
     p.add_argument("--val-fraction", type=float, help="only with --sequence split: share of each digit's training images held out for validation, in [0, 1) (0: all 60,000, as VCL); default: the preset's")
     p.add_argument("--start", help=f"only with --sequence split: where q_t of a chained task starts, {' or '.join(STARTS)} (previous: q_(t-1), VCL; fresh: by --mean-init and --init-scale, keeping the heads learnt, Swaroop et al. 2019); default: the preset's")
+    p.add_argument("--coreset", help=f"only with --sequence split: VCL's coreset, {', '.join(CORESETS)} (random or kcenter: --coreset-size points of "
+                                     "every task set aside from training; transfer and finetune predict each task by a copy of the posterior "
+                                     "fitted on them, Nguyen et al. 2018); default: the preset's (none)")
+    p.add_argument("--coreset-size", type=int, help="only with --sequence split and --coreset: points per task (default 40, VCL's)")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch")
@@ -215,7 +220,7 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
     and flags the split sequence does not use."""
     sequence = getattr(args, "sequence", None)
     scenario, fit, joint = getattr(args, "scenario", None), getattr(args, "fit", None), getattr(args, "joint", None)
-    protocol = {name: getattr(args, name, None) for name in ("mean_init", "pixels", "val_fraction", "start")}
+    protocol = {name: getattr(args, name, None) for name in ("mean_init", "pixels", "val_fraction", "start", "coreset", "coreset_size")}
     if sequence != "split":
         for flag, value in (("--scenario", scenario), ("--fit", fit), ("--joint", joint), *((f"--{k.replace('_', '-')}", v) for k, v in protocol.items())):
             if value is not None:
@@ -251,6 +256,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
             check_split_protocol(split, values.get("guide", ExperimentConfig.guide))
+            limit = values.get("limit_train")
+            if split.coreset != "none" and limit is not None and split.coreset_size >= limit:
+                raise ValueError(f"--coreset-size {split.coreset_size} leaves no training data from tasks cut to --limit-train {limit}: "
+                                 "it must be smaller")
         config = ExperimentConfig(**values)
         if split is None:
             config.check_data()

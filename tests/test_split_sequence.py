@@ -350,7 +350,7 @@ def test_vcl_protocol_starts_task_0_at_a_max_likelihood_net_and_new_heads_trunca
     assert len(train) == 12665 and len(held_out) < len(train) and 0.99 < float(train.x.max()) <= 1.0  # MNIST's 5,923 zeros + 6,742 ones
     small = {"hidden": (16,), "epochs": 30, "num_particles": 2, "eval_samples": 4, "limit_train": 200}
     config = _config("task", **{**preset.overrides, "methods": ("transfer",), "seeds": (0,), **small})
-    tasks, trains, tests = _split_data_for(config, split)
+    tasks, trains, tests, _ = _split_data_for(config, split)
     means = max_likelihood_means(config, split, trains[0], 0, 0, seed=0)
     net_logits = torch.relu(trains[0].x @ means["layers.0.weight"].T + means["layers.0.bias"]) @ means["layers.1.weight"][:2].T + means["layers.1.bias"][:2]
     assert (net_logits.argmax(-1) == trains[0].y).float().mean() > 0.95  # the net fits task 0 (0 vs 1)
