@@ -103,6 +103,14 @@ def split_sequence_table(results: dict) -> str:
         lines.append(f"| {method} | {_percent(summary.get('average_accuracy'))} | {_percent(summary.get('backward_transfer'), True)} | "
                      f"{_percent(summary.get('forward_transfer'), True)} | {_percent(summary.get('average_forgetting'))} | {steps} | "
                      f"{entry['seeds_finished']}/{len(entry['per_seed'])} | {converged} | {_lowest_diagonal(entry)} |")
+    protocol = results.get("protocol", {})
+    if protocol.get("coreset", "none") != "none":
+        lines += ["", f"Coreset: {protocol['coreset']}, {protocol['coreset_size']} points per task set aside from training; the rows above of "
+                      "transfer and finetune are predicted by copies of each posterior fitted on the coresets (Nguyen et al. 2018). "
+                      "Without the copies (the posteriors' own predictions): " + "; ".join(
+                          f"{method} ACC {_percent(entry['summary_without_coreset']['average_accuracy'])}, "
+                          f"BWT {_percent(entry['summary_without_coreset']['backward_transfer'], True)}"
+                          for method, entry in results["methods"].items() if entry.get("summary_without_coreset")) + "."]
     lines += ["", "Tasks: " + "; ".join(
         f"{t['digits'][0]}/{t['digits'][1]} -> labels {t['labels'][0]}/{t['labels'][1]}" + ("" if t["head"] is None else f", head {t['head']}") for t in tasks) + "."]
     lines += [f"WARNING: {warning}" for warning in results.get("warnings", [])]

@@ -83,6 +83,8 @@ def test_seen_tasks_are_predicted_by_copies_fitted_on_the_coresets(tmp_path, sce
     summary = results["methods"]["transfer"]
     assert summary["summary_without_coreset"]["average_accuracy"]["mean"] == pytest.approx(R0[-1].mean())
     assert summary["summary"]["average_accuracy"]["mean"] == pytest.approx(R[-1].mean())
+    table = (out / "split_mnist.md").read_text()
+    assert "Coreset: kcenter, 10 points per task" in table and f"transfer ACC {100 * R0[-1].mean():.2f} ± 0.00" in table
 
 
 @pytest.mark.parametrize("args, needle", [
