@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -47,7 +48,7 @@ from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
-from .runstore import ReadOnlyStore
+from .runstore import ReadOnlyStore, RunStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
 from .units import FitStorage, fit_task_a, load_task_pair, run_bayesian_b, steps_for
 from .uncertainty_study import (
@@ -62,8 +63,10 @@ from .uncertainty_study import (
     plot_shift,
     plot_uncertainty,
     reused_rows,
+    row_timing,
     uncertainty_study,
     uncertainty_table,
+    without_timing,
 )
 
 __all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="uncertainty only: continue the run in --out (same configuration): its finished units (in --out/units) are "
+                             "read back, the others run")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="tradeoff and ablation: finished python -m pyro_bbt.transfer runs (tradeoff: one per head; ablation: the "
                              "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again; "
@@ -467,11 +473,49 @@ def _reuse_by_head(dirs: list[Path]) -> dict[str, Path]:
     return by_head
 
 
+STUDY_PROGRESS = ("units", "stages", "checkpoints")  # the study engine's store under --out (RunStore)
+
+
+def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool) -> None:
+    """``--out`` for a study that runs through the engine: with ``resume``, it must hold a run of
+    ``description`` (its ``config.json``); otherwise an unfinished run there needs ``overwrite``,
+    which removes it. ``ValueError`` with one line otherwise."""
+    if resume:
+        path = out / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--resume: {out} holds no run to resume (no config.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--resume: {path} is damaged ({type(error).__name__}: {error}); rerun with --overwrite") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {path} is damaged (not a JSON object); rerun with --overwrite")
+        saved.pop("preset", None)
+        if saved != description:
+            keys = sorted(k for k in set(saved.get("config", {})) | set(description["config"])
+                          if saved.get("config", {}).get(k) != description["config"].get(k))
+            what = f"config: {', '.join(keys)}" if keys else ", ".join(k for k in sorted(set(saved) | set(description)) if saved.get(k) != description.get(k))
+            raise ValueError(f"--resume: the run in {out} has another configuration ({what})")
+        return
+    unfinished = [name for name in STUDY_PROGRESS if (out / name).exists()]
+    if unfinished and not overwrite:
+        raise ValueError(f"{out} holds an unfinished run ({', '.join(unfinished)}); pass --resume to continue it or --overwrite to start afresh")
+    for name in unfinished:
+        shutil.rmtree(out / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     target = args.out / f"{args.study}.json"
-    if target.exists() and not args.overwrite:
+    if args.resume and args.overwrite:
+        print(f"{parser.prog}: error: --overwrite and --resume contradict each other; pass one", file=sys.stderr)
+        return 2
+    if args.resume and args.study != "uncertainty":
+        print(f"{parser.prog}: error: --resume applies to the uncertainty study only (the other studies do not run through the engine yet)",
+              file=sys.stderr)
+        return 2
+    if target.exists() and not args.overwrite and not args.resume:
         print(f"{parser.prog}: error: {target} exists; pass --overwrite or choose another --out", file=sys.stderr)
         return 2
     start = time.perf_counter()
@@ -506,18 +550,27 @@ def main(argv: list[str] | None = None) -> int:
                                     | ({} if args.warm_start is None else {"warm_start": args.warm_start}))
         try:
             reused, reused_from = reused_rows(uconfig, args.reuse)
-        except ValueError as error:  # a --reuse directory of another configuration, or without uncertainty.json
+            description = {"study": args.study, "config": json.loads(json.dumps(config_to_dict(uconfig))), "reused": reused_from}
+            _prepare_study_dir(args.out, description, args.resume, args.overwrite)
+        except ValueError as error:  # a --reuse directory of another configuration, or without uncertainty.json; a --resume that cannot
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2
-        rows = uncertainty_study(uconfig, workers=args.workers, reuse=reused)
+        if not args.resume:
+            atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
+        store = RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+        rows = uncertainty_study(uconfig, workers=args.workers, reuse=reused, store=store)
         plot_uncertainty(rows, args.out / "uncertainty.png")
         plot_reliability(rows, args.out / "reliability.png")
         plot_shift(rows, args.out / "shift.png")
         atomic_write_text(args.out / "uncertainty.md", uncertainty_table(rows))
         if any(r["convergence"] is not None for r in rows):
             atomic_write_text(args.out / "guides.md", guides_table(guide_rows(rows)))
-        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": config_to_dict(uconfig), "rows": rows,
-                                   "reused": reused_from, "seconds": time.perf_counter() - start})
+        # uncertainty.json is the same bytes whatever the executor and however often the run was resumed: the wall-clock
+        # fields of every row go to timing.json
+        atomic_write_json(args.out / "timing.json", {"rows": {f"{r['predictor']}-s{r['seed']}": row_timing(r) for r in rows},
+                                                      "wall_clock": time.perf_counter() - start, "workers": args.workers})
+        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": description["config"],
+                                   "rows": [without_timing(r) for r in rows], "reused": reused_from})
         print(f"done in {time.perf_counter() - start:.0f} s: {target}")
         return 0
     config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))

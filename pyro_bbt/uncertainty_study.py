@@ -36,11 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +44,9 @@ import numpy as np
 import torch
 
 from .data import Task, load_task
-from .executors import exit_with_driver
+from .engine import Unit, UnitOutcome, run_units
+from .executors import Executor, make_executor
+from .runstore import RunStore
 from .ewc import MLP, DeterministicTrainConfig, train_deterministic
 from .experiment import ExperimentConfig
 from .fitting import fit_posterior
@@ -296,13 +294,6 @@ def run_unit(config: UncertaintyConfig, unit: tuple[str, int], suite: dict | Non
     return rows
 
 
-def _init_worker(threads: int) -> None:
-    """A worker's start: its torch threads, and a watchdog that ends it when the driver's
-    process ends (a killed study must not leave its workers fitting on)."""
-    torch.set_num_threads(threads)
-    threading.Thread(target=exit_with_driver, daemon=True, name="pyro_bbt-watchdog").start()
-
-
 def _log_rows(rows: list[dict], log) -> None:
     for row in rows:
         a, convergence = row["sets"][IN_DISTRIBUTION], row["convergence"]
@@ -339,41 +330,89 @@ def reused_rows(config: UncertaintyConfig, run_dirs: list[Path]) -> tuple[list[d
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key) != theirs.get(key):
                 raise ValueError(f"--reuse {run_dir}: its configuration differs in {key!r} ({theirs.get(key)!r} there, {mine.get(key)!r} here)")
+        try:  # the rows' wall-clock fields, kept apart since the study runs through the engine
+            timing = json.loads((Path(run_dir) / "timing.json").read_text()).get("rows", {})
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            timing = {}
         for predictor in config.predictors:
-            found = [r for r in saved["rows"] if r["predictor"] == predictor and r["seed"] in config.seeds]
+            found = [with_timing(r, timing.get(f"{r['predictor']}-s{r['seed']}")) for r in saved["rows"]
+                     if r["predictor"] == predictor and r["seed"] in config.seeds]
             if predictor not in sources and sorted(r["seed"] for r in found) == sorted(config.seeds):
                 rows += found
                 sources[predictor] = str(run_dir)
     return rows, sources
 
 
-def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, reuse: list[dict] | None = None) -> list[dict]:
+TIMING_KEYS = ("fit_seconds", "seconds_per_epoch")  # a row's wall-clock fields (timing.json, not uncertainty.json)
+
+
+def unit_key(unit: tuple[str, int]) -> str:
+    """The engine's key of a unit of :func:`plan_units`: ``"<what>-s<seed>"``."""
+    what, seed = unit
+    return f"{what}-s{seed}"
+
+
+def uncertainty_unit(config: UncertaintyConfig, unit: tuple[str, int], checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
+    """:func:`run_unit` as a unit of the study engine (:mod:`pyro_bbt.engine`): its rows in the
+    record. A unit is short and not checkpointed: a killed one runs again on resume."""
+    return UnitOutcome({"status": "ok", "rows": run_unit(config, tuple(unit))})
+
+
+def without_timing(row: dict) -> dict:
+    """``row`` without its wall-clock fields (:data:`TIMING_KEYS`, also in ``started_from``)."""
+    out = {k: v for k, v in row.items() if k not in TIMING_KEYS}
+    if out.get("started_from"):
+        out["started_from"] = {k: v for k, v in out["started_from"].items() if k not in TIMING_KEYS}
+    return out
+
+
+def row_timing(row: dict) -> dict:
+    """The wall-clock fields of ``row`` (:func:`without_timing` leaves them out)."""
+    out = {k: row[k] for k in TIMING_KEYS if k in row}
+    if row.get("started_from") and "fit_seconds" in row["started_from"]:
+        out["started_from_fit_seconds"] = row["started_from"]["fit_seconds"]
+    return out
+
+
+def with_timing(row: dict, timing: dict | None) -> dict:
+    """``row`` with the wall-clock fields ``timing`` (:func:`row_timing`) put back (``None``:
+    ``row`` as it is)."""
+    if not timing:
+        return row
+    out = {**row, **{k: timing[k] for k in TIMING_KEYS if k in timing}}
+    if out.get("started_from") and "started_from_fit_seconds" in timing:
+        out["started_from"] = {**out["started_from"], "fit_seconds": timing["started_from_fit_seconds"]}
+    return out
+
+
+def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, reuse: list[dict] | None = None,
+                      executor: Executor | None = None, store: RunStore | None = None, progress: bool = False) -> list[dict]:
     """One row per predictor and seed (see the module docstring), seeds outer, predictors in
-    ``config.predictors``' order. ``workers > 1`` runs the units of :func:`plan_units` in that
-    many processes, each with ``cpu_count // workers`` torch threads (at least 1); the driver
-    alone collects the rows. ``reuse``: rows of earlier runs of the same configuration
-    (:func:`reused_rows`); their predictors are not fitted again."""
-    if not isinstance(workers, int) or workers < 1:
+    ``config.predictors``' order. The units of :func:`plan_units` run through the study engine
+    (:func:`~pyro_bbt.engine.run_units`) on ``executor`` (default: ``workers`` worker processes,
+    or this process when 1; one torch thread per unit either way, so the rows do not depend on
+    the executor); with ``store`` every finished unit is kept and a rerun on it resumes.
+    ``reuse``: rows of earlier runs of the same configuration (:func:`reused_rows`); their
+    predictors are not fitted again."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     reuse = list(reuse or [])
     done = {r["predictor"] for r in reuse}
     missing = tuple(p for p in config.predictors if p not in done)
-    units = plan_units(replace(config, predictors=missing)) if missing else []
-    by_unit: dict[tuple[str, int], list[dict]] = {("reused", 0): reuse}
-    if workers == 1:
-        suite = _suite(config) if units else {}  # built once and shared by every unit (workers build their own)
-        for unit in units:
-            by_unit[unit] = run_unit(replace(config, predictors=missing), unit, suite)
-            _log_rows(by_unit[unit], log)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(run_unit, replace(config, predictors=missing), unit): unit for unit in units}
-            for future in as_completed(futures):
-                by_unit[futures[future]] = future.result()
-                _log_rows(by_unit[futures[future]], log)
-    rows = [row for unit_rows in by_unit.values() for row in unit_rows]
+    plan = plan_units(replace(config, predictors=missing)) if missing else []
+    units = [Unit(unit_key(unit), uncertainty_unit, (replace(config, predictors=missing), unit)) for unit in plan]
+    own = executor is None
+    executor = executor or make_executor("processes" if workers > 1 else "serial", workers)
+    try:
+        outcomes = run_units(units, executor, store, on_finish=lambda unit, outcome: _log_rows(outcome.record.get("rows", []), log),
+                             progress=progress, description="uncertainty units")
+    finally:
+        if own:
+            executor.close()
+    failed = [f"{key}: {o.record.get('error', '')}" for key, o in outcomes.items() if o.failed]
+    if failed:
+        raise RuntimeError("units of the uncertainty study failed: " + "; ".join(failed))
+    rows = reuse + [row for unit in units for row in outcomes[unit.key].record["rows"]]
     rank = {p: i for i, p in enumerate(config.predictors)}
     return sorted(rows, key=lambda r: (config.seeds.index(r["seed"]), rank[r["predictor"]]))
 

@@ -169,6 +169,33 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert build_parser().parse_args(["uncertainty", "--predictors", "delta,ensemble"]).predictors == ("delta", "ensemble")
 
 
+def test_uncertainty_resume_refuses_what_it_cannot_continue_with_one_line(tmp_path, capsys):
+    """--resume (the uncertainty study runs through the engine's store) needs a run of the same
+    configuration in --out; an unfinished run there needs --resume or --overwrite."""
+    import json
+
+    from pyro_bbt.uncertainty_study import UNCERTAINTY_PRESETS, UncertaintyConfig, config_to_dict
+
+    def refused(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.count("\n") == 0, err
+
+    out = tmp_path / "run"
+    refused(["guides", "--resume", "--out", str(out)], "--resume applies to the uncertainty study only")
+    refused(["uncertainty", "--resume", "--overwrite", "--out", str(out)], "--overwrite and --resume contradict each other")
+    refused(["uncertainty", "--resume", "--out", str(out)], f"--resume: {out} holds no run to resume (no config.json)")
+    out.mkdir()
+    (out / "config.json").write_text("{not json")
+    refused(["uncertainty", "--resume", "--out", str(out)], "config.json is damaged (JSONDecodeError")
+    config = json.loads(json.dumps(config_to_dict(UncertaintyConfig(**UNCERTAINTY_PRESETS["quick"]))))
+    (out / "config.json").write_text(json.dumps({"preset": "quick", "study": "uncertainty", "config": {**config, "seeds": [7]}, "reused": {}}))
+    refused(["uncertainty", "--resume", "--out", str(out)], f"--resume: the run in {out} has another configuration (config: seeds)")
+    (out / "units").mkdir()
+    refused(["uncertainty", "--out", str(out)], f"{out} holds an unfinished run (units); pass --resume to continue it or --overwrite")
+    assert (out / "units").is_dir()  # nothing removed without --overwrite
+
+
 def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):
     from pyro_bbt.experiment import ExperimentConfig
     from pyro_bbt.tradeoff import TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,42 +241,88 @@ def test_richer_guides_start_from_the_same_seeds_fitted_meanfield(single_torch_t
     assert alone[0]["sets"] == by["planar"]["sets"]  # the same meanfield fit, the same planar fit
 
 
-def test_a_killed_study_leaves_no_worker_fitting_on(tmp_path):
-    """The study's worker processes end with the driver: a driver killed (SIGKILL, nothing to
-    clean up) while its workers are busy leaves no worker behind."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
 
-    script = tmp_path / "driver.py"
-    script.write_text(
-        "import multiprocessing, os, sys, time\n"
-        "from concurrent.futures import ProcessPoolExecutor\n"
-        "from pyro_bbt.uncertainty_study import _init_worker\n"
-        "def busy(_):\n"
-        "    print(os.getpid(), flush=True)\n"
-        "    time.sleep(120)\n"
-        "if __name__ == '__main__':\n"
-        "    context = multiprocessing.get_context('spawn')\n"
-        "    with ProcessPoolExecutor(2, mp_context=context, initializer=_init_worker, initargs=(1,)) as pool:\n"
-        "        list(pool.map(busy, range(2)))\n"
-    )
-    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    workers = [int(driver.stdout.readline()) for _ in range(2)]
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
 
-    def alive(pid):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
         with open(f"/proc/{pid}/stat") as stat:  # a zombie (ended, not yet reaped by init) counts as ended
             return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
+
+def test_a_killed_study_leaves_no_worker_fitting_on(tmp_path):
+    """The study's worker processes (``--workers``: the engine's ProcessExecutor) end with the
+    driver: a driver killed (SIGKILL, nothing to clean up) while its workers are busy leaves no
+    worker behind."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time\n"
+        "from pyro_bbt.executors import Job, ProcessExecutor\n"
+        "if __name__ == '__main__':\n"
+        "    executor = ProcessExecutor(workers=2)\n"
+        "    for k in range(2):\n"
+        "        executor.submit(Job(f'sleep{k}', time.sleep, (120,)))\n"
+        "    time.sleep(1)\n"
+        "    print('busy', flush=True)\n"
+        "    executor.next_result()\n"
+    )
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert driver.stdout.readline().strip() == "busy"
+    workers = _children(driver.pid)
+    assert len(workers) >= 2
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
     deadline = time.monotonic() + 20
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(alive(pid) for pid in workers)
+    assert not any(_alive(pid) for pid in workers)
+
+
+RESUMABLE = """import json, sys
+from pathlib import Path
+from pyro_bbt.runstore import RunStore
+from pyro_bbt.uncertainty_study import UncertaintyConfig, config_to_dict, uncertainty_study, without_timing
+config = UncertaintyConfig(predictors=("delta", "deterministic"), seeds=(0, 1), hidden=(8,), max_epochs=2, min_epochs=2, net_epochs=1,
+                           eval_samples=2, limit_train=100, limit_eval=50, rotations=(90.0,), noise_stds=(0.5,), experiment=dict(batch_size_a=50))
+out = Path(sys.argv[1])
+rows = uncertainty_study(config, log=lambda m: None, store=RunStore(out, {"config": json.loads(json.dumps(config_to_dict(config)))}))
+(out / "rows.json").write_text(json.dumps([without_timing(r) for r in rows], sort_keys=True))
+"""
+
+
+def test_a_study_killed_mid_run_resumes_to_the_same_rows(tmp_path):
+    """Through the engine and its store: a run killed (SIGKILL) once a unit is kept, then run
+    again on the same store, reads the kept units back and gives the uninterrupted run's rows,
+    byte for byte (the wall-clock fields apart)."""
+    script = tmp_path / "study.py"
+    script.write_text(RESUMABLE)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(whole)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen([sys.executable, str(script), str(killed)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline and not list((killed / "units").glob("*.json")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+    assert kept and not (killed / "rows.json").exists(), "the run finished before it could be killed"
+    subprocess.run([sys.executable, str(script), str(killed)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (killed / "rows.json").read_bytes() == (whole / "rows.json").read_bytes()
+    assert all((killed / "units" / name).read_bytes() == data for name, data in kept.items())  # read back, not run again
