@@ -16,7 +16,7 @@ Fisher that plugs in the observed labels).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 __all__ = [
     "MLP",
     "DeterministicTrainConfig",
+    "EarlyStopping",
     "EWCPenalty",
     "EWCPenaltySum",
     "accuracy",
@@ -217,12 +218,14 @@ def _check_keys(param_names: set[str], fisher_names: set[str]) -> None:
 
 @dataclass
 class DeterministicTrainConfig:
-    """Adam training settings; ``seed`` seeds only the minibatch shuffling."""
+    """Adam training settings; ``seed`` seeds only the minibatch shuffling. With ``patience``,
+    ``steps`` is a cap and training stops early (see :func:`train_deterministic`)."""
 
     lr: float = 1e-3
     batch_size: int = 128
     steps: int = 1000
     seed: int = 0
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -231,6 +234,23 @@ class DeterministicTrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
+
+
+@dataclass
+class EarlyStopping:
+    """What early stopping did (:func:`train_deterministic` with ``val``): the epochs run, the
+    best epoch (1-based; its weights are the net's) and its validation accuracy, and why it
+    stopped: ``"patience"`` (that many epochs without a better one) or ``"cap"`` (``steps``)."""
+
+    epochs: int
+    best_epoch: int
+    best_val_accuracy: float
+    stopped_by: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _minibatches(n: int, batch_size: int, generator: torch.Generator):
@@ -255,6 +275,8 @@ def train_deterministic(
     config: DeterministicTrainConfig,
     penalty: EWCPenalty | EWCPenaltySum | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
+    val: tuple[Tensor, Tensor] | None = None,
+    stopping: list[EarlyStopping] | None = None,
 ) -> list[float]:
     """Train ``net`` with Adam on ``CE(net(x_b), y_b) [+ penalty(net)]``.
 
@@ -264,9 +286,17 @@ def train_deterministic(
     after every completed pass (``epoch`` = 0-based pass index) and once more at
     the end if training stops mid-pass (with the index of that partial pass).
 
+    Early stopping, with ``config.patience`` and ``val = (x_val, y_val)``: after every pass the
+    accuracy on ``val`` is measured; training stops once ``patience`` passes in a row bring no
+    better one (or at ``config.steps``), and the net is given back the weights of its best pass
+    (the first best on ties). What happened is appended to ``stopping`` (an
+    :class:`EarlyStopping`).
+
     Returns the per-step total loss (cross-entropy plus penalty), one float per
-    step. The net is left in train mode.
+    step run. The net is left in train mode.
     """
+    if (config.patience is None) != (val is None):
+        raise ValueError("early stopping needs both config.patience and val (or neither)")
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"x and y disagree on the number of examples: {n} vs {y.shape[0]}")
@@ -278,6 +308,8 @@ def train_deterministic(
     losses: list[float] = []
     epoch, end_of_epoch = 0, True
     batches = _minibatches(n, config.batch_size, gen)
+    best: tuple[float, int, dict] | None = None  # (accuracy, 1-based epoch, weights) of the best pass so far
+    stopped_by = "cap"
     for _ in range(config.steps):
         epoch, idx, end_of_epoch = next(batches)
         idx = idx.to(x.device)
@@ -290,9 +322,21 @@ def train_deterministic(
         losses.append(float(loss.detach()))
         if end_of_epoch and on_epoch is not None:
             on_epoch(epoch, net)
+        if end_of_epoch and val is not None:
+            val_accuracy = accuracy(net, *val)
+            if best is None or val_accuracy > best[0]:
+                best = (val_accuracy, epoch + 1, {k: v.detach().clone() for k, v in net.state_dict().items()})
+            elif epoch + 1 - best[1] >= config.patience:
+                stopped_by = "patience"
+                break
     if config.steps > 0 and not end_of_epoch and on_epoch is not None:
         on_epoch(epoch, net)
+    if val is not None and best is not None:
+        net.load_state_dict(best[2])
+        if stopping is not None:
+            stopping.append(EarlyStopping(epochs=epoch + 1, best_epoch=best[1], best_val_accuracy=best[0], stopped_by=stopped_by))
     return losses
+
 
 
 @torch.no_grad()

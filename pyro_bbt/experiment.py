@@ -139,7 +139,12 @@ class ExperimentConfig:
     ``batch_size`` at ``lr``/``scale_lr``: Adam moves each parameter by about ``lr`` per step, and
     a larger step jitters the weights that q_A pins down (q_A's narrowest widths are a few
     thousandths) out of their prior.
-    EWC's deterministic nets train at ``ewc_lr`` (Adam's usual 1e-3 for a plain MLP).
+    EWC's deterministic nets train at ``ewc_lr`` (Adam's usual 1e-3 for a plain MLP), for the
+    fixed budget, or with ``ewc_patience`` by early stopping: on A's net on A's validation split,
+    on B's on B's, each stopped after ``ewc_patience`` epochs without a better validation
+    accuracy and given back the weights of its best epoch, at most the Bayesian fits' epoch cap
+    (``max_epochs_a`` on A; ``max_epochs_b``, else ``max_epochs_a``, on B; the fixed budget when
+    that is ``None``).
     """
 
     task_a: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -188,6 +193,7 @@ class ExperimentConfig:
     batch_size_a: int | None = 2048
     num_particles: int = 1
     ewc_lambda: float = 100.0
+    ewc_patience: int | None = None
     fisher_samples: int = 2000
     eval_samples: int = 32
     curve_samples: int = 4
@@ -262,6 +268,8 @@ class ExperimentConfig:
             raise ValueError(f"continuation-average must be true or false, got {self.continuation_average!r}")
         if self.continuation_average and self.continuation_epochs == 0:
             raise ValueError("continuation-average needs continuation-epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
+        if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):
+            raise ValueError(f"ewc-patience must be none or an integer >= 1, got {self.ewc_patience!r}")
         if self.max_epochs_b is not None and (not isinstance(self.max_epochs_b, int) or isinstance(self.max_epochs_b, bool) or self.max_epochs_b < self.epochs_a):
             raise ValueError(f"max-epochs-b must be none or an integer >= epochs-a ({self.epochs_a}), got {self.max_epochs_b!r}")
         if self.verdict_tol is not None and not (isinstance(self.verdict_tol, (int, float)) and math.isfinite(self.verdict_tol) and self.verdict_tol > 0):
@@ -386,7 +394,7 @@ class ExperimentConfig:
 # Fields added after runs were stored, each with the value that reproduces those runs; absent from
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
-                                   "continuation_rates": (0.3, 0.1)}
+                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None}
 
 
 PRESETS: dict[str, dict] = {
@@ -396,10 +404,16 @@ PRESETS: dict[str, dict] = {
     # the window-means ELBO test, a rejected fit back to its first rates (at most 60 times), a pass
     # confirmed by a second judgement with noise of its own and then by a continuation as long as the
     # fit so far (at least 20 epochs, at 0.3 then 0.1 times the first rates) that raises the ELBO by
-    # at most the tolerance; every fit capped at 3,000 epochs.
+    # at most the tolerance; every fit capped at 3,000 epochs. EWC's nets by early stopping on their
+    # task's validation split (patience 3 epochs, the same cap).
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                   elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                  continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000),
+                  continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
+    # The paper preset of 2026-12-04 with the continuation, before EWC's early stopping (EWC's nets
+    # for B's fixed budget): the runs begun that day (runs/qa-converged) resume under it.
+    "paper-v3": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
+                     elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
+                     continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000),
     # The paper preset of 2026-12-04 until the continuation (the 10 % reruns of that day): passes
     # confirmed by a second judgement only, q_A capped at 300 epochs.
     "paper-v2": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",

@@ -134,7 +134,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pyro_bbt.transfer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(SPLIT_PRESETS)), default="quick", help="quick (default, minutes on 2 cores), paper (full protocol) or paper-v1 (the paper preset until 2026-12-04: two-point ELBO test, drop overrule, no confirmation); with --sequence split also vcl (Nguyen et al. 2018's published split-MNIST run); flags below override it")
+    p.add_argument("--preset", choices=sorted(set(PRESETS) | set(SPLIT_PRESETS)), default="quick", help="quick (default, minutes on 2 cores), paper (full protocol: every fit to the verdict and its continuation, EWC by early stopping), "
+                        "paper-v3 (paper before EWC's early stopping), paper-v2 (before the continuation) or paper-v1 (until 2026-12-04: two-point ELBO "
+                        "test, drop overrule, no confirmation); with --sequence split also vcl and vcl-swaroop (Nguyen et al. 2018's and Swaroop "
+                        "et al. 2019's published split-MNIST runs); flags below override it")
     p.add_argument("--task-a", type=_ints, help="digits of task A, e.g. 0,1,2,3,4")
     p.add_argument("--task-b", type=_ints, help="digits of task B, e.g. 5,6,7,8,9 (disjoint from A)")
     p.add_argument("--methods", type=_names, help=f"comma list of {', '.join(METHODS)}")
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs-a", type=_int_or_none, help="fit q_A until the stopping rule holds, at most this many epochs; none: exactly --epochs-a")
     p.add_argument("--rel-tol", type=float, help="stopping rule: relative ELBO gain over the last --window epochs below which the ELBO has converged")
     p.add_argument("--scale-tol", type=float, help="stopping rule: largest |log| change per epoch of every weight site's median sigma")
-    p.add_argument("--fit-b", choices=("fixed", "rule"), help="how every Bayesian fit on B (scratch, transfer, finetune, joint) is made: fixed, the same budget of steps for all (--epochs, --min-steps at --lr; the paper preset's until now); rule, each to convergence by q_A's rule, rates and verdict, in minibatches of about a tenth of its data (EWC keeps the fixed budget)")
+    p.add_argument("--fit-b", choices=("fixed", "rule"), help="how every Bayesian fit on B (scratch, transfer, finetune, joint) is made: fixed, the same budget of steps for all (--epochs, --min-steps at --lr; the paper preset's until now); rule, each to convergence by q_A's rule, rates and verdict, in minibatches of about a tenth of its data (EWC's nets: the fixed budget, or early stopping with --ewc-patience)")
     p.add_argument("--verdict-tol", type=_float_or_none, help="convergence verdict: the nats per training example the ELBO may still be able to gain (estimated from independent full-data gradients, whatever the step size) for a fit to count as converged; under the stopping rule a fit goes on (--overrule) until it holds (default 0.01); none: the rule's criteria alone, which a slow step can fool (to reproduce fixed-budget regimes only)")
     p.add_argument("--window", type=int, help="stopping rule: epochs over which both criteria must hold")
     p.add_argument("--elbo-test", help=f"stopping rule: how the ELBO is told to have stopped rising, {' or '.join(ELBO_TESTS)} (two-point: --rel-tol between two epochs --window apart; means: the last --window epochs' mean not two standard errors above the --window before); default two-point, means in the paper preset")
@@ -184,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, help="posterior samples for the final evaluation")
     p.add_argument("--limit-train", type=int, help="cap on training images per task (smoke tests)")
     p.add_argument("--limit-eval", type=int, help="cap on validation/test images per task (smoke tests)")
+    p.add_argument("--ewc-patience", type=_int_or_none,
+                   help="EWC's deterministic nets by early stopping: stop after this many epochs without a better validation accuracy "
+                        "(A's net on A's, B's on B's), keep the best epoch's weights, at most the Bayesian fits' epoch cap; none: the fixed "
+                        "budget (default: the preset's; paper: 3)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}, each task for B's fixed budget (not fitted by the stopping rule); writes sequence.png. split: the five tasks 0/1, 2/3, 4/5, 6/7, 8/9 of split MNIST in the --scenario given, with the methods {', '.join(SPLIT_METHODS)} and the split presets; writes split_mnist.png, split_mnist.md and sequence.png")
     p.add_argument("--scenario", help=f"only with --sequence split: {', '.join(SCENARIOS)} (incremental task: a 2-way head per task, the task id given at test time; domain: one shared 2-way head; class: one shared 10-way head)")
@@ -251,7 +258,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = None if (f.name in ("max_epochs_a", "max_epochs_b", "batch_size_a", "verdict_tol") and given == "none") else given
+            values[f.name] = None if (f.name in ("max_epochs_a", "max_epochs_b", "batch_size_a", "verdict_tol", "ewc_patience") and given == "none") else given
     try:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))

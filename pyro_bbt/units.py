@@ -26,7 +26,7 @@ from .checkpoint import prior_from_state, prior_state
 from .continual import backward_transfer, forward_transfer
 from .data import Split, Task, TaskData, load_task
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
-from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, fisher_diagonal, train_deterministic
+from .ewc import MLP, DeterministicTrainConfig, EarlyStopping, EWCPenalty, fisher_diagonal, train_deterministic
 from .fitting import fit_posterior, guide_state, prior_from_posterior, start_from_state
 from .inference import EpochDiagnostics, NonFiniteLossError
 from .model import BayesianMLP
@@ -288,10 +288,26 @@ class _StageAEWC:
     a_test: PredictiveMetrics
     b_test_before: PredictiveMetrics
     b_random_init: float
+    early_stopping: dict | None = None  # what early stopping did (ewc_patience), None for the fixed budget
+    steps: int | None = None  # the steps it ran (None: a stage saved before they were recorded)
+
+
+def ewc_train_config(config: ExperimentConfig, n: int, steps: int, seed: int, cap_epochs: int | None) -> DeterministicTrainConfig:
+    """How an EWC net trains on ``n`` images: the fixed budget of ``steps``, or with
+    ``config.ewc_patience`` early stopping within ``cap_epochs`` epochs (``None``: within
+    ``steps``)."""
+    if config.ewc_patience is not None and cap_epochs is not None:
+        steps = cap_epochs * math.ceil(n / config.batch_size)
+    return DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed, patience=config.ewc_patience)
+
+
+def _ewc_val(config: ExperimentConfig, split) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return (split.x, split.y) if config.ewc_patience is not None else None
 
 
 def fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: int, run: FitStorage | None = None) -> _StageAEWC:
-    """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short)."""
+    """The deterministic net on A and its Fisher; restarts from scratch if interrupted (it is short).
+    With ``config.ewc_patience``: by early stopping on A's validation split (:func:`ewc_train_config`)."""
     run = run or FitStorage()
     key = f"A-ewc-s{seed}"
     torch.manual_seed(seed)
@@ -300,11 +316,17 @@ def fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: in
     saved = run.store.stage(key) if run.store is not None else None
     if saved is None:
         b_random_init = _net_metrics(on_b, tasks.b.test).accuracy
-        losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed))
+        stopping: list[EarlyStopping] = []
+        losses = train_deterministic(on_a, tasks.a.train.x, tasks.a.train.y,
+                                     ewc_train_config(config, len(tasks.a.train), steps, seed, config.max_epochs_a), val=_ewc_val(config, tasks.a.val),
+                                     stopping=stopping)
         check_finite_training(on_a, losses, tasks.a.train.x[:256], "deterministic net on task A", config.ewc_lr)
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(on_a, tasks.a.train.x[: config.fisher_samples], generator=generator)
-        saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init}
+        saved = {"net": {k: v.detach().clone() for k, v in net.state_dict().items()}, "fisher": fisher, "b_random_init": b_random_init,
+                 "steps": len(losses)}
+        if stopping:
+            saved["early_stopping"] = stopping[0].to_dict()
         if run.store is not None:
             run.store.save_stage(key, saved)
     net.load_state_dict(saved["net"])
@@ -314,15 +336,23 @@ def fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: in
         a_test=_net_metrics(on_a, tasks.a.test),
         b_test_before=_net_metrics(on_b, tasks.b.test),
         b_random_init=saved["b_random_init"],
+        early_stopping=saved.get("early_stopping"),
+        steps=saved.get("steps"),
     )
 
 
 def run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
+    """EWC on B from A's net under A's penalty: for B's fixed budget of ``steps``, or with
+    ``config.ewc_patience`` by early stopping on B's validation split (its record's
+    ``early_stopping``); B's learning curve at about ``curve_points`` epochs."""
     pyro.set_rng_seed(seed)
     net = copy.deepcopy(stage.net)
     on_a, on_b = head_view(config, net, 0), head_view(config, net, config.b_head)
     steps_per_epoch = math.ceil(len(tasks.b.train) / config.batch_size)
-    record_at = _curve_epochs(steps, steps_per_epoch, config.curve_points)
+    train_config = ewc_train_config(config, len(tasks.b.train), steps, seed, config.max_epochs_b or config.max_epochs_a)
+    steps = train_config.steps  # the cap, under early stopping
+    record_at = (_curve_epochs(steps, steps_per_epoch, config.curve_points) if config.ewc_patience is None
+                 else _curve_epochs_by_rule(math.ceil(steps / steps_per_epoch), config.curve_points))
     curve: list[dict] = []
     start = time.perf_counter()
 
@@ -341,16 +371,19 @@ def run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -
                 }
             )
 
-    losses = train_deterministic(
-        on_b, tasks.b.train.x, tasks.b.train.y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed), stage.penalty, on_epoch
-    )
+    stopping: list[EarlyStopping] = []
+    losses = train_deterministic(on_b, tasks.b.train.x, tasks.b.train.y, train_config, stage.penalty, on_epoch,
+                                 val=_ewc_val(config, tasks.b.val), stopping=stopping)
     check_finite_training(on_b, losses, tasks.b.train.x[:256], "EWC on task B", config.ewc_lr)
-    return {
+    outcome = {
         "b_test": _net_metrics(on_b, tasks.b.test),
         "a_test_after": _net_metrics(on_a, tasks.a.test),
         "curve": curve,
-        "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == steps],
+        "history": [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses) if (i + 1) % steps_per_epoch == 0 or i + 1 == len(losses)],
     }
+    if stopping:
+        outcome["early_stopping"] = stopping[0].to_dict()
+    return outcome
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -467,6 +500,8 @@ def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = No
             entry = {"seed": spec.seed, "kind": "deterministic", "steps": spec.steps, "a_test": stage_ewc.a_test.to_dict(),
                      "b_test_before": stage_ewc.b_test_before.to_dict(), "b_random_init_accuracy": stage_ewc.b_random_init,
                      "convergence": None, "history": []}
+            if stage_ewc.early_stopping is not None:
+                entry.update(steps=stage_ewc.steps, early_stopping=stage_ewc.early_stopping)
     except NonFiniteLossError as error:
         return StageOutcome(spec.key, None, None, f"task A failed: {error}", time.perf_counter() - start)
     return StageOutcome(spec.key, store.saved_stage, entry, "", time.perf_counter() - start)
@@ -502,4 +537,9 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
         return failed_unit_record(method, fraction, seed, steps, str(error))
     if method != "ewc" and config.fit_b == "rule" and outcome["history"]:  # fitted to convergence: the steps it took
         steps = outcome["history"][-1]["steps"]
-    return _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+    if "early_stopping" in outcome and outcome["history"]:  # EWC by early stopping: the steps it ran
+        steps = outcome["history"][-1]["step"]
+    record = _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
+    if "early_stopping" in outcome:
+        record["early_stopping"] = outcome["early_stopping"]
+    return record

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pyro_bbt.ewc import (
     MLP,
     DeterministicTrainConfig,
+    EarlyStopping,
     EWCPenalty,
     accuracy,
     fisher_diagonal,
@@ -186,6 +187,32 @@ def test_train_step_count_epochs_and_determinism() -> None:
     assert train_deterministic(_net(), x, y, cfg) == losses
     with pytest.raises(ValueError, match="steps"):
         DeterministicTrainConfig(steps=-1)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience_epochs_without_a_better_one() -> None:
+    """Labels that flip between train and validation: the validation accuracy peaks early, so a
+    patience of 2 stops 2 epochs after the best, with the best epoch's weights; the accuracy per
+    epoch, measured by hand along the same run, says which epoch that is."""
+    x, y = _linear_task(seed=3, n=120)
+    xv, yv = _linear_task(seed=4, n=60)
+    yv = (yv + 1) % SIZES[-1]  # a validation set the training moves away from
+    cfg = DeterministicTrainConfig(lr=5e-2, batch_size=40, steps=40 * 3, seed=1, patience=2)
+    seen: list[float] = []
+    stopping: list[EarlyStopping] = []
+    net = _net()
+    losses = train_deterministic(net, x, y, cfg, on_epoch=lambda e, n: seen.append(accuracy(n, xv, yv)), val=(xv, yv), stopping=stopping)
+    (report,) = stopping
+    best = max(range(len(seen)), key=lambda e: (seen[e], -e)) + 1  # the first best, 1-based
+    assert report.stopped_by == "patience" and report.best_epoch == best and report.epochs == best + 2 == len(seen)
+    assert len(losses) == 3 * report.epochs  # 120 / 40: three steps per epoch
+    assert report.best_val_accuracy == seen[best - 1] == accuracy(net, xv, yv)  # the best epoch's weights are back
+    capped: list[EarlyStopping] = []
+    train_deterministic(_net(), x, y, DeterministicTrainConfig(lr=5e-2, batch_size=40, steps=6, seed=1, patience=50), val=(xv, yv), stopping=capped)
+    assert capped[0].stopped_by == "cap" and capped[0].epochs == 2
+    with pytest.raises(ValueError, match="early stopping needs both config.patience and val"):
+        train_deterministic(_net(), x, y, cfg)
+    with pytest.raises(ValueError, match="patience must be an integer >= 1 or None, got 0"):
+        DeterministicTrainConfig(patience=0)
 
 
 def test_accuracy_restores_mode() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -410,3 +411,25 @@ def test_fit_b_rule_fits_every_bayesian_b_unit_by_the_rule_and_draws_the_learnin
     assert report_main([str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| transfer − scratch | 0.2 |" in printed and "q_B converged, fitted by the rule and the verdict" in printed
+
+
+def test_ewc_patience_stops_both_nets_by_their_validation_split_within_the_cap(tmp_path):
+    """--ewc-patience: EWC's nets train by early stopping, at most --max-epochs-a epochs on A
+    and (with no --max-epochs-b) on B; the records say how they stopped and the steps they ran.
+    Without it (the default), the records and the configuration are as before."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--methods", "ewc", "--max-epochs-a", "6", "--ewc-patience", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["ewc_patience"] == 2
+    (unit,), (stage,) = results["units"], results["task_a"]
+    for record, images in ((unit, 300), (stage, 300)):
+        stopped = record["early_stopping"]
+        assert 1 <= stopped["best_epoch"] <= stopped["epochs"] <= 6 and 0.0 <= stopped["best_val_accuracy"] <= 1.0
+        assert stopped["stopped_by"] == ("cap" if stopped["epochs"] == 6 else "patience")
+        assert stopped["stopped_by"] == "cap" or stopped["epochs"] == stopped["best_epoch"] + 2
+        assert record["steps"] == stopped["epochs"] * math.ceil(images / 128)
+    plain = tmp_path / "plain"
+    assert main([*TINY, "--methods", "ewc", "--out", str(plain)]) == 0
+    results = json.loads((plain / "results.json").read_text())
+    assert "ewc_patience" not in results["config"] and "early_stopping" not in results["units"][0]
+    assert main([*TINY, "--methods", "ewc", "--ewc-patience", "0", "--out", str(tmp_path / "bad")]) == 2
