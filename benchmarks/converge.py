@@ -127,6 +127,7 @@ import ast
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -929,10 +930,11 @@ def _continuation(text: str) -> tuple[tuple[int, float], ...]:
 
 def _experiment_overrides(text: str) -> tuple[tuple[str, object], ...]:
     """``KEY=VALUE,...`` over :class:`~pyro_bbt.experiment.ExperimentConfig`'s fields (values as
-    Python literals, ``none`` for ``None``, else strings); checked by building the configuration."""
+    Python literals, ``none`` for ``None``, else strings; a tuple in parentheses, e.g.
+    ``continuation_rates=(0.1,0.03)``); checked by building the configuration."""
     names = {f.name for f in fields(ExperimentConfig)}
     overrides = []
-    for item in text.split(","):
+    for item in re.split(r",(?![^()]*\))", text):  # commas outside parentheses
         key, sep, raw = item.strip().partition("=")
         if not sep or key not in names:
             raise argparse.ArgumentTypeError(f"--experiment item {item!r} is not KEY=VALUE with KEY a field of ExperimentConfig (e.g. window=10)")

@@ -204,6 +204,9 @@ def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
     experiment = ExperimentConfig(**PRESETS["paper"] | dict(config.experiment))
     recipe = converge.recipe_for(experiment, 2_000)
     assert recipe.rule.window == 10 and recipe.verdict.tol_per_datum == 0.003
+    # a tuple in parentheses keeps its commas
+    args = converge.build_parser().parse_args(["--problem", "small", "--experiment", "scale_lr=0.1,continuation_rates=(0.1,0.03)"])
+    assert converge.config_from_args(args).experiment == (("scale_lr", 0.1), ("continuation_rates", (0.1, 0.03)))
 
 
 def test_the_recipe_is_the_presets_q_a_recipe():
