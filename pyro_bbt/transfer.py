@@ -43,7 +43,7 @@ from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
-                             check_split_protocol)
+                             check_split_protocol, load_split_task, split_tasks)
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .verdict import OVERRULES
@@ -249,6 +249,20 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
         raise UsageError(str(error)) from None
 
 
+def _check_coreset_size(split: SplitConfig, limit_train: int | None) -> None:
+    """``ValueError`` when ``split``'s coreset would leave some task no training data: with
+    ``limit_train``, against it; else against the smallest task's training split (loaded)."""
+    if limit_train is not None:
+        if split.coreset_size >= limit_train:
+            raise ValueError(f"--coreset-size {split.coreset_size} leaves no training data from tasks cut to --limit-train {limit_train}: "
+                             "it must be smaller")
+        return
+    smallest = min(len(load_split_task(task, pixels=split.pixels, val_fraction=split.val_fraction)[0]) for task in split_tasks(split.scenario))
+    if split.coreset_size >= smallest:
+        raise ValueError(f"--coreset-size {split.coreset_size} leaves no training data from the smallest task ({smallest} training images): "
+                         "it must be smaller")
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     split = split_config_from_args(args)
     if split is None:
@@ -263,10 +277,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
             check_split_protocol(split, values.get("guide", ExperimentConfig.guide))
-            limit = values.get("limit_train")
-            if split.coreset != "none" and limit is not None and split.coreset_size >= limit:
-                raise ValueError(f"--coreset-size {split.coreset_size} leaves no training data from tasks cut to --limit-train {limit}: "
-                                 "it must be smaller")
+            if split.coreset != "none":
+                _check_coreset_size(split, values.get("limit_train"))
         config = ExperimentConfig(**values)
         if split is None:
             config.check_data()

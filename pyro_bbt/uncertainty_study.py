@@ -354,7 +354,8 @@ def unit_key(unit: tuple[str, int]) -> str:
 
 def uncertainty_unit(config: UncertaintyConfig, unit: tuple[str, int], checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
     """:func:`run_unit` as a unit of the study engine (:mod:`pyro_bbt.engine`): its rows in the
-    record. A unit is short and not checkpointed: a killed one runs again on resume."""
+    record. Its fits keep no epoch checkpoints: a unit killed mid-fit runs again from its start
+    on resume (the units finished before the kill are read back)."""
     return UnitOutcome({"status": "ok", "rows": run_unit(config, tuple(unit))})
 
 

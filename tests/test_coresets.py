@@ -93,6 +93,8 @@ def test_seen_tasks_are_predicted_by_copies_fitted_on_the_coresets(tmp_path, sce
     (["--sequence", "split", "--scenario", "task", "--coreset", "random", "--coreset-size", "0"], "coreset size must be an integer >= 1, got 0"),
     (["--sequence", "split", "--scenario", "task", "--coreset", "random", "--coreset-size", "50", "--limit-train", "50"],
      "--coreset-size 50 leaves no training data from tasks cut to --limit-train 50"),
+    (["--sequence", "split", "--scenario", "domain", "--preset", "paper", "--coreset", "kcenter", "--coreset-size", "100000"],
+     "--coreset-size 100000 leaves no training data from the smallest task ("),
 ])
 def test_cli_refuses_a_bad_coreset_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "run"
