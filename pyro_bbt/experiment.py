@@ -59,7 +59,7 @@ from .plan import Plan, StageSpec, UnitSpec, build_plan
 from .stats import mean_std
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .runstore import RunStore
-from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig
+from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig, check_continuation_base
 from .split_sequence import SplitConfig, run_split_sequence
 from .units import (
     StageOutcome,
@@ -125,6 +125,9 @@ class ExperimentConfig:
     epochs so far)`` epochs at 0.3 then 0.1 times its first rates, raises its fixed-noise ELBO by
     at most ``verdict_tol`` per example (:class:`~pyro_bbt.verdict.VerdictConfig`);
     ``continuation_rates``: its factors on the first rates, in equal parts (0.3 then 0.1);
+    ``continuation_base``: ``(locations' rate, widths' rate)`` that those factors multiply for
+    every fit, whatever its own rates (``None``: each fit's first rates), so that the
+    confirmation does not depend on the recipe it confirms;
     ``continuation_average``: its end is the average of its epochs at the last factor (tail
     averaging).
 
@@ -178,6 +181,7 @@ class ExperimentConfig:
     continuation_fraction: float = 0.0
     continuation_average: bool = False
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
+    continuation_base: tuple[float, float] | None = None
     max_epochs_b: int | None = None
     epochs: int = 5
     min_steps: int = 200
@@ -264,6 +268,11 @@ class ExperimentConfig:
                 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
             raise ValueError(f"continuation-rates must be one or more numbers > 0 (factors on the first rates), got {rates!r}")
         self.continuation_rates = tuple(float(r) for r in rates)
+        if self.continuation_base is not None:
+            try:
+                self.continuation_base = check_continuation_base(self.continuation_base)
+            except ValueError:
+                raise ValueError(f"continuation-base must be none or two numbers > 0 (the locations' and the widths' rate), got {self.continuation_base!r}") from None
         if not isinstance(self.continuation_average, bool):
             raise ValueError(f"continuation-average must be true or false, got {self.continuation_average!r}")
         if self.continuation_average and self.continuation_epochs == 0:
@@ -359,6 +368,7 @@ class ExperimentConfig:
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
                                                                     continuation_rates=self.continuation_rates,
+                                                                    continuation_base=self.continuation_base,
                                                                     confirm=self.confirm_verdict)
         return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict)
 
@@ -394,7 +404,7 @@ class ExperimentConfig:
 # Fields added after runs were stored, each with the value that reproduces those runs; absent from
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
-                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None}
+                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None}
 
 
 PRESETS: dict[str, dict] = {
@@ -403,12 +413,14 @@ PRESETS: dict[str, dict] = {
     # The full protocol: every Bayesian fit, on A and on B, to convergence by the rule and the verdict:
     # the window-means ELBO test, a rejected fit back to its first rates (at most 60 times), a pass
     # confirmed by a second judgement with noise of its own and then by a continuation as long as the
-    # fit so far (at least 20 epochs, at 0.3 then 0.1 times the first rates) that raises the ELBO by
+    # fit so far (at least 20 epochs, at 0.3 then 0.1 times the rates 1e-2 for the locations and 3e-2
+    # for the widths, the first rates of this preset, kept whatever rates --lr-a or --scale-lr give
+    # the fit, so that the confirmation does not depend on the recipe) that raises the ELBO by
     # at most the tolerance; every fit capped at 3,000 epochs. EWC's nets by early stopping on their
     # task's validation split (patience 3 epochs, the same cap).
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                   elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                  continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
+                  continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
     # The paper preset of 2026-12-04 with the continuation, before EWC's early stopping (EWC's nets
     # for B's fixed budget): the runs begun that day (runs/qa-converged) resume under it.
     "paper-v3": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",

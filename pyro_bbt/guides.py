@@ -70,6 +70,7 @@ from .pyro_internals import (
 
 __all__ = [
     "GUIDES",
+    "parameter_group_roles",
     "GuideConfig",
     "AutoMeanFieldNormal",
     "AutoFlowNormal",
@@ -385,18 +386,24 @@ def guide_parameter_groups(guide: AutoGuide, lr: float, scale_lr: float | None =
     uncertainty study starts the flows at the fitted mean-field posterior with them at 1e-5
     (:func:`pyro_bbt.uncertainty_study.fit_guide`).
     """
+    rates = {"locations": lr, "widths": lr if scale_lr is None else scale_lr, "flows": lr if flow_lr is None else flow_lr}
+    return [{"params": params, "lr": rates[role]} for role, params in _parameter_groups(guide)]
+
+
+def parameter_group_roles(guide: AutoGuide) -> list[str]:
+    """What each group of :func:`guide_parameter_groups` holds, in its order: ``"locations"``
+    (everything not a width or a flow), ``"widths"`` or ``"flows"``."""
+    return [role for role, _ in _parameter_groups(guide)]
+
+
+def _parameter_groups(guide: AutoGuide) -> list[tuple[str, list[torch.nn.Parameter]]]:
     named = list(guide.named_parameters())
     if not named:
         raise ValueError("the guide has no parameters yet: call initialize_guide(guide, input_dim) first")
     flows = [p for n, p in named if is_flow_parameter(n)]
     scales = [p for n, p in named if is_scale_parameter(n) and not is_flow_parameter(n)]
     others = [p for n, p in named if not is_scale_parameter(n) and not is_flow_parameter(n)]
-    groups = [
-        {"params": others, "lr": lr},
-        {"params": scales, "lr": lr if scale_lr is None else scale_lr},
-        {"params": flows, "lr": lr if flow_lr is None else flow_lr},
-    ]
-    return [g for g in groups if g["params"]]
+    return [(role, params) for role, params in (("locations", others), ("widths", scales), ("flows", flows)) if params]
 
 
 @torch.no_grad()

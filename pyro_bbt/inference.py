@@ -51,7 +51,7 @@ from .data import Split
 from .evaluation import evaluate
 from .files import atomic_write_text
 from .convergence import StoppingRule, median_scales
-from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
+from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator
@@ -280,7 +280,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     guide.load_state_dict(continuation["guide_state"])
     start = read_posterior(guide)
     gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
-                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates)
+                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates, base=v.continuation_base)
     kept = "start" if gain.nats < 0 else "end"
     if kept == "end":
         guide.load_state_dict(end_state)
@@ -288,7 +288,8 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
     record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
     if gain.upper_per_datum > v.tol_per_datum:
-        reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x the first rates still raised the "
+        rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
+        reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x {rates} still raised the "
                        f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
                        f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
     record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged}
@@ -330,6 +331,16 @@ class TrainState:
 
 def _nonfinite_parameters(guide) -> list[str]:
     return [name for name, value in guide.named_parameters() if not torch.isfinite(value).all()]
+
+
+def _continuation_base(guide, first_rates: list[float], verdict: VerdictConfig | None) -> list[float]:
+    """Per optimiser group, the rate a continuation's factors multiply: the verdict's
+    ``continuation_base`` (locations, widths; a flow group keeps its first rate), or the fit's own
+    first rates where it has none."""
+    if verdict is None or verdict.continuation_base is None:
+        return list(first_rates)
+    base = dict(zip(("locations", "widths"), verdict.continuation_base))
+    return [base.get(role, rate) for role, rate in zip(parameter_group_roles(guide), first_rates)]
 
 
 def train(
@@ -379,6 +390,7 @@ def train(
     kernel = {"fused": True} if fast else {"foreach": True}
     optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **kernel)
     first_rates = [group["lr"] for group in optimizer.param_groups]
+    continuation_rates = _continuation_base(guide, first_rates, config.verdict)  # what the continuation's factors multiply
     first_epoch = step = 0
     if resume is not None:
         guide.load_state_dict(resume.guide_state)
@@ -403,7 +415,7 @@ def train(
                 continuation, done = _start_continuation(guide, epoch, config.verdict, continuation["pass_epoch"]), 0
             factors = config.verdict.continuation_rates
             lr_scale = factors[done // (continuation["epochs"] // len(factors))]
-            for group, rate in zip(optimizer.param_groups, first_rates):
+            for group, rate in zip(optimizer.param_groups, continuation_rates):
                 group["lr"] = rate * lr_scale
         elif config.stopping is not None and history.epochs:
             action = config.stopping.decide(history.to_records())
@@ -416,7 +428,7 @@ def train(
                     action = "continue"  # a pass counts once a continuation at fixed rates no longer raises the ELBO
                     continuation = _start_continuation(guide, epoch, config.verdict)
                     lr_scale = config.verdict.continuation_rates[0]
-                    for group, rate in zip(optimizer.param_groups, first_rates):
+                    for group, rate in zip(optimizer.param_groups, continuation_rates):
                         group["lr"] = rate * lr_scale
             if action == "stop":
                 break

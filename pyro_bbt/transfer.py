@@ -77,6 +77,10 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _floats_or_none(text: str) -> tuple[float, ...] | str:
+    return "none" if text.strip().lower() == "none" else _floats(text)
+
+
 def _int_or_none(text: str) -> int | str:
     if text.strip().lower() == "none":
         return "none"
@@ -159,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-epochs", type=int, help="convergence verdict: a pass counts only when the fit, continued this many epochs or more (--continuation-fraction) at --continuation-rates times its first rates, raises its fixed-noise ELBO by at most --verdict-tol per example; a continuation that gains more is followed by another; 0 (default): off")
     p.add_argument("--continuation-fraction", type=float, help="with --continuation-epochs: each continuation lasts at least this fraction of the epochs so far (1: the fit doubles, so a pass says its last half gained at most --verdict-tol); default 0")
     p.add_argument("--continuation-average", action=argparse.BooleanOptionalAction, help="with --continuation-epochs: a continuation's end is the average of the guide's parameters over its epochs at the last rate (tail averaging), not its last iterate; default off")
-    p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates, in equal parts; default 0.3,0.1")
+    p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
+    p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper preset: 0.01,0.03); none: each fit's own first rates (the default)")
     p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a; 3000 in the paper preset")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")
@@ -272,7 +277,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     for f in fields(ExperimentConfig):
         given = getattr(args, f.name, None)
         if given is not None:
-            values[f.name] = None if (f.name in ("max_epochs_a", "max_epochs_b", "batch_size_a", "verdict_tol", "ewc_patience") and given == "none") else given
+            values[f.name] = None if (f.name in ("max_epochs_a", "max_epochs_b", "batch_size_a", "verdict_tol", "ewc_patience", "continuation_base") and given == "none") else given
     try:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))

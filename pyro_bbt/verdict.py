@@ -185,7 +185,7 @@ from .objectives import closed_form_kl
 from .priors import prior_loc_scale
 from .pyro_internals import loc_and_scale
 
-__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
+__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
            "VerdictConfig", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
            "posterior_elbo", "fixed_noise_elbo", "judge", "judge_by", "can_judge", "CONFIRMATION_SEED_OFFSET"]
 
@@ -271,7 +271,13 @@ class VerdictConfig:
         says the last half of the fit raised the ELBO by at most the tolerance, a test with no
         time scale of its own (where the ELBO approaches its optimum as ``c / t``, what the last
         doubling gained is what all further epochs would gain).
-    :param continuation_rates: the factors on the first rates, in order.
+    :param continuation_rates: the factors on the continuation's base rates, in order.
+    :param continuation_base: ``(locations' rate, widths' rate)`` that ``continuation_rates``
+        multiply, the same for every fit judged (a flow's parameters keep their own first rate);
+        ``None``: the fit's own first rates. With the fit's own rates a recipe that starts at
+        larger rates is confirmed by a continuation at larger rates, which jitters more and gains
+        less, so the confirmation is easier to pass; a fixed base judges every recipe by the same
+        continuation (the verdict does not depend on the recipe it judges).
     :param continuation_draws: antithetic draws of the evaluator that scores a continuation.
     :param continuation_average: the continuation's end is the average of the guide's
         unconstrained parameters (locations and log-widths) over its epochs at the last rate,
@@ -296,6 +302,7 @@ class VerdictConfig:
     continuation_epochs: int = 0
     continuation_fraction: float = 0.0
     continuation_rates: tuple[float, ...] = DEFAULT_CONTINUATION_RATES
+    continuation_base: tuple[float, float] | None = None
     continuation_draws: int = 8
     continuation_average: bool = False
 
@@ -308,6 +315,8 @@ class VerdictConfig:
                 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
             raise ValueError(f"continuation_rates must be a non-empty sequence of numbers > 0 (factors on the first rates), got {rates!r}")
         object.__setattr__(self, "continuation_rates", tuple(float(r) for r in rates))
+        if self.continuation_base is not None:
+            object.__setattr__(self, "continuation_base", check_continuation_base(self.continuation_base))
         fraction = self.continuation_fraction
         if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and fraction >= 0):
             raise ValueError(f"continuation_fraction must be a finite number >= 0, got {fraction!r}")
@@ -335,6 +344,15 @@ class VerdictConfig:
         length = max(self.continuation_epochs, math.ceil(self.continuation_fraction * epochs_so_far))
         parts = len(self.continuation_rates)
         return -(-length // parts) * parts
+
+
+def check_continuation_base(base) -> tuple[float, float]:
+    """``base`` as ``(locations' rate, widths' rate)``, two finite numbers > 0, or one clear
+    ``ValueError``."""
+    if isinstance(base, (str, bytes)) or not isinstance(base, Sequence) or len(base) != 2 \
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in base):
+        raise ValueError(f"continuation_base must be two numbers > 0 (the locations' and the widths' rate) or None, got {base!r}")
+    return float(base[0]), float(base[1])
 
 
 def can_judge(guide) -> bool:
@@ -706,7 +724,8 @@ class ContinuationGain:
     """What a continuation of the fit gained: ``nats = L(end) - L(start)`` of the full-data
     fixed-noise ELBO (common random numbers, :func:`posterior_elbo`'s draws), its standard error,
     ``per_datum = nats / num_data``, ``upper_per_datum = (nats + 2 stderr) / num_data``, both ELBOs,
-    and the continuation's ``epochs`` and rate ``factors``."""
+    the continuation's ``epochs`` and rate ``factors``, and the ``base`` rates they multiply
+    (``[locations, widths]``; ``None``: the fit's own first rates)."""
 
     nats: float
     stderr: float
@@ -717,6 +736,7 @@ class ContinuationGain:
     num_data: int
     epochs: int
     factors: list[float]
+    base: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -724,19 +744,19 @@ class ContinuationGain:
 
 def continuation_gain(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, *, num_draws: int = VerdictConfig.num_draws,
                       seed: int = 0, batch_size: int = VerdictConfig.batch_size, epochs: int = 0,
-                      factors: Sequence[float] = ()) -> ContinuationGain:
+                      factors: Sequence[float] = (), base: Sequence[float] | None = None) -> ContinuationGain:
     """The fixed-noise ELBO gain from posterior ``start`` to ``end`` on ``split`` (the same
     ``num_draws`` antithetic draws for both, seeded by ``seed``), with the standard error of the
     paired difference (:class:`_Difference`). RNG-neutral."""
     _check("num_draws", num_draws, 2)
     _check("batch_size", batch_size, 1)
-    base = _crn_log_liks(model, start, split, num_draws, seed, batch_size)
-    other = _crn_log_liks(model, end, split, num_draws, seed, batch_size)
-    nats, stderr = _Difference(base)(other)
+    at_start = _crn_log_liks(model, start, split, num_draws, seed, batch_size)
+    at_end = _crn_log_liks(model, end, split, num_draws, seed, batch_size)
+    nats, stderr = _Difference(at_start)(at_end)
     num_data = len(split)
-    start_elbo = float(base[0].sum(1).mean() - base[1].mean())
+    start_elbo = float(at_start[0].sum(1).mean() - at_start[1].mean())
     return ContinuationGain(nats, stderr, nats / num_data, (nats + 2 * stderr) / num_data, start_elbo, start_elbo + nats, num_data, int(epochs),
-                            [float(f) for f in factors])
+                            [float(f) for f in factors], None if base is None else [float(r) for r in base])
 
 
 def read_posterior(guide) -> Posterior:

@@ -6,7 +6,7 @@ cap ends a fit in the middle of one unconverged."""
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -220,7 +220,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     they existed was: same config.json, same store hash, --resume accepts it; one with a
     continuation names it as the difference."""
     plain = ExperimentConfig()
-    later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience")
+    later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json
@@ -231,3 +231,41 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     assert ExperimentConfig(**continued.to_dict()) == continued
     averaged = ExperimentConfig(continuation_epochs=20, continuation_average=True, continuation_rates=[1])  # as JSON gives it back
     assert averaged.to_dict()["continuation_rates"] == (1.0,) and ExperimentConfig(**averaged.to_dict()) == averaged
+
+
+def test_a_continuation_base_sets_the_continuation_rates_whatever_the_fit_started_at(single_torch_thread):
+    """With ``continuation_base`` the continuation runs at its factors times the base rates
+    (locations, widths), read off the optimiser's checkpointed state, for two fits started at
+    different rates: the confirmation no longer depends on the recipe. The record and a rejection
+    name the base."""
+    base = (3e-2, 9e-2)
+    seen = {}
+    for lr in (5e-2, 3e-2):
+        config = _config(stop_at=10, cap=30, tol=0.04)
+        config = replace(config, lr=lr, scale_lr=3 * lr, verdict=replace(config.verdict, continuation_base=base))
+        rates = {}
+        _, _, records = _fit(config, on_checkpoint=lambda state: rates.__setitem__(state.epoch, [g["lr"] for g in state.optim_state["param_groups"]]))
+        assert [r["phase"] for r in records[:20]] == ["fit"] * 10 + ["continuation"] * 10
+        assert rates[10] == pytest.approx([lr, 3 * lr])  # the fit's own rates until its pass (epoch 10)
+        assert rates[15] == pytest.approx([0.3 * base[0], 0.3 * base[1]]) and rates[20] == pytest.approx([0.1 * base[0], 0.1 * base[1]])
+        gain = records[19]["verdict"]["continuation"]
+        assert gain["base"] == list(base) and gain["factors"] == [0.3, 0.1]
+        seen[lr] = records[19]["verdict"]
+    rejected = [v for v in seen.values() if not v["converged"]]
+    assert rejected and all("x the rates 0.03 (locations), 0.09 (widths) still raised" in v["reasons"][0] for v in rejected)
+    with pytest.raises(ValueError, match=r"continuation_base must be two numbers > 0 .*got \(0.01, 0\)"):
+        VerdictConfig(continuation_epochs=2, continuation_base=(0.01, 0))
+
+
+def test_the_continuation_base_is_a_later_field_and_a_cli_flag():
+    """Absent from a configuration's record at None (runs stored before it keep their hash), set
+    by the paper preset to its own first rates, and refused in one line when malformed."""
+    assert "continuation_base" not in ExperimentConfig().to_dict()
+    paper = config_from_args(build_parser().parse_args(["--preset", "paper"]))
+    assert paper.continuation_base == (1e-2, 3e-2) == (paper.lr_a, paper.scale_lr)
+    assert paper.recipe_a().verdict.continuation_base == (1e-2, 3e-2)
+    assert ExperimentConfig(**paper.to_dict()) == paper
+    off = config_from_args(build_parser().parse_args(["--preset", "paper", "--continuation-base", "none"]))
+    assert off.continuation_base is None
+    with pytest.raises(ValueError, match=r"continuation-base must be none or two numbers > 0 .*got \(1.0, 2.0, 3.0\)"):
+        config_from_args(build_parser().parse_args(["--preset", "paper", "--continuation-base", "1,2,3"]))
