@@ -62,7 +62,8 @@ How each posterior is fitted (:attr:`SplitConfig.fit`):
 
 Either way the stopping rule's verdict on every Bayesian fit is recorded (under ``fixed`` it
 judges without stopping, as for q_B). EWC's deterministic nets have no posterior to converge:
-they train for the fixed budget at ``ewc_lr`` in both modes.
+they train for the fixed budget at ``ewc_lr`` in both modes, or with ``ewc_patience`` by early
+stopping on each task's validation split (at most ``max_epochs_a`` epochs).
 
 After every Bayesian fit the active hidden units are counted (:mod:`pyro_bbt.pruning`: a unit is
 active when its incoming weights' mean KL to the base prior exceeds ``kappa``, the blank pixels of
@@ -94,7 +95,7 @@ from .continual import summarize
 from .coresets import CORESETS, select_coreset
 from .data import INPUT_DIM, SCALINGS, Split, Task, load_task
 from .evaluation import evaluate_accuracy, predictive_accuracy
-from .ewc import MLP, DeterministicTrainConfig, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
+from .ewc import MLP, DeterministicTrainConfig, EarlyStopping, EWCPenalty, EWCPenaltySum, fisher_diagonal, train_deterministic
 from .checkpoint import prior_from_state, prior_state
 from .engine import Unit, UnitCheckpoints, UnitOutcome, run_units
 from .executors import Executor
@@ -106,14 +107,14 @@ from .stats import mean_std, sample_std
 from .priors import Prior
 from .pruning import unit_census
 from .runstore import RunStore
-from .units import HeadView, check_finite_training, steps_for, use_head
+from .units import HeadView, check_finite_training, ewc_train_config, steps_for, use_head
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "MEAN_INITS", "STARTS", "CORESETS", "split_tasks", "load_split_task", "check_split_methods", "check_split_protocol", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
+    "MEAN_INITS", "STARTS", "CORESETS", "split_tasks", "load_split_task", "load_split_val", "check_split_methods", "check_split_protocol", "check_split_ewc", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -304,6 +305,14 @@ def check_split_protocol(split: SplitConfig, guide: str) -> None:
         raise ValueError(f"mean init {split.mean_init!r} sets the means of the guides {', '.join(MEAN_GUIDES)}; got guide {guide!r}")
 
 
+def check_split_ewc(split: SplitConfig, methods: Sequence[str], ewc_patience: int | None) -> None:
+    """``ValueError`` when EWC is to stop early (``ewc_patience``) with no validation split to
+    stop on (``split.val_fraction == 0``)."""
+    if "ewc" in methods and ewc_patience is not None and split.val_fraction == 0:
+        raise ValueError(f"ewc-patience {ewc_patience} stops EWC's nets on each task's validation split, but val-fraction is 0 "
+                         "(no validation split): give a val-fraction > 0 or ewc-patience none")
+
+
 @dataclass(frozen=True)
 class SplitPreset:
     """A preset of ``--sequence split``: ``overrides`` of :class:`ExperimentConfig`'s defaults, the
@@ -374,6 +383,16 @@ def load_split_task(task: SplitTask, seed: int = 0, limit_train: int | None = No
         return Split(split.x, split.y + task.label_offset).to(device)
 
     return relabel(data.train), relabel(data.test)
+
+
+def load_split_val(task: SplitTask, seed: int = 0, limit_eval: int | None = None, device: str = "cpu", pixels: str = "blundell",
+                   val_fraction: float = 0.1) -> Split:
+    """The validation split of ``task`` (the ``val_fraction`` of each digit's training images that
+    :func:`load_split_task` holds out; empty at ``0``), with the scenario's labels, capped at
+    ``limit_eval`` images."""
+    data = load_task(Task(digits=task.digits, seed=seed, name=task.name, scaling=pixels, val_fraction=val_fraction), limit_train=0,
+                     limit_eval=limit_eval)
+    return Split(data.val.x, data.val.y + task.label_offset).to(device)
 
 
 def new_split_posterior(config: ExperimentConfig, split: SplitConfig, prior: Prior, seed: int, task: int) -> tuple[BayesianMLP, object]:
@@ -638,7 +657,11 @@ def joint_unit(config: ExperimentConfig, split: SplitConfig, seed: int, task: in
 
 def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint: dict | None = None, on_checkpoint=None) -> UnitOutcome:
     """EWC over the whole sequence (short deterministic fits, one unit): task ``t`` with the sum of
-    the penalties of tasks ``0..t-1``; rows not reached after a non-finite loss are ``None``."""
+    the penalties of tasks ``0..t-1``; rows not reached after a non-finite loss are ``None``. Each
+    net trains for the fixed budget of its task or, with ``config.ewc_patience``, by early stopping
+    on its task's validation split within ``config.max_epochs_a`` epochs, given back its best
+    epoch's weights before its Fisher is taken (:func:`~pyro_bbt.units.ewc_train_config`); the
+    record's ``fits`` then say, per task, the steps run and what early stopping did."""
     tasks, trains, tests, _ = _split_data(config, split, seed)
     T = len(tasks)
     rows: list[list[float] | None] = [None] * T
@@ -657,20 +680,28 @@ def ewc_unit(config: ExperimentConfig, split: SplitConfig, seed: int, checkpoint
 
     baseline = row(0)
     penalties: list[EWCPenalty] = []
+    fits: list[dict] = []  # with ewc_patience: per task, the steps run and what early stopping did
     for t in range(T):
         steps = _fixed_budget(config, trains[t:t + 1])
         current = view(tasks[t], t)
-        losses = train_deterministic(current, trains[t].x, trains[t].y, DeterministicTrainConfig(config.ewc_lr, config.batch_size, steps, seed),
-                                     EWCPenaltySum(penalties) if penalties else None)
+        stopping: list[EarlyStopping] = []
+        val = None
+        if config.ewc_patience is not None:
+            held_out = load_split_val(tasks[t], seed, config.limit_eval, config.device, split.pixels, split.val_fraction)
+            val = (held_out.x, held_out.y)
+        losses = train_deterministic(current, trains[t].x, trains[t].y, ewc_train_config(config, len(trains[t]), steps, seed, config.max_epochs_a),
+                                     EWCPenaltySum(penalties) if penalties else None, val=val, stopping=stopping)
+        if stopping:
+            fits.append({"task": t, "steps": len(losses), "early_stopping": stopping[0].to_dict()})
         try:
             check_finite_training(current, losses, trains[t].x[:256], f"EWC on task {t}", config.ewc_lr)
         except NonFiniteLossError as error:
-            return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": f"task {t}: {error}"})
+            return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": f"task {t}: {error}", "fits": fits})
         rows[t] = row(t)
         generator = torch.Generator(device=config.device).manual_seed(seed)
         fisher = fisher_diagonal(current, trains[t].x[: config.fisher_samples], generator=generator)
         penalties.append(EWCPenalty(current, fisher, config.ewc_lambda))
-    return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": ""})
+    return UnitOutcome({"status": "ok", "rows": rows, "baseline": baseline, "error": "", "fits": fits})
 
 
 def _chain_keys(method: str, seed: int) -> list[str]:
@@ -784,7 +815,7 @@ def _assemble_ewc(outcomes: dict[str, UnitOutcome], seed: int) -> _Chain:
     if record["status"] != "ok":
         return _Chain(np.full((T, T), np.nan), record.get("baseline"), [], _own_error(record, 0, "task 0"))
     R = np.array([[np.nan] * T if row is None else row for row in record["rows"]], dtype=float)
-    return _Chain(R, record["baseline"], [], record["error"])
+    return _Chain(R, record["baseline"], record.get("fits", []), record["error"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -824,7 +855,7 @@ def method_summary(entries: list[dict]) -> dict:
 
 
 def _convergence_warnings(method: str, seed: int, fits: list[dict], fit_mode: str) -> list[str]:
-    missed = [f for f in fits if f["convergence"] is not None and not f["convergence"]["converged"] and not f["reused"]]
+    missed = [f for f in fits if f.get("convergence") is not None and not f["convergence"]["converged"] and not f.get("reused")]  # EWC's: none
     if not missed:
         return []
     how = "fitted by the stopping rule" if fit_mode == "rule" else "trained for the fixed budget (--fit fixed)"
@@ -853,6 +884,7 @@ def run_split_sequence(config: ExperimentConfig, split: SplitConfig, log: Callab
     the CLI moves to ``timing.json``). With ``store``, every finished unit and the one in progress
     (after every epoch) are kept, so a rerun on the same store resumes."""
     methods = check_split_methods(config.methods, split.scenario, config.guide)
+    check_split_ewc(split, methods, config.ewc_patience)
     tasks = split_tasks(split.scenario)
     outcomes = run_units(plan_split(config, split), executor, store, on_finish=_log_unit(split, log), progress=progress)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}

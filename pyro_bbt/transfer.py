@@ -43,7 +43,7 @@ from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
-                             check_split_protocol, load_split_task, split_tasks)
+                             check_split_ewc, check_split_protocol, load_split_task, split_tasks)
 from .files import atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences
 from .verdict import OVERRULES
@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-eval", type=int, help="cap on validation/test images per task (smoke tests)")
     p.add_argument("--ewc-patience", type=_int_or_none,
                    help="EWC's deterministic nets by early stopping: stop after this many epochs without a better validation accuracy "
-                        "(A's net on A's, B's on B's), keep the best epoch's weights, at most the Bayesian fits' epoch cap; none: the fixed "
-                        "budget (default: the preset's; paper: 3)")
+                        "(A's net on A's, B's on B's; in the split sequence each task's net on its task's), keep the best epoch's weights, at most "
+                        "the Bayesian fits' epoch cap; none: the fixed budget (default: the preset's; paper: 3)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument("--sequence", choices=SEQUENCES, help=f"run the chain A -> B -> C -> D over task A's digits instead (rotations by 0/15/30/45 degrees or permutations) with the methods {', '.join(SEQUENCE_METHODS)}, each task for B's fixed budget (not fitted by the stopping rule); writes sequence.png. split: the five tasks 0/1, 2/3, 4/5, 6/7, 8/9 of split MNIST in the --scenario given, with the methods {', '.join(SPLIT_METHODS)} and the split presets; writes split_mnist.png, split_mnist.md and sequence.png")
     p.add_argument("--scenario", help=f"only with --sequence split: {', '.join(SCENARIOS)} (incremental task: a 2-way head per task, the task id given at test time; domain: one shared 2-way head; class: one shared 10-way head)")
@@ -282,6 +282,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if split is not None:  # before ExperimentConfig, whose message would speak of heads and q_B
             check_split_methods(values.get("methods", METHODS), split.scenario, values.get("guide", ExperimentConfig.guide))
             check_split_protocol(split, values.get("guide", ExperimentConfig.guide))
+            check_split_ewc(split, values.get("methods", METHODS), values.get("ewc_patience"))
             if split.coreset != "none":
                 _check_coreset_size(split, values.get("limit_train"))
         config = ExperimentConfig(**values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -448,3 +449,35 @@ def test_report_merges_runs_of_one_configuration_made_for_different_seeds(tmp_pa
     assert capsys.readouterr().out == expected and "| 2/2 |" in expected
     assert report_main([str(apart[0]), str(both), "--regimes"]) == 2
     assert "share seeds [0, 0, 1]: only runs of different seeds merge" in capsys.readouterr().err
+
+
+def test_ewc_patience_stops_every_task_net_on_its_validation_split():
+    """With ``ewc_patience`` each task's EWC net stops early on its own task's validation split
+    (at most ``max_epochs_a`` epochs) and the record says how, task by task; its row is the best
+    epoch's accuracy, so it differs from the fixed budget's. Without a validation split the CLI
+    refuses in one line."""
+    split = SplitConfig("domain", fit="fixed", val_fraction=0.2)
+    patient = run_sequence(_config("domain", methods=("ewc",), ewc_patience=1, max_epochs_a=6), "split", log=lambda m: None, split=split)
+    fits = patient["methods"]["ewc"]["per_seed"][0]["fits"]
+    assert [f["task"] for f in fits] == [0, 1, 2, 3, 4]
+    for fit in fits:
+        stop = fit["early_stopping"]
+        assert 1 <= stop["best_epoch"] <= stop["epochs"] <= 6 and 0.0 <= stop["best_val_accuracy"] <= 1.0
+        if stop["stopped_by"] == "patience":  # patience 1: one epoch without a better one
+            assert stop["epochs"] == stop["best_epoch"] + 1
+        else:
+            assert stop["stopped_by"] == "cap" and stop["epochs"] == 6
+        assert fit["steps"] == stop["epochs"] * math.ceil(160 / 128)  # 200 images, a fifth held out
+    fixed = run_sequence(_config("domain", methods=("ewc",)), "split", log=lambda m: None, split=split)
+    assert fixed["methods"]["ewc"]["per_seed"][0]["fits"] == []
+    assert fixed["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"] != patient["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"]
+    with pytest.raises(ValueError, match="ewc-patience 1 stops EWC's nets on each task's validation split, but val-fraction is 0"):
+        run_sequence(_config("domain", methods=("ewc",), ewc_patience=1), "split", log=lambda m: None, split=SplitConfig("domain", val_fraction=0.0))
+
+
+def test_the_cli_refuses_ewc_patience_without_a_validation_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--sequence", "split", "--scenario", "domain", "--methods", "ewc", "--ewc-patience", "2", "--val-fraction", "0",
+                 *TINY_ARGS, "--out", str(out)])
+    assert code == 2 and not out.exists()
+    assert "ewc-patience 2 stops EWC's nets on each task's validation split, but val-fraction is 0" in capsys.readouterr().err
