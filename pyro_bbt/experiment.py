@@ -28,7 +28,8 @@ forward transfer ``R[0][1] - b_B`` with ``b_B`` the B accuracy of a randomly ini
 
 Where the work lives: this module holds the configuration (:class:`ExperimentConfig`,
 :data:`PRESETS`), the driver :func:`run_experiment` (plan -> executor -> store -> summary) and
-the sequential mode (the split-MNIST sequence of five tasks lives in
+the sequential mode's entry :func:`run_sequence` (the rotation and permutation chains live in
+:mod:`pyro_bbt.chain_sequence`, the split-MNIST sequence of five tasks in
 :mod:`pyro_bbt.split_sequence`); :mod:`pyro_bbt.plan` lists the units of a run and what each needs,
 :mod:`pyro_bbt.units` trains them (the studies import its training helpers from there), and
 :mod:`pyro_bbt.executors` runs them in this process, in worker processes or as Ray tasks.
@@ -42,17 +43,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .continual import summarize
 from .convergence import ELBO_TESTS, StoppingRule, elbo_test_text
 from .data import Task, load_task
 from .executors import Executor, Job, JobResult, SerialExecutor
-from .fitting import FitRecipe, fit_posterior, guide_state, new_posterior, prior_from_posterior
+from .fitting import FitRecipe, new_posterior
 from .guides import GUIDES
-from .inference import NonFiniteLossError
 from .kl_schedules import validate_schedule
 from .objectives import ESTIMATORS
 from .plan import Plan, StageSpec, UnitSpec, build_plan
@@ -61,9 +59,9 @@ from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .runstore import RunStore
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig, check_continuation_base
 from .split_sequence import SplitConfig, run_split_sequence
+from .chain_sequence import CHAIN_SEQUENCES, SEQUENCE_LENGTH, SEQUENCE_METHODS, run_chain_sequence, sequence_tasks
 from .units import (
     StageOutcome,
-    bayesian_metrics,
     failed_unit_record,
     run_stage,
     run_unit,
@@ -72,8 +70,8 @@ from .units import (
 )
 
 __all__ = [
-    "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "CHAIN_SEQUENCES", "ExperimentConfig", "PRESETS", "run_experiment", "run_sequence",
-    "sequence_tasks", "steps_for", "summarize_units", "unit_key",
+    "METHODS", "Q_INITS", "HEADS", "SEQUENCES", "CHAIN_SEQUENCES", "SEQUENCE_METHODS", "SEQUENCE_LENGTH", "ExperimentConfig", "PRESETS",
+    "run_experiment", "run_sequence", "sequence_tasks", "steps_for", "summarize_units", "unit_key",
 ]
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -131,6 +129,12 @@ class ExperimentConfig:
     ``continuation_average``: its end is the average of its epochs at the last factor (tail
     averaging).
 
+    ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
+    ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
+    the rule and the verdict judge that objective). Under ``transfer`` the prior built from a
+    tempered posterior may be broadened by ``tau`` (``beta^-1/2`` undoes the narrowing of the
+    variances that ``beta`` brings).
+
     Optimisation: Adam at ``lr`` for the guides' locations and ``scale_lr`` for their widths
     (:func:`~pyro_bbt.guides.guide_parameter_groups`), uniform KL weights ``1/M`` per minibatch.
     q_A is fitted in minibatches of ``batch_size_a`` (``None``: ``batch_size``); it starts at
@@ -182,6 +186,7 @@ class ExperimentConfig:
     continuation_average: bool = False
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
+    kl_beta: float = 1.0
     max_epochs_b: int | None = None
     epochs: int = 5
     min_steps: int = 200
@@ -277,6 +282,8 @@ class ExperimentConfig:
             raise ValueError(f"continuation-average must be true or false, got {self.continuation_average!r}")
         if self.continuation_average and self.continuation_epochs == 0:
             raise ValueError("continuation-average needs continuation-epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
+        if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
+            raise ValueError(f"kl-beta must be a finite number > 0 (the KL's weight in every Bayesian fit's objective), got {self.kl_beta!r}")
         if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):
             raise ValueError(f"ewc-patience must be none or an integer >= 1, got {self.ewc_patience!r}")
         if self.max_epochs_b is not None and (not isinstance(self.max_epochs_b, int) or isinstance(self.max_epochs_b, bool) or self.max_epochs_b < self.epochs_a):
@@ -370,7 +377,8 @@ class ExperimentConfig:
                                                                     continuation_rates=self.continuation_rates,
                                                                     continuation_base=self.continuation_base,
                                                                     confirm=self.confirm_verdict)
-        return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict)
+        return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict,
+                    kl_beta=self.kl_beta)
 
     @property
     def a_batch_size(self) -> int:
@@ -404,7 +412,7 @@ class ExperimentConfig:
 # Fields added after runs were stored, each with the value that reproduces those runs; absent from
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
-                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None}
+                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0}
 
 
 PRESETS: dict[str, dict] = {
@@ -664,37 +672,21 @@ def _finish_unit(spec: UnitSpec, result: JobResult, grid: _Grid, store: RunStore
 
 # --------------------------------------------------------------------------- sequential mode
 
-CHAIN_SEQUENCES = ("rotations", "permutations")
 SEQUENCES = (*CHAIN_SEQUENCES, "split")
-SEQUENCE_METHODS = ("transfer", "finetune")
-SEQUENCE_LENGTH = 4
-
-
-def sequence_tasks(kind: str, digits: tuple[int, ...], seed: int) -> list[Task]:
-    """The chain A -> B -> C -> D over the same digits: rotated by 0, 15, 30, 45 degrees (as the
-    original), or with pixel permutations (task 0 unpermuted). (The ``split`` sequence's tasks
-    are :func:`~pyro_bbt.split_sequence.split_tasks`.)"""
-    _choice("sequence", kind, CHAIN_SEQUENCES)
-    if kind == "rotations":
-        return [Task(digits=digits, rotation=15.0 * k, seed=seed, name=f"rot{15 * k}") for k in range(SEQUENCE_LENGTH)]
-    return [Task(digits=digits, permutation_seed=None if k == 0 else 1000 + k, seed=seed, name=f"perm{k}") for k in range(SEQUENCE_LENGTH)]
 
 
 def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None] = print, split: SplitConfig | None = None,
                  executor: Executor | None = None, store: RunStore | None = None, progress: bool = False) -> dict:
-    """Train the chain of :func:`sequence_tasks` in order with each Bayesian sequential method
-    (``transfer``: every task's prior is the previous posterior and q starts there, as in
-    variational continual learning; ``finetune``: q starts at the previous posterior, the prior
-    stays the base prior), and fill the accuracy matrix ``R[i][j]`` after every task. Forward
-    transfer is measured against the randomly initialised model's accuracy on each task.
-    Every task trains for B's fixed budget at ``lr``/``scale_lr`` (:func:`~pyro_bbt.fitting.fit_posterior`
-    with :meth:`ExperimentConfig.recipe_b`): this mode does not fit its posteriors by the stopping
-    rule; each task's verdict is recorded under ``fits`` and none is shown converged. The units of this mode are not checkpointed; the run restarts if
-    interrupted.
+    """Run the sequence ``kind`` (one of :data:`SEQUENCES`) as units on ``executor`` (default:
+    serial), kept in ``store`` (so a rerun on it resumes), and return the content of
+    ``results.json`` (its ``"seconds"`` entries are wall-clock times, which the CLI moves to
+    ``timing.json``).
 
-    ``kind="split"`` runs the five tasks of split MNIST instead, in the scenario and fit mode of
-    ``split`` (required then): :func:`~pyro_bbt.split_sequence.run_split_sequence`, as units on
-    ``executor``, kept in ``store`` (so it resumes)."""
+    ``rotations`` and ``permutations``: the chain of :func:`sequence_tasks` with each Bayesian
+    sequential method of ``config`` (:func:`~pyro_bbt.chain_sequence.run_chain_sequence`: every
+    task for B's fixed budget, its verdict recorded, none fitted by the stopping rule).
+    ``split``: the five tasks of split MNIST in the scenario and fit mode of ``split`` (required
+    then): :func:`~pyro_bbt.split_sequence.run_split_sequence`."""
     _choice("sequence", kind, SEQUENCES)
     if kind == "split":
         if split is None:
@@ -702,54 +694,4 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
         return run_split_sequence(config, split, log=log, executor=executor, store=store, progress=progress)
     if split is not None:
         raise ValueError(f"a SplitConfig (scenario {split.scenario!r}) is only valid with the sequence 'split', not {kind!r}")
-    methods = [m for m in config.methods if m in SEQUENCE_METHODS]
-    if not methods:
-        raise ValueError(f"sequential mode runs the methods {', '.join(SEQUENCE_METHODS)}; got {', '.join(config.methods)}")
-    per_method: dict[str, list] = {m: [] for m in methods}
-    for seed in config.seeds:
-        tasks = [load_task(t, limit_train=config.limit_train, limit_eval=config.limit_eval) for t in sequence_tasks(kind, config.task_a, seed)]
-        trains = [t.train.to(config.device) for t in tasks]
-        tests = [t.test.to(config.device) for t in tasks]
-        for method in methods:
-            prior: Prior = config.base_prior()
-            state = None
-            R = np.zeros((len(tasks), len(tasks)))
-            baseline = None
-            fits = []
-            for i, train_split in enumerate(trains):
-                model, guide = config.new_posterior(prior, seed)
-                if baseline is None:
-                    baseline = [bayesian_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
-                if state is not None:
-                    guide.load_state_dict(state)
-                steps = steps_for(len(train_split), config.epochs, config.batch_size, config.min_steps)
-                try:
-                    fit = fit_posterior(model, guide, train_split, config.recipe_b(steps), seed)
-                    fits.append({"task": i, "steps": fit.steps, "epochs": fit.epochs, "convergence": fit.convergence})
-                except NonFiniteLossError as error:
-                    log(f"seed {seed} {method}: task {i} failed: {error}")
-                    R[i:, :] = np.nan
-                    break
-                R[i] = [bayesian_metrics(model, guide, test, config.eval_samples, 0).accuracy for test in tests]
-                state = guide_state(guide)
-                if method == "transfer":
-                    prior = prior_from_posterior(guide, model, config.base_prior(), config.base_prior_std, config.tau)
-                log(f"seed {seed} {kind} {method}: after task {i}: " + " ".join(f"{a:.3f}" for a in R[i]))
-            entry = {"seed": seed, "accuracy_matrix": R.tolist(), "random_init_accuracy": baseline, "fits": fits}
-            if not np.isnan(R).any():
-                entry["summary"] = summarize(R, baseline).to_dict()
-            per_method[method].append(entry)
-    return {
-        "schema_version": 1,
-        "mode": "sequence",
-        "sequence": kind,
-        "domains": [t.name for t in sequence_tasks(kind, config.task_a, 0)],
-        "config": config.to_dict(),
-        "methods": {
-            m: {
-                "per_seed": entries,
-                "accuracy_matrix_mean": np.nanmean([e["accuracy_matrix"] for e in entries], axis=0).tolist(),
-            }
-            for m, entries in per_method.items()
-        },
-    }
+    return run_chain_sequence(config, kind, log=log, executor=executor, store=store, progress=progress)

@@ -68,7 +68,7 @@ class FitRecipe:
     its ELBO could still gain and the blank-pixel check, and under ``rule`` keeps a fit going at
     lower rates until it holds (:func:`~pyro_bbt.inference.train`); ``None``: the rule's criteria
     alone. The loss is the full-data negative ELBO with the ``kl_schedule``'s weights
-    (:mod:`pyro_bbt.inference`).
+    (:mod:`pyro_bbt.inference`), its KL times ``kl_beta`` (1: the ELBO; below 1, tempered).
     """
 
     lr: float
@@ -83,6 +83,7 @@ class FitRecipe:
     estimator: str = "auto"
     kl_schedule: str = "uniform"
     verdict: VerdictConfig | None = VerdictConfig()
+    kl_beta: float = 1.0
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("rule", "steps", "epochs") if getattr(self, name) is not None]
@@ -119,6 +120,7 @@ class FitRecipe:
             num_particles=self.num_particles,
             estimator=self.estimator,
             kl_schedule=self.kl_schedule,
+            kl_beta=self.kl_beta,
             seed=seed,
             eval_samples=eval_samples,
             progress=False,

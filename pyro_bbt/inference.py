@@ -78,6 +78,10 @@ class TrainConfig:
     :param estimator: ``"weights"``, ``"local"`` or ``"auto"`` (local for the ``meanfield`` guide,
         weights otherwise).
     :param kl_schedule: ``blundell``, ``uniform``, ``warmup`` or ``none``.
+    :param kl_beta: ``beta``, the KL's weight in the objective, ``E_q log p(D | w) - beta KL(q || p)``
+        (on top of the schedule's per-minibatch weights; 1: the ELBO). ``beta < 1`` tempers the
+        posterior (less pruning; "tempered VCL"). The stopping rule, the verdict and its
+        continuation judge this objective, the one the fit maximises.
     :param warmup_epochs: length of the ``warmup`` ramp.
     :param seed: seeds Pyro/torch/numpy at the start and the minibatch order.
     :param eval_samples: posterior samples for the per-epoch validation accuracy (0: skip it).
@@ -121,6 +125,7 @@ class TrainConfig:
     num_particles: int = 1
     estimator: str = "auto"
     kl_schedule: str = "blundell"
+    kl_beta: float = 1.0
     warmup_epochs: float = 5.0
     seed: int = 0
     eval_samples: int = 8
@@ -163,6 +168,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+        if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
+            raise ValueError(f"kl_beta must be a finite number > 0 (the KL's weight in the objective), got {self.kl_beta!r}")
         if self.stopping is not None and not isinstance(self.stopping, StoppingRule):
             raise ValueError(f"stopping must be None or a StoppingRule, got {self.stopping!r}")
         if self.stopping is not None and self.steps is not None:
@@ -230,7 +237,7 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
     cost to that epoch's ``seconds``."""
     start = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
-    last.verdict = judge_by(model, guide, train_split, v, v.seed + last.epoch)
+    last.verdict = judge_by(model, guide, train_split, v, v.seed + last.epoch, kl_beta=config.kl_beta)
     last.seconds += time.perf_counter() - start
     return last.verdict
 
@@ -280,7 +287,8 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     guide.load_state_dict(continuation["guide_state"])
     start = read_posterior(guide)
     gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
-                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates, base=v.continuation_base)
+                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates, base=v.continuation_base,
+                             kl_beta=config.kl_beta)
     kept = "start" if gain.nats < 0 else "end"
     if kept == "end":
         guide.load_state_dict(end_state)
@@ -452,7 +460,7 @@ def train(
             with pyro.validation_enabled(config.validate):
                 # the likelihood is the minibatch's full-data estimate (N/B) sum_n, so the KL's
                 # weight is M pi_i: it averages to 1 over an epoch, as in Pyro's Trace_ELBO
-                loss = estimator.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight)
+                loss = estimator.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight * config.kl_beta)
             optimizer.step()
             step += 1
             epoch_steps += 1

@@ -5,8 +5,11 @@ Writes into ``--out DIR``: ``config.json``, ``results.json`` (schema in docs/exp
 and ``final_accuracy.png``. ``--sequence split --scenario task|domain|class`` runs the five
 tasks of split MNIST instead (:mod:`pyro_bbt.split_sequence`, with its own ``--preset`` values)
 and writes ``config.json``, ``results.json``, ``timing.json``, ``split_mnist.md``,
-``split_mnist.png`` and ``sequence.png``. Progress (finished units, per-epoch checkpoints) is kept under
-``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``; ``--resume`` continues an interrupted run.
+``split_mnist.png`` and ``sequence.png``; ``--sequence rotations|permutations`` runs the chain of
+four rotated or permuted copies of task A (:mod:`pyro_bbt.chain_sequence`) and writes
+``config.json``, ``results.json``, ``timing.json`` and ``sequence.png``. Progress (finished units,
+per-epoch checkpoints) is kept under ``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``;
+``--resume`` continues an interrupted run, whatever the mode.
 
 Units run one after another in this process (``--executor serial``, the default), in a pool
 of ``--workers N`` local processes (``--executor processes``), or as Ray tasks, at most
@@ -35,13 +38,12 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 from .executors import EXECUTORS, Executor, ExecutorUnavailableError, make_executor
 from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
-from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCE_METHODS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
+from .chain_sequence import SEQUENCE_METHODS
+from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
                              check_split_ewc, check_split_protocol, load_split_task, split_tasks)
 from .files import atomic_write_json, atomic_write_text
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guide", help=f"variational family: {', '.join(GUIDES)}")
     p.add_argument("--estimator", help=f"ELBO estimator: {', '.join(ESTIMATORS)} or auto")
     p.add_argument("--kl-schedule", help=f"KL weight per minibatch: {', '.join(KL_SCHEDULES)}")
+    p.add_argument("--kl-beta", type=float, help="the KL's weight beta in every Bayesian fit's objective, E log p(D|w) - beta KL(q||p) (default 1, the ELBO; below 1 a tempered posterior, judged by the rule and the verdict on that objective; pair with --tau beta^-1/2 to undo the narrower variances a transferred prior inherits)")
     p.add_argument("--epochs", type=int, help="B's budget in epochs of its training data (see --min-steps)")
     p.add_argument("--epochs-a", type=int, help="epochs on task A: the minimum when --max-epochs-a is set, else exactly this many")
     p.add_argument("--max-epochs-a", type=_int_or_none, help="fit q_A until the stopping rule holds, at most this many epochs; none: exactly --epochs-a")
@@ -329,10 +332,13 @@ def write_csv(path: Path, units: list[dict], timing: dict[str, float]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def run_description(config: ExperimentConfig, split: SplitConfig | None) -> dict:
+def run_description(config: ExperimentConfig, split: SplitConfig | None, sequence: str | None = None) -> dict:
     """What ``config.json`` holds besides the preset, and what ``--resume`` compares: the
-    configuration, and for ``--sequence split`` its scenario, fit and joint."""
-    return config.to_dict() if split is None else {"sequence": "split", **split.to_dict(), **config.to_dict()}
+    configuration, with a ``--sequence`` run's sequence (and for ``--sequence split`` its
+    scenario, fit, joint and protocol)."""
+    if split is not None:
+        return {"sequence": "split", **split.to_dict(), **config.to_dict()}
+    return config.to_dict() if sequence is None else {"sequence": sequence, **config.to_dict()}
 
 
 def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespace, split: SplitConfig | None = None) -> None:
@@ -353,7 +359,7 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         if not isinstance(saved, dict):
             raise UsageError(f"--resume: {saved_path} is damaged (not a JSON object); rerun with --overwrite")
         saved.pop("preset", None)
-        differences = config_differences(saved, run_description(config, split))
+        differences = config_differences(saved, run_description(config, split, args.sequence))
         if differences:
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
         return
@@ -372,16 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split = split_config_from_args(args)
         config = config_from_args(args)
-        if args.sequence and args.sequence != "split" and args.resume:
-            raise UsageError(f"--resume is not supported with --sequence {args.sequence} (its chains restart); --sequence split resumes")
         if args.sequence and split is None and not set(config.methods) & set(SEQUENCE_METHODS):
             raise UsageError(f"--sequence runs the methods {', '.join(SEQUENCE_METHODS)}; got --methods {','.join(config.methods)}")
         if args.executor not in EXECUTORS:
             raise UsageError(f"unknown --executor {args.executor!r}; allowed: {', '.join(EXECUTORS)}")
         if args.workers > 1 and args.executor not in ("processes", "ray"):
             raise UsageError(f"--workers {args.workers} needs --executor processes or ray (--executor {args.executor} runs one unit at a time)")
-        if args.sequence and args.sequence != "split" and args.executor != "serial":
-            raise UsageError(f"--executor {args.executor} is not supported with --sequence {args.sequence} (its chains run serially)")
         _check_ray_only_flags(args)
         gpus_per_unit = _gpus_per_unit(args, config)
         executor = make_executor(args.executor, args.workers, args.threads_per_unit, ray_address=args.ray_address, gpus_per_unit=gpus_per_unit,
@@ -436,25 +438,14 @@ def _gpus_per_unit(args: argparse.Namespace, config: ExperimentConfig) -> float:
 def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig | None, executor: Executor, prog: str) -> int:
     """Run the checked command line ``args`` (``split``: its ``--sequence split`` settings) into
     ``args.out`` with ``executor``; the exit code."""
-    from .plots import plot_sequence, save_all  # matplotlib only when there is something to plot
+    from .plots import save_all  # matplotlib only when there is something to plot
 
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     start = time.perf_counter()
     if not args.resume:
-        atomic_write_json(args.out / "config.json", {"preset": args.preset, **run_description(config, split)})
-    if split is not None:
-        return _run_split(args, config, split, executor, log, start)
+        atomic_write_json(args.out / "config.json", {"preset": args.preset, **run_description(config, split, args.sequence)})
     if args.sequence:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads_per_unit)
-        try:
-            results = run_sequence(config, args.sequence, log=log)
-        finally:
-            torch.set_num_threads(threads)
-        atomic_write_json(args.out / "results.json", results)
-        plot_sequence(results, args.out / "sequence.png")
-        log(f"done in {time.perf_counter() - start:.0f} s: {args.out / 'results.json'}, {args.out / 'sequence.png'}")
-        return 0
+        return _run_sequence(args, config, split, executor, log, start)
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"))
     raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
@@ -473,28 +464,37 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
     return 0
 
 
-def _run_split(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig, executor: Executor, log, start: float) -> int:
-    """``--sequence split``: run its units on ``executor``, kept in ``--out`` (so ``--resume``
-    continues it), then write results.json, timing.json (the fits' wall-clock seconds),
-    split_mnist.md (the table), split_mnist.png and sequence.png (the figures)."""
+def _run_sequence(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig | None, executor: Executor, log,
+                  start: float) -> int:
+    """``--sequence``: run its units on ``executor``, kept in ``--out`` (so ``--resume`` continues
+    it), then write results.json, timing.json (the fits' wall-clock seconds) and sequence.png
+    (the mean accuracy matrices); for ``--sequence split`` (``split``) also split_mnist.md (the
+    table) and split_mnist.png. Exit code 1 when a chain stopped at a failed task."""
     from .plots import plot_sequence, plot_split_sequence
     from .report import split_sequence_table
 
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    store = RunStore(args.out, run_description(config, split), on_damaged=lambda message: warn(f"warning: {message}"))
-    raw = run_sequence(config, "split", log=log, split=split, executor=executor, store=store, progress=not args.quiet)
+    store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"))
+    raw = run_sequence(config, args.sequence, log=log, split=split, executor=executor, store=store, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start
     timing["workers"] = args.workers if args.executor in ("processes", "ray") else 1
     atomic_write_json(args.out / "results.json", results)
     atomic_write_json(args.out / "timing.json", timing)
-    atomic_write_text(args.out / "split_mnist.md", split_sequence_table(results))
-    plot_split_sequence(results, args.out / "split_mnist.png")
+    written = [args.out / "results.json", args.out / "sequence.png"]
+    if split is not None:
+        atomic_write_text(args.out / "split_mnist.md", split_sequence_table(results))
+        plot_split_sequence(results, args.out / "split_mnist.png")
+        written += [args.out / "split_mnist.md", args.out / "split_mnist.png"]
     plot_sequence(results, args.out / "sequence.png")
-    log(f"done in {timing['wall_clock']:.0f} s: {args.out / 'results.json'}, {args.out / 'split_mnist.md'}, {args.out / 'split_mnist.png'}")
-    unfinished = [m for m, entry in results["methods"].items() if entry["seeds_finished"] < len(entry["per_seed"])]
+    log(f"done in {timing['wall_clock']:.0f} s: " + ", ".join(str(path) for path in written))
+    if split is not None:
+        unfinished = [m for m, entry in results["methods"].items() if entry["seeds_finished"] < len(entry["per_seed"])]
+    else:
+        unfinished = [m for m, entry in results["methods"].items() if any("error" in e for e in entry["per_seed"])]
     if unfinished:
-        print(f"python -m pyro_bbt.transfer: a task failed (NaN/inf) for {', '.join(unfinished)} (see {args.out / 'results.json'})", file=sys.stderr)
+        print(f"python -m pyro_bbt.transfer: a task failed (NaN/inf, or an error) for {', '.join(unfinished)} (see {args.out / 'results.json'})",
+              file=sys.stderr)
         return 1
     return 0
 

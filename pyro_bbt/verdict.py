@@ -346,6 +346,11 @@ class VerdictConfig:
         return -(-length // parts) * parts
 
 
+def _check_kl_beta(kl_beta) -> None:
+    if isinstance(kl_beta, bool) or not isinstance(kl_beta, (int, float)) or not (math.isfinite(kl_beta) and kl_beta > 0):
+        raise ValueError(f"kl_beta must be a finite number > 0 (the KL's weight in the objective), got {kl_beta!r}")
+
+
 def check_continuation_base(base) -> tuple[float, float]:
     """``base`` as ``(locations' rate, widths' rate)``, two finite numbers > 0, or one clear
     ``ValueError``."""
@@ -488,8 +493,9 @@ def _log_lik_chunks(model: BayesianMLP, posterior: Posterior, split: Split, batc
             yield torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1) / len(signs)
 
 
-def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool) -> float:
-    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - KL(q || p)`` whose gradient
+def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool,
+                   kl_beta: float = 1.0) -> float:
+    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - beta KL(q || p)`` whose gradient
     accumulates into the posterior tensors' ``.grad``, one chunk at a time (the draws of
     :func:`_log_lik_chunks`), the KL added once."""
     log_lik = 0.0
@@ -497,27 +503,29 @@ def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch
         total = chunk.sum()
         total.backward()
         log_lik += float(total.detach())
-    kl = closed_form_kl(model, posterior)
+    kl = kl_beta * closed_form_kl(model, posterior)
     (-kl).backward()
     return log_lik - float(kl.detach())
 
 
 def elbo_gradient(model: BayesianMLP, guide, split: Split, *, seed: int = 0, batch_size: int = 1000, estimator: str = "local",
-                  antithetic: bool = True) -> ELBOGradient:
-    """One estimate of the full-data ELBO (kl weight 1) and of its gradient w.r.t. every site's
-    ``(loc, scale)``, with torch's generator seeded by ``seed`` inside (the global state is restored)."""
+                  antithetic: bool = True, kl_beta: float = 1.0) -> ELBOGradient:
+    """One estimate of the full-data ELBO (its KL weighted by ``kl_beta``: the tempered objective
+    of a fit with that weight) and of its gradient w.r.t. every site's ``(loc, scale)``, with
+    torch's generator seeded by ``seed`` inside (the global state is restored)."""
     _check("batch_size", batch_size, 1)
     posterior = _read_posterior(guide, requires_grad=True)
     with _rng_neutral(seed):
-        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic)
+        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic, kl_beta)
     grads = {name: (loc.grad, scale.grad) for name, (loc, scale) in posterior.items()}
     return ELBOGradient(elbo, {name: (loc.detach(), scale.detach()) for name, (loc, scale) in posterior.items()}, grads)
 
 
 def _gradients(model: BayesianMLP, guide, split: Split, count: int, batch_size: int, seed: int, estimator: str = "local",
-               antithetic: bool = True) -> list[ELBOGradient]:
+               antithetic: bool = True, kl_beta: float = 1.0) -> list[ELBOGradient]:
     seeds = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [elbo_gradient(model, guide, split, seed=s, batch_size=batch_size, estimator=estimator, antithetic=antithetic) for s in seeds]
+    return [elbo_gradient(model, guide, split, seed=s, batch_size=batch_size, estimator=estimator, antithetic=antithetic, kl_beta=kl_beta)
+            for s in seeds]
 
 
 def _fisher_scaled(gradient: ELBOGradient) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,9 +658,10 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(state)
 
 
-def _crn_log_liks(model: BayesianMLP, posterior: Posterior, split: Split, num_draws: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _crn_log_liks(model: BayesianMLP, posterior: Posterior, split: Split, num_draws: int, seed: int, batch_size: int,
+                  kl_beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-draw, per-example expected log-likelihoods ``(num_draws, N)`` (antithetic, local
-    reparameterisation; float64) and per-draw KLs ``(num_draws,)`` of ``posterior`` on ``split``,
+    reparameterisation; float64) and per-draw KLs ``(num_draws,)``, times ``kl_beta``, of ``posterior`` on ``split``,
     with draws that depend only on ``(seed, batch_size)`` and the shapes: common random numbers
     for every posterior of the same network. RNG-neutral (the KL of a non-Gaussian prior draws
     from torch's generator, seeded here)."""
@@ -665,17 +674,18 @@ def _crn_log_liks(model: BayesianMLP, posterior: Posterior, split: Split, num_dr
             out.append(_local_log_lik(model, posterior, x, y, noise, antithetic=True).double())
         with _rng_neutral(seed):
             kl = torch.stack([closed_form_kl(model, {n: (l.double(), s.double()) for n, (l, s) in posterior.items()}) for _ in range(num_draws)])
-    return torch.cat(out, dim=1), kl.double()
+    return torch.cat(out, dim=1), kl_beta * kl.double()
 
 
-def posterior_elbo(model: BayesianMLP, posterior: Posterior, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000) -> float:
-    """The full-data ELBO (kl weight 1) of the mean-field Gaussian ``posterior`` (site ->
+def posterior_elbo(model: BayesianMLP, posterior: Posterior, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000,
+                   kl_beta: float = 1.0) -> float:
+    """The full-data ELBO (its KL weighted by ``kl_beta``) of the mean-field Gaussian ``posterior`` (site ->
     ``(loc, scale)``) on ``split``: the mean of ``num_draws`` antithetic local-reparameterisation
     passes whose noise depends only on ``seed``, ``batch_size`` and the shapes (common random
     numbers: every posterior of the network is scored with the same draws). RNG-neutral."""
     _check("num_draws", num_draws, 1)
     _check("batch_size", batch_size, 1)
-    log_lik, kl = _crn_log_liks(model, posterior, split, num_draws, seed, batch_size)
+    log_lik, kl = _crn_log_liks(model, posterior, split, num_draws, seed, batch_size, kl_beta)
     return float(log_lik.sum(1).mean() - kl.mean())
 
 
@@ -744,14 +754,15 @@ class ContinuationGain:
 
 def continuation_gain(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, *, num_draws: int = VerdictConfig.num_draws,
                       seed: int = 0, batch_size: int = VerdictConfig.batch_size, epochs: int = 0,
-                      factors: Sequence[float] = (), base: Sequence[float] | None = None) -> ContinuationGain:
+                      factors: Sequence[float] = (), base: Sequence[float] | None = None, kl_beta: float = 1.0) -> ContinuationGain:
     """The fixed-noise ELBO gain from posterior ``start`` to ``end`` on ``split`` (the same
     ``num_draws`` antithetic draws for both, seeded by ``seed``), with the standard error of the
-    paired difference (:class:`_Difference`). RNG-neutral."""
+    paired difference (:class:`_Difference`); the KL weighted by ``kl_beta`` (the objective of a
+    tempered fit). RNG-neutral."""
     _check("num_draws", num_draws, 2)
     _check("batch_size", batch_size, 1)
-    at_start = _crn_log_liks(model, start, split, num_draws, seed, batch_size)
-    at_end = _crn_log_liks(model, end, split, num_draws, seed, batch_size)
+    at_start = _crn_log_liks(model, start, split, num_draws, seed, batch_size, kl_beta)
+    at_end = _crn_log_liks(model, end, split, num_draws, seed, batch_size, kl_beta)
     nats, stderr = _Difference(at_start)(at_end)
     num_data = len(split)
     start_elbo = float(at_start[0].sum(1).mean() - at_start[1].mean())
@@ -766,7 +777,8 @@ def read_posterior(guide) -> Posterior:
 
 def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = VerdictConfig.num_pairs, num_draws: int = VerdictConfig.num_draws,
                      steps: Sequence[float] = DEFAULT_STEPS, batch_size: int = VerdictConfig.batch_size, seed: int = 0,
-                     direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False) -> LineSearchGain | None:
+                     direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False,
+                     kl_beta: float = 1.0) -> LineSearchGain | None:
     """What one step still gains (module docstring): the mean ``g`` of ``2 num_pairs`` antithetic
     full-data gradient estimates, its natural gradient (:func:`natural_direction`), whitened
     (:func:`whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
@@ -785,7 +797,7 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     if isinstance(guide, AutoDelta):
         return None
     gradient_seed, evaluator_seed = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
-    gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed)
+    gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed, kl_beta=kl_beta)
     quadratic = _quadratic_gain(gradients, len(split))
     posterior = gradients[0].posterior
     path = natural_direction(gradients)
@@ -794,7 +806,7 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
         path = whitened_direction(model, posterior, path, split, batch_size=batch_size)
 
     def evaluate(step: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size)
+        return _crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size, kl_beta)
 
     base = evaluate(0.0)
     difference = _Difference(base)
@@ -879,15 +891,18 @@ def blank_pixel_check(model: BayesianMLP, guide, split: Split, ratio_bounds: tup
 def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEFAULT_TOL_PER_DATUM, num_pairs: int = VerdictConfig.num_pairs,
           batch_size: int = VerdictConfig.batch_size, seed: int = 0, num_draws: int = VerdictConfig.num_draws,
           steps: Sequence[float] = DEFAULT_STEPS, direction: str = VerdictConfig.direction, ratio_bounds: tuple[float, float] = (0.9, 1.1),
-          gain_when_exact_fails: bool = True) -> Verdict:
+          gain_when_exact_fails: bool = True, kl_beta: float = 1.0) -> Verdict:
     """Converged iff the gain a natural-gradient step still finds (:func:`line_search_gain`), plus
     two standard errors, per example of ``split`` is at most ``tol_per_datum`` **and**, where the
     prior at the first layer is Gaussian and ``split.x`` has inputs that are 0 in every row, the
     blank-pixel ratio (:func:`~pyro_bbt.convergence.uninformed_scale_ratio`, against the model's
     current prior) lies in ``ratio_bounds``. A ``delta`` guide is never converged (no gain);
     others raise as :func:`line_search_gain` does. ``gain_when_exact_fails=False``: where the
-    blank-pixel check already fails, the (dearer) gain is not measured (``gain`` is ``None``)."""
+    blank-pixel check already fails, the (dearer) gain is not measured (``gain`` is ``None``).
+    ``kl_beta``: the objective judged is ``E_q log p(D | w) - kl_beta KL(q || p)``, that of a fit
+    whose KL was weighted so (tempered; the blank-pixel weights' optimum is still the prior)."""
     _check_tol(tol_per_datum)
+    _check_kl_beta(kl_beta)
     low, high = ratio_bounds
     if not 0 < low <= 1 <= high:
         raise ValueError(f"ratio_bounds must satisfy 0 < low <= 1 <= high, got {ratio_bounds!r}")
@@ -896,7 +911,7 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
         return Verdict(False, float(tol_per_datum), None, None, ratio, (float(low), float(high)),
                        reasons + ["the ELBO gain was not measured: the exact check already fails"])
     gain = line_search_gain(model, guide, split, num_pairs=num_pairs, num_draws=num_draws, steps=steps, batch_size=batch_size, seed=seed,
-                            direction=direction)
+                            direction=direction, kl_beta=kl_beta)
     upper = None
     if gain is None:
         reasons.append(f"no remaining-gain estimate for guide {type(guide).__name__} (a point mass has no width); supported: {SUPPORTED_GUIDES}")
@@ -912,14 +927,15 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
 CONFIRMATION_SEED_OFFSET = 1_000_003  # the confirming judgement's noise: none of the first judgements' seeds
 
 
-def judge_by(model: BayesianMLP, guide, split: Split, config: VerdictConfig, seed: int) -> dict:
-    """:func:`judge` with ``config``'s settings and ``seed``, as a record; with ``config.confirm``,
+def judge_by(model: BayesianMLP, guide, split: Split, config: VerdictConfig, seed: int, kl_beta: float = 1.0) -> dict:
+    """:func:`judge` with ``config``'s settings, ``seed`` and ``kl_beta``, as a record; with ``config.confirm``,
     a pass is judged again with noise of its own (``seed + CONFIRMATION_SEED_OFFSET``), recorded
     under ``"confirmation"``, and counts only if that passes too."""
 
     def judged(seed: int) -> Verdict:
         return judge(model, guide, split, tol_per_datum=config.tol_per_datum, num_pairs=config.num_pairs, batch_size=config.batch_size, seed=seed,
-                     num_draws=config.num_draws, steps=config.steps, direction=config.direction, gain_when_exact_fails=config.gain_when_exact_fails)
+                     num_draws=config.num_draws, steps=config.steps, direction=config.direction, gain_when_exact_fails=config.gain_when_exact_fails,
+                     kl_beta=kl_beta)
 
     verdict = judged(seed)
     record = verdict.to_dict()
