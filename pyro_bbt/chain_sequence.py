@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import ExperimentConfig
 from .checkpoint import prior_from_state, prior_state
 from .continual import summarize
 from .data import Split, Task, load_task
@@ -43,8 +43,6 @@ from .inference import NonFiniteLossError
 from .runstore import RunStore
 from .units import bayesian_metrics, steps_for
 
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
 
 __all__ = [
     "CHAIN_SEQUENCES", "SEQUENCE_METHODS", "SEQUENCE_LENGTH", "sequence_tasks", "chain_methods", "chain_key", "chain_unit", "plan_chains",

@@ -13,12 +13,9 @@ the step budgets (:func:`~pyro_bbt.units.steps_for`) depend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from .config import ExperimentConfig
 from .units import load_task_pair, steps_for, unit_key
-
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
 
 __all__ = ["StageSpec", "UnitSpec", "Plan", "build_plan", "stage_key"]
 

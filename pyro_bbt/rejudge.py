@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .experiment import ExperimentConfig
+from .config import ExperimentConfig
 from .plan import build_plan
 from .runstore import RunStore
 from .units import load_task_pair, run_unit, stage_prior, use_head

@@ -86,11 +86,11 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .config import ExperimentConfig
 from .continual import summarize
 from .coresets import CORESETS, select_coreset
 from .data import INPUT_DIM, SCALINGS, Split, Task, load_task
@@ -109,8 +109,6 @@ from .pruning import unit_census
 from .runstore import RunStore
 from .units import HeadView, check_finite_training, ewc_train_config, steps_for, use_head
 
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",

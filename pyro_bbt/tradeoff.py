@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .ewc import EWCPenalty
-from .experiment import PRESETS, ExperimentConfig
+from .config import PRESETS, ExperimentConfig
 from .fitting import broaden
 from .plots import COLORS
 from .stats import sample_std

@@ -22,6 +22,7 @@ import numpy as np
 import pyro
 import torch
 
+from .config import ExperimentConfig
 from .checkpoint import prior_from_state, prior_state
 from .continual import backward_transfer, forward_transfer
 from .data import Split, Task, TaskData, load_task
@@ -32,8 +33,7 @@ from .inference import EpochDiagnostics, NonFiniteLossError
 from .model import BayesianMLP
 from .priors import Prior
 
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig
+if TYPE_CHECKING:  # the plan and the store import this module
     from .plan import StageSpec, UnitSpec
     from .runstore import RunStore
 
