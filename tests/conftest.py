@@ -1,12 +1,16 @@
 """Shared fixtures for the model / guide / objective / evaluation / checkpoint tests."""
 
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 
 import pyro
 import pytest
 import torch
 
-from pyro_bbt.data import Task, load_task
+from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide
 from pyro_bbt.model import BayesianMLP
 
@@ -68,3 +72,22 @@ def load_benchmark(name: str = "bench"):
     module = importlib.import_module(name)
     assert Path(module.__file__).resolve() == folder / f"{name}.py", f"{name} imported from {module.__file__}, not {folder}"
     return module
+
+
+def six_feature_split(n: int = 200, seed: int = 0) -> Split:
+    """``n`` examples of 6 informative standard-normal features (no blank input, so the
+    blank-pixel check does not apply) and 3 classes from a fixed rule of the first four."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x[:, :3] @ torch.tensor([1.0, -1.0, 0.5]) > 0).long() + (x[:, 3] > 1).long()
+    return Split(x, y)
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 240.0) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` holds (polled every 10 ms), or when it has
+    ended or ``timeout`` seconds have passed; wait for it to die."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import kill_when
 from pyro_bbt.chain_sequence import SEQUENCE_LENGTH, sequence_tasks
 from pyro_bbt.data import load_task
 from pyro_bbt.experiment import ExperimentConfig
@@ -87,11 +86,7 @@ def test_killed_run_resumes_to_byte_identical_results(serial_run, tmp_path):
     stored units are read back, the rest run, and results.json is the uninterrupted run's."""
     out = tmp_path / "killed"
     process = _cli(*TINY_ARGS, "--out", str(out))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and not (out / "units" / "rotations-transfer-t0-s0.json").exists():
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(process, (out / "units" / "rotations-transfer-t0-s0.json").exists, timeout=120)
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
     kept = sorted(p.name for p in (out / "units").iterdir())
     assert "rotations-transfer-t0-s0.json" in kept and "rotations-finetune-t3-s0.json" not in kept, kept

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fresh_model_and_guide
+from conftest import fresh_model_and_guide, six_feature_split
 from pyro_bbt.convergence import StoppingRule, continuation_text
-from pyro_bbt.data import Split
 from pyro_bbt.experiment import LATER_FIELDS, ExperimentConfig
 from pyro_bbt.inference import TrainConfig, TrainState, train
 from pyro_bbt.priors import GaussianPrior
@@ -25,12 +24,7 @@ from pyro_bbt.verdict import VerdictConfig, continuation_gain, read_posterior
 SIZES = (6, 8, 3)
 
 
-def _data(n: int = 200, seed: int = 0) -> Split:
-    """6 informative features (no blank input, so the blank-pixel check does not apply)."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=generator)
-    y = (x[:, :3] @ torch.tensor([1.0, -1.0, 0.5]) > 0).long() + (x[:, 3] > 1).long()
-    return Split(x, y)
+_data = six_feature_split
 
 
 def _config(stop_at: int, cap: int, tol: float, average: bool = False) -> TrainConfig:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import fresh_model_and_guide
+from conftest import fresh_model_and_guide, six_feature_split
 from pyro_bbt.convergence import StoppingRule
-from pyro_bbt.data import Split
 from pyro_bbt.experiment import ExperimentConfig
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.objectives import closed_form_kl
@@ -20,11 +19,7 @@ from pyro_bbt.verdict import VerdictConfig, judge, posterior_elbo, read_posterio
 SIZES = (6, 8, 3)
 
 
-def _data(n: int = 200, seed: int = 0) -> Split:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=generator)
-    y = (x[:, :3] @ torch.tensor([1.0, -1.0, 0.5]) > 0).long() + (x[:, 3] > 1).long()
-    return Split(x, y)
+_data = six_feature_split
 
 
 def _fit(kl_beta: float):

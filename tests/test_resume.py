@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import kill_when
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
@@ -217,11 +218,7 @@ def test_split_sequence_killed_mid_chain_resumes_to_the_same_results(split_unint
     grid, tests/test_executors.py, and on the engine's own units.)"""
     out = tmp_path / "killed"
     process = _cli(*SPLIT_TINY, "--out", str(out))
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None and not (out / "units" / "split-transfer-t1-s0.json").exists():
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(process, (out / "units" / "split-transfer-t1-s0.json").exists)
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
     kept = sorted(p.name for p in (out / "units").iterdir())
     assert "split-first-s0.json" in kept and "split-transfer-t4-s0.json" not in kept, kept

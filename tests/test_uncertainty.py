@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fresh_model_and_guide
+from conftest import fresh_model_and_guide, kill_when
 from pyro_bbt.data import Task, load_task
 from pyro_bbt.ewc import MLP
 from pyro_bbt.uncertainty import (
@@ -316,11 +316,7 @@ def test_a_study_killed_mid_run_resumes_to_the_same_rows(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([sys.executable, str(script), str(whole)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     process = subprocess.Popen([sys.executable, str(script), str(killed)], env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline and not list((killed / "units").glob("*.json")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(process, lambda: any((killed / "units").glob("*.json")))
     kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
     assert kept and not (killed / "rows.json").exists(), "the run finished before it could be killed"
     subprocess.run([sys.executable, str(script), str(killed)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
