@@ -29,10 +29,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .executors import Executor, Job, JobResult, SerialExecutor
+from .executors import Executor, Job, JobResult, SerialExecutor, check_positive_int, make_executor
 from .runstore import RunStore
 
-__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "run_units"]
+__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "run_units", "run_study_units"]
 
 
 @dataclass
@@ -175,3 +175,31 @@ def run_units(
     finally:
         bar.close()
     return done
+
+
+def run_study_units(
+    units: Sequence[Unit],
+    what: str,
+    executor: Executor | None = None,
+    workers: int = 1,
+    store: RunStore | None = None,
+    on_finish: Callable[[Unit, UnitOutcome], None] | None = None,
+    progress: bool = False,
+) -> dict[str, UnitOutcome]:
+    """A study's plan: :func:`run_units` on ``executor``, or by default on ``workers`` worker
+    processes (this process when 1; one torch thread per unit either way, so the outcomes do not
+    depend on it), closed afterwards; with ``store`` every finished unit is kept and a rerun on
+    it resumes. A failed unit raises ``RuntimeError`` naming every failure (``what``: the
+    study, in that message and on the progress bar)."""
+    check_positive_int("workers", workers)
+    own = executor is None
+    executor = executor or make_executor("processes" if workers > 1 else "serial", workers)
+    try:
+        outcomes = run_units(units, executor, store, on_finish=on_finish, progress=progress, description=f"{what} units")
+    finally:
+        if own:
+            executor.close()
+    failed = [f"{key}: {o.record.get('error', '')}" for key, o in outcomes.items() if o.failed]
+    if failed:
+        raise RuntimeError(f"units of the {what} failed: " + "; ".join(failed))
+    return outcomes

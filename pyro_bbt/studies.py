@@ -20,6 +20,15 @@
                                           ``uncertainty.md`` (:mod:`pyro_bbt.uncertainty_study`)
 
 Each writes ``<study>.json`` (all numbers) next to its figure or table in ``--out``.
+
+Every study but ``tradeoff`` runs through the study engine (:mod:`pyro_bbt.engine`): a plan of
+units, one per row (guide, schedule, variant or predictor, and seed; the ablation's q_A one per
+seed, which its variants need), on ``--workers N`` processes or in this process, kept in
+``--out`` as they finish (``config.json``, ``units/``, ``stages/``, ``checkpoints/``: a
+:class:`~pyro_bbt.runstore.RunStore`), so ``--resume`` continues a killed run and reads its
+finished units back. ``<study>.json`` holds no wall-clock field, so it is the same bytes whatever
+the executor and however often the run was resumed; the rows' seconds are in ``timing.json``.
+One ``--out`` holds one such study's run.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import Task, load_task
+from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, run_study_units
 from .evaluation import evaluate
+from .executors import Executor
 from .experiment import PRESETS as EXPERIMENT_PRESETS
 from .experiment import ExperimentConfig
 from .fitting import FitRecipe, broaden, fit_posterior
@@ -50,7 +62,8 @@ from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
 from .runstore import ReadOnlyStore, RunStore
 from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
-from .units import FitStorage, fit_task_a, load_task_pair, run_bayesian_b, steps_for
+from .plan import StageSpec, stage_key
+from .units import FitStorage, load_task_pair, run_bayesian_b, run_stage, stage_from_saved, steps_for
 from .uncertainty_study import (
     WARM_STARTS,
     PREDICTORS,
@@ -66,10 +79,13 @@ from .uncertainty_study import (
     row_timing,
     uncertainty_study,
     uncertainty_table,
+    unit_key,
     without_timing,
 )
 
-__all__ = ["StudyConfig", "compare_guides", "guides_table", "compare_schedules", "ablation", "build_parser", "main"]
+__all__ = ["StudyConfig", "compare_guides", "guide_unit", "warm_guide_unit", "guides_table", "compare_schedules", "schedule_unit",
+           "compare_convergence", "convergence_unit", "ablation", "ablation_stage_unit", "ablation_unit", "split_timing",
+           "study_description", "row_key", "build_parser", "main"]
 
 STUDIES = ("guides", "schedules", "ablation", "convergence", "tradeoff", "uncertainty")
 
@@ -132,65 +148,119 @@ def _recipe(config: StudyConfig) -> UncertaintyConfig:
 
 
 def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield", kl_schedule: str | None = None,
-                        start: dict | None = None, posteriors: dict | None = None) -> dict:
+                        start: dict | None = None, keep_posterior: bool = False) -> tuple[dict, dict | None]:
     """One fit on task A by q_A's recipe, judged by the stopping rule, scored on A's test set;
-    started at the posterior ``start`` if given. With ``posteriors``, the fitted posterior
-    (:func:`~pyro_bbt.guides.posterior_loc_scale`) is stored there under ``seed``."""
+    started at the posterior ``start`` if given. Returns the row and, with ``keep_posterior``,
+    the fitted posterior (:func:`~pyro_bbt.guides.posterior_loc_scale`; else ``None``)."""
     train_split, _, test = _task_a(config, seed)
     model, q, convergence, history = fit_guide(_recipe(config), guide, train_split, seed, kl_schedule=kl_schedule, start=start)
     metrics = evaluate(model, q, test.x, test.y, num_samples=config.eval_samples)
-    if posteriors is not None:
-        posteriors[seed] = posterior_loc_scale(q, model)
+    posterior = posterior_loc_scale(q, model) if keep_posterior else None
     return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e["seconds"] for e in history),
             "fit_seconds": sum(e["seconds"] for e in history), "epochs": convergence["epochs"], "converged": convergence["converged"],
-            "convergence": convergence, "history": history}
+            "convergence": convergence, "history": history}, posterior
 
 
-def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print) -> list[dict]:
-    """Every guide fitted on task A by q_A's recipe to convergence (or the cap), per seed. The
-    guides of :data:`~pyro_bbt.guides.WARM_GUIDES` start at the same seed's fitted ``meanfield``
-    posterior, as in the uncertainty study
-    (:attr:`~pyro_bbt.uncertainty_study.UncertaintyConfig.warm_start`); that fit is the
-    ``meanfield`` row's when it has one, else it is made for them. ``started_from`` records it as
-    the uncertainty study does, and such a fit counts as converged only when that one did too."""
-    rows = []
-    posteriors: dict[int, dict] = {}
-    meanfield: dict[int, dict] = {}  # seed -> its meanfield row, fitted once whichever guide needs it first
-    warm = _recipe(config).warm_start == "meanfield"
+def row_outcome(row: dict, state: dict | None = None) -> UnitOutcome:
+    """A side study's unit outcome: its one ``row`` in the record, and ``state`` for the units
+    that need it."""
+    return UnitOutcome({"status": "ok", "row": row}, state)
 
-    def meanfield_row(seed: int) -> dict:
-        if seed not in meanfield:
-            meanfield[seed] = _fit_to_convergence(config, seed, guide="meanfield", posteriors=posteriors)
-        return meanfield[seed]
 
-    for guide, seed in itertools.product(guides, config.seeds):
-        started_from = None
-        if guide == "meanfield":
-            row = dict(meanfield_row(seed))
-        elif warm and guide in WARM_GUIDES:
-            start = meanfield_row(seed)
-            started_from = {"guide": "meanfield", "epochs": start["epochs"], "converged": start["converged"], "fit_seconds": start["fit_seconds"]}
-            row = _fit_to_convergence(config, seed, guide=guide, start=posteriors[seed])
-            row["converged"] = row["converged"] and start["converged"]
-        else:
-            row = _fit_to_convergence(config, seed, guide=guide)
-        rows.append({"guide": guide, **row, "started_from": started_from})
-        r = rows[-1]
-        log(f"guide {guide:>9} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
+def guide_unit(config: StudyConfig, guide: str, seed: int, keep_posterior: bool, checkpoint: dict | None = None,
+               on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The guides study's row of ``guide`` and ``seed``: the guide fitted afresh on task A by
+    q_A's recipe to convergence (or the cap), judged by the stopping rule, scored on A's test
+    set. With ``keep_posterior`` (the seed's ``meanfield`` unit, when guides start from it) its
+    state is the fitted posterior and the ``started_from`` that those guides record. Its fit keeps
+    no epoch checkpoints: a unit killed mid-fit runs again from its start on resume (the units
+    finished before the kill are read back)."""
+    row, posterior = _fit_to_convergence(config, seed, guide=guide, keep_posterior=keep_posterior)
+    state = None
+    if keep_posterior:
+        state = {"posterior": posterior,
+                 "started_from": {"guide": guide, "epochs": row["epochs"], "converged": row["converged"], "fit_seconds": row["fit_seconds"]}}
+    return row_outcome({"guide": guide, **row, "started_from": None}, state)
+
+
+def warm_guide_unit(config: StudyConfig, guide: str, seed: int, start: dict, checkpoint: dict | None = None,
+                    on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The guides study's row of a guide of :data:`~pyro_bbt.guides.WARM_GUIDES` and ``seed``:
+    fitted on task A by q_A's recipe from the seed's fitted ``meanfield`` posterior (``start``,
+    the state of that seed's :func:`guide_unit`), as in the uncertainty study; the row records
+    that start (``started_from``) and counts as converged only when that fit did too. No epoch
+    checkpoints, as :func:`guide_unit`."""
+    row, _ = _fit_to_convergence(config, seed, guide=guide, start=start["posterior"])
+    row["converged"] = row["converged"] and start["started_from"]["converged"]
+    return row_outcome({"guide": guide, **row, "started_from": start["started_from"]})
+
+
+def schedule_unit(config: StudyConfig, schedule: str, seed: int, checkpoint: dict | None = None,
+                  on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The schedules study's row of ``schedule`` and ``seed``: ``meanfield`` fitted afresh on task
+    A by q_A's recipe under that KL schedule, judged by the stopping rule, scored on A's test set.
+    No epoch checkpoints, as :func:`guide_unit`."""
+    row, _ = _fit_to_convergence(config, seed, kl_schedule=schedule)
+    return row_outcome({"kl_schedule": schedule, **row})
+
+
+def log_rows(line: Callable[[dict], str], log: Callable[[str], None]) -> Callable[[Unit, UnitOutcome], None]:
+    """The engine's ``on_finish`` for a side study: ``log(line(row))`` as each unit with a row
+    finishes, and a line for each that failed."""
+    def on_finish(unit: Unit, outcome: UnitOutcome) -> None:
+        if "row" in outcome.record:
+            log(line(outcome.record["row"]))
+        elif outcome.failed:
+            log(f"{unit.key} failed: {outcome.record.get('error', '')}")
+    return on_finish
+
+
+def _guide_line(r: dict) -> str:
+    start = r["started_from"]
+    return (f"guide {r['guide']:>9} seed {r['seed']}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
             f"{r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'}), {r['seconds_per_epoch']:.1f} s/epoch"
-            + ("" if started_from is None else f", from {started_from['guide']}"))
-    return rows
+            + ("" if start is None else f", from {start['guide']}"))
 
 
-def compare_schedules(config: StudyConfig, schedules: tuple[str, ...] = KL_SCHEDULES, log=print) -> list[dict]:
-    """``meanfield`` fitted on task A by q_A's recipe under every KL schedule, per seed."""
-    rows = []
-    for schedule, seed in itertools.product(schedules, config.seeds):
-        rows.append({"kl_schedule": schedule, **_fit_to_convergence(config, seed, kl_schedule=schedule)})
-        r = rows[-1]
-        log(f"schedule {schedule:>8} seed {seed}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
+def compare_guides(config: StudyConfig, guides: tuple[str, ...] = GUIDES, log=print, workers: int = 1, executor: Executor | None = None,
+                   store: RunStore | None = None) -> list[dict]:
+    """Every guide fitted on task A by q_A's recipe to convergence (or the cap), per seed, guides
+    outer. The guides of :data:`~pyro_bbt.guides.WARM_GUIDES` start at the same seed's fitted
+    ``meanfield`` posterior, as in the uncertainty study
+    (:attr:`~pyro_bbt.uncertainty_study.UncertaintyConfig.warm_start`); that fit is the
+    ``meanfield`` row's (made for them when no such row is asked for). ``started_from`` records
+    it as the uncertainty study does, and such a fit counts as converged only when that one did
+    too. One unit per guide and seed (:func:`guide_unit`, :func:`warm_guide_unit`), run by
+    :func:`~pyro_bbt.engine.run_study_units` on ``executor`` (default: ``workers`` processes,
+    or this process) and kept in ``store``."""
+    warm = _recipe(config).warm_start == "meanfield"
+    starts = warm and any(g in WARM_GUIDES for g in guides)
+    units = [Unit(unit_key(("meanfield", seed)), guide_unit, (config, "meanfield", seed, True)) for seed in config.seeds] if starts else []
+    for guide, seed in itertools.product(guides, config.seeds):
+        if guide == "meanfield" and starts:
+            continue
+        if warm and guide in WARM_GUIDES:
+            units.append(Unit(unit_key((guide, seed)), warm_guide_unit, (config, guide, seed), needs=(unit_key(("meanfield", seed)),)))
+        else:
+            units.append(Unit(unit_key((guide, seed)), guide_unit, (config, guide, seed, False)))
+    outcomes = run_study_units(units, "guides study", executor, workers, store, on_finish=log_rows(_guide_line, log))
+    return [outcomes[unit_key((guide, seed))].record["row"] for guide, seed in itertools.product(guides, config.seeds)]
+
+
+def _schedule_line(r: dict) -> str:
+    return (f"schedule {r['kl_schedule']:>8} seed {r['seed']}: accuracy {r['accuracy']:.4f}, NLL {r['nll']:.4f}, ECE {r['ece']:.4f}, "
             f"ELBO {r['history'][-1]['elbo']:.4g} after {r['epochs']} epochs ({'converged' if r['converged'] else 'NOT converged'})")
-    return rows
+
+
+def compare_schedules(config: StudyConfig, schedules: tuple[str, ...] = KL_SCHEDULES, log=print, workers: int = 1,
+                      executor: Executor | None = None, store: RunStore | None = None) -> list[dict]:
+    """``meanfield`` fitted on task A by q_A's recipe under every KL schedule, per seed, schedules
+    outer: one unit per schedule and seed (:func:`schedule_unit`), run as in
+    :func:`compare_guides`."""
+    plan = list(itertools.product(schedules, config.seeds))
+    units = [Unit(unit_key((schedule, seed)), schedule_unit, (config, schedule, seed)) for schedule, seed in plan]
+    outcomes = run_study_units(units, "schedules study", executor, workers, store, on_finish=log_rows(_schedule_line, log))
+    return [outcomes[unit.key].record["row"] for unit in units]
 
 
 @dataclass(frozen=True)
@@ -228,32 +298,44 @@ CONVERGENCE_VARIANTS = [
 VARIANT_KEYS = tuple(v.key for v in CONVERGENCE_VARIANTS)
 
 
-def compare_convergence(config: StudyConfig, rule: StoppingRule | None = None, variants=CONVERGENCE_VARIANTS, log=print) -> list[dict]:
-    """Fit q_A under each variant by ``rule`` (its learning-rate drops, their factor and the cap
-    set by the variant) for at most ``config.max_epochs``, else ``variant.max_epochs``, else
-    ``config.epochs`` epochs; per
-    epoch record the ELBO, the cumulative wall time of the optimisation steps, the median sigma
-    per weight site and the uninformed-weight sigma ratio; ``rule_epoch`` is where the rule
-    stopped the fit (``None``: it never held)."""
-    rule = rule or ExperimentConfig().stopping_rule
-    rows = []
-    for variant, seed in itertools.product(variants, config.seeds):
-        ratios: list[float | None] = []
-        cap = config.max_epochs or variant.max_epochs or config.epochs
-        variant_rule = replace(rule, max_epochs=cap, min_epochs=min(rule.min_epochs, cap), lr_drops=variant.lr_drops, lr_factor=variant.lr_factor)
-        history, metrics = _fit_on_a(config, seed, kl_schedule=variant.kl_schedule, lr=variant.lr, scale_lr=variant.scale_lr, stopping=variant_rule,
-                                     batch_size=variant.batch_size,
-                                     on_epoch=lambda model, q, data, _: ratios.append(uninformed_scale_ratio(q, model, data.x)))
-        records = history
-        converged = assess_convergence(records, variant_rule).converged
-        rows.append({"variant": variant.name, **asdict(variant), "seed": seed,
-                     **metrics.to_dict(), "rule_epoch": len(records) if converged else None, "uninformed_scale_ratio": ratios,
-                     "wall": list(itertools.accumulate(e["seconds"] for e in records)), "history": records})
-        final = records[-1]
-        log(f"{variant.name:>42} seed {seed}: ELBO {final['elbo']:.4g} after {len(records)} epochs ({rows[-1]['wall'][-1]:.0f} s), "
+def convergence_unit(config: StudyConfig, rule: StoppingRule, variant: FitVariant, seed: int, checkpoint: dict | None = None,
+                     on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The convergence study's row of ``variant`` and ``seed``: q_A fitted on task A under the
+    variant by ``rule`` (its learning-rate drops, their factor and the cap set by the variant)
+    for at most ``config.max_epochs``, else ``variant.max_epochs``, else ``config.epochs``
+    epochs; per epoch the ELBO, the cumulative wall time of the optimisation steps (``wall``),
+    the median sigma per weight site and the uninformed-weight sigma ratio; ``rule_epoch`` is
+    where the rule stopped the fit (``None``: it never held); A's test metrics. No epoch
+    checkpoints, as :func:`guide_unit`."""
+    ratios: list[float | None] = []
+    cap = config.max_epochs or variant.max_epochs or config.epochs
+    variant_rule = replace(rule, max_epochs=cap, min_epochs=min(rule.min_epochs, cap), lr_drops=variant.lr_drops, lr_factor=variant.lr_factor)
+    history, metrics = _fit_on_a(config, seed, kl_schedule=variant.kl_schedule, lr=variant.lr, scale_lr=variant.scale_lr, stopping=variant_rule,
+                                 batch_size=variant.batch_size,
+                                 on_epoch=lambda model, q, data, _: ratios.append(uninformed_scale_ratio(q, model, data.x)))
+    converged = assess_convergence(history, variant_rule).converged
+    return row_outcome({"variant": variant.name, **asdict(variant), "seed": seed, **metrics.to_dict(),
+                        "rule_epoch": len(history) if converged else None, "uninformed_scale_ratio": ratios,
+                        "wall": list(itertools.accumulate(e["seconds"] for e in history)), "history": history})
+
+
+def _convergence_line(r: dict) -> str:
+    final = r["history"][-1]
+    return (f"{r['variant']:>42} seed {r['seed']}: ELBO {final['elbo']:.4g} after {len(r['history'])} epochs ({r['wall'][-1]:.0f} s), "
             f"median sigma {', '.join(f'{v:.3f}' for v in final['median_scale'].values())}, "
-            f"uninformed ratio {ratios[-1]}, rule stopped it at epoch {rows[-1]['rule_epoch']}, test accuracy {metrics.accuracy:.4f}")
-    return rows
+            f"uninformed ratio {r['uninformed_scale_ratio'][-1]}, rule stopped it at epoch {r['rule_epoch']}, test accuracy {r['accuracy']:.4f}")
+
+
+def compare_convergence(config: StudyConfig, rule: StoppingRule | None = None, variants=CONVERGENCE_VARIANTS, log=print, workers: int = 1,
+                        executor: Executor | None = None, store: RunStore | None = None) -> list[dict]:
+    """Fit q_A under each variant by ``rule`` (default: the experiment's stopping rule), per seed,
+    variants outer: one unit per variant and seed (:func:`convergence_unit`), run as in
+    :func:`compare_guides`."""
+    rule = rule or ExperimentConfig().stopping_rule
+    units = [Unit(unit_key((variant.key, seed)), convergence_unit, (config, rule, variant, seed))
+             for variant, seed in itertools.product(variants, config.seeds)]
+    outcomes = run_study_units(units, "convergence study", executor, workers, store, on_finish=log_rows(_convergence_line, log))
+    return [outcomes[unit.key].record["row"] for unit in units]
 
 
 def convergence_table(rows: list[dict], checkpoints: tuple[float, ...] = (60, 120, 300, 600)) -> str:
@@ -326,31 +408,87 @@ def ablation_base(config: StudyConfig) -> ExperimentConfig:
                                                                   min_steps=config.min_steps, epochs=config.epochs) | cap)
 
 
-def ablation(config: StudyConfig, log=print, reuse: Path | None = None) -> list[dict]:
+def ablation_key(variant: tuple, seed: int) -> str:
+    """The engine's key of a variant of :data:`ABLATION_VARIANTS` and ``seed``, e.g.
+    ``transfer-fresh-tau10-lr1e-05-s0`` or ``scratch-lr0.001-s0``."""
+    _, method, q_init, tau, lr = variant
+    what = method if method == "scratch" else f"{method}-{q_init}-tau{tau:g}"
+    return f"{what}-lr{lr:g}-s{seed}"
+
+
+def ablation_stage_unit(base: ExperimentConfig, seed: int, saved: dict | None, checkpoint: dict | None = None,
+                        on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The ablation's task A for ``seed``: q_A fitted by ``base``'s recipe
+    (:func:`~pyro_bbt.units.run_stage`, which keeps a checkpoint after every epoch, so a resume
+    continues a fit killed midway), or rebuilt from ``saved`` (the stage of a finished transfer
+    run, ``--reuse``). Its state is the stage that every variant of the seed starts from; its
+    record, q_A's test metrics and verdict."""
+    outcome = run_stage(base, StageSpec(seed, "bayesian", 0), saved, checkpoint, on_checkpoint)
+    if outcome.error:
+        return failed_outcome(outcome.error)
+    state = outcome.state if outcome.state is not None else saved
+    return UnitOutcome({"status": "ok", "seed": seed, "a_test": outcome.entry["a_test"], "convergence": outcome.entry["convergence"]}, state)
+
+
+def ablation_unit(base: ExperimentConfig, variant: tuple, seed: int, fraction: float, key: str, stage: dict,
+                  checkpoint: dict | None = None, on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """The ablation's row of ``variant`` (of :data:`ABLATION_VARIANTS`) and ``seed``: B at
+    ``fraction`` of its data fitted by the variant's method, start of q_B, prior broadening tau
+    and learning rate (a rate other than ``base``'s applies to the widths too; the original used
+    one rate for both) after the seed's q_A (``stage``, the state of :func:`ablation_stage_unit`),
+    with ``base``'s step budget; B's fit keeps a checkpoint under ``key`` after every epoch. The
+    row: B's test accuracy, A's before and after B, q_A's verdict, the fit's seconds."""
+    name, method, q_init, tau, lr = variant
+    tasks = load_task_pair(base, fraction, seed)
+    steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
+    config = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
+    stage_a = stage_from_saved(stage)
+    start = time.perf_counter()
+    outcome = run_bayesian_b(config, method, tasks, replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau)), steps, seed,
+                             FitStorage(UnitCheckpoints(checkpoint, on_checkpoint)), key)
+    return row_outcome({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
+                        "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
+                        "a_test_before_accuracy": stage_a.a_test.accuracy, "q_a_convergence": stage_a.convergence,
+                        "seconds": time.perf_counter() - start})
+
+
+def reused_stages(base: ExperimentConfig, run_dir: Path, seeds: tuple[int, ...]) -> dict[int, dict | None]:
+    """Per seed, the q_A stage of the finished ``python -m pyro_bbt.transfer`` run in ``run_dir``
+    (``None`` where it has none); ``ValueError`` naming the differences when that run's
+    configuration is not ``base``."""
+    store = ReadOnlyStore(run_dir, base.to_dict())
+    return {seed: store.stage(stage_key("bayesian", seed)) for seed in seeds}
+
+
+def _ablation_line(key: str, record: dict) -> str:
+    if record.get("status") != "ok":
+        return f"{key} failed: {record.get('error', '')}"
+    if "row" not in record:  # a seed's q_A
+        verdict = record["convergence"]
+        return f"seed {record['seed']}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}"
+    r = record["row"]
+    return f"{r['variant']:>62} seed {r['seed']}: B {r['b_test_accuracy']:.4f}, A after B {r['a_test_after_accuracy']:.4f}"
+
+
+def ablation(config: StudyConfig, log=print, reuse: Path | None = None, workers: int = 1, executor: Executor | None = None,
+             store: RunStore | None = None) -> list[dict]:
     """Transfer on B at ``config.ablation_fraction`` under the variants of
-    :data:`ABLATION_VARIANTS`, shared head; task A is fitted once per seed (or read from the
-    finished run ``reuse`` of the same configuration) and shared by every variant, the step
-    budget is the same. A variant's learning rate other than the base's applies to the widths
-    too (the original used one rate for both)."""
+    :data:`ABLATION_VARIANTS`, shared head, per seed, variants inner; task A is fitted once per
+    seed (or read from the finished run ``reuse`` of the same configuration) and shared by every
+    variant, the step budget is the same. Per seed one unit for q_A
+    (:func:`ablation_stage_unit`) and one per variant that needs it (:func:`ablation_unit`), run
+    as in :func:`compare_guides`."""
     base = ablation_base(config)
-    run = FitStorage(ReadOnlyStore(reuse, base.to_dict())) if reuse is not None else FitStorage()
-    rows = []
+    saved = reused_stages(base, reuse, config.seeds) if reuse is not None else {}
+    units = []
     for seed in config.seeds:
-        stage_a = fit_task_a(base, load_task_pair(base, 1.0, seed), seed, run)
-        verdict = stage_a.convergence
-        log(f"seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
-        tasks = load_task_pair(base, config.ablation_fraction, seed)
-        steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
-        for name, method, q_init, tau, lr in ABLATION_VARIANTS:
-            variant = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
-            stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau))
-            start = time.perf_counter()
-            outcome = run_bayesian_b(variant, method, tasks, stage, steps, seed)
-            rows.append({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
-                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
-                         "a_test_before_accuracy": stage_a.a_test.accuracy, "q_a_convergence": verdict, "seconds": time.perf_counter() - start})
-            log(f"{name:>62} seed {seed}: B {rows[-1]['b_test_accuracy']:.4f}, A after B {rows[-1]['a_test_after_accuracy']:.4f}")
-    return rows
+        stage = stage_key("bayesian", seed)
+        units.append(Unit(stage, ablation_stage_unit, (base, seed, saved.get(seed))))
+        units += [Unit(ablation_key(v, seed), ablation_unit, (base, v, seed, config.ablation_fraction, ablation_key(v, seed)), needs=(stage,))
+                  for v in ABLATION_VARIANTS]
+    outcomes = run_study_units(units, "ablation study", executor, workers, store,
+                               on_finish=lambda unit, outcome: log(_ablation_line(unit.key, outcome.record)))
+    return [outcomes[unit.key].record["row"] for unit in units if unit.fn is ablation_unit]
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -424,18 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.studies", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=STUDIES)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--out", type=Path, default=Path("runs/studies"))
+    parser.add_argument("--out", type=Path, help="the study's folder (its store, results and figures; one study per folder); default runs/studies/STUDY")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true",
-                        help="uncertainty only: continue the run in --out (same configuration): its finished units (in --out/units) are "
-                             "read back, the others run")
+                        help="guides, schedules, convergence, ablation and uncertainty: continue the run in --out (same configuration): "
+                             "its finished units (in --out/units) are read back, the others run; the results file is the same bytes "
+                             "as an uninterrupted run's")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="tradeoff and ablation: finished python -m pyro_bbt.transfer runs (tradeoff: one per head; ablation: the "
                              "shared head's) of the preset's configuration, whose fitted q_A (and EWC nets) are read instead of fitted again; "
                              "uncertainty: earlier uncertainty outputs of the same configuration, whose predictors' rows are taken as they are "
                              "(only the other predictors are fitted)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="uncertainty only: run its units (one per guide and seed, one per seed for the nets) in N processes")
+                        help="guides, schedules, convergence, ablation and uncertainty: run the study's units (one per row: guide, "
+                             "schedule, variant or predictor and seed; the ablation's q_A one per seed) in N processes; same results")
     parser.add_argument("--predictors", type=_predictor_names, default=None, metavar="NAME,NAME",
                         help=f"uncertainty only: the guides and baselines to fit and score (default all: {', '.join(PREDICTORS)})")
     parser.add_argument("--warm-start", choices=WARM_STARTS, default=None,
@@ -473,72 +613,160 @@ def _reuse_by_head(dirs: list[Path]) -> dict[str, Path]:
     return by_head
 
 
+ENGINE_STUDIES = ("guides", "schedules", "ablation", "convergence", "uncertainty")  # they run through the study engine (--resume, --workers)
 STUDY_PROGRESS = ("units", "stages", "checkpoints")  # the study engine's store under --out (RunStore)
+
+
+def split_timing(row: dict) -> tuple[dict, dict]:
+    """A side study's ``row`` without its wall-clock fields, and those fields (for
+    ``timing.json``): ``fit_seconds``, ``seconds_per_epoch`` and ``started_from``'s
+    ``fit_seconds`` (as :func:`~pyro_bbt.uncertainty_study.row_timing`), the ablation's
+    ``seconds``, the convergence study's ``wall``, and every epoch's ``seconds`` of ``history``
+    (as ``epoch_seconds``)."""
+    clean, timing = without_timing(row), row_timing(row)
+    for key in ("seconds", "wall"):
+        if key in clean:
+            timing[key] = clean.pop(key)
+    if "history" in clean:
+        timing["epoch_seconds"] = [e["seconds"] for e in clean["history"]]
+        clean["history"] = [{k: v for k, v in e.items() if k != "seconds"} for e in clean["history"]]
+    return clean, timing
+
+
+def row_key(study: str, row: dict) -> str:
+    """The key of the unit that made a side study's ``row`` (its name in ``units/`` and in
+    ``timing.json``)."""
+    if study == "ablation":
+        return ablation_key((row["variant"], row["method"], row["q_init"], row["tau"], row["lr"]), row["seed"])
+    return unit_key((row[{"guides": "guide", "schedules": "kl_schedule", "convergence": "key"}[study]], row["seed"]))
+
+
+def study_description(study: str, config: StudyConfig, variants: tuple[str, ...] = VARIANT_KEYS) -> dict:
+    """What a side study run through the engine records in ``config.json`` and its results, and
+    what its store's hash covers: the study, its settings, and the recipe they imply (q_A's
+    fitting recipe for guides and schedules; the stopping rule and the chosen ``variants`` for
+    convergence; the transfer configuration for the ablation), so a resume after the code's
+    defaults changed is refused."""
+    if study in ("guides", "schedules"):
+        recipe = _recipe(config)
+        fitting = config_to_dict(recipe)["fitting"]
+        recipe = {"fitting": fitting, "flow_lr": recipe.flow_lr, "warm_start": recipe.warm_start}
+    elif study == "convergence":
+        recipe = {"rule": asdict(ExperimentConfig().stopping_rule), "variants": [asdict(v) for v in CONVERGENCE_VARIANTS if v.key in variants]}
+    else:
+        recipe = {"experiment": ablation_base(config).to_dict()}
+    return json.loads(json.dumps({"study": study, "config": asdict(config), "recipe": recipe}))
 
 
 def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool) -> None:
     """``--out`` for a study that runs through the engine: with ``resume``, it must hold a run of
     ``description`` (its ``config.json``); otherwise an unfinished run there needs ``overwrite``,
-    which removes it. ``ValueError`` with one line otherwise."""
-    if resume:
-        path = out / "config.json"
-        try:
-            saved = json.loads(path.read_text())
-        except FileNotFoundError:
+    which removes it, and one of another study is never removed (its store would mix with this
+    one's: choose another ``--out``). ``ValueError`` with one line otherwise."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        if resume:
             raise ValueError(f"--resume: {out} holds no run to resume (no config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        saved = {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if resume:
             raise ValueError(f"--resume: {path} is damaged ({type(error).__name__}: {error}); rerun with --overwrite") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"--resume: {path} is damaged (not a JSON object); rerun with --overwrite")
-        saved.pop("preset", None)
+        saved = {}
+    if resume and not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} is damaged (not a JSON object); rerun with --overwrite")
+    other = saved.get("study") if isinstance(saved, dict) else None
+    unfinished = [name for name in STUDY_PROGRESS if (out / name).exists()]
+    if other not in (None, description["study"]) and (resume or unfinished):
+        raise ValueError(f"{out} holds a run of the {other} study ({', '.join(['config.json', *unfinished])}); give the {description['study']} study "
+                         "another --out")
+    if resume:
+        saved = {k: v for k, v in saved.items() if k != "preset"}
         if saved != description:
             keys = sorted(k for k in set(saved.get("config", {})) | set(description["config"])
                           if saved.get("config", {}).get(k) != description["config"].get(k))
             what = f"config: {', '.join(keys)}" if keys else ", ".join(k for k in sorted(set(saved) | set(description)) if saved.get(k) != description.get(k))
             raise ValueError(f"--resume: the run in {out} has another configuration ({what})")
         return
-    unfinished = [name for name in STUDY_PROGRESS if (out / name).exists()]
     if unfinished and not overwrite:
         raise ValueError(f"{out} holds an unfinished run ({', '.join(unfinished)}); pass --resume to continue it or --overwrite to start afresh")
     for name in unfinished:
         shutil.rmtree(out / name)
 
 
+def _open_store(args: argparse.Namespace, description: dict) -> RunStore:
+    """The engine's store of the study in ``args.out``, after :func:`_prepare_study_dir`; a new
+    run's ``config.json`` is written first."""
+    _prepare_study_dir(args.out, description, args.resume, args.overwrite)
+    if not args.resume:
+        atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
+    return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+
+
+def _write_results(args: argparse.Namespace, results: dict, timing: dict[str, dict], start: float) -> None:
+    """``<study>.json`` (``results``: the same bytes whatever the executor and however often the
+    run was resumed) and ``timing.json`` (every row's wall-clock fields, ``timing``, by row)."""
+    atomic_write_json(args.out / "timing.json", {"rows": timing, "wall_clock": time.perf_counter() - start, "workers": args.workers})
+    atomic_write_json(args.out / f"{args.study}.json", results)
+    print(f"done in {time.perf_counter() - start:.0f} s: {args.out / f'{args.study}.json'}")
+
+
+def _run_side_study(args: argparse.Namespace, config: StudyConfig, store: RunStore, reuse: Path | None) -> list[dict]:
+    """The rows of the side study ``args.study`` (guides, schedules, convergence or ablation), and
+    its figures and tables in ``args.out``."""
+    run = dict(workers=args.workers, store=store)
+    if args.study == "guides":
+        rows = compare_guides(config, **run)
+        plot_guides(rows, args.out / "guides.png")
+        atomic_write_text(args.out / "guides.md", guides_table(rows))
+    elif args.study == "schedules":
+        rows = compare_schedules(config, **run)
+        plot_schedules(rows, args.out / "comparing_beta.png")
+    elif args.study == "convergence":
+        rows = compare_convergence(config, variants=[v for v in CONVERGENCE_VARIANTS if v.key in args.variants], **run)
+        plot_convergence(rows, args.out / "convergence.png")
+        atomic_write_text(args.out / "convergence.md", convergence_table(rows))
+    else:
+        rows = ablation(config, reuse=reuse, **run)
+        atomic_write_text(args.out / "ablation.md", ablation_table(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs/studies") / args.study
     target = args.out / f"{args.study}.json"
+
+    def usage(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
     if args.resume and args.overwrite:
-        print(f"{parser.prog}: error: --overwrite and --resume contradict each other; pass one", file=sys.stderr)
-        return 2
-    if args.resume and args.study != "uncertainty":
-        print(f"{parser.prog}: error: --resume applies to the uncertainty study only (the other studies do not run through the engine yet)",
-              file=sys.stderr)
-        return 2
+        return usage("--overwrite and --resume contradict each other; pass one")
+    if (args.resume or args.workers != 1) and args.study not in ENGINE_STUDIES:
+        return usage(f"--resume and --workers apply to the {', '.join(ENGINE_STUDIES)} studies only (the {args.study} study does not run "
+                     "through the engine yet)")
     if target.exists() and not args.overwrite and not args.resume:
-        print(f"{parser.prog}: error: {target} exists; pass --overwrite or choose another --out", file=sys.stderr)
-        return 2
+        return usage(f"{target} exists; pass --overwrite or choose another --out")
     start = time.perf_counter()
     if args.variants != VARIANT_KEYS and args.study != "convergence":
-        print(f"{parser.prog}: error: --variants applies to the convergence study only", file=sys.stderr)
-        return 2
+        return usage("--variants applies to the convergence study only")
     if args.reuse and args.study not in ("tradeoff", "ablation", "uncertainty"):
-        print(f"{parser.prog}: error: --reuse applies to the tradeoff, ablation and uncertainty studies only", file=sys.stderr)
-        return 2
-    if (args.workers != 1 or args.predictors is not None or args.warm_start is not None) and args.study != "uncertainty":
-        print(f"{parser.prog}: error: --workers, --predictors and --warm-start apply to the uncertainty study only", file=sys.stderr)
-        return 2
+        return usage("--reuse applies to the tradeoff, ablation and uncertainty studies only")
+    if (args.predictors is not None or args.warm_start is not None) and args.study != "uncertainty":
+        return usage("--predictors and --warm-start apply to the uncertainty study only")
     if args.workers < 1:
-        print(f"{parser.prog}: error: --workers must be an integer >= 1, got {args.workers}", file=sys.stderr)
-        return 2
+        return usage(f"--workers must be an integer >= 1, got {args.workers}")
     if args.study == "tradeoff":
         preset = dict(TRADEOFF_PRESETS[args.preset])
         try:
             config = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
             rows = tradeoff(config)
         except ValueError as error:  # a --reuse directory of another configuration, or without config.json
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
-            return 2
+            return usage(str(error))
         plot_tradeoff(rows, args.out / "tradeoff.png")
         atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
         atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config) | {"reuse": {h: str(d) for h, d in (config.reuse or {}).items()}}, "rows": rows,
@@ -551,13 +779,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reused, reused_from = reused_rows(uconfig, args.reuse)
             description = {"study": args.study, "config": json.loads(json.dumps(config_to_dict(uconfig))), "reused": reused_from}
-            _prepare_study_dir(args.out, description, args.resume, args.overwrite)
+            store = _open_store(args, description)
         except ValueError as error:  # a --reuse directory of another configuration, or without uncertainty.json; a --resume that cannot
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
-            return 2
-        if not args.resume:
-            atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
-        store = RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+            return usage(str(error))
         rows = uncertainty_study(uconfig, workers=args.workers, reuse=reused, store=store)
         plot_uncertainty(rows, args.out / "uncertainty.png")
         plot_reliability(rows, args.out / "reliability.png")
@@ -565,40 +789,25 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out / "uncertainty.md", uncertainty_table(rows))
         if any(r["convergence"] is not None for r in rows):
             atomic_write_text(args.out / "guides.md", guides_table(guide_rows(rows)))
-        # uncertainty.json is the same bytes whatever the executor and however often the run was resumed: the wall-clock
-        # fields of every row go to timing.json
-        atomic_write_json(args.out / "timing.json", {"rows": {f"{r['predictor']}-s{r['seed']}": row_timing(r) for r in rows},
-                                                      "wall_clock": time.perf_counter() - start, "workers": args.workers})
-        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": description["config"],
-                                   "rows": [without_timing(r) for r in rows], "reused": reused_from})
-        print(f"done in {time.perf_counter() - start:.0f} s: {target}")
+        _write_results(args, {"study": args.study, "preset": args.preset, "config": description["config"],
+                              "rows": [without_timing(r) for r in rows], "reused": reused_from},
+                       {f"{r['predictor']}-s{r['seed']}": row_timing(r) for r in rows}, start)
         return 0
     config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))
-    if args.study == "guides":
-        rows = compare_guides(config)
-        plot_guides(rows, args.out / "guides.png")
-        atomic_write_text(args.out / "guides.md", guides_table(rows))
-    elif args.study == "schedules":
-        rows = compare_schedules(config)
-        plot_schedules(rows, args.out / "comparing_beta.png")
-    elif args.study == "convergence":
-        rows = compare_convergence(config, variants=[v for v in CONVERGENCE_VARIANTS if v.key in args.variants])
-        plot_convergence(rows, args.out / "convergence.png")
-        atomic_write_text(args.out / "convergence.md", convergence_table(rows))
-    else:
+    description = study_description(args.study, config, args.variants)
+    try:
         reuse = _reuse_by_head(args.reuse) if args.reuse else {}
         if set(reuse) - {"shared"}:
-            print(f"{parser.prog}: error: --reuse for the ablation takes the shared head's run; got heads {', '.join(sorted(reuse))}", file=sys.stderr)
-            return 2
-        try:
-            rows = ablation(config, reuse=reuse.get("shared"))
-        except ValueError as error:  # a --reuse directory of another configuration
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
-            return 2
-        atomic_write_text(args.out / "ablation.md", ablation_table(rows))
-    atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": vars(config) | {"seeds": list(config.seeds)},
-                               "rows": rows, "seconds": time.perf_counter() - start})
-    print(f"done in {time.perf_counter() - start:.0f} s: {target}")
+            raise ValueError(f"--reuse for the ablation takes the shared head's run; got heads {', '.join(sorted(reuse))}")
+        if reuse:  # its configuration must be the ablation's, checked before anything is written
+            reused_stages(ablation_base(config), reuse["shared"], config.seeds)
+        store = _open_store(args, description)
+    except ValueError as error:  # a --reuse directory of another configuration or head, or without config.json; a --resume that cannot
+        return usage(str(error))
+    rows = _run_side_study(args, config, store, reuse.get("shared"))
+    split = [split_timing(r) for r in rows]
+    _write_results(args, {"study": args.study, "preset": args.preset, **description, "rows": [clean for clean, _ in split]},
+                   {row_key(args.study, r): timing for r, (_, timing) in zip(rows, split)}, start)
     return 0
 
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from .data import Task, load_task
-from .engine import Unit, UnitOutcome, run_units
-from .executors import Executor, make_executor
+from .engine import Unit, UnitOutcome, run_study_units
+from .executors import Executor
 from .runstore import RunStore
 from .ewc import MLP, DeterministicTrainConfig, train_deterministic
 from .experiment import ExperimentConfig
@@ -390,7 +390,7 @@ def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, re
                       executor: Executor | None = None, store: RunStore | None = None, progress: bool = False) -> list[dict]:
     """One row per predictor and seed (see the module docstring), seeds outer, predictors in
     ``config.predictors``' order. The units of :func:`plan_units` run through the study engine
-    (:func:`~pyro_bbt.engine.run_units`) on ``executor`` (default: ``workers`` worker processes,
+    (:func:`~pyro_bbt.engine.run_study_units`) on ``executor`` (default: ``workers`` worker processes,
     or this process when 1; one torch thread per unit either way, so the rows do not depend on
     the executor); with ``store`` every finished unit is kept and a rerun on it resumes.
     ``reuse``: rows of earlier runs of the same configuration (:func:`reused_rows`); their
@@ -402,17 +402,8 @@ def uncertainty_study(config: UncertaintyConfig, log=print, workers: int = 1, re
     missing = tuple(p for p in config.predictors if p not in done)
     plan = plan_units(replace(config, predictors=missing)) if missing else []
     units = [Unit(unit_key(unit), uncertainty_unit, (replace(config, predictors=missing), unit)) for unit in plan]
-    own = executor is None
-    executor = executor or make_executor("processes" if workers > 1 else "serial", workers)
-    try:
-        outcomes = run_units(units, executor, store, on_finish=lambda unit, outcome: _log_rows(outcome.record.get("rows", []), log),
-                             progress=progress, description="uncertainty units")
-    finally:
-        if own:
-            executor.close()
-    failed = [f"{key}: {o.record.get('error', '')}" for key, o in outcomes.items() if o.failed]
-    if failed:
-        raise RuntimeError("units of the uncertainty study failed: " + "; ".join(failed))
+    outcomes = run_study_units(units, "uncertainty study", executor, workers, store, progress=progress,
+                               on_finish=lambda unit, outcome: _log_rows(outcome.record.get("rows", []), log))
     rows = reuse + [row for unit in units for row in outcomes[unit.key].record["rows"]]
     rank = {p: i for i, p in enumerate(config.predictors)}
     return sorted(rows, key=lambda r: (config.seeds.index(r["seed"]), rank[r["predictor"]]))

@@ -180,6 +180,11 @@ def stage_prior(saved: dict) -> Prior:
     return _StageA.from_saved(saved).prior_from_a
 
 
+def stage_from_saved(saved: dict) -> _StageA:
+    """A q_A stage as :func:`fit_task_a` returns it, from its saved state (``to_saved``)."""
+    return _StageA.from_saved(saved)
+
+
 def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStorage | None = None) -> _StageA:
     run = run or FitStorage()
     key = f"A-bayesian-s{seed}"

@@ -156,9 +156,11 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert main(["guides", "--variants", "old", "--out", str(tmp_path)]) == 2
     assert "--variants applies to the convergence study only" in capsys.readouterr().err
     assert main(["guides", "--predictors", "meanfield", "--out", str(tmp_path)]) == 2
-    assert "--workers, --predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
+    assert "--predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
     assert main(["guides", "--warm-start", "fresh", "--out", str(tmp_path)]) == 2
-    assert "--workers, --predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
+    assert "--predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
+    assert main(["tradeoff", "--workers", "2", "--out", str(tmp_path)]) == 2
+    assert "--resume and --workers apply to the guides, schedules, ablation, convergence, uncertainty studies only" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["uncertainty", "--warm-start", "map"])
     assert exit_info.value.code == 2 and "invalid choice: 'map' (choose from meanfield, fresh)" in capsys.readouterr().err.replace("'meanfield', 'fresh'", "meanfield, fresh")
@@ -182,7 +184,8 @@ def test_uncertainty_resume_refuses_what_it_cannot_continue_with_one_line(tmp_pa
         assert needle in err and err.count("\n") == 0, err
 
     out = tmp_path / "run"
-    refused(["guides", "--resume", "--out", str(out)], "--resume applies to the uncertainty study only")
+    refused(["tradeoff", "--resume", "--out", str(out)], "--resume and --workers apply to the guides, schedules, ablation, convergence, "
+                                                         "uncertainty studies only (the tradeoff study does not run through the engine yet)")
     refused(["uncertainty", "--resume", "--overwrite", "--out", str(out)], "--overwrite and --resume contradict each other")
     refused(["uncertainty", "--resume", "--out", str(out)], f"--resume: {out} holds no run to resume (no config.json)")
     out.mkdir()
@@ -194,6 +197,10 @@ def test_uncertainty_resume_refuses_what_it_cannot_continue_with_one_line(tmp_pa
     (out / "units").mkdir()
     refused(["uncertainty", "--out", str(out)], f"{out} holds an unfinished run (units); pass --resume to continue it or --overwrite")
     assert (out / "units").is_dir()  # nothing removed without --overwrite
+    # another study's run there is never removed: its store would mix with this one's
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        refused(["guides", *flags, "--out", str(out)], f"{out} holds a run of the uncertainty study (config.json, units); give the guides study another --out")
+    assert (out / "units").is_dir()
 
 
 def test_tradeoff_study_shares_q_a_and_budget_across_knobs(tmp_path):

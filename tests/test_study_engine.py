@@ -1,0 +1,139 @@
+"""The side studies (guides, schedules, convergence, ablation) on the study engine: their results
+file is the same bytes after a kill and ``--resume``, and in worker processes; their rows are the
+fits they claim; a resume of another configuration is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import kill_when
+from pyro_bbt.studies import PRESETS, StudyConfig, compare_guides, main, study_description
+
+TINY = dict(epochs=1, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100, min_steps=5, max_epochs=2)
+TIMING = {"seconds", "fit_seconds", "seconds_per_epoch", "wall"}
+
+# The CLI with the quick preset shrunk to TINY (the studies' overrides for quick still apply).
+CLI = f"""import sys
+import pyro_bbt.studies as studies
+if __name__ == "__main__":
+    studies.PRESETS["quick"] = {TINY!r}
+    sys.exit(studies.main(sys.argv[1:]))
+"""
+
+
+def timing_keys(value) -> set[str]:
+    """The wall-clock keys anywhere in a JSON value."""
+    if isinstance(value, dict):
+        return (TIMING & set(value)) | set().union(*(timing_keys(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(timing_keys(v) for v in value))
+    return set()
+
+
+@pytest.fixture
+def tiny_quick(monkeypatch):
+    monkeypatch.setitem(PRESETS, "quick", TINY)
+
+
+def test_a_killed_guides_study_resumes_to_the_same_file(tmp_path, tiny_quick, capsys):
+    """The CLI killed (SIGKILL) once its first unit is kept (the seed's meanfield fit, whose
+    posterior the lowrank and flow units start from), then rerun with --resume, reads that unit
+    and its posterior back and writes the uninterrupted run's guides.json, byte for byte."""
+    script = tmp_path / "cli.py"
+    script.write_text(CLI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["guides", "--out", str(whole)]) == 0  # uninterrupted, in this process
+    process = subprocess.Popen([sys.executable, str(script), "guides", "--out", str(killed)], env=env, stdout=subprocess.DEVNULL)
+    kill_when(process, lambda: any((killed / "units").glob("*.json")))
+    kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+    assert kept and not (killed / "guides.json").exists(), "the run finished before it could be killed"
+    assert "meanfield-s0.json" in kept and (killed / "stages" / "meanfield-s0.pt").exists()
+    resumed = subprocess.run([sys.executable, str(script), "guides", "--resume", "--out", str(killed)], timeout=300, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "guide meanfield seed 0" not in resumed.stdout  # read back, not fitted again
+    assert (killed / "guides.json").read_bytes() == (whole / "guides.json").read_bytes()
+    assert all((killed / "units" / name).read_bytes() == data for name, data in kept.items())
+    saved = json.loads((whole / "guides.json").read_text())
+    assert [r["guide"] for r in saved["rows"]] == ["normal", "meanfield", "lowrank", "planar", "iaf", "delta"]
+    assert timing_keys(saved) == set() and saved["recipe"]["warm_start"] == "meanfield"
+    timing = json.loads((killed / "timing.json").read_text())["rows"]
+    assert list(timing) == [f"{r['guide']}-s0" for r in saved["rows"]]
+    assert timing["planar-s0"]["started_from_fit_seconds"] == timing["meanfield-s0"]["fit_seconds"]
+    assert len(timing["delta-s0"]["epoch_seconds"]) == len(saved["rows"][-1]["history"])
+    for name in ("guides.md", "guides.png", "config.json"):
+        assert (killed / name).stat().st_size > 0
+
+
+def test_the_ablation_gives_the_same_file_in_worker_processes(tmp_path, tiny_quick, capsys):
+    """``--workers 2`` (the engine's ProcessExecutor; q_A's stage travels to the variants' workers)
+    writes the serial run's ablation.json, byte for byte."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(["ablation", "--out", str(serial)]) == 0
+    assert main(["ablation", "--workers", "2", "--out", str(parallel)]) == 0
+    assert (parallel / "ablation.json").read_bytes() == (serial / "ablation.json").read_bytes()
+    saved = json.loads((serial / "ablation.json").read_text())
+    assert len(saved["rows"]) == 8 and timing_keys(saved) == set()
+    assert saved["recipe"]["experiment"]["fit_b"] == "rule" and saved["config"]["seeds"] == [0]
+    assert sorted(p.name for p in (serial / "stages").iterdir()) == ["A-bayesian-s0.pt"]
+    timing = json.loads((parallel / "timing.json").read_text())
+    assert timing["workers"] == 2 and all(t["seconds"] > 0 for t in timing["rows"].values())
+    assert sorted(timing["rows"]) == sorted(p.stem for p in (parallel / "units").iterdir() if p.stem != "A-bayesian-s0")
+    assert "transfer-fresh-tau1-lr1e-05-s0" in timing["rows"]
+
+
+def test_a_warm_guides_row_is_the_fit_it_claims(tmp_path, single_torch_thread):
+    """The guides study's planar row (a unit that needs the meanfield unit's posterior, kept in
+    the store) equals fitting meanfield and then planar from its posterior by hand; a rerun on
+    the store fits nothing and gives the same rows."""
+    from pyro_bbt.data import Task, load_task
+    from pyro_bbt.evaluation import evaluate
+    from pyro_bbt.guides import posterior_loc_scale
+    from pyro_bbt.runstore import RunStore
+    from pyro_bbt.uncertainty_study import UncertaintyConfig, fit_guide
+
+    config = StudyConfig(**TINY)
+    store = RunStore(tmp_path, study_description("guides", config))
+    logged: list[str] = []
+    (row,) = compare_guides(config, guides=("planar",), log=logged.append, store=store)
+    assert len(logged) == 2 and sorted(p.name for p in (tmp_path / "units").iterdir()) == ["meanfield-s0.json", "planar-s0.json"]
+
+    recipe = UncertaintyConfig(hidden=(8,), max_epochs=2, min_epochs=2, eval_samples=2, limit_train=200, limit_eval=100)
+    data = load_task(Task(digits=(0, 1, 2, 3, 4), seed=0, name="A"), limit_train=200, limit_eval=100)
+    model, q, meanfield, _ = fit_guide(recipe, "meanfield", data.train, 0)
+    start = posterior_loc_scale(q, model)
+    model, q, convergence, history = fit_guide(recipe, "planar", data.train, 0, start=start)
+    metrics = evaluate(model, q, data.test.x, data.test.y, num_samples=2)
+    assert {k: row[k] for k in ("accuracy", "nll", "ece")} == {k: metrics.to_dict()[k] for k in ("accuracy", "nll", "ece")}
+    assert [e["elbo"] for e in row["history"]] == [e["elbo"] for e in history] and row["convergence"] == convergence
+    assert row["started_from"]["epochs"] == meanfield["epochs"] and row["converged"] is (convergence["converged"] and meanfield["converged"])
+
+    again = compare_guides(config, guides=("planar",), log=logged.append, store=store)
+    assert len(logged) == 2 and again == [row]
+
+
+def test_a_resume_of_another_configuration_is_refused_in_one_line(tmp_path, tiny_quick, capsys):
+    def refused(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.count("\n") == 0, err
+
+    out = tmp_path / "run"
+    out.mkdir()
+    other = study_description("schedules", StudyConfig(**TINY | {"seeds": (0, 1), "max_epochs": 2}))
+    (out / "config.json").write_text(json.dumps({"preset": "quick", **other}))
+    refused(["schedules", "--resume", "--out", str(out)], f"--resume: the run in {out} has another configuration (config: seeds)")
+    chosen = study_description("convergence", StudyConfig(**TINY | {"epochs": 3, "max_epochs": 3}), variants=("old",))
+    (out / "config.json").write_text(json.dumps({"preset": "quick", **chosen}))
+    assert main(["convergence", "--resume", "--variants", "old", "--out", str(out)]) == 0  # the same run: it runs what is left
+    assert [r["key"] for r in json.loads((out / "convergence.json").read_text())["rows"]] == ["old"]
+    capsys.readouterr()
+    refused(["convergence", "--resume", "--out", str(out)], f"--resume: the run in {out} has another configuration (recipe)")
+    refused(["convergence", "--out", str(out)], f"{out / 'convergence.json'} exists; pass --overwrite")
+    refused(["schedules", "--out", str(out)], f"{out} holds a run of the convergence study (config.json, units); give the schedules study another --out")
