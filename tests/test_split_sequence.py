@@ -481,3 +481,12 @@ def test_the_cli_refuses_ewc_patience_without_a_validation_split(tmp_path, capsy
                  *TINY_ARGS, "--out", str(out)])
     assert code == 2 and not out.exists()
     assert "ewc-patience 2 stops EWC's nets on each task's validation split, but val-fraction is 0" in capsys.readouterr().err
+
+
+def test_a_regime_label_names_the_kl_weight_even_of_runs_stored_before_it():
+    """A run stored before ``kl_beta`` existed has none in its configuration: it ran at 1."""
+    from pyro_bbt.report import regime_label
+
+    old = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05}}
+    tempered = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05, "kl_beta": 0.1}}
+    assert regime_label(old, [tempered]) == "kl_beta=1" and regime_label(tempered, [old]) == "kl_beta=0.1"
