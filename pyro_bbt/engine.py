@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .executors import Executor, Job, JobResult, SerialExecutor, check_positive_int, make_executor
 from .runstore import RunStore
 
-__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "run_units", "run_study_units"]
+__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "row_outcome", "run_units", "run_study_units"]
 
 
 @dataclass
@@ -50,6 +50,12 @@ class UnitOutcome:
 
 def failed_outcome(error: str) -> UnitOutcome:
     return UnitOutcome({"status": "failed", "error": error})
+
+
+def row_outcome(row: dict, state: dict | None = None) -> UnitOutcome:
+    """A side study's unit outcome: its one ``row`` in the record, and ``state`` for the units
+    that need it."""
+    return UnitOutcome({"status": "ok", "row": row}, state)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@
 
 Each writes ``<study>.json`` (all numbers) next to its figure or table in ``--out``.
 
-Every study but ``tradeoff`` runs through the study engine (:mod:`pyro_bbt.engine`): a plan of
-units, one per row (guide, schedule, variant or predictor, and seed; the ablation's q_A one per
-seed, which its variants need), on ``--workers N`` processes or in this process, kept in
+Every study runs through the study engine (:mod:`pyro_bbt.engine`): a plan of units, one per
+row (guide, schedule, variant, predictor or trade-off point, and seed; the ablation's q_A one per
+seed, and the trade-off's q_A and EWC net one per head and seed, which their points need), on
+``--workers N`` processes or in this process, kept in
 ``--out`` as they finish (``config.json``, ``units/``, ``stages/``, ``checkpoints/``: a
 :class:`~pyro_bbt.runstore.RunStore`), so ``--resume`` continues a killed run and reads its
 finished units back. ``<study>.json`` holds no wall-clock field, so it is the same bytes whatever
@@ -48,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Task, load_task
-from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, run_study_units
+from .engine import Unit, UnitCheckpoints, UnitOutcome, row_outcome, run_study_units
 from .evaluation import evaluate
 from .executors import Executor
 from .experiment import PRESETS as EXPERIMENT_PRESETS
@@ -61,9 +62,10 @@ from .convergence import StoppingRule, assess_convergence, uninformed_scale_rati
 from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
 from .runstore import ReadOnlyStore, RunStore
-from .tradeoff import TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, tradeoff, tradeoff_table
+from .tradeoff import (TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
+                       tradeoff_description, tradeoff_key, tradeoff_table)
 from .plan import StageSpec, stage_key
-from .units import FitStorage, load_task_pair, run_bayesian_b, run_stage, stage_from_saved, steps_for
+from .units import FitStorage, load_task_pair, run_bayesian_b, stage_from_saved, steps_for
 from .uncertainty_study import (
     WARM_STARTS,
     PREDICTORS,
@@ -159,12 +161,6 @@ def _fit_to_convergence(config: StudyConfig, seed: int, guide: str = "meanfield"
     return {"seed": seed, **metrics.to_dict(), "seconds_per_epoch": statistics.median(e["seconds"] for e in history),
             "fit_seconds": sum(e["seconds"] for e in history), "epochs": convergence["epochs"], "converged": convergence["converged"],
             "convergence": convergence, "history": history}, posterior
-
-
-def row_outcome(row: dict, state: dict | None = None) -> UnitOutcome:
-    """A side study's unit outcome: its one ``row`` in the record, and ``state`` for the units
-    that need it."""
-    return UnitOutcome({"status": "ok", "row": row}, state)
 
 
 def guide_unit(config: StudyConfig, guide: str, seed: int, keep_posterior: bool, checkpoint: dict | None = None,
@@ -419,15 +415,11 @@ def ablation_key(variant: tuple, seed: int) -> str:
 def ablation_stage_unit(base: ExperimentConfig, seed: int, saved: dict | None, checkpoint: dict | None = None,
                         on_checkpoint: Callable | None = None) -> UnitOutcome:
     """The ablation's task A for ``seed``: q_A fitted by ``base``'s recipe
-    (:func:`~pyro_bbt.units.run_stage`, which keeps a checkpoint after every epoch, so a resume
-    continues a fit killed midway), or rebuilt from ``saved`` (the stage of a finished transfer
-    run, ``--reuse``). Its state is the stage that every variant of the seed starts from; its
-    record, q_A's test metrics and verdict."""
-    outcome = run_stage(base, StageSpec(seed, "bayesian", 0), saved, checkpoint, on_checkpoint)
-    if outcome.error:
-        return failed_outcome(outcome.error)
-    state = outcome.state if outcome.state is not None else saved
-    return UnitOutcome({"status": "ok", "seed": seed, "a_test": outcome.entry["a_test"], "convergence": outcome.entry["convergence"]}, state)
+    (:func:`~pyro_bbt.tradeoff.task_a_stage_unit`, which keeps a checkpoint after every epoch, so
+    a resume continues a fit killed midway), or rebuilt from ``saved`` (the stage of a finished
+    transfer run, ``--reuse``). Its state is the stage that every variant of the seed starts from;
+    its record, q_A's test metrics and verdict."""
+    return task_a_stage_unit(base, StageSpec(seed, "bayesian", 0), stage_key("bayesian", seed), saved, checkpoint, on_checkpoint)
 
 
 def ablation_unit(base: ExperimentConfig, variant: tuple, seed: int, fraction: float, key: str, stage: dict,
@@ -565,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="the study's folder (its store, results and figures; one study per folder); default runs/studies/STUDY")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true",
-                        help="guides, schedules, convergence, ablation and uncertainty: continue the run in --out (same configuration): "
+                        help="continue the run in --out (same study and configuration): "
                              "its finished units (in --out/units) are read back, the others run; the results file is the same bytes "
                              "as an uninterrupted run's")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUN_DIR",
@@ -574,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "uncertainty: earlier uncertainty outputs of the same configuration, whose predictors' rows are taken as they are "
                              "(only the other predictors are fitted)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="guides, schedules, convergence, ablation and uncertainty: run the study's units (one per row: guide, "
-                             "schedule, variant or predictor and seed; the ablation's q_A one per seed) in N processes; same results")
+                        help="run the study's units (one per row: guide, schedule, variant, predictor or trade-off point and seed; "
+                             "the ablation's q_A one per seed, the tradeoff's q_A and EWC net one per head and seed) in N processes; "
+                             "same results")
     parser.add_argument("--predictors", type=_predictor_names, default=None, metavar="NAME,NAME",
                         help=f"uncertainty only: the guides and baselines to fit and score (default all: {', '.join(PREDICTORS)})")
     parser.add_argument("--warm-start", choices=WARM_STARTS, default=None,
@@ -613,7 +606,6 @@ def _reuse_by_head(dirs: list[Path]) -> dict[str, Path]:
     return by_head
 
 
-ENGINE_STUDIES = ("guides", "schedules", "ablation", "convergence", "uncertainty")  # they run through the study engine (--resume, --workers)
 STUDY_PROGRESS = ("units", "stages", "checkpoints")  # the study engine's store under --out (RunStore)
 
 
@@ -621,7 +613,7 @@ def split_timing(row: dict) -> tuple[dict, dict]:
     """A side study's ``row`` without its wall-clock fields, and those fields (for
     ``timing.json``): ``fit_seconds``, ``seconds_per_epoch`` and ``started_from``'s
     ``fit_seconds`` (as :func:`~pyro_bbt.uncertainty_study.row_timing`), the ablation's
-    ``seconds``, the convergence study's ``wall``, and every epoch's ``seconds`` of ``history``
+    ``seconds`` and the trade-off's, the convergence study's ``wall``, and every epoch's ``seconds`` of ``history``
     (as ``epoch_seconds``)."""
     clean, timing = without_timing(row), row_timing(row)
     for key in ("seconds", "wall"):
@@ -638,6 +630,8 @@ def row_key(study: str, row: dict) -> str:
     ``timing.json``)."""
     if study == "ablation":
         return ablation_key((row["variant"], row["method"], row["q_init"], row["tau"], row["lr"]), row["seed"])
+    if study == "tradeoff":
+        return tradeoff_key(row["head"], row["method"], row["knob"], row["fraction"], row["seed"])
     return unit_key((row[{"guides": "guide", "schedules": "kl_schedule", "convergence": "key"}[study]], row["seed"]))
 
 
@@ -746,9 +740,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.resume and args.overwrite:
         return usage("--overwrite and --resume contradict each other; pass one")
-    if (args.resume or args.workers != 1) and args.study not in ENGINE_STUDIES:
-        return usage(f"--resume and --workers apply to the {', '.join(ENGINE_STUDIES)} studies only (the {args.study} study does not run "
-                     "through the engine yet)")
     if target.exists() and not args.overwrite and not args.resume:
         return usage(f"{target} exists; pass --overwrite or choose another --out")
     start = time.perf_counter()
@@ -760,19 +751,6 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--predictors and --warm-start apply to the uncertainty study only")
     if args.workers < 1:
         return usage(f"--workers must be an integer >= 1, got {args.workers}")
-    if args.study == "tradeoff":
-        preset = dict(TRADEOFF_PRESETS[args.preset])
-        try:
-            config = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
-            rows = tradeoff(config)
-        except ValueError as error:  # a --reuse directory of another configuration, or without config.json
-            return usage(str(error))
-        plot_tradeoff(rows, args.out / "tradeoff.png")
-        atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
-        atomic_write_json(target, {"study": args.study, "preset": args.preset, "config": asdict(config) | {"reuse": {h: str(d) for h, d in (config.reuse or {}).items()}}, "rows": rows,
-                                   "seconds": time.perf_counter() - start})
-        print(f"done in {time.perf_counter() - start:.0f} s: {target}")
-        return 0
     if args.study == "uncertainty":
         uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors})
                                     | ({} if args.warm_start is None else {"warm_start": args.warm_start}))
@@ -793,18 +771,31 @@ def main(argv: list[str] | None = None) -> int:
                               "rows": [without_timing(r) for r in rows], "reused": reused_from},
                        {f"{r['predictor']}-s{r['seed']}": row_timing(r) for r in rows}, start)
         return 0
-    config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))
-    description = study_description(args.study, config, args.variants)
-    try:
-        reuse = _reuse_by_head(args.reuse) if args.reuse else {}
-        if set(reuse) - {"shared"}:
-            raise ValueError(f"--reuse for the ablation takes the shared head's run; got heads {', '.join(sorted(reuse))}")
-        if reuse:  # its configuration must be the ablation's, checked before anything is written
-            reused_stages(ablation_base(config), reuse["shared"], config.seeds)
-        store = _open_store(args, description)
-    except ValueError as error:  # a --reuse directory of another configuration or head, or without config.json; a --resume that cannot
-        return usage(str(error))
-    rows = _run_side_study(args, config, store, reuse.get("shared"))
+    if args.study == "tradeoff":
+        preset = dict(TRADEOFF_PRESETS[args.preset])
+        try:
+            tconfig = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
+            saved = reused_tradeoff_stages(tconfig)  # its configuration must be the study's, checked before anything is written
+            description = tradeoff_description(tconfig)
+            store = _open_store(args, description)
+        except ValueError as error:  # a --reuse directory of another configuration, or without config.json; a --resume that cannot
+            return usage(str(error))
+        rows = tradeoff(tconfig, workers=args.workers, store=store, saved=saved)
+        plot_tradeoff(rows, args.out / "tradeoff.png")
+        atomic_write_text(args.out / "tradeoff.md", tradeoff_table(rows))
+    else:
+        config = StudyConfig(**(PRESETS[args.preset] | STUDY_OVERRIDES.get((args.study, args.preset), {})))
+        description = study_description(args.study, config, args.variants)
+        try:
+            reuse = _reuse_by_head(args.reuse) if args.reuse else {}
+            if set(reuse) - {"shared"}:
+                raise ValueError(f"--reuse for the ablation takes the shared head's run; got heads {', '.join(sorted(reuse))}")
+            if reuse:  # its configuration must be the ablation's, checked before anything is written
+                reused_stages(ablation_base(config), reuse["shared"], config.seeds)
+            store = _open_store(args, description)
+        except ValueError as error:  # a --reuse directory of another configuration or head, or without config.json; a --resume that cannot
+            return usage(str(error))
+        rows = _run_side_study(args, config, store, reuse.get("shared"))
     split = [split_timing(r) for r in rows]
     _write_results(args, {"study": args.study, "preset": args.preset, **description, "rows": [clean for clean, _ in split]},
                    {row_key(args.study, r): timing for r, (_, timing) in zip(rows, split)}, start)

@@ -11,38 +11,50 @@ Every method buys accuracy on B with accuracy on A. One knob each sets the price
 Per head (``shared``: the original's; ``multihead``: VCL's), seed and fraction of B's data:
 q_A is fitted once by the stopping rule (:mod:`pyro_bbt.convergence`) and shared by every
 ``tau``; the deterministic net of EWC and its Fisher once and shared by every ``lambda``; every
-point gets the same data and the same step budget on B (:func:`~pyro_bbt.experiment.steps_for`).
+point gets the same data and the same step budget on B (:func:`~pyro_bbt.units.steps_for`).
 With ``reuse`` (head -> directory of a finished ``python -m pyro_bbt.transfer`` run of the same
 configuration) those task-A stages are read from that run instead of being fitted again.
+
+The study is a plan of units for the study engine (:mod:`pyro_bbt.engine`): per head and seed
+the two task-A stages (:func:`task_a_stage_unit`), per point one unit that needs its stage
+(:func:`point_unit`), so it runs on ``--workers N`` processes and a killed run resumes
+(``python -m pyro_bbt.studies tradeoff --resume``) as the other side studies do.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .ewc import EWCPenalty
 from .config import PRESETS, ExperimentConfig
+from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, row_outcome, run_study_units
+from .ewc import EWCPenalty
+from .executors import Executor
 from .fitting import broaden
+from .plan import STAGE_KINDS, StageSpec, stage_key
 from .plots import COLORS
+from .runstore import ReadOnlyStore, RunStore
 from .stats import sample_std
-from .runstore import ReadOnlyStore
 from .units import (
     FitStorage,
-    fit_task_a,
-    fit_task_a_ewc,
+    ewc_stage_from_saved,
     head_view,
     load_task_pair,
     run_bayesian_b,
     run_ewc_b,
     run_joint,
+    run_stage,
+    stage_from_saved,
     steps_for,
 )
 
-__all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "tradeoff_table", "plot_tradeoff"]
+__all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
+           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff"]
 
 
 @dataclass
@@ -67,48 +79,141 @@ TRADEOFF_PRESETS = {
     "paper": dict(experiment=dict(PRESETS["paper-v1"])),
 }
 
+def tradeoff_base(config: TradeoffConfig, head: str) -> ExperimentConfig:
+    """The experiment configuration of ``head``'s points: ``config.experiment`` with that head and
+    tau 1 (q_A's prior as it is; each transfer point broadens it by its own tau)."""
+    return replace(config.experiment or ExperimentConfig(), head=head, tau=1.0)
 
-def tradeoff(config: TradeoffConfig, log=print) -> list[dict]:
-    """One row per (head, seed, fraction, method, knob): B and A test accuracy after B."""
-    rows = []
-    for head in config.heads:
-        base = replace(config.experiment or ExperimentConfig(), head=head, tau=1.0)
-        reused = (config.reuse or {}).get(head)
-        run = FitStorage(ReadOnlyStore(reused, base.to_dict())) if reused is not None else FitStorage()
-        for seed in config.seeds:
-            full = load_task_pair(base, 1.0, seed)
-            stage_a = fit_task_a(base, full, seed, run)
-            steps_a = steps_for(len(full.a.train), base.epochs_a, base.batch_size)
-            stage_ewc = fit_task_a_ewc(base, full, steps_a, seed, run)
-            fisher = stage_ewc.penalty.fisher
-            verdict = stage_a.convergence
-            log(f"{head} seed {seed}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}")
-            for fraction in config.fractions:
-                tasks = load_task_pair(base, fraction, seed)
-                steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
-                points = [("scratch", None), ("finetune", None), ("joint", None)]
-                points += [("transfer", tau) for tau in config.taus] + [("ewc", lam) for lam in config.lambdas]
-                for method, knob in points:
-                    start = time.perf_counter()
-                    if method == "transfer":
-                        stage = replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, knob))
-                        outcome = run_bayesian_b(replace(base, tau=knob), method, tasks, stage, steps, seed)
-                    elif method == "ewc":
-                        penalty = EWCPenalty(head_view(base, stage_ewc.net, 0), fisher, knob)
-                        outcome = run_ewc_b(base, tasks, replace(stage_ewc, penalty=penalty), steps, seed)
-                    elif method == "joint":
-                        joint_steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, base.batch_size, steps_a + steps)
-                        outcome = run_joint(base, tasks, joint_steps, seed, FitStorage(), key="")
-                    else:
-                        outcome = run_bayesian_b(base, method, tasks, stage_a, steps, seed)
-                    rows.append({
-                        "head": head, "seed": seed, "fraction": fraction, "method": method, "knob": knob, "steps": steps,
+
+def tradeoff_key(head: str, method: str, knob: float | None, fraction: float, seed: int) -> str:
+    """The engine's key of a point (its name in ``units/`` and ``timing.json``), e.g.
+    ``shared-scratch-f0.1-s0``, ``multihead-transfer-tau10-f0.01-s2``, ``shared-ewc-lambda1000-f1-s0``."""
+    what = method if knob is None else f"{method}-{'tau' if method == 'transfer' else 'lambda'}{knob:g}"
+    return f"{head}-{what}-f{fraction:g}-s{seed}"
+
+
+def tradeoff_description(config: TradeoffConfig) -> dict:
+    """What the study records in ``config.json`` and ``tradeoff.json`` and what its store's hash
+    covers: the study and its whole configuration (the grid, every setting of the experiment, the
+    ``--reuse`` directories by head), so a resume of another configuration is refused."""
+    reuse = {head: str(path) for head, path in (config.reuse or {}).items()}
+    return json.loads(json.dumps({"study": "tradeoff", "config": asdict(replace(config, reuse=None)) | {"reuse": reuse}}))
+
+
+def reused_tradeoff_stages(config: TradeoffConfig) -> dict[tuple[str, str, int], dict | None]:
+    """Per (head, stage kind, seed), the task-A stage of the finished ``python -m
+    pyro_bbt.transfer`` run ``config.reuse`` names for that head (``None`` where there is none);
+    ``ValueError`` naming the differences when that run's configuration is not the head's
+    :func:`tradeoff_base`. Nothing is written there."""
+    saved = {}
+    for head, run_dir in (config.reuse or {}).items():
+        if head in config.heads:
+            store = ReadOnlyStore(run_dir, tradeoff_base(config, head).to_dict())
+            saved |= {(head, kind, seed): store.stage(stage_key(kind, seed)) for kind in STAGE_KINDS for seed in config.seeds}
+    return saved
+
+
+def task_a_stage_unit(base: ExperimentConfig, spec: StageSpec, key: str, saved: dict | None, checkpoint: dict | None = None,
+                      on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """Task A's stage ``spec`` as a unit of the engine, kept under ``key``: q_A fitted by
+    ``base``'s recipe, with a checkpoint after every epoch (a resume continues a fit killed
+    midway), or EWC's deterministic net and its Fisher, trained for ``spec.steps`` steps (run
+    again from its start if killed) -- :func:`~pyro_bbt.units.run_stage` -- or rebuilt from
+    ``saved`` (the stage of a finished transfer run, ``--reuse``). Its state is the stage the
+    points on B start from; its record, A's test metrics and q_A's verdict (``None`` for EWC's
+    net). A non-finite loss is a failed outcome."""
+    forward = None if on_checkpoint is None else (lambda _, data: on_checkpoint(key, data))
+    outcome = run_stage(base, spec, saved, checkpoint, forward)
+    if outcome.error:
+        return failed_outcome(outcome.error)
+    state = outcome.state if outcome.state is not None else saved
+    return UnitOutcome({"status": "ok", "seed": spec.seed, "a_test": outcome.entry["a_test"], "convergence": outcome.entry["convergence"]}, state)
+
+
+def point_unit(base: ExperimentConfig, method: str, knob: float | None, fraction: float, seed: int, steps_a: int, key: str,
+               stage: dict | None, checkpoint: dict | None = None, on_checkpoint: Callable | None = None) -> UnitOutcome:
+    """One point of the trade-off: ``method`` on ``fraction`` of B's data for ``seed``, within B's
+    step budget (:func:`~pyro_bbt.units.steps_for`, the same for every point), from ``stage``,
+    the state of the :func:`task_a_stage_unit` it needs: ``transfer`` from q_A under q_A's prior
+    broadened by ``knob`` (tau); ``finetune`` from q_A under N(0, sigma^2); ``ewc`` from EWC's
+    net under its Fisher penalty weighted by ``knob`` (lambda); ``scratch`` (``stage`` None)
+    afresh; ``joint`` (``stage`` None) on A and B together for ``steps_a`` (A's budget) plus B's
+    budget. The Bayesian fits keep a checkpoint under ``key`` after every epoch. The row: B's
+    test accuracy and A's after B, the budget, the fit's seconds (q_A's verdict is added by
+    :func:`tradeoff`)."""
+    tasks = load_task_pair(base, fraction, seed)
+    steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
+    run = FitStorage(UnitCheckpoints(checkpoint, on_checkpoint))
+    start = time.perf_counter()
+    if method == "transfer":
+        stage_a = stage_from_saved(stage)
+        outcome = run_bayesian_b(replace(base, tau=knob), method, tasks, replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, knob)),
+                                 steps, seed, run, key)
+    elif method == "ewc":
+        stage_ewc = ewc_stage_from_saved(base, tasks, seed, stage)
+        penalty = EWCPenalty(head_view(base, stage_ewc.net, 0), stage_ewc.penalty.fisher, knob)
+        outcome = run_ewc_b(base, tasks, replace(stage_ewc, penalty=penalty), steps, seed)
+    elif method == "joint":
+        joint_steps = steps_for(len(tasks.a.train) + len(tasks.b.train), 1, base.batch_size, steps_a + steps)
+        outcome = run_joint(base, tasks, joint_steps, seed, run, key)
+    else:
+        outcome = run_bayesian_b(base, method, tasks, None if stage is None else stage_from_saved(stage), steps, seed, run, key)
+    return row_outcome({"head": base.head, "seed": seed, "fraction": fraction, "method": method, "knob": knob, "steps": steps,
                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
-                        "q_a_converged": verdict["converged"], "q_a_epochs": verdict["epochs"],
-                        "q_a_uninformed_scale_ratio": verdict["uninformed_scale_ratio"], "seconds": time.perf_counter() - start,
-                    })
-                    label = method if knob is None else f"{method} {'tau' if method == 'transfer' else 'lambda'} {knob:g}"
-                    log(f"{head} seed {seed} fraction {fraction:g} {label:>22}: B {rows[-1]['b_test_accuracy']:.4f}, A after B {rows[-1]['a_test_after_accuracy']:.4f}")
+                        "seconds": time.perf_counter() - start})
+
+
+def _point_line(r: dict) -> str:
+    label = r["method"] if r["knob"] is None else f"{r['method']} {'tau' if r['method'] == 'transfer' else 'lambda'} {r['knob']:g}"
+    return f"{r['head']} seed {r['seed']} fraction {r['fraction']:g} {label:>22}: B {r['b_test_accuracy']:.4f}, A after B {r['a_test_after_accuracy']:.4f}"
+
+
+def _tradeoff_line(key: str, record: dict) -> str:
+    if record.get("status") != "ok":
+        return f"{key} failed: {record.get('error', '')}"
+    if "row" in record:
+        return _point_line(record["row"])
+    verdict = record["convergence"]
+    if verdict is None:
+        return f"{key}: EWC's net and Fisher on A"
+    return f"{key}: q_A {verdict['epochs']} epochs, converged {verdict['converged']}, uninformed sigma ratio {verdict['uninformed_scale_ratio']}"
+
+
+def tradeoff(config: TradeoffConfig, log: Callable[[str], None] = print, workers: int = 1, executor: Executor | None = None,
+             store: RunStore | None = None, saved: dict[tuple[str, str, int], dict | None] | None = None) -> list[dict]:
+    """One row per (head, seed, fraction, method, knob): B and A test accuracy after B, and q_A's
+    verdict. Per head and seed, one unit for q_A and one for EWC's net and Fisher
+    (:func:`task_a_stage_unit`; read from ``saved``, default :func:`reused_tradeoff_stages`,
+    where ``config.reuse`` has them), shared by every tau and lambda; per fraction one unit per
+    point (:func:`point_unit`). They run by :func:`~pyro_bbt.engine.run_study_units` on
+    ``executor`` (default: ``workers`` processes, or this process) and are kept in ``store``."""
+    saved = reused_tradeoff_stages(config) if saved is None else saved
+    units: list[Unit] = []
+    stage_of: dict[str, str] = {}  # point -> the key of its q_A unit, whose verdict its row carries
+    for head in config.heads:
+        base = tradeoff_base(config, head)
+        for seed in config.seeds:
+            steps_a = steps_for(len(load_task_pair(base, 1.0, seed).a.train), base.epochs_a, base.batch_size)
+            stages = {kind: f"{head}-{stage_key(kind, seed)}" for kind in STAGE_KINDS}
+            units += [Unit(stages[kind], task_a_stage_unit, (base, StageSpec(seed, kind, steps_a if kind == "deterministic" else 0), stages[kind],
+                                                             saved.get((head, kind, seed))))
+                      for kind in STAGE_KINDS]
+            points = [("scratch", None), ("finetune", None), ("joint", None)]
+            points += [("transfer", tau) for tau in config.taus] + [("ewc", lam) for lam in config.lambdas]
+            for fraction in config.fractions:
+                for method, knob in points:
+                    key = tradeoff_key(head, method, knob, fraction, seed)
+                    needs = {"transfer": "bayesian", "finetune": "bayesian", "ewc": "deterministic"}.get(method)
+                    args = (base, method, knob, fraction, seed, steps_a, key)
+                    units.append(Unit(key, point_unit, args, needs=(stages[needs],)) if needs else Unit(key, point_unit, (*args, None)))
+                    stage_of[key] = stages["bayesian"]
+    outcomes = run_study_units(units, "tradeoff study", executor, workers, store,
+                               on_finish=lambda unit, outcome: log(_tradeoff_line(unit.key, outcome.record)))
+    rows = []
+    for key, stage in stage_of.items():
+        verdict = outcomes[stage].record["convergence"]
+        rows.append({**outcomes[key].record["row"], "q_a_converged": verdict["converged"], "q_a_epochs": verdict["epochs"],
+                     "q_a_uninformed_scale_ratio": verdict["uninformed_scale_ratio"]})
     return rows
 
 

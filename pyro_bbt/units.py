@@ -346,6 +346,12 @@ def fit_task_a_ewc(config: ExperimentConfig, tasks: _Tasks, steps: int, seed: in
     )
 
 
+def ewc_stage_from_saved(config: ExperimentConfig, tasks: _Tasks, seed: int, saved: dict) -> _StageAEWC:
+    """EWC's task-A stage as :func:`fit_task_a_ewc` returns it, from its saved state: rebuilt,
+    not retrained (only the test splits of ``tasks`` are read)."""
+    return fit_task_a_ewc(config, tasks, 0, seed, FitStorage(_UnitStore(saved)))
+
+
 def run_ewc_b(config, tasks: _Tasks, stage: _StageAEWC, steps: int, seed: int) -> dict:
     """EWC on B from A's net under A's penalty: for B's fixed budget of ``steps``, or with
     ``config.ewc_patience`` by early stopping on B's validation split (its record's
@@ -529,8 +535,7 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
     start = time.perf_counter()
     try:
         if method == "ewc":
-            # the saved stage is rebuilt, not retrained: only its test splits are read
-            stage: Any = fit_task_a_ewc(config, tasks, 0, seed, FitStorage(_UnitStore(stage_state)))
+            stage: Any = ewc_stage_from_saved(config, tasks, seed, stage_state)
             outcome = run_ewc_b(config, tasks, stage, steps, seed)
         elif method == "joint":
             outcome, stage = run_joint(config, tasks, steps, seed, run, spec.key), None

@@ -159,8 +159,8 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert "--predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
     assert main(["guides", "--warm-start", "fresh", "--out", str(tmp_path)]) == 2
     assert "--predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
-    assert main(["tradeoff", "--workers", "2", "--out", str(tmp_path)]) == 2
-    assert "--resume and --workers apply to the guides, schedules, ablation, convergence, uncertainty studies only" in capsys.readouterr().err
+    assert main(["tradeoff", "--workers", "0", "--out", str(tmp_path)]) == 2
+    assert "--workers must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["uncertainty", "--warm-start", "map"])
     assert exit_info.value.code == 2 and "invalid choice: 'map' (choose from meanfield, fresh)" in capsys.readouterr().err.replace("'meanfield', 'fresh'", "meanfield, fresh")
@@ -184,8 +184,7 @@ def test_uncertainty_resume_refuses_what_it_cannot_continue_with_one_line(tmp_pa
         assert needle in err and err.count("\n") == 0, err
 
     out = tmp_path / "run"
-    refused(["tradeoff", "--resume", "--out", str(out)], "--resume and --workers apply to the guides, schedules, ablation, convergence, "
-                                                         "uncertainty studies only (the tradeoff study does not run through the engine yet)")
+    refused(["tradeoff", "--resume", "--out", str(out)], f"--resume: {out} holds no run to resume (no config.json)")
     refused(["uncertainty", "--resume", "--overwrite", "--out", str(out)], "--overwrite and --resume contradict each other")
     refused(["uncertainty", "--resume", "--out", str(out)], f"--resume: {out} holds no run to resume (no config.json)")
     out.mkdir()

@@ -1,6 +1,6 @@
-"""The side studies (guides, schedules, convergence, ablation) on the study engine: their results
-file is the same bytes after a kill and ``--resume``, and in worker processes; their rows are the
-fits they claim; a resume of another configuration is refused in one line."""
+"""The side studies (guides, schedules, convergence, ablation, tradeoff) on the study engine: their
+results file is the same bytes after a kill and ``--resume``, and in worker processes; their rows
+are the fits they claim; a resume of another configuration is refused in one line."""
 
 from __future__ import annotations
 
@@ -13,15 +13,23 @@ import pytest
 
 from conftest import kill_when
 from pyro_bbt.studies import PRESETS, StudyConfig, compare_guides, main, study_description
+from pyro_bbt.tradeoff import TRADEOFF_PRESETS, tradeoff_key
 
 TINY = dict(epochs=1, seeds=(0,), hidden=(8,), eval_samples=2, limit_train=200, limit_eval=100, min_steps=5, max_epochs=2)
 TIMING = {"seconds", "fit_seconds", "seconds_per_epoch", "wall"}
 
-# The CLI with the quick preset shrunk to TINY (the studies' overrides for quick still apply).
+# The trade-off study's grid and experiment, as small: both heads, one seed and fraction, 18 units.
+TINY_TRADEOFF = dict(heads=("shared", "multihead"), seeds=(0,), fractions=(0.1,), taus=(1.0, 30.0), lambdas=(0.0, 1e4),
+                     experiment=dict(hidden=(8,), epochs_a=1, max_epochs_a=None, epochs=1, min_steps=3, limit_train=200, limit_eval=100,
+                                     eval_samples=2))
+
+# The CLI with the quick presets shrunk to TINY and TINY_TRADEOFF (the studies' overrides for quick still apply).
 CLI = f"""import sys
 import pyro_bbt.studies as studies
+import pyro_bbt.tradeoff as tradeoff
 if __name__ == "__main__":
     studies.PRESETS["quick"] = {TINY!r}
+    tradeoff.TRADEOFF_PRESETS["quick"] = {TINY_TRADEOFF!r}
     sys.exit(studies.main(sys.argv[1:]))
 """
 
@@ -38,6 +46,7 @@ def timing_keys(value) -> set[str]:
 @pytest.fixture
 def tiny_quick(monkeypatch):
     monkeypatch.setitem(PRESETS, "quick", TINY)
+    monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF)
 
 
 def test_a_killed_guides_study_resumes_to_the_same_file(tmp_path, tiny_quick, capsys):
@@ -137,3 +146,72 @@ def test_a_resume_of_another_configuration_is_refused_in_one_line(tmp_path, tiny
     refused(["convergence", "--resume", "--out", str(out)], f"--resume: the run in {out} has another configuration (recipe)")
     refused(["convergence", "--out", str(out)], f"{out / 'convergence.json'} exists; pass --overwrite")
     refused(["schedules", "--out", str(out)], f"{out} holds a run of the convergence study (config.json, units); give the schedules study another --out")
+
+
+def test_a_killed_tradeoff_study_resumes_to_the_same_file(tmp_path, tiny_quick, capsys):
+    """The tradeoff CLI killed (SIGKILL) once the shared head's scratch point is kept (after that
+    head's q_A and EWC net, which its finetune, transfer and EWC points start from), then rerun
+    with --resume, reads those stages and points back and writes the uninterrupted run's
+    tradeoff.json and tradeoff.md, byte for byte; the points' seconds are in timing.json."""
+    script = tmp_path / "cli.py"
+    script.write_text(CLI)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["tradeoff", "--out", str(whole)]) == 0  # uninterrupted, in this process
+    process = subprocess.Popen([sys.executable, str(script), "tradeoff", "--out", str(killed)], env=env, stdout=subprocess.DEVNULL)
+    kill_when(process, (killed / "units" / "shared-scratch-f0.1-s0.json").exists)
+    kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+    assert "shared-scratch-f0.1-s0.json" in kept and len(kept) < 18, "the run finished before it could be killed"
+    assert {"shared-A-bayesian-s0.pt", "shared-A-ewc-s0.pt"} <= {p.name for p in (killed / "stages").iterdir()}
+    resumed = subprocess.run([sys.executable, str(script), "tradeoff", "--resume", "--out", str(killed)], timeout=300, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    assert len(lines) == 18 - len(kept) + 1 and lines[-1].startswith("done in")  # one line per unit run: the kept ones are read back
+    assert not any(line.startswith(("shared-A-", "shared seed 0 fraction 0.1                scratch")) for line in lines)
+    for name in ("tradeoff.json", "tradeoff.md"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert all((killed / "units" / name).read_bytes() == data for name, data in kept.items())
+    saved = json.loads((whole / "tradeoff.json").read_text())
+    assert timing_keys(saved) == set() and saved["config"]["reuse"] == {} and saved["config"]["taus"] == [1.0, 30.0]
+    keys = [tradeoff_key(r["head"], r["method"], r["knob"], r["fraction"], r["seed"]) for r in saved["rows"]]
+    assert keys[:3] == ["shared-scratch-f0.1-s0", "shared-finetune-f0.1-s0", "shared-joint-f0.1-s0"] and len(keys) == 14
+    timing = json.loads((killed / "timing.json").read_text())["rows"]
+    assert list(timing) == keys and all(t["seconds"] > 0 for t in timing.values())
+    assert (killed / "tradeoff.png").stat().st_size > 0
+
+
+def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread):
+    """The trade-off's transfer (tau 10) and EWC (lambda 100) rows equal fitting q_A and EWC's net
+    on A, then B from them, by hand (the study's loop before it ran on the engine); a rerun on the
+    store fits nothing and gives the same rows."""
+    from dataclasses import replace
+
+    from pyro_bbt.ewc import EWCPenalty
+    from pyro_bbt.experiment import ExperimentConfig
+    from pyro_bbt.fitting import broaden
+    from pyro_bbt.runstore import RunStore
+    from pyro_bbt.tradeoff import TradeoffConfig, tradeoff, tradeoff_description
+    from pyro_bbt.units import fit_task_a, fit_task_a_ewc, head_view, load_task_pair, run_bayesian_b, run_ewc_b, steps_for
+
+    experiment = ExperimentConfig(**TINY_TRADEOFF["experiment"])
+    config = TradeoffConfig(heads=("shared",), fractions=(0.1,), seeds=(0,), taus=(10.0,), lambdas=(100.0,), experiment=experiment)
+    store = RunStore(tmp_path, tradeoff_description(config))
+    logged: list[str] = []
+    rows = tradeoff(config, log=logged.append, store=store)
+    assert [(r["method"], r["knob"]) for r in rows] == [("scratch", None), ("finetune", None), ("joint", None), ("transfer", 10.0), ("ewc", 100.0)]
+    assert len(logged) == 7 and logged[0].startswith("shared-A-bayesian-s0: q_A 1 epochs")
+
+    base = replace(experiment, head="shared", tau=1.0)
+    full, tasks = load_task_pair(base, 1.0, 0), load_task_pair(base, 0.1, 0)
+    stage_a = fit_task_a(base, full, 0)
+    stage_ewc = fit_task_a_ewc(base, full, steps_for(len(full.a.train), base.epochs_a, base.batch_size), 0)
+    steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
+    transfer = run_bayesian_b(replace(base, tau=10.0), "transfer", tasks, replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, 10.0)), steps, 0)
+    ewc = run_ewc_b(base, tasks, replace(stage_ewc, penalty=EWCPenalty(head_view(base, stage_ewc.net, 0), stage_ewc.penalty.fisher, 100.0)), steps, 0)
+    for row, outcome in zip(rows[3:], (transfer, ewc)):
+        assert (row["steps"], row["b_test_accuracy"], row["a_test_after_accuracy"]) == (steps, outcome["b_test"].accuracy, outcome["a_test_after"].accuracy)
+        assert (row["q_a_epochs"], row["q_a_converged"]) == (stage_a.convergence["epochs"], stage_a.convergence["converged"])
+
+    again = tradeoff(config, log=logged.append, store=store)
+    assert len(logged) == 7 and again == rows
