@@ -1006,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of round 1 (round r: seed + r - 1)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default figs/converge-PROBLEM.json)")
-    parser.add_argument("--figure", type=Path, default=None, help="ELBO against wall time (default figs/converge-PROBLEM.png)")
+    parser.add_argument("--figure", type=Path, default=None, help="ELBO against wall time (default: --out with .png)")
     return parser
 
 
@@ -1103,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     out = args.out or Path(f"figs/converge-{config.problem.name}.json")
-    figure = args.figure or Path(f"figs/converge-{config.problem.name}.png")
+    figure = args.figure or out.with_suffix(".png")  # beside --out: a run never overwrites another's figure
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

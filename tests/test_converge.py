@@ -264,3 +264,10 @@ def test_the_averaged_row_needs_a_preset_with_continuations():
     data = converge.ProblemData(ExperimentConfig(**PRESETS["paper-v2"]), None, None, None)
     with pytest.raises(ValueError, match="continuation-average needs continuation-epochs >= 1"):
         converge.run_recipe_averaged(data, None, 0)
+
+
+def test_the_figure_goes_beside_the_results_by_default(tmp_path, single_torch_thread):
+    """Without --figure the plot is --out with .png: a run never overwrites another's figure."""
+    out = tmp_path / "a.json"
+    assert converge.main([*TINY, "--rounds", "1", "--rows", "mlp", "--out", str(out)]) == 0
+    assert out.exists() and (tmp_path / "a.png").stat().st_size > 0
