@@ -36,10 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from converge import PROBLEMS, Evaluator, Problem, load_problem, recipe_for  # noqa: E402
+from converge import Evaluator, Problem, add_problem_arguments, load_problem, problem_from_args, recipe_for  # noqa: E402
 
 from pyro_bbt.convergence import uninformed_inputs  # noqa: E402
-from pyro_bbt.experiment import PRESETS  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
 from pyro_bbt.guides import posterior_loc_scale  # noqa: E402
@@ -115,11 +114,7 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="small")
-    parser.add_argument("--limit-train", type=positive_int, help="the problem's first N training images (tests)")
-    parser.add_argument("--hidden", type=positive_int, help="one hidden layer of this width instead of the problem's (tests)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-v2", help="whose q_A recipe fits to the pass (default paper-v2)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_problem_arguments(parser)
     parser.add_argument("--factor", type=float, default=1.0, help="the continuation's rates, times the recipe's first rates")
     parser.add_argument("--epochs", type=int, default=512, help="epochs of the continuation (scored at every power of two)")
     parser.add_argument("--max-epochs", type=positive_int, help="cap the fit to the pass at this many epochs (tests)")
@@ -132,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.factor > 0:
         parser.error(f"--factor must be > 0, got {args.factor}")
-    problem = PROBLEMS[args.problem]
-    if args.limit_train is not None or args.hidden is not None:
-        problem = Problem(problem.name, args.limit_train or problem.limit_train, (args.hidden,) if args.hidden else problem.hidden,
-                          problem.description + " (resized)")
+    problem = problem_from_args(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -304,6 +304,26 @@ def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None
     return ProblemData(experiment, train, task.val, task.test)
 
 
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--problem``, its resizing for tests (``--limit-train``, ``--hidden``), ``--preset`` (whose
+    q_A recipe fits to the pass, default ``paper-v2``) and ``--seed``: what the scripts that start
+    from a fitted pass (``averaging.py``, ``ngsteps.py``) share; :func:`problem_from_args` reads them."""
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="small")
+    parser.add_argument("--limit-train", type=positive_int, help="the problem's first N training images (tests)")
+    parser.add_argument("--hidden", type=positive_int, help="one hidden layer of this width instead of the problem's (tests)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-v2", help="whose q_A recipe fits to the pass (default paper-v2)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def problem_from_args(args: argparse.Namespace) -> Problem:
+    """The ``--problem``, resized by ``--limit-train`` and ``--hidden`` where given."""
+    problem = PROBLEMS[args.problem]
+    if args.limit_train is None and args.hidden is None:
+        return problem
+    return Problem(problem.name, args.limit_train or problem.limit_train, (args.hidden,) if args.hidden else problem.hidden,
+                   problem.description + " (resized)")
+
+
 def recipe_for(experiment: ExperimentConfig, num_data: int, max_epochs: int | None = None) -> FitRecipe:
     """``experiment.recipe_a()`` in minibatches of ``min(its batch, max(32, ceil(N / 10)))`` (on
     task A its own 2,048), its epochs at most ``max_epochs`` (``None``: its own cap)."""

@@ -34,9 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from converge import PROBLEMS, Evaluator, Problem, load_problem, recipe_for  # noqa: E402
+from converge import Evaluator, Problem, add_problem_arguments, load_problem, problem_from_args, recipe_for  # noqa: E402
 
-from pyro_bbt.config import PRESETS  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
 from pyro_bbt.guides import start_from_posterior  # noqa: E402
@@ -101,11 +100,7 @@ def compare_arms(problem: Problem, preset: str, seed: int, start_epochs: int | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", choices=sorted(PROBLEMS), default="small")
-    parser.add_argument("--limit-train", type=positive_int, help="the problem's first N training images (tests)")
-    parser.add_argument("--hidden", type=positive_int, help="one hidden layer of this width instead of the problem's (tests)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-v2", help="whose q_A recipe fits to the pass (default paper-v2)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_problem_arguments(parser)
     parser.add_argument("--start-epochs", type=positive_int, help="start the arms after this many epochs of Adam at the first rates, not at the pass")
     parser.add_argument("--seconds", type=float, default=60.0, help="wall time of each arm")
     parser.add_argument("--points", type=positive_int, help="at most this many chunks or steps per arm (tests)")
@@ -117,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seconds", "factor"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    problem = PROBLEMS[args.problem]
-    if args.limit_train is not None or args.hidden is not None:
-        problem = Problem(problem.name, args.limit_train or problem.limit_train, (args.hidden,) if args.hidden else problem.hidden,
-                          problem.description + " (resized)")
+    problem = problem_from_args(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

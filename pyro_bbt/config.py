@@ -11,7 +11,7 @@ The experiment's driver (:mod:`pyro_bbt.experiment`), its plan (:mod:`pyro_bbt.p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 

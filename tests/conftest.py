@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -63,7 +64,6 @@ def load_benchmark(name: str = "bench"):
     ``python benchmarks/<name>.py``, so that the child processes the bench spawns (they import
     the function they run by its module's name) find it too."""
     import importlib
-    import sys
     from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -91,3 +91,10 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: flo
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def transfer_cli(*args: str) -> subprocess.Popen:
+    """``python -m pyro_bbt.transfer ARGS`` started in a subprocess (one OpenMP thread), its
+    output captured as text: a run a test can kill."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "pyro_bbt.transfer", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,15 +5,12 @@ results.json byte-identical."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import kill_when
+from conftest import kill_when, transfer_cli
 from pyro_bbt.chain_sequence import SEQUENCE_LENGTH, sequence_tasks
 from pyro_bbt.data import load_task
 from pyro_bbt.experiment import ExperimentConfig
@@ -27,9 +24,7 @@ TINY_ARGS = ["--sequence", "rotations", "--methods", "transfer,finetune", "--hid
              "--batch-size", "30", "--seeds", "0", "--limit-train", "60", "--limit-eval", "40", "--eval-samples", "2", "--quiet"]
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "pyro_bbt.transfer", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+_cli = transfer_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ objective, not the ELBO."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import fresh_model_and_guide, six_feature_split
 from pyro_bbt.convergence import StoppingRule

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import kill_when
+from conftest import kill_when, transfer_cli
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
@@ -30,9 +27,7 @@ TINY = [
 ]
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "pyro_bbt.transfer", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+_cli = transfer_cli
 
 
 @pytest.fixture(scope="module")
