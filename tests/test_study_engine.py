@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -49,22 +51,29 @@ def tiny_quick(monkeypatch):
     monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF)
 
 
+def _run_whole_and_killed(tmp_path: Path, study: str, ready: Callable[[Path], bool]) -> tuple[Path, Path, dict[str, bytes]]:
+    """``study`` run uninterrupted in this process into ``whole``, and by the CLI in a subprocess
+    into ``killed``, SIGKILLed once ``ready(killed)`` holds; returns both folders and the unit
+    files the killed run kept."""
+    script = tmp_path / "cli.py"
+    script.write_text(CLI)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main([study, "--out", str(whole)]) == 0
+    process = subprocess.Popen([sys.executable, str(script), study, "--out", str(killed)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL)
+    kill_when(process, lambda: ready(killed))
+    return whole, killed, {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+
+
 def test_a_killed_guides_study_resumes_to_the_same_file(tmp_path, tiny_quick, capsys):
     """The CLI killed (SIGKILL) once its first unit is kept (the seed's meanfield fit, whose
     posterior the lowrank and flow units start from), then rerun with --resume, reads that unit
     and its posterior back and writes the uninterrupted run's guides.json, byte for byte."""
-    script = tmp_path / "cli.py"
-    script.write_text(CLI)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(["guides", "--out", str(whole)]) == 0  # uninterrupted, in this process
-    process = subprocess.Popen([sys.executable, str(script), "guides", "--out", str(killed)], env=env, stdout=subprocess.DEVNULL)
-    kill_when(process, lambda: any((killed / "units").glob("*.json")))
-    kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+    whole, killed, kept = _run_whole_and_killed(tmp_path, "guides", lambda out: any((out / "units").glob("*.json")))
     assert kept and not (killed / "guides.json").exists(), "the run finished before it could be killed"
     assert "meanfield-s0.json" in kept and (killed / "stages" / "meanfield-s0.pt").exists()
-    resumed = subprocess.run([sys.executable, str(script), "guides", "--resume", "--out", str(killed)], timeout=300, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "guides", "--resume", "--out", str(killed)], timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "guide meanfield seed 0" not in resumed.stdout  # read back, not fitted again
     assert (killed / "guides.json").read_bytes() == (whole / "guides.json").read_bytes()
@@ -153,18 +162,11 @@ def test_a_killed_tradeoff_study_resumes_to_the_same_file(tmp_path, tiny_quick, 
     head's q_A and EWC net, which its finetune, transfer and EWC points start from), then rerun
     with --resume, reads those stages and points back and writes the uninterrupted run's
     tradeoff.json and tradeoff.md, byte for byte; the points' seconds are in timing.json."""
-    script = tmp_path / "cli.py"
-    script.write_text(CLI)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(["tradeoff", "--out", str(whole)]) == 0  # uninterrupted, in this process
-    process = subprocess.Popen([sys.executable, str(script), "tradeoff", "--out", str(killed)], env=env, stdout=subprocess.DEVNULL)
-    kill_when(process, (killed / "units" / "shared-scratch-f0.1-s0.json").exists)
-    kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
+    whole, killed, kept = _run_whole_and_killed(tmp_path, "tradeoff", lambda out: (out / "units" / "shared-scratch-f0.1-s0.json").exists())
     assert "shared-scratch-f0.1-s0.json" in kept and len(kept) < 18, "the run finished before it could be killed"
     assert {"shared-A-bayesian-s0.pt", "shared-A-ewc-s0.pt"} <= {p.name for p in (killed / "stages").iterdir()}
-    resumed = subprocess.run([sys.executable, str(script), "tradeoff", "--resume", "--out", str(killed)], timeout=300, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "tradeoff", "--resume", "--out", str(killed)], timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     lines = resumed.stdout.splitlines()
     assert len(lines) == 18 - len(kept) + 1 and lines[-1].startswith("done in")  # one line per unit run: the kept ones are read back
