@@ -66,12 +66,6 @@ __all__ = [
     "run_experiment", "run_sequence", "sequence_tasks", "steps_for", "summarize_units", "unit_key",
 ]
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-    return value
-
-
 # --------------------------------------------------------------------------- the protocol
 
 
@@ -312,7 +306,8 @@ def run_sequence(config: ExperimentConfig, kind: str, log: Callable[[str], None]
     task for B's fixed budget, its verdict recorded, none fitted by the stopping rule).
     ``split``: the five tasks of split MNIST in the scenario and fit mode of ``split`` (required
     then): :func:`~pyro_bbt.split_sequence.run_split_sequence`."""
-    _choice("sequence", kind, SEQUENCES)
+    if kind not in SEQUENCES:
+        raise ValueError(f"unknown sequence {kind!r}; allowed: {', '.join(SEQUENCES)}")
     if kind == "split":
         if split is None:
             raise ValueError("the split sequence needs a SplitConfig (its scenario: task, domain or class)")
