@@ -24,7 +24,7 @@ from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig, check_continuation_base
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS"]
 
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -366,6 +366,11 @@ class ExperimentConfig:
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0}
+
+# The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
+# fraction and seed alone (with the other fields), never on which others the grid holds: a stored
+# run grows or shrinks along these axes (``--resume``) without refitting what it holds.
+GRID_FIELDS: tuple[str, ...] = ("methods", "fractions", "seeds")
 
 
 PRESETS: dict[str, dict] = {

@@ -24,14 +24,14 @@ import hashlib
 import json
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
 
 from .files import atomic_torch_save, atomic_write_json
 
-__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences"]
+__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences", "differing_fields"]
 
 FORMAT_VERSION = 1
 
@@ -47,11 +47,13 @@ def _normalise(value):
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable ``field: saved -> current`` for every field that differs."""
     saved, current = _normalise(saved), _normalise(current)
-    return [
-        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing_fields(saved, current)]
+
+
+def differing_fields(saved: dict, current: dict) -> list[str]:
+    """The fields, sorted, whose values differ between two configurations (absent counts as None)."""
+    saved, current = _normalise(saved), _normalise(current)
+    return sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
 
 
 # what a truncated or corrupted file raises while it is read
@@ -61,11 +63,14 @@ _UNREADABLE = (ValueError, KeyError, RuntimeError, EOFError, OSError, UnicodeDec
 class RunStore:
     """Finished units, task-A stages and per-epoch checkpoints of one run directory."""
 
-    def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None) -> None:
+    def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = ()) -> None:
+        """``grid_fields``: fields a stored file may differ in and still be this run's (the axes of
+        a grid whose units do not depend on each other, so the run can grow along them)."""
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
         self.on_damaged = on_damaged
+        self.grid_fields = frozenset(grid_fields)
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
@@ -127,7 +132,12 @@ class RunStore:
         if payload.get("key") != key:
             raise ValueError(f"{path}: holds unit {payload.get('key')!r}, expected {key!r}")
         if payload.get("config_hash") != self.hash:
-            differences = config_differences(payload.get("config", {}), self.config)
+            saved = payload.get("config", {})
+            saved = saved if isinstance(saved, dict) else {}
+            fields = differing_fields(saved, self.config)
+            if fields and not set(fields) - self.grid_fields:
+                return
+            differences = config_differences(saved, self.config)
             raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")
 
 

@@ -235,3 +235,46 @@ def test_split_resume_refuses_another_scenario_and_a_damaged_config(split_uninte
     err = capsys.readouterr().err.strip()
     assert f"{damaged / 'config.json'} is damaged (JSONDecodeError" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in damaged.iterdir()) == ["config.json"]
+
+
+def test_resume_grows_the_grid_reusing_stored_stages_and_units(uninterrupted, tmp_path, capsys):
+    """A run of part of the grid, resumed with the whole grid, ends with the uninterrupted run's
+    results; the task-A stage and the unit it held are read back, not fitted again."""
+    out = tmp_path / "grown"
+    part = {"--fractions": "1", "--seeds": "0", "--methods": "scratch,transfer"}
+    small = [part[TINY[i - 1]] if i and TINY[i - 1] in part else arg for i, arg in enumerate(TINY)]
+    assert main([*small, "--out", str(out)]) == 0
+    kept = [out / "stages" / "A-bayesian-s0.pt", out / "units" / "transfer-f1-s0.json"]
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in kept}
+    assert json.loads((out / "config.json").read_text())["fractions"] == [1.0]
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "the grid changes (fractions: [1.0] -> [0.2, 1.0]; methods: ['scratch', 'transfer'] -> ['scratch', 'transfer', 'ewc']; seeds: [0] -> [0, 1])" in err
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in kept} == before
+    assert json.loads((out / "config.json").read_text())["seeds"] == [0, 1]
+    assert json.loads((out / "results.json").read_text()) == json.loads((uninterrupted / "results.json").read_text())
+
+
+def test_resume_that_changes_the_grid_and_another_setting_is_refused(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "both"
+    shutil.copytree(uninterrupted, out)
+    saved = (out / "config.json").read_bytes()
+    code = main([*TINY, "--seeds", "0", "--lr", "0.05", "--out", str(out), "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "another configuration" in err and "lr: 0.001 -> 0.05" in err and len(err.splitlines()) == 1
+    assert (out / "config.json").read_bytes() == saved
+
+
+def test_a_store_with_grid_fields_reads_a_file_that_differs_only_along_them(tmp_path):
+    saved = RunStore(tmp_path, {"hidden": [16], "seeds": [0]}, grid_fields=("seeds",))
+    saved.save_record("scratch-f1-s0", {"accuracy": 0.5})
+    grown = RunStore(tmp_path, {"hidden": [16], "seeds": [0, 1]}, grid_fields=("seeds",))
+    assert grown.record("scratch-f1-s0") == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match=r"made by another configuration \(seeds: \[0\] -> \[0, 1\]\)"):
+        RunStore(tmp_path, {"hidden": [16], "seeds": [0, 1]}).record("scratch-f1-s0")
+    with pytest.raises(ValueError, match=r"hidden: \[16\] -> \[32\]; seeds: \[0\] -> \[0, 1\]"):
+        RunStore(tmp_path, {"hidden": [32], "seeds": [0, 1]}, grid_fields=("seeds",)).record("scratch-f1-s0")
