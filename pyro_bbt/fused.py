@@ -7,7 +7,11 @@ to float rounding (tested), in fewer passes over the 478k weights of the 784-400
 On this CPU build ``torch.log1p`` costs about eight times ``torch.log`` per element, and the KL's
 autograd graph saves and revisits five intermediates per site; together they were a third of
 a step (``python benchmarks/bench.py --profile meanfield-local-1``).
-:class:`~pyro_bbt.inference.TrainConfig` ``fast=False`` goes back to the plain path.
+
+The estimators reach these functions through one seam,
+:class:`pyro_bbt.objectives.FastMeanFieldOps` (and :class:`~pyro_bbt.objectives.CompiledMeanFieldOps`
+for :func:`local_elbo_terms`); :class:`~pyro_bbt.inference.TrainConfig` ``fast=False`` picks the
+plain :class:`~pyro_bbt.objectives.MeanFieldOps` instead.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 from pyro.distributions import constraints
 
+from .model import local_reparameterized_forward
 from .pyro_internals import event_dims, unconstrained_loc_scale_parameters
 
 __all__ = ["softplus", "gaussian_kl_sum", "mean_field_loc_scale", "mean_field_loc_rho", "supports_fast_path", "broadcast_scalar", "gaussian_kl", "local_elbo_terms",
@@ -24,19 +29,34 @@ SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
 SOFTPLUS_TINY = -16.0  # below it log(1 + e^x) = e^x to float32 precision (relative error e^x / 2 < 6e-8)
 
 
-def _softplus_values(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 + e^x)`` as ``log(u) * (y / (u - 1))`` with ``y = e^x``, ``u = 1 + y`` (rounded):
-    the ratio corrects the rounding of ``u`` (Goldberg 1991, Theorem 4; a few ulp), in five
-    elementwise passes of which only ``exp`` and ``log`` are costly (``torch.log1p`` is not
-    vectorised on this build: 8x ``torch.log``). Values outside ``[-16, 20]`` (where ``u``
-    rounds to 1, or torch's own softplus returns ``x``) are rare and handled exactly."""
-    low, high = torch.aminmax(x)
-    if low < SOFTPLUS_TINY or high > SOFTPLUS_THRESHOLD:
-        return torch.where(x > SOFTPLUS_THRESHOLD, x, torch.where(x < SOFTPLUS_TINY, torch.exp(x), _softplus_values(x.clamp(SOFTPLUS_TINY, SOFTPLUS_THRESHOLD))))
+def _softplus_middle(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^x)`` for ``x`` in ``[-16, 20]`` as ``log(u) * (y / (u - 1))`` with ``y = e^x``,
+    ``u = 1 + y`` (rounded): the ratio corrects the rounding of ``u`` (Goldberg 1991, Theorem 4;
+    a few ulp), in five elementwise passes of which only ``exp`` and ``log`` are costly
+    (``torch.log1p`` is not vectorised on this build: 8x ``torch.log``). Out of place, so that
+    autograd (under ``torch.compile``) can differentiate it; the one copy of this arithmetic."""
     y = torch.exp(x)
     u = y + 1.0
-    ratio = y / (u - 1.0)
-    return torch.log_(u).mul_(ratio)
+    return torch.log(u) * (y / (u - 1.0))
+
+
+def _softplus_branch_free(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x)`` over the whole range without a data-dependent branch (traceable by
+    ``torch.compile``, which fuses it with what follows): ``x`` above 20 (torch's threshold),
+    ``e^x`` below -16 (where ``u`` rounds to 1 and ``log(1 + e^x) = e^x`` to float32 precision),
+    :func:`_softplus_middle` between."""
+    middle = _softplus_middle(x.clamp(SOFTPLUS_TINY, SOFTPLUS_THRESHOLD))
+    return torch.where(x > SOFTPLUS_THRESHOLD, x, torch.where(x < SOFTPLUS_TINY, torch.exp(x), middle))
+
+
+def _softplus_values(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x)``, eagerly: :func:`_softplus_middle` alone when every value lies in
+    ``[-16, 20]`` (the usual case: widths near ``softplus^-1(0.01) = -4.6``), else
+    :func:`_softplus_branch_free` (its clamp and two ``where`` passes). The same values either way."""
+    low, high = torch.aminmax(x)
+    if low < SOFTPLUS_TINY or high > SOFTPLUS_THRESHOLD:
+        return _softplus_branch_free(x)
+    return _softplus_middle(x)
 
 
 class _Softplus(torch.autograd.Function):
@@ -134,16 +154,6 @@ def mean_field_loc_scale(guide) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 # --------------------------------------------------------------------------- the compiled step
 
-def _softplus_plain(rho: torch.Tensor) -> torch.Tensor:
-    """:func:`softplus` as traceable arithmetic for ``torch.compile`` (inductor fuses it with what
-    follows, so the range checks of :func:`_softplus_values` are written as ``where``)."""
-    x = rho.clamp(SOFTPLUS_TINY, SOFTPLUS_THRESHOLD)
-    y = torch.exp(x)
-    u = y + 1.0
-    middle = torch.log(u) * (y / (u - 1.0))
-    return torch.where(rho > SOFTPLUS_THRESHOLD, rho, torch.where(rho < SOFTPLUS_TINY, torch.exp(rho), middle))
-
-
 def local_elbo_terms(locs: list[torch.Tensor], rhos: list[torch.Tensor], prior_locs: list[torch.Tensor], prior_scales: list[torch.Tensor],
                      x: torch.Tensor, y: torch.Tensor, eps: list[torch.Tensor], head: tuple[int, int] | None, likelihood_scale: torch.Tensor,
                      kl_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,26 +162,19 @@ def local_elbo_terms(locs: list[torch.Tensor], rhos: list[torch.Tensor], prior_l
 
     Sites come in layer order, weight then bias (``locs[2l]``, ``locs[2l + 1]``), with
     ``sigma = softplus(rho)``. Layer ``l`` maps ``h`` to
-    ``a = h mu_W^T + mu_b + sqrt(h^2 (sigma_W^2)^T + sigma_b^2) * eps_l`` (ReLU between layers),
+    ``a = h mu_W^T + mu_b + sqrt(h^2 (sigma_W^2)^T + sigma_b^2) * eps_l`` (ReLU between layers):
+    :func:`pyro_bbt.model.local_reparameterized_forward`, the eager path's forward, traced here;
     ``head = (start, stop)`` slices the output units. Returns
     ``(loss, log_lik, weighted_kl, logits)`` with ``log_lik = likelihood_scale * sum_n log softmax(a_n)[y_n]``
     and ``weighted_kl = kl_weight * sum_sites 1/2 sum [r + (mu - m0)^2 / s0^2 - 1 - log r]``,
     ``r = sigma^2 / s0^2``; ``loss = weighted_kl - log_lik``. The priors ``(m0, s0)`` are 0-d
     (one value per site) or of the site's shape, held fixed."""
-    h = x
+    scales = [_softplus_branch_free(rho) for rho in rhos]
+    layers = [(locs[i], scales[i], locs[i + 1], scales[i + 1]) for i in range(0, len(locs), 2)]
+    h = local_reparameterized_forward(x, layers, eps)
     kl = x.new_zeros(())
-    layers = len(locs) // 2
-    for index in range(layers):
-        w_loc, b_loc = locs[2 * index], locs[2 * index + 1]
-        w_scale, b_scale = _softplus_plain(rhos[2 * index]), _softplus_plain(rhos[2 * index + 1])
-        w_var, b_var = w_scale * w_scale, b_scale * b_scale
-        mean = torch.nn.functional.linear(h, w_loc, b_loc)
-        var = torch.nn.functional.linear(h * h, w_var, b_var)
-        h = mean + var.sqrt() * eps[index]
-        if index < layers - 1:
-            h = torch.relu(h)
-        for site, (loc, scale) in enumerate(((w_loc, w_scale), (b_loc, b_scale))):
-            kl = kl + gaussian_kl(loc, scale, prior_locs[2 * index + site], prior_scales[2 * index + site]).sum()
+    for loc, scale, prior_loc, prior_scale in zip(locs, scales, prior_locs, prior_scales):
+        kl = kl + gaussian_kl(loc, scale, prior_loc, prior_scale).sum()
     logits = h if head is None else h[..., head[0]:head[1]]
     log_lik = likelihood_scale * torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).sum()
     weighted_kl = kl_weight * kl

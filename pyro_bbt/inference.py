@@ -54,7 +54,7 @@ from .convergence import StoppingRule, median_scales
 from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
-from .objectives import ESTIMATORS, make_estimator
+from .objectives import ESTIMATORS, make_estimator, mean_field_ops
 from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, read_posterior
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
@@ -94,7 +94,8 @@ class TrainConfig:
         (:mod:`pyro_bbt.fused`), and Adam is torch's fused kernel. ``False``: the plain path,
         the guide traced every step and Adam's ``foreach`` kernel. The two take the same steps
         to float rounding (tested). ``validate=True`` implies the plain path (the checks live in
-        the trace).
+        the trace). :func:`train` turns ``fast`` and ``compile`` into one object,
+        :func:`pyro_bbt.objectives.mean_field_ops`, which the estimator and the optimiser use.
     :param compile: with the fast path, the ``local`` estimator's step (one particle, Gaussian
         priors) runs as one function under ``torch.compile`` (:func:`pyro_bbt.fused.local_elbo_terms`:
         inductor fuses softplus, the KL and the variance pass around the matrix products, forward
@@ -378,8 +379,8 @@ def train(
     estimator_name = config.estimator
     if estimator_name == "auto":
         estimator_name = "local" if has_closed_form_kl(guide) else "weights"
-    fast = config.fast and not config.validate
-    estimator = make_estimator(estimator_name, guide, config.num_particles, fast=fast, compile=fast and config.compile)
+    ops = mean_field_ops(fast=config.fast and not config.validate, compile=config.compile)  # the one place fast and compile are read
+    estimator = make_estimator(estimator_name, guide, config.num_particles, ops=ops)
 
     num_data = len(train_split)
     num_batches = math.ceil(num_data / config.batch_size)
@@ -395,8 +396,7 @@ def train(
         pyro.set_rng_seed(config.seed)
         order.manual_seed(config.seed)
     initialize_guide(guide, train_split.x.shape[1])
-    kernel = {"fused": True} if fast else {"foreach": True}
-    optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **kernel)
+    optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **ops.adam_kernel)
     first_rates = [group["lr"] for group in optimizer.param_groups]
     continuation_rates = _continuation_base(guide, first_rates, config.verdict)  # what the continuation's factors multiply
     first_epoch = step = 0

@@ -12,14 +12,16 @@ uses a batched matmul, so logits have shape ``(S, B, C)``. This is what makes
 ``vectorize_particles=True`` work, which ``PyroModule[nn.Linear]`` does not (its 2-D ``.t()``).
 
 :meth:`BayesianMLP.local_reparameterized_logits` is the local-reparameterisation forward pass
-(Kingma et al. 2015) used by the fast estimator: for a Gaussian mean-field posterior it samples
-each example's pre-activations ``a ~ N(h mu_W^T + mu_b, h^2 (sigma_W^2)^T + sigma_b^2)`` instead of
-sharing one weight sample across the minibatch.
+(Kingma et al. 2015) used by the ``local`` estimator: for a Gaussian mean-field posterior it
+samples each example's pre-activations ``a ~ N(h mu_W^T + mu_b, h^2 (sigma_W^2)^T + sigma_b^2)``
+instead of sharing one weight sample across the minibatch. Its arithmetic is
+:func:`local_reparameterized_forward`, which the compiled step (:mod:`pyro_bbt.fused`) traces too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeAlias
 
 import pyro
 import pyro.distributions as dist
@@ -31,7 +33,10 @@ from torch import nn
 from .priors import GaussianPrior, Prior
 from .pyro_internals import pyro_module_fullname
 
-__all__ = ["BayesianLinear", "BayesianMLP", "batched_linear"]
+__all__ = ["BayesianLinear", "BayesianMLP", "batched_linear", "local_reparameterized_forward"]
+
+GaussianLayer: TypeAlias = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""One layer's mean-field Gaussian posterior: ``(mu_W, sigma_W, mu_b, sigma_b)``."""
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -49,6 +54,36 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     if x.dim() == 2:
         x = x.expand(weight.shape[0], *x.shape)
     return torch.baddbmm(bias, x, weight.transpose(-1, -2))
+
+
+def local_reparameterized_forward(x: torch.Tensor, layers: Sequence[GaussianLayer], eps: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The output pre-activations of an MLP with ReLU between layers under a Gaussian mean-field
+    posterior, sampled by local reparameterisation (Kingma, Salimans & Welling 2015).
+
+    For layer ``l`` with ``W ~ N(mu_W, sigma_W^2)`` and ``b ~ N(mu_b, sigma_b^2)`` elementwise, the
+    pre-activation of one example given its input ``h`` is exactly Gaussian::
+
+        a = h mu_W^T + mu_b + sqrt(h^2 (sigma_W^2)^T + sigma_b^2) * eps_l,   eps_l ~ N(0, I)
+
+    :param x: ``(B, d_0)``, or ``(P, B, d_0)`` for ``P`` independent samples per example.
+    :param layers: ``(mu_W, sigma_W, mu_b, sigma_b)`` per layer, ``W`` of shape ``(d_l, d_{l-1})``.
+    :param eps: the standard-normal draws, one ``x.shape[:-1] + (d_l,)`` tensor per layer;
+        ``None``: drawn here, layer by layer (``torch.randn_like``).
+    :returns: ``(B, d_L)`` or ``(P, B, d_L)``.
+
+    The one copy of this arithmetic: :meth:`BayesianMLP.local_reparameterized_logits` runs it
+    eagerly, :func:`pyro_bbt.fused.local_elbo_terms` under ``torch.compile`` (with ``eps`` drawn
+    beforehand, in the same order).
+    """
+    h = x
+    last = len(layers) - 1
+    for index, (w_loc, w_scale, b_loc, b_scale) in enumerate(layers):
+        mean = F.linear(h, w_loc, b_loc)
+        var = F.linear(h * h, w_scale * w_scale, b_scale * b_scale)
+        h = mean + var.sqrt() * (torch.randn_like(mean) if eps is None else eps[index])
+        if index < last:
+            h = F.relu(h)
+    return h
 
 
 class BayesianLinear(PyroModule):
@@ -182,7 +217,8 @@ class BayesianMLP(PyroModule):
         posterior: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         num_particles: int = 1,
     ) -> torch.Tensor:
-        """Logits under local reparameterisation for a Gaussian mean-field posterior.
+        """Logits under local reparameterisation for a Gaussian mean-field posterior
+        (:func:`local_reparameterized_forward`, then the selected head's rows).
 
         For layer ``l`` with ``W ~ N(mu_W, sigma_W^2)`` and ``b ~ N(mu_b, sigma_b^2)`` elementwise,
         the pre-activation of one example given its input ``h`` is exactly Gaussian::
@@ -198,12 +234,5 @@ class BayesianMLP(PyroModule):
         :returns: ``(B, C)`` if ``num_particles == 1`` else ``(P, B, C)``.
         """
         h = x if num_particles == 1 else x.expand(num_particles, *x.shape)
-        for index in range(len(self.layers)):
-            w_loc, w_scale = posterior[f"layers.{index}.weight"]
-            b_loc, b_scale = posterior[f"layers.{index}.bias"]
-            mean = F.linear(h, w_loc, b_loc)
-            var = F.linear(h * h, w_scale * w_scale, b_scale * b_scale)
-            h = mean + var.sqrt() * torch.randn_like(mean)
-            if index < len(self.layers) - 1:
-                h = F.relu(h)
-        return self._select_head(h)
+        layers = [(*posterior[f"layers.{index}.weight"], *posterior[f"layers.{index}.bias"]) for index in range(len(self.layers))]
+        return self._select_head(local_reparameterized_forward(h, layers))

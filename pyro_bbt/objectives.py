@@ -23,6 +23,14 @@ usable as the ``loss`` of :class:`pyro.infer.SVI`:
   Needs the ``meanfield`` guide.
 
 Both keep the last step's log-likelihood, weighted KL and logits in ``last`` for diagnostics.
+
+How their mean-field pieces are computed -- the posterior's ``(loc, scale)``, the closed-form
+KL, and (``local``) the whole single-particle step -- is one object passed to the estimator, the
+seam between the plain path and the fast one: :class:`MeanFieldOps` (plain: trace the guide,
+autograd through :func:`gaussian_kl`), :class:`FastMeanFieldOps` (:mod:`pyro_bbt.fused`) and
+:class:`CompiledMeanFieldOps` (the step under ``torch.compile``). They compute the same values to
+float rounding (tested); :func:`mean_field_ops` picks one from
+:class:`~pyro_bbt.inference.TrainConfig`'s ``fast`` and ``compile``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ClassVar, TypeAlias
 
 import pyro
 import pyro.distributions as dist
@@ -52,12 +61,19 @@ __all__ = [
     "WeightSamplingELBO",
     "LocalReparameterizationELBO",
     "make_estimator",
+    "MeanFieldOps",
+    "FastMeanFieldOps",
+    "CompiledMeanFieldOps",
+    "mean_field_ops",
     "mean_field_posterior",
     "closed_form_kl",
     "gaussian_kl",
 ]
 
 ESTIMATORS = ("weights", "local")
+
+Posterior: TypeAlias = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Site name -> ``(loc, scale)`` of a mean-field Gaussian posterior, differentiable."""
 
 
 class KLScale(Messenger):
@@ -97,11 +113,13 @@ class ELBOTerms:
 class _Estimator:
     """Shared plumbing: callable as an SVI loss, with a ``loss_and_grads`` that frees the graph."""
 
-    def __init__(self, num_particles: int = 1, fast: bool = False) -> None:
+    def __init__(self, num_particles: int = 1, ops: MeanFieldOps | None = None) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        if ops is not None and not isinstance(ops, MeanFieldOps):
+            raise ValueError(f"ops must be a MeanFieldOps, got {ops!r}")
         self.num_particles = num_particles
-        self.fast = fast  # mean-field sites: pyro_bbt.fused's posterior read-out and KL
+        self.ops = MeanFieldOps() if ops is None else ops  # how the mean-field posterior and KL are computed
         self.last: ELBOTerms | None = None
 
     def terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -142,13 +160,8 @@ class _RecordWithoutSampling(Messenger):
             msg["done"] = True
 
 
-def mean_field_posterior(guide, x, y, num_data: int, fast: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``(loc, scale)`` of every site of a mean-field Gaussian guide, differentiable, read off one
-    trace of the guide; ``fast``: read off its parameters (:func:`pyro_bbt.fused.mean_field_loc_scale`)."""
-    if not isinstance(guide, AutoMeanFieldNormal):
-        raise ValueError(f"this estimator needs the 'meanfield' guide (a Gaussian at each weight site), got {type(guide).__name__}")
-    if fast and guide.prototype_trace is not None and supports_fast_path(guide):
-        return mean_field_loc_scale(guide)
+def _traced_posterior(guide, x, y, num_data: int) -> Posterior:
+    """``(loc, scale)`` of every sample site of ``guide``, read off one trace of it."""
     with _RecordWithoutSampling():
         trace = poutine.trace(guide).get_trace(x, y, num_data)
     return {
@@ -158,23 +171,156 @@ def mean_field_posterior(guide, x, y, num_data: int, fast: bool = False) -> dict
     }
 
 
-def closed_form_kl(model: BayesianMLP, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]], fast: bool = False) -> torch.Tensor:
-    """``KL(q || p) = sum_sites KL(N(loc, scale^2) || p_site)``: closed form for a Gaussian prior
-    (``fast``: :func:`pyro_bbt.fused.gaussian_kl_sum`, its gradient written out); for another
-    prior (the scale mixture) a one-sample estimate ``log q(w) - log p(w)``."""
-    kl = None
-    for name, shape in model.site_shapes.items():
-        loc, scale = posterior[name]
-        gaussian_prior = prior_loc_scale(model.prior, name, shape)
-        if gaussian_prior is not None and fast and not any(t.requires_grad for t in gaussian_prior):
-            site_kl = gaussian_kl_sum(loc, scale, *gaussian_prior)
-        elif gaussian_prior is not None:
-            site_kl = gaussian_kl(loc, scale, *gaussian_prior).sum()
-        else:
-            w = loc + scale * torch.randn_like(loc)
-            site_kl = dist.Normal(loc, scale).log_prob(w).sum() - model.prior.site_distribution(name, shape).log_prob(w)
-        kl = site_kl if kl is None else kl + site_kl
-    return kl
+def _check_mean_field(guide) -> None:
+    if not isinstance(guide, AutoMeanFieldNormal):
+        raise ValueError(f"this estimator needs the 'meanfield' guide (a Gaussian at each weight site), got {type(guide).__name__}")
+
+
+class MeanFieldOps:
+    """How a training step computes the pieces of the objective that belong to a mean-field
+    Gaussian guide ``q(w) = prod_sites N(loc, scale^2)``: the plain path, and the seam the fast
+    path plugs into (:class:`FastMeanFieldOps`, :class:`CompiledMeanFieldOps`). A subclass changes
+    how a piece is computed, never what: the same values to float rounding (tested).
+
+    * :meth:`posterior`: ``(loc, scale)`` of every site, read off one trace of the guide
+      (``scale = softplus(rho)`` by Pyro's constraint, torch's ``softplus``);
+    * :meth:`kl`: ``KL(q || p)``, site by site through :meth:`gaussian_site_kl` (here autograd
+      through :func:`gaussian_kl`);
+    * :meth:`local_step`: the ``local`` estimator's whole step as one function, where a subclass
+      has one (here never: ``None``);
+    * :attr:`adam_kernel`: the kernel keyword of ``torch.optim.Adam`` on this path (any guide).
+    """
+
+    adam_kernel: ClassVar[dict[str, bool]] = {"foreach": True}
+
+    def posterior(self, guide, x: torch.Tensor, y: torch.Tensor, num_data: int) -> Posterior:
+        """``(loc, scale)`` of every site of the ``meanfield`` guide, differentiable, read off one
+        trace of the guide (no random numbers spent: each site takes its mean)."""
+        _check_mean_field(guide)
+        return _traced_posterior(guide, x, y, num_data)
+
+    def gaussian_site_kl(self, loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+        """``sum KL(N(loc, scale^2) || N(prior_loc, prior_scale^2))``
+        ``= 1/2 sum [r + ((loc - prior_loc) / prior_scale)^2 - 1 - log r]``, ``r = (scale / prior_scale)^2``,
+        differentiable in all four (autograd)."""
+        return gaussian_kl(loc, scale, prior_loc, prior_scale).sum()
+
+    def kl(self, model: BayesianMLP, posterior: Posterior) -> torch.Tensor:
+        """``KL(q || p) = sum_sites KL(N(loc, scale^2) || p_site)``: :meth:`gaussian_site_kl` for a
+        Gaussian prior (:func:`pyro_bbt.priors.prior_loc_scale`); for another prior (the scale
+        mixture) a one-sample estimate ``log q(w) - log p(w)``, ``w = loc + scale * eps``."""
+        kl = None
+        for name, shape in model.site_shapes.items():
+            loc, scale = posterior[name]
+            gaussian_prior = prior_loc_scale(model.prior, name, shape)
+            if gaussian_prior is not None:
+                site_kl = self.gaussian_site_kl(loc, scale, *gaussian_prior)
+            else:
+                w = loc + scale * torch.randn_like(loc)
+                site_kl = dist.Normal(loc, scale).log_prob(w).sum() - model.prior.site_distribution(name, shape).log_prob(w)
+            kl = site_kl if kl is None else kl + site_kl
+        return kl
+
+    def local_step(self, model: BayesianMLP, guide, x: torch.Tensor, y: torch.Tensor, num_data: int, kl_weight: float,
+                   num_particles: int) -> ELBOTerms | None:
+        """The terms of :class:`LocalReparameterizationELBO`'s step computed as one function, or
+        ``None``: compute them piece by piece (:meth:`posterior`, the forward, :meth:`kl`)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FastMeanFieldOps(MeanFieldOps):
+    """The fast path (:mod:`pyro_bbt.fused`): the posterior read off the guide's parameters,
+    ``(loc, softplus(rho))`` with a ``log1p``-free softplus, instead of a trace; the Gaussian KL
+    summed with its gradient written out; torch's fused Adam kernel. Falls back to the plain
+    computation where it does not apply: a guide outside Pyro's ``AutoNormal`` family or not yet
+    set up (the trace sets it up), a prior whose parameters are being learned."""
+
+    adam_kernel: ClassVar[dict[str, bool]] = {"fused": True}
+
+    def posterior(self, guide, x: torch.Tensor, y: torch.Tensor, num_data: int) -> Posterior:
+        """:meth:`MeanFieldOps.posterior` read off the guide's parameters
+        (:func:`pyro_bbt.fused.mean_field_loc_scale`)."""
+        _check_mean_field(guide)
+        if guide.prototype_trace is not None and supports_fast_path(guide):
+            return mean_field_loc_scale(guide)
+        return _traced_posterior(guide, x, y, num_data)
+
+    def gaussian_site_kl(self, loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+        """:meth:`MeanFieldOps.gaussian_site_kl` with its backward written out
+        (:func:`pyro_bbt.fused.gaussian_kl_sum`), for a prior held fixed; autograd otherwise."""
+        if prior_loc.requires_grad or prior_scale.requires_grad:
+            return super().gaussian_site_kl(loc, scale, prior_loc, prior_scale)
+        return gaussian_kl_sum(loc, scale, prior_loc, prior_scale)
+
+
+class CompiledMeanFieldOps(FastMeanFieldOps):
+    """The fast path, with the ``local`` estimator's single-particle step as one function under
+    ``torch.compile`` with ``backend`` (:func:`pyro_bbt.fused.local_elbo_terms`; ``"inductor"``:
+    fused C++ kernels, ``"eager"``: traced by dynamo and run by eager torch, for tests). Where
+    the step does not apply (several particles, a guide outside the ``AutoNormal`` family, a
+    prior that is not Gaussian or is being learned at some site) it is :class:`FastMeanFieldOps`."""
+
+    def __init__(self, backend: str = "inductor") -> None:
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"backend must name a torch.compile backend, got {backend!r}")
+        self.backend = backend
+
+    def local_step(self, model: BayesianMLP, guide, x: torch.Tensor, y: torch.Tensor, num_data: int, kl_weight: float,
+                   num_particles: int) -> ELBOTerms | None:
+        """The step through :func:`pyro_bbt.fused.compiled_local_elbo_terms`, or ``None`` where it
+        does not apply. Draws the same noise, in the same order, as the eager forward."""
+        if num_particles != 1 or guide.prototype_trace is None or not supports_fast_path(guide):
+            return None
+        params = mean_field_loc_rho(guide)
+        locs, rhos, prior_locs, prior_scales = [], [], [], []
+        for name, shape in model.site_shapes.items():
+            gaussian_prior = prior_loc_scale(model.prior, name, shape)
+            if gaussian_prior is None or any(t.requires_grad for t in gaussian_prior) or name not in params:
+                return None
+            loc, rho = params[name]
+            locs.append(loc)
+            rhos.append(rho)
+            for out, value in zip((prior_locs, prior_scales), gaussian_prior):
+                scalar = broadcast_scalar(value)
+                out.append(value if scalar is None else scalar)
+        # the same draws, in the same order, as local_reparameterized_forward's randn_like per layer
+        eps = [torch.randn(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
+        rows = model.output_rows
+        head = None if rows is None else (rows.start, rows.stop)
+        loss, log_lik, weighted_kl, logits = compiled_local_elbo_terms(self.backend)(
+            locs, rhos, prior_locs, prior_scales, x, y, eps, head, x.new_tensor(num_data / y.shape[0]), x.new_tensor(float(kl_weight)))
+        return ELBOTerms(loss, log_lik.item(), weighted_kl.item(), logits.detach())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend!r})"
+
+
+def mean_field_ops(fast: bool = True, compile: bool | str = False) -> MeanFieldOps:
+    """The seam for :class:`~pyro_bbt.inference.TrainConfig`'s ``fast`` and ``compile``:
+    :class:`MeanFieldOps` when not ``fast`` (``compile`` is then ignored: it is a form of the
+    fast path), else :class:`CompiledMeanFieldOps` when ``compile`` (``True``: inductor, or a
+    ``torch.compile`` backend's name), else :class:`FastMeanFieldOps`."""
+    if not fast:
+        return MeanFieldOps()
+    if compile:
+        return CompiledMeanFieldOps("inductor" if compile is True else compile)
+    return FastMeanFieldOps()
+
+
+def mean_field_posterior(guide, x, y, num_data: int) -> Posterior:
+    """``(loc, scale)`` of every site of a mean-field Gaussian guide, differentiable, read off one
+    trace of the guide (:meth:`MeanFieldOps.posterior`)."""
+    return MeanFieldOps().posterior(guide, x, y, num_data)
+
+
+def closed_form_kl(model: BayesianMLP, posterior: Posterior) -> torch.Tensor:
+    """``KL(q || p) = sum_sites KL(N(loc, scale^2) || p_site)``: closed form for a Gaussian prior,
+    for another prior (the scale mixture) a one-sample estimate ``log q(w) - log p(w)``
+    (:meth:`MeanFieldOps.kl`)."""
+    return MeanFieldOps().kl(model, posterior)
 
 
 def _categorical_log_lik(logits: torch.Tensor, y: torch.Tensor, num_data: int, num_particles: int) -> torch.Tensor:
@@ -198,8 +344,8 @@ class WeightSamplingELBO(_Estimator):
     one batched matmul per layer.
     """
 
-    def __init__(self, num_particles: int = 1, closed_form_kl: bool = True, fast: bool = False) -> None:
-        super().__init__(num_particles, fast)
+    def __init__(self, num_particles: int = 1, closed_form_kl: bool = True, ops: MeanFieldOps | None = None) -> None:
+        super().__init__(num_particles, ops)
         self.closed_form_kl = closed_form_kl
 
     def terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -208,13 +354,13 @@ class WeightSamplingELBO(_Estimator):
         return self._trace_terms(model, guide, x, y, num_data, kl_weight)
 
     def _mean_field_terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
-        posterior = mean_field_posterior(guide, x, y, num_data, self.fast)
+        posterior = self.ops.posterior(guide, x, y, num_data)
         batch = () if self.num_particles == 1 else (self.num_particles,)
         weights = {name: loc + scale * torch.randn(batch + loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, scale) in posterior.items()}
         with poutine.condition(data=weights):
             logits = model.logits(x)
         log_lik = _categorical_log_lik(logits, y, num_data, self.num_particles)
-        kl = kl_weight * closed_form_kl(model, posterior, self.fast) if kl_weight > 0 else x.new_zeros(())
+        kl = kl_weight * self.ops.kl(model, posterior) if kl_weight > 0 else x.new_zeros(())
         return ELBOTerms(kl - log_lik, log_lik.item(), kl.item(), logits.detach())
 
     def _trace_terms(self, model, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
@@ -252,59 +398,25 @@ class LocalReparameterizationELBO(_Estimator):
     deterministic forward passes. Needs the ``meanfield`` guide.
     """
 
-    def __init__(self, num_particles: int = 1, fast: bool = False, compile: bool | str = False) -> None:
-        super().__init__(num_particles, fast)
-        # one particle through pyro_bbt.fused.local_elbo_terms under torch.compile with this backend
-        self.compile_backend = "inductor" if compile is True else (compile or None)
-
-    def _compiled_terms(self, model: BayesianMLP, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms | None:
-        """The step through :func:`pyro_bbt.fused.compiled_local_elbo_terms`, or ``None`` where it
-        does not apply (several particles, a guide not of the ``AutoNormal`` family, a prior that
-        is not Gaussian or is being learned at some site)."""
-        if self.num_particles != 1 or guide.prototype_trace is None or not supports_fast_path(guide):
-            return None
-        params = mean_field_loc_rho(guide)
-        locs, rhos, prior_locs, prior_scales = [], [], [], []
-        for name, shape in model.site_shapes.items():
-            gaussian_prior = prior_loc_scale(model.prior, name, shape)
-            if gaussian_prior is None or any(t.requires_grad for t in gaussian_prior) or name not in params:
-                return None
-            loc, rho = params[name]
-            locs.append(loc)
-            rhos.append(rho)
-            for out, value in zip((prior_locs, prior_scales), gaussian_prior):
-                scalar = broadcast_scalar(value)
-                out.append(value if scalar is None else scalar)
-        # the same draws, in the same order, as local_reparameterized_logits' randn_like per layer
-        eps = [torch.randn(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-        rows = model.output_rows
-        head = None if rows is None else (rows.start, rows.stop)
-        loss, log_lik, weighted_kl, logits = compiled_local_elbo_terms(self.compile_backend)(
-            locs, rhos, prior_locs, prior_scales, x, y, eps, head, x.new_tensor(num_data / y.shape[0]), x.new_tensor(float(kl_weight)))
-        return ELBOTerms(loss, log_lik.item(), weighted_kl.item(), logits.detach())
-
     def terms(self, model: BayesianMLP, guide, x, y, num_data: int, kl_weight: float) -> ELBOTerms:
-        if self.compile_backend is not None:
-            compiled = self._compiled_terms(model, guide, x, y, num_data, kl_weight)
-            if compiled is not None:
-                return compiled
-        posterior = mean_field_posterior(guide, x, y, num_data, self.fast)
+        step = self.ops.local_step(model, guide, x, y, num_data, kl_weight, self.num_particles)
+        if step is not None:
+            return step
+        posterior = self.ops.posterior(guide, x, y, num_data)
         logits = model.local_reparameterized_logits(x, posterior, self.num_particles)
         log_lik = _categorical_log_lik(logits, y, num_data, self.num_particles)
-        kl = kl_weight * closed_form_kl(model, posterior, self.fast) if kl_weight > 0 else x.new_zeros(())
+        kl = kl_weight * self.ops.kl(model, posterior) if kl_weight > 0 else x.new_zeros(())
         return ELBOTerms(kl - log_lik, log_lik.item(), kl.item(), logits.detach())
 
 
-def make_estimator(name: str, guide, num_particles: int = 1, fast: bool = False, compile: bool | str = False):
-    """The estimator called ``name`` (one of :data:`ESTIMATORS`) for ``guide``; ``fast`` uses
-    :mod:`pyro_bbt.fused` for mean-field sites (the same values to float rounding); ``compile``
-    (``True``, or a ``torch.compile`` backend's name) runs the ``local`` estimator's
-    single-particle step as one compiled function (:func:`pyro_bbt.fused.local_elbo_terms`;
-    the same values to float rounding)."""
+def make_estimator(name: str, guide, num_particles: int = 1, ops: MeanFieldOps | None = None) -> WeightSamplingELBO | LocalReparameterizationELBO:
+    """The estimator called ``name`` (one of :data:`ESTIMATORS`) for ``guide``, computing its
+    mean-field pieces with ``ops`` (default: the plain :class:`MeanFieldOps`; :func:`mean_field_ops`
+    for the fast path or the compiled step: the same values to float rounding)."""
     if name == "weights":
-        return WeightSamplingELBO(num_particles, closed_form_kl=has_closed_form_kl(guide), fast=fast)
+        return WeightSamplingELBO(num_particles, closed_form_kl=has_closed_form_kl(guide), ops=ops)
     if name == "local":
         if not has_closed_form_kl(guide):
             raise ValueError(f"estimator 'local' needs the 'meanfield' guide, got {type(guide).__name__}")
-        return LocalReparameterizationELBO(num_particles, fast=fast, compile=compile)
+        return LocalReparameterizationELBO(num_particles, ops=ops)
     raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")

@@ -106,13 +106,13 @@ def test_the_compiled_step_takes_the_fast_paths_steps(prior):
     from pyro_bbt.guides import GuideConfig, make_guide
     from pyro_bbt.inference import initialize_guide
     from pyro_bbt.model import BayesianMLP
-    from pyro_bbt.objectives import make_estimator
+    from pyro_bbt.objectives import CompiledMeanFieldOps, FastMeanFieldOps, make_estimator
 
     x, y = synthetic_batch(batch=40, features=6, classes=3, seed=2)
     if prior == "active-outputs":
         y = y % 2
     fits = []
-    for compile in ("eager", False):
+    for ops in (CompiledMeanFieldOps("eager"), FastMeanFieldOps()):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         model = BayesianMLP((6, 5, 3), num_heads=2)
@@ -126,7 +126,7 @@ def test_the_compiled_step_takes_the_fast_paths_steps(prior):
                                        {s: torch.rand(shape, generator=generator) + 0.2 for s, shape in hidden.items()}, fallback=GaussianPrior(0.7))
         guide = make_guide("meanfield", model, GuideConfig(init_scale=0.05))
         initialize_guide(guide, 6)
-        estimator = make_estimator("local", guide, fast=True, compile=compile)
+        estimator = make_estimator("local", guide, ops=ops)
         optimizer = torch.optim.Adam(guide.parameters(), lr=1e-2)
         losses = []
         for step, weight in enumerate((0.5, 0.25, 0.125, 1.0)):
@@ -148,3 +148,100 @@ def test_the_compiled_step_takes_the_fast_paths_steps(prior):
 def test_train_config_checks_compile():
     with pytest.raises(ValueError, match="compile must be True or False, got 1"):
         TrainConfig(compile=1)
+
+
+def test_mean_field_ops_is_the_one_seam_for_fast_and_compile():
+    """TrainConfig's fast and compile become one object (objectives.mean_field_ops) that the
+    estimators hold; nothing else carries the flags."""
+    from pyro_bbt.objectives import (CompiledMeanFieldOps, FastMeanFieldOps, LocalReparameterizationELBO, MeanFieldOps, WeightSamplingELBO,
+                                     make_estimator, mean_field_ops)
+
+    plain, fast, compiled, eager = (mean_field_ops(fast=False, compile=True), mean_field_ops(), mean_field_ops(compile=True),
+                                    mean_field_ops(compile="eager"))
+    assert type(plain) is MeanFieldOps and type(fast) is FastMeanFieldOps and type(compiled) is CompiledMeanFieldOps
+    assert compiled.backend == "inductor" and eager.backend == "eager" and repr(eager) == "CompiledMeanFieldOps('eager')"
+    assert plain.adam_kernel == {"foreach": True} and fast.adam_kernel == compiled.adam_kernel == {"fused": True}
+    _, guide = fresh_model_and_guide((6, 5, 3), "meanfield")
+    assert type(make_estimator("local", guide).ops) is MeanFieldOps  # the plain path unless asked
+    for name, kind in (("local", LocalReparameterizationELBO), ("weights", WeightSamplingELBO)):
+        estimator = make_estimator(name, guide, 2, ops=fast)
+        assert isinstance(estimator, kind) and estimator.ops is fast and estimator.num_particles == 2
+    with pytest.raises(ValueError, match="ops must be a MeanFieldOps"):
+        make_estimator("local", guide, ops=True)
+    with pytest.raises(ValueError, match="backend must name"):
+        CompiledMeanFieldOps("")
+
+
+@pytest.mark.parametrize("fields,expected", [({}, "FastMeanFieldOps()"), ({"fast": False}, "MeanFieldOps()"),
+                                             ({"validate": True}, "MeanFieldOps()"), ({"fast": False, "compile": True}, "MeanFieldOps()"),
+                                             ({"compile": True}, "CompiledMeanFieldOps('inductor')")])
+def test_train_turns_fast_and_compile_into_the_seam(monkeypatch, fields, expected):
+    """``validate=True`` implies the plain path; ``compile`` is a form of the fast path; the
+    optimiser's kernel comes from the same object."""
+    import pyro_bbt.inference as inference
+
+    seen = {}
+
+    def recording_make_estimator(name, guide, num_particles=1, ops=None):
+        seen["ops"] = repr(ops)
+        runnable = FastMeanFieldOps() if isinstance(ops, CompiledMeanFieldOps) else ops  # inductor's build takes minutes
+        return make_estimator(name, guide, num_particles, ops=runnable)
+
+    def recording_adam(groups, **kwargs):
+        seen["kernel"] = {k: kwargs[k] for k in ("fused", "foreach") if k in kwargs}
+        return real_adam(groups, **kwargs)
+
+    from pyro_bbt.objectives import CompiledMeanFieldOps, FastMeanFieldOps, make_estimator
+    real_adam = torch.optim.Adam
+    monkeypatch.setattr(inference, "make_estimator", recording_make_estimator)
+    monkeypatch.setattr(inference.torch.optim, "Adam", recording_adam)
+    x, y = synthetic_batch(batch=8, features=6, classes=3)
+    model, guide = fresh_model_and_guide((6, 5, 3), "meanfield")
+    train(model, guide, Split(x, y), TrainConfig(steps=1, batch_size=8, progress=False, eval_samples=0, verdict=None, **fields))
+    assert seen["ops"] == expected
+    assert seen["kernel"] == ({"foreach": True} if expected == "MeanFieldOps()" else {"fused": True})
+
+
+def test_the_fast_ops_fall_back_to_the_plain_computation():
+    """A guide not yet set up is traced (which sets it up); a prior being learned gets its
+    gradient through autograd's KL (gaussian_kl_sum holds the prior fixed)."""
+    from pyro_bbt.objectives import FastMeanFieldOps, MeanFieldOps
+
+    x, y = synthetic_batch(batch=4, features=6, classes=3)
+    model, guide = fresh_model_and_guide((6, 5, 3), "meanfield", init_scale=0.05)
+    assert guide.prototype_trace is None
+    posterior = FastMeanFieldOps().posterior(guide, x, y, 4)
+    assert guide.prototype_trace is not None and list(posterior) == list(model.site_shapes)
+    prior_scale = torch.tensor(0.7, requires_grad=True)
+    grads = []
+    for ops in (FastMeanFieldOps(), MeanFieldOps()):
+        kl = sum(ops.gaussian_site_kl(loc.detach(), scale.detach(), torch.zeros(()), prior_scale) for loc, scale in posterior.values())
+        grads.append(torch.autograd.grad(kl, prior_scale)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_the_compiled_step_and_the_eager_path_share_their_arithmetic():
+    """The softplus traced by torch.compile equals the eager one to the last bit, and the
+    compiled step's function (run uncompiled here) gives the eager forward's logits to the last
+    bit for the same noise, and its KL to float rounding (the eager path's KL has its backward
+    written out)."""
+    import pyro_bbt.fused as fused
+    from pyro_bbt.objectives import FastMeanFieldOps
+
+    values = torch.cat([torch.linspace(-30.0, 30.0, 20001), torch.tensor([-16.0, -15.999, 20.0, 20.001, 0.0, -88.0, 88.0])])
+    assert torch.equal(fused._softplus_branch_free(values), softplus(values))
+    inside = torch.linspace(-16.0, 20.0, 5001)
+    assert torch.equal(fused._softplus_branch_free(inside), softplus(inside))
+
+    x, y = synthetic_batch(batch=10, features=6, classes=3, seed=4)
+    model, guide = fresh_model_and_guide((6, 5, 4, 3), "meanfield", initialize=True, init_scale=0.05)
+    params = fused.mean_field_loc_rho(guide)
+    locs, rhos = [loc for loc, _ in params.values()], [rho for _, rho in params.values()]
+    prior_locs, prior_scales = [torch.zeros(()) for _ in locs], [torch.ones(()) for _ in locs]
+    torch.manual_seed(11)
+    eps = [torch.randn(x.shape[0], layer.out_features) for layer in model.layers]
+    _, _, weighted_kl, logits = fused.local_elbo_terms(locs, rhos, prior_locs, prior_scales, x, y, eps, None, x.new_tensor(1.0), x.new_tensor(1.0))
+    posterior = FastMeanFieldOps().posterior(guide, x, y, 10)
+    torch.manual_seed(11)
+    assert torch.equal(logits, model.local_reparameterized_logits(x, posterior))
+    torch.testing.assert_close(weighted_kl, FastMeanFieldOps().kl(model, posterior), rtol=1e-6, atol=0)
