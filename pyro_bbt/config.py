@@ -64,7 +64,9 @@ class ExperimentConfig:
     B's Bayesian fits (scratch, transfer, finetune, joint): ``fit_b="fixed"``, the same budget of
     steps for every method (``epochs``, ``min_steps``, at ``lr``); ``"rule"``, each to convergence
     by q_A's rule, rates and verdict (:meth:`recipe_b_converged`), at most ``max_epochs_b`` epochs
-    (``None``: q_A's cap). EWC's nets keep the fixed budget.
+    (``None``: q_A's cap), in minibatches of about a tenth of their data (at least 32), or of
+    ``batch_size_b`` where set (full batch when that is at least the data). EWC's nets keep the
+    fixed budget.
 
     The rule's ELBO test (``elbo_test``, :class:`~pyro_bbt.convergence.StoppingRule`):
     ``"two-point"`` (``rel_tol`` between two epochs ``window`` apart) or ``"means"`` (two window
@@ -141,6 +143,7 @@ class ExperimentConfig:
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
     max_epochs_b: int | None = None
+    batch_size_b: int | None = None
     epochs: int = 5
     min_steps: int = 200
     fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
@@ -200,6 +203,10 @@ class ExperimentConfig:
             raise ValueError(f"lr-factor must lie in (0, 1), got {self.lr_factor!r}")
         if self.batch_size_a is not None and (not isinstance(self.batch_size_a, int) or self.batch_size_a < 1):
             raise ValueError(f"batch-size-a must be None or an integer >= 1, got {self.batch_size_a!r}")
+        if self.batch_size_b is not None and (isinstance(self.batch_size_b, bool) or not isinstance(self.batch_size_b, int) or self.batch_size_b < 1):
+            raise ValueError(f"batch-size-b must be None (about a tenth of the fit's data) or an integer >= 1 (at least the data: full batch), got {self.batch_size_b!r}")
+        if self.batch_size_b is not None and self.fit_b != "rule":
+            raise ValueError(f"batch-size-b sets the minibatch of B's fits by the rule (fit-b rule); with fit-b {self.fit_b!r} B's fits use batch-size")
         for name in ("prior_scale", "init_scale", "lr", "ewc_lr", "ewc_lambda", "mixture_sigma1", "mixture_sigma2", "rel_tol", "scale_tol"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "ewc_lambda" and value == 0):
@@ -317,8 +324,9 @@ class ExperimentConfig:
         """Every Bayesian fit on B (and joint's) with ``fit_b="rule"``: q_A's rule, cap, rates and
         verdict, in minibatches of about a tenth of the ``num_train`` images (at least 32, at most
         :attr:`a_batch_size`), so that a fit on 1 % of B takes ten steps an epoch rather than
-        one."""
-        batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10)))
+        one; ``batch_size_b``, where set, instead (at least ``num_train``: one full-batch step an
+        epoch)."""
+        batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10))) if self.batch_size_b is None else min(self.batch_size_b, num_train)
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
         return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser())
 
@@ -365,7 +373,8 @@ class ExperimentConfig:
 # Fields added after runs were stored, each with the value that reproduces those runs; absent from
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
-                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0}
+                                   "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
+                                   "batch_size_b": None}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored

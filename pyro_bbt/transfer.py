@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-average", action=argparse.BooleanOptionalAction, help="with --continuation-epochs: a continuation's end is the average of the guide's parameters over its epochs at the last rate (tail averaging), not its last iterate; default off")
     p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
     p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper preset: 0.01,0.03); none: each fit's own first rates (the default)")
+    p.add_argument("--batch-size-b", type=int, help="with --fit-b rule: the minibatch of every Bayesian fit on B (and joint's); at least the fit's data: one full-batch step an epoch (default: about a tenth of the fit's data, at least 32, at most --batch-size-a)")
     p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a; 3000 in the paper preset")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
     p.add_argument("--fractions", type=_floats, help="fractions of B's training data, e.g. 0.01,0.1,0.5,1")

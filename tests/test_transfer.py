@@ -436,3 +436,20 @@ def test_ewc_patience_stops_both_nets_by_their_validation_split_within_the_cap(t
     results = json.loads((plain / "results.json").read_text())
     assert "ewc_patience" not in results["config"] and "early_stopping" not in results["units"][0]
     assert main([*TINY, "--methods", "ewc", "--ewc-patience", "0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_batch_size_b_sets_the_minibatch_of_b_fits_by_the_rule():
+    def parsed(*argv: str) -> ExperimentConfig:
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    paper = parsed("--preset", "paper")
+    assert paper.batch_size_b is None and "batch_size_b" not in paper.to_dict()  # stored runs keep their hash
+    assert paper.recipe_b_converged(265).batch_size == 32 and paper.recipe_b_converged(2647).batch_size == 265
+    full = parsed("--preset", "paper", "--batch-size-b", "100000")
+    assert full.recipe_b_converged(265).batch_size == 265 and full.recipe_b_converged(2647).batch_size == 2647
+    assert parsed("--preset", "paper", "--batch-size-b", "64").recipe_b_converged(2647).batch_size == 64
+    assert full.to_dict()["batch_size_b"] == 100000
+    with pytest.raises(ValueError, match=r"batch-size-b must be None .* got 0"):
+        ExperimentConfig(fit_b="rule", batch_size_b=0)
+    with pytest.raises(ValueError, match=r"with fit-b 'fixed' B's fits use batch-size"):
+        ExperimentConfig(batch_size_b=64)
