@@ -16,6 +16,10 @@ Failures:
 * a unit that raises, or whose worker dies, fails with the traceback but is **not** saved, and
   neither are the units that need it, so a resume runs them again.
 
+A unit may say how it fails (:attr:`Unit.failed`: the A -> B grid's units fail with a full
+record) and how it is kept (:attr:`Unit.kept`: the grid's task-A stages are kept by their state
+alone, the layout their run directories have always had).
+
 The outcomes come back keyed by unit, so the summary a study builds from them does not depend on
 the order in which units finished, hence not on the executor or its number of workers.
 """
@@ -25,14 +29,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from .executors import Executor, Job, JobResult, SerialExecutor, check_positive_int, make_executor
 from .runstore import RunStore
 
-__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "failed_outcome", "row_outcome", "run_units", "run_study_units"]
+__all__ = ["Unit", "UnitOutcome", "UnitCheckpoints", "default_failure", "failed_outcome", "row_outcome", "run_units", "run_study_units"]
 
 
 @dataclass
@@ -58,16 +62,38 @@ def row_outcome(row: dict, state: dict | None = None) -> UnitOutcome:
     return UnitOutcome({"status": "ok", "row": row}, state)
 
 
+def default_failure(error: str, need: str | None) -> UnitOutcome:
+    """A unit's outcome when it fails without returning one: ``error`` (the traceback of its job,
+    ``need`` ``None``), or ``"NEED failed: ERROR"`` when the unit ``need`` it needs failed with
+    ``error``."""
+    return failed_outcome(error if need is None else f"{need} failed: {error}")
+
+
 @dataclass(frozen=True)
 class Unit:
     """``fn(*args, *states, checkpoint, on_checkpoint)``, where ``states`` are the states of the
     units named in ``needs`` (in that order), ``checkpoint`` the unit's last saved epoch (or
-    ``None``) and ``on_checkpoint(key, data)`` saves one; it returns a :class:`UnitOutcome`."""
+    ``None``) and ``on_checkpoint(key, data)`` saves one; it returns a :class:`UnitOutcome`.
+
+    ``failed(error, need)`` is its outcome when it returns none (called in the driver's process):
+    its job raised or its worker died (``need`` ``None``, ``error`` the traceback), or the unit
+    ``need`` it needs failed (``error``: that unit's error, not run then); default
+    :func:`default_failure`.
+
+    ``kept`` is how a store holds it once finished. ``"record"``: its record under ``units/``
+    (and its state under ``stages/`` when another unit needs it), read back by a rerun instead of
+    running it. ``"state"``: its state alone under ``stages/`` (the A -> B grid's task-A stages):
+    it runs on every rerun, ``fn`` then taking the store's copy of its state (``None`` if none)
+    as one more argument, before ``checkpoint``, from which it rebuilds its record instead of
+    fitting again; it returns a state only when it made one (saved then, if it did not fail),
+    else the units that need it receive the store's copy; its record is never saved."""
 
     key: str
     fn: Callable[..., UnitOutcome]
     args: tuple = ()
     needs: tuple[str, ...] = ()
+    failed: Callable[[str, str | None], UnitOutcome] = default_failure
+    kept: Literal["record", "state"] = "record"
 
 
 @dataclass
@@ -88,9 +114,9 @@ class UnitCheckpoints:
 
 
 def _stored(unit: Unit, store: RunStore | None, needed: set[str]) -> UnitOutcome | None:
-    """The finished outcome of ``unit`` in ``store``, or ``None`` if it must run (absent, or its
-    state is missing while another unit needs it)."""
-    if store is None:
+    """The finished outcome of ``unit`` in ``store``, or ``None`` if it must run (absent, its
+    state is missing while another unit needs it, or it is kept by its state alone)."""
+    if store is None or unit.kept == "state":
         return None
     record = store.record(unit.key)
     if record is None:
@@ -112,7 +138,8 @@ def run_units(
     """Run ``units`` (keys unique, every ``needs`` naming an earlier unit) on ``executor``
     (default: serial, one torch thread) with ``store`` (``None``: nothing kept) and return every
     unit's outcome by key. ``on_finish(unit, outcome)`` is called as each unit finishes (not for
-    those read back from the store). ``progress`` shows one bar for the whole plan."""
+    those read back from the store). ``progress`` shows one bar for the whole plan (units done
+    of all, and how many failed)."""
     by_key = {u.key: u for u in units}
     if len(by_key) != len(units):
         raise ValueError("unit keys must be unique")
@@ -125,6 +152,7 @@ def run_units(
     done: dict[str, UnitOutcome] = {}
     crashed: set[str] = set()
     shared: dict[str, Any] = {}
+    given: dict[str, dict | None] = {}  # the store's copy of the state of a unit kept by its state, while it runs
     waiting: list[Unit] = []
     for unit in units:
         outcome = _stored(unit, store, needed)
@@ -132,19 +160,29 @@ def run_units(
             waiting.append(unit)
         else:
             done[unit.key] = outcome
+    failures = sum(o.failed for o in done.values())
     bar = tqdm(total=len(units), initial=len(done), disable=not progress, desc=description, unit="unit", file=sys.stderr, dynamic_ncols=True)
 
     def finish(unit: Unit, outcome: UnitOutcome, keep: bool) -> None:
-        done[unit.key] = outcome
-        if keep and store is not None:
+        nonlocal failures
+        if unit.kept == "state":
+            saved = given.pop(unit.key, None)
+            if keep and store is not None and not outcome.failed and outcome.state is not None:
+                store.save_stage(unit.key, outcome.state)
+            if not outcome.failed and outcome.state is None:  # rebuilt from the store's copy
+                outcome = UnitOutcome(outcome.record, saved)
+        elif keep and store is not None:
             if outcome.state is not None and unit.key in needed:
                 store.save_stage(unit.key, outcome.state)
             store.save_record(unit.key, outcome.record)
-        elif not keep:
+        if not keep:
             crashed.add(unit.key)
+        done[unit.key] = outcome
         if on_finish is not None:
             on_finish(unit, outcome)
+        failures += outcome.failed
         bar.update(1)
+        bar.set_postfix(failed=failures)
 
     def job(unit: Unit) -> Job:
         states = []
@@ -152,6 +190,9 @@ def run_units(
             if need not in shared:
                 shared[need] = executor.share(done[need].state)
             states.append(shared[need])
+        if unit.kept == "state":
+            given[unit.key] = store.stage(unit.key) if store is not None else None
+            states.append(given[unit.key])
         checkpoint = store.checkpoint(unit.key) if store is not None else None
         on_checkpoint = executor.forwarder(store.save_checkpoint) if store is not None else None
         return Job(unit.key, unit.fn, (*unit.args, *states, checkpoint, on_checkpoint))
@@ -165,7 +206,7 @@ def run_units(
                 waiting.remove(unit)
                 failed_need = next((n for n in unit.needs if done[n].failed), None)
                 if failed_need is not None:  # what it needs failed: so does it, kept only if that one was
-                    finish(unit, failed_outcome(f"{failed_need} failed: {done[failed_need].record.get('error', '')}"), failed_need not in crashed)
+                    finish(unit, unit.failed(done[failed_need].record.get("error", ""), failed_need), failed_need not in crashed)
                     continue
                 executor.submit(job(unit))
             if not executor.busy():
@@ -177,7 +218,7 @@ def run_units(
             if result.ok:
                 finish(unit, result.value, keep=True)
             else:
-                finish(unit, failed_outcome(result.error), keep=False)
+                finish(unit, unit.failed(result.error, None), keep=False)
     finally:
         bar.close()
     return done

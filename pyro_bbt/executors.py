@@ -2,7 +2,7 @@
 
 An executor runs :class:`Job` s (a picklable function and its arguments) and hands back their
 :class:`JobResult` s one at a time; it never touches the run directory, which the driver
-(:func:`~pyro_bbt.experiment.run_experiment`) alone writes.
+(:func:`~pyro_bbt.engine.run_units`) alone writes.
 
 * :class:`SerialExecutor` runs each job in the driver's process, when asked for its result.
 * :class:`ProcessExecutor` runs jobs in a local pool of ``workers`` processes (``spawn``

@@ -2,11 +2,11 @@
 
 Every function here is pure in the sense the executors need: a configuration, a unit's spec
 and the saved state of the stage it depends on go in; a record (and, for a stage, the state to
-save) comes out. Nothing here writes a run directory: the driver
-(:func:`~pyro_bbt.experiment.run_experiment`) alone does, through
-:class:`~pyro_bbt.runstore.RunStore`. The training helpers (``fit_task_a``,
-``run_bayesian_b``, ...) are also used by the studies (:mod:`pyro_bbt.studies`,
-:mod:`pyro_bbt.tradeoff`), which import them from here.
+save) comes out. Nothing here writes a run directory: the study engine's driver
+(:func:`~pyro_bbt.engine.run_units`, on which :func:`~pyro_bbt.experiment.run_experiment` runs
+:func:`stage_unit` and :func:`b_unit`) alone does, through :class:`~pyro_bbt.runstore.RunStore`.
+The training helpers (``fit_task_a``, ``run_bayesian_b``, ...) are also used by the studies
+(:mod:`pyro_bbt.studies`, :mod:`pyro_bbt.tradeoff`), which import them from here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .config import ExperimentConfig
 from .checkpoint import prior_from_state, prior_state
 from .continual import backward_transfer, forward_transfer
 from .data import Split, Task, TaskData, load_task
+from .engine import UnitOutcome, failed_outcome
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EarlyStopping, EWCPenalty, fisher_diagonal, train_deterministic
 from .fitting import fit_posterior, guide_state, prior_from_posterior, start_from_state
@@ -518,18 +519,18 @@ def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = No
     return StageOutcome(spec.key, store.saved_stage, entry, "", time.perf_counter() - start)
 
 
-def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None = None, stage_error: str = "",
+def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None = None,
              checkpoint: dict | None = None, on_checkpoint: Callable[[str, dict], None] | None = None) -> dict:
     """Train the B unit ``spec`` for ``config`` and return its record (as in ``results.json``).
 
-    ``stage_state`` is the saved state of the stage ``spec.needs`` (``None``: the stage failed
-    with ``stage_error``, and so does this unit); ``checkpoint`` an epoch of this unit to
-    continue from. Clears Pyro's param store first. A non-finite loss gives a record with
-    ``status: "failed"`` and the error rather than an exception."""
+    ``stage_state`` is the saved state of the stage ``spec.needs`` (``None`` where it needs one:
+    a failed record, the stage missing); ``checkpoint`` an epoch of this unit to continue from.
+    Clears Pyro's param store first. A non-finite loss gives a record with ``status: "failed"``
+    and the error rather than an exception."""
     pyro.clear_param_store()
     method, fraction, seed, steps = spec.method, spec.fraction, spec.seed, spec.steps
     if spec.needs is not None and stage_state is None:
-        return failed_unit_record(method, fraction, seed, steps, stage_error or f"stage {spec.needs} is missing")
+        return failed_unit_record(method, fraction, seed, steps, f"stage {spec.needs} is missing")
     tasks = load_task_pair(config, fraction, seed)
     run = FitStorage(_UnitStore(None, checkpoint, on_checkpoint))
     start = time.perf_counter()
@@ -553,3 +554,38 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
     if "early_stopping" in outcome:
         record["early_stopping"] = outcome["early_stopping"]
     return record
+
+
+# --------------------------------------------------------------------------- as units of the study engine
+
+
+def stage_unit(config: ExperimentConfig, spec: StageSpec, saved: dict | None, checkpoint: dict | None = None,
+               on_checkpoint: Callable[[str, dict], None] | None = None) -> UnitOutcome:
+    """:func:`run_stage` as a unit of the study engine kept by its state (``Unit.kept ==
+    "state"``: ``saved`` is the store's copy of the stage, or ``None``). Its record:
+    ``{"status": "ok", "entry": ..., "seconds": ...}`` (the stage's entry under ``task_a``, the
+    seconds it took), with the stage's state when it fitted it (``None`` when rebuilt from
+    ``saved``), or ``{"status": "failed", "error": "task A failed: ..."}`` for a non-finite loss."""
+    outcome = run_stage(config, spec, saved, checkpoint, on_checkpoint)
+    if outcome.error:
+        return failed_outcome(outcome.error)
+    return UnitOutcome({"status": "ok", "entry": outcome.entry, "seconds": outcome.seconds}, outcome.state)
+
+
+def b_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None, checkpoint: dict | None = None,
+           on_checkpoint: Callable[[str, dict], None] | None = None) -> UnitOutcome:
+    """:func:`run_unit` as a unit of the study engine: its record, no state."""
+    return UnitOutcome(run_unit(config, spec, stage_state, checkpoint, on_checkpoint))
+
+
+def failed_stage(error: str, need: str | None) -> UnitOutcome:
+    """A task-A stage whose job raised or whose worker died (``error``, the traceback): failed
+    with ``task A failed: ERROR`` (a stage needs no unit, so ``need`` is ``None``)."""
+    return failed_outcome(f"task A failed: {error}")
+
+
+def failed_b_unit(spec: UnitSpec, error: str, need: str | None) -> UnitOutcome:
+    """The B unit ``spec`` failed without a record of its own: its job raised or its worker died
+    (``error``, the traceback), or its stage ``need`` failed (``error``, the stage's
+    ``task A failed: ...``); :func:`failed_unit_record` with ``error``."""
+    return UnitOutcome(failed_unit_record(spec.method, spec.fraction, spec.seed, spec.steps, error))

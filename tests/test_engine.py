@@ -87,3 +87,41 @@ def test_worker_processes_give_the_serial_outcomes():
     serial = run_units(_chain(_add))
     assert {k: o.record for k, o in parallel.items()} == {k: o.record for k, o in serial.items()}
     assert torch.equal(parallel["c"].state["total"], serial["c"].state["total"])
+
+
+def _kept_by_state(key: str, value: float, saved: dict | None, _checkpoint, _on_checkpoint) -> UnitOutcome:
+    """A unit kept by its state alone: rebuilt from ``saved`` (no state returned), else made."""
+    CALLS.append(f"{key} from saved" if saved is not None else key)
+    total = float(saved["total"]) if saved is not None else value
+    return UnitOutcome({"status": "ok", "total": total}, None if saved is not None else {"total": torch.tensor(total)})
+
+
+def test_a_unit_kept_by_its_state_runs_on_every_resume_from_the_stored_copy(tmp_path):
+    """``kept="state"``: only its state is saved (no record), a rerun runs it again with the store's
+    copy, without saving it again, and the units that need it receive that copy."""
+    CALLS.clear()
+    plan = [Unit("a", _kept_by_state, ("a", 1.0), kept="state"), Unit("b", _add, ("b", 2.0), needs=("a",))]
+    out = run_units(plan, store=RunStore(tmp_path, {"study": "kept"}))
+    assert CALLS == ["a", "b"] and out["b"].record["total"] == 3.0
+    assert [p.name for p in (tmp_path / "units").iterdir()] == ["b.json"]
+    stage = tmp_path / "stages" / "a.pt"
+    written = (stage.stat().st_mtime_ns, stage.read_bytes())
+    (tmp_path / "units" / "b.json").unlink()
+    CALLS.clear()
+    again = run_units(plan, store=RunStore(tmp_path, {"study": "kept"}))
+    assert CALLS == ["a from saved", "b"] and again["b"].record["total"] == 3.0
+    assert torch.equal(again["a"].state["total"], torch.tensor(1.0)) and (stage.stat().st_mtime_ns, stage.read_bytes()) == written
+    assert [p.name for p in (tmp_path / "units").iterdir()] == ["b.json"]
+
+
+def _fails_with(error: str, need: str | None) -> UnitOutcome:
+    return UnitOutcome({"status": "failed", "error": f"own: {error}", "need": need})
+
+
+def test_a_unit_says_how_it_fails_when_it_raises_or_what_it_needs_failed(tmp_path):
+    CALLS.clear()
+    plan = [Unit("a", _raise, ("a",), failed=_fails_with), Unit("b", _add, ("b", 2.0), needs=("a",), failed=_fails_with)]
+    out = run_units(plan, store=RunStore(tmp_path, {"study": "failed"}))
+    assert out["a"].record["error"].startswith("own: Traceback") and out["a"].record["need"] is None
+    assert out["b"].record == {"status": "failed", "error": f"own: {out['a'].record['error']}", "need": "a"}
+    assert not (tmp_path / "units").exists() or not any((tmp_path / "units").iterdir())  # a raised: neither is kept

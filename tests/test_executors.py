@@ -12,14 +12,16 @@ import shutil
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from pyro_bbt.executors import ExecutorUnavailableError, Job, ProcessExecutor, SerialExecutor, make_executor
-from pyro_bbt.experiment import ExperimentConfig, _Grid, _job, run_experiment
-from pyro_bbt.plan import UnitSpec, build_plan
+from pyro_bbt.engine import UnitOutcome, run_units
+from pyro_bbt.experiment import ExperimentConfig, grid_units, run_experiment
+from pyro_bbt.plan import build_plan
 from pyro_bbt.ray_executor import RayExecutor, check_reachable
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
@@ -101,16 +103,28 @@ class _CountingExecutor(SerialExecutor):
         return ("handle", value)
 
 
+STAGE_STATE = {"w": torch.ones(2)}
+
+
+def _stage_stub(config, spec, saved, checkpoint, on_checkpoint) -> UnitOutcome:
+    return UnitOutcome({"status": "ok"}, STAGE_STATE)
+
+
+def _unit_stub(config, spec, stage, checkpoint, on_checkpoint) -> UnitOutcome:
+    return UnitOutcome({"status": "ok", "stage": stage})
+
+
 def test_the_driver_shares_a_stage_once_for_all_the_units_that_need_it():
-    config = ExperimentConfig(**TINY_CONFIG)
-    state = {"w": torch.ones(2)}
-    grid = _Grid(None, {"A-bayesian-s0": state}, {}, set(), {}, {})
+    """The grid's units on the engine (training stubbed): q_A's state goes through
+    ``executor.share`` once, and every unit that needs it receives that handle."""
+    config = ExperimentConfig(**{**TINY_CONFIG, "fractions": (0.2, 1.0), "methods": ("scratch", "transfer", "finetune")})
+    units = [replace(u, fn=_stage_stub if u.kept == "state" else _unit_stub) for u in grid_units(config, build_plan(config))]
     executor = _CountingExecutor()
-    jobs = [_job(config, UnitSpec(method, fraction, 0, 8, "A-bayesian-s0"), grid, None, executor)
-            for method in ("transfer", "finetune") for fraction in (0.2, 1.0)]
-    scratch = _job(config, UnitSpec("scratch", 1.0, 0, 8, None), grid, None, executor)
-    assert executor.shared == [state]
-    assert all(job.args[2] == ("handle", state) for job in jobs) and scratch.args[2] is None
+    out = run_units(units, executor)
+    assert executor.shared == [STAGE_STATE]
+    needing = [u.key for u in units if u.needs == ("A-bayesian-s0",)]
+    assert len(needing) == 4 and all(out[key].record["stage"] == ("handle", STAGE_STATE) for key in needing)
+    assert out["scratch-f1-s0"].record["stage"] is None
 
 
 class _KillingExecutor(ProcessExecutor):

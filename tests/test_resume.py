@@ -278,3 +278,54 @@ def test_a_store_with_grid_fields_reads_a_file_that_differs_only_along_them(tmp_
         RunStore(tmp_path, {"hidden": [16], "seeds": [0, 1]}).record("scratch-f1-s0")
     with pytest.raises(ValueError, match=r"hidden: \[16\] -> \[32\]; seeds: \[0\] -> \[0, 1\]"):
         RunStore(tmp_path, {"hidden": [32], "seeds": [0, 1]}, grid_fields=("seeds",)).record("scratch-f1-s0")
+
+
+def test_a_run_directory_in_the_grids_layout_resumes_without_fitting_a_stage_again(tmp_path, monkeypatch, single_torch_thread):
+    """The layout of every A -> B run directory, which the grid keeps on the study engine: a
+    task-A stage as its state alone (``stages/KEY.pt``, no record under ``units/``), a B unit as
+    its record (``units/KEY.json``). Written here for part of the grid as the driver before the
+    engine wrote them (``RunStore.save_stage`` of ``run_stage``'s state, ``RunStore.save_record``
+    of ``run_unit``'s record), it resumes: no stage is fitted again nor its file rewritten, each
+    stage's ``task_a`` entry is rebuilt from its saved state, only the missing units run, no
+    record of a stage appears, and the results are an uninterrupted run's."""
+    import pyro_bbt.units as units_module
+    from pyro_bbt.experiment import ExperimentConfig, run_experiment
+    from pyro_bbt.plan import build_plan
+    from pyro_bbt.transfer import split_timing
+    from pyro_bbt.units import run_stage, run_unit
+
+    config = ExperimentConfig(hidden=(8,), epochs=1, epochs_a=2, max_epochs_a=None, batch_size=32, min_steps=8, fractions=(0.2, 1.0),
+                              seeds=(0,), eval_samples=4, limit_train=200, limit_eval=100, methods=("scratch", "transfer", "finetune", "ewc"))
+    whole = run_experiment(config, log=lambda m: None, warn=lambda m: None)
+    plan = build_plan(config)
+    store = RunStore(tmp_path, config.to_dict())
+    states = {}
+    for spec in plan.stages:
+        states[spec.key] = run_stage(config, spec).state
+        store.save_stage(spec.key, states[spec.key])
+    for spec in plan.units[::2]:
+        store.save_record(spec.key, run_unit(config, spec, states.get(spec.needs)))
+    files = sorted([*(tmp_path / "stages").iterdir(), *(tmp_path / "units").iterdir()])
+    assert [p.name for p in files[:2]] == ["A-bayesian-s0.pt", "A-ewc-s0.pt"] and len(files) == 2 + len(plan.units[::2])
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in files}
+    fitted, fishers = [], []
+    fit_posterior, fisher_diagonal = units_module.fit_posterior, units_module.fisher_diagonal
+
+    def counting_fit(*args, key: str, **kwargs):
+        fitted.append(key)
+        return fit_posterior(*args, key=key, **kwargs)
+
+    def counting_fisher(*args, **kwargs):
+        fishers.append(1)
+        return fisher_diagonal(*args, **kwargs)
+
+    monkeypatch.setattr(units_module, "fit_posterior", counting_fit)
+    monkeypatch.setattr(units_module, "fisher_diagonal", counting_fisher)
+    lines: list[str] = []
+    resumed = run_experiment(config, log=lines.append, warn=lambda m: None, store=RunStore(tmp_path, config.to_dict()))
+    assert sorted(fitted) == sorted(u.key for u in plan.units[1::2] if u.method != "ewc") and fishers == []
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in files} == before
+    assert sorted(p.name for p in (tmp_path / "units").iterdir()) == sorted(f"{u.key}.json" for u in plan.units)
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["A-bayesian-s0.pt", "A-ewc-s0.pt"]
+    assert lines[0].startswith("seed 0: task A fitted in ") and lines[1].startswith("seed 0: deterministic task A net for EWC")
+    assert len(resumed["task_a"]) == 2 and split_timing(resumed)[0] == split_timing(whole)[0]
