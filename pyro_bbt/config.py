@@ -24,7 +24,7 @@ from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig, check_continuation_base
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS"]
 
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -380,6 +380,12 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
 # run grows or shrinks along these axes (``--resume``) without refitting what it holds.
 GRID_FIELDS: tuple[str, ...] = ("methods", "fractions", "seeds")
+
+# The Bayesian fits' epoch caps. A fit's epochs before its cap do not depend on it (the cap only
+# ends the loop), so ``--resume`` may raise them: a fit in progress, or not yet started, runs to
+# the new cap; a finished fit keeps the record it ended with (one that ended at the old cap stays
+# unconverged, and its record names that cap).
+CAP_FIELDS: tuple[str, ...] = ("max_epochs_a", "max_epochs_b")
 
 
 PRESETS: dict[str, dict] = {

@@ -31,7 +31,7 @@ import torch
 
 from .files import atomic_torch_save, atomic_write_json
 
-__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences", "differing_fields"]
+__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences", "differing_fields", "disallowed_differences"]
 
 FORMAT_VERSION = 1
 
@@ -50,6 +50,23 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing_fields(saved, current)]
 
 
+def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[str] = (), raisable_fields: Collection[str] = ()) -> list[str]:
+    """The ``field: saved -> current`` differences that make ``saved`` another configuration than
+    ``current``: every differing field but those of ``grid_fields``, and those of
+    ``raisable_fields`` (integer caps) where the saved value is an integer no larger than the
+    current one."""
+    saved, current = _normalise(saved), _normalise(current)
+    out = []
+    for key in differing_fields(saved, current):
+        old, new = saved.get(key), current.get(key)
+        if key in grid_fields:
+            continue
+        if key in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
+            continue
+        out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
 def differing_fields(saved: dict, current: dict) -> list[str]:
     """The fields, sorted, whose values differ between two configurations (absent counts as None)."""
     saved, current = _normalise(saved), _normalise(current)
@@ -63,14 +80,18 @@ _UNREADABLE = (ValueError, KeyError, RuntimeError, EOFError, OSError, UnicodeDec
 class RunStore:
     """Finished units, task-A stages and per-epoch checkpoints of one run directory."""
 
-    def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = ()) -> None:
+    def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = (),
+                 raisable_fields: Collection[str] = ()) -> None:
         """``grid_fields``: fields a stored file may differ in and still be this run's (the axes of
-        a grid whose units do not depend on each other, so the run can grow along them)."""
+        a grid whose units do not depend on each other, so the run can grow along them);
+        ``raisable_fields``: integer caps a stored file may have had lower (a fit's epochs before
+        its cap do not depend on it). See :func:`disallowed_differences`."""
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
         self.on_damaged = on_damaged
         self.grid_fields = frozenset(grid_fields)
+        self.raisable_fields = frozenset(raisable_fields)
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
@@ -134,8 +155,7 @@ class RunStore:
         if payload.get("config_hash") != self.hash:
             saved = payload.get("config", {})
             saved = saved if isinstance(saved, dict) else {}
-            fields = differing_fields(saved, self.config)
-            if fields and not set(fields) - self.grid_fields:
+            if differing_fields(saved, self.config) and not disallowed_differences(saved, self.config, self.grid_fields, self.raisable_fields):
                 return
             differences = config_differences(saved, self.config)
             raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")

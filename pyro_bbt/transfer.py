@@ -11,7 +11,8 @@ four rotated or permuted copies of task A (:mod:`pyro_bbt.chain_sequence`) and w
 per-epoch checkpoints) is kept under ``DIR/units``, ``DIR/stages`` and ``DIR/checkpoints``;
 ``--resume`` continues an interrupted run, whatever the mode; for the A -> B grid it may also
 name other ``--methods``, ``--fractions`` or ``--seeds`` (every other setting the same), and the
-stored fits are reused: a converged q_A is not fitted again to add a fraction.
+stored fits are reused: a converged q_A is not fitted again to add a fraction. It may also
+raise ``--max-epochs-a`` / ``--max-epochs-b``: fits in progress and to come run to the new cap.
 
 Units run one after another in this process (``--executor serial``, the default), in a pool
 of ``--workers N`` local processes (``--executor processes``), or as Ray tasks, at most
@@ -45,12 +46,12 @@ from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .chain_sequence import SEQUENCE_METHODS
-from .config import GRID_FIELDS
+from .config import CAP_FIELDS, GRID_FIELDS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
                              check_split_ewc, check_split_protocol, load_split_task, split_tasks)
 from .files import atomic_write_json, atomic_write_text
-from .runstore import RunStore, config_differences, differing_fields
+from .runstore import RunStore, config_differences, differing_fields, disallowed_differences
 from .verdict import OVERRULES
 from .guides import FLOW_GUIDES, GUIDES
 from .kl_schedules import KL_SCHEDULES
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coreset-size", type=int, help="only with --sequence split and --coreset: points per task (default 40, VCL's)")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch; the A -> B grid may grow or shrink (other --methods, --fractions, --seeds) and keeps what it holds")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch; the A -> B grid may grow or shrink (other --methods, --fractions, --seeds) and its caps rise (--max-epochs-a, --max-epochs-b), keeping what it holds")
     p.add_argument("--executor", default="serial", help=f"where units run: {', '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes; ray: Ray tasks, --workers at a time, on a local Ray or --ray-address; results identical)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes, or Ray tasks in flight at once under --executor ray (default 1)")
     p.add_argument("--ray-address", help="--executor ray: HOST:PORT of a running Ray cluster's head (ray start --head), or auto; default: start a local Ray with --workers x --threads-per-unit CPUs")
@@ -365,11 +366,14 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         saved.pop("preset", None)
         current = run_description(config, split, args.sequence)
         differences = config_differences(saved, current)
-        grid = () if args.sequence else GRID_FIELDS
-        if differences and set(differing_fields(saved, current)) - set(grid):
+        free, raisable = ((), ()) if args.sequence else (GRID_FIELDS, CAP_FIELDS)
+        if disallowed_differences(saved, current, free, raisable):
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
-        if differences:  # the grid grows or shrinks: what the run holds is reused, config.json says the new grid
-            print(f"--resume: the grid changes ({'; '.join(differences)}); stored stages and units are reused", file=sys.stderr, flush=True)
+        if differences:  # the grid grows or shrinks, or a cap rises: what the run holds is reused, config.json says the new run
+            fields = set(differing_fields(saved, current))
+            what = " and ".join(part for part, on in (("the grid changes", fields & set(GRID_FIELDS)), ("a cap rises", fields & set(CAP_FIELDS))) if on)
+            caps = "; a finished fit keeps the record it ended with, fits in progress and to come run to the new cap" if fields & set(CAP_FIELDS) else ""
+            print(f"--resume: {what} ({'; '.join(differences)}); stored stages and units are reused{caps}", file=sys.stderr, flush=True)
             atomic_write_json(out / "config.json", {"preset": args.preset, **current})
         return
     if existing and not args.overwrite:
@@ -456,7 +460,8 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
     if args.sequence:
         return _run_sequence(args, config, split, executor, log, start)
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=GRID_FIELDS)
+    store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=GRID_FIELDS,
+                     raisable_fields=CAP_FIELDS)
     raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start

@@ -329,3 +329,40 @@ def test_a_run_directory_in_the_grids_layout_resumes_without_fitting_a_stage_aga
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["A-bayesian-s0.pt", "A-ewc-s0.pt"]
     assert lines[0].startswith("seed 0: task A fitted in ") and lines[1].startswith("seed 0: deterministic task A net for EWC")
     assert len(resumed["task_a"]) == 2 and split_timing(resumed)[0] == split_timing(whole)[0]
+
+
+CAPPED = [
+    "--limit-train", "256", "--limit-eval", "120", "--hidden", "16", "--epochs", "2", "--epochs-a", "3", "--batch-size", "32",
+    "--min-steps", "16", "--fractions", "1", "--seeds", "0", "--eval-samples", "4", "--methods", "transfer", "--quiet",
+]
+
+
+def test_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkeypatch, capsys):
+    """q_A interrupted at its third epoch under a cap of 4 epochs, resumed with a cap of 12: the
+    results equal a run made with the cap of 12 from the start (the epochs before a cap do not
+    depend on it). A lowered cap is refused."""
+    whole = tmp_path / "whole"
+    assert main([*CAPPED, "--max-epochs-a", "12", "--out", str(whole)]) == 0
+    epochs = json.loads((whole / "results.json").read_text())["task_a"][0]["convergence"]["epochs"]
+    assert epochs > 4, f"q_A stopped after {epochs} epochs: the lower cap would not have mattered"
+
+    saved_checkpoint = RunStore.save_checkpoint
+
+    def interrupted(self, key, data):
+        saved_checkpoint(self, key, data)
+        if key == "A-bayesian-s0" and data["train_state"]["epoch"] >= 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "raised"
+    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*CAPPED, "--max-epochs-a", "4", "--out", str(out)])
+    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
+    assert (out / "checkpoints" / "A-bayesian-s0.pt").exists() and not (out / "results.json").exists()
+    capsys.readouterr()
+    assert main([*CAPPED, "--max-epochs-a", "3", "--out", str(out), "--resume"]) == 2
+    assert "another configuration (max_epochs_a: 4 -> 3)" in capsys.readouterr().err
+    assert main([*CAPPED, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
+    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
+    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
