@@ -100,8 +100,6 @@ def _not_converged_warning(seed: int, convergence: dict) -> str:
     )
 
 
-
-
 def grid_units(config: ExperimentConfig, plan: Plan) -> list[Unit]:
     """The engine's units of ``plan`` (``config``'s grid), in its order: each task-A stage a
     :func:`~pyro_bbt.units.stage_unit` kept by its state alone (``stages/KEY.pt``, no record: the
