@@ -29,15 +29,18 @@ SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(x) = x above it
 SOFTPLUS_TINY = -16.0  # below it log(1 + e^x) = e^x to float32 precision (relative error e^x / 2 < 6e-8)
 
 
-def _softplus_middle(x: torch.Tensor) -> torch.Tensor:
+def _softplus_middle(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``log(1 + e^x)`` for ``x`` in ``[-16, 20]`` as ``log(u) * (y / (u - 1))`` with ``y = e^x``,
     ``u = 1 + y`` (rounded): the ratio corrects the rounding of ``u`` (Goldberg 1991, Theorem 4;
     a few ulp), in five elementwise passes of which only ``exp`` and ``log`` are costly
-    (``torch.log1p`` is not vectorised on this build: 8x ``torch.log``). Out of place, so that
-    autograd (under ``torch.compile``) can differentiate it; the one copy of this arithmetic."""
+    (``torch.log1p`` is not vectorised on this build: 8x ``torch.log``). The one copy of this
+    arithmetic. ``inplace``: the last two passes overwrite ``u`` (the eager path, outside autograd:
+    1.5 ms less per call on the 478k widths, one thread); otherwise out of place, so that autograd
+    (under ``torch.compile``) can differentiate it. The same values either way."""
     y = torch.exp(x)
     u = y + 1.0
-    return torch.log(u) * (y / (u - 1.0))
+    ratio = y / (u - 1.0)
+    return torch.log_(u).mul_(ratio) if inplace else torch.log(u) * ratio
 
 
 def _softplus_branch_free(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,7 @@ def _softplus_values(x: torch.Tensor) -> torch.Tensor:
     low, high = torch.aminmax(x)
     if low < SOFTPLUS_TINY or high > SOFTPLUS_THRESHOLD:
         return _softplus_branch_free(x)
-    return _softplus_middle(x)
+    return _softplus_middle(x, inplace=True)
 
 
 class _Softplus(torch.autograd.Function):
