@@ -82,7 +82,8 @@ class ExperimentConfig:
     every fit, whatever its own rates (``None``: each fit's first rates), so that the
     confirmation does not depend on the recipe it confirms;
     ``continuation_average``: its end is the average of its epochs at the last factor (tail
-    averaging).
+    averaging); ``continuation_checks``: how many times a continuation is scored on the way, to
+    be rejected as soon as it has certainly gained more than the tolerance (0: off).
 
     ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
     ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
@@ -139,6 +140,7 @@ class ExperimentConfig:
     continuation_epochs: int = 0
     continuation_fraction: float = 0.0
     continuation_average: bool = False
+    continuation_checks: int = 0
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
@@ -242,6 +244,12 @@ class ExperimentConfig:
             raise ValueError(f"continuation-average must be true or false, got {self.continuation_average!r}")
         if self.continuation_average and self.continuation_epochs == 0:
             raise ValueError("continuation-average needs continuation-epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
+        if not isinstance(self.continuation_checks, int) or isinstance(self.continuation_checks, bool) or self.continuation_checks < 0:
+            raise ValueError(f"continuation-checks must be an integer >= 0, got {self.continuation_checks!r}")
+        if self.continuation_checks and self.continuation_epochs == 0:
+            raise ValueError("continuation-checks needs continuation-epochs >= 1 (it scores a continuation on the way; 0 turns continuations off)")
+        if self.continuation_checks and self.continuation_average:
+            raise ValueError("continuation-checks cannot be combined with continuation-average (an averaged end is not a point on the way)")
         if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
             raise ValueError(f"kl-beta must be a finite number > 0 (the KL's weight in every Bayesian fit's objective), got {self.kl_beta!r}")
         if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):
@@ -335,6 +343,7 @@ class ExperimentConfig:
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
+                                                                    continuation_checks=self.continuation_checks,
                                                                     continuation_rates=self.continuation_rates,
                                                                     continuation_base=self.continuation_base,
                                                                     confirm=self.confirm_verdict)
@@ -374,7 +383,7 @@ class ExperimentConfig:
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
-                                   "batch_size_b": None}
+                                   "batch_size_b": None, "continuation_checks": 0}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored

@@ -309,6 +309,39 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     return record["converged"]
 
 
+def _rejected_on_the_way(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
+    """Score the running continuation at the last epoch of ``history`` against its start (the
+    evaluator and draws of its end, :func:`~pyro_bbt.verdict.continuation_gain`) and return
+    whether it has certainly gained more than the tolerance (``VerdictConfig.continuation_checks``:
+    the gain's lower bound, ``(nats - 2 stderr) / N``, above ``tol_per_datum``). If so the verdict
+    is recorded on that epoch, ``converged: false``, as :func:`_finish_continuation` records a
+    continuation that gained (``continuation.rejected_on_the_way``, ``planned_epochs``); the guide
+    is left where it is, the next start. The cost is added to that epoch's ``seconds``."""
+    clock = time.perf_counter()
+    v, last = config.verdict, history.epochs[-1]
+    end = read_posterior(guide)
+    start_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
+    guide.load_state_dict(continuation["guide_state"])
+    start = read_posterior(guide)
+    guide.load_state_dict(start_state)
+    epochs = last.epoch - continuation["start_epoch"]
+    gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
+                             epochs=epochs, factors=v.continuation_rates, base=v.continuation_base, kl_beta=config.kl_beta)
+    lower = (gain.nats - 2 * gain.stderr) / gain.num_data
+    rejected = lower > v.tol_per_datum
+    if rejected:
+        record = dict(history.epochs[continuation["pass_epoch"] - 1].verdict or {})
+        record["continuation"] = gain.to_dict() | {"kept": "end", "start_epoch": continuation["start_epoch"], "averaged_epochs": 0,
+                                                    "rejected_on_the_way": True, "planned_epochs": continuation["epochs"]}
+        record["converged"] = False
+        record["reasons"] = [f"{epochs} of the continuation's {continuation['epochs']} epochs already raised the fixed-noise ELBO by "
+                             f"{gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example (lower bound {lower:.3g} > "
+                             f"tol_per_datum {v.tol_per_datum:.3g}): its start was not converged; the next continuation starts here"]
+        last.verdict = record
+    last.seconds += time.perf_counter() - clock
+    return rejected
+
+
 def _batch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> int:
     probs = torch.softmax(logits, dim=-1)
     if probs.dim() == 3:
@@ -421,6 +454,10 @@ def train(
                     break
                 # it gained: the next continuation starts here and confirms the same pass
                 continuation, done = _start_continuation(guide, epoch, config.verdict, continuation["pass_epoch"]), 0
+            else:
+                if done in config.verdict.check_epochs(continuation["epochs"]) \
+                        and _rejected_on_the_way(model, guide, train_split, config, history, continuation):
+                    continuation, done = _start_continuation(guide, epoch, config.verdict, continuation["pass_epoch"]), 0
             factors = config.verdict.continuation_rates
             lr_scale = factors[done // (continuation["epochs"] // len(factors))]
             for group, rate in zip(optimizer.param_groups, continuation_rates):

@@ -98,6 +98,99 @@ def test_the_continuation_after_one_that_gained_confirms_the_same_pass(single_to
     assert last["gain_upper_per_datum"] == records[9]["verdict"]["gain_upper_per_datum"]
 
 
+def _checked(checks: int, **kwargs) -> TrainConfig:
+    config = _config(**kwargs)
+    return replace(config, verdict=replace(config.verdict, continuation_checks=checks))
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_a_continuation_that_has_certainly_gained_is_rejected_on_the_way_and_the_next_starts_there(single_torch_thread):
+    """The fit of the test above, its continuations scored on the way in their part at the last
+    rate (the first continuation, epochs 11-20, at 0.1 from epoch 16: once, after 9 of its 10
+    epochs, every ``max(ceil(5 / 4), 4) = 4``): it is rejected at epoch 19, where the lower bound
+    of its gain already exceeds the tolerance; the next continuation starts there, as long as the
+    fit so far (19, rounded up to 20 epochs), passes, and confirms the pass of epoch 10 at epoch 39
+    instead of 40. The rejection's numbers are the evaluator's, measured again here; a rejection
+    needs the *lower* bound above the tolerance."""
+    tol = 0.04
+    model, guide, records = _fit(_checked(3, stop_at=10, cap=200, tol=tol))
+    plain = _fit(_config(stop_at=10, cap=200, tol=tol))[2]
+    assert len(plain) == 40 and len(records) == 39
+    assert VerdictConfig(continuation_epochs=4, continuation_checks=3).check_epochs(10) == (9,)
+    judged = {i + 1: r["verdict"] for i, r in enumerate(records) if r["verdict"] is not None}
+    assert sorted(judged) == [10, 19, 39]
+    rejection = judged[19]
+    gain = rejection["continuation"]
+    assert rejection["converged"] is False and gain["rejected_on_the_way"] is True
+    assert (gain["start_epoch"], gain["epochs"], gain["planned_epochs"], gain["kept"]) == (10, 9, 10, "end")
+    assert (gain["nats"] - 2 * gain["stderr"]) / gain["num_data"] > tol
+    assert "9 of the continuation's 10 epochs already raised the fixed-noise ELBO" in rejection["reasons"][0]
+    # the rejected continuation ran at 0.3 for 5 epochs and at 0.1 for 4; the next one: 20 epochs
+    # from epoch 19, at 0.3 then 0.1, and it confirms the pass of epoch 10
+    assert [r["lr_scale"] for r in records[10:]] == [0.3] * 5 + [0.1] * 4 + [0.3] * 10 + [0.1] * 10
+    last = judged[39]
+    assert last["converged"] is True and (last["continuation"]["start_epoch"], last["continuation"]["epochs"]) == (19, 20)
+    assert "rejected_on_the_way" not in last["continuation"] and last["reasons"] == judged[10]["reasons"]
+    # the evaluator agrees: the posterior at epoch 19 against the one at epoch 10, with the continuation's draws
+    start = _fit(_config(stop_at=10, cap=10, tol=tol))[1]
+    at_19 = _fit(_checked(3, stop_at=10, cap=19, tol=tol))[1]
+    again = continuation_gain(model, read_posterior(start), read_posterior(at_19), _data(), num_draws=8,
+                              seed=0 + 2 * 1_000_003 + 10, batch_size=VerdictConfig().batch_size)
+    assert again.nats == pytest.approx(gain["nats"], rel=1e-9) and again.stderr == pytest.approx(gain["stderr"], rel=1e-9)
+
+
+def test_checks_that_reject_nothing_leave_the_fit_as_it_was(single_torch_thread):
+    """Where no check finds a certain gain above the tolerance (tol 0.05: the fit of the first
+    test), scoring on the way changes nothing: the same records and the same posterior as
+    without checks (the evaluator draws from its own generator)."""
+    _, guide, records = _fit(_checked(3, stop_at=20, cap=200, tol=0.05))
+    _, plain_guide, plain = _fit(_config(stop_at=20, cap=200, tol=0.05))
+    assert _strip(records) == _strip(plain) and len(records) == 40
+    for (name, a), (_, b) in zip(guide.named_parameters(), plain_guide.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_fit_resumed_at_a_check_is_bit_identical(single_torch_thread):
+    """Interrupted after epoch 19 (the rejection is judged at the top of the next epoch, so the
+    checkpoint holds the continuation that is about to be rejected), or before or after it,
+    resumed: the same records and posterior as the uninterrupted fit."""
+    config = _checked(3, stop_at=10, cap=200, tol=0.04)
+    states = {}
+    _, guide, records = _fit(config, on_checkpoint=lambda state: states.__setitem__(state.epoch, state))
+    for epoch in (15, 19, 25):
+        buffer = io.BytesIO()
+        torch.save(states[epoch].to_dict(), buffer)
+        buffer.seek(0)
+        _, resumed_guide, resumed = _fit(config, resume=TrainState.from_dict(torch.load(buffer, weights_only=True)))
+        assert _strip(resumed) == _strip(records), epoch
+        for (name, a), (_, b) in zip(guide.named_parameters(), resumed_guide.named_parameters()):
+            assert torch.equal(a, b), (epoch, name)
+
+
+def test_continuation_checks_are_checked_and_reach_the_verdict_from_the_cli():
+    assert VerdictConfig(continuation_epochs=4).check_epochs(10) == ()
+    checked = VerdictConfig(continuation_epochs=4, continuation_checks=3)
+    assert [checked.check_epochs(n) for n in (10, 40, 400, 4)] == [(9,), (25, 30, 35), (250, 300, 350), ()]
+    assert VerdictConfig(continuation_epochs=4, continuation_checks=1, continuation_rates=(1.0,)).check_epochs(40) == (20,)
+    with pytest.raises(ValueError, match="continuation_checks must be an integer >= 0, got -1"):
+        VerdictConfig(continuation_epochs=4, continuation_checks=-1)
+    with pytest.raises(ValueError, match="continuation_checks needs continuation_epochs >= 1"):
+        VerdictConfig(continuation_checks=2)
+    with pytest.raises(ValueError, match="continuation_checks cannot be combined with continuation_average"):
+        VerdictConfig(continuation_epochs=4, continuation_checks=2, continuation_average=True)
+    with pytest.raises(ValueError, match="continuation-checks must be an integer >= 0, got 1.5"):
+        ExperimentConfig(continuation_epochs=4, continuation_checks=1.5)
+    with pytest.raises(ValueError, match="continuation-checks needs continuation-epochs >= 1"):
+        ExperimentConfig(continuation_checks=2)
+    config = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-checks", "3"]))
+    assert config.continuation_checks == 3 and config.recipe_a().verdict.continuation_checks == 3
+    assert config.recipe_b_converged(300).verdict.continuation_checks == 3
+    assert "continuation_checks" not in ExperimentConfig(continuation_epochs=10).to_dict()
+
+
 def test_a_fit_resumed_inside_a_continuation_is_bit_identical(single_torch_thread):
     config = _config(stop_at=10, cap=30, tol=0.04)
     states = {}
@@ -215,7 +308,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     continuation names it as the difference."""
     plain = ExperimentConfig()
     later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base", "kl_beta",
-             "batch_size_b")
+             "batch_size_b", "continuation_checks")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json
