@@ -196,8 +196,9 @@ def _log_stage(config: ExperimentConfig, spec: StageSpec, record: dict, log: Cal
     entry = record["entry"]
     if spec.kind == "bayesian":
         verdict = entry["convergence"]
+        how = "taken from the run's store" if record.get("reused") else f"fitted in {record['seconds']:.1f} s"
         log(
-            f"seed {spec.seed}: task A fitted in {record['seconds']:.1f} s, {verdict['epochs']} epochs, "
+            f"seed {spec.seed}: task A {how}, {verdict['epochs']} epochs, "
             f"{'converged' if verdict['converged'] else 'not converged'}, uninformed sigma ratio "
             f"{verdict['uninformed_scale_ratio']}, test accuracy {entry['a_test']['accuracy']:.4f}"
         )

@@ -563,13 +563,14 @@ def stage_unit(config: ExperimentConfig, spec: StageSpec, saved: dict | None, ch
                on_checkpoint: Callable[[str, dict], None] | None = None) -> UnitOutcome:
     """:func:`run_stage` as a unit of the study engine kept by its state (``Unit.kept ==
     "state"``: ``saved`` is the store's copy of the stage, or ``None``). Its record:
-    ``{"status": "ok", "entry": ..., "seconds": ...}`` (the stage's entry under ``task_a``, the
-    seconds it took), with the stage's state when it fitted it (``None`` when rebuilt from
+    ``{"status": "ok", "entry": ..., "seconds": ..., "reused": ...}`` (the stage's entry under
+    ``task_a``, the seconds this call took, and whether the stage was rebuilt from ``saved``
+    rather than fitted), with the stage's state when it fitted it (``None`` when rebuilt from
     ``saved``), or ``{"status": "failed", "error": "task A failed: ..."}`` for a non-finite loss."""
     outcome = run_stage(config, spec, saved, checkpoint, on_checkpoint)
     if outcome.error:
         return failed_outcome(outcome.error)
-    return UnitOutcome({"status": "ok", "entry": outcome.entry, "seconds": outcome.seconds}, outcome.state)
+    return UnitOutcome({"status": "ok", "entry": outcome.entry, "seconds": outcome.seconds, "reused": saved is not None}, outcome.state)
 
 
 def b_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None, checkpoint: dict | None = None,

@@ -296,7 +296,9 @@ def test_a_run_directory_in_the_grids_layout_resumes_without_fitting_a_stage_aga
 
     config = ExperimentConfig(hidden=(8,), epochs=1, epochs_a=2, max_epochs_a=None, batch_size=32, min_steps=8, fractions=(0.2, 1.0),
                               seeds=(0,), eval_samples=4, limit_train=200, limit_eval=100, methods=("scratch", "transfer", "finetune", "ewc"))
-    whole = run_experiment(config, log=lambda m: None, warn=lambda m: None)
+    fresh: list[str] = []
+    whole = run_experiment(config, log=fresh.append, warn=lambda m: None)
+    assert fresh[0].startswith("seed 0: task A fitted in ")
     plan = build_plan(config)
     store = RunStore(tmp_path, config.to_dict())
     states = {}
@@ -327,7 +329,7 @@ def test_a_run_directory_in_the_grids_layout_resumes_without_fitting_a_stage_aga
     assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in files} == before
     assert sorted(p.name for p in (tmp_path / "units").iterdir()) == sorted(f"{u.key}.json" for u in plan.units)
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["A-bayesian-s0.pt", "A-ewc-s0.pt"]
-    assert lines[0].startswith("seed 0: task A fitted in ") and lines[1].startswith("seed 0: deterministic task A net for EWC")
+    assert lines[0].startswith("seed 0: task A taken from the run's store, ") and lines[1].startswith("seed 0: deterministic task A net for EWC")
     assert len(resumed["task_a"]) == 2 and split_timing(resumed)[0] == split_timing(whole)[0]
 
 
