@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .config import LATER_FIELDS
+from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS
 from .convergence import continuation_text, elbo_test_text
 
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
@@ -235,15 +235,45 @@ def merge_seeds(runs: list[dict], names: list[str]) -> tuple[list[dict], list[st
     return merged, merged_names
 
 
+def _cap(config: dict, field: str) -> float:
+    """A run's ``field`` cap in epochs (``max_epochs_b`` falls back to ``max_epochs_a``; ``None``
+    is no cap)."""
+    cap = config.get(field)
+    if cap is None and field == "max_epochs_b":
+        cap = config.get("max_epochs_a")
+    return float("inf") if cap is None else cap
+
+
+def _check_converged_below_caps(runs: list[dict], names: list[str]) -> None:
+    """Runs whose presets' names or caps differ merge only when every Bayesian fit in them ended
+    converged below its own run's cap: the fitting rule is the rest of the configuration (which
+    must be equal), so each fit is what that rule gives, whatever cap it ran under."""
+    for results, name in zip(runs, names):
+        cap_a, cap_b = _cap(results["config"], "max_epochs_a"), _cap(results["config"], "max_epochs_b")
+        fits = [(f"task-A stage of seed {stage['seed']}", stage.get("convergence"), cap_a) for stage in results["task_a"]]
+        fits += [(f"unit {u['method']} at {u['fraction']:g}, seed {u['seed']}", u.get("convergence"), cap_b) for u in results["units"]]
+        for what, convergence, cap in fits:
+            if convergence is None:  # a deterministic net or a fixed budget: no cap applies
+                continue
+            if not convergence.get("converged") or convergence["epochs"] >= cap:
+                raise ValueError(f"{name}'s {what} did not end converged below its cap ({cap:g} epochs): runs whose presets or "
+                                 f"caps ({', '.join(CAP_FIELDS)}) differ merge only when every fit in them did")
+
+
 def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
     """One A -> B run from runs of one configuration made apart for different ``--methods``,
     ``--fractions`` or ``--seeds``: their q_A stages (one per seed; a seed's stage fitted in two runs must be the
     same record) and units, with the summary recomputed. Runs whose configurations differ in
-    anything else, or that share a (method, fraction, seed) unit, are refused (``ValueError``)."""
+    anything else, or that share a (method, fraction, seed) unit, are refused (``ValueError``).
+    The preset's name and the caps (``max_epochs_a``, ``max_epochs_b``) may also differ when
+    every Bayesian fit in the runs ended converged below its cap
+    (:func:`_check_converged_below_caps`); the merged run's ``warnings`` then name what differed."""
     from .experiment import summarize_units
 
+    loose = ("preset", *CAP_FIELDS)
+
     def rest(results: dict) -> dict:
-        return {k: v for k, v in results["config"].items() if k not in ("methods", "fractions", "seeds")}
+        return {k: v for k, v in results["config"].items() if k not in GRID_FIELDS and k not in loose}
 
     for results, name in zip(runs, names):
         if "units" not in results:
@@ -251,6 +281,12 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
         if rest(results) != rest(runs[0]):
             differing = sorted(k for k in set(rest(results)) | set(rest(runs[0])) if rest(results).get(k) != rest(runs[0]).get(k))
             raise ValueError(f"{name} and {names[0]} differ in {', '.join(differing)}: only runs that differ in --methods, --fractions or --seeds merge")
+    differing_loose = sorted(k for k in loose if len({json.dumps(results["config"].get(k)) for results in runs}) > 1)
+    notes = []
+    if differing_loose:
+        _check_converged_below_caps(runs, names)
+        values = "; ".join(f"{name}: " + ", ".join(f"{k}={results['config'].get(k)}" for k in differing_loose) for results, name in zip(runs, names))
+        notes.append(f"merged runs differ in {', '.join(differing_loose)} ({values}); every Bayesian fit in them ended converged below its cap")
     units, seen, stages = [], set(), {}
     for results, name in zip(runs, names):
         for unit in results["units"]:
@@ -270,7 +306,20 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
     first = runs[0]
     return {**first, "config": {**first["config"], "methods": list(dict.fromkeys(methods)), "fractions": fractions, "seeds": seeds},
             "task_a": [stages[k] for k in sorted(stages, key=lambda k: (k[1], str(k[0])))], "units": units, "summary": summarize_units(units),
-            "warnings": [w for results in runs for w in results.get("warnings", [])]}
+            "warnings": [w for results in runs for w in results.get("warnings", [])] + notes}
+
+
+def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
+    """The timing.json entries of merged runs' units (``units/I/...``), renumbered as
+    :func:`merge_transfer_runs` orders the units (each run's after the runs before it)."""
+    merged, offset = {}, 0
+    for timing, count in zip(timings, unit_counts):
+        for key, value in timing.items():
+            parts = key.split("/")
+            if len(parts) >= 2 and parts[0] == "units" and parts[1].isdigit():
+                merged["/".join(["units", str(int(parts[1]) + offset), *parts[2:]])] = value
+        offset += count
+    return merged
 
 
 def merge_split_runs(runs: list[dict]) -> list[dict]:
@@ -479,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
                         help="with --published: also draw the runs' average-accuracy curves side by side into PNG")
     parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
-                        help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given (one per head) into PNG")
+                        help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given into PNG, one row per head "
+                             "(runs of one head are merged as the tables are)")
     parser.add_argument("--regimes", action="store_true",
                         help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "
                              "converged fits, median sigma, active units after every task; runs of one configuration with different --seeds are "
@@ -543,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.learning_curves is not None:
         from .plots import plot_learning_curves
 
-        runs = {}
+        by_head: dict[str, list[tuple[dict, dict, str]]] = {}
         for run_dir in args.run_dir:
             paths = [run_dir / "results.json", run_dir / "timing.json"]
             missing = [str(p) for p in paths if not p.exists()]
@@ -554,7 +604,17 @@ def main(argv: list[str] | None = None) -> int:
             if "units" not in results:
                 print(f"{parser.prog}: error: --learning-curves needs A -> B transfer runs; {paths[0]} is not one", file=sys.stderr)
                 return 2
-            runs[results["config"]["head"]] = (results, timing)
+            by_head.setdefault(results["config"]["head"], []).append((results, timing, str(run_dir)))
+        runs = {}
+        for head, parts in by_head.items():  # runs of one head are merged (merge_transfer_runs' rules)
+            try:
+                merged = merge_transfer_runs([r for r, _, _ in parts], [n for _, _, n in parts])
+            except ValueError as error:
+                print(f"{parser.prog}: error: {error}", file=sys.stderr)
+                return 2
+            runs[head] = (merged, merge_timing([t for _, t, _ in parts], [len(r["units"]) for r, _, _ in parts]))
+            for note in merged["warnings"][sum(len(r.get("warnings", [])) for r, _, _ in parts):]:
+                print(f"note: {note}")
         plot_learning_curves(runs, args.learning_curves)
         print(f"wrote {args.learning_curves}")
         return 0

@@ -348,6 +348,49 @@ def test_report_merges_runs_made_apart_for_different_methods(tmp_path, capsys):
     assert report_main([scratch, other]) == 2 and "other/results.json is damaged" in capsys.readouterr().err
 
 
+def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_its_cap(tmp_path, capsys):
+    """Runs made under different caps (and presets' names) merge, with a note naming the
+    difference, when every Bayesian fit in them ended converged below its own run's cap; a fit
+    that did not (unconverged, or stopped at its cap) refuses the merge. Deterministic fits
+    (no convergence record) do not count."""
+    from pyro_bbt.experiment import summarize_units
+    from pyro_bbt.report import main as report_main, merge_timing, merge_transfer_runs
+
+    def unit(method, converged, epochs):
+        return {"method": method, "fraction": 0.1, "seed": 0, "status": "ok", "b_test": {"accuracy": 0.9, "nll": 0.5, "ece": 0.01},
+                "a_test_after": {"accuracy": 0.5}, "backward_transfer": None, "history": [],
+                "convergence": None if converged is None else {"converged": converged, "epochs": epochs}}
+
+    def write(name, methods, units, stages, caps):
+        config = {"methods": methods, "seeds": [0], "lr": 1e-3, "fit_b": "rule", "preset": caps[2], "max_epochs_a": caps[0], "max_epochs_b": caps[1]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"config": config, "summary": summarize_units(units), "units": units, "task_a": stages}))
+        return str(tmp_path / name)
+
+    transfer = write("transfer", ["transfer"], [unit("transfer", True, 2304)], [], (12000, 8000, "paper-v3"))
+    scratch = write("scratch", ["scratch", "ewc"], [unit("scratch", True, 6088), unit("ewc", None, 0)], [], (3000, 8000, "paper"))
+    assert report_main([transfer, scratch]) == 0
+    out = capsys.readouterr().out
+    assert "merged runs differ in max_epochs_a, preset" in out and "every Bayesian fit in them ended converged below its cap" in out
+    assert "| transfer − scratch | 0.1 |" in out
+    capped = write("capped", ["scratch"], [unit("scratch", True, 3000)], [], (3000, 3000, "paper"))
+    assert report_main([transfer, capped]) == 2
+    assert "capped's unit scratch at 0.1, seed 0 did not end converged below its cap (3000 epochs)" in capsys.readouterr().err
+    unconverged = write("unconverged", ["scratch"], [unit("scratch", False, 100)], [], (3000, 8000, "paper"))
+    assert report_main([transfer, unconverged]) == 2 and "did not end converged below its cap" in capsys.readouterr().err
+    same_caps = write("same", ["scratch"], [unit("scratch", False, 100)], [], (12000, 8000, "paper-v3"))
+    assert report_main([transfer, same_caps]) == 0 and "merged runs differ" not in capsys.readouterr().out  # equal caps: no condition
+    # q_A is held to its own run's cap: converged at 8,959 under 12,000 merges, stopped at the cap does not
+    q_a = {"kind": "bayesian", "seed": 0, "a_test": {"accuracy": 0.99}, "convergence": {"converged": True, "epochs": 8959}}
+    runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("transfer", "scratch")]
+    assert merge_transfer_runs([{**runs[0], "task_a": [q_a]}, runs[1]], ["transfer", "scratch"])["task_a"] == [q_a]
+    stopped = {**q_a, "convergence": {"converged": False, "epochs": 12000}}
+    with pytest.raises(ValueError, match="transfer's task-A stage of seed 0 did not end converged below its cap \\(12000 epochs\\)"):
+        merge_transfer_runs([{**runs[0], "task_a": [stopped]}, runs[1]], ["transfer", "scratch"])
+    assert merge_timing([{"units/0/curve/0": 1.0, "units/1/history/2": 2.0, "wall_clock": 9.0}, {"units/0/curve/1": 3.0}], [2, 1]) == {
+        "units/0/curve/0": 1.0, "units/1/history/2": 2.0, "units/2/curve/1": 3.0}
+
+
 def test_report_plots_redraws_the_figures_of_a_cli_run(tmp_path):
     from pyro_bbt.report import main as report_main
 
