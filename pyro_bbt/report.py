@@ -309,6 +309,34 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
             "warnings": [w for results in runs for w in results.get("warnings", [])] + notes}
 
 
+def select_fractions(results: dict, timing: dict | None, fractions: tuple[float, ...] | None) -> tuple[dict, dict | None]:
+    """An A -> B run's results (and timing.json's unit entries, renumbered) with only the units at
+    ``fractions`` of B (``None``: all of them); ``ValueError`` when the run has none there."""
+    if fractions is None:
+        return results, timing
+    kept = [i for i, u in enumerate(results["units"]) if u["fraction"] in fractions]
+    if not kept:
+        have = sorted({u["fraction"] for u in results["units"]})
+        raise ValueError(f"no unit at fractions {', '.join(f'{f:g}' for f in fractions)} (the run has {', '.join(f'{f:g}' for f in have)})")
+    from .experiment import summarize_units
+
+    units = [results["units"][i] for i in kept]
+    config = {**results["config"], "fractions": [f for f in results["config"].get("fractions", []) if f in fractions]}
+    selected = {**results, "config": config, "units": units, "summary": summarize_units(units)}
+    if timing is None:
+        return selected, None
+    new_index = {old: new for new, old in enumerate(kept)}
+    renumbered = {}
+    for key, value in timing.items():
+        parts = key.split("/")
+        if len(parts) >= 2 and parts[0] == "units" and parts[1].isdigit():
+            if int(parts[1]) in new_index:
+                renumbered["/".join(["units", str(new_index[int(parts[1])]), *parts[2:]])] = value
+        else:
+            renumbered[key] = value
+    return selected, renumbered
+
+
 def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
     """The timing.json entries of merged runs' units (``units/I/...``), renumbered as
     :func:`merge_transfer_runs` orders the units (each run's after the runs before it)."""
@@ -530,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
                         help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given into PNG, one row per head "
                              "(runs of one head are merged as the tables are)")
+    parser.add_argument("--fractions", type=lambda text: tuple(float(f) for f in text.split(",")), default=None, metavar="F[,F...]",
+                        help="for A -> B runs given together (merged tables, --learning-curves): only their units at these fractions of B")
     parser.add_argument("--regimes", action="store_true",
                         help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "
                              "converged fits, median sigma, active units after every task; runs of one configuration with different --seeds are "
@@ -604,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
             if "units" not in results:
                 print(f"{parser.prog}: error: --learning-curves needs A -> B transfer runs; {paths[0]} is not one", file=sys.stderr)
                 return 2
+            try:
+                results, timing = select_fractions(results, timing, args.fractions)
+            except ValueError as error:
+                print(f"{parser.prog}: error: {run_dir}: {error}", file=sys.stderr)
+                return 2
             by_head.setdefault(results["config"]["head"], []).append((results, timing, str(run_dir)))
         runs = {}
         for head, parts in by_head.items():  # runs of one head are merged (merge_transfer_runs' rules)
@@ -630,9 +665,15 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for run_dir in args.run_dir:
                 try:
-                    runs.append(json.loads((run_dir / "results.json").read_text()))
+                    loaded = json.loads((run_dir / "results.json").read_text())
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{run_dir / 'results.json'} is damaged ({error})") from None
+                if "units" in loaded and args.fractions is not None:
+                    try:
+                        loaded = select_fractions(loaded, None, args.fractions)[0]
+                    except ValueError as error:
+                        raise ValueError(f"{run_dir}: {error}") from None
+                runs.append(loaded)
             merged = merge_transfer_runs(runs, [str(d) for d in args.run_dir])
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)

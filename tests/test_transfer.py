@@ -354,7 +354,7 @@ def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_it
     that did not (unconverged, or stopped at its cap) refuses the merge. Deterministic fits
     (no convergence record) do not count."""
     from pyro_bbt.experiment import summarize_units
-    from pyro_bbt.report import main as report_main, merge_timing, merge_transfer_runs
+    from pyro_bbt.report import main as report_main, merge_timing, merge_transfer_runs, select_fractions
 
     def unit(method, converged, epochs):
         return {"method": method, "fraction": 0.1, "seed": 0, "status": "ok", "b_test": {"accuracy": 0.9, "nll": 0.5, "ece": 0.01},
@@ -387,6 +387,14 @@ def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_it
     stopped = {**q_a, "convergence": {"converged": False, "epochs": 12000}}
     with pytest.raises(ValueError, match="transfer's task-A stage of seed 0 did not end converged below its cap \\(12000 epochs\\)"):
         merge_transfer_runs([{**runs[0], "task_a": [stopped]}, runs[1]], ["transfer", "scratch"])
+    # --fractions keeps the units at those fractions, before the merge's checks, and renumbers their timing
+    mixed = write("mixed", ["finetune"], [{**unit("finetune", False, 2542), "fraction": 0.01}, unit("finetune", True, 2815)], [], (12000, 8000, "paper-v3"))
+    assert report_main([mixed, scratch]) == 2 and "mixed's unit finetune at 0.01, seed 0 did not end converged" in capsys.readouterr().err
+    assert report_main([mixed, scratch, "--fractions", "0.1"]) == 0 and "| finetune | 0.9000 ± 0.0000 |" in capsys.readouterr().out
+    assert report_main([mixed, scratch, "--fractions", "0.5"]) == 2 and "no unit at fractions 0.5 (the run has 0.01, 0.1)" in capsys.readouterr().err
+    picked, timing = select_fractions(json.loads((tmp_path / "mixed" / "results.json").read_text()),
+                                      {"units/0/curve/0": 1.0, "units/1/curve/0": 2.0, "wall_clock": 5.0}, (0.1,))
+    assert [u["fraction"] for u in picked["units"]] == [0.1] and timing == {"units/0/curve/0": 2.0, "wall_clock": 5.0}
     assert merge_timing([{"units/0/curve/0": 1.0, "units/1/history/2": 2.0, "wall_clock": 9.0}, {"units/0/curve/1": 3.0}], [2, 1]) == {
         "units/0/curve/0": 1.0, "units/1/history/2": 2.0, "units/2/curve/1": 3.0}
 
