@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS
@@ -326,15 +327,22 @@ def select_fractions(results: dict, timing: dict | None, fractions: tuple[float,
     if timing is None:
         return selected, None
     new_index = {old: new for new, old in enumerate(kept)}
-    renumbered = {}
+    return selected, _renumbered(timing, new_index.get, keep_others=True)
+
+
+def _renumbered(timing: dict, new_index: Callable[[int], int | None], keep_others: bool) -> dict:
+    """timing.json's unit entries (``units/I/...``) moved to ``units/new_index(I)/...`` (dropped
+    where that is ``None``); its other entries kept where ``keep_others``."""
+    result = {}
     for key, value in timing.items():
         parts = key.split("/")
         if len(parts) >= 2 and parts[0] == "units" and parts[1].isdigit():
-            if int(parts[1]) in new_index:
-                renumbered["/".join(["units", str(new_index[int(parts[1])]), *parts[2:]])] = value
-        else:
-            renumbered[key] = value
-    return selected, renumbered
+            index = new_index(int(parts[1]))
+            if index is not None:
+                result["/".join(["units", str(index), *parts[2:]])] = value
+        elif keep_others:
+            result[key] = value
+    return result
 
 
 def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
@@ -342,10 +350,7 @@ def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
     :func:`merge_transfer_runs` orders the units (each run's after the runs before it)."""
     merged, offset = {}, 0
     for timing, count in zip(timings, unit_counts):
-        for key, value in timing.items():
-            parts = key.split("/")
-            if len(parts) >= 2 and parts[0] == "units" and parts[1].isdigit():
-                merged["/".join(["units", str(int(parts[1]) + offset), *parts[2:]])] = value
+        merged |= _renumbered(timing, lambda index, offset=offset: index + offset, keep_others=False)
         offset += count
     return merged
 
@@ -559,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given into PNG, one row per head "
                              "(runs of one head are merged as the tables are)")
     parser.add_argument("--fractions", type=lambda text: tuple(float(f) for f in text.split(",")), default=None, metavar="F[,F...]",
-                        help="for A -> B runs given together (merged tables, --learning-curves): only their units at these fractions of B")
+                        help="for A -> B runs (their tables, merged or not, and --learning-curves): only their units at these fractions of B")
     parser.add_argument("--regimes", action="store_true",
                         help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "
                              "converged fits, median sigma, active units after every task; runs of one configuration with different --seeds are "
@@ -697,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("mode") == "sequence":
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2
+    if args.fractions is not None and "units" in results:
+        try:
+            results = select_fractions(results, None, args.fractions)[0]
+        except ValueError as error:
+            print(f"{parser.prog}: error: {args.run_dir}: {error}", file=sys.stderr)
+            return 2
     print(transfer_tables(results), end="")
     print(paired_lines(results), end="")
     print(convergence_lines(results), end="")
