@@ -551,6 +551,13 @@ def prior_scale_lines(run_dir: Path) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def _fraction_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be fractions of B separated by commas, e.g. 0.01,0.1; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.report", description=__doc__)
     parser.add_argument("run_dir", type=Path, nargs="+", help="output directory of python -m pyro_bbt.transfer (several: --published, --regimes, "
@@ -563,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
                         help="draw B's learning curves (test accuracy against steps and fit wall time) of the runs given into PNG, one row per head "
                              "(runs of one head are merged as the tables are)")
-    parser.add_argument("--fractions", type=lambda text: tuple(float(f) for f in text.split(",")), default=None, metavar="F[,F...]",
+    parser.add_argument("--fractions", type=_fraction_list, default=None, metavar="F[,F...]",
                         help="for A -> B runs (their tables, merged or not, and --learning-curves): only their units at these fractions of B")
     parser.add_argument("--regimes", action="store_true",
                         help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "

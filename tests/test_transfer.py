@@ -392,6 +392,9 @@ def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_it
     assert report_main([mixed, scratch]) == 2 and "mixed's unit finetune at 0.01, seed 0 did not end converged" in capsys.readouterr().err
     assert report_main([mixed, scratch, "--fractions", "0.1"]) == 0 and "| finetune | 0.9000 ± 0.0000 |" in capsys.readouterr().out
     assert report_main([mixed, scratch, "--fractions", "0.5"]) == 2 and "no unit at fractions 0.5 (the run has 0.01, 0.1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report_main([mixed, "--fractions", "ten"])
+    assert "argument --fractions: must be fractions of B separated by commas, e.g. 0.01,0.1; got 'ten'" in capsys.readouterr().err
     picked, timing = select_fractions(json.loads((tmp_path / "mixed" / "results.json").read_text()),
                                       {"units/0/curve/0": 1.0, "units/1/curve/0": 2.0, "wall_clock": 5.0}, (0.1,))
     assert [u["fraction"] for u in picked["units"]] == [0.1] and timing == {"units/0/curve/0": 2.0, "wall_clock": 5.0}
