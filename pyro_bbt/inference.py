@@ -55,7 +55,7 @@ from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
-from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, read_posterior
+from .verdict import CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, read_posterior
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -267,6 +267,18 @@ def _accumulate_average(guide, continuation: dict, epochs_done: int, num_rates: 
     return continuation | {"average_sum": total, "average_count": continuation.get("average_count", 0) + 1}
 
 
+def _gain_since_start(model, guide, train_split: Split, config: TrainConfig, continuation: dict, epochs: int) -> ContinuationGain:
+    """What the guide's posterior now gains over the continuation's start
+    (:func:`~pyro_bbt.verdict.continuation_gain`: its evaluator seed, draws and rates), after
+    ``epochs`` of the continuation. Leaves the guide at the start."""
+    v = config.verdict
+    end = read_posterior(guide)
+    guide.load_state_dict(continuation["guide_state"])
+    start = read_posterior(guide)
+    return continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
+                             epochs=epochs, factors=v.continuation_rates, base=v.continuation_base, kl_beta=config.kl_beta)
+
+
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
     """Score the continuation that ends after the last epoch of ``history`` against its start
     (:func:`~pyro_bbt.verdict.continuation_gain`), return the guide to the start where the ELBO
@@ -284,12 +296,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
         guide.load_state_dict(end_state)
     else:
         end_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
-    end = read_posterior(guide)
-    guide.load_state_dict(continuation["guide_state"])
-    start = read_posterior(guide)
-    gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
-                             epochs=last.epoch - continuation["start_epoch"], factors=v.continuation_rates, base=v.continuation_base,
-                             kl_beta=config.kl_beta)
+    gain = _gain_since_start(model, guide, train_split, config, continuation, last.epoch - continuation["start_epoch"])
     kept = "start" if gain.nats < 0 else "end"
     if kept == "end":
         guide.load_state_dict(end_state)
@@ -319,14 +326,10 @@ def _rejected_on_the_way(model, guide, train_split: Split, config: TrainConfig, 
     is left where it is, the next start. The cost is added to that epoch's ``seconds``."""
     clock = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
-    end = read_posterior(guide)
-    start_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
-    guide.load_state_dict(continuation["guide_state"])
-    start = read_posterior(guide)
-    guide.load_state_dict(start_state)
+    here = {k: t.detach().clone() for k, t in guide.state_dict().items()}
     epochs = last.epoch - continuation["start_epoch"]
-    gain = continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
-                             epochs=epochs, factors=v.continuation_rates, base=v.continuation_base, kl_beta=config.kl_beta)
+    gain = _gain_since_start(model, guide, train_split, config, continuation, epochs)
+    guide.load_state_dict(here)
     lower = (gain.nats - 2 * gain.stderr) / gain.num_data
     rejected = lower > v.tol_per_datum
     if rejected:
