@@ -83,7 +83,10 @@ class ExperimentConfig:
     confirmation does not depend on the recipe it confirms;
     ``continuation_average``: its end is the average of its epochs at the last factor (tail
     averaging); ``continuation_checks``: how many times a continuation is scored on the way, to
-    be rejected as soon as it has certainly gained more than the tolerance (0: off).
+    be rejected as soon as it has certainly gained more than the tolerance (0: off);
+    ``polish_steps_b``: where the verdict rejects a fit on B (or joint's) at the rule's stop, up
+    to this many of the verdict's own full-data steps before it judges again (0: off; q_A's fit
+    never takes them, so a task-A stage does not depend on it, :data:`B_ONLY_FIELDS`).
 
     ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
     ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
@@ -141,6 +144,7 @@ class ExperimentConfig:
     continuation_fraction: float = 0.0
     continuation_average: bool = False
     continuation_checks: int = 0
+    polish_steps_b: int = 0
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
@@ -250,6 +254,8 @@ class ExperimentConfig:
             raise ValueError("continuation-checks needs continuation-epochs >= 1 (it scores a continuation on the way; 0 turns continuations off)")
         if self.continuation_checks and self.continuation_average:
             raise ValueError("continuation-checks cannot be combined with continuation-average (an averaged end is not a point on the way)")
+        if not isinstance(self.polish_steps_b, int) or isinstance(self.polish_steps_b, bool) or self.polish_steps_b < 0:
+            raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
         if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
             raise ValueError(f"kl-beta must be a finite number > 0 (the KL's weight in every Bayesian fit's objective), got {self.kl_beta!r}")
         if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):
@@ -336,10 +342,10 @@ class ExperimentConfig:
         epoch)."""
         batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10))) if self.batch_size_b is None else min(self.batch_size_b, num_train)
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
-        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser())
+        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b))
 
-    def _optimiser(self) -> dict:
-        verdict = None if self.verdict_tol is None else VerdictConfig(tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
+    def _optimiser(self, polish_steps: int = 0) -> dict:
+        verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
@@ -383,7 +389,8 @@ class ExperimentConfig:
 # to_dict() at that value (ExperimentConfig(**record) restores it).
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
-                                   "batch_size_b": None, "continuation_checks": 0}
+                                   "batch_size_b": None, "continuation_checks": 0,
+                                   "polish_steps_b": 0}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -395,6 +402,11 @@ GRID_FIELDS: tuple[str, ...] = ("methods", "fractions", "seeds")
 # the new cap; a finished fit keeps the record it ended with (one that ended at the old cap stays
 # unconverged, and its record names that cap).
 CAP_FIELDS: tuple[str, ...] = ("max_epochs_a", "max_epochs_b")
+
+# Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
+# them, so a run may take its stages from another run that differs in them (``--stages-from``)
+# and compare B's recipes on the same q_A. B's units do depend on them.
+B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b")
 
 
 PRESETS: dict[str, dict] = {

@@ -51,11 +51,12 @@ from .data import Split
 from .evaluation import evaluate
 from .files import atomic_write_text
 from .convergence import StoppingRule, median_scales
-from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
+from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles, start_from_posterior
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
-from .verdict import CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, read_posterior
+from .verdict import (CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, line_search_gain,
+                      read_posterior)
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -244,6 +245,41 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
 
 
 CONTINUATION_SEED_OFFSET = 2 * CONFIRMATION_SEED_OFFSET  # the continuation's evaluator: none of the judgements' seeds
+POLISH_SEED_OFFSET = 10**9  # the polishing steps' noise (+ 1000 epoch + step): none of the judgements' or continuations' seeds
+POLISHED_JUDGEMENT_SEED_OFFSET = 2 * 10**9  # the judgement after them (+ epoch; its confirmation + CONFIRMATION_SEED_OFFSET)
+
+
+def _polish_last(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory") -> dict:
+    """The verdict rejected the fit after the last epoch of ``history`` at the rule's stop: take
+    the verdict's own step up to ``verdict.polish_steps`` times (:class:`~pyro_bbt.verdict.VerdictConfig`),
+    the line search's best step along the whitened natural gradient of the full-data ELBO, each
+    taken where its estimated gain is positive, stopping after two in a row that each gain less
+    than half the tolerance; then judge the fit again, with noise independent of the steps' and of the first
+    judgement's. The new judgement replaces that epoch's, with ``"polish"``: the steps taken, each
+    one's estimated gain (nats) and the rejected judgement's verdict, bound and reasons. Its
+    cost is added to that epoch's ``seconds``."""
+    start = time.perf_counter()
+    v, last = config.verdict, history.epochs[-1]
+    rejected = last.verdict
+    gains: list[float] = []
+    moved = copy.deepcopy(guide)  # stepped as a copy, then loaded in place: Adam keeps the guide's parameters
+    for index in range(v.polish_steps):
+        step = line_search_gain(model, moved, train_split, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
+                                seed=v.seed + POLISH_SEED_OFFSET + 1000 * last.epoch + index, direction=v.direction, keep_posterior=True,
+                                kl_beta=config.kl_beta)
+        if step.nats > 0:
+            start_from_posterior(moved, step.posterior)
+        gains.append(step.nats)
+        if len(gains) >= 2 and max(gains[-2:]) < v.tol_per_datum / 2 * len(train_split):
+            break
+    guide.load_state_dict(moved.state_dict())
+    del moved
+    verdict = judge_by(model, guide, train_split, v, v.seed + POLISHED_JUDGEMENT_SEED_OFFSET + last.epoch, kl_beta=config.kl_beta)
+    verdict["polish"] = {"steps": len(gains), "gains": gains,
+                         "before": {key: rejected[key] for key in ("converged", "gain_upper_per_datum", "reasons") if key in rejected}}
+    last.verdict = verdict
+    last.seconds += time.perf_counter() - start
+    return verdict
 
 
 def _start_continuation(guide, epoch: int, config: VerdictConfig, pass_epoch: int | None = None) -> dict:
@@ -469,6 +505,8 @@ def train(
             action = config.stopping.decide(history.to_records())
             if action == "stop" and judging:
                 verdict = history.epochs[-1].verdict or _judge_last(model, guide, train_split, config, history)
+                if not verdict["converged"] and config.verdict.polish_steps and "polish" not in verdict:
+                    verdict = _polish_last(model, guide, train_split, config, history)  # the verdict's own steps first, then judged again
                 overruled = sum(e.verdict is not None and not e.verdict["converged"] for e in history.epochs[:-1])
                 if not verdict["converged"] and overruled < config.verdict.max_overrules:
                     action = config.verdict.overrule  # not there yet: a smaller step (or the first rates again), and the rule's criteria again

@@ -81,29 +81,31 @@ class RunStore:
     """Finished units, task-A stages and per-epoch checkpoints of one run directory."""
 
     def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = (),
-                 raisable_fields: Collection[str] = ()) -> None:
+                 raisable_fields: Collection[str] = (), stage_free_fields: Collection[str] = ()) -> None:
         """``grid_fields``: fields a stored file may differ in and still be this run's (the axes of
         a grid whose units do not depend on each other, so the run can grow along them);
         ``raisable_fields``: integer caps a stored file may have had lower (a fit's epochs before
-        its cap do not depend on it). See :func:`disallowed_differences`."""
+        its cap do not depend on it); ``stage_free_fields``: fields a stored *stage* may differ in
+        besides (fields that only the units read). See :func:`disallowed_differences`."""
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
         self.on_damaged = on_damaged
         self.grid_fields = frozenset(grid_fields)
         self.raisable_fields = frozenset(raisable_fields)
+        self.stage_free_fields = frozenset(stage_free_fields)
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
 
-    def _read(self, path: Path, key: str, field: str, load: Callable[[Path], object]) -> dict | None:
+    def _read(self, path: Path, key: str, field: str, load: Callable[[Path], object], free: frozenset[str] = frozenset()) -> dict | None:
         """``payload[field]`` of the file at ``path``, checked; ``None`` if there is none (or it
         was damaged and moved aside, with ``on_damaged``)."""
         if not path.exists():
             return None
         try:
             payload = load(path)
-            self._check(path, payload, key)
+            self._check(path, payload, key, free)
             return payload[field]
         except _UNREADABLE as error:
             message, prefix = str(error), f"{path}: "
@@ -124,11 +126,11 @@ class RunStore:
         self.clear_checkpoint(key)
 
     # tensors: finished stages and epoch checkpoints
-    def _load_pt(self, path: Path, key: str) -> dict | None:
-        return self._read(path, key, "data", lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    def _load_pt(self, path: Path, key: str, free: frozenset[str] = frozenset()) -> dict | None:
+        return self._read(path, key, "data", lambda p: torch.load(p, map_location="cpu", weights_only=True), free)
 
     def stage(self, key: str) -> dict | None:
-        return self._load_pt(self._path("stages", key, ".pt"), key)
+        return self._load_pt(self._path("stages", key, ".pt"), key, self.stage_free_fields)
 
     def save_stage(self, key: str, data: dict) -> None:
         atomic_torch_save(self._header(key) | {"data": data}, self._path("stages", key, ".pt"))
@@ -146,7 +148,7 @@ class RunStore:
     def _header(self, key: str) -> dict:
         return {"format_version": FORMAT_VERSION, "key": key, "config_hash": self.hash, "config": self.config}
 
-    def _check(self, path: Path, payload, key: str) -> None:
+    def _check(self, path: Path, payload, key: str, free: frozenset[str] = frozenset()) -> None:
         if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
             version = payload.get("format_version") if isinstance(payload, dict) else None
             raise ValueError(f"{path}: format version {version!r}, this code reads version {FORMAT_VERSION}")
@@ -155,7 +157,7 @@ class RunStore:
         if payload.get("config_hash") != self.hash:
             saved = payload.get("config", {})
             saved = saved if isinstance(saved, dict) else {}
-            if differing_fields(saved, self.config) and not disallowed_differences(saved, self.config, self.grid_fields, self.raisable_fields):
+            if differing_fields(saved, self.config) and not disallowed_differences(saved, self.config, self.grid_fields | free, self.raisable_fields):
                 return
             differences = config_differences(saved, self.config)
             raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")

@@ -46,11 +46,11 @@ from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .chain_sequence import SEQUENCE_METHODS
-from .config import CAP_FIELDS, GRID_FIELDS
+from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
                              check_split_ewc, check_split_protocol, load_split_task, split_tasks)
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write, atomic_write_json, atomic_write_text
 from .runstore import RunStore, config_differences, differing_fields, disallowed_differences
 from .verdict import OVERRULES
 from .guides import FLOW_GUIDES, GUIDES
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-fraction", type=float, help="with --continuation-epochs: each continuation lasts at least this fraction of the epochs so far (1: the fit doubles, so a pass says its last half gained at most --verdict-tol); default 0")
     p.add_argument("--continuation-average", action=argparse.BooleanOptionalAction, help="with --continuation-epochs: a continuation's end is the average of the guide's parameters over its epochs at the last rate (tail averaging), not its last iterate; default off")
     p.add_argument("--continuation-checks", type=int, help="with --continuation-epochs: score each continuation this many times on the way and reject it as soon as it has certainly gained more than the tolerance (its point the next start); a pass still needs a whole continuation; default 0 (off)")
+    p.add_argument("--polish-steps-b", type=int, help="with --fit-b rule: where the verdict rejects a fit on B (or joint's) at the rule's stop, first take up to this many of the verdict's own steps (full-data whitened natural gradient with its line search, until two in a row each gain less than half of --verdict-tol), then judge again; the continuation still confirms a pass; q_A's fit never takes them; default 0 (off)")
     p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
     p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper preset: 0.01,0.03); none: each fit's own first rates (the default)")
     p.add_argument("--batch-size-b", type=int, help="with --fit-b rule: the minibatch of every Bayesian fit on B (and joint's); at least the fit's data: one full-batch step an epoch (default: about a tenth of the fit's data, at least 32, at most --batch-size-a)")
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coreset-size", type=int, help="only with --sequence split and --coreset: points per task (default 40, VCL's)")
     p.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory (default runs/transfer)")
     p.add_argument("--overwrite", action="store_true", help="delete results and progress already in --out and start afresh")
+    p.add_argument("--stages-from", type=Path, metavar="RUN",
+                   help="start this run with the task-A stages (q_A, EWC's net on A) of the run in RUN for this run's seeds, which must "
+                        "differ from this one in B's fields only (" + ", ".join("--" + f.replace("_", "-") for f in B_ONLY_FIELDS)
+                        + ") and the grid's: B's recipes compared on the same q_A; a fresh --out only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration): finished units are reused, an interrupted one continues from its last epoch; the A -> B grid may grow or shrink (other --methods, --fractions, --seeds) and its caps rise (--max-epochs-a, --max-epochs-b), keeping what it holds")
     p.add_argument("--executor", default="serial", help=f"where units run: {', '.join(EXECUTORS)} (default serial: one after another in this process; processes: a pool of --workers local processes; ray: Ray tasks, --workers at a time, on a local Ray or --ray-address; results identical)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes of --executor processes, or Ray tasks in flight at once under --executor ray (default 1)")
@@ -353,6 +358,8 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         raise UsageError(f"--out {out} exists and is not a directory")
     if args.overwrite and args.resume:
         raise UsageError("--overwrite and --resume contradict each other; pass one")
+    if args.stages_from is not None and args.resume:
+        raise UsageError("--stages-from starts a run; --resume continues one with its own stages")
     existing = [name for name in (*RESULT_FILES, *PROGRESS_DIRS) if (out / name).exists()]
     if args.resume:
         saved_path = out / "config.json"
@@ -379,11 +386,36 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         return
     if existing and not args.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it, --resume to continue it, or choose another --out")
+    stages = _stages_from(args.stages_from, config, args) if args.stages_from is not None else {}
     if existing:
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
         for name in PROGRESS_DIRS:
             shutil.rmtree(out / name, ignore_errors=True)
+    for source in stages.values():  # copied whole: the file keeps the header of the run that made it
+        atomic_write(out / "stages" / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+
+
+def _stages_from(source: Path, config: ExperimentConfig, args: argparse.Namespace) -> dict[str, Path]:
+    """``--stages-from``: the stage files of ``source`` for this run's seeds, each checked to
+    load under this run's configuration up to :data:`~pyro_bbt.config.B_ONLY_FIELDS` (and the
+    grid's fields and raisable caps); ``UsageError`` naming what is wrong, before anything is written."""
+    if args.sequence:
+        raise UsageError("--stages-from takes the A -> B grid's task-A stages; a --sequence run has none")
+    store = RunStore(source, config.to_dict(), grid_fields=GRID_FIELDS, raisable_fields=CAP_FIELDS, stage_free_fields=B_ONLY_FIELDS)
+    found = {}
+    for path in sorted((source / "stages").glob("*.pt")) if (source / "stages").is_dir() else []:
+        key = path.stem
+        if not any(key.endswith(f"-s{seed}") for seed in config.seeds):
+            continue
+        try:
+            store.stage(key)
+        except ValueError as error:
+            raise UsageError(f"--stages-from {source}: {error}") from None
+        found[key] = path
+    if not found:
+        raise UsageError(f"--stages-from {source}: no task-A stage for --seeds {','.join(map(str, config.seeds))} in {source / 'stages'}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,7 +494,7 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
         return _run_sequence(args, config, split, executor, log, start)
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=GRID_FIELDS,
-                     raisable_fields=CAP_FIELDS)
+                     raisable_fields=CAP_FIELDS, stage_free_fields=B_ONLY_FIELDS)
     raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start

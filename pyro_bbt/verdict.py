@@ -312,6 +312,17 @@ class VerdictConfig:
         tolerance), so the rest of the continuation could only confirm what is known; a pass
         still needs a whole continuation that gains at most the tolerance ("Early rejection"
         above). ``0``: off (every continuation runs to its end).
+    :param polish_steps: ``s > 0``: where the verdict rejects a fit at the rule's stop, the fit
+        first takes the verdict's own step, up to ``s`` times: the line search's best step along
+        the whitened natural gradient of the full-data ELBO (:func:`line_search_gain` with
+        ``keep_posterior``, taken where its estimated gain is positive), until two steps in a row
+        each gain less than half the tolerance (one step's fresh gradient estimate may stall it
+        where the next climbs again); the fit is then judged again with noise of its own, and only a
+        rejection of that judgement overrules the rule's stop. Full-data steps have no noise
+        floor, which Adam's minibatch steps have at any fixed rate; on small data that floor
+        alone holds a fit above the tolerance ("The verdict's own step" in docs/performance.md).
+        The continuation (Adam, from the polished posterior) still has to confirm a pass, so a
+        point where the step stalls but Adam would climb is not passed. ``0``: off.
     """
 
     tol_per_datum: float = DEFAULT_TOL_PER_DATUM
@@ -332,6 +343,7 @@ class VerdictConfig:
     continuation_draws: int = 8
     continuation_average: bool = False
     continuation_checks: int = 0
+    polish_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_tol(self.tol_per_datum)
@@ -354,6 +366,7 @@ class VerdictConfig:
         if self.continuation_average and self.continuation_epochs == 0:
             raise ValueError("continuation_average needs continuation_epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
         _check("continuation_checks", self.continuation_checks, 0)
+        _check("polish_steps", self.polish_steps, 0)
         if self.continuation_checks and self.continuation_epochs == 0:
             raise ValueError("continuation_checks needs continuation_epochs >= 1 (it scores a continuation on the way; 0 turns continuations off)")
         if self.continuation_checks and self.continuation_average:

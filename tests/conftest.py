@@ -74,6 +74,17 @@ def load_benchmark(name: str = "bench"):
     return module
 
 
+def stopped_at(stop_at: int, cap: int, verdict):
+    """A ``TrainConfig`` on :func:`six_feature_split` whose stopping rule stops at epoch
+    ``stop_at`` (its criteria always hold; at most ``cap`` epochs), judged by ``verdict``."""
+    from pyro_bbt.convergence import StoppingRule
+    from pyro_bbt.inference import TrainConfig
+
+    rule = StoppingRule(max_epochs=cap, min_epochs=stop_at, window=1, rel_tol=100.0, scale_tol=100.0, lr_drops=0)
+    return TrainConfig(stopping=rule, lr=3e-2, scale_lr=9e-2, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
+                       verdict=verdict, warn_unconverged=False)
+
+
 def six_feature_split(n: int = 200, seed: int = 0) -> Split:
     """``n`` examples of 6 informative standard-normal features (no blank input, so the
     blank-pixel check does not apply) and 3 classes from a fixed rule of the first four."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fresh_model_and_guide, six_feature_split
-from pyro_bbt.convergence import StoppingRule, continuation_text
+from conftest import fresh_model_and_guide, six_feature_split, stopped_at
+from pyro_bbt.convergence import continuation_text
 from pyro_bbt.experiment import LATER_FIELDS, ExperimentConfig
 from pyro_bbt.inference import TrainConfig, TrainState, train
 from pyro_bbt.priors import GaussianPrior
@@ -30,10 +30,8 @@ _data = six_feature_split
 def _config(stop_at: int, cap: int, tol: float, average: bool = False) -> TrainConfig:
     """The rule stops at ``stop_at`` (its criteria always hold), the verdict's line search judges
     there, and a pass is continued for as many epochs as the fit has had (fraction 1)."""
-    rule = StoppingRule(max_epochs=cap, min_epochs=stop_at, window=1, rel_tol=100.0, scale_tol=100.0, lr_drops=0)
     verdict = VerdictConfig(tol_per_datum=tol, continuation_epochs=4, continuation_fraction=1.0, max_overrules=0, continuation_average=average)
-    return TrainConfig(stopping=rule, lr=3e-2, scale_lr=9e-2, batch_size=50, kl_schedule="uniform", progress=False, eval_samples=0,
-                       verdict=verdict, warn_unconverged=False)
+    return stopped_at(stop_at, cap, verdict)
 
 
 def _fit(config: TrainConfig, **kwargs):
@@ -308,7 +306,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     continuation names it as the difference."""
     plain = ExperimentConfig()
     later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base", "kl_beta",
-             "batch_size_b", "continuation_checks")
+             "batch_size_b", "continuation_checks", "polish_steps_b")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json

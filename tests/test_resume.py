@@ -368,3 +368,30 @@ def test_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkey
     assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
     assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+
+
+def test_stages_from_another_run_that_differs_in_b_s_fields_only(uninterrupted, tmp_path, capsys):
+    """A run that fits B by another recipe (the rule, 2 epochs at most, the verdict's steps) on the
+    q_A of a finished run: the stage file is copied byte for byte and read, not fitted again (the
+    same task_a entry). A run that differs in anything else is refused in one line, naming the
+    field, with nothing written; so are --resume and a run with no stage for the seeds asked."""
+    out = tmp_path / "b-recipe"
+    one = {"--seeds": "0", "--methods": "transfer", "--fractions": "1"}
+    small = [one[TINY[i - 1]] if i and TINY[i - 1] in one else arg for i, arg in enumerate(TINY)]
+    b_recipe = ["--fit-b", "rule", "--max-epochs-b", "2", "--polish-steps-b", "2"]
+    assert main([*small, *b_recipe, "--stages-from", str(uninterrupted), "--out", str(out)]) == 0
+    stage = "stages/A-bayesian-s0.pt"
+    assert (out / stage).read_bytes() == (uninterrupted / stage).read_bytes()
+    ours, theirs = (json.loads((run / "results.json").read_text())["task_a"] for run in (out, uninterrupted))
+    assert ours == [entry for entry in theirs if entry["seed"] == 0 and entry["kind"] == "bayesian"]
+    capsys.readouterr()
+    refused = [
+        ([*small, *b_recipe, "--hidden", "8", "--stages-from", str(uninterrupted), "--out", str(tmp_path / "other")], "hidden: [16] -> [8]"),
+        ([*small, "--stages-from", str(uninterrupted), "--out", str(out), "--resume"], "--resume continues one with its own stages"),
+        ([*small, "--stages-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "none")], "no task-A stage for --seeds 0"),
+    ]
+    for argv, message in refused:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "other").exists() and not (tmp_path / "none").exists()
