@@ -45,16 +45,18 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyro
 import torch
+from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
 from .data import Split
 from .evaluation import evaluate
 from .files import atomic_write_text
 from .convergence import StoppingRule, median_scales
-from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles, start_from_posterior
+from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
+from .pyro_internals import unconstrained_loc_scale_parameters
 from .verdict import (CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, line_search_gain,
                       read_posterior)
 
@@ -249,6 +251,17 @@ POLISH_SEED_OFFSET = 10**9  # the polishing steps' noise (+ 1000 epoch + step): 
 POLISHED_JUDGEMENT_SEED_OFFSET = 2 * 10**9  # the judgement after them (+ epoch; its confirmation + CONFIRMATION_SEED_OFFSET)
 
 
+def _write_posterior(guide, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set an ``AutoNormal``-family guide's locations and widths to ``posterior`` (site ->
+    ``(loc, scale)``) in place: the same parameter objects, so the optimiser keeps them."""
+    to_rho = transform_to(guide.scale_constraint).inv
+    with torch.no_grad():
+        for name, (loc, scale) in posterior.items():
+            loc_parameter, rho = unconstrained_loc_scale_parameters(guide, name)
+            loc_parameter.copy_(loc)
+            rho.copy_(to_rho(scale))
+
+
 def _polish_last(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory") -> dict:
     """The verdict rejected the fit after the last epoch of ``history`` at the rule's stop: take
     the verdict's own step up to ``verdict.polish_steps`` times (:class:`~pyro_bbt.verdict.VerdictConfig`),
@@ -262,18 +275,15 @@ def _polish_last(model, guide, train_split: Split, config: TrainConfig, history:
     v, last = config.verdict, history.epochs[-1]
     rejected = last.verdict
     gains: list[float] = []
-    moved = copy.deepcopy(guide)  # stepped as a copy, then loaded in place: Adam keeps the guide's parameters
     for index in range(v.polish_steps):
-        step = line_search_gain(model, moved, train_split, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
+        step = line_search_gain(model, guide, train_split, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
                                 seed=v.seed + POLISH_SEED_OFFSET + 1000 * last.epoch + index, direction=v.direction, keep_posterior=True,
                                 kl_beta=config.kl_beta)
         if step.nats > 0:
-            start_from_posterior(moved, step.posterior)
+            _write_posterior(guide, step.posterior)
         gains.append(step.nats)
         if len(gains) >= 2 and max(gains[-2:]) < v.tol_per_datum / 2 * len(train_split):
             break
-    guide.load_state_dict(moved.state_dict())
-    del moved
     verdict = judge_by(model, guide, train_split, v, v.seed + POLISHED_JUDGEMENT_SEED_OFFSET + last.epoch, kl_beta=config.kl_beta)
     verdict["polish"] = {"steps": len(gains), "gains": gains,
                          "before": {key: rejected[key] for key in ("converged", "gain_upper_per_datum", "reasons") if key in rejected}}
