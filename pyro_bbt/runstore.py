@@ -157,10 +157,10 @@ class RunStore:
         if payload.get("config_hash") != self.hash:
             saved = payload.get("config", {})
             saved = saved if isinstance(saved, dict) else {}
-            if differing_fields(saved, self.config) and not disallowed_differences(saved, self.config, self.grid_fields | free, self.raisable_fields):
+            blocking = disallowed_differences(saved, self.config, self.grid_fields | free, self.raisable_fields)
+            if differing_fields(saved, self.config) and not blocking:
                 return
-            differences = config_differences(saved, self.config)
-            raise ValueError(f"{path}: made by another configuration ({'; '.join(differences) or 'unknown differences'})")
+            raise ValueError(f"{path}: made by another configuration ({'; '.join(blocking) or 'unknown differences'})")
 
 
 def _aside(path: Path) -> Path:

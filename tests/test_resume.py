@@ -276,7 +276,7 @@ def test_a_store_with_grid_fields_reads_a_file_that_differs_only_along_them(tmp_
     assert grown.record("scratch-f1-s0") == {"accuracy": 0.5}
     with pytest.raises(ValueError, match=r"made by another configuration \(seeds: \[0\] -> \[0, 1\]\)"):
         RunStore(tmp_path, {"hidden": [16], "seeds": [0, 1]}).record("scratch-f1-s0")
-    with pytest.raises(ValueError, match=r"hidden: \[16\] -> \[32\]; seeds: \[0\] -> \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"made by another configuration \(hidden: \[16\] -> \[32\]\)$"):  # what blocks it, alone
         RunStore(tmp_path, {"hidden": [32], "seeds": [0, 1]}, grid_fields=("seeds",)).record("scratch-f1-s0")
 
 
