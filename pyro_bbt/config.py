@@ -256,6 +256,8 @@ class ExperimentConfig:
             raise ValueError("continuation-checks cannot be combined with continuation-average (an averaged end is not a point on the way)")
         if not isinstance(self.polish_steps_b, int) or isinstance(self.polish_steps_b, bool) or self.polish_steps_b < 0:
             raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
+        if self.polish_steps_b and self.fit_b != "rule":
+            raise ValueError(f"polish-steps-b acts where the verdict rejects B's fits by the rule (fit-b rule); with fit-b {self.fit_b!r} B's fits have a fixed budget")
         if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
             raise ValueError(f"kl-beta must be a finite number > 0 (the KL's weight in every Bayesian fit's objective), got {self.kl_beta!r}")
         if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ExperimentConfig fields that --sequence split sets itself (--scenario) or does not use
-NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b")
+NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b", "polish_steps_b")
 
 
 def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:

@@ -102,7 +102,9 @@ def test_polish_steps_are_checked_and_reach_b_s_recipe_from_the_cli_not_q_a_s():
         VerdictConfig(polish_steps=-1)
     with pytest.raises(ValueError, match="polish-steps-b must be an integer >= 0, got 2.5"):
         ExperimentConfig(polish_steps_b=2.5)
-    config = config_from_args(build_parser().parse_args(["--polish-steps-b", "30"]))
+    with pytest.raises(ValueError, match="polish-steps-b acts where the verdict rejects B's fits by the rule .*with fit-b 'fixed'"):
+        ExperimentConfig(polish_steps_b=3)
+    config = config_from_args(build_parser().parse_args(["--fit-b", "rule", "--polish-steps-b", "30"]))
     assert config.polish_steps_b == 30 and config.recipe_b_converged(300).verdict.polish_steps == 30
     assert config.recipe_a().verdict.polish_steps == 0
     assert "polish_steps_b" not in ExperimentConfig().to_dict()  # runs stored before it existed still resume
