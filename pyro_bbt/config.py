@@ -22,7 +22,7 @@ from .guides import GUIDES
 from .kl_schedules import validate_schedule
 from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
-from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, VerdictConfig, check_continuation_base
+from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, RESCORE_DRAWS, VerdictConfig, check_continuation_base
 
 __all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS"]
 
@@ -84,6 +84,10 @@ class ExperimentConfig:
     ``continuation_average``: its end is the average of its epochs at the last factor (tail
     averaging); ``continuation_checks``: how many times a continuation is scored on the way, to
     be rejected as soon as it has certainly gained more than the tolerance (0: off);
+    ``continuation_max_draws``: where a continuation's score is too noisy to decide, draws of its
+    evaluator are added, doubling, up to this many (0: off); ``rescore_max_draws``: the line
+    search's best step scored again with draws of its own, added likewise up to this many (0:
+    off; both :class:`~pyro_bbt.verdict.VerdictConfig`);
     ``polish_steps_b``: where the verdict rejects a fit on B (or joint's) at the rule's stop, up
     to this many of the verdict's own full-data steps before it judges again (0: off; q_A's fit
     never takes them, so a task-A stage does not depend on it, :data:`B_ONLY_FIELDS`).
@@ -144,6 +148,8 @@ class ExperimentConfig:
     continuation_fraction: float = 0.0
     continuation_average: bool = False
     continuation_checks: int = 0
+    continuation_max_draws: int = 0
+    rescore_max_draws: int = 0
     polish_steps_b: int = 0
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
@@ -254,6 +260,14 @@ class ExperimentConfig:
             raise ValueError("continuation-checks needs continuation-epochs >= 1 (it scores a continuation on the way; 0 turns continuations off)")
         if self.continuation_checks and self.continuation_average:
             raise ValueError("continuation-checks cannot be combined with continuation-average (an averaged end is not a point on the way)")
+        for name, least in (("continuation_max_draws", VerdictConfig.continuation_draws), ("rescore_max_draws", RESCORE_DRAWS)):
+            value, flag = getattr(self, name), name.replace("_", "-")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{flag} must be an integer >= 0, got {value!r}")
+            if value and value < least:
+                raise ValueError(f"{flag} must be 0 (off) or at least {least} (the draws its score starts from), got {value}")
+        if self.continuation_max_draws and self.continuation_epochs == 0:
+            raise ValueError("continuation-max-draws needs continuation-epochs >= 1 (it scores continuations; 0 turns them off)")
         if not isinstance(self.polish_steps_b, int) or isinstance(self.polish_steps_b, bool) or self.polish_steps_b < 0:
             raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
         if self.polish_steps_b and self.fit_b != "rule":
@@ -352,6 +366,8 @@ class ExperimentConfig:
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
                                                                     continuation_checks=self.continuation_checks,
+                                                                    continuation_max_draws=self.continuation_max_draws,
+                                                                    rescore_max_draws=self.rescore_max_draws,
                                                                     continuation_rates=self.continuation_rates,
                                                                     continuation_base=self.continuation_base,
                                                                     confirm=self.confirm_verdict)
@@ -392,7 +408,8 @@ class ExperimentConfig:
 LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fraction": 0.0, "continuation_average": False,
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
                                    "batch_size_b": None, "continuation_checks": 0,
-                                   "polish_steps_b": 0}
+                                   "polish_steps_b": 0, "continuation_max_draws": 0,
+                                   "rescore_max_draws": 0}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -420,11 +437,18 @@ PRESETS: dict[str, dict] = {
     # fit so far (at least 20 epochs, at 0.3 then 0.1 times the rates 1e-2 for the locations and 3e-2
     # for the widths, the first rates of this preset, kept whatever rates --lr-a or --scale-lr give
     # the fit, so that the confirmation does not depend on the recipe) that raises the ELBO by
-    # at most the tolerance; every fit capped at 3,000 epochs. EWC's nets by early stopping on their
-    # task's validation split (patience 3 epochs, the same cap).
+    # at most the tolerance, scored with draws added where 8 cannot decide (up to 256: on B's small
+    # splits 8 draws' noise alone is about the tolerance); every fit capped at 3,000 epochs. EWC's
+    # nets by early stopping on their task's validation split (patience 3 epochs, the same cap).
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                   elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                  continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
+                  continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3,
+                  continuation_max_draws=256),
+    # The paper preset until 2026-12-05, every continuation scored by 8 draws: the converged runs
+    # of 2026-12-04 and 12-05 (q_A of seeds 0-2, B at 10 %) resume under it.
+    "paper-v4": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
+                     elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
+                     continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
     # The paper preset of 2026-12-04 with the continuation, before EWC's early stopping (EWC's nets
     # for B's fixed budget): the runs begun that day (runs/qa-converged) resume under it.
     "paper-v3": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",

@@ -278,7 +278,7 @@ def _polish_last(model, guide, train_split: Split, config: TrainConfig, history:
     for index in range(v.polish_steps):
         step = line_search_gain(model, guide, train_split, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
                                 seed=v.seed + POLISH_SEED_OFFSET + 1000 * last.epoch + index, direction=v.direction, keep_posterior=True,
-                                kl_beta=config.kl_beta)
+                                kl_beta=config.kl_beta, max_draws=v.rescore_max_draws, tol_per_datum=v.tol_per_datum)
         if step.nats > 0:
             _write_posterior(guide, step.posterior)
         gains.append(step.nats)
@@ -322,7 +322,8 @@ def _gain_since_start(model, guide, train_split: Split, config: TrainConfig, con
     guide.load_state_dict(continuation["guide_state"])
     start = read_posterior(guide)
     return continuation_gain(model, start, end, train_split, num_draws=v.continuation_draws, seed=continuation["seed"], batch_size=v.batch_size,
-                             epochs=epochs, factors=v.continuation_rates, base=v.continuation_base, kl_beta=config.kl_beta)
+                             epochs=epochs, factors=v.continuation_rates, base=v.continuation_base, kl_beta=config.kl_beta,
+                             max_draws=v.continuation_max_draws, tol_per_datum=v.tol_per_datum)
 
 
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:

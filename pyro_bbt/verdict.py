@@ -180,6 +180,19 @@ problem (``python benchmarks/converge.py --preset paper --problem small --rounds
 and 1,799 epochs to the pass on seeds 0-2, against 751, 1,136 and 1,599 without checks. A
 continuation cut short moves the next start earlier, and the shorter continuation from there
 fails again more often than a whole one would have. Off in every preset.
+**Added draws** (``continuation_max_draws``, ``rescore_max_draws``). Both scores have a standard
+error ``sqrt(sum_n s_n^2 / D)`` over ``D`` draws, and on small data it can match the whole
+tolerance: at 10 % of B (2,647 examples, ``tol N`` = 26.5 nats) a continuation's 8 draws read
++- 29-33 nats, so one that gained nothing fails and the fit doubles again; a pass needs the ELBO
+to have *fallen* (docs/performance.md, "The verdict's noise on small data"). With
+``continuation_max_draws = D`` a score that cannot decide (standard error above
+``ADDED_DRAWS_STDERR_FRACTION = 1/4`` of ``tol N``, lower bound ``(nats - 2 stderr) / N`` not above
+``tol``) gets as many draws again, of noise of their own, pooled with the first, until it can or
+``D`` are spent (:func:`continuation_gain`). The pass is decided only then, so the added looks do
+not make passing easier. ``rescore_max_draws`` scores the line search's best step again with
+draws independent of those that chose it (:func:`line_search_gain`). Measured on 10 % of B the
+standard error falls as ``1/sqrt(D)`` (29-33 nats at 8 draws, 7-8 at 128), at about 1 s per draw.
+``--preset paper``: ``continuation_max_draws = 256``; ``rescore_max_draws`` off.
 """
 
 from __future__ import annotations
@@ -204,12 +217,14 @@ from .priors import prior_loc_scale
 from .pyro_internals import loc_and_scale
 
 __all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
-           "VerdictConfig", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
+           "VerdictConfig", "ADDED_DRAWS_STDERR_FRACTION", "RESCORE_DRAWS", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
            "posterior_elbo", "fixed_noise_elbo", "judge", "judge_by", "can_judge", "CONFIRMATION_SEED_OFFSET"]
 
 GAIN_ESTIMATORS = ("local", "weights")
 DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
 DEFAULT_CONTINUATION_RATES = (0.3, 0.1)  # factors on the first rates of the continuation that confirms a pass
+ADDED_DRAWS_STDERR_FRACTION = 0.25  # added draws stop once stderr <= this x tol x N (VerdictConfig.continuation_max_draws, rescore_max_draws)
+RESCORE_DRAWS = 8  # the first draws of the independent score of the line search's best step (VerdictConfig.rescore_max_draws)
 DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (and steps[0] / 10 where steps[0] falls)
 DIRECTIONS = ("whitened", "natural")
 OVERRULES = ("drop", "restart")
@@ -323,6 +338,18 @@ class VerdictConfig:
         alone holds a fit above the tolerance ("The verdict's own step" in docs/performance.md).
         The continuation (Adam, from the polished posterior) still has to confirm a pass, so a
         point where the step stalls but Adam would climb is not passed. ``0``: off.
+    :param continuation_max_draws: ``D > continuation_draws``: where a continuation's score is
+        too noisy to decide, draws of its evaluator are added, doubling them, up to ``D`` (the
+        "Added draws" of :func:`continuation_gain`): until two standard errors take at most half
+        the tolerance (``stderr <= ADDED_DRAWS_STDERR_FRACTION tol N``), or the gain's lower bound
+        already exceeds the tolerance, or ``D`` are spent. On small data the score's noise alone
+        can exceed the tolerance: at 10 % of B (2,647 examples, tolerance 26.5 nats) a
+        continuation's 8 draws read +/- 29-33 nats, so a continuation that gained nothing still
+        fails, and the fit doubles again. ``0``: off (8 draws, as before).
+    :param rescore_max_draws: ``D >= RESCORE_DRAWS``: the line search's best step is scored again
+        with ``RESCORE_DRAWS`` draws of its own (not those that chose it), with draws added as
+        for a continuation up to ``D``; the judgement's gain is that score
+        (:func:`line_search_gain`). ``0``: off (the search's own score, 2 draws per step).
     """
 
     tol_per_datum: float = DEFAULT_TOL_PER_DATUM
@@ -344,6 +371,8 @@ class VerdictConfig:
     continuation_average: bool = False
     continuation_checks: int = 0
     polish_steps: int = 0
+    continuation_max_draws: int = 0
+    rescore_max_draws: int = 0
 
     def __post_init__(self) -> None:
         _check_tol(self.tol_per_datum)
@@ -367,6 +396,14 @@ class VerdictConfig:
             raise ValueError("continuation_average needs continuation_epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
         _check("continuation_checks", self.continuation_checks, 0)
         _check("polish_steps", self.polish_steps, 0)
+        _check("continuation_max_draws", self.continuation_max_draws, 0)
+        if self.continuation_max_draws and self.continuation_max_draws < self.continuation_draws:
+            raise ValueError(f"continuation_max_draws must be 0 (off) or at least continuation_draws ({self.continuation_draws}), got {self.continuation_max_draws}")
+        if self.continuation_max_draws and self.continuation_epochs == 0:
+            raise ValueError("continuation_max_draws needs continuation_epochs >= 1 (it scores continuations; 0 turns them off)")
+        _check("rescore_max_draws", self.rescore_max_draws, 0)
+        if self.rescore_max_draws and self.rescore_max_draws < RESCORE_DRAWS:
+            raise ValueError(f"rescore_max_draws must be 0 (off) or at least {RESCORE_DRAWS} (the draws of the best step's own score), got {self.rescore_max_draws}")
         if self.continuation_checks and self.continuation_epochs == 0:
             raise ValueError("continuation_checks needs continuation_epochs >= 1 (it scores a continuation on the way; 0 turns continuations off)")
         if self.continuation_checks and self.continuation_average:
@@ -449,7 +486,12 @@ class LineSearchGain:
     difference, the best step ``step`` (0: no step tried gained), every step tried as
     ``[a, L(a) - L(0), stderr]`` (increasing, the parabola's vertex last), ``elbo`` = ``L(0)``, and the quadratic model's
     ``G`` from the same gradients (``quadratic``); ``posterior``: the posterior after the best step
-    (only where asked for, never in :meth:`to_dict`). No timings: records stay reproducible."""
+    (only where asked for, never in :meth:`to_dict`). No timings: records stay reproducible.
+
+    ``rescored`` (with ``max_draws``, :func:`line_search_gain`; ``VerdictConfig.rescore_max_draws``): the best step scored again with
+    draws of its own; ``nats`` and ``stderr`` are then that score's (``nats`` may be below 0: the
+    step the search chose does not gain), and ``rescored`` keeps its ``draws`` (0 where no step
+    gained, nothing to score) and the search's own ``search_nats``, ``search_stderr``."""
 
     nats: float
     per_datum: float
@@ -461,13 +503,18 @@ class LineSearchGain:
     direction: str
     num_data: int
     posterior: Posterior | None = field(default=None, repr=False, compare=False)
+    rescored: dict | None = None
 
     def to_dict(self) -> dict:
         return _without_posterior(asdict(self))
 
 
 def _without_posterior(record: dict) -> dict:
+    """A :class:`LineSearchGain` record without its posterior, and without ``rescored`` where the
+    best step was not scored again (a record as before rescoring existed)."""
     record.pop("posterior", None)
+    if "rescored" in record and record["rescored"] is None:
+        del record["rescored"]
     return record
 
 
@@ -794,8 +841,9 @@ class ContinuationGain:
     """What a continuation of the fit gained: ``nats = L(end) - L(start)`` of the full-data
     fixed-noise ELBO (common random numbers, :func:`posterior_elbo`'s draws), its standard error,
     ``per_datum = nats / num_data``, ``upper_per_datum = (nats + 2 stderr) / num_data``, both ELBOs,
-    the continuation's ``epochs`` and rate ``factors``, and the ``base`` rates they multiply
-    (``[locations, widths]``; ``None``: the fit's own first rates)."""
+    the continuation's ``epochs`` and rate ``factors``, the ``base`` rates they multiply
+    (``[locations, widths]``; ``None``: the fit's own first rates) and how many antithetic
+    ``draws`` scored it (``None`` where draws are not added, ``VerdictConfig.continuation_max_draws`` 0)."""
 
     nats: float
     stderr: float
@@ -807,27 +855,84 @@ class ContinuationGain:
     epochs: int
     factors: list[float]
     base: list[float] | None = None
+    draws: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain data, without ``draws`` where draws are not added (so a record is
+        what it was before they could be)."""
+        record = asdict(self)
+        if record["draws"] is None:
+            del record["draws"]
+        return record
+
+
+def _round_seed(seed: int, round_index: int) -> int:
+    """The evaluator's seed for the ``round_index``-th set of added draws (``seed`` itself for the
+    first set, so a continuation scored without added draws is scored as before they existed)."""
+    if round_index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, 0x0D2A3, round_index]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def _scored_difference(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, num_draws: int, seed: int, batch_size: int,
+                       kl_beta: float, max_draws: int, tol_per_datum: float | None) -> tuple[float, float, int, float]:
+    """``(nats, stderr, draws, L(start))``: the fixed-noise ELBO difference ``L(end) - L(start)``
+    over ``num_draws`` antithetic draws seeded by ``seed`` (common to both), with draws added in
+    rounds where ``max_draws > num_draws`` (:func:`continuation_gain`, "Added draws")."""
+    if max_draws > num_draws:
+        _check_tol(tol_per_datum)
+    num_data = len(split)
+    log_lik_start, kl_start, log_lik_end, kl_end = [], [], [], []
+    draws, round_index = 0, 0
+    while True:
+        count = num_draws if round_index == 0 else min(draws, max_draws - draws)
+        for log_liks, kls, posterior in ((log_lik_start, kl_start, start), (log_lik_end, kl_end, end)):
+            log_lik, kl = _crn_log_liks(model, posterior, split, count, _round_seed(seed, round_index), batch_size, kl_beta)
+            log_liks.append(log_lik)
+            kls.append(kl)
+        draws += count
+        round_index += 1
+        at_start = (torch.cat(log_lik_start), torch.cat(kl_start))
+        nats, stderr = _Difference(at_start)((torch.cat(log_lik_end), torch.cat(kl_end)))
+        if draws >= max_draws or not math.isfinite(nats) or stderr <= ADDED_DRAWS_STDERR_FRACTION * tol_per_datum * num_data \
+                or (nats - 2 * stderr) / num_data > tol_per_datum:
+            break
+    return nats, stderr, draws, float(at_start[0].sum(1).mean() - at_start[1].mean())
 
 
 def continuation_gain(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, *, num_draws: int = VerdictConfig.num_draws,
                       seed: int = 0, batch_size: int = VerdictConfig.batch_size, epochs: int = 0,
-                      factors: Sequence[float] = (), base: Sequence[float] | None = None, kl_beta: float = 1.0) -> ContinuationGain:
+                      factors: Sequence[float] = (), base: Sequence[float] | None = None, kl_beta: float = 1.0,
+                      max_draws: int = 0, tol_per_datum: float | None = None) -> ContinuationGain:
     """The fixed-noise ELBO gain from posterior ``start`` to ``end`` on ``split`` (the same
     ``num_draws`` antithetic draws for both, seeded by ``seed``), with the standard error of the
     paired difference (:class:`_Difference`); the KL weighted by ``kl_beta`` (the objective of a
-    tempered fit). RNG-neutral."""
+    tempered fit). RNG-neutral.
+
+    **Added draws** (``max_draws > num_draws``, with ``tol_per_datum``). The standard error is
+    ``sqrt(sum_n s_n^2 / D)`` over ``D`` draws: on small data a continuation's ``s_n`` are large
+    (the posterior is broad), and with a fixed ``D`` two standard errors can exceed the whole
+    tolerance ``tol N``, so that no continuation passes however little it gained. Then draws are
+    added in rounds, each as many as all before it (noise of its own, :func:`_round_seed`), and
+    pooled with them (common random numbers still: start and end share every draw), until
+
+    * ``stderr <= ADDED_DRAWS_STDERR_FRACTION tol N`` (two standard errors take at most half the
+      tolerance), or
+    * the gain's lower bound ``(nats - 2 stderr) / N`` exceeds ``tol``: a rejection that more
+      draws could only confirm, or
+    * ``max_draws`` draws are spent.
+
+    A pass is never decided before one of these, so the added looks do not make passing easier:
+    stopping for a rejection only removes paths that might have passed later, and the standard
+    error the first condition waits for does not depend on the gain's sign."""
     _check("num_draws", num_draws, 2)
     _check("batch_size", batch_size, 1)
-    at_start = _crn_log_liks(model, start, split, num_draws, seed, batch_size, kl_beta)
-    at_end = _crn_log_liks(model, end, split, num_draws, seed, batch_size, kl_beta)
-    nats, stderr = _Difference(at_start)(at_end)
+    _check("max_draws", max_draws, 0)
+    nats, stderr, draws, start_elbo = _scored_difference(model, start, end, split, num_draws, seed, batch_size, kl_beta, max_draws, tol_per_datum)
     num_data = len(split)
-    start_elbo = float(at_start[0].sum(1).mean() - at_start[1].mean())
     return ContinuationGain(nats, stderr, nats / num_data, (nats + 2 * stderr) / num_data, start_elbo, start_elbo + nats, num_data, int(epochs),
-                            [float(f) for f in factors], None if base is None else [float(r) for r in base])
+                            [float(f) for f in factors], None if base is None else [float(r) for r in base],
+                            draws if max_draws > num_draws else None)
 
 
 def read_posterior(guide) -> Posterior:
@@ -835,10 +940,16 @@ def read_posterior(guide) -> Posterior:
     return _read_posterior(guide, requires_grad=False)
 
 
+def rescore_seed(seed: int) -> int:
+    """The seed of the independent score of the best step of :func:`line_search_gain` (``seed``):
+    none of the search's own draws."""
+    return int(np.random.SeedSequence([seed, 0x5C02E]).generate_state(1, np.uint64)[0]) >> 1
+
+
 def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = VerdictConfig.num_pairs, num_draws: int = VerdictConfig.num_draws,
                      steps: Sequence[float] = DEFAULT_STEPS, batch_size: int = VerdictConfig.batch_size, seed: int = 0,
                      direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False,
-                     kl_beta: float = 1.0) -> LineSearchGain | None:
+                     kl_beta: float = 1.0, max_draws: int = 0, tol_per_datum: float | None = None) -> LineSearchGain | None:
     """What one step still gains (module docstring): the mean ``g`` of ``2 num_pairs`` antithetic
     full-data gradient estimates, its natural gradient (:func:`natural_direction`), whitened
     (:func:`whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
@@ -847,9 +958,19 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     falls); with ``refine``, once more at the vertex of the parabola through the best step and its
     neighbours. The gain is the best ``L(a) - L(0)`` (0 if none gains), its standard error that
     of the same difference; ``quadratic`` is :func:`remaining_gain`'s ``G`` from the same gradients. ``keep_posterior``: the result's ``posterior`` is the posterior after the best
-    step. ``None`` for ``delta``; the guide and every random generator are left as they were."""
+    step. ``None`` for ``delta``; the guide and every random generator are left as they were.
+
+    ``max_draws >= RESCORE_DRAWS`` (with ``tol_per_datum``): the best step is scored again,
+    ``L(a*) - L(0)`` with ``RESCORE_DRAWS`` draws whose noise is independent of the search's (the
+    maximum over the steps tried, with the draws that chose it, is biased up by about a standard
+    error), and draws are added as :func:`continuation_gain` adds them; the gain is that score."""
     _check("num_pairs", num_pairs, 2)
     _check("num_draws", num_draws, 2)
+    _check("max_draws", max_draws, 0)
+    if max_draws:
+        _check_tol(tol_per_datum)
+        if max_draws < RESCORE_DRAWS:
+            raise ValueError(f"max_draws must be 0 (off) or at least {RESCORE_DRAWS}, got {max_draws}")
     _check("batch_size", batch_size, 1)
     _check("seed", seed, 0)
     steps = _check_steps(steps)
@@ -900,10 +1021,16 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     step, nats, stderr = points[best]
     if best == 0:
         step, nats, stderr = 0.0, 0.0, tried[0][2]
+    rescored = None
+    if max_draws:
+        rescored = {"draws": 0, "search_nats": nats, "search_stderr": stderr}
+        if best != 0:
+            nats, stderr, rescored["draws"], _ = _scored_difference(model, posterior, step_posterior(posterior, path, step), split, RESCORE_DRAWS,
+                                                                    rescore_seed(seed), batch_size, kl_beta, max_draws, tol_per_datum)
     num_data = len(split)
     return LineSearchGain(nats=nats, per_datum=nats / num_data, stderr=stderr, step=step, tried=tried, elbo=elbo, quadratic=quadratic,
                           direction=direction, num_data=num_data,
-                          posterior=step_posterior(posterior, path, step) if keep_posterior else None)
+                          posterior=step_posterior(posterior, path, step) if keep_posterior else None, rescored=rescored)
 
 
 @dataclass
@@ -951,7 +1078,7 @@ def blank_pixel_check(model: BayesianMLP, guide, split: Split, ratio_bounds: tup
 def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEFAULT_TOL_PER_DATUM, num_pairs: int = VerdictConfig.num_pairs,
           batch_size: int = VerdictConfig.batch_size, seed: int = 0, num_draws: int = VerdictConfig.num_draws,
           steps: Sequence[float] = DEFAULT_STEPS, direction: str = VerdictConfig.direction, ratio_bounds: tuple[float, float] = (0.9, 1.1),
-          gain_when_exact_fails: bool = True, kl_beta: float = 1.0) -> Verdict:
+          gain_when_exact_fails: bool = True, kl_beta: float = 1.0, max_draws: int = 0) -> Verdict:
     """Converged iff the gain a natural-gradient step still finds (:func:`line_search_gain`), plus
     two standard errors, per example of ``split`` is at most ``tol_per_datum`` **and**, where the
     prior at the first layer is Gaussian and ``split.x`` has inputs that are 0 in every row, the
@@ -960,7 +1087,9 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
     others raise as :func:`line_search_gain` does. ``gain_when_exact_fails=False``: where the
     blank-pixel check already fails, the (dearer) gain is not measured (``gain`` is ``None``).
     ``kl_beta``: the objective judged is ``E_q log p(D | w) - kl_beta KL(q || p)``, that of a fit
-    whose KL was weighted so (tempered; the blank-pixel weights' optimum is still the prior)."""
+    whose KL was weighted so (tempered; the blank-pixel weights' optimum is still the prior).
+    ``max_draws``: the best step scored again with draws of its own, added until the score can
+    decide (:func:`line_search_gain`; 0: off)."""
     _check_tol(tol_per_datum)
     _check_kl_beta(kl_beta)
     low, high = ratio_bounds
@@ -971,7 +1100,7 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
         return Verdict(False, float(tol_per_datum), None, None, ratio, (float(low), float(high)),
                        reasons + ["the ELBO gain was not measured: the exact check already fails"])
     gain = line_search_gain(model, guide, split, num_pairs=num_pairs, num_draws=num_draws, steps=steps, batch_size=batch_size, seed=seed,
-                            direction=direction, kl_beta=kl_beta)
+                            direction=direction, kl_beta=kl_beta, max_draws=max_draws, tol_per_datum=tol_per_datum)
     upper = None
     if gain is None:
         reasons.append(f"no remaining-gain estimate for guide {type(guide).__name__} (a point mass has no width); supported: {SUPPORTED_GUIDES}")
@@ -995,7 +1124,7 @@ def judge_by(model: BayesianMLP, guide, split: Split, config: VerdictConfig, see
     def judged(seed: int) -> Verdict:
         return judge(model, guide, split, tol_per_datum=config.tol_per_datum, num_pairs=config.num_pairs, batch_size=config.batch_size, seed=seed,
                      num_draws=config.num_draws, steps=config.steps, direction=config.direction, gain_when_exact_fails=config.gain_when_exact_fails,
-                     kl_beta=kl_beta)
+                     kl_beta=kl_beta, max_draws=config.rescore_max_draws)
 
     verdict = judged(seed)
     record = verdict.to_dict()

@@ -19,7 +19,7 @@ from pyro_bbt.inference import TrainConfig, TrainState, train
 from pyro_bbt.priors import GaussianPrior
 from pyro_bbt.runstore import RunStore, config_differences
 from pyro_bbt.transfer import build_parser, config_from_args
-from pyro_bbt.verdict import VerdictConfig, continuation_gain, read_posterior
+from pyro_bbt.verdict import ADDED_DRAWS_STDERR_FRACTION, VerdictConfig, _round_seed, continuation_gain, read_posterior
 
 SIZES = (6, 8, 3)
 
@@ -306,7 +306,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     continuation names it as the difference."""
     plain = ExperimentConfig()
     later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base", "kl_beta",
-             "batch_size_b", "continuation_checks", "polish_steps_b")
+             "batch_size_b", "continuation_checks", "polish_steps_b", "continuation_max_draws", "rescore_max_draws")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json
@@ -355,3 +355,88 @@ def test_the_continuation_base_is_a_later_field_and_a_cli_flag():
     assert off.continuation_base is None
     with pytest.raises(ValueError, match=r"continuation-base must be none or two numbers > 0 .*got \(1.0, 2.0, 3.0\)"):
         config_from_args(build_parser().parse_args(["--preset", "paper", "--continuation-base", "1,2,3"]))
+
+
+def _start_and_widened():
+    """A fitted posterior and the same with every width doubled: the ELBO falls, and the paired
+    difference is noisy (the draws at the wide end scatter)."""
+    model, guide, _ = _fit(_config(stop_at=10, cap=10, tol=0.05))
+    start = read_posterior(guide)
+    return model, start, {name: (loc, 2 * scale) for name, (loc, scale) in start.items()}
+
+
+def test_added_draws_pool_with_the_first_until_the_score_can_decide(single_torch_thread):
+    """continuation_gain(max_draws=D): undecided at 8 draws (the ELBO fell, so the lower bound is
+    below any tolerance, and two standard errors exceed half of it), draws are added, doubling,
+    pooled with the first 8 (common noise for start and end), until the standard error is a
+    quarter of the tolerance in nats or D is spent; without max_draws the score is the old one."""
+    model, start, end = _start_and_widened()
+    data = _data()
+    plain = continuation_gain(model, start, end, data, num_draws=8, seed=5)
+    assert plain.nats < 0 and plain.draws is None and "draws" not in plain.to_dict()
+    off = continuation_gain(model, start, end, data, num_draws=8, seed=5, max_draws=0, tol_per_datum=0.01)
+    assert off == plain
+    tol = 2 * plain.stderr / len(data)  # two standard errors at 8 draws = the whole tolerance: undecided
+    added = continuation_gain(model, start, end, data, num_draws=8, seed=5, max_draws=256, tol_per_datum=tol)
+    assert added.draws in (16, 32, 64, 128, 256) and added.to_dict()["draws"] == added.draws
+    assert added.stderr <= ADDED_DRAWS_STDERR_FRACTION * tol * len(data) or added.draws == 256
+    assert added.stderr < plain.stderr
+    # the pooled score is the mean over the rounds: the first 8 draws, then 8 of the second round's own noise
+    sixteen = continuation_gain(model, start, end, data, num_draws=8, seed=5, max_draws=16, tol_per_datum=tol / 100)
+    second = continuation_gain(model, start, end, data, num_draws=8, seed=_round_seed(5, 1))
+    assert sixteen.draws == 16 and sixteen.nats == pytest.approx((plain.nats + second.nats) / 2, rel=1e-12)
+    assert sixteen.start_elbo == pytest.approx((plain.start_elbo + second.start_elbo) / 2, rel=1e-12)
+    # capped: the cap is the number of draws whatever the noise
+    assert continuation_gain(model, start, end, data, num_draws=8, seed=5, max_draws=24, tol_per_datum=tol / 100).draws == 24
+
+
+def test_added_draws_stop_at_once_where_the_first_score_decides(single_torch_thread):
+    """A continuation that certainly gained more than the tolerance (its lower bound above it) is
+    rejected on its first 8 draws, and one scored precisely enough for a wide tolerance is decided
+    there too: no draws are added to either."""
+    model, start, end = _start_and_widened()
+    data = _data()
+    worse_to_better = continuation_gain(model, end, start, data, num_draws=8, seed=5)  # the ELBO rose by about 58 nats
+    tol_below = (worse_to_better.nats - 2 * worse_to_better.stderr) / len(data) / 2
+    rejected = continuation_gain(model, end, start, data, num_draws=8, seed=5, max_draws=256, tol_per_datum=tol_below)
+    assert rejected.draws == 8 and rejected.nats == worse_to_better.nats
+    wide = 8 * worse_to_better.stderr / len(data) + worse_to_better.per_datum  # stderr <= a quarter of it already
+    assert continuation_gain(model, end, start, data, num_draws=8, seed=5, max_draws=256, tol_per_datum=wide).draws == 8
+    with pytest.raises(ValueError, match="tol_per_datum must be a finite number > 0, got None"):
+        continuation_gain(model, end, start, data, num_draws=8, seed=5, max_draws=256)
+
+
+def test_added_draws_are_checked_reach_the_verdict_from_the_cli_and_are_recorded(single_torch_thread):
+    with pytest.raises(ValueError, match="continuation_max_draws must be an integer >= 0, got -8"):
+        VerdictConfig(continuation_epochs=4, continuation_max_draws=-8)
+    with pytest.raises(ValueError, match=r"continuation_max_draws must be 0 \(off\) or at least continuation_draws \(8\), got 4"):
+        VerdictConfig(continuation_epochs=4, continuation_max_draws=4)
+    with pytest.raises(ValueError, match="continuation_max_draws needs continuation_epochs >= 1"):
+        VerdictConfig(continuation_max_draws=64)
+    with pytest.raises(ValueError, match=r"rescore_max_draws must be 0 \(off\) or at least 8 \(the draws of the best step's own score\), got 2"):
+        VerdictConfig(rescore_max_draws=2)
+    with pytest.raises(ValueError, match="continuation-max-draws must be an integer >= 0, got 'many'"):
+        ExperimentConfig(continuation_epochs=4, continuation_max_draws="many")
+    with pytest.raises(ValueError, match="continuation-max-draws needs continuation-epochs >= 1"):
+        ExperimentConfig(continuation_max_draws=64)
+    with pytest.raises(ValueError, match=r"rescore-max-draws must be 0 \(off\) or at least 8 \(the draws its score starts from\), got 3"):
+        ExperimentConfig(rescore_max_draws=3)
+    config = config_from_args(build_parser().parse_args(["--continuation-epochs", "10", "--continuation-max-draws", "256", "--rescore-max-draws", "64"]))
+    assert (config.continuation_max_draws, config.rescore_max_draws) == (256, 64)
+    for verdict in (config.recipe_a().verdict, config.recipe_b_converged(300).verdict):
+        assert (verdict.continuation_max_draws, verdict.rescore_max_draws) == (256, 64)
+    assert not {"continuation_max_draws", "rescore_max_draws"} & set(ExperimentConfig(continuation_epochs=10).to_dict())
+    # in a fit: the line search's best step is scored again, and the continuation's record says how many draws scored it
+    verdict = VerdictConfig(tol_per_datum=0.05, continuation_epochs=4, continuation_fraction=1.0, max_overrules=0, continuation_max_draws=64,
+                            rescore_max_draws=32)
+    _, _, records = _fit(stopped_at(20, 200, verdict))
+    judged = [r["verdict"] for r in records if r.get("verdict")]
+    gains = [v["continuation"] for v in judged if "continuation" in v]
+    assert gains and all(g["draws"] in (8, 16, 32, 64) for g in gains)
+    assert all(g["stderr"] <= ADDED_DRAWS_STDERR_FRACTION * 0.05 * 200 or g["draws"] == 64
+               or (g["nats"] - 2 * g["stderr"]) / 200 > 0.05 for g in gains)
+    assert judged[0]["gain"]["rescored"]["draws"] in (0, 8, 16, 32)
+    # off: no trace of either in the records
+    _, _, plain = _fit(stopped_at(20, 200, replace(verdict, continuation_max_draws=0, rescore_max_draws=0)))
+    assert all("draws" not in r["verdict"].get("continuation", {}) and "rescored" not in (r["verdict"]["gain"] or {})
+               for r in plain if r.get("verdict"))

@@ -222,7 +222,7 @@ def test_the_recipe_is_the_presets_q_a_recipe():
     older = ExperimentConfig(**PRESETS[config.preset])
     assert config.preset == "paper-v2" and older.recipe_a().verdict.continuation_epochs == 0 and older.recipe_a().rule.max_epochs == 300
     assert experiment.recipe_a().verdict.continuation_epochs == 20
-    with pytest.raises(ValueError, match="unknown preset .quick2.; allowed: quick, paper, paper-v3, paper-v2, paper-v1"):
+    with pytest.raises(ValueError, match="unknown preset .quick2.; allowed: quick, paper, paper-v4, paper-v3, paper-v2, paper-v1"):
         converge.ConvergeConfig(config.problem, preset="quick2")
 
 

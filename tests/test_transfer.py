@@ -141,21 +141,24 @@ def test_the_paper_preset_confirms_passes_by_a_continuation_and_paper_v2_and_v1_
     def parsed(*argv: str) -> ExperimentConfig:
         return config_from_args(build_parser().parse_args(list(argv)))
 
-    paper, v3, v2, v1 = (parsed("--preset", name) for name in ("paper", "paper-v3", "paper-v2", "paper-v1"))
+    paper, v4, v3, v2, v1 = (parsed("--preset", name) for name in ("paper", "paper-v4", "paper-v3", "paper-v2", "paper-v1"))
     settings = ("elbo_test", "overrule", "max_overrules", "confirm_verdict", "max_epochs_b", "continuation_epochs", "continuation_fraction", "max_epochs_a",
-                "ewc_patience", "continuation_base")
-    assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2))
-    assert tuple(getattr(v3, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, None, None)
-    assert tuple(getattr(v2, name) for name in settings) == ("means", "restart", 60, True, 3000, 0, 0.0, 300, None, None)
+                "ewc_patience", "continuation_base", "continuation_max_draws")
+    assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 256)
+    assert tuple(getattr(v4, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 0)
+    assert tuple(getattr(v3, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, None, None, 0)
+    assert tuple(getattr(v2, name) for name in settings) == ("means", "restart", 60, True, 3000, 0, 0.0, 300, None, None, 0)
     assert tuple(getattr(v1, name) for name in settings) == tuple(getattr(ExperimentConfig, name) for name in settings) == \
-        ("two-point", "drop", 3, False, None, 0, 0.0, 300, None, None)
+        ("two-point", "drop", 3, False, None, 0, 0.0, 300, None, None, 0)
+    assert paper.recipe_b_converged(2647).verdict.continuation_max_draws == 256 and paper.recipe_a().verdict.rescore_max_draws == 0
     verdict = paper.recipe_b_converged(2647).verdict
     assert verdict.confirm and verdict.continuation_length(100) == 100 and paper.recipe_a().rule.elbo_test == "means"
     assert paper.recipe_a().verdict.continuation_length(5) == 20 and v2.recipe_a().verdict.continuation_epochs == 0
     # everything else is the same protocol
     assert {k: v for k, v in paper.to_dict().items() if k not in settings} == {k: v for k, v in v1.to_dict().items() if k not in settings}
     # each setting can be turned back from the command line
-    assert parsed("--preset", "paper", "--ewc-patience", "none", "--continuation-base", "none").to_dict() == v3.to_dict()
+    assert parsed("--preset", "paper", "--continuation-max-draws", "0").to_dict() == v4.to_dict()
+    assert parsed("--preset", "paper-v4", "--ewc-patience", "none", "--continuation-base", "none").to_dict() == v3.to_dict()
     off = parsed("--preset", "paper-v3", "--continuation-epochs", "0", "--continuation-fraction", "0", "--max-epochs-a", "300")
     assert off.to_dict() == v2.to_dict()
     off = parsed("--preset", "paper-v2", "--no-confirm-verdict", "--elbo-test", "two-point", "--overrule", "drop", "--max-overrules", "3", "--max-epochs-b", "none")

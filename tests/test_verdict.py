@@ -19,7 +19,7 @@ from pyro_bbt.data import Split
 from pyro_bbt.fused import mean_field_loc_rho
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.objectives import LocalReparameterizationELBO, WeightSamplingELBO
-from pyro_bbt.verdict import (CONFIRMATION_SEED_OFFSET, VerdictConfig, _read_posterior, elbo_gradient, fixed_noise_elbo, judge, judge_by,
+from pyro_bbt.verdict import (ADDED_DRAWS_STDERR_FRACTION, CONFIRMATION_SEED_OFFSET, RESCORE_DRAWS, VerdictConfig, continuation_gain, rescore_seed, _read_posterior, elbo_gradient, fixed_noise_elbo, judge, judge_by,
                               line_search_gain, natural_direction, posterior_elbo, remaining_gain, step_posterior, whitened_direction)
 
 SIZES = (784, 16, 3)
@@ -297,3 +297,35 @@ def test_guides_other_than_the_gaussians(mnist3, single_torch_thread):
     assert remaining_gain(model, guide, data, num_pairs=2).per_datum > 1.0
     with pytest.raises(ValueError, match="num_pairs must be an integer >= 2, got 1"):
         line_search_gain(model, guide, data, num_pairs=1)
+
+
+def test_the_best_step_scored_again_with_draws_of_its_own(mnist3, long_fit, single_torch_thread):
+    """max_draws: the search is the same (same steps, same best step), and the gain is the best
+    step's score by an independent evaluator (RESCORE_DRAWS draws, more where it cannot decide);
+    the judgement's bound is that score's."""
+    data = mnist3[0]
+    model, guide = loaded(long_fit)
+    scale_widths(guide, 0.8)  # a step gains
+    plain = line_search_gain(model, guide, data, seed=3)
+    again = line_search_gain(model, guide, data, seed=3, max_draws=8, tol_per_datum=0.01, keep_posterior=True)
+    assert plain.step > 0 and again.step == plain.step and again.tried == plain.tried and plain.rescored is None
+    assert again.rescored == {"draws": 8, "search_nats": plain.nats, "search_stderr": plain.stderr}
+    base = _read_posterior(guide, requires_grad=False)
+    independent = continuation_gain(model, base, again.posterior, data, num_draws=RESCORE_DRAWS, seed=rescore_seed(3), batch_size=2048)
+    assert (again.nats, again.stderr) == pytest.approx((independent.nats, independent.stderr), rel=1e-12)
+    assert "rescored" not in plain.to_dict() and again.to_dict()["rescored"]["draws"] == 8
+    # at the long fit a step gains about a standard error: a tolerance of two standard errors
+    # cannot be decided by 8 draws, so draws are added until it can, or the cap
+    long_model, long_guide = loaded(long_fit)
+    first = line_search_gain(long_model, long_guide, data, seed=3, max_draws=8, tol_per_datum=0.01)
+    tight = 2 * first.stderr / len(data)
+    more = line_search_gain(long_model, long_guide, data, seed=3, max_draws=128, tol_per_datum=tight)
+    assert first.rescored["draws"] == 8 and more.rescored["draws"] > 8 and more.step == first.step
+    assert more.stderr <= ADDED_DRAWS_STDERR_FRACTION * tight * len(data) or more.rescored["draws"] == 128 \
+        or (more.nats - 2 * more.stderr) / len(data) > tight
+    verdict = judge(model, guide, data, seed=3, tol_per_datum=0.01, max_draws=8)
+    assert verdict.gain_upper_per_datum == pytest.approx((again.nats + 2 * again.stderr) / len(data), rel=1e-12)
+    with pytest.raises(ValueError, match=r"max_draws must be 0 \(off\) or at least 8, got 4"):
+        line_search_gain(model, guide, data, max_draws=4, tol_per_datum=0.01)
+    with pytest.raises(ValueError, match="tol_per_datum must be a finite number > 0, got None"):
+        line_search_gain(model, guide, data, max_draws=8)
