@@ -149,11 +149,14 @@ class TrainConfig:
         the fit for as many epochs again (at least 20; at 0.3 then 0.1 times the first rates)
         until such a continuation raises the fixed-noise ELBO by at most that tolerance: the ELBO
         has stopped rising over the last half of the fit (``VerdictConfig(continuation_epochs=20,
-        continuation_fraction=1.0)``; at most 3,000 epochs in all). On fewer than about 20k
+        continuation_fraction=1.0, continuation_max_draws=256)``: each continuation scored with
+        draws added where 8 cannot decide, as on small data they cannot; at most 3,000 epochs in
+        all). On fewer than about 20k
         images pass a smaller ``batch_size`` (about a tenth of the data): one step per epoch is
         too slow a step to converge. ``overrides`` replace any field."""
         values = dict(stopping=StoppingRule(max_epochs=3000, lr_drops=3, lr_factor=0.3), lr=1e-2, scale_lr=3e-2, batch_size=2048,
-                      kl_schedule="uniform", eval_samples=0, verdict=VerdictConfig(continuation_epochs=20, continuation_fraction=1.0))
+                      kl_schedule="uniform", eval_samples=0,
+                      verdict=VerdictConfig(continuation_epochs=20, continuation_fraction=1.0, continuation_max_draws=256))
         return cls(**(values | overrides))
 
     def __post_init__(self) -> None:

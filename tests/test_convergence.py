@@ -400,6 +400,8 @@ def test_train_config_converged_is_the_recipe_that_fits_to_convergence():
     # a pass counts once the fit, continued as long again, no longer raises its ELBO
     assert (config.verdict.continuation_epochs, config.verdict.continuation_fraction) == (20, 1.0)
     assert config.verdict.continuation_length(150) == 150
+    # scored with draws added where 8 cannot decide (on small data they cannot)
+    assert (config.verdict.continuation_draws, config.verdict.continuation_max_draws, config.verdict.rescore_max_draws) == (8, 256, 0)
     with pytest.raises(ValueError, match="verdict must be None or a VerdictConfig, got 0.02"):
         TrainConfig(verdict=0.02)
 
