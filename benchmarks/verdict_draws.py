@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
 
 from pyro_bbt.files import atomic_write_text  # noqa: E402
-from pyro_bbt.plan import build_plan  # noqa: E402
-from pyro_bbt.rejudge import saved_config  # noqa: E402
+from pyro_bbt.rejudge import judged_unit  # noqa: E402
 from pyro_bbt.runstore import RunStore  # noqa: E402
 from pyro_bbt.units import load_task_pair, stage_prior, use_head  # noqa: E402
 from pyro_bbt.verdict import ADDED_DRAWS_STDERR_FRACTION, continuation_gain, judge, read_posterior  # noqa: E402
@@ -50,13 +49,7 @@ def load_unit(run_dir: Path, key: str):
     with B's head on and its guide at the checkpoint's posterior, the running continuation's start
     posterior (``None`` outside one), B's training split, the run's tolerance and ``(continuation
     start epoch or None, current epoch)``."""
-    config, saved = saved_config(run_dir)
-    specs = {spec.key: spec for spec in build_plan(config).units}
-    if key not in specs:
-        raise ValueError(f"no unit {key!r} in {run_dir}; its units: {', '.join(specs)}")
-    spec = specs[key]
-    if spec.method not in ("scratch", "transfer", "finetune") or config.verdict_tol is None:
-        raise ValueError(f"unit {key!r} is not a Bayesian fit on B judged by the verdict (scratch, transfer, finetune)")
+    config, saved, spec = judged_unit(run_dir, key)
     store = RunStore(run_dir, saved)  # checks each file's format, key and configuration
     payload = store.checkpoint(key)
     if payload is None:

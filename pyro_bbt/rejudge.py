@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig
-from .plan import build_plan
+from .plan import UnitSpec, build_plan
 from .runstore import RunStore
 from .units import load_task_pair, run_unit, stage_prior, use_head
 from .verdict import CONFIRMATION_SEED_OFFSET, judge
 
-__all__ = ["saved_config", "rejudge", "main"]
+__all__ = ["saved_config", "judged_unit", "rejudge", "main"]
 
 
 def saved_config(run_dir: Path) -> tuple[ExperimentConfig, dict]:
@@ -49,17 +49,24 @@ def saved_config(run_dir: Path) -> tuple[ExperimentConfig, dict]:
     return ExperimentConfig(**values), saved
 
 
-def rejudge(run_dir: Path, key: str, times: int = 4) -> dict:
-    """Rerun unit ``key`` of ``run_dir`` and judge its posterior ``times`` more times (module
-    docstring). Returns ``{"key", "epochs", "recorded", "reproduced", "judgements": [verdicts]}``."""
+def judged_unit(run_dir: Path, key: str) -> tuple[ExperimentConfig, dict, UnitSpec]:
+    """``(config, saved, spec)`` of unit ``key`` of the A -> B run in ``run_dir``: a Bayesian fit on
+    B (scratch, transfer, finetune) of a run with a verdict; anything else one clear ``ValueError``."""
     config, saved = saved_config(run_dir)
     specs = {spec.key: spec for spec in build_plan(config).units}
     if key not in specs:
         raise ValueError(f"no unit {key!r} in {run_dir}; its units: {', '.join(specs)}")
     spec = specs[key]
     if spec.method not in ("scratch", "transfer", "finetune") or config.verdict_tol is None:
-        raise ValueError(f"unit {key!r} cannot be judged again: rejudge reads scratch, transfer and finetune units of a run with a verdict "
+        raise ValueError(f"unit {key!r} cannot be judged: only scratch, transfer and finetune units of a run with a verdict can "
                          "(EWC's nets have none; joint fits A and B together)")
+    return config, saved, spec
+
+
+def rejudge(run_dir: Path, key: str, times: int = 4) -> dict:
+    """Rerun unit ``key`` of ``run_dir`` and judge its posterior ``times`` more times (module
+    docstring). Returns ``{"key", "epochs", "recorded", "reproduced", "judgements": [verdicts]}``."""
+    config, saved, spec = judged_unit(run_dir, key)
     store = RunStore(run_dir, saved)  # checks each file's format, key and configuration
     recorded = store.record(key)
     if recorded is None or recorded["status"] != "ok":

@@ -36,7 +36,7 @@ def test_rejudge_refuses_what_it_cannot_judge(tmp_path, capsys):
     assert main([*ARGS, "--methods", "ewc", "--out", str(out)]) == 0
     capsys.readouterr()
     assert rejudge_main([str(out), "magic-f0.2-s0"]) == 2 and "no unit 'magic-f0.2-s0'" in capsys.readouterr().err
-    assert rejudge_main([str(out), "ewc-f0.2-s0"]) == 2 and "cannot be judged again" in capsys.readouterr().err
+    assert rejudge_main([str(out), "ewc-f0.2-s0"]) == 2 and "cannot be judged: only scratch, transfer and finetune" in capsys.readouterr().err
     (out / "config.json").write_text("{broken")
     assert rejudge_main([str(out), "ewc-f0.2-s0"]) == 2 and "config.json is damaged" in capsys.readouterr().err
     assert rejudge_main([str(out), "ewc-f0.2-s0", "--times", "0"]) == 2 and "--times must be an integer >= 1, got 0" in capsys.readouterr().err
