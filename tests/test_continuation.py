@@ -436,6 +436,8 @@ def test_added_draws_are_checked_reach_the_verdict_from_the_cli_and_are_recorded
     assert all(g["stderr"] <= ADDED_DRAWS_STDERR_FRACTION * 0.05 * 200 or g["draws"] == 64
                or (g["nats"] - 2 * g["stderr"]) / 200 > 0.05 for g in gains)
     assert judged[0]["gain"]["rescored"]["draws"] in (0, 8, 16, 32)
+    last = next(v for v in reversed(judged) if "continuation" in v)
+    assert continuation_text(last).endswith(f" over {last['continuation']['epochs']} epochs, {last['continuation']['draws']} draws")
     # off: no trace of either in the records
     _, _, plain = _fit(stopped_at(20, 200, replace(verdict, continuation_max_draws=0, rescore_max_draws=0)))
     assert all("draws" not in r["verdict"].get("continuation", {}) and "rescored" not in (r["verdict"]["gain"] or {})
