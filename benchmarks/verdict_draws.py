@@ -15,8 +15,8 @@ on one thread:
   as the run does (``max_draws`` 0) and with ``max_draws = --max-draws``: the gain, its standard
   error, the upper bound, the draws, whether it passes, the seconds;
 * where the checkpoint is inside a continuation, scores the continuation so far (its start
-  against the current posterior) with ``D`` = 8, 16, ..., ``--max-draws`` draws and with the
-  added draws, ``--judgements`` times each with noise of its own.
+  against the current posterior) with ``D`` = 8, 16, ..., ``--max-draws`` draws (not with
+  ``--no-ladder``) and with the added draws, ``--judgements`` times each with noise of its own.
 
 ::
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-draws", type=positive_int, default=256)
     parser.add_argument("--judgements", type=positive_int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ladder", action="store_true", help="score the continuation with the added draws only, not with 8, 16, ..., --max-draws")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         end = read_posterior(guide)
         record["continuation"] = {"start_epoch": start_epoch, "fixed": [], "added": []}
         draws = 8
-        while draws <= args.max_draws:
+        while draws <= args.max_draws and not args.no_ladder:
             scores = []
             for r in range(args.judgements):
                 clock = time.perf_counter()

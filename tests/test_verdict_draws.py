@@ -41,5 +41,11 @@ def test_the_bench_judges_a_running_unit_and_scores_its_continuation(tmp_path, c
     mean_se = [sum(s["stderr"] for s in row["scores"]) / 2 for row in fixed]
     assert mean_se[2] < mean_se[0]  # 4x the draws: about half the standard error
     assert [a["draws"] for a in record["continuation"]["added"]] == [8, 8] and all(a["passes"] for a in record["continuation"]["added"])
+    assert bench.main([str(out), "scratch-f0.5-s0", "--max-draws", "32", "--judgements", "1", "--no-ladder", "--out", str(tmp_path / "e.json")]) == 0
+    short = json.loads((tmp_path / "e.json").read_text())["continuation"]
+    def timeless(score: dict) -> dict:
+        return {k: v for k, v in score.items() if k != "seconds"}
+
+    assert short["fixed"] == [] and [timeless(a) for a in short["added"]] == [timeless(record["continuation"]["added"][0])]
     with pytest.raises(ValueError, match="no unit 'magic-f0.5-s0'"):
         bench.load_unit(out, "magic-f0.5-s0")
