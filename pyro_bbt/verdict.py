@@ -180,6 +180,7 @@ problem (``python benchmarks/converge.py --preset paper --problem small --rounds
 and 1,799 epochs to the pass on seeds 0-2, against 751, 1,136 and 1,599 without checks. A
 continuation cut short moves the next start earlier, and the shorter continuation from there
 fails again more often than a whole one would have. Off in every preset.
+
 **Added draws** (``continuation_max_draws``, ``rescore_max_draws``). Both scores have a standard
 error ``sqrt(sum_n s_n^2 / D)`` over ``D`` draws, and on small data it can match the whole
 tolerance: at 10 % of B (2,647 examples, ``tol N`` = 26.5 nats) a continuation's 8 draws read
