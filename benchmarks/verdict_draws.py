@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model, guide, start, split, tol, (start_epoch, epoch) = load_unit(args.run_dir, args.key)
+    try:
+        model, guide, start, split, tol, (start_epoch, epoch) = load_unit(args.run_dir, args.key)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"verdict_draws: {error}", file=sys.stderr)
+        return 2
     n = len(split)
     print(f"{args.key} at epoch {epoch}: N = {n}, tol = {tol} per example ({tol * n:.2f} nats); "
           f"added draws stop at stderr <= {ADDED_DRAWS_STDERR_FRACTION * tol * n:.2f} nats")

@@ -49,3 +49,6 @@ def test_the_bench_judges_a_running_unit_and_scores_its_continuation(tmp_path, c
     assert short["fixed"] == [] and [timeless(a) for a in short["added"]] == [timeless(record["continuation"]["added"][0])]
     with pytest.raises(ValueError, match="no unit 'magic-f0.5-s0'"):
         bench.load_unit(out, "magic-f0.5-s0")
+    capsys.readouterr()
+    assert bench.main([str(out), "magic-f0.5-s0"]) == 2 and "no unit 'magic-f0.5-s0'" in capsys.readouterr().err
+    assert bench.main([str(tmp_path / "nothing"), "scratch-f0.5-s0"]) == 2 and "config.json" in capsys.readouterr().err
