@@ -24,7 +24,7 @@ from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, RESCORE_DRAWS, VerdictConfig, check_continuation_base
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS", "PRECISION_FIELDS", "RAISABLE_FIELDS"]
 
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -421,6 +421,16 @@ GRID_FIELDS: tuple[str, ...] = ("methods", "fractions", "seeds")
 # the new cap; a finished fit keeps the record it ended with (one that ended at the old cap stays
 # unconverged, and its record names that cap).
 CAP_FIELDS: tuple[str, ...] = ("max_epochs_a", "max_epochs_b")
+
+# The verdict's added draws (what a configuration that omits one means: none). ``--resume`` may
+# raise them too, but unlike a cap they change judgements: a fit resumed with more draws is not
+# the fit a fresh run of the new configuration would make. Judgements already made keep the
+# draws they had (a continuation's record names its draws), judgements to come use the new cap,
+# and the unit's record names each rise and the epoch it came at (``raised_on_resume``).
+PRECISION_FIELDS: dict[str, int] = {"continuation_max_draws": 0, "rescore_max_draws": 0}
+
+# What ``--resume`` may raise, each with its value where a configuration omits it.
+RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS}, **PRECISION_FIELDS}
 
 # Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
 # them, so a run may take its stages from another run that differs in them (``--stages-from``)

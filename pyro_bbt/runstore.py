@@ -24,14 +24,14 @@ import hashlib
 import json
 import pickle
 import zipfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
 
 from .files import atomic_torch_save, atomic_write_json
 
-__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences", "differing_fields", "disallowed_differences"]
+__all__ = ["FORMAT_VERSION", "RunStore", "ReadOnlyStore", "config_hash", "config_differences", "differing_fields", "disallowed_differences", "raised_fields"]
 
 FORMAT_VERSION = 1
 
@@ -50,21 +50,32 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing_fields(saved, current)]
 
 
-def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[str] = (), raisable_fields: Collection[str] = ()) -> list[str]:
+def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[str] = (),
+                           raisable_fields: Collection[str] | Mapping[str, object] = ()) -> list[str]:
     """The ``field: saved -> current`` differences that make ``saved`` another configuration than
     ``current``: every differing field but those of ``grid_fields``, and those of
     ``raisable_fields`` (integer caps) where the saved value is an integer no larger than the
-    current one."""
+    current one. A mapping ``raisable_fields`` gives each field's value where a configuration
+    omits it (a field added after the configuration was saved)."""
     saved, current = _normalise(saved), _normalise(current)
+    absent = raisable_fields if isinstance(raisable_fields, Mapping) else {}
     out = []
     for key in differing_fields(saved, current):
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, absent.get(key)), current.get(key, absent.get(key))
         if key in grid_fields:
             continue
         if key in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
             continue
         out.append(f"{key}: {old!r} -> {new!r}")
     return out
+
+
+def raised_fields(saved: dict, current: dict, fields: Mapping[str, object]) -> dict[str, list]:
+    """``{field: [saved, current]}`` for the fields of ``fields`` (each with its value where a
+    configuration omits it) whose value differs between the two configurations."""
+    saved, current = _normalise(saved), _normalise(current)
+    values = {key: [saved.get(key, absent), current.get(key, absent)] for key, absent in fields.items()}
+    return {key: pair for key, pair in values.items() if pair[0] != pair[1]}
 
 
 def differing_fields(saved: dict, current: dict) -> list[str]:
@@ -81,32 +92,40 @@ class RunStore:
     """Finished units, task-A stages and per-epoch checkpoints of one run directory."""
 
     def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = (),
-                 raisable_fields: Collection[str] = (), stage_free_fields: Collection[str] = ()) -> None:
+                 raisable_fields: Collection[str] | Mapping[str, object] = (), stage_free_fields: Collection[str] = (),
+                 recorded_fields: Mapping[str, object] | None = None) -> None:
         """``grid_fields``: fields a stored file may differ in and still be this run's (the axes of
         a grid whose units do not depend on each other, so the run can grow along them);
         ``raisable_fields``: integer caps a stored file may have had lower (a fit's epochs before
         its cap do not depend on it); ``stage_free_fields``: fields a stored *stage* may differ in
-        besides (fields that only the units read). See :func:`disallowed_differences`."""
+        besides (fields that only the units read). See :func:`disallowed_differences`.
+        ``recorded_fields`` (raisable fields, each with its value where a configuration omits it):
+        a checkpoint made with another value of one of them comes back with the rise appended
+        to its ``raised_on_resume`` list, ``{"epoch", "fields": {field: [saved, current]}}``
+        (``epoch`` its ``train_state``'s, where it has one), for the unit to carry into its record."""
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
         self.on_damaged = on_damaged
         self.grid_fields = frozenset(grid_fields)
-        self.raisable_fields = frozenset(raisable_fields)
+        self.raisable_fields = dict(raisable_fields) if isinstance(raisable_fields, Mapping) else dict.fromkeys(raisable_fields)
         self.stage_free_fields = frozenset(stage_free_fields)
+        self.recorded_fields = dict(recorded_fields or {})
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
 
-    def _read(self, path: Path, key: str, field: str, load: Callable[[Path], object], free: frozenset[str] = frozenset()) -> dict | None:
-        """``payload[field]`` of the file at ``path``, checked; ``None`` if there is none (or it
-        was damaged and moved aside, with ``on_damaged``)."""
+    def _read(self, path: Path, key: str, field: str | None, load: Callable[[Path], object], free: frozenset[str] = frozenset()) -> dict | None:
+        """``payload[field]`` of the file at ``path`` (the whole payload where ``field`` is
+        ``None``, which must hold ``data``), checked; ``None`` if there is none (or it was
+        damaged and moved aside, with ``on_damaged``)."""
         if not path.exists():
             return None
         try:
             payload = load(path)
             self._check(path, payload, key, free)
-            return payload[field]
+            value = payload[field or "data"]
+            return payload if field is None else value
         except _UNREADABLE as error:
             message, prefix = str(error), f"{path}: "
             reason = message[len(prefix):] if message.startswith(prefix) else f"unreadable ({type(error).__name__}: {message})"
@@ -137,7 +156,17 @@ class RunStore:
         self.clear_checkpoint(key)
 
     def checkpoint(self, key: str) -> dict | None:
-        return self._load_pt(self._path("checkpoints", key, ".pt"), key)
+        payload = self._read(self._path("checkpoints", key, ".pt"), key, None,
+                             lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        if payload is None:
+            return None
+        data = payload["data"]
+        raised = raised_fields(payload.get("config", {}), self.config, self.recorded_fields)
+        if raised:
+            train_state = data.get("train_state") if isinstance(data, dict) else None
+            epoch = train_state.get("epoch") if isinstance(train_state, dict) else None
+            data = {**data, "raised_on_resume": [*data.get("raised_on_resume", []), {"epoch": epoch, "fields": raised}]}
+        return data
 
     def save_checkpoint(self, key: str, data: dict) -> None:
         atomic_torch_save(self._header(key) | {"data": data}, self._path("checkpoints", key, ".pt"))

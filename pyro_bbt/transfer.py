@@ -46,7 +46,7 @@ from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .chain_sequence import SEQUENCE_METHODS
-from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS
+from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS, PRECISION_FIELDS, RAISABLE_FIELDS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
                              check_split_ewc, check_split_protocol, load_split_task, split_tasks)
@@ -376,14 +376,17 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         saved.pop("preset", None)
         current = run_description(config, split, args.sequence)
         differences = config_differences(saved, current)
-        free, raisable = ((), ()) if args.sequence else (GRID_FIELDS, CAP_FIELDS)
+        free, raisable = ((), {}) if args.sequence else (GRID_FIELDS, RAISABLE_FIELDS)
         if disallowed_differences(saved, current, free, raisable):
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
-        if differences:  # the grid grows or shrinks, or a cap rises: what the run holds is reused, config.json says the new run
+        if differences:  # the grid grows or shrinks, a cap or the verdict's draws rise: what the run holds is reused, config.json says the new run
             fields = set(differing_fields(saved, current))
-            what = " and ".join(part for part, on in (("the grid changes", fields & set(GRID_FIELDS)), ("a cap rises", fields & set(CAP_FIELDS))) if on)
+            parts = (("the grid changes", GRID_FIELDS), ("a cap rises", CAP_FIELDS), ("the verdict's draws rise", PRECISION_FIELDS))
+            what = " and ".join(part for part, names in parts if fields & set(names))
             caps = "; a finished fit keeps the record it ended with, fits in progress and to come run to the new cap" if fields & set(CAP_FIELDS) else ""
-            print(f"--resume: {what} ({'; '.join(differences)}); stored stages and units are reused{caps}", file=sys.stderr, flush=True)
+            draws = ("; judgements already made keep their draws, those to come use the new cap, and a fit in progress records the rise "
+                     "(raised_on_resume)") if fields & set(PRECISION_FIELDS) else ""
+            print(f"--resume: {what} ({'; '.join(differences)}); stored stages and units are reused{caps}{draws}", file=sys.stderr, flush=True)
             atomic_write_json(out / "config.json", {"preset": args.preset, **current})
         return
     if existing and not args.overwrite:
@@ -404,7 +407,7 @@ def _stages_from(source: Path, config: ExperimentConfig, args: argparse.Namespac
     grid's fields and raisable caps); ``UsageError`` naming what is wrong, before anything is written."""
     if args.sequence:
         raise UsageError("--stages-from takes the A -> B grid's task-A stages; a --sequence run has none")
-    store = RunStore(source, config.to_dict(), grid_fields=GRID_FIELDS, raisable_fields=CAP_FIELDS, stage_free_fields=B_ONLY_FIELDS)
+    store = RunStore(source, config.to_dict(), grid_fields=GRID_FIELDS, raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS)
     found = {}
     for path in sorted((source / "stages").glob("*.pt")) if (source / "stages").is_dir() else []:
         key = path.stem
@@ -496,7 +499,7 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
         return _run_sequence(args, config, split, executor, log, start)
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=GRID_FIELDS,
-                     raisable_fields=CAP_FIELDS, stage_free_fields=B_ONLY_FIELDS)
+                     raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS, recorded_fields=PRECISION_FIELDS)
     raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start

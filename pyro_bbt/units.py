@@ -472,10 +472,17 @@ class _UnitStore:
 
     def save_checkpoint(self, key: str, data: dict) -> None:
         if self.on_checkpoint is not None:
-            self.on_checkpoint(key, data)
+            raised = self.raised_on_resume
+            self.on_checkpoint(key, data if raised is None else {**data, "raised_on_resume": raised})
 
     def clear_checkpoint(self, key: str) -> None:
         pass
+
+    @property
+    def raised_on_resume(self) -> list[dict] | None:
+        """The rises of the verdict's draws since this fit began (``RunStore.checkpoint``), kept
+        in every checkpoint it saves and in its record; ``None`` where there were none."""
+        return self.checkpoint_data.get("raised_on_resume") if self.checkpoint_data is not None else None
 
 
 @dataclass
@@ -514,6 +521,8 @@ def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = No
                      "convergence": None, "history": []}
             if stage_ewc.early_stopping is not None:
                 entry.update(steps=stage_ewc.steps, early_stopping=stage_ewc.early_stopping)
+        if store.raised_on_resume is not None:
+            entry["raised_on_resume"] = store.raised_on_resume
     except NonFiniteLossError as error:
         return StageOutcome(spec.key, None, None, f"task A failed: {error}", time.perf_counter() - start)
     return StageOutcome(spec.key, store.saved_stage, entry, "", time.perf_counter() - start)
@@ -532,7 +541,8 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
     if spec.needs is not None and stage_state is None:
         return failed_unit_record(method, fraction, seed, steps, f"stage {spec.needs} is missing")
     tasks = load_task_pair(config, fraction, seed)
-    run = FitStorage(_UnitStore(None, checkpoint, on_checkpoint))
+    unit_store = _UnitStore(None, checkpoint, on_checkpoint)
+    run = FitStorage(unit_store)
     start = time.perf_counter()
     try:
         if method == "ewc":
@@ -553,6 +563,8 @@ def run_unit(config: ExperimentConfig, spec: UnitSpec, stage_state: dict | None 
     record = _unit_record(method, fraction, seed, steps, outcome, stage, time.perf_counter() - start)
     if "early_stopping" in outcome:
         record["early_stopping"] = outcome["early_stopping"]
+    if unit_store.raised_on_resume is not None:
+        record["raised_on_resume"] = unit_store.raised_on_resume
     return record
 
 

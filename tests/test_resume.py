@@ -395,3 +395,46 @@ def test_stages_from_another_run_that_differs_in_b_s_fields_only(uninterrupted, 
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "other").exists() and not (tmp_path / "none").exists()
+
+
+VERDICT = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8", "--seeds", "0", "--fractions", "0.5", "--epochs-a", "2",
+           "--max-epochs-a", "4", "--batch-size-a", "50", "--fit-b", "rule", "--max-epochs-b", "12", "--window", "2", "--methods", "scratch",
+           "--eval-samples", "2", "--epochs", "1", "--min-steps", "3", "--verdict-tol", "10", "--continuation-epochs", "4",
+           "--continuation-fraction", "1", "--init-scale", "1", "--quiet"]
+
+
+def test_resume_raises_the_verdicts_draws_and_the_record_names_the_rise(tmp_path, monkeypatch, capsys):
+    """A B fit with a verdict, interrupted at its third epoch without added draws, resumed with
+    --continuation-max-draws 16 (and interrupted and resumed once more): accepted, said on
+    stderr, and the unit's record names the rise and its epoch, in every checkpoint since and in
+    results.json, where a fit that began with 16 draws has no such entry. Lowered draws are refused."""
+    saved_checkpoint = RunStore.save_checkpoint
+    stop_at = {"epoch": 3}
+
+    def interrupted(self, key, data):
+        saved_checkpoint(self, key, data)
+        if key == "scratch-f0.5-s0" and data["train_state"]["epoch"] >= stop_at["epoch"]:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*VERDICT, "--out", str(out)])
+    stop_at["epoch"] = 6
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        main([*VERDICT, "--continuation-max-draws", "16", "--out", str(out), "--resume"])
+    assert "the verdict's draws rise (continuation_max_draws: None -> 16)" in capsys.readouterr().err
+    rise = [{"epoch": 3, "fields": {"continuation_max_draws": [0, 16]}}]
+    checkpoint = torch.load(out / "checkpoints" / "scratch-f0.5-s0.pt", weights_only=True)["data"]
+    assert checkpoint["train_state"]["epoch"] == 6 and checkpoint["raised_on_resume"] == rise
+    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
+    assert main([*VERDICT, "--out", str(out), "--resume"]) == 2
+    assert "another configuration (continuation_max_draws: 16 -> None)" in capsys.readouterr().err
+    assert main([*VERDICT, "--continuation-max-draws", "16", "--out", str(out), "--resume"]) == 0
+    unit = json.loads((out / "results.json").read_text())["units"][0]
+    assert unit["method"] == "scratch" and unit["raised_on_resume"] == rise
+    assert json.loads((out / "config.json").read_text())["continuation_max_draws"] == 16
+    fresh = tmp_path / "fresh"
+    assert main([*VERDICT, "--continuation-max-draws", "16", "--out", str(fresh)]) == 0
+    assert "raised_on_resume" not in json.loads((fresh / "results.json").read_text())["units"][0]
