@@ -208,12 +208,47 @@ class EpochDiagnostics:
     phase: str = "fit"
 
 
+def _plain_copy(value):
+    """A copy of ``value`` as ``dataclasses.asdict`` makes one: dicts, lists and tuples copied
+    level by level, numbers, strings, booleans and ``None`` shared, anything else deep-copied."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return type(value)((_plain_copy(k), _plain_copy(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_plain_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+_EPOCH_FIELDS = tuple(f.name for f in fields(EpochDiagnostics))
+
+
+def _epoch_record(epoch: EpochDiagnostics) -> dict:
+    return {name: _plain_copy(getattr(epoch, name)) for name in _EPOCH_FIELDS}
+
+
 @dataclass
 class TrainHistory:
     epochs: list[EpochDiagnostics] = field(default_factory=list)
 
+    _frozen: list = field(default_factory=list, init=False, repr=False, compare=False)
+
     def to_records(self) -> list[dict]:
-        return [asdict(e) for e in self.epochs]
+        """The epochs as plain dicts, each its own copy (what ``dataclasses.asdict`` gives)."""
+        return [_epoch_record(e) for e in self.epochs]
+
+    def checkpoint_records(self) -> list[dict]:
+        """:meth:`to_records` at the cost of the epochs added since the last call, for a checkpoint
+        after every epoch: :func:`train` changes no epoch's record but the last one's, so every
+        epoch before the last is converted once and its dict kept and returned again. Serialise
+        the list; do not change its dicts."""
+        frozen, epochs = self._frozen, self.epochs
+        same = 0
+        while same < min(len(frozen), len(epochs) - 1) and frozen[same][0] is epochs[same]:
+            same += 1
+        del frozen[same:]
+        frozen.extend((e, _epoch_record(e)) for e in epochs[same:-1])
+        return [record for _, record in frozen] + [_epoch_record(e) for e in epochs[-1:]]
 
     def to_json(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_records(), indent=2))
@@ -606,7 +641,7 @@ def train(
                     optim_state=copy.deepcopy(optimizer.state_dict()),
                     rng_state=torch.get_rng_state(),
                     order_state=order.get_state(),
-                    history=history.to_records(),
+                    history=history.checkpoint_records(),
                     continuation=continuation,
                 )
             )

@@ -273,3 +273,27 @@ def test_trained_history_round_trips(tmp_path):
     assert json.loads((tmp_path / "h.json").read_text()) == records
     with open(tmp_path / "h.csv", newline="") as f:
         assert [_parse_csv_row(r) for r in csv.DictReader(f)] == _as_csv(records)
+
+
+def test_checkpoint_records_keep_earlier_epochs_and_follow_the_last():
+    """A checkpoint's records equal ``dataclasses.asdict`` of every epoch after each of the
+    changes train() makes (the last epoch's verdict set, an epoch added) and after the epochs
+    are replaced (a resume); earlier epochs' dicts are converted once and reused."""
+    from dataclasses import asdict
+
+    def epoch(n: int) -> EpochDiagnostics:
+        return EpochDiagnostics(epoch=n, steps=10 * n, elbo=-float(n), expected_log_lik=-1.0, weighted_kl=float(n), train_accuracy=0.5,
+                                val_accuracy=None, seconds=0.1, median_scale={"layers.0.weight": 0.5}, phase="fit")
+
+    history = TrainHistory([epoch(1), epoch(2)])
+    first = history.checkpoint_records()
+    assert first == [asdict(e) for e in history.epochs]
+    history.epochs[-1].verdict = {"converged": False, "reasons": ["x"], "gain": {"nats": 1.0}}
+    history.epochs.append(epoch(3))
+    second = history.checkpoint_records()
+    assert second == [asdict(e) for e in history.epochs] and second[1]["verdict"]["reasons"] == ["x"]
+    assert second[0] is first[0]  # converted once
+    second[1]["verdict"]["reasons"].append("y")
+    assert history.epochs[1].verdict["reasons"] == ["x"]  # copies, not the live records
+    history.epochs = [epoch(7)]
+    assert history.checkpoint_records() == [asdict(history.epochs[0])] and history.to_records() == [asdict(history.epochs[0])]
