@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS
+from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS
 from .convergence import continuation_text, elbo_test_text
 
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
@@ -257,8 +257,8 @@ def _check_converged_below_caps(runs: list[dict], names: list[str]) -> None:
             if convergence is None:  # a deterministic net or a fixed budget: no cap applies
                 continue
             if not convergence.get("converged") or convergence["epochs"] >= cap:
-                raise ValueError(f"{name}'s {what} did not end converged below its cap ({cap:g} epochs): runs whose presets or "
-                                 f"caps ({', '.join(CAP_FIELDS)}) differ merge only when every fit in them did")
+                raise ValueError(f"{name}'s {what} did not end converged below its cap ({cap:g} epochs): runs whose presets, "
+                                 f"caps ({', '.join(CAP_FIELDS)}) or verdict's draws ({', '.join(PRECISION_FIELDS)}) differ merge only when every fit in them did")
 
 
 def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
@@ -266,12 +266,14 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
     ``--fractions`` or ``--seeds``: their q_A stages (one per seed; a seed's stage fitted in two runs must be the
     same record) and units, with the summary recomputed. Runs whose configurations differ in
     anything else, or that share a (method, fraction, seed) unit, are refused (``ValueError``).
-    The preset's name and the caps (``max_epochs_a``, ``max_epochs_b``) may also differ when
-    every Bayesian fit in the runs ended converged below its cap
-    (:func:`_check_converged_below_caps`); the merged run's ``warnings`` then name what differed."""
+    The preset's name, the caps (``max_epochs_a``, ``max_epochs_b``) and the verdict's added
+    draws (:data:`~pyro_bbt.config.PRECISION_FIELDS`: a pass is the same bound, upper ≤ tolerance,
+    with more or fewer draws) may also differ when every Bayesian fit in the runs ended converged
+    below its cap (:func:`_check_converged_below_caps`); the merged run's ``warnings`` then name
+    what differed."""
     from .experiment import summarize_units
 
-    loose = ("preset", *CAP_FIELDS)
+    loose = ("preset", *CAP_FIELDS, *PRECISION_FIELDS)
 
     def rest(results: dict) -> dict:
         return {k: v for k, v in results["config"].items() if k not in GRID_FIELDS and k not in loose}
@@ -282,11 +284,12 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
         if rest(results) != rest(runs[0]):
             differing = sorted(k for k in set(rest(results)) | set(rest(runs[0])) if rest(results).get(k) != rest(runs[0]).get(k))
             raise ValueError(f"{name} and {names[0]} differ in {', '.join(differing)}: only runs that differ in --methods, --fractions or --seeds merge")
-    differing_loose = sorted(k for k in loose if len({json.dumps(results["config"].get(k)) for results in runs}) > 1)
+    differing_loose = sorted(k for k in loose if len({json.dumps(results["config"].get(k, LATER_FIELDS.get(k))) for results in runs}) > 1)
     notes = []
     if differing_loose:
         _check_converged_below_caps(runs, names)
-        values = "; ".join(f"{name}: " + ", ".join(f"{k}={results['config'].get(k)}" for k in differing_loose) for results, name in zip(runs, names))
+        values = "; ".join(f"{name}: " + ", ".join(f"{k}={results['config'].get(k, LATER_FIELDS.get(k))}" for k in differing_loose)
+                           for results, name in zip(runs, names))
         notes.append(f"merged runs differ in {', '.join(differing_loose)} ({values}); every Bayesian fit in them ended converged below its cap")
     units, seen, stages = [], set(), {}
     for results, name in zip(runs, names):
@@ -443,6 +446,11 @@ def convergence_lines(results: dict) -> str:
                 continued = "" if not verdicts[-1].get("continuation") else f"; continued: {continuation_text(verdicts[-1])}"
                 judged.setdefault((unit["method"], unit["fraction"]), []).append(
                     f"s{unit['seed']} {len(verdicts)}{'*' if verdicts[-1]['converged'] else ''} ({'—' if upper is None else f'{upper:.3g}'}{continued})")
+        raised = [f"{unit['method']} {unit['fraction']:g} s{unit['seed']} at epoch {rise['epoch']} ("
+                  + ", ".join(f"{field} {old} → {new}" for field, (old, new) in rise["fields"].items()) + ")"
+                  for unit in results["units"] for rise in unit.get("raised_on_resume") or []]
+        if raised:
+            lines += ["", "Verdict's draws raised on --resume (judgements before keep their draws): " + "; ".join(raised)]
         if judged:
             lines += ["", "Verdicts per q_B (seed, judgements, * when the last passed, its upper bound in nats per example; where a continuation confirmed it, that continuation's ELBO gain): " + "; ".join(
                 f"{method} {fraction:g}: {', '.join(items)}" for (method, fraction), items in judged.items())]
