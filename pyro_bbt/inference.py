@@ -41,7 +41,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import pyro
 import torch
@@ -452,7 +452,9 @@ class TrainState:
     continuation: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as they are (train() builds each state from copies; ``asdict`` would copy
+        every tensor and every epoch's record again, at every checkpoint)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, state: dict) -> "TrainState":
