@@ -19,12 +19,13 @@ from .convergence import ELBO_TESTS, StoppingRule
 from .data import Task, load_task
 from .fitting import FitRecipe, new_posterior
 from .guides import GUIDES
+from .inference import check_checkpoint_seconds
 from .kl_schedules import validate_schedule
 from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, RESCORE_DRAWS, VerdictConfig, check_continuation_base
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS", "PRECISION_FIELDS", "RAISABLE_FIELDS"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS", "PRECISION_FIELDS", "RAISABLE_FIELDS", "RUN_FIELDS"]
 
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -150,6 +151,7 @@ class ExperimentConfig:
     continuation_checks: int = 0
     continuation_max_draws: int = 0
     rescore_max_draws: int = 0
+    checkpoint_seconds: float = 0.0
     polish_steps_b: int = 0
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
@@ -268,6 +270,7 @@ class ExperimentConfig:
                 raise ValueError(f"{flag} must be 0 (off) or at least {least} (the draws its score starts from), got {value}")
         if self.continuation_max_draws and self.continuation_epochs == 0:
             raise ValueError("continuation-max-draws needs continuation-epochs >= 1 (it scores continuations; 0 turns them off)")
+        check_checkpoint_seconds(self.checkpoint_seconds, "checkpoint-seconds")
         if not isinstance(self.polish_steps_b, int) or isinstance(self.polish_steps_b, bool) or self.polish_steps_b < 0:
             raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
         if self.polish_steps_b and self.fit_b != "rule":
@@ -372,7 +375,7 @@ class ExperimentConfig:
                                                                     continuation_base=self.continuation_base,
                                                                     confirm=self.confirm_verdict)
         return dict(scale_lr=self.scale_lr, num_particles=self.num_particles, estimator=self.estimator, kl_schedule=self.kl_schedule, verdict=verdict,
-                    kl_beta=self.kl_beta)
+                    kl_beta=self.kl_beta, checkpoint_seconds=self.checkpoint_seconds)
 
     @property
     def a_batch_size(self) -> int:
@@ -409,7 +412,7 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
                                    "batch_size_b": None, "continuation_checks": 0,
                                    "polish_steps_b": 0, "continuation_max_draws": 0,
-                                   "rescore_max_draws": 0}
+                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -428,6 +431,10 @@ CAP_FIELDS: tuple[str, ...] = ("max_epochs_a", "max_epochs_b")
 # draws they had (a continuation's record names its draws), judgements to come use the new cap,
 # and the unit's record names each rise and the epoch it came at (``raised_on_resume``).
 PRECISION_FIELDS: dict[str, int] = {"continuation_max_draws": 0, "rescore_max_draws": 0}
+
+# How a run is run, not what it computes (the least seconds between two checkpoints of a fit):
+# free on ``--resume`` and ``--stages-from``, and in the report's merges.
+RUN_FIELDS: tuple[str, ...] = ("checkpoint_seconds",)
 
 # What ``--resume`` may raise, each with its value where a configuration omits it.
 RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS}, **PRECISION_FIELDS}
@@ -450,20 +457,22 @@ PRESETS: dict[str, dict] = {
     # at most the tolerance, scored with draws added where 8 cannot decide (up to 256: on B's small
     # splits 8 draws' noise alone is about the tolerance); every fit capped at 3,000 epochs. EWC's
     # nets by early stopping on their task's validation split (patience 3 epochs, the same cap).
+    # A fit in progress is checkpointed at most once a minute (paper-v3 and v4 too: fits of
+    # thousands of epochs, where a checkpoint after every epoch cost a quarter of the time).
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                   elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
                   continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3,
-                  continuation_max_draws=256),
+                  continuation_max_draws=256, checkpoint_seconds=60.0),
     # The paper preset until 2026-12-05, every continuation scored by 8 draws: the converged runs
     # of 2026-12-04 and 12-05 (q_A of seeds 0-2, B at 10 %) resume under it.
     "paper-v4": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                      elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                     continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3),
+                     continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3, checkpoint_seconds=60.0),
     # The paper preset of 2026-12-04 with the continuation, before EWC's early stopping (EWC's nets
     # for B's fixed budget): the runs begun that day (runs/qa-converged) resume under it.
     "paper-v3": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
                      elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                     continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000),
+                     continuation_fraction=1.0, max_epochs_a=3000, max_epochs_b=3000, checkpoint_seconds=60.0),
     # The paper preset of 2026-12-04 until the continuation (the 10 % reruns of that day): passes
     # confirmed by a second judgement only, q_A capped at 300 epochs.
     "paper-v2": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",

@@ -69,6 +69,8 @@ class FitRecipe:
     lower rates until it holds (:func:`~pyro_bbt.inference.train`); ``None``: the rule's criteria
     alone. The loss is the full-data negative ELBO with the ``kl_schedule``'s weights
     (:mod:`pyro_bbt.inference`), its KL times ``kl_beta`` (1: the ELBO; below 1, tempered).
+    ``checkpoint_seconds``: :attr:`~pyro_bbt.inference.TrainConfig.checkpoint_seconds` (how often
+    a fit with a store saves its state; not what it computes).
     """
 
     lr: float
@@ -84,6 +86,7 @@ class FitRecipe:
     kl_schedule: str = "uniform"
     verdict: VerdictConfig | None = VerdictConfig()
     kl_beta: float = 1.0
+    checkpoint_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("rule", "steps", "epochs") if getattr(self, name) is not None]
@@ -126,6 +129,7 @@ class FitRecipe:
             progress=False,
             verdict=self.verdict,
             warn_unconverged=False,  # the fit's record says so
+            checkpoint_seconds=self.checkpoint_seconds,
         )
 
 

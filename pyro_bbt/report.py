@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS
+from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS
 from .convergence import continuation_text, elbo_test_text
 
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
@@ -276,7 +276,7 @@ def merge_transfer_runs(runs: list[dict], names: list[str]) -> dict:
     loose = ("preset", *CAP_FIELDS, *PRECISION_FIELDS)
 
     def rest(results: dict) -> dict:
-        return {k: v for k, v in results["config"].items() if k not in GRID_FIELDS and k not in loose}
+        return {k: v for k, v in results["config"].items() if k not in GRID_FIELDS and k not in loose and k not in RUN_FIELDS}
 
     for results, name in zip(runs, names):
         if "units" not in results:

@@ -46,7 +46,7 @@ from .ray_executor import DEFAULT_MAX_RETRIES
 from .convergence import ELBO_TESTS
 from .data import SCALINGS
 from .chain_sequence import SEQUENCE_METHODS
-from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS, PRECISION_FIELDS, RAISABLE_FIELDS
+from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS, PRECISION_FIELDS, RAISABLE_FIELDS, RUN_FIELDS
 from .experiment import HEADS, METHODS, PRESETS, PRIORS, Q_INITS, SEQUENCES, ExperimentConfig, run_experiment, run_sequence
 from .split_sequence import (CORESETS, FITS, JOINTS, MEAN_INITS, SCENARIOS, SPLIT_METHODS, SPLIT_PRESETS, STARTS, SplitConfig, check_split_methods,
                              check_split_ewc, check_split_protocol, load_split_task, split_tasks)
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-checks", type=int, help="with --continuation-epochs: score each continuation this many times on the way and reject it as soon as it has certainly gained more than the tolerance (its point the next start); a pass still needs a whole continuation; default 0 (off)")
     p.add_argument("--continuation-max-draws", type=int, help="with --continuation-epochs: where a continuation's score is too noisy to decide (two standard errors above half of --verdict-tol, its lower bound not above it), add draws of its evaluator, doubling them, up to this many (its first 8 always); on small data the evaluator's noise alone can exceed the tolerance; default 0 (off)")
     p.add_argument("--rescore-max-draws", type=int, help="score the line search's best step again with 8 draws of its own (not those that chose it), adding draws as --continuation-max-draws does, up to this many; the judgement's gain is that score; default 0 (off: the search's own score)")
+    p.add_argument("--checkpoint-seconds", type=float, help="save a fit in progress at most once in this many seconds (a resume redoes at most that much; what the run computes does not depend on it, and --resume may change it); default 0: after every epoch, 60 in the paper presets")
     p.add_argument("--polish-steps-b", type=int, help="with --fit-b rule: where the verdict rejects a fit on B (or joint's) at the rule's stop, first take up to this many of the verdict's own steps (full-data whitened natural gradient with its line search, until two in a row each gain less than half of --verdict-tol), then judge again; the continuation still confirms a pass; q_A's fit never takes them; default 0 (off)")
     p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
     p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper preset: 0.01,0.03); none: each fit's own first rates (the default)")
@@ -376,12 +377,13 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         saved.pop("preset", None)
         current = run_description(config, split, args.sequence)
         differences = config_differences(saved, current)
-        free, raisable = ((), {}) if args.sequence else (GRID_FIELDS, RAISABLE_FIELDS)
+        free, raisable = (RUN_FIELDS, {}) if args.sequence else ((*GRID_FIELDS, *RUN_FIELDS), RAISABLE_FIELDS)
         if disallowed_differences(saved, current, free, raisable):
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
         if differences:  # the grid grows or shrinks, a cap or the verdict's draws rise: what the run holds is reused, config.json says the new run
             fields = set(differing_fields(saved, current))
-            parts = (("the grid changes", GRID_FIELDS), ("a cap rises", CAP_FIELDS), ("the verdict's draws rise", PRECISION_FIELDS))
+            parts = (("the grid changes", GRID_FIELDS), ("a cap rises", CAP_FIELDS), ("the verdict's draws rise", PRECISION_FIELDS),
+                     ("the checkpoint interval changes", RUN_FIELDS))
             what = " and ".join(part for part, names in parts if fields & set(names))
             caps = "; a finished fit keeps the record it ended with, fits in progress and to come run to the new cap" if fields & set(CAP_FIELDS) else ""
             draws = ("; judgements already made keep their draws, those to come use the new cap, and a fit in progress records the rise "
@@ -407,7 +409,7 @@ def _stages_from(source: Path, config: ExperimentConfig, args: argparse.Namespac
     grid's fields and raisable caps); ``UsageError`` naming what is wrong, before anything is written."""
     if args.sequence:
         raise UsageError("--stages-from takes the A -> B grid's task-A stages; a --sequence run has none")
-    store = RunStore(source, config.to_dict(), grid_fields=GRID_FIELDS, raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS)
+    store = RunStore(source, config.to_dict(), grid_fields=(*GRID_FIELDS, *RUN_FIELDS), raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS)
     found = {}
     for path in sorted((source / "stages").glob("*.pt")) if (source / "stages").is_dir() else []:
         key = path.stem
@@ -498,7 +500,7 @@ def _run(args: argparse.Namespace, config: ExperimentConfig, split: SplitConfig 
     if args.sequence:
         return _run_sequence(args, config, split, executor, log, start)
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=GRID_FIELDS,
+    store = RunStore(args.out, config.to_dict(), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=(*GRID_FIELDS, *RUN_FIELDS),
                      raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS, recorded_fields=PRECISION_FIELDS)
     raw = run_experiment(config, log=log, store=store, warn=warn, executor=executor, progress=not args.quiet)
     results, timing = split_timing(raw)
@@ -526,7 +528,7 @@ def _run_sequence(args: argparse.Namespace, config: ExperimentConfig, split: Spl
     from .report import split_sequence_table
 
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"))
+    store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=RUN_FIELDS)
     raw = run_sequence(config, args.sequence, log=log, split=split, executor=executor, store=store, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start

@@ -297,3 +297,27 @@ def test_checkpoint_records_keep_earlier_epochs_and_follow_the_last():
     assert history.epochs[1].verdict["reasons"] == ["x"]  # copies, not the live records
     history.epochs = [epoch(7)]
     assert history.checkpoint_records() == [asdict(history.epochs[0])] and history.to_records() == [asdict(history.epochs[0])]
+
+
+def test_checkpoint_seconds_spaces_the_checkpoints_and_not_the_fit():
+    """``checkpoint_seconds``: 0 saves after every epoch; a long interval after the first only.
+    The fit is the same either way, and resuming from the one checkpoint it left ends where the
+    uninterrupted fit does. A negative or infinite interval is refused, naming it."""
+    def fit(seconds: float, resume=None):
+        pyro.clear_param_store()
+        model = BayesianMLP(SIZES)
+        guide = make_guide("meanfield", model)
+        states: list = []
+        config = TrainConfig(epochs=4, batch_size=16, lr=0.01, progress=False, eval_samples=0, checkpoint_seconds=seconds)
+        history = train(model, guide, _data(), config, on_checkpoint=states.append, resume=resume)
+        return [e.elbo for e in history.epochs], states, {k: v.clone() for k, v in guide.state_dict().items()}
+
+    every, every_states, every_params = fit(0.0)
+    sparse, sparse_states, sparse_params = fit(3600.0)
+    assert [s.epoch for s in every_states] == [1, 2, 3, 4] and [s.epoch for s in sparse_states] == [1]
+    assert every == sparse and all(torch.equal(every_params[k], sparse_params[k]) for k in every_params)
+    resumed, _, resumed_params = fit(3600.0, resume=sparse_states[0])
+    assert resumed == every and all(torch.equal(every_params[k], resumed_params[k]) for k in every_params)
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="checkpoint_seconds must be a finite number of seconds >= 0"):
+            TrainConfig(checkpoint_seconds=bad)

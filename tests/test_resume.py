@@ -431,7 +431,12 @@ def test_resume_raises_the_verdicts_draws_and_the_record_names_the_rise(tmp_path
     monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
     assert main([*VERDICT, "--out", str(out), "--resume"]) == 2
     assert "another configuration (continuation_max_draws: 16 -> None)" in capsys.readouterr().err
-    assert main([*VERDICT, "--continuation-max-draws", "16", "--out", str(out), "--resume"]) == 0
+    assert main([*VERDICT, "--continuation-max-draws", "16", "--checkpoint-seconds", "30", "--out", str(out), "--resume"]) == 0
+    assert "the checkpoint interval changes (checkpoint_seconds: None -> 30.0)" in capsys.readouterr().err
+    assert main([*VERDICT, "--checkpoint-seconds", "-1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-seconds must be a finite number of seconds >= 0 (0: a checkpoint after every epoch), got -1.0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
     unit = json.loads((out / "results.json").read_text())["units"][0]
     assert unit["method"] == "scratch" and unit["raised_on_resume"] == rise
     assert json.loads((out / "config.json").read_text())["continuation_max_draws"] == 16

@@ -143,13 +143,14 @@ def test_the_paper_preset_confirms_passes_by_a_continuation_and_paper_v2_and_v1_
 
     paper, v4, v3, v2, v1 = (parsed("--preset", name) for name in ("paper", "paper-v4", "paper-v3", "paper-v2", "paper-v1"))
     settings = ("elbo_test", "overrule", "max_overrules", "confirm_verdict", "max_epochs_b", "continuation_epochs", "continuation_fraction", "max_epochs_a",
-                "ewc_patience", "continuation_base", "continuation_max_draws")
-    assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 256)
-    assert tuple(getattr(v4, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 0)
-    assert tuple(getattr(v3, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, None, None, 0)
-    assert tuple(getattr(v2, name) for name in settings) == ("means", "restart", 60, True, 3000, 0, 0.0, 300, None, None, 0)
+                "ewc_patience", "continuation_base", "continuation_max_draws", "checkpoint_seconds")
+    assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 256, 60.0)
+    assert tuple(getattr(v4, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 0, 60.0)
+    assert tuple(getattr(v3, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, None, None, 0, 60.0)
+    assert tuple(getattr(v2, name) for name in settings) == ("means", "restart", 60, True, 3000, 0, 0.0, 300, None, None, 0, 0.0)
     assert tuple(getattr(v1, name) for name in settings) == tuple(getattr(ExperimentConfig, name) for name in settings) == \
-        ("two-point", "drop", 3, False, None, 0, 0.0, 300, None, None, 0)
+        ("two-point", "drop", 3, False, None, 0, 0.0, 300, None, None, 0, 0.0)
+    assert paper.recipe_a().train_config(0).checkpoint_seconds == 60.0 and paper.recipe_b_converged(2647).checkpoint_seconds == 60.0
     assert paper.recipe_b_converged(2647).verdict.continuation_max_draws == 256 and paper.recipe_a().verdict.rescore_max_draws == 0
     verdict = paper.recipe_b_converged(2647).verdict
     assert verdict.confirm and verdict.continuation_length(100) == 100 and paper.recipe_a().rule.elbo_test == "means"
@@ -159,7 +160,7 @@ def test_the_paper_preset_confirms_passes_by_a_continuation_and_paper_v2_and_v1_
     # each setting can be turned back from the command line
     assert parsed("--preset", "paper", "--continuation-max-draws", "0").to_dict() == v4.to_dict()
     assert parsed("--preset", "paper-v4", "--ewc-patience", "none", "--continuation-base", "none").to_dict() == v3.to_dict()
-    off = parsed("--preset", "paper-v3", "--continuation-epochs", "0", "--continuation-fraction", "0", "--max-epochs-a", "300")
+    off = parsed("--preset", "paper-v3", "--continuation-epochs", "0", "--continuation-fraction", "0", "--max-epochs-a", "300", "--checkpoint-seconds", "0")
     assert off.to_dict() == v2.to_dict()
     off = parsed("--preset", "paper-v2", "--no-confirm-verdict", "--elbo-test", "two-point", "--overrule", "drop", "--max-overrules", "3", "--max-epochs-b", "none")
     assert off.to_dict() == v1.to_dict()
