@@ -116,10 +116,13 @@ def _train_bayesian(config, model, guide, train_split: Split, steps: int, seed: 
     elapsed = [0.0]
 
     def point(epoch: int, step: int) -> dict:
-        point = {"epoch": epoch, "step": step,
-                 "b_val_accuracy": bayesian_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
-                 "b_test_accuracy": bayesian_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
-                 "seconds": elapsed[0]}
+        # A measurement: its weight draws come from a fork of the generators, so the fit is the
+        # same whichever epochs the curve records (they depend on the cap, which --resume may raise).
+        with torch.random.fork_rng():
+            point = {"epoch": epoch, "step": step,
+                     "b_val_accuracy": bayesian_metrics(model, guide, tasks.b.val, config.curve_samples, config.b_head).accuracy,
+                     "b_test_accuracy": bayesian_metrics(model, guide, tasks.b.test, config.curve_samples, config.b_head).accuracy,
+                     "seconds": elapsed[0]}
         use_head(model, head)
         return point
 

@@ -443,3 +443,19 @@ def test_resume_raises_the_verdicts_draws_and_the_record_names_the_rise(tmp_path
     fresh = tmp_path / "fresh"
     assert main([*VERDICT, "--continuation-max-draws", "16", "--out", str(fresh)]) == 0
     assert "raised_on_resume" not in json.loads((fresh / "results.json").read_text())["units"][0]
+
+
+def test_a_b_fit_before_its_cap_does_not_depend_on_the_cap(tmp_path):
+    """The learning curve's epochs are spread up to the cap, and each point draws weights: from a
+    fork of the generators, so a fit under a cap of 12 epochs is the first 12 epochs of the same
+    fit under a cap of 40 (what --resume's raised caps rely on), though their curves differ."""
+    tight = [arg if prev != "--verdict-tol" else "0.0001" for prev, arg in zip(["", *VERDICT], VERDICT)]
+    units = []
+    for cap in ("12", "40"):
+        args = [arg if prev != "--max-epochs-b" else cap for prev, arg in zip(["", *tight], tight)]
+        assert main([*args, "--out", str(tmp_path / cap)]) == 0
+        units.append(json.loads((tmp_path / cap / "results.json").read_text())["units"][0])
+    short, long = units
+    assert len(short["history"]) == 12 and len(long["history"]) > 12
+    assert [e["elbo"] for e in short["history"]] == [e["elbo"] for e in long["history"][:12]]
+    assert [p["epoch"] for p in short["curve"]] == [1, 2, 5, 12] and [p["epoch"] for p in long["curve"] if p["epoch"] <= 12] == [1, 2, 4, 9]
