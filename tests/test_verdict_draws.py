@@ -13,13 +13,13 @@ from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
 ARGS = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8", "--seeds", "0", "--fractions", "0.5", "--epochs-a", "2",
-        "--max-epochs-a", "4", "--batch-size-a", "50", "--fit-b", "rule", "--max-epochs-b", "40", "--window", "2", "--methods", "scratch",
+        "--max-epochs-a", "4", "--batch-size-a", "50", "--fit-b", "rule", "--max-epochs-b", "24", "--window", "2", "--methods", "scratch",
         "--eval-samples", "2", "--epochs", "1", "--min-steps", "3", "--verdict-tol", "10", "--continuation-epochs", "4",
         "--continuation-fraction", "1", "--init-scale", "1", "--quiet"]
 
 
 def test_the_bench_judges_a_running_unit_and_scores_its_continuation(tmp_path, capsys, monkeypatch, single_torch_thread):
-    """A B unit whose cap (40 epochs) ends it inside a continuation (tolerance 10 nats per example:
+    """A B unit whose cap (24 epochs) ends it inside a continuation (tolerance 10 nats per example:
     the line search passes at once, and widths that start at the prior's pass the blank-pixel
     check); its last checkpoint kept (the store would clear it)."""
     monkeypatch.setattr(RunStore, "clear_checkpoint", lambda self, key: None)
@@ -28,7 +28,7 @@ def test_the_bench_judges_a_running_unit_and_scores_its_continuation(tmp_path, c
     capsys.readouterr()
     bench = load_benchmark("verdict_draws")
     model, guide, start, split, tol, (start_epoch, epoch) = bench.load_unit(out, "scratch-f0.5-s0")
-    assert tol == 10 and 0 < start_epoch < epoch == 40 and len(split) > 0 and start is not None
+    assert tol == 10 and 0 < start_epoch < epoch == 24 and len(split) > 0 and start is not None
     assert bench.main([str(out), "scratch-f0.5-s0", "--max-draws", "32", "--judgements", "2", "--out", str(tmp_path / "d.json")]) == 0
     record = json.loads((tmp_path / "d.json").read_text())
     plain, added = record["judgements"], record["judgements_added"]
