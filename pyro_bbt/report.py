@@ -446,14 +446,16 @@ def convergence_lines(results: dict) -> str:
                 continued = "" if not verdicts[-1].get("continuation") else f"; continued: {continuation_text(verdicts[-1])}"
                 judged.setdefault((unit["method"], unit["fraction"]), []).append(
                     f"s{unit['seed']} {len(verdicts)}{'*' if verdicts[-1]['converged'] else ''} ({'—' if upper is None else f'{upper:.3g}'}{continued})")
-        raised = [f"{unit['method']} {unit['fraction']:g} s{unit['seed']} at epoch {rise['epoch']} ("
-                  + ", ".join(f"{field} {old} → {new}" for field, (old, new) in rise["fields"].items()) + ")"
-                  for unit in results["units"] for rise in unit.get("raised_on_resume") or []]
-        if raised:
-            lines += ["", "Verdict's draws raised on --resume (judgements before keep their draws): " + "; ".join(raised)]
         if judged:
             lines += ["", "Verdicts per q_B (seed, judgements, * when the last passed, its upper bound in nats per example; where a continuation confirmed it, that continuation's ELBO gain): " + "; ".join(
                 f"{method} {fraction:g}: {', '.join(items)}" for (method, fraction), items in judged.items())]
+    def named(fit: dict) -> str:
+        return f"q_A s{fit.get('seed')}" if "method" not in fit else f"{fit['method']} {fit['fraction']:g} s{fit['seed']}"
+
+    raised = [f"{named(fit)} at epoch {rise['epoch']} (" + ", ".join(f"{field} {old} → {new}" for field, (old, new) in rise["fields"].items()) + ")"
+              for fit in [*results.get("task_a", []), *results["units"]] for rise in fit.get("raised_on_resume") or []]
+    if raised:
+        lines += ["", "Verdict's draws raised on --resume (judgements before keep their draws): " + "; ".join(raised)]
     for warning in results.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines) + "\n"

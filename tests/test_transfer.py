@@ -384,14 +384,17 @@ def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_it
     assert report_main([transfer, unconverged]) == 2 and "did not end converged below its cap" in capsys.readouterr().err
     # the verdict's draws are as loose as the caps; a rise on --resume is named
     raised = {**unit("scratch", True, 9387), "seed": 2, "raised_on_resume": [{"epoch": 9387, "fields": {"continuation_max_draws": [0, 256]}}]}
-    drawn = write("drawn", ["scratch"], [raised], [], (12000, 20000, "paper-v4"))
+    stage = {"kind": "bayesian", "seed": 2, "a_test": {"accuracy": 0.99}, "convergence": None,  # only its rise matters here
+             "raised_on_resume": [{"epoch": 953, "fields": {"rescore_max_draws": [0, 64]}}]}
+    drawn = write("drawn", ["scratch"], [raised], [stage], (12000, 20000, "paper-v4"))
     config = json.loads((tmp_path / "drawn" / "results.json").read_text())
     config["config"]["continuation_max_draws"] = 256
     (tmp_path / "drawn" / "results.json").write_text(json.dumps(config))
     assert report_main([transfer, drawn]) == 0
     out = capsys.readouterr().out
     assert "merged runs differ in continuation_max_draws, max_epochs_b, preset" in out and "continuation_max_draws=0" in out
-    assert "Verdict's draws raised on --resume (judgements before keep their draws): scratch 0.1 s2 at epoch 9387 (continuation_max_draws 0 → 256)" in out
+    assert ("Verdict's draws raised on --resume (judgements before keep their draws): q_A s2 at epoch 953 (rescore_max_draws 0 → 64); "
+            "scratch 0.1 s2 at epoch 9387 (continuation_max_draws 0 → 256)") in out
     drawn_capped = write("drawn-capped", ["scratch"], [{**raised, "convergence": {"converged": False, "epochs": 20000}}], [], (12000, 20000, "paper-v4"))
     assert report_main([transfer, drawn_capped]) == 2 and "verdict's draws (continuation_max_draws, rescore_max_draws)" in capsys.readouterr().err
     same_caps = write("same", ["scratch"], [unit("scratch", False, 100)], [], (12000, 8000, "paper-v3"))
