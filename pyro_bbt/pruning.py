@@ -29,19 +29,24 @@ initialisation a large one.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .convergence import uninformed_inputs
+from .data import Split
 from .evaluation import metrics_from_log_probs, predictive_log_probs, sample_posterior
 from .guides import posterior_loc_scale
 from .model import BayesianMLP
 
-__all__ = ["KAPPA_GRID", "DEFAULT_DELTA", "UnitCensus", "unit_kl", "unit_census", "ablation_change"]
+__all__ = ["KAPPA_GRID", "DEFAULT_DELTA", "CENSUS_EXAMPLES", "CENSUS_SAMPLES", "UnitCensus", "unit_kl", "unit_census", "ablation_change",
+           "census_after"]
 
 KAPPA_GRID: tuple[float, ...] = tuple(round(10 ** (e / 4), 6) for e in range(-16, 5))  # 1e-4 ... 10 nats per incoming weight
 DEFAULT_DELTA = 0.01  # nats per example
+CENSUS_EXAMPLES = 1000  # training images per task on which :func:`census_after`'s ablation is checked
+CENSUS_SAMPLES = 16
 
 
 def _kl_to_base(loc: torch.Tensor, scale: torch.Tensor, base_std: float) -> torch.Tensor:
@@ -168,3 +173,16 @@ def unit_census(guide, model: BayesianMLP, base_std: float, x_seen: torch.Tensor
         delta=delta,
         active_units=[torch.nonzero(m).flatten().tolist() for m in masks],
     )
+
+
+def census_after(guide, model: BayesianMLP, base_std: float, seen: Sequence[tuple[int | None, Split]], seed: int = 0) -> dict:
+    """The active hidden units of a posterior fitted on the tasks ``seen`` (``(head, training
+    split)`` each): :func:`unit_census` against ``N(0, base_std^2)``, the pixels blank in every
+    image of every task seen left out, the threshold found by ablation on each task through its
+    head, on its first :data:`CENSUS_EXAMPLES` training images, with :data:`CENSUS_SAMPLES`
+    draws. RNG-neutral. As a dict (:meth:`UnitCensus.to_dict`)."""
+    if not seen:
+        raise ValueError("census_after needs at least one task seen, (head, split)")
+    x_seen = torch.cat([split.x for _, split in seen])
+    evaluations = [(head, split.x[:CENSUS_EXAMPLES], split.y[:CENSUS_EXAMPLES]) for head, split in seen]
+    return unit_census(guide, model, base_std, x_seen, evaluations, num_samples=CENSUS_SAMPLES, seed=seed).to_dict()

@@ -26,7 +26,7 @@ from pathlib import Path
 from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS
 from .convergence import continuation_text, elbo_test_text
 
-__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
+__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -461,6 +461,29 @@ def convergence_lines(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def census_lines(results: dict) -> str:
+    """The active hidden units of every Bayesian fit that recorded them (``census``:
+    :func:`pyro_bbt.pruning.census_after`), q_A first: per hidden layer, with the threshold and
+    its ablation check. Empty where no fit recorded one (runs made before the census was)."""
+    rows = []
+    for stage in results.get("task_a", []):
+        if stage.get("census"):
+            rows.append(("q_A (on A)", stage["seed"], stage["census"]))
+    for unit in results.get("units", []):
+        if unit.get("census"):
+            on = "on B" if unit["method"] == "scratch" else "on A and B"
+            rows.append((f"{unit['method']} {unit['fraction']:g} ({on})", unit["seed"], unit["census"]))
+    if not rows:
+        return ""
+    lines = ["", "**Active hidden units** (pyro_bbt.pruning: mean KL per incoming weight to the base prior above kappa, kappa the largest "
+                 "whose ablation lowers no seen task's log-likelihood by delta or more)", "",
+             "| fit | seed | active units per hidden layer | kappa | ablation change (nats / example) |", "|---|---|---|---|---|"]
+    for name, seed, census in rows:
+        counts = ", ".join(f"{a}/{w}" for a, w in zip(census["active"], census["widths"]))
+        lines.append(f"| {name} | {seed} | {counts} | {census['kappa']:g} | {census['ablation_change']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer", "scratch"), ("transfer", "ewc"), ("transfer", "finetune"))) -> str:
     """Per-seed paired differences of B's test accuracy and of A's accuracy after B between two
     methods at each fraction (same seed, same data): mean, and a 95 % t interval over seeds."""
@@ -703,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         print(transfer_tables(merged), end="")
         print(paired_lines(merged), end="")
         print(convergence_lines(merged), end="")
+        print(census_lines(merged), end="")
         return 0
     args.run_dir = args.run_dir[0]
     path = args.run_dir / "results.json"
@@ -728,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     print(transfer_tables(results), end="")
     print(paired_lines(results), end="")
     print(convergence_lines(results), end="")
+    print(census_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.uncertainty:
         print(forgetting_uncertainty_lines(results), end="")

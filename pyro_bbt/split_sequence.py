@@ -105,7 +105,7 @@ from .inference import NonFiniteLossError
 from .model import BayesianMLP
 from .stats import mean_std, sample_std
 from .priors import Prior
-from .pruning import unit_census
+from .pruning import census_after
 from .runstore import RunStore
 from .units import HeadView, check_finite_training, ewc_train_config, steps_for, use_head
 
@@ -478,19 +478,12 @@ def _fit_record(task: int, trained_on: list[int], fit, units: dict | None = None
             "units": units, "reused": reused, "seconds": fit.seconds}
 
 
-CENSUS_EXAMPLES = 1000  # training images per task on which the census's ablation is checked
-CENSUS_SAMPLES = 16
-
-
 def _census(config: ExperimentConfig, model: BayesianMLP, guide, tasks: Sequence[SplitTask], trains: Sequence[Split], seen: list[int],
             seed: int) -> dict:
     """The active hidden units of the posterior after the tasks ``seen``
-    (:func:`~pyro_bbt.pruning.unit_census` against the base prior, the blank pixels of all their
-    images left out, the threshold found by ablation on each task seen, through its head, on its
-    first :data:`CENSUS_EXAMPLES` training images)."""
-    x_seen = torch.cat([trains[s].x for s in seen])
-    evaluations = [(tasks[s].head, trains[s].x[:CENSUS_EXAMPLES], trains[s].y[:CENSUS_EXAMPLES]) for s in seen]
-    return unit_census(guide, model, config.base_prior_std, x_seen, evaluations, num_samples=CENSUS_SAMPLES, seed=seed).to_dict()
+    (:func:`~pyro_bbt.pruning.census_after`: against the base prior, the blank pixels of all their
+    images left out, the threshold found by ablation on each task seen, through its head)."""
+    return census_after(guide, model, config.base_prior_std, [(tasks[s].head, trains[s]) for s in seen], seed)
 
 
 def _fixed_budget(config: ExperimentConfig, trains: Sequence[Split]) -> int:

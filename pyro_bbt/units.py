@@ -33,6 +33,7 @@ from .fitting import fit_posterior, guide_state, prior_from_posterior, start_fro
 from .inference import EpochDiagnostics, NonFiniteLossError
 from .model import BayesianMLP
 from .priors import Prior
+from .pruning import census_after
 
 if TYPE_CHECKING:  # the plan and the store import this module
     from .plan import StageSpec, UnitSpec
@@ -152,6 +153,7 @@ class _StageA:
     steps: int
     history: list
     convergence: dict
+    census: dict | None = None  # q_A's active units (pyro_bbt.pruning.census_after); None in stages saved before it was recorded
 
     def to_saved(self) -> dict:
         return {
@@ -163,6 +165,7 @@ class _StageA:
             "steps": self.steps,
             "history": self.history,
             "convergence": self.convergence,
+            "census": self.census,
         }
 
     @classmethod
@@ -176,6 +179,7 @@ class _StageA:
             steps=saved["steps"],
             history=saved["history"],
             convergence=saved["convergence"],
+            census=saved.get("census"),
         )
 
 
@@ -211,6 +215,7 @@ def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStora
         steps=fit.steps,
         history=fit.history,
         convergence=fit.convergence,
+        census=census_after(guide, model, config.base_prior_std, [(0, tasks.a.train)], seed),
     )
     if run.store is not None:
         run.store.save_stage(key, stage.to_saved())
@@ -224,18 +229,21 @@ def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, 
     if start_from_a:  # multi-head: B's head keeps its fresh initialisation
         start_from_state(model, guide, stage_a.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
     curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or FitStorage(), key)
-    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
+    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence, seen_a=method != "scratch", seed=seed)
 
 
-def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, convergence) -> dict:
-    """A Bayesian B unit's outcome: B's and A's test metrics through their heads, and its curve,
-    history and convergence report."""
+def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, convergence, seen_a: bool, seed: int) -> dict:
+    """A Bayesian B unit's outcome: B's and A's test metrics through their heads, its curve,
+    history and convergence report, and its active units (``census``: against the base prior, on
+    B, and on A too where the posterior has seen it, ``seen_a``)."""
+    seen = [(0, tasks.a.train), (config.b_head, tasks.b.train)] if seen_a else [(config.b_head, tasks.b.train)]
     return {
         "b_test": bayesian_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head),
         "a_test_after": bayesian_metrics(model, guide, tasks.a.test, config.eval_samples, 0),
         "curve": curve,
         "history": history,
         "convergence": convergence,
+        "census": census_after(guide, model, config.base_prior_std, seen, seed),
     }
 
 
@@ -246,7 +254,7 @@ def run_joint(config, tasks: _Tasks, steps: int, seed: int, run: FitStorage, key
     offset = config.b_head * len(config.task_a)
     both = Split(torch.cat([tasks.a.train.x, tasks.b.train.x]), torch.cat([tasks.a.train.y, tasks.b.train.y + offset]))
     curve, history, convergence = _train_bayesian(config, model, guide, both, steps, seed, tasks, None, run, key)
-    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence)
+    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence, seen_a=True, seed=seed)
 
 
 # --------------------------------------------------------------------------- EWC
@@ -419,6 +427,7 @@ def _unit_record(method: str, fraction: float, seed: int, steps: int, outcome: d
         "curve": outcome["curve"],
         "history": outcome["history"],
         "convergence": outcome.get("convergence"),
+        "census": outcome.get("census"),
         "prior_converged": stage.convergence["converged"] if method == "transfer" else None,
         "seconds": seconds,
     }
@@ -516,7 +525,7 @@ def run_stage(config: ExperimentConfig, spec: StageSpec, saved: dict | None = No
             stage_a = fit_task_a(config, full, spec.seed, FitStorage(store))
             entry = {"seed": spec.seed, "kind": "bayesian", "steps": stage_a.steps, "a_test": stage_a.a_test.to_dict(),
                      "b_test_before": stage_a.b_test_before.to_dict(), "b_random_init_accuracy": stage_a.b_random_init,
-                     "convergence": stage_a.convergence, "history": stage_a.history}
+                     "convergence": stage_a.convergence, "history": stage_a.history, "census": stage_a.census}
         else:
             stage_ewc = fit_task_a_ewc(config, full, spec.steps, spec.seed, FitStorage(store))
             entry = {"seed": spec.seed, "kind": "deterministic", "steps": spec.steps, "a_test": stage_ewc.a_test.to_dict(),

@@ -59,3 +59,43 @@ def test_the_threshold_found_by_ablation_keeps_the_units_a_fitted_posterior_uses
     assert everything.active == [0] and everything.ablation_change < -0.1
     with pytest.raises(ValueError, match="kappa must be a finite number > 0 or None, got 0"):
         unit_census(guide, model, 1.0, x, data, kappa=0)
+
+
+def test_the_a_to_b_experiment_records_the_active_units_of_q_a_and_of_every_bayesian_b_fit(tmp_path, single_torch_thread):
+    """q_A's census is taken on A; scratch's on B alone; transfer's, finetune's and joint's on A
+    and B (each through its head); EWC's nets have none. The census in results.json is the one
+    :func:`census_after` gives for the same posterior."""
+    import json
+
+    from pyro_bbt.transfer import build_parser, config_from_args, main
+    from pyro_bbt.units import load_task_pair
+
+    out = tmp_path / "run"
+    args = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8", "--seeds", "0", "--fractions", "0.25", "--epochs-a", "2",
+            "--epochs", "1", "--min-steps", "3", "--methods", "scratch,transfer,finetune,joint,ewc", "--eval-samples", "2", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    tasks = load_task_pair(config_from_args(build_parser().parse_args(args)), 0.25, 0)
+    a_images, b_images = len(tasks.a.train), len(tasks.b.train)
+    assert 0 < b_images <= 1000 and 0 < a_images <= 1000
+    results = json.loads((out / "results.json").read_text())
+    (stage,) = [s for s in results["task_a"] if s["kind"] == "bayesian"]
+    assert stage["census"]["ablation_examples"] == a_images
+    assert stage["census"]["widths"] == [8] and 0 <= stage["census"]["active"][0] <= 8
+    by_method = {u["method"]: u for u in results["units"]}
+    assert by_method["ewc"]["census"] is None
+    assert by_method["scratch"]["census"]["ablation_examples"] == b_images
+    for method in ("transfer", "finetune", "joint"):
+        census = by_method[method]["census"]
+        assert census["ablation_examples"] == a_images + b_images and census["widths"] == [8]
+        assert len(census["active_units"][0]) == census["active"][0] and census["ablation_change"] > -census["delta"]
+    from pyro_bbt.report import census_lines, main as report_main
+
+    lines = census_lines(results)
+    assert f"| q_A (on A) | 0 | {stage['census']['active'][0]}/8 |" in lines
+    assert "| scratch 0.25 (on B) | 0 |" in lines and "| transfer 0.25 (on A and B) | 0 |" in lines and "| ewc" not in lines
+    assert report_main([str(out)]) == 0
+    for unit in results["units"]:
+        unit["census"] = None
+    for stage in results["task_a"]:
+        stage.pop("census", None)  # a run made before the census was recorded
+    assert census_lines(results) == ""
