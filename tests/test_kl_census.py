@@ -1,9 +1,11 @@
 """benchmarks/kl_census.py: a running unit's KL split by hidden unit (incoming, bias, outgoing),
-its continuation attributed to the quiet units, and the probes scored against the posterior."""
+its continuation attributed to the quiet units, and the probes scored against the posterior;
+benchmarks/particles.py: the same unit continued with one and with more weight draws per step."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +21,23 @@ ARGS = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8,6", "--seed
         "--continuation-fraction", "1", "--init-scale", "1", "--quiet"]
 
 
-def test_the_census_splits_the_kl_by_unit_and_attributes_the_continuation(tmp_path, capsys, monkeypatch, single_torch_thread):
-    monkeypatch.setattr(RunStore, "clear_checkpoint", lambda self, key: None)  # keep the last checkpoint, inside a continuation
-    out = tmp_path / "run"
-    assert main([*ARGS, "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def running_unit(tmp_path_factory) -> Path:
+    """A run whose scratch unit's cap (30 epochs) ends it inside a continuation, its last checkpoint kept."""
+    out = tmp_path_factory.mktemp("census") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunStore, "clear_checkpoint", lambda self, key: None)  # the store would clear it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main([*ARGS, "--out", str(out)]) == 0
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def test_the_census_splits_the_kl_by_unit_and_attributes_the_continuation(running_unit, tmp_path, capsys, single_torch_thread):
+    out = running_unit
     bench = load_benchmark("kl_census")
     vd = load_benchmark("verdict_draws")
     model, guide, start, split, _tol, _epochs = vd.load_unit(out, "scratch-f0.5-s0")
@@ -71,3 +86,22 @@ def test_the_census_splits_the_kl_by_unit_and_attributes_the_continuation(tmp_pa
         bench.main([str(out), "scratch-f0.5-s0", "--quiet-below", "0"])
     assert stop.value.code == 2 and "--quiet-below must be a positive number of nats, got 0.0" in capsys.readouterr().err
     assert bench.main([str(out), "magic-f0.5-s0"]) == 2 and "no unit 'magic-f0.5-s0'" in capsys.readouterr().err
+
+
+def test_the_particles_bench_continues_the_unit_from_its_continuation_start_both_ways(running_unit, tmp_path, capsys, single_torch_thread):
+    bench = load_benchmark("particles")
+    out = tmp_path / "p.json"
+    assert bench.main([str(running_unit), "scratch-f0.5-s0", "--particles", "1,2", "--epochs", "3", "--score-every", "2", "--draws", "4",
+                       "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [arm["particles"] for arm in record["arms"]] == [1, 2]
+    for arm in record["arms"]:
+        assert [p["epoch"] for p in arm["points"]] == [0, 2, 3]  # every 2 epochs, and the last
+        assert arm["points"][0]["seconds"] == 0.0 and arm["points"][1]["seconds"] < arm["points"][2]["seconds"]
+    one, two = record["arms"]
+    assert one["points"][0]["elbo"] == two["points"][0]["elbo"]  # one start, one evaluator: paired
+    assert one["points"][-1]["elbo"] != two["points"][-1]["elbo"]  # and two different continuations
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        bench.main([str(running_unit), "scratch-f0.5-s0", "--particles", "1,0"])
+    assert stop.value.code == 2 and "--particles must be a comma-separated list of integers >= 1, got '1,0'" in capsys.readouterr().err
