@@ -10,7 +10,9 @@ fresh Adam at ``--factor`` times the run's continuation base rates (the unit's o
 estimator and KL schedule, no verdict), and every ``--score-every`` epochs the fixed-noise ELBO
 (:func:`pyro_bbt.verdict.posterior_elbo`: ``--draws`` antithetic draws, the same noise for every
 arm and point, so differences are paired) is recorded against the epochs and the seconds spent
-training (scoring off the clock). One thread::
+training (scoring off the clock); at the start and the end of each arm, B's test accuracy and NLL
+(the posterior predictive with the run's ``eval_samples`` draws, seeded alike for every arm).
+One thread::
 
     python benchmarks/particles.py runs/cont10-scratch-s1 scratch-f0.1-s1 --particles 1,4 --epochs 600 --out figs/particles-b10-s1.json
 """
@@ -33,6 +35,7 @@ from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
 from pyro_bbt.runstore import RunStore  # noqa: E402
+from pyro_bbt.units import bayesian_metrics, load_task_pair  # noqa: E402
 from pyro_bbt.verdict import posterior_elbo, read_posterior  # noqa: E402
 
 
@@ -54,6 +57,15 @@ def start_state(run_dir: Path, key: str) -> dict:
     if not continuation:
         raise ValueError(f"{run_dir}: {key} is not inside a continuation (its checkpoint has no continuation's start)")
     return continuation["guide_state"]
+
+
+def b_test_metrics(model, guide, test, samples: int, head: int, seed: int) -> dict:
+    """B's test accuracy and NLL through ``head`` (``samples`` posterior draws, torch seeded with
+    ``seed`` inside and its state restored)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        metrics = bayesian_metrics(model, guide, test, samples, head)
+    return {"accuracy": metrics.accuracy, "nll": metrics.nll}
 
 
 def continue_arm(model, guide, state: dict, split, recipe: FitRecipe, particles: int, epochs: int, score_every: int, draws: int,
@@ -110,15 +122,21 @@ def main(argv: list[str] | None = None) -> int:
                     "arms": []}
     print(f"{args.key}: from the continuation's start at epoch {start_epoch}, {args.epochs} epochs at lr {recipe.lr:g} "
           f"(widths {recipe.scale_lr:g}), minibatches of {recipe.batch_size}")
+    spec = judged_unit(args.run_dir, args.key)[2]
+    test = load_task_pair(config, spec.fraction, spec.seed).b.test
+    guide.load_state_dict(state)
+    record["start_test"] = b_test_metrics(model, guide, test, config.eval_samples, config.b_head, args.seed)
     for particles in args.particles:
         points = continue_arm(model, guide, state, split, recipe, particles, args.epochs, args.score_every, args.draws, args.seed)
-        record["arms"].append({"particles": particles, "points": points})
+        record["arms"].append({"particles": particles, "points": points,
+                               "end_test": b_test_metrics(model, guide, test, config.eval_samples, config.b_head, args.seed)})
         if args.out is not None:
             atomic_write_text(args.out, json.dumps(record, indent=1))
     for arm in record["arms"]:
         first, last = arm["points"][0], arm["points"][-1]
         print(f"P = {arm['particles']}: ELBO {first['elbo']:,.1f} -> {last['elbo']:,.1f} ({last['elbo'] - first['elbo']:+.1f}) "
-              f"in {last['epoch']} epochs, {last['seconds']:.1f} s")
+              f"in {last['epoch']} epochs, {last['seconds']:.1f} s; B test accuracy {record['start_test']['accuracy']:.4f} -> "
+              f"{arm['end_test']['accuracy']:.4f}, NLL {record['start_test']['nll']:.4f} -> {arm['end_test']['nll']:.4f}")
     return 0
 
 

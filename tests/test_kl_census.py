@@ -99,6 +99,8 @@ def test_the_particles_bench_continues_the_unit_from_its_continuation_start_both
         assert [p["epoch"] for p in arm["points"]] == [0, 2, 3]  # every 2 epochs, and the last
         assert arm["points"][0]["seconds"] == 0.0 and arm["points"][1]["seconds"] < arm["points"][2]["seconds"]
     one, two = record["arms"]
+    assert 0 <= record["start_test"]["accuracy"] <= 1 and all(0 <= arm["end_test"]["accuracy"] <= 1 for arm in record["arms"])
+    assert one["end_test"] != two["end_test"] and record["start_test"]["nll"] > 0
     assert one["points"][0]["elbo"] == two["points"][0]["elbo"]  # one start, one evaluator: paired
     assert one["points"][-1]["elbo"] != two["points"][-1]["elbo"]  # and two different continuations
     capsys.readouterr()
