@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from verdict_draws import load_unit  # noqa: E402
+from verdict_draws import open_unit  # noqa: E402
 
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet_below > 0:
         parser.error(f"--quiet-below must be a positive number of nats, got {args.quiet_below}")
     torch.set_num_threads(1)
-    try:
-        model, guide, start, split, _tol, (start_epoch, epoch) = load_unit(args.run_dir, args.key)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"kl_census: {error}", file=sys.stderr)
+    unit = open_unit("kl_census", args.run_dir, args.key)
+    if unit is None:
         return 2
+    model, guide, start, split, _tol, (start_epoch, epoch) = unit
     prior_std = judged_unit(args.run_dir, args.key)[0].base_prior_std
     end = read_posterior(guide)
     rows, masks = census(model, end, prior_std, args.quiet_below)

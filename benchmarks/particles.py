@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from verdict_draws import load_unit  # noqa: E402
+from verdict_draws import open_unit  # noqa: E402
 
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
@@ -106,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.factor > 0:
         parser.error(f"--factor must be a number > 0, got {args.factor}")
     torch.set_num_threads(1)
-    try:
-        model, guide, _start, split, _tol, (start_epoch, epoch) = load_unit(args.run_dir, args.key)
-        state = start_state(args.run_dir, args.key)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"particles: {error}", file=sys.stderr)
+    unit = open_unit("particles", args.run_dir, args.key)
+    if unit is None:
         return 2
+    model, guide, start, split, _tol, (start_epoch, epoch) = unit
+    if start is None:
+        print(f"particles: {args.run_dir}: {args.key} is not inside a continuation (its checkpoint has no continuation's start)", file=sys.stderr)
+        return 2
+    state = start_state(args.run_dir, args.key)
     config = judged_unit(args.run_dir, args.key)[0]
     own = config.recipe_b_converged(len(split))
     base_lr, base_scale = config.continuation_base or (own.lr, own.scale_lr or own.lr)

@@ -68,6 +68,16 @@ def load_unit(run_dir: Path, key: str):
     return model, guide, start, split, config.verdict_tol, (continuation["start_epoch"] if continuation else None, state["epoch"])
 
 
+def open_unit(prog: str, run_dir: Path, key: str):
+    """:func:`load_unit`, or ``None`` after one line on stderr, ``PROG: what is wrong`` (the
+    caller exits with 2): the checkpoint-reading benches share this opening."""
+    try:
+        return load_unit(run_dir, key)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return None
+
+
 def _judgements(model, guide, split, tol: float, repeats: int, seed: int, max_draws: int) -> list[dict]:
     out = []
     for k in range(repeats):
@@ -91,11 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        model, guide, start, split, tol, (start_epoch, epoch) = load_unit(args.run_dir, args.key)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"verdict_draws: {error}", file=sys.stderr)
+    unit = open_unit("verdict_draws", args.run_dir, args.key)
+    if unit is None:
         return 2
+    model, guide, start, split, tol, (start_epoch, epoch) = unit
     n = len(split)
     print(f"{args.key} at epoch {epoch}: N = {n}, tol = {tol} per example ({tol * n:.2f} nats); "
           f"added draws stop at stderr <= {ADDED_DRAWS_STDERR_FRACTION * tol * n:.2f} nats")

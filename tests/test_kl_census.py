@@ -107,3 +107,4 @@ def test_the_particles_bench_continues_the_unit_from_its_continuation_start_both
     with pytest.raises(SystemExit) as stop:
         bench.main([str(running_unit), "scratch-f0.5-s0", "--particles", "1,0"])
     assert stop.value.code == 2 and "--particles must be a comma-separated list of integers >= 1, got '1,0'" in capsys.readouterr().err
+    assert bench.main([str(running_unit), "magic-f0.5-s0"]) == 2 and "particles: no unit 'magic-f0.5-s0'" in capsys.readouterr().err
