@@ -91,7 +91,11 @@ class ExperimentConfig:
     off; both :class:`~pyro_bbt.verdict.VerdictConfig`);
     ``polish_steps_b``: where the verdict rejects a fit on B (or joint's) at the rule's stop, up
     to this many of the verdict's own full-data steps before it judges again (0: off; q_A's fit
-    never takes them, so a task-A stage does not depend on it, :data:`B_ONLY_FIELDS`).
+    never takes them, so a task-A stage does not depend on it, :data:`B_ONLY_FIELDS`);
+    ``continuation_particles_b``: weight draws per step in the continuations that confirm a pass
+    of a fit on B (or joint's), the fit itself keeping ``num_particles``
+    (``VerdictConfig.continuation_particles``: would a less noisy step still gain?; 1: as the fit;
+    B's fields only, like ``polish_steps_b``).
 
     ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
     ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
@@ -153,6 +157,7 @@ class ExperimentConfig:
     rescore_max_draws: int = 0
     checkpoint_seconds: float = 0.0
     polish_steps_b: int = 0
+    continuation_particles_b: int = 1
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
@@ -275,6 +280,12 @@ class ExperimentConfig:
             raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
         if self.polish_steps_b and self.fit_b != "rule":
             raise ValueError(f"polish-steps-b acts where the verdict rejects B's fits by the rule (fit-b rule); with fit-b {self.fit_b!r} B's fits have a fixed budget")
+        particles = self.continuation_particles_b
+        if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
+            raise ValueError(f"continuation-particles-b must be an integer >= 1, got {particles!r}")
+        if particles > 1 and (self.fit_b != "rule" or self.continuation_epochs == 0):
+            raise ValueError(f"continuation-particles-b {particles} sets the draws per step of the continuations that confirm B's fits: "
+                             f"it needs --fit-b rule and --continuation-epochs >= 1 (got fit-b {self.fit_b!r}, continuation-epochs {self.continuation_epochs})")
         if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
             raise ValueError(f"kl-beta must be a finite number > 0 (the KL's weight in every Bayesian fit's objective), got {self.kl_beta!r}")
         if self.ewc_patience is not None and (not isinstance(self.ewc_patience, int) or isinstance(self.ewc_patience, bool) or self.ewc_patience < 1):
@@ -361,10 +372,10 @@ class ExperimentConfig:
         epoch)."""
         batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10))) if self.batch_size_b is None else min(self.batch_size_b, num_train)
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
-        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b))
+        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b, self.continuation_particles_b))
 
-    def _optimiser(self, polish_steps: int = 0) -> dict:
-        verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
+    def _optimiser(self, polish_steps: int = 0, continuation_particles: int = 1) -> dict:
+        verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, continuation_particles=continuation_particles, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
@@ -412,7 +423,7 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
                                    "batch_size_b": None, "continuation_checks": 0,
                                    "polish_steps_b": 0, "continuation_max_draws": 0,
-                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0}
+                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": 1}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -442,7 +453,7 @@ RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS},
 # Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
 # them, so a run may take its stages from another run that differs in them (``--stages-from``)
 # and compare B's recipes on the same q_A. B's units do depend on them.
-B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b")
+B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b")
 
 
 PRESETS: dict[str, dict] = {

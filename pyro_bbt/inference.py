@@ -376,6 +376,12 @@ def _gain_since_start(model, guide, train_split: Split, config: TrainConfig, con
                              max_draws=v.continuation_max_draws, tol_per_datum=v.tol_per_datum)
 
 
+def _particles_entry(verdict: VerdictConfig) -> dict:
+    """``{"particles": P}`` for a continuation record whose epochs drew ``P > 1`` weights per step
+    (``VerdictConfig.continuation_particles``); nothing at one, as records made before it existed."""
+    return {"particles": verdict.continuation_particles} if verdict.continuation_particles > 1 else {}
+
+
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
     """Score the continuation that ends after the last epoch of ``history`` against its start
     (:func:`~pyro_bbt.verdict.continuation_gain`), return the guide to the start where the ELBO
@@ -402,10 +408,13 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
     if gain.upper_per_datum > v.tol_per_datum:
         rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
+        if v.continuation_particles > 1:
+            rates += f", {v.continuation_particles} weight draws per step"
         reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x {rates} still raised the "
                        f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
                        f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
-    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged}
+    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged} \
+        | _particles_entry(v)
     record["converged"] = bool(record.get("converged")) and not reasons
     record["reasons"] = reasons if reasons else list(record.get("reasons") or [])
     last.verdict = record
@@ -432,7 +441,7 @@ def _rejected_on_the_way(model, guide, train_split: Split, config: TrainConfig, 
     if rejected:
         record = dict(history.epochs[continuation["pass_epoch"] - 1].verdict or {})
         record["continuation"] = gain.to_dict() | {"kept": "end", "start_epoch": continuation["start_epoch"], "averaged_epochs": 0,
-                                                    "rejected_on_the_way": True, "planned_epochs": continuation["epochs"]}
+                                                    "rejected_on_the_way": True, "planned_epochs": continuation["epochs"]} | _particles_entry(v)
         record["converged"] = False
         record["reasons"] = [f"{epochs} of the continuation's {continuation['epochs']} epochs already raised the fixed-noise ELBO by "
                              f"{gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example (lower bound {lower:.3g} > "
@@ -547,6 +556,9 @@ def train(
     judging = config.verdict is not None and can_judge(guide)
     continuing = judging and config.stopping is not None and config.verdict.continuation_epochs > 0
     continuation = resume.continuation if resume is not None else None  # where the running continuation started
+    continuation_estimator = estimator  # the continuation's epochs draw VerdictConfig.continuation_particles weights per step
+    if continuing and config.verdict.continuation_particles != config.num_particles:
+        continuation_estimator = make_estimator(estimator_name, guide, config.verdict.continuation_particles, ops=ops)
 
     for epoch in range(first_epoch, num_epochs):
         if continuation is not None:
@@ -593,6 +605,7 @@ def train(
         start = time.perf_counter()
         log_lik_sum = weighted_kl = 0.0
         correct = seen = epoch_steps = 0
+        stepper = estimator if continuation is None else continuation_estimator
         bar = tqdm(total=min(num_batches, total_steps - step), desc=f"epoch {epoch + 1}/{num_epochs}", disable=not config.progress, leave=False)
         for index, (x, y) in enumerate(train_split.batches(config.batch_size, shuffle=True, generator=order), start=1):
             if step >= total_steps:
@@ -602,7 +615,7 @@ def train(
             with pyro.validation_enabled(config.validate):
                 # the likelihood is the minibatch's full-data estimate (N/B) sum_n, so the KL's
                 # weight is M pi_i: it averages to 1 over an epoch, as in Pyro's Trace_ELBO
-                loss = estimator.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight * config.kl_beta)
+                loss = stepper.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight * config.kl_beta)
             optimizer.step()
             step += 1
             epoch_steps += 1
@@ -613,7 +626,7 @@ def train(
                     f"{', '.join(bad) if bad else 'none (the loss itself overflowed)'}; "
                     f"try a lower learning rate (now {config.lr}) or a smaller init_scale"
                 )
-            terms = estimator.last
+            terms = stepper.last
             log_lik_sum += terms.log_lik
             weighted_kl += terms.weighted_kl / num_batches  # pi_i KL_i
             correct += _batch_accuracy(terms.logits, y)

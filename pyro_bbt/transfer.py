@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation-max-draws", type=int, help="with --continuation-epochs: where a continuation's score is too noisy to decide (two standard errors above half of --verdict-tol, its lower bound not above it), add draws of its evaluator, doubling them, up to this many (its first 8 always); on small data the evaluator's noise alone can exceed the tolerance; default 0 (off)")
     p.add_argument("--rescore-max-draws", type=int, help="score the line search's best step again with 8 draws of its own (not those that chose it), adding draws as --continuation-max-draws does, up to this many; the judgement's gain is that score; default 0 (off: the search's own score)")
     p.add_argument("--checkpoint-seconds", type=float, help="save a fit in progress at most once in this many seconds (a resume redoes at most that much; what the run computes does not depend on it, and --resume may change it); default 0: after every epoch, 60 in the paper presets")
+    p.add_argument("--continuation-particles-b", type=int, help="with --fit-b rule and --continuation-epochs: weight draws per step in the continuations that confirm a pass of a fit on B (or joint's); the fit itself keeps --num-particles; a continuation that draws once per step can stall on the fit's own noise floor, so more draws ask whether a less noisy step would still gain (each continuation epoch costs about this many times as much); q_A's fit keeps one; default 1")
     p.add_argument("--polish-steps-b", type=int, help="with --fit-b rule: where the verdict rejects a fit on B (or joint's) at the rule's stop, first take up to this many of the verdict's own steps (full-data whitened natural gradient with its line search, until two in a row each gain less than half of --verdict-tol), then judge again; the continuation still confirms a pass; q_A's fit never takes them; default 0 (off)")
     p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
     p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper preset: 0.01,0.03); none: each fit's own first rates (the default)")
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ExperimentConfig fields that --sequence split sets itself (--scenario) or does not use
-NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b", "polish_steps_b")
+NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b", "polish_steps_b", "continuation_particles_b")
 
 
 def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:

@@ -306,7 +306,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     continuation names it as the difference."""
     plain = ExperimentConfig()
     later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base", "kl_beta",
-             "batch_size_b", "continuation_checks", "polish_steps_b", "continuation_max_draws", "rescore_max_draws", "checkpoint_seconds")
+             "batch_size_b", "continuation_checks", "polish_steps_b", "continuation_max_draws", "rescore_max_draws", "checkpoint_seconds", "continuation_particles_b")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json
@@ -442,3 +442,40 @@ def test_added_draws_are_checked_reach_the_verdict_from_the_cli_and_are_recorded
     _, _, plain = _fit(stopped_at(20, 200, replace(verdict, continuation_max_draws=0, rescore_max_draws=0)))
     assert all("draws" not in r["verdict"].get("continuation", {}) and "rescored" not in (r["verdict"]["gain"] or {})
                for r in plain if r.get("verdict"))
+
+
+def test_continuation_particles_draw_more_weights_in_the_continuation_only(single_torch_thread):
+    """With ``continuation_particles = 4`` the fit up to the pass is the one-draw fit, bit for bit;
+    the continuation's epochs then take other steps (four draws each), and its record and text
+    say so. A fit resumed inside such a continuation is bit-identical."""
+    base = _config(stop_at=10, cap=30, tol=0.04)
+    _, _, one = _fit(base)
+    four_config = replace(base, verdict=replace(base.verdict, continuation_particles=4))
+    states = {}
+    _, guide, four = _fit(four_config, on_checkpoint=lambda state: states.__setitem__(state.epoch, state))
+    assert _strip(four[:10]) == _strip(one[:10])  # the fit itself is untouched
+    assert four[10]["phase"] == "continuation" and four[10]["elbo"] != one[10]["elbo"]
+    gains = [r["verdict"]["continuation"] for r in four if r.get("verdict") and "continuation" in r["verdict"]]
+    assert gains and all(g["particles"] == 4 for g in gains)
+    assert all("particles" not in r["verdict"].get("continuation", {}) for r in one if r.get("verdict"))
+    assert continuation_text({"continuation": gains[-1]}).endswith(", 4 draws/step")
+    restored = TrainState.from_dict(states[15].to_dict())
+    _, resumed_guide, resumed = _fit(four_config, resume=restored)
+    assert _strip(resumed) == _strip(four)
+    for (name, a), (_, b) in zip(guide.named_parameters(), resumed_guide.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_continuation_particles_b_are_checked_b_only_and_reach_b_fits_from_the_cli():
+    with pytest.raises(ValueError, match="continuation_particles must be an integer >= 1, got 0"):
+        VerdictConfig(continuation_epochs=4, continuation_particles=0)
+    with pytest.raises(ValueError, match="continuation_particles needs continuation_epochs >= 1"):
+        VerdictConfig(continuation_particles=4)
+    with pytest.raises(ValueError, match="continuation-particles-b must be an integer >= 1, got 1.5"):
+        ExperimentConfig(fit_b="rule", continuation_epochs=4, continuation_particles_b=1.5)
+    with pytest.raises(ValueError, match="continuation-particles-b 4 .*needs --fit-b rule and --continuation-epochs >= 1 .*got fit-b 'fixed'"):
+        ExperimentConfig(continuation_epochs=4, continuation_particles_b=4)
+    config = config_from_args(build_parser().parse_args(["--fit-b", "rule", "--continuation-epochs", "10", "--continuation-particles-b", "4"]))
+    assert config.continuation_particles_b == 4 and config.recipe_b_converged(300).verdict.continuation_particles == 4
+    assert config.recipe_a().verdict.continuation_particles == 1  # q_A's stage does not depend on it
+    assert "continuation_particles_b" not in ExperimentConfig().to_dict()
