@@ -33,7 +33,6 @@ evaluator (common random numbers, ``--draws`` antithetic draws, :func:`pyro_bbt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from verdict_draws import open_unit  # noqa: E402
+from verdict_draws import open_unit, unit_parser  # noqa: E402
 
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
@@ -157,13 +156,9 @@ def census(model, posterior: Posterior, prior_std: float, below: float) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("key", help="the unit, e.g. scratch-f0.1-s1")
+    parser = unit_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--quiet-below", type=float, default=10.0, help="nats: a unit whose whole KL is below this is quiet")
     parser.add_argument("--draws", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.quiet_below > 0:
         parser.error(f"--quiet-below must be a positive number of nats, got {args.quiet_below}")

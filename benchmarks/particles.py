@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from verdict_draws import open_unit  # noqa: E402
+from verdict_draws import open_unit, unit_parser  # noqa: E402
 
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
@@ -92,16 +92,12 @@ def continue_arm(model, guide, state: dict, split, recipe: FitRecipe, particles:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("key", help="the unit, e.g. scratch-f0.1-s1")
+    parser = unit_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--particles", type=_particle_list, default=[1, 4], help="comma-separated draws per step, one arm each (default 1,4)")
     parser.add_argument("--epochs", type=positive_int, default=600)
     parser.add_argument("--factor", type=float, default=0.1, help="times the run's continuation base rates (default 0.1: its lowest rate)")
     parser.add_argument("--score-every", type=positive_int, default=50)
     parser.add_argument("--draws", type=positive_int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not args.factor > 0:
         parser.error(f"--factor must be a number > 0, got {args.factor}")
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"particles: {args.run_dir}: {args.key} is not inside a continuation (its checkpoint has no continuation's start)", file=sys.stderr)
         return 2
     state = start_state(args.run_dir, args.key)
-    config = judged_unit(args.run_dir, args.key)[0]
+    config, _saved, spec = judged_unit(args.run_dir, args.key)
     own = config.recipe_b_converged(len(split))
     base_lr, base_scale = config.continuation_base or (own.lr, own.scale_lr or own.lr)
     recipe = FitRecipe(lr=args.factor * base_lr, scale_lr=args.factor * base_scale, batch_size=own.batch_size, epochs=1,
@@ -124,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                     "arms": []}
     print(f"{args.key}: from the continuation's start at epoch {start_epoch}, {args.epochs} epochs at lr {recipe.lr:g} "
           f"(widths {recipe.scale_lr:g}), minibatches of {recipe.batch_size}")
-    spec = judged_unit(args.run_dir, args.key)[2]
     test = load_task_pair(config, spec.fraction, spec.seed).b.test
     guide.load_state_dict(state)
     record["start_test"] = b_test_metrics(model, guide, test, config.eval_samples, config.b_head, args.seed)

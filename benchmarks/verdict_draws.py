@@ -68,6 +68,16 @@ def load_unit(run_dir: Path, key: str):
     return model, guide, start, split, config.verdict_tol, (continuation["start_epoch"] if continuation else None, state["epoch"])
 
 
+def unit_parser(description: str) -> argparse.ArgumentParser:
+    """The checkpoint-reading benches' common arguments: ``RUN_DIR KEY [--seed S] [--out FILE]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("key", help="the unit, e.g. scratch-f0.1-s1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
 def open_unit(prog: str, run_dir: Path, key: str):
     """:func:`load_unit`, or ``None`` after one line on stderr, ``PROG: what is wrong`` (the
     caller exits with 2): the checkpoint-reading benches share this opening."""
@@ -91,14 +101,10 @@ def _judgements(model, guide, split, tol: float, repeats: int, seed: int, max_dr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("key", help="the unit, e.g. scratch-f0.1-s1")
+    parser = unit_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--max-draws", type=positive_int, default=256)
     parser.add_argument("--judgements", type=positive_int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ladder", action="store_true", help="score the continuation with the added draws only, not with 8, 16, ..., --max-draws")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     unit = open_unit("verdict_draws", args.run_dir, args.key)

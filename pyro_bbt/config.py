@@ -94,8 +94,8 @@ class ExperimentConfig:
     never takes them, so a task-A stage does not depend on it, :data:`B_ONLY_FIELDS`);
     ``continuation_particles_b``: weight draws per step in the continuations that confirm a pass
     of a fit on B (or joint's), the fit itself keeping ``num_particles``
-    (``VerdictConfig.continuation_particles``: would a less noisy step still gain?; 1: as the fit;
-    B's fields only, like ``polish_steps_b``).
+    (``VerdictConfig.continuation_particles``: would a less noisy step still gain?; ``None``: the
+    fit's own; B's fields only, like ``polish_steps_b``).
 
     ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
     ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
@@ -157,7 +157,7 @@ class ExperimentConfig:
     rescore_max_draws: int = 0
     checkpoint_seconds: float = 0.0
     polish_steps_b: int = 0
-    continuation_particles_b: int = 1
+    continuation_particles_b: int | None = None
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
@@ -281,9 +281,9 @@ class ExperimentConfig:
         if self.polish_steps_b and self.fit_b != "rule":
             raise ValueError(f"polish-steps-b acts where the verdict rejects B's fits by the rule (fit-b rule); with fit-b {self.fit_b!r} B's fits have a fixed budget")
         particles = self.continuation_particles_b
-        if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
+        if particles is not None and (not isinstance(particles, int) or isinstance(particles, bool) or particles < 1):
             raise ValueError(f"continuation-particles-b must be an integer >= 1, got {particles!r}")
-        if particles > 1 and (self.fit_b != "rule" or self.continuation_epochs == 0):
+        if particles is not None and (self.fit_b != "rule" or self.continuation_epochs == 0):
             raise ValueError(f"continuation-particles-b {particles} sets the draws per step of the continuations that confirm B's fits: "
                              f"it needs --fit-b rule and --continuation-epochs >= 1 (got fit-b {self.fit_b!r}, continuation-epochs {self.continuation_epochs})")
         if isinstance(self.kl_beta, bool) or not isinstance(self.kl_beta, (int, float)) or not (math.isfinite(self.kl_beta) and self.kl_beta > 0):
@@ -374,7 +374,7 @@ class ExperimentConfig:
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
         return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b, self.continuation_particles_b))
 
-    def _optimiser(self, polish_steps: int = 0, continuation_particles: int = 1) -> dict:
+    def _optimiser(self, polish_steps: int = 0, continuation_particles: int | None = None) -> dict:
         verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, continuation_particles=continuation_particles, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
@@ -423,7 +423,7 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
                                    "batch_size_b": None, "continuation_checks": 0,
                                    "polish_steps_b": 0, "continuation_max_draws": 0,
-                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": 1}
+                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": None}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored

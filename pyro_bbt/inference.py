@@ -377,9 +377,10 @@ def _gain_since_start(model, guide, train_split: Split, config: TrainConfig, con
 
 
 def _particles_entry(verdict: VerdictConfig) -> dict:
-    """``{"particles": P}`` for a continuation record whose epochs drew ``P > 1`` weights per step
-    (``VerdictConfig.continuation_particles``); nothing at one, as records made before it existed."""
-    return {"particles": verdict.continuation_particles} if verdict.continuation_particles > 1 else {}
+    """``{"particles": P}`` for a continuation record whose epochs drew ``P`` weights per step set
+    by ``VerdictConfig.continuation_particles``; nothing where they drew the fit's own, as records
+    made before it existed."""
+    return {} if verdict.continuation_particles is None else {"particles": verdict.continuation_particles}
 
 
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
@@ -408,7 +409,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
     if gain.upper_per_datum > v.tol_per_datum:
         rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
-        if v.continuation_particles > 1:
+        if v.continuation_particles is not None:
             rates += f", {v.continuation_particles} weight draws per step"
         reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x {rates} still raised the "
                        f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
@@ -556,8 +557,8 @@ def train(
     judging = config.verdict is not None and can_judge(guide)
     continuing = judging and config.stopping is not None and config.verdict.continuation_epochs > 0
     continuation = resume.continuation if resume is not None else None  # where the running continuation started
-    continuation_estimator = estimator  # the continuation's epochs draw VerdictConfig.continuation_particles weights per step
-    if continuing and config.verdict.continuation_particles != config.num_particles:
+    continuation_estimator = estimator  # the continuation's epochs draw VerdictConfig.continuation_particles weights per step (None: the fit's)
+    if continuing and config.verdict.continuation_particles not in (None, config.num_particles):
         continuation_estimator = make_estimator(estimator_name, guide, config.verdict.continuation_particles, ops=ops)
 
     for epoch in range(first_epoch, num_epochs):

@@ -352,14 +352,14 @@ class VerdictConfig:
         for a continuation up to ``D``; the judgement's gain is that score
         (:func:`line_search_gain`). ``0``: off (the search's own score, 2 draws per step).
     :param continuation_particles: ``P >= 1``: weight draws per step in the continuation's epochs
-        (the fit before it keeps its own ``num_particles``). Adam at a fixed rate sits in a noise
+        (the fit before it keeps its own ``num_particles``); ``None``: the fit's own. Adam at a fixed rate sits in a noise
         ball whose size falls with the gradient's variance, about ``1/P``: a continuation that
         draws once per step, from a fit that also drew once, can stall on the fit's own noise
         floor and pass where a less noisy step still climbs (at 10 % of B, seed 1, four draws
         gained 0.031 nats per example where one had stopped: "Four weight draws per step" in
         docs/performance.md). ``P > 1`` asks the stricter question "would a less noisy step
         still gain?"; each continuation epoch costs about ``P`` times as much (the local
-        estimator's draws are vectorised). ``1``: as before.
+        estimator's draws are vectorised).
     """
 
     tol_per_datum: float = DEFAULT_TOL_PER_DATUM
@@ -383,7 +383,7 @@ class VerdictConfig:
     polish_steps: int = 0
     continuation_max_draws: int = 0
     rescore_max_draws: int = 0
-    continuation_particles: int = 1
+    continuation_particles: int | None = None
 
     def __post_init__(self) -> None:
         _check_tol(self.tol_per_datum)
@@ -413,8 +413,9 @@ class VerdictConfig:
         if self.continuation_max_draws and self.continuation_epochs == 0:
             raise ValueError("continuation_max_draws needs continuation_epochs >= 1 (it scores continuations; 0 turns them off)")
         _check("rescore_max_draws", self.rescore_max_draws, 0)
-        _check("continuation_particles", self.continuation_particles, 1)
-        if self.continuation_particles > 1 and self.continuation_epochs == 0:
+        if self.continuation_particles is not None:
+            _check("continuation_particles", self.continuation_particles, 1)
+        if self.continuation_particles is not None and self.continuation_epochs == 0:
             raise ValueError("continuation_particles needs continuation_epochs >= 1 (it sets the continuation's draws per step; 0 turns continuations off)")
         if self.rescore_max_draws and self.rescore_max_draws < RESCORE_DRAWS:
             raise ValueError(f"rescore_max_draws must be 0 (off) or at least {RESCORE_DRAWS} (the draws of the best step's own score), got {self.rescore_max_draws}")

@@ -458,6 +458,10 @@ def test_continuation_particles_draw_more_weights_in_the_continuation_only(singl
     gains = [r["verdict"]["continuation"] for r in four if r.get("verdict") and "continuation" in r["verdict"]]
     assert gains and all(g["particles"] == 4 for g in gains)
     assert all("particles" not in r["verdict"].get("continuation", {}) for r in one if r.get("verdict"))
+    # unset, the continuation draws what the fit draws: with two draws per step it is the fit set to two explicitly
+    _, _, two_default = _fit(replace(base, num_particles=2))
+    _, _, two_explicit = _fit(replace(base, num_particles=2, verdict=replace(base.verdict, continuation_particles=2)))
+    assert [r["elbo"] for r in two_default] == [r["elbo"] for r in two_explicit] and two_default[10]["elbo"] != one[10]["elbo"]
     assert continuation_text({"continuation": gains[-1]}).endswith(", 4 draws/step")
     restored = TrainState.from_dict(states[15].to_dict())
     _, resumed_guide, resumed = _fit(four_config, resume=restored)
@@ -475,7 +479,11 @@ def test_continuation_particles_b_are_checked_b_only_and_reach_b_fits_from_the_c
         ExperimentConfig(fit_b="rule", continuation_epochs=4, continuation_particles_b=1.5)
     with pytest.raises(ValueError, match="continuation-particles-b 4 .*needs --fit-b rule and --continuation-epochs >= 1 .*got fit-b 'fixed'"):
         ExperimentConfig(continuation_epochs=4, continuation_particles_b=4)
+    with pytest.raises(ValueError, match="continuation-particles-b 1 .*needs --fit-b rule"):
+        ExperimentConfig(continuation_particles_b=1)
     config = config_from_args(build_parser().parse_args(["--fit-b", "rule", "--continuation-epochs", "10", "--continuation-particles-b", "4"]))
     assert config.continuation_particles_b == 4 and config.recipe_b_converged(300).verdict.continuation_particles == 4
-    assert config.recipe_a().verdict.continuation_particles == 1  # q_A's stage does not depend on it
+    assert config.recipe_a().verdict.continuation_particles is None  # q_A draws its own: its stage does not depend on the flag
     assert "continuation_particles_b" not in ExperimentConfig().to_dict()
+    unset = config_from_args(build_parser().parse_args(["--fit-b", "rule", "--continuation-epochs", "10", "--num-particles", "3"]))
+    assert unset.continuation_particles_b is None and unset.recipe_b_converged(300).verdict.continuation_particles is None  # the fit's own 3
