@@ -26,7 +26,7 @@ from pathlib import Path
 from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS
 from .convergence import continuation_text, elbo_test_text
 
-__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
+__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "fit_costs", "cost_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -461,6 +461,69 @@ def convergence_lines(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_costs(results: dict, timing: dict) -> tuple[dict, dict]:
+    """The time and epochs of every fit of one A -> B run, from its ``timing.json``: units keyed
+    ``(method, fraction, seed)`` -> ``(seconds, epochs)`` (``units/I``: the unit's whole time, its
+    fit and its evaluations), each seed's q_A -> ``(seconds, epochs)`` (its epochs' times,
+    ``task_a/I/history/*``). Units without a time (failed, or run before timing.json kept them)
+    are left out."""
+    units = {}
+    for index, unit in enumerate(results["units"]):
+        seconds = timing.get(f"units/{index}")
+        if unit.get("status") != "ok" or seconds is None:
+            continue
+        verdict = unit.get("convergence")
+        epochs = verdict["epochs"] if verdict else (len(unit.get("history") or []) or None)
+        units[(unit["method"], unit["fraction"], unit["seed"])] = (float(seconds), epochs)
+    stages = {}
+    for index, stage in enumerate(results.get("task_a", [])):
+        times = [v for k, v in timing.items() if k.startswith(f"task_a/{index}/history/")]
+        if stage.get("kind") == "bayesian" and times:
+            verdict = stage.get("convergence")
+            stages[stage["seed"]] = (float(sum(times)), verdict["epochs"] if verdict else len(times))
+    return units, stages
+
+
+def cost_lines(runs: list[tuple[dict, dict]], fractions: tuple[float, ...] | None = None, workers: int = 2) -> str:
+    """What the fits of one or more A -> B runs (``(results, timing)`` pairs, merged as the
+    tables are; the first run's q_A of a seed counts) cost: per method and fraction of B, the
+    median and range over seeds of epochs and seconds; the compute in all; and a lower bound on
+    the wall time of the same fits with ``workers`` workers, ``max(total / workers, longest
+    fit)``. A bound from the fits' own times (one thread each), not a measured wall time: fits
+    run beside others are slower, and a fit waits for its seed's q_A."""
+    units: dict = {}
+    stages: dict = {}
+    for results, timing in runs:
+        more_units, more_stages = fit_costs(results, timing)
+        units |= {key: value for key, value in more_units.items() if fractions is None or key[1] in fractions}
+        stages |= {seed: value for seed, value in more_stages.items() if seed not in stages}
+    if not units and not stages:
+        return ""
+
+    def row(name: str, fraction: str, values: list[tuple[float, int | None]]) -> str:
+        seconds = sorted(s for s, _ in values)
+        epochs = sorted(e for _, e in values if e is not None)
+        span = lambda xs, f: f"{f(statistics.median(xs))} ({f(xs[0])}–{f(xs[-1])})" if len(xs) > 1 else (f(xs[0]) if xs else "—")
+        return (f"| {name} | {fraction} | {len(values)} | {span(epochs, lambda x: f'{x:,.0f}')} | "
+                f"{span(seconds, lambda x: f'{x:,.0f}')} | {sum(seconds):,.0f} |")
+
+    lines = ["", "**Fit cost** (timing.json, one thread per fit; seconds of a unit include its evaluations; median (range) over seeds)", "",
+             "| fit | fraction of B | seeds | epochs | seconds | seconds in all |", "|---|---|---|---|---|---|"]
+    if stages:
+        lines.append(row("q_A", "—", list(stages.values())))
+    grouped: dict[tuple[str, float], list] = {}
+    for (method, fraction, _), value in units.items():
+        grouped.setdefault((method, fraction), []).append(value)
+    for (method, fraction), values in sorted(grouped.items(), key=lambda item: (item[0][1], list(grouped).index(item[0]))):
+        lines.append(row(method, f"{fraction:g}", values))
+    times = [s for s, _ in stages.values()] + [s for s, _ in units.values()]
+    total = sum(times)
+    bound = max(total / workers, max(times))
+    lines += ["", f"Compute in all: {total:,.0f} s ({total / 3600:.2f} h). With {workers} worker{'s' if workers != 1 else ''} these fits take at least "
+                  f"{bound:,.0f} s ({bound / 3600:.2f} h): max(compute / {workers}, longest fit), a bound from their own times, not a measured wall time."]
+    return "\n".join(lines) + "\n"
+
+
 def census_lines(results: dict) -> str:
     """The active hidden units of every Bayesian fit that recorded them (``census``:
     :func:`pyro_bbt.pruning.census_after`), q_A first: per hidden layer, with the threshold and
@@ -614,6 +677,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_timing(runs: list[dict], run_dirs: list[Path]) -> list[tuple[dict, dict]]:
+    """``(results, timing)`` of each A -> B run that has a readable ``timing.json``."""
+    pairs = []
+    for results, run_dir in zip(runs, run_dirs):
+        try:
+            pairs.append((results, json.loads((run_dir / "timing.json").read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return pairs
+
+
 def _split_runs(run_dirs: list[Path], flag: str) -> list[dict]:
     """The ``results.json`` of each ``--sequence split`` run in ``run_dirs``; ``ValueError``
     naming the first that is missing or not a split run."""
@@ -726,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         print(transfer_tables(merged), end="")
         print(paired_lines(merged), end="")
         print(convergence_lines(merged), end="")
+        print(cost_lines(_with_timing(runs, args.run_dir), args.fractions), end="")
         print(census_lines(merged), end="")
         return 0
     args.run_dir = args.run_dir[0]
@@ -752,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     print(transfer_tables(results), end="")
     print(paired_lines(results), end="")
     print(convergence_lines(results), end="")
+    print(cost_lines(_with_timing([json.loads(path.read_text())], [args.run_dir]), args.fractions), end="")
     print(census_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.uncertainty:

@@ -487,6 +487,40 @@ def test_fit_b_rule_fits_every_bayesian_b_unit_by_the_rule_and_draws_the_learnin
     assert report_main([str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| transfer − scratch | 0.2 |" in printed and "q_B converged, fitted by the rule and the verdict" in printed
+    (scratch_index,) = [i for i, u in enumerate(results["units"]) if u["method"] == "scratch"]
+    scratch = results["units"][scratch_index]
+    assert (f"| scratch | 0.2 | 1 | {scratch['convergence']['epochs']:,} | {timing[f'units/{scratch_index}']:,.0f} |") in printed  # the run's own seconds
+    (stage,) = [s for s in results["task_a"] if s["kind"] == "bayesian"]
+    assert f"| q_A | — | 1 | {stage['convergence']['epochs']:,} |" in printed and "Compute in all:" in printed
+
+
+def test_cost_lines_give_medians_over_seeds_and_a_lower_bound_on_the_wall_time():
+    """The fit-cost table: per method and fraction the median and range over seeds of epochs and
+    seconds (timing.json's units/I), q_A from its epochs' times; the first run's q_A of a seed
+    counts; --fractions drops units; the wall-time bound is max(total / workers, longest fit)."""
+    from pyro_bbt.report import cost_lines
+
+    def unit(method, fraction, seed, epochs):
+        return {"method": method, "fraction": fraction, "seed": seed, "status": "ok", "convergence": {"epochs": epochs}, "history": []}
+
+    first = {"units": [unit("scratch", 0.1, 0, 10), unit("scratch", 0.1, 1, 30), unit("scratch", 0.1, 2, 20), unit("ewc", 0.01, 0, None)],
+             "task_a": [{"kind": "bayesian", "seed": 0, "convergence": {"epochs": 4}}, {"kind": "deterministic", "seed": 0}]}
+    first["units"][3]["convergence"] = None
+    first["units"][3]["history"] = [{}, {}, {}]
+    timing = {"units/0": 100.0, "units/1": 300.0, "units/2": 200.0, "units/3": 5.0, "task_a/0/history/0": 30.0, "task_a/0/history/1": 20.0}
+    second = {"units": [unit("transfer", 0.1, 0, 7), {**unit("transfer", 0.1, 1, 9), "status": "failed"}],
+              "task_a": [{"kind": "bayesian", "seed": 0, "convergence": {"epochs": 99}}]}
+    text = cost_lines([(first, timing), (second, {"units/0": 1000.0, "task_a/0/history/0": 999.0})])
+    assert "| q_A | — | 1 | 4 | 50 | 50 |" in text  # the first run's q_A of seed 0
+    assert "| ewc | 0.01 | 1 | 3 | 5 | 5 |" in text  # epochs from the history where no verdict
+    assert "| scratch | 0.1 | 3 | 20 (10–30) | 200 (100–300) | 600 |" in text
+    assert "| transfer | 0.1 | 1 | 7 | 1,000 | 1,000 |" in text  # the failed unit left out
+    assert text.index("| ewc | 0.01 |") < text.index("| scratch | 0.1 |")
+    assert "Compute in all: 1,655 s (0.46 h). With 2 workers these fits take at least 1,000 s (0.28 h)" in text  # the longest fit bounds
+    assert "With 1 worker these fits take at least 1,655 s" in cost_lines([(first, timing), (second, {"units/0": 1000.0})], workers=1)  # the compute bounds
+    narrowed = cost_lines([(first, timing)], fractions=(0.01,))
+    assert "| scratch |" not in narrowed and "| ewc | 0.01 |" in narrowed
+    assert cost_lines([(first, {})]) == ""
 
 
 def test_ewc_patience_stops_both_nets_by_their_validation_split_within_the_cap(tmp_path):
