@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS
+from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS, ExperimentConfig
 from .convergence import continuation_text, elbo_test_text
 
 __all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "fit_costs", "cost_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
@@ -121,14 +121,15 @@ def split_sequence_table(results: dict) -> str:
 
 
 REGIME_KEYS = ("hidden", "epochs", "batch_size", "lr", "scale_lr", "init_scale", "prior_scale", "estimator", "num_particles", "kl_schedule",
-               "tau", "kl_beta", "max_epochs_a", "batch_size_a", "lr_a", "verdict_tol")
+               "tau", "kl_beta", "max_epochs_a", "batch_size_a", "lr_a", "verdict_tol", "elbo_test", "overrule", "continuation_epochs")
 
 
 def regime_label(results: dict, others: list[dict]) -> str:
     """What sets ``results`` apart from the ``others``: its fit, protocol and the configuration
     values (of :data:`REGIME_KEYS`) that are not the same in every run, ``key=value`` joined."""
-    def settings(r: dict) -> dict:
-        return {"fit": r.get("fit"), **r.get("protocol", {}), **{k: r["config"].get(k, LATER_FIELDS.get(k)) for k in REGIME_KEYS}}
+    def settings(r: dict) -> dict:  # a key missing from an older run's configuration: the value it ran with
+        ran_with = lambda k: LATER_FIELDS[k] if k in LATER_FIELDS else getattr(ExperimentConfig, k, None)
+        return {"fit": r.get("fit"), **r.get("protocol", {}), **{k: r["config"].get(k, ran_with(k)) for k in REGIME_KEYS}}
 
     mine, every = settings(results), [settings(r) for r in others]
     varying = [k for k in mine if any(e.get(k) != mine[k] for e in every)]

@@ -490,3 +490,15 @@ def test_a_regime_label_names_the_kl_weight_even_of_runs_stored_before_it():
     old = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05}}
     tempered = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05, "kl_beta": 0.1}}
     assert regime_label(old, [tempered]) == "kl_beta=1" and regime_label(tempered, [old]) == "kl_beta=0.1"
+
+
+def test_a_regime_label_names_the_verdict_a_run_stored_before_it_ran_with():
+    """A run stored before the ELBO test, the overrule and the continuation existed ran with the
+    two-point test, rate drops and no continuation: the label says so beside a run with them."""
+    from pyro_bbt.report import regime_label
+
+    old = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05}}
+    confirmed = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05, "elbo_test": "means", "overrule": "restart", "continuation_epochs": 20}}
+    assert regime_label(old, [confirmed]) == "elbo_test=two-point, overrule=drop, continuation_epochs=0"
+    assert regime_label(confirmed, [old]) == "elbo_test=means, overrule=restart, continuation_epochs=20"
+    assert regime_label(confirmed, [confirmed]) == "—"
