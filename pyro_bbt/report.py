@@ -4,7 +4,9 @@ Reads ``DIR/results.json`` (written by ``python -m pyro_bbt.transfer``) and prin
 and fraction of B's data, mean +- standard deviation over seeds of B's test accuracy, A's test
 accuracy after B, B's test NLL and ECE, and backward transfer; task A's accuracy before B; and
 the convergence diagnostics of every posterior (epochs, the stopping rule's verdict, median
-posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings.
+posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings;
+and, where ``DIR/timing.json`` is there, what the fits cost (:func:`cost_lines`: epochs and
+seconds per method and fraction, the compute in all, a lower bound on two workers' wall time).
 The result tables of docs/transfer-results.md and docs/split-mnist.md are this command's output.
 ``--plots`` also redraws the run's
 figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run);
