@@ -517,7 +517,7 @@ def cost_lines(runs: list[tuple[dict, dict]], fractions: tuple[float, ...] | Non
     grouped: dict[tuple[str, float], list] = {}
     for (method, fraction, _), value in units.items():
         grouped.setdefault((method, fraction), []).append(value)
-    for (method, fraction), values in sorted(grouped.items(), key=lambda item: (item[0][1], list(grouped).index(item[0]))):
+    for (method, fraction), values in sorted(grouped.items(), key=lambda item: item[0][1]):  # stable: methods as first seen
         lines.append(row(method, f"{fraction:g}", values))
     times = [s for s, _ in stages.values()] + [s for s, _ in units.values()]
     total = sum(times)
@@ -681,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _with_timing(runs: list[dict], run_dirs: list[Path]) -> list[tuple[dict, dict]]:
-    """``(results, timing)`` of each A -> B run that has a readable ``timing.json``."""
+    """``(results, timing)`` of each A -> B run that has a readable ``timing.json`` (``results`` as
+    stored: timing.json's ``units/I`` keys are its unit indices, which ``--fractions`` renumbers).
+    A run without one is left out of the fit-cost table, which is then empty or partial."""
     pairs = []
     for results, run_dir in zip(runs, run_dirs):
         try:
@@ -784,12 +786,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: error: --plots and --uncertainty read one run directory (got {len(args.run_dir)})", file=sys.stderr)
             return 2
         try:
-            runs = []
+            runs, stored = [], []  # stored: as on disk, whose unit indices timing.json's keys use
             for run_dir in args.run_dir:
                 try:
                     loaded = json.loads((run_dir / "results.json").read_text())
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{run_dir / 'results.json'} is damaged ({error})") from None
+                stored.append(loaded)
                 if "units" in loaded and args.fractions is not None:
                     try:
                         loaded = select_fractions(loaded, None, args.fractions)[0]
@@ -803,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         print(transfer_tables(merged), end="")
         print(paired_lines(merged), end="")
         print(convergence_lines(merged), end="")
-        print(cost_lines(_with_timing(runs, args.run_dir), args.fractions), end="")
+        print(cost_lines(_with_timing(stored, args.run_dir), args.fractions), end="")
         print(census_lines(merged), end="")
         return 0
     args.run_dir = args.run_dir[0]
@@ -821,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("mode") == "sequence":
         print(f"{parser.prog}: error: {path} is a --sequence run; its matrix is in sequence.png and results.json", file=sys.stderr)
         return 2
+    stored = results  # as on disk, whose unit indices timing.json's keys use
     if args.fractions is not None and "units" in results:
         try:
             results = select_fractions(results, None, args.fractions)[0]
@@ -830,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     print(transfer_tables(results), end="")
     print(paired_lines(results), end="")
     print(convergence_lines(results), end="")
-    print(cost_lines(_with_timing([json.loads(path.read_text())], [args.run_dir]), args.fractions), end="")
+    print(cost_lines(_with_timing([stored], [args.run_dir]), args.fractions), end="")
     print(census_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.uncertainty:

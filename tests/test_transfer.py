@@ -560,3 +560,29 @@ def test_batch_size_b_sets_the_minibatch_of_b_fits_by_the_rule():
         ExperimentConfig(fit_b="rule", batch_size_b=0)
     with pytest.raises(ValueError, match=r"with fit-b 'fixed' B's fits use batch-size"):
         ExperimentConfig(batch_size_b=64)
+
+
+def test_report_fit_costs_of_merged_runs_narrowed_by_fractions_read_each_units_own_time(tmp_path, capsys):
+    """--fractions renumbers a run's units; the fit-cost table still reads each unit's seconds
+    from its place in that run's timing.json, merged or not."""
+    from pyro_bbt.experiment import summarize_units
+    from pyro_bbt.report import main as report_main
+
+    def unit(method, fraction, epochs):
+        return {"method": method, "fraction": fraction, "seed": 0, "status": "ok", "b_test": {"accuracy": 0.9, "nll": 0.5, "ece": 0.01},
+                "a_test_after": {"accuracy": 0.3}, "backward_transfer": None, "history": [], "convergence": {"converged": True, "epochs": epochs}}
+
+    def write(name, method, seconds):
+        units = [unit(method, 0.01, 11), unit(method, 0.1, 22)]
+        (tmp_path / name).mkdir()
+        config = {"methods": [method], "seeds": [0], "fit_b": "rule"}
+        (tmp_path / name / "results.json").write_text(json.dumps({"config": config, "summary": summarize_units(units), "units": units, "task_a": []}))
+        (tmp_path / name / "timing.json").write_text(json.dumps({"units/0": seconds[0], "units/1": seconds[1]}))
+        return str(tmp_path / name)
+
+    scratch, transfer = write("scratch", "scratch", (100.0, 900.0)), write("transfer", "transfer", (50.0, 70.0))
+    for dirs in ([scratch, transfer], [scratch]):
+        assert report_main([*dirs, "--fractions", "0.1"]) == 0
+        printed = capsys.readouterr().out
+        assert "| scratch | 0.1 | 1 | 22 | 900 | 900 |" in printed and "| 0.01 |" not in printed.split("**Fit cost**")[1]
+    assert "| transfer | 0.1 | 1 | 22 | 70 | 70 |" in (report_main([scratch, transfer, "--fractions", "0.1"]), capsys.readouterr().out)[1]
