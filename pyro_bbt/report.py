@@ -28,7 +28,7 @@ from pathlib import Path
 from .config import CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRECISION_FIELDS, RUN_FIELDS, ExperimentConfig
 from .convergence import continuation_text, elbo_test_text
 
-__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "fit_costs", "cost_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
+__all__ = ["split_sequence_table", "split_comparison_table", "merge_split_runs", "PUBLISHED_SPLIT_MNIST", "transfer_tables", "convergence_lines", "census_lines", "optima_lines", "fit_costs", "cost_lines", "forgetting_uncertainty_lines", "spearman", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -527,6 +527,101 @@ def cost_lines(runs: list[tuple[dict, dict]], fractions: tuple[float, ...] | Non
     return "\n".join(lines) + "\n"
 
 
+def _num_data(history: list[dict]) -> int | None:
+    """The number of training examples a fit's verdicts judged by (its gain's or continuation's
+    ``num_data``); None where no verdict recorded it."""
+    for record in reversed(history):
+        verdict = record.get("verdict") or {}
+        for part in (verdict.get("gain"), verdict.get("continuation")):
+            if isinstance(part, dict) and part.get("num_data"):
+                return int(part["num_data"])
+    return None
+
+
+def _trajectory(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The epochs that led to the posterior a fit returned, and the continuations that moved it:
+    every record with a training ELBO and accuracy, less the epochs of a continuation whose start
+    was kept (its end was discarded); and each kept-end continuation's verdict entry, with ``end``
+    its last epoch."""
+    dropped, moved = [], []
+    for record in history:
+        continuation = (record.get("verdict") or {}).get("continuation")
+        if continuation:
+            if continuation.get("kept") == "start":
+                dropped.append((continuation["start_epoch"], record["epoch"]))
+            else:
+                moved.append(continuation | {"end": record["epoch"]})
+    kept = [r for r in history if r.get("elbo") is not None and r.get("train_accuracy") is not None
+            and not any(a < r["epoch"] <= b for a, b in dropped)]
+    return kept, moved
+
+
+def optima_lines(results: dict, window: int = 100, drop: float = 0.05) -> str:
+    """Which optimum each Bayesian fit ended in, where the posterior it returned predicts its own
+    training data worse than the fit once did. Per fit (q_A and every q_B with a history), along
+    the epochs that led to the returned posterior (fit and continuation phases, less a discarded
+    continuation's): the stretch of ``W = min(window, max(5, epochs // 10))`` epochs with the
+    highest mean training accuracy, and the last ``W`` epochs; each as mean training accuracy and
+    mean ± std of the training ELBO (per example where the verdict recorded the number of
+    examples). The per-epoch ELBO is the mean over the epoch's minibatch steps, so it carries
+    Adam's noise at that epoch's rate (lower and wider at a larger rate); the fixed-noise ELBO the
+    continuations after the best stretch gained (each scored at its start and end with the same
+    draws, :func:`pyro_bbt.verdict.continuation_gain`) is given beside it, free of that noise.
+
+    A row is listed when the end's accuracy is ``drop`` or more below the best stretch's; the
+    summary counts those that end at a higher training ELBO: the objective preferred the optimum
+    that predicts worse (another pruning pattern, typically nearer the prior). That is a spread
+    of optima, which the verdict, a local test, does not gate on. Empty where no fit has a history."""
+    fits = [("q_A", "—", stage) for stage in results.get("task_a", []) if stage.get("kind", "bayesian") == "bayesian"]
+    fits += [(unit["method"], f"{unit['fraction']:g}", unit) for unit in results.get("units", []) if unit.get("status", "ok") == "ok"]
+    rows, judged, higher = [], 0, 0
+    for name, fraction, fit in fits:
+        records, moved = _trajectory(fit.get("history") or [])
+        if len(records) < 10:
+            continue
+        judged += 1
+        width = min(window, max(5, len(records) // 10))
+        accuracy = [r["train_accuracy"] for r in records]
+        sums = [sum(accuracy[:width])]
+        for first in range(1, len(records) - width + 1):
+            sums.append(sums[-1] - accuracy[first - 1] + accuracy[first + width - 1])
+        best = max(range(len(sums)), key=lambda first: (sums[first], -first))  # the first of equal stretches
+        stretches = {"best": records[best:best + width], "end": records[-width:]}
+        means = {key: statistics.fmean(r["train_accuracy"] for r in part) for key, part in stretches.items()}
+        if means["best"] - means["end"] < drop:
+            continue
+        per = _num_data(fit.get("history") or [])
+        scale = 1.0 / per if per else 1.0
+        elbo = {key: [r["elbo"] * scale for r in part] for key, part in stretches.items()}
+        up = statistics.fmean(elbo["end"]) > statistics.fmean(elbo["best"])
+        higher += up
+        digits = ".2f" if per else ",.0f"
+
+        def cell(key: str) -> str:
+            values = elbo[key]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            return (f"{means[key]:.3f} / {statistics.fmean(values):{digits}} ± {spread:{digits}} "
+                    f"(epochs {stretches[key][0]['epoch']}–{stretches[key][-1]['epoch']})")
+
+        after = [c for c in moved if c["start_epoch"] >= stretches["best"][-1]["epoch"] and c["end"] <= stretches["end"][-1]["epoch"]]
+        fixed = "—" if not after else (f"{sum(c['end_elbo'] - c['start_elbo'] for c in after) * scale:+{digits}} "
+                                       f"({len(after)} continuation{'s' if len(after) > 1 else ''})")
+        b_test = (fit.get("b_test") or {}).get("accuracy")
+        rows.append(f"| {name} | {fraction} | {fit.get('seed')} | {'—' if b_test is None else f'{b_test:.3f}'} | {cell('best')} | {cell('end')} | "
+                    f"{'higher' if up else 'lower'} | {fixed} |")
+    if not judged:
+        return ""
+    lines = ["", f"**Optima** (fits whose returned posterior's last {window} epochs, or a tenth of the fit, train {drop:g} or more below "
+                 "their best stretch of as many epochs: mean training accuracy / training ELBO per example, mean ± std over the stretch, "
+                 "nats where the number of examples is not recorded; the fixed-noise ELBO the continuations gained after the best stretch)", ""]
+    if rows:
+        lines += ["| fit | fraction of B | seed | B test | best stretch: train acc. / ELBO | end: train acc. / ELBO | training ELBO at the end | "
+                  "fixed-noise ELBO gained after the best stretch |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+    lines.append(f"{len(rows)} of {judged} fits end {drop:g} or more below their best training accuracy; {higher} of them at a higher ELBO "
+                 "(there the objective prefers an optimum that predicts worse: a spread of optima the verdict does not gate on).")
+    return "\n".join(lines) + "\n"
+
+
 def census_lines(results: dict) -> str:
     """The active hidden units of every Bayesian fit that recorded them (``census``:
     :func:`pyro_bbt.pruning.census_after`), q_A first: per hidden layer, with the threshold and
@@ -808,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         print(convergence_lines(merged), end="")
         print(cost_lines(_with_timing(stored, args.run_dir), args.fractions), end="")
         print(census_lines(merged), end="")
+        print(optima_lines(merged), end="")
         return 0
     args.run_dir = args.run_dir[0]
     path = args.run_dir / "results.json"
@@ -836,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     print(convergence_lines(results), end="")
     print(cost_lines(_with_timing([stored], [args.run_dir]), args.fractions), end="")
     print(census_lines(results), end="")
+    print(optima_lines(results), end="")
     print(prior_scale_lines(args.run_dir), end="")
     if args.uncertainty:
         print(forgetting_uncertainty_lines(results), end="")

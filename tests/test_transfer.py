@@ -586,3 +586,35 @@ def test_report_fit_costs_of_merged_runs_narrowed_by_fractions_read_each_units_o
         printed = capsys.readouterr().out
         assert "| scratch | 0.1 | 1 | 22 | 900 | 900 |" in printed and "| 0.01 |" not in printed.split("**Fit cost**")[1]
     assert "| transfer | 0.1 | 1 | 22 | 70 | 70 |" in (report_main([scratch, transfer, "--fractions", "0.1"]), capsys.readouterr().out)[1]
+
+
+def test_optima_lines_show_fits_that_end_predicting_worse_and_at_a_higher_elbo():
+    """The optima table: a fit whose returned posterior trains 0.05 or more below its best
+    stretch is listed with both stretches' accuracy and training ELBO per example, and the
+    fixed-noise ELBO its kept continuations gained after the best stretch; a discarded
+    continuation's epochs (its start kept) are not part of the trajectory; a fit that holds its
+    accuracy is counted but not listed."""
+    from pyro_bbt.report import optima_lines
+
+    def record(epoch, accuracy, elbo, verdict=None):
+        return {"epoch": epoch, "train_accuracy": accuracy, "elbo": elbo, "phase": "fit", "verdict": verdict}
+
+    def continuation(start, gained, kept):
+        return {"converged": kept == "start", "gain": {"num_data": 10},
+                "continuation": {"start_epoch": start, "start_elbo": -100.0, "end_elbo": -100.0 + gained, "kept": kept, "num_data": 10}}
+
+    collapsing = [record(e, 0.9, -200.0) for e in range(1, 21)] + [record(e, 0.5, -80.0) for e in range(21, 41)]
+    collapsing[39]["verdict"] = continuation(20, 30.0, "end")  # epochs 21..40 kept: +3 nats per example
+    collapsing += [record(e, 0.99, -500.0) for e in range(41, 61)]
+    collapsing[59]["verdict"] = continuation(40, -5.0, "start")  # epochs 41..60 discarded
+    steady = [record(e, 0.9, -50.0) for e in range(1, 41)]
+    results = {"task_a": [{"kind": "deterministic", "seed": 0}],
+               "units": [{"method": "scratch", "fraction": 0.01, "seed": 1, "status": "ok", "b_test": {"accuracy": 0.7}, "history": collapsing},
+                         {"method": "transfer", "fraction": 0.01, "seed": 1, "status": "ok", "b_test": {"accuracy": 0.8}, "history": steady}]}
+    text = optima_lines(results)
+    assert ("| scratch | 0.01 | 1 | 0.700 | 0.900 / -20.00 ± 0.00 (epochs 1–5) | 0.500 / -8.00 ± 0.00 (epochs 36–40) | higher | +3.00 (1 continuation) |"
+            in text)
+    assert "| transfer |" not in text
+    assert "1 of 2 fits end 0.05 or more below their best training accuracy; 1 of them at a higher ELBO" in text
+    assert "0 of 1 fits" in optima_lines({"units": [results["units"][1]]})
+    assert optima_lines({"units": [{**results["units"][1], "history": steady[:5]}]}) == ""  # too short to judge
