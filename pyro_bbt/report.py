@@ -6,7 +6,9 @@ accuracy after B, B's test NLL and ECE, and backward transfer; task A's accuracy
 the convergence diagnostics of every posterior (epochs, the stopping rule's verdict, median
 posterior sigma per weight site, the uninformed-weight sigma ratio) with the run's warnings;
 and, where ``DIR/timing.json`` is there, what the fits cost (:func:`cost_lines`: epochs and
-seconds per method and fraction, the compute in all, a lower bound on two workers' wall time).
+seconds per method and fraction, the compute in all, a lower bound on two workers' wall time);
+the active hidden units (:func:`census_lines`); and the fits that end in an optimum predicting
+their training data worse than they once did (:func:`optima_lines`).
 The result tables of docs/transfer-results.md and docs/split-mnist.md are this command's output.
 ``--plots`` also redraws the run's
 figures from ``results.json`` (the same figures ``transfer`` writes at the end of a run);
