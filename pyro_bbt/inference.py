@@ -57,7 +57,7 @@ from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
 from .pyro_internals import unconstrained_loc_scale_parameters
-from .verdict import (CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, continuation_gain, judge_by, line_search_gain,
+from .verdict import (CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, unread_rows_check, continuation_gain, judge_by, line_search_gain,
                       read_posterior)
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
@@ -407,6 +407,8 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     record = dict(history.epochs[continuation["pass_epoch"] - 1].verdict or {})
     bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
     record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
+    record["unread_rows_kl"], more = unread_rows_check(model, guide)
+    reasons += more
     if gain.upper_per_datum > v.tol_per_datum:
         rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
         if v.continuation_particles is not None:

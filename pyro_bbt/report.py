@@ -457,6 +457,16 @@ def convergence_lines(results: dict) -> str:
     def named(fit: dict) -> str:
         return f"q_A s{fit.get('seed')}" if "method" not in fit else f"{fit['method']} {fit['fraction']:g} s{fit['seed']}"
 
+    unread = {}
+    for fit in [*results.get("task_a", []), *results["units"]]:
+        verdicts = [r["verdict"] for r in fit.get("history") or [] if r.get("verdict")]
+        if verdicts and verdicts[-1].get("unread_rows_kl") is not None:
+            group = "q_A" if "method" not in fit else f"{fit['method']} {fit['fraction']:g}"
+            unread.setdefault(group, []).append(verdicts[-1]["unread_rows_kl"])
+    if unread:
+        lines += ["", "Unread-rows check (the last verdict's mean KL per weight of the output rows no logit reads, to their prior; "
+                      "at most 0.01 to pass), largest over seeds: " + "; ".join(f"{group} {max(values):.2g}" for group, values in unread.items())]
+
     raised = [f"{named(fit)} at epoch {rise['epoch']} (" + ", ".join(f"{field} {old} → {new}" for field, (old, new) in rise["fields"].items()) + ")"
               for fit in [*results.get("task_a", []), *results["units"]] for rise in fit.get("raised_on_resume") or []]
     if raised:

@@ -30,8 +30,13 @@ of a mean-field Gaussian ``q(w) = N(mu, diag sigma^2)`` still gains when ``q`` t
    with ``keep_posterior``). Its standard error: the examples' draws are independent, so the
    variance of the CRN difference over ``D`` draws is ``sum_n s_n^2 / D``, ``s_n^2`` example
    ``n``'s variance of ``log p(a) - log p(0)`` over the draws (``num_draws >= 2``).
-4. Converged iff ``(gain + 2 stderr) / N <= tol_per_datum`` **and** the blank-pixel check (the
-   first layer's weights from inputs that are 0 in every image keep the prior's width). The
+4. Converged iff ``(gain + 2 stderr) / N <= tol_per_datum`` **and** the exact checks: the
+   blank-pixel check (the first layer's weights from inputs that are 0 in every image keep the
+   prior's width) and the unread-rows check (:func:`unread_rows_check`: output rows no logit of
+   the task reads, another task's head or a digit not yet seen, have the prior as their exact
+   posterior). Both sets of coordinates feel only the KL, so they catch a step too slow to move
+   anything; they say nothing about the weights the likelihood couples (necessary, not
+   sufficient). The
    quadratic model's ``G = 1/2 g^T F^-1 g`` (:func:`remaining_gain`: a U-statistic over pairs of
    the same gradient estimates, with a jackknife standard error) is recorded for diagnosis only.
 
@@ -217,7 +222,7 @@ from .objectives import closed_form_kl
 from .priors import prior_loc_scale
 from .pyro_internals import loc_and_scale
 
-__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
+__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "unread_rows_check", "UNREAD_ROWS_MAX_KL", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
            "VerdictConfig", "ADDED_DRAWS_STDERR_FRACTION", "RESCORE_DRAWS", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
            "posterior_elbo", "fixed_noise_elbo", "judge", "judge_by", "can_judge", "CONFIRMATION_SEED_OFFSET"]
 
@@ -230,6 +235,10 @@ DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (
 DIRECTIONS = ("whitened", "natural")
 OVERRULES = ("drop", "restart")
 SUPPORTED_GUIDES = "'meanfield' (AutoMeanFieldNormal) and 'normal' (AutoNormal)"
+# Mean KL per weight of the unread output rows to their prior: the blank-pixel bounds' width.
+# KL(N(0, (r s)^2) || N(0, s^2)) = -log r + r^2 / 2 - 1/2 is 0.0104 at r = 0.9 and 0.0097 at
+# r = 1.1; a mean shift of 0.14 prior widths alone costs 0.0098.
+UNREAD_ROWS_MAX_KL = 0.01
 
 Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -1054,7 +1063,8 @@ class Verdict:
     (:class:`LineSearchGain`, with the quadratic model's ``G`` for diagnosis);
     ``gain_upper_per_datum`` its gain plus two standard errors, per training example;
     ``uninformed_scale_ratio`` is ``None`` where the blank-pixel check does not apply (no blank
-    input, a non-Gaussian prior, a point mass)."""
+    input, a non-Gaussian prior, a point mass); ``unread_rows_kl`` where the unread-rows check
+    does not (:func:`unread_rows_check`)."""
 
     converged: bool
     tol_per_datum: float
@@ -1063,6 +1073,7 @@ class Verdict:
     uninformed_scale_ratio: float | None
     ratio_bounds: tuple[float, float]
     reasons: list[str] = field(default_factory=list)
+    unread_rows_kl: float | None = None
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -1090,6 +1101,44 @@ def blank_pixel_check(model: BayesianMLP, guide, split: Split, ratio_bounds: tup
     return ratio, []
 
 
+def unread_rows_check(model: BayesianMLP, guide, max_kl: float = UNREAD_ROWS_MAX_KL) -> tuple[float | None, list[str]]:
+    """The exact check on the output rows no logit of the task reads (rows outside
+    ``model.output_rows``: the other tasks' heads of a multi-head net, the digits not yet seen
+    under ``active_outputs``). The likelihood does not depend on them, so their exact posterior
+    is their prior, and a converged fit has the mean over their weights and biases of
+    ``KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) = log(sigma_p / sigma_q) + (sigma_q^2 +
+    (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2`` at most ``max_kl`` nats. Not vacuous where those
+    rows start away from their prior: fine-tuning's old head (q_A's rows under the base prior),
+    scratch's unused head and a sequence's future heads (the initialisation under the base
+    prior). Vacuous where they start at it (transfer's old head under q_A). Returns the mean KL
+    (``None`` where the check does not apply: every row read, a non-Gaussian prior at the output
+    layer, or a guide without exact ``(loc, scale)``) and the reason it fails, if it does."""
+    rows = model.output_rows
+    if rows is None or not isinstance(guide, AutoNormal) or guide.prototype_trace is None:
+        return None, []
+    shapes = model.site_shapes
+    unread = torch.ones(shapes[model.output_sites[0]][0], dtype=torch.bool)
+    unread[rows] = False
+    if not bool(unread.any()):
+        return None, []
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for site in model.output_sites:
+            prior = prior_loc_scale(model.prior, site, shapes[site])
+            if prior is None:
+                return None, []
+            loc_p, scale_p = (t.expand(shapes[site]).to("cpu") for t in prior)
+            loc_q, scale_q = (t.detach().to("cpu") for t in loc_and_scale(guide, site))
+            kl = torch.log(scale_p / scale_q) + (scale_q ** 2 + (loc_q - loc_p) ** 2) / (2 * scale_p ** 2) - 0.5
+            total += float(kl[unread].sum())
+            count += int(kl[unread].numel())
+    mean = total / count
+    if mean > max_kl:
+        return mean, [f"the output rows no logit reads have a mean KL of {mean:.3g} nats per weight to their prior, above {max_kl:g} "
+                      f"(their exact posterior is the prior)"]
+    return mean, []
+
+
 def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEFAULT_TOL_PER_DATUM, num_pairs: int = VerdictConfig.num_pairs,
           batch_size: int = VerdictConfig.batch_size, seed: int = 0, num_draws: int = VerdictConfig.num_draws,
           steps: Sequence[float] = DEFAULT_STEPS, direction: str = VerdictConfig.direction, ratio_bounds: tuple[float, float] = (0.9, 1.1),
@@ -1098,7 +1147,8 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
     two standard errors, per example of ``split`` is at most ``tol_per_datum`` **and**, where the
     prior at the first layer is Gaussian and ``split.x`` has inputs that are 0 in every row, the
     blank-pixel ratio (:func:`~pyro_bbt.convergence.uninformed_scale_ratio`, against the model's
-    current prior) lies in ``ratio_bounds``. A ``delta`` guide is never converged (no gain);
+    current prior) lies in ``ratio_bounds`` and the output rows no logit reads are at their prior
+    (:func:`unread_rows_check`). A ``delta`` guide is never converged (no gain);
     others raise as :func:`line_search_gain` does. ``gain_when_exact_fails=False``: where the
     blank-pixel check already fails, the (dearer) gain is not measured (``gain`` is ``None``).
     ``kl_beta``: the objective judged is ``E_q log p(D | w) - kl_beta KL(q || p)``, that of a fit
@@ -1111,9 +1161,11 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
     if not 0 < low <= 1 <= high:
         raise ValueError(f"ratio_bounds must satisfy 0 < low <= 1 <= high, got {ratio_bounds!r}")
     ratio, reasons = blank_pixel_check(model, guide, split, (low, high))
+    unread, more = unread_rows_check(model, guide)
+    reasons += more
     if reasons and not gain_when_exact_fails:
         return Verdict(False, float(tol_per_datum), None, None, ratio, (float(low), float(high)),
-                       reasons + ["the ELBO gain was not measured: the exact check already fails"])
+                       reasons + ["the ELBO gain was not measured: the exact check already fails"], unread)
     gain = line_search_gain(model, guide, split, num_pairs=num_pairs, num_draws=num_draws, steps=steps, batch_size=batch_size, seed=seed,
                             direction=direction, kl_beta=kl_beta, max_draws=max_draws, tol_per_datum=tol_per_datum)
     upper = None
@@ -1125,7 +1177,7 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
             path = "whitened natural gradient" if gain.direction == "whitened" else "natural gradient"
             reasons.append(f"a step of {gain.step:.3g} along the {path} still gains {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} "
                            f"nats per example ({gain.nats:.4g} nats in all); upper bound {upper:.3g} > tol_per_datum {tol_per_datum:.3g}")
-    return Verdict(not reasons, float(tol_per_datum), gain, upper, ratio, (float(low), float(high)), reasons)
+    return Verdict(not reasons, float(tol_per_datum), gain, upper, ratio, (float(low), float(high)), reasons, unread)
 
 
 CONFIRMATION_SEED_OFFSET = 1_000_003  # the confirming judgement's noise: none of the first judgements' seeds

@@ -618,3 +618,20 @@ def test_optima_lines_show_fits_that_end_predicting_worse_and_at_a_higher_elbo()
     assert "1 of 2 fits end 0.05 or more below their best training accuracy; 1 of them at a higher ELBO" in text
     assert "0 of 1 fits" in optima_lines({"units": [results["units"][1]]})
     assert optima_lines({"units": [{**results["units"][1], "history": steady[:5]}]}) == ""  # too short to judge
+
+
+def test_convergence_lines_give_the_largest_unread_rows_kl_per_fit_group():
+    """Where the verdicts recorded the unread-rows check, the convergence section gives its
+    largest mean KL per group of fits (q_A, method and fraction); runs made before it say nothing."""
+    from pyro_bbt.report import convergence_lines
+
+    def fit(kl, **keys):
+        return {**keys, "status": "ok", "history": [{"epoch": 1, "verdict": None}, {"epoch": 2, "verdict": {"converged": True, "unread_rows_kl": kl}}]}
+
+    results = {"config": {}, "task_a": [fit(0.0001, seed=0)],
+               "units": [fit(0.002, method="finetune", fraction=0.1, seed=0), fit(0.03, method="finetune", fraction=0.1, seed=1)]}
+    text = convergence_lines(results)
+    assert "largest over seeds: q_A 0.0001; finetune 0.1 0.03" in text
+    for entry in [*results["task_a"], *results["units"]]:
+        del entry["history"][1]["verdict"]["unread_rows_kl"]
+    assert "Unread-rows check" not in convergence_lines(results)

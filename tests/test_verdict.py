@@ -329,3 +329,52 @@ def test_the_best_step_scored_again_with_draws_of_its_own(mnist3, long_fit, sing
         line_search_gain(model, guide, data, max_draws=4, tol_per_datum=0.01)
     with pytest.raises(ValueError, match="tol_per_datum must be a finite number > 0, got None"):
         line_search_gain(model, guide, data, max_draws=8)
+
+
+def _two_heads():
+    """A fresh two-head net of SIZES (six output rows) fitted through head 0, and its guide."""
+    import pyro
+
+    from pyro_bbt.guides import GuideConfig, initialize_guide, make_guide
+    from pyro_bbt.model import BayesianMLP
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = BayesianMLP(SIZES, num_heads=2)
+    guide = make_guide("meanfield", model, GuideConfig())
+    initialize_guide(guide, SIZES[0])
+    model.head = 0
+    return model, guide
+
+
+def test_unread_output_rows_must_reach_their_prior(mnist3, single_torch_thread):
+    """Head 1's rows feel only the KL on a fit through head 0, so their exact posterior is the
+    prior: a fresh guide and a fit at lr 1e-6 fail the unread-rows check (and so the verdict,
+    however loose its tolerance), a fit at ordinary rates passes it; with every row read (one
+    head) the check does not apply."""
+    from pyro_bbt.verdict import UNREAD_ROWS_MAX_KL, unread_rows_check
+
+    data = mnist3[0]
+    model, guide = _two_heads()
+    fresh, reasons = unread_rows_check(model, guide)
+    assert fresh > 1.0 and len(reasons) == 1 and "no logit reads" in reasons[0]
+    train(model, guide, data, TrainConfig(epochs=200, lr=1e-6, scale_lr=1e-6, batch_size=len(data), kl_schedule="uniform", progress=False,
+                                          eval_samples=0, verdict=None))
+    slow, _ = unread_rows_check(model, guide)
+    assert slow > 0.9 * fresh
+    assert unread_rows_check(model, guide, max_kl=2 * slow) == (pytest.approx(slow), [])  # the bound decides
+    verdict = judge(model, guide, data, tol_per_datum=1e6, num_pairs=2)  # only an exact check can fail
+    assert not verdict.converged and verdict.unread_rows_kl == pytest.approx(slow)
+    assert any("no logit reads" in reason for reason in verdict.reasons)
+    assert json.loads(json.dumps(verdict.to_dict()))["unread_rows_kl"] == pytest.approx(slow)
+
+    model, guide = _two_heads()
+    fit(model, guide, data, LONG_PHASES[:2])
+    fitted, reasons = unread_rows_check(model, guide)
+    assert fitted < UNREAD_ROWS_MAX_KL and reasons == []
+    passed = judge(model, guide, data, tol_per_datum=1e6, num_pairs=2)
+    assert passed.converged and passed.unread_rows_kl == pytest.approx(fitted)
+    model.head = None  # every row read
+    assert unread_rows_check(model, guide) == (None, [])
+    single, single_guide = fresh_model_and_guide(SIZES, initialize=True)
+    assert unread_rows_check(single, single_guide) == (None, [])
