@@ -1129,7 +1129,7 @@ def unread_rows_check(model: BayesianMLP, guide, max_kl: float = UNREAD_ROWS_MAX
                 return None, []
             loc_p, scale_p = (t.expand(shapes[site]).to("cpu") for t in prior)
             loc_q, scale_q = (t.detach().to("cpu") for t in loc_and_scale(guide, site))
-            kl = torch.log(scale_p / scale_q) + (scale_q ** 2 + (loc_q - loc_p) ** 2) / (2 * scale_p ** 2) - 0.5
+            kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc_q, scale_q), torch.distributions.Normal(loc_p, scale_p))
             total += float(kl[unread].sum())
             count += int(kl[unread].numel())
     mean = total / count
