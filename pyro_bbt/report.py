@@ -419,6 +419,11 @@ def _sites(medians: dict[str, float]) -> str:
     return ", ".join(f"{site.removesuffix('.weight')} {value:.3g}" for site, value in medians.items())
 
 
+def _verdicts(fit: dict) -> list[dict]:
+    """The verdicts a fit's history recorded, in order."""
+    return [r["verdict"] for r in fit.get("history") or [] if r.get("verdict")]
+
+
 def convergence_lines(results: dict) -> str:
     """The stopping rule's verdict on every q_A, a count of converged q_B per method and fraction,
     and the run's warnings."""
@@ -445,7 +450,7 @@ def convergence_lines(results: dict) -> str:
             f"{method} {fraction:g}: {sum(flags)}/{len(flags)}" for (method, fraction), flags in counts.items())]
         judged = {}
         for unit in results["units"]:
-            verdicts = [r["verdict"] for r in unit.get("history") or [] if r.get("verdict")]
+            verdicts = _verdicts(unit)
             if verdicts:
                 upper = verdicts[-1].get("gain_upper_per_datum")  # None: the blank-pixel check failed first, the gain was not measured
                 continued = "" if not verdicts[-1].get("continuation") else f"; continued: {continuation_text(verdicts[-1])}"
@@ -459,7 +464,7 @@ def convergence_lines(results: dict) -> str:
 
     unread = {}
     for fit in [*results.get("task_a", []), *results["units"]]:
-        verdicts = [r["verdict"] for r in fit.get("history") or [] if r.get("verdict")]
+        verdicts = _verdicts(fit)
         if verdicts and verdicts[-1].get("unread_rows_kl") is not None:
             group = "q_A" if "method" not in fit else f"{fit['method']} {fit['fraction']:g}"
             unread.setdefault(group, []).append(verdicts[-1]["unread_rows_kl"])
