@@ -25,7 +25,7 @@ from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
 from .verdict import DEFAULT_TOL_PER_DATUM, OVERRULES, RESCORE_DRAWS, VerdictConfig, check_continuation_base
 
-__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS", "PRECISION_FIELDS", "RAISABLE_FIELDS", "RUN_FIELDS"]
+__all__ = ["METHODS", "Q_INITS", "HEADS", "PRIORS", "FITS_B", "ExperimentConfig", "CONVERGED_FITS", "PRESETS", "LATER_FIELDS", "GRID_FIELDS", "CAP_FIELDS", "PRECISION_FIELDS", "RAISABLE_FIELDS", "RUN_FIELDS"]
 
 
 METHODS = ("scratch", "transfer", "finetune", "ewc", "joint")
@@ -456,6 +456,15 @@ RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS},
 B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b")
 
 
+# How the paper presets fit every posterior (the A -> B grid's and split MNIST's alike): the stopping
+# rule's window-means ELBO test, a rejected fit back to its first rates (at most 60 times), a pass
+# confirmed by a second judgement and by a continuation (below), every fit capped at 3,000 epochs,
+# EWC's nets by early stopping (patience 3 epochs), a fit in progress checkpointed once a minute.
+CONVERGED_FITS: dict[str, object] = dict(elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
+                                         continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000,
+                                         ewc_patience=3, continuation_max_draws=256, checkpoint_seconds=60.0)
+
+
 PRESETS: dict[str, dict] = {
     # Every method on real MNIST, one seed, little data: a smoke run of the whole protocol.
     "quick": dict(epochs_a=1, max_epochs_a=None, batch_size_a=None, epochs=1, min_steps=50, fractions=(0.01, 0.1), seeds=(0,), eval_samples=16, curve_points=4, limit_eval=2000),
@@ -471,9 +480,7 @@ PRESETS: dict[str, dict] = {
     # A fit in progress is checkpointed at most once a minute (paper-v3 and v4 too: fits of
     # thousands of epochs, where a checkpoint after every epoch cost a quarter of the time).
     "paper": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",
-                  elbo_test="means", overrule="restart", max_overrules=60, confirm_verdict=True, continuation_epochs=20,
-                  continuation_fraction=1.0, continuation_base=(1e-2, 3e-2), max_epochs_a=3000, max_epochs_b=3000, ewc_patience=3,
-                  continuation_max_draws=256, checkpoint_seconds=60.0),
+                  **CONVERGED_FITS),
     # The paper preset until 2026-12-05, every continuation scored by 8 draws: the converged runs
     # of 2026-12-04 and 12-05 (q_A of seeds 0-2, B at 10 %) resume under it.
     "paper-v4": dict(epochs_a=5, epochs=5, min_steps=200, fractions=(0.01, 0.1, 0.5, 1.0), seeds=(0, 1, 2), fit_b="rule",

@@ -104,7 +104,7 @@ def split_sequence_table(results: dict) -> str:
         summary = entry["summary"] or {}
         curve = entry["average_accuracy_curve"]
         steps = "—" if curve is None else ", ".join("—" if a != a else f"{100 * a:.1f}" for a in curve["mean"])  # NaN: a row not computed
-        verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
+        verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f.get("convergence") is not None and not f.get("reused")]
         converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else ("— (deterministic)" if method == "ewc" else "—")
         lines.append(f"| {method} | {_percent(summary.get('average_accuracy'))} | {_percent(summary.get('backward_transfer'), True)} | "
                      f"{_percent(summary.get('forward_transfer'), True)} | {_percent(summary.get('average_forgetting'))} | {steps} | "
@@ -404,7 +404,7 @@ def split_comparison_table(runs: list[dict]) -> str:
         scenario = results["scenario"]
         for method, entry in results["methods"].items():
             summary = entry["summary"] or {}
-            verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f["convergence"] is not None and not f["reused"]]
+            verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f.get("convergence") is not None and not f.get("reused")]
             converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "— (deterministic)" if method == "ewc" else "—"
             lines.append(f"| {scenario} | {method} | {_percent(summary.get('average_accuracy'))} | {entry['seeds_finished']}/{len(entry['per_seed'])} | "
                          f"{converged} | this repo, {'fixed budget (deterministic net)' if method == 'ewc' else 'fit: ' + results['fit']} |")

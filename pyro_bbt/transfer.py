@@ -260,6 +260,8 @@ def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
         return None
     if scenario is None:
         raise UsageError(f"--sequence split needs --scenario ({', '.join(SCENARIOS)})")
+    if args.preset not in SPLIT_PRESETS:
+        raise UsageError(f"--preset {args.preset} is a preset of the A -> B experiment; --sequence split's are {', '.join(sorted(SPLIT_PRESETS))}")
     unused = [f"--{name.replace('_', '-')}" for name in NOT_FOR_SPLIT if getattr(args, name, None) is not None]
     if unused:
         raise UsageError(f"{', '.join(unused)} not used by --sequence split (its tasks, heads and starts are set by --scenario)")

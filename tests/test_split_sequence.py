@@ -468,6 +468,8 @@ def test_ewc_patience_stops_every_task_net_on_its_validation_split():
         else:
             assert stop["stopped_by"] == "cap" and stop["epochs"] == 6
         assert fit["steps"] == stop["epochs"] * math.ceil(160 / 128)  # 200 images, a fifth held out
+    row = next(line for line in split_sequence_table(patient).splitlines() if line.startswith("| ewc |"))  # its fits have no verdict
+    assert "| — (deterministic) |" in row
     fixed = run_sequence(_config("domain", methods=("ewc",)), "split", log=lambda m: None, split=split)
     assert fixed["methods"]["ewc"]["per_seed"][0]["fits"] == []
     assert fixed["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"] != patient["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"]
@@ -502,3 +504,26 @@ def test_a_regime_label_names_the_verdict_a_run_stored_before_it_ran_with():
     assert regime_label(old, [confirmed]) == "elbo_test=two-point, overrule=drop, continuation_epochs=0"
     assert regime_label(confirmed, [old]) == "elbo_test=means, overrule=restart, continuation_epochs=20"
     assert regime_label(confirmed, [confirmed]) == "—"
+
+
+def test_the_split_paper_preset_fits_as_the_a_to_b_paper_preset_and_paper_v1_as_before(capsys):
+    """``--sequence split --preset paper`` fits every posterior by the A -> B paper preset's rule
+    and verdict (``CONVERGED_FITS``: continuation, restarts, EWC stopped early); ``paper-v1`` is
+    the split preset the published split tables used, otherwise the same protocol. A preset of
+    the other experiment is refused in one line."""
+    from pyro_bbt.config import CONVERGED_FITS, PRESETS
+    from pyro_bbt.transfer import build_parser, config_from_args
+
+    def parsed(*argv: str) -> ExperimentConfig:
+        return config_from_args(build_parser().parse_args(["--sequence", "split", "--scenario", "task", *argv]))
+
+    paper, v1, a_to_b = parsed("--preset", "paper"), parsed("--preset", "paper-v1"), ExperimentConfig(**PRESETS["paper"])
+    assert paper.continuation_epochs == 20 and paper.ewc_patience == 3 and paper.max_epochs_a == 3000 and paper.elbo_test == "means"
+    for name in CONVERGED_FITS:
+        assert getattr(paper, name) == getattr(a_to_b, name), name
+        assert getattr(v1, name) == getattr(ExperimentConfig, name), name
+    assert {k: v for k, v in paper.to_dict().items() if k not in CONVERGED_FITS} == {k: v for k, v in v1.to_dict().items() if k not in CONVERGED_FITS}
+    assert main(["--sequence", "split", "--scenario", "task", "--preset", "paper-v2", "--out", "unused"]) == 2
+    assert "--preset paper-v2 is a preset of the A -> B experiment; --sequence split's are paper, paper-v1, quick, vcl, vcl-swaroop" in capsys.readouterr().err
+    assert main(["--preset", "vcl", "--out", "unused"]) == 2
+    assert "--preset vcl is a preset of --sequence split" in capsys.readouterr().err
