@@ -208,8 +208,10 @@ class ReadOnlyStore(RunStore):
     written into it, nor moved (a file it cannot use is an error), and its partial checkpoints
     are ignored."""
 
-    def __init__(self, root: Path, config: dict) -> None:
-        super().__init__(root, config, on_damaged=None)
+    def __init__(self, root: Path, config: dict, **differences) -> None:
+        """``differences``: what a file may differ in from ``config``, as for :class:`RunStore`
+        (``grid_fields``, ``raisable_fields``, ``stage_free_fields``)."""
+        super().__init__(root, config, on_damaged=None, **differences)
 
     def save_record(self, key: str, record: dict) -> None:
         pass

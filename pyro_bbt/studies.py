@@ -553,7 +553,9 @@ def plot_schedules(rows: list[dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.studies", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=STUDIES)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(TRADEOFF_PRESETS)), default="quick",
+                        help="quick (default) or paper; the tradeoff study also converged (every point fitted to the verdict, "
+                             "at the converged A -> B grid's configuration)")
     parser.add_argument("--out", type=Path, help="the study's folder (its store, results and figures; one study per folder); default runs/studies/STUDY")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true",
@@ -751,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--predictors and --warm-start apply to the uncertainty study only")
     if args.workers < 1:
         return usage(f"--workers must be an integer >= 1, got {args.workers}")
+    if args.preset not in (TRADEOFF_PRESETS if args.study == "tradeoff" else PRESETS):
+        return usage(f"--preset {args.preset} is the tradeoff study's only; the {args.study} study's are {', '.join(sorted(PRESETS))}")
     if args.study == "uncertainty":
         uconfig = UncertaintyConfig(**UNCERTAINTY_PRESETS[args.preset] | ({} if args.predictors is None else {"predictors": args.predictors})
                                     | ({} if args.warm_start is None else {"warm_start": args.warm_start}))

@@ -11,9 +11,13 @@ Every method buys accuracy on B with accuracy on A. One knob each sets the price
 Per head (``shared``: the original's; ``multihead``: VCL's), seed and fraction of B's data:
 q_A is fitted once by the stopping rule (:mod:`pyro_bbt.convergence`) and shared by every
 ``tau``; the deterministic net of EWC and its Fisher once and shared by every ``lambda``; every
-point gets the same data and the same step budget on B (:func:`~pyro_bbt.units.steps_for`).
-With ``reuse`` (head -> directory of a finished ``python -m pyro_bbt.transfer`` run of the same
-configuration) those task-A stages are read from that run instead of being fitted again.
+point gets the same data and the same fitting rule on B: B's fixed step budget
+(:func:`~pyro_bbt.units.steps_for`), or, where ``experiment.fit_b`` is ``"rule"``, every
+Bayesian point fitted to the verdict and every EWC point stopped early on B's validation split
+(``experiment.ewc_patience``), each row saying whether its fit converged. With ``reuse`` (head ->
+directory of a finished ``python -m pyro_bbt.transfer`` run of the same configuration) those
+task-A stages are read from that run instead of being fitted again, and so are the rows of the
+single points (scratch, finetune, joint) left out of ``baselines``: that run's own units.
 
 The study is a plan of units for the study engine (:mod:`pyro_bbt.engine`): per head and seed
 the two task-A stages (:func:`task_a_stage_unit`), per point one unit that needs its stage
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, ExperimentConfig
+from .config import B_ONLY_FIELDS, GRID_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig
 from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, row_outcome, run_study_units
 from .ewc import EWCPenalty
 from .executors import Executor
@@ -51,16 +55,23 @@ from .units import (
     run_stage,
     stage_from_saved,
     steps_for,
+    unit_key,
 )
 
-__all__ = ["TradeoffConfig", "TRADEOFF_PRESETS", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
+__all__ = ["BASELINES", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
            "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff"]
+
+
+# The single points of every panel (no knob): fitted by the study unless left out of ``baselines``.
+BASELINES: tuple[str, ...] = ("scratch", "finetune", "joint")
 
 
 @dataclass
 class TradeoffConfig:
     """The grid of the study; ``experiment`` holds everything else (network, budget, fit of A).
-    ``experiment.head``, ``fractions`` and ``seeds`` are overridden by the fields here."""
+    ``experiment.head``, ``fractions`` and ``seeds`` are overridden by the fields here.
+    ``baselines``: which of :data:`BASELINES` the study fits (the others' rows come from the
+    ``reuse`` runs, where they have them)."""
 
     heads: tuple[str, ...] = ("shared", "multihead")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -69,6 +80,12 @@ class TradeoffConfig:
     lambdas: tuple[float, ...] = (10.0, 1e3, 1e5)
     experiment: ExperimentConfig | None = None
     reuse: dict[str, Path] | None = None
+    baselines: tuple[str, ...] = BASELINES
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"baselines {', '.join(map(repr, unknown))} unknown; allowed: {', '.join(BASELINES)}")
 
 
 TRADEOFF_PRESETS = {
@@ -77,6 +94,13 @@ TRADEOFF_PRESETS = {
     # The experiment's paper preset when the study was run (paper-v1): with --reuse, the q_A of
     # its runs (one per head) are read, not refitted.
     "paper": dict(experiment=dict(PRESETS["paper-v1"])),
+    # The converged A -> B grid's configuration (README's: the paper preset under N(0, 0.3^2), B's
+    # fits polished, caps 12,000 / 20,000 epochs): every point fitted to the verdict (EWC's by early
+    # stopping), at the fractions where transfer trades B for A (1 % and 10 %). With --reuse of
+    # that grid's runs (one per head) q_A and EWC's nets are read, and scratch, finetune and joint
+    # are that grid's own units, not fitted again.
+    "converged": dict(fractions=(0.01, 0.1), baselines=(),
+                      experiment=dict(PRESETS["paper"]) | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=20000)),
 }
 
 def tradeoff_base(config: TradeoffConfig, head: str) -> ExperimentConfig:
@@ -97,7 +121,10 @@ def tradeoff_description(config: TradeoffConfig) -> dict:
     covers: the study and its whole configuration (the grid, every setting of the experiment, the
     ``--reuse`` directories by head), so a resume of another configuration is refused."""
     reuse = {head: str(path) for head, path in (config.reuse or {}).items()}
-    return json.loads(json.dumps({"study": "tradeoff", "config": asdict(replace(config, reuse=None)) | {"reuse": reuse}}))
+    described = asdict(replace(config, reuse=None)) | {"reuse": reuse}
+    if config.baselines == BASELINES:  # as the studies stored before the field existed describe themselves
+        del described["baselines"]
+    return json.loads(json.dumps({"study": "tradeoff", "config": described}))
 
 
 def reused_tradeoff_stages(config: TradeoffConfig) -> dict[tuple[str, str, int], dict | None]:
@@ -108,9 +135,52 @@ def reused_tradeoff_stages(config: TradeoffConfig) -> dict[tuple[str, str, int],
     saved = {}
     for head, run_dir in (config.reuse or {}).items():
         if head in config.heads:
-            store = ReadOnlyStore(run_dir, tradeoff_base(config, head).to_dict())
+            store = _reused_store(config, head, run_dir)
             saved |= {(head, kind, seed): store.stage(stage_key(kind, seed)) for kind in STAGE_KINDS for seed in config.seeds}
     return saved
+
+
+def _reused_store(config: TradeoffConfig, head: str, run_dir: Path) -> ReadOnlyStore:
+    """``run_dir`` read as the transfer CLI reads its own store: its files may differ from
+    ``head``'s :func:`tradeoff_base` in the grid (methods, fractions, seeds), how it was run and
+    caps raised on resume; a stage also in what only B's fits read."""
+    return ReadOnlyStore(run_dir, tradeoff_base(config, head).to_dict(), grid_fields=(*GRID_FIELDS, *RUN_FIELDS),
+                         raisable_fields=RAISABLE_FIELDS, stage_free_fields=B_ONLY_FIELDS)
+
+
+def reused_baseline_rows(config: TradeoffConfig) -> list[dict]:
+    """The rows of the single points the study does not fit (:data:`BASELINES` not in
+    ``config.baselines``), read from each head's ``reuse`` run: its unit of that method, fraction
+    and seed (``ValueError`` where the run lacks one or it failed), with the fit's status
+    (:func:`fit_status`) and ``"from"`` naming the run."""
+    rows = []
+    for head, run_dir in (config.reuse or {}).items():
+        if head not in config.heads:
+            continue
+        store = _reused_store(config, head, run_dir)
+        for seed in config.seeds:
+            for fraction in config.fractions:
+                for method in (b for b in BASELINES if b not in config.baselines):
+                    record = store.record(unit_key(method, fraction, seed))
+                    if record is None or record.get("status") != "ok":
+                        raise ValueError(f"--reuse {run_dir}: no finished {method} unit at fraction {fraction:g}, seed {seed} "
+                                         f"({'none' if record is None else 'it failed'}); fit it there (--resume) or add {method} to the baselines")
+                    rows.append({"head": head, "seed": seed, "fraction": fraction, "method": method, "knob": None, "steps": record["steps"],
+                                 "b_test_accuracy": record["b_test"]["accuracy"], "a_test_after_accuracy": record["a_test_after"]["accuracy"],
+                                 **fit_status(record), "from": str(run_dir)})
+    return rows
+
+
+def fit_status(outcome: dict) -> dict:
+    """Whether a point's fit converged: a Bayesian fit's verdict (``converged``, ``epochs``), an
+    EWC net's early stopping (converged when its patience stopped it, not its cap; ``stopped_by``);
+    ``converged`` ``None`` for an EWC net trained for a fixed budget."""
+    if outcome.get("convergence") is not None:
+        return {"converged": bool(outcome["convergence"]["converged"]), "epochs": outcome["convergence"]["epochs"]}
+    stopping = outcome.get("early_stopping")
+    if stopping is not None:
+        return {"converged": stopping["stopped_by"] == "patience", "epochs": stopping["epochs"], "stopped_by": stopping["stopped_by"]}
+    return {"converged": None}
 
 
 def task_a_stage_unit(base: ExperimentConfig, spec: StageSpec, key: str, saved: dict | None, checkpoint: dict | None = None,
@@ -139,8 +209,8 @@ def point_unit(base: ExperimentConfig, method: str, knob: float | None, fraction
     net under its Fisher penalty weighted by ``knob`` (lambda); ``scratch`` (``stage`` None)
     afresh; ``joint`` (``stage`` None) on A and B together for ``steps_a`` (A's budget) plus B's
     budget. The Bayesian fits keep a checkpoint under ``key`` after every epoch. The row: B's
-    test accuracy and A's after B, the budget, the fit's seconds (q_A's verdict is added by
-    :func:`tradeoff`)."""
+    test accuracy and A's after B, the budget, whether the fit converged (:func:`fit_status`), the
+    fit's seconds (q_A's verdict is added by :func:`tradeoff`)."""
     tasks = load_task_pair(base, fraction, seed)
     steps = steps_for(len(tasks.b.train), base.epochs, base.batch_size, base.min_steps)
     run = FitStorage(UnitCheckpoints(checkpoint, on_checkpoint))
@@ -160,7 +230,7 @@ def point_unit(base: ExperimentConfig, method: str, knob: float | None, fraction
         outcome = run_bayesian_b(base, method, tasks, None if stage is None else stage_from_saved(stage), steps, seed, run, key)
     return row_outcome({"head": base.head, "seed": seed, "fraction": fraction, "method": method, "knob": knob, "steps": steps,
                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,
-                        "seconds": time.perf_counter() - start})
+                        **fit_status(outcome), "seconds": time.perf_counter() - start})
 
 
 def _point_line(r: dict) -> str:
@@ -188,8 +258,10 @@ def tradeoff(config: TradeoffConfig, log: Callable[[str], None] = print, workers
     point (:func:`point_unit`). They run by :func:`~pyro_bbt.engine.run_study_units` on
     ``executor`` (default: ``workers`` processes, or this process) and are kept in ``store``."""
     saved = reused_tradeoff_stages(config) if saved is None else saved
+    reused = {(r["head"], r["seed"], r["fraction"], r["method"]): r for r in reused_baseline_rows(config)}
     units: list[Unit] = []
     stage_of: dict[str, str] = {}  # point -> the key of its q_A unit, whose verdict its row carries
+    order: list[tuple[str, str] | tuple[str, dict, str]] = []  # the rows in grid order: a point's key, or a reused row
     for head in config.heads:
         base = tradeoff_base(config, head)
         for seed in config.seeds:
@@ -198,21 +270,25 @@ def tradeoff(config: TradeoffConfig, log: Callable[[str], None] = print, workers
             units += [Unit(stages[kind], task_a_stage_unit, (base, StageSpec(seed, kind, steps_a if kind == "deterministic" else 0), stages[kind],
                                                              saved.get((head, kind, seed))))
                       for kind in STAGE_KINDS]
-            points = [("scratch", None), ("finetune", None), ("joint", None)]
+            points = [(method, None) for method in config.baselines]
             points += [("transfer", tau) for tau in config.taus] + [("ewc", lam) for lam in config.lambdas]
             for fraction in config.fractions:
+                order += [("reused", reused[head, seed, fraction, method], stages["bayesian"]) for method in BASELINES
+                          if (head, seed, fraction, method) in reused]
                 for method, knob in points:
                     key = tradeoff_key(head, method, knob, fraction, seed)
                     needs = {"transfer": "bayesian", "finetune": "bayesian", "ewc": "deterministic"}.get(method)
                     args = (base, method, knob, fraction, seed, steps_a, key)
                     units.append(Unit(key, point_unit, args, needs=(stages[needs],)) if needs else Unit(key, point_unit, (*args, None)))
                     stage_of[key] = stages["bayesian"]
+                    order.append(("unit", key))
     outcomes = run_study_units(units, "tradeoff study", executor, workers, store,
                                on_finish=lambda unit, outcome: log(_tradeoff_line(unit.key, outcome.record)))
     rows = []
-    for key, stage in stage_of.items():
+    for entry in order:
+        row, stage = (outcomes[entry[1]].record["row"], stage_of[entry[1]]) if entry[0] == "unit" else (entry[1], entry[2])
         verdict = outcomes[stage].record["convergence"]
-        rows.append({**outcomes[key].record["row"], "q_a_converged": verdict["converged"], "q_a_epochs": verdict["epochs"],
+        rows.append({**row, "q_a_converged": verdict["converged"], "q_a_epochs": verdict["epochs"],
                      "q_a_uninformed_scale_ratio": verdict["uninformed_scale_ratio"]})
     return rows
 
@@ -230,12 +306,21 @@ def _cell(values) -> str:
 
 
 def tradeoff_table(rows: list[dict]) -> str:
-    """Markdown: per head and fraction, every point's B and A accuracy (mean ± std over seeds)."""
-    lines = ["| head | B fraction | method | knob | B test accuracy | A test accuracy after B | seeds |", "|---|---|---|---|---|---|---|"]
-    for (head, fraction, method, knob), pairs in _points(rows).items():
+    """Markdown: per head and fraction, every point's B and A accuracy (mean ± std over seeds),
+    and how many of its fits converged (:func:`fit_status`; "—" for fixed budgets, rows made
+    before it was recorded included); a point read from a reused run is marked "(reused)"."""
+    lines = ["| head | B fraction | method | knob | B test accuracy | A test accuracy after B | seeds | converged fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    grouped: dict = {}
+    for r in rows:
+        grouped.setdefault((r["head"], r["fraction"], r["method"], r["knob"]), []).append(r)
+    for (head, fraction, method, knob), group in grouped.items():
         knob_text = "—" if knob is None else (f"τ = {knob:g}" if method == "transfer" else f"λ = {knob:g}")
-        b, a = zip(*pairs)
-        lines.append(f"| {head} | {fraction:g} | {method} | {knob_text} | {_cell(b)} | {_cell(a)} | {len(pairs)} |")
+        b, a = [r["b_test_accuracy"] for r in group], [r["a_test_after_accuracy"] for r in group]
+        judged = [r["converged"] for r in group if r.get("converged") is not None]
+        converged = f"{sum(judged)}/{len(group)}" if judged else "—"
+        source = " (reused)" if any("from" in r for r in group) else ""
+        lines.append(f"| {head} | {fraction:g} | {method}{source} | {knob_text} | {_cell(b)} | {_cell(a)} | {len(group)} | {converged} |")
     return "\n".join(lines) + "\n"
 
 

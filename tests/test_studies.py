@@ -252,3 +252,48 @@ def test_tradeoff_reuses_the_q_a_of_a_finished_run_without_writing_there(tmp_pat
                            experiment=ExperimentConfig(**args | {"lr": 0.05}), reuse={"shared": run_dir})
     with pytest.raises(ValueError, match=r"made by another configuration \(lr: 0\.001 -> 0\.05\)"):
         tradeoff(other, log=lambda m: None)
+
+
+def test_a_converged_tradeoff_records_every_fit_and_reads_the_baselines_of_the_reused_run(tmp_path, capsys):
+    """With ``fit_b="rule"`` every point is fitted by the verdict (EWC by early stopping) and its
+    row says whether it converged; the baselines left out are the reused run's own units, and the
+    study's transfer point at tau 1 is that run's transfer fit, recomputed to the same accuracy.
+    A baseline the reused run lacks is refused before anything is fitted."""
+    import json
+
+    import pytest
+
+    from pyro_bbt.config import PRESETS
+    from pyro_bbt.experiment import ExperimentConfig
+    from pyro_bbt.tradeoff import TradeoffConfig, tradeoff, tradeoff_table
+    from pyro_bbt.transfer import main as transfer_main
+
+    run_dir = tmp_path / "run"
+    cli = ["--preset", "paper", "--hidden", "8", "--epochs-a", "1", "--max-epochs-a", "3", "--max-epochs-b", "3", "--limit-train", "200", "--limit-eval", "100",
+           "--eval-samples", "2", "--fractions", "0.1", "--seeds", "0", "--quiet", "--out", str(run_dir)]
+    assert transfer_main(cli) == 0
+    experiment = ExperimentConfig(**PRESETS["paper"] | dict(hidden=(8,), epochs_a=1, max_epochs_a=3, max_epochs_b=3, limit_train=200, limit_eval=100,
+                                                             eval_samples=2, fractions=(0.1,), seeds=(0,)))
+    config = TradeoffConfig(heads=(experiment.head,), fractions=(0.1,), seeds=(0,), taus=(1.0, 10.0), lambdas=(10.0,), experiment=experiment,
+                            reuse={experiment.head: run_dir}, baselines=())
+    rows = tradeoff(config, log=lambda m: None)
+    assert [(r["method"], r["knob"]) for r in rows] == [("scratch", None), ("finetune", None), ("joint", None), ("transfer", 1.0),
+                                                        ("transfer", 10.0), ("ewc", 10.0)]
+    unit = {m: json.loads((run_dir / "units" / f"{m}-f0.1-s0.json").read_text())["record"] for m in ("scratch", "finetune", "joint", "transfer")}
+    for r in rows[:3]:
+        assert r["from"] == str(run_dir) and r["b_test_accuracy"] == unit[r["method"]]["b_test"]["accuracy"]
+        assert r["converged"] is unit[r["method"]]["convergence"]["converged"] and r["epochs"] == unit[r["method"]]["convergence"]["epochs"]
+    assert rows[3]["b_test_accuracy"] == unit["transfer"]["b_test"]["accuracy"] and rows[3]["epochs"] == unit["transfer"]["convergence"]["epochs"]
+    for r in rows[3:5]:  # a cap of 3 epochs: the verdict cannot pass
+        assert r["converged"] is False and r["epochs"] == 3
+    assert rows[5]["stopped_by"] in ("patience", "cap") and rows[5]["converged"] is (rows[5]["stopped_by"] == "patience")
+    table = tradeoff_table(rows)
+    assert f"| {experiment.head} | 0.1 | scratch (reused) | — |" in table and "| transfer | τ = 10 |" in table
+    assert next(line for line in table.splitlines() if "τ = 10" in line).endswith("| 1 | 0/1 |")
+
+    wider = TradeoffConfig(heads=(experiment.head,), fractions=(0.1, 0.01), seeds=(0,), taus=(1.0,), lambdas=(10.0,), experiment=experiment,
+                           reuse={experiment.head: run_dir}, baselines=("joint",))
+    with pytest.raises(ValueError, match=r"no finished scratch unit at fraction 0\.01, seed 0 \(none\)"):
+        tradeoff(wider, log=lambda m: None)
+    with pytest.raises(ValueError, match=r"baselines 'ewc' unknown; allowed: scratch, finetune, joint"):
+        TradeoffConfig(baselines=("ewc",))
