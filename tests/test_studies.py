@@ -161,6 +161,9 @@ def test_studies_cli_rejects_unknown_variants_and_variants_elsewhere(tmp_path, c
     assert "--predictors and --warm-start apply to the uncertainty study only" in capsys.readouterr().err
     assert main(["tradeoff", "--workers", "0", "--out", str(tmp_path)]) == 2
     assert "--workers must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["guides", "--preset", "converged", "--out", str(tmp_path / "guides")]) == 2
+    assert "--preset converged is the tradeoff study's only; the guides study's are paper, quick" in capsys.readouterr().err
+    assert not (tmp_path / "guides").exists()
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["uncertainty", "--warm-start", "map"])
     assert exit_info.value.code == 2 and "invalid choice: 'map' (choose from meanfield, fresh)" in capsys.readouterr().err.replace("'meanfield', 'fresh'", "meanfield, fresh")
