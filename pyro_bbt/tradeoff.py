@@ -173,11 +173,17 @@ def reused_baseline_rows(config: TradeoffConfig) -> list[dict]:
 
 
 def fit_status(outcome: dict) -> dict:
-    """Whether a point's fit converged: a Bayesian fit's verdict (``converged``, ``epochs``), an
+    """Whether a point's fit converged: a Bayesian fit's verdict (``converged``, ``epochs``, and
+    where it did not, its last judgement's ``reasons``), an
     EWC net's early stopping (converged when its patience stopped it, not its cap; ``stopped_by``);
     ``converged`` ``None`` for an EWC net trained for a fixed budget."""
     if outcome.get("convergence") is not None:
-        return {"converged": bool(outcome["convergence"]["converged"]), "epochs": outcome["convergence"]["epochs"]}
+        convergence = outcome["convergence"]
+        status = {"converged": bool(convergence["converged"]), "epochs": convergence["epochs"]}
+        verdict = convergence.get("verdict")
+        if not status["converged"] and isinstance(verdict, dict) and verdict.get("reasons"):
+            status["reasons"] = list(verdict["reasons"])  # why the last judgement did not pass
+        return status
     stopping = outcome.get("early_stopping")
     if stopping is not None:
         return {"converged": stopping["stopped_by"] == "patience", "epochs": stopping["epochs"], "stopped_by": stopping["stopped_by"]}

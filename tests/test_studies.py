@@ -300,3 +300,17 @@ def test_a_converged_tradeoff_records_every_fit_and_reads_the_baselines_of_the_r
         tradeoff(wider, log=lambda m: None)
     with pytest.raises(ValueError, match=r"baselines 'ewc' unknown; allowed: scratch, finetune, joint"):
         TradeoffConfig(baselines=("ewc",))
+
+
+def test_fit_status_says_why_a_point_did_not_converge():
+    """A point's row: the verdict's ``reasons`` where its fit did not converge (none where it
+    did), EWC's early stopping converged only when its patience stopped it, a fixed budget None."""
+    from pyro_bbt.tradeoff import fit_status
+
+    judged = {"converged": False, "epochs": 2540, "verdict": {"converged": False, "reasons": ["the continuation gained 0.02 > 0.01 nats per example"]}}
+    assert fit_status({"convergence": judged}) == {"converged": False, "epochs": 2540, "reasons": ["the continuation gained 0.02 > 0.01 nats per example"]}
+    assert fit_status({"convergence": judged | {"converged": True}}) == {"converged": True, "epochs": 2540}
+    assert fit_status({"convergence": {"converged": False, "epochs": 3, "verdict": None}}) == {"converged": False, "epochs": 3}
+    assert fit_status({"early_stopping": {"stopped_by": "cap", "epochs": 6}}) == {"converged": False, "epochs": 6, "stopped_by": "cap"}
+    assert fit_status({"early_stopping": {"stopped_by": "patience", "epochs": 4}})["converged"] is True
+    assert fit_status({}) == {"converged": None}
