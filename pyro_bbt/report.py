@@ -392,6 +392,12 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
+def _ewc_fit(entry: dict) -> str:
+    """How a split run's EWC nets were trained: stopped early (their fits record it) or for the fixed budget."""
+    stopped = any("early_stopping" in f for e in entry["per_seed"] for f in e["fits"])
+    return "early stopping (deterministic net)" if stopped else "fixed budget (deterministic net)"
+
+
 def split_comparison_table(runs: list[dict]) -> str:
     """Markdown: per scenario of the ``--sequence split`` runs ``runs``, each method's average
     accuracy after the last task (%, mean ± std over the seeds that finished, with the number of
@@ -407,7 +413,7 @@ def split_comparison_table(runs: list[dict]) -> str:
             verdicts = [f["convergence"]["converged"] for e in entry["per_seed"] for f in e["fits"] if f.get("convergence") is not None and not f.get("reused")]
             converged = f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "— (deterministic)" if method == "ewc" else "—"
             lines.append(f"| {scenario} | {method} | {_percent(summary.get('average_accuracy'))} | {entry['seeds_finished']}/{len(entry['per_seed'])} | "
-                         f"{converged} | this repo, {'fixed budget (deterministic net)' if method == 'ewc' else 'fit: ' + results['fit']} |")
+                         f"{converged} | this repo, {_ewc_fit(entry) if method == 'ewc' else 'fit: ' + results['fit']} |")
         for published_scenario, method, accuracy, std, source in PUBLISHED_SPLIT_MNIST:
             if published_scenario == scenario:
                 value = f"{accuracy:.2f}" if std is None else f"{accuracy:.2f} ± {std:.2f}"

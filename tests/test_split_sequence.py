@@ -470,6 +470,7 @@ def test_ewc_patience_stops_every_task_net_on_its_validation_split():
         assert fit["steps"] == stop["epochs"] * math.ceil(160 / 128)  # 200 images, a fifth held out
     row = next(line for line in split_sequence_table(patient).splitlines() if line.startswith("| ewc |"))  # its fits have no verdict
     assert "| — (deterministic) |" in row
+    assert "this repo, early stopping (deterministic net) |" in split_comparison_table([patient])
     fixed = run_sequence(_config("domain", methods=("ewc",)), "split", log=lambda m: None, split=split)
     assert fixed["methods"]["ewc"]["per_seed"][0]["fits"] == []
     assert fixed["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"] != patient["methods"]["ewc"]["per_seed"][0]["accuracy_matrix"]
