@@ -56,17 +56,27 @@ def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[s
     ``current``: every differing field but those of ``grid_fields``, and those of
     ``raisable_fields`` (integer caps) where the saved value is an integer no larger than the
     current one. A mapping ``raisable_fields`` gives each field's value where a configuration
-    omits it (a field added after the configuration was saved)."""
-    saved, current = _normalise(saved), _normalise(current)
+    omits it (a field added after the configuration was saved). A dotted name in ``grid_fields``
+    (``"config.taus"``) names a field of a nested configuration: the two ``config`` objects are
+    compared field by field, and a difference is named by its dotted path."""
+    return _disallowed(_normalise(saved), _normalise(current), frozenset(grid_fields), raisable_fields, "")
+
+
+def _disallowed(saved: dict, current: dict, grid_fields: frozenset[str], raisable_fields: Collection[str] | Mapping[str, object],
+                prefix: str) -> list[str]:
     absent = raisable_fields if isinstance(raisable_fields, Mapping) else {}
     out = []
     for key in differing_fields(saved, current):
         old, new = saved.get(key, absent.get(key)), current.get(key, absent.get(key))
-        if key in grid_fields:
+        name = prefix + key
+        if name in grid_fields:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and any(g.startswith(name + ".") for g in grid_fields):
+            out += _disallowed(old, new, grid_fields, {}, name + ".")
             continue
         if key in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
             continue
-        out.append(f"{key}: {old!r} -> {new!r}")
+        out.append(f"{name}: {old!r} -> {new!r}")
     return out
 
 

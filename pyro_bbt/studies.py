@@ -61,8 +61,8 @@ from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
-from .runstore import ReadOnlyStore, RunStore
-from .tradeoff import (TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
+from .runstore import ReadOnlyStore, RunStore, disallowed_differences
+from .tradeoff import (TRADEOFF_GRID_FIELDS, TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
                        tradeoff_description, tradeoff_key, tradeoff_table)
 from .plan import StageSpec, stage_key
 from .units import FitStorage, load_task_pair, run_bayesian_b, stage_from_saved, steps_for
@@ -576,9 +576,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warm-start", choices=WARM_STARTS, default=None,
                         help="uncertainty only: start lowrank, planar and iaf at the same seed's fitted meanfield posterior "
                              "(meanfield, the default) or afresh (fresh)")
+    parser.add_argument("--heads", type=_heads, default=None, metavar="HEAD,HEAD",
+                        help="tradeoff only: the heads of the grid (default the preset's: shared,multihead)")
+    parser.add_argument("--seeds", type=_numbers(int), default=None, metavar="S,S", help="tradeoff only: the seeds of the grid (default the preset's)")
+    parser.add_argument("--taus", type=_numbers(float), default=None, metavar="TAU,TAU",
+                        help="tradeoff only: transfer's prior broadenings (default the preset's: 1,3,10,100). These four flags may change "
+                             "on --resume: the points the run already has are read back, the others fitted, and tradeoff.json holds the grid asked for")
+    parser.add_argument("--lambdas", type=_numbers(float), default=None, metavar="LAMBDA,LAMBDA",
+                        help="tradeoff only: EWC's penalties (default the preset's: 10,1000,100000)")
     parser.add_argument("--variants", type=_variant_keys, default=VARIANT_KEYS, metavar="KEY,KEY",
                         help=f"convergence only: the fitting variants to run (default all: {', '.join(VARIANT_KEYS)})")
     return parser
+
+
+def _heads(text: str) -> tuple[str, ...]:
+    heads = tuple(dict.fromkeys(h.strip() for h in text.split(",") if h.strip()))
+    unknown = [h for h in heads if h not in ("shared", "multihead")]
+    if unknown or not heads:
+        raise argparse.ArgumentTypeError(f"unknown head {', '.join(unknown) or repr(text)}; allowed: shared, multihead")
+    return heads
+
+
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    """A comma-separated list of distinct ``kind`` numbers >= 0 (argparse type)."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(dict.fromkeys(kind(v) for v in text.split(",") if v.strip()))
+        except ValueError:
+            values = ()
+        if not values or any(v < 0 or v != v for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s >= 0")
+        return values
+    return parse
 
 
 def _variant_keys(text: str) -> tuple[str, ...]:
@@ -654,9 +683,11 @@ def study_description(study: str, config: StudyConfig, variants: tuple[str, ...]
     return json.loads(json.dumps({"study": study, "config": asdict(config), "recipe": recipe}))
 
 
-def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool) -> None:
+def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool, grid_fields: tuple[str, ...] = ()) -> None:
     """``--out`` for a study that runs through the engine: with ``resume``, it must hold a run of
-    ``description`` (its ``config.json``); otherwise an unfinished run there needs ``overwrite``,
+    ``description`` (its ``config.json``), up to the fields of ``grid_fields`` (dotted, as
+    :func:`~pyro_bbt.runstore.disallowed_differences` reads them: the axes a resume may change,
+    its units keyed by them); otherwise an unfinished run there needs ``overwrite``,
     which removes it, and one of another study is never removed (its store would mix with this
     one's: choose another ``--out``). ``ValueError`` with one line otherwise."""
     path = out / "config.json"
@@ -679,6 +710,11 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
                          "another --out")
     if resume:
         saved = {k: v for k, v in saved.items() if k != "preset"}
+        if grid_fields and saved.get("study") == description["study"]:
+            blocking = disallowed_differences(saved, description, grid_fields)
+            if blocking:
+                raise ValueError(f"--resume: the run in {out} has another configuration ({'; '.join(blocking)})")
+            return
         if saved != description:
             keys = sorted(k for k in set(saved.get("config", {})) | set(description["config"])
                           if saved.get("config", {}).get(k) != description["config"].get(k))
@@ -691,13 +727,15 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
         shutil.rmtree(out / name)
 
 
-def _open_store(args: argparse.Namespace, description: dict) -> RunStore:
+def _open_store(args: argparse.Namespace, description: dict, grid_fields: tuple[str, ...] = ()) -> RunStore:
     """The engine's store of the study in ``args.out``, after :func:`_prepare_study_dir`; a new
-    run's ``config.json`` is written first."""
-    _prepare_study_dir(args.out, description, args.resume, args.overwrite)
+    run's ``config.json`` is written first (a resume keeps the first one's: with ``grid_fields``
+    its units may come from another grid)."""
+    _prepare_study_dir(args.out, description, args.resume, args.overwrite, grid_fields)
     if not args.resume:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
-    return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
+                    grid_fields=grid_fields)
 
 
 def _write_results(args: argparse.Namespace, results: dict, timing: dict[str, dict], start: float) -> None:
@@ -753,6 +791,11 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--predictors and --warm-start apply to the uncertainty study only")
     if args.workers < 1:
         return usage(f"--workers must be an integer >= 1, got {args.workers}")
+    grid = {name: value for name in ("heads", "seeds", "taus", "lambdas") if (value := getattr(args, name)) is not None}
+    if grid and args.study != "tradeoff":
+        return usage(f"--{', --'.join(grid)} apply to the tradeoff study only")
+    if 0.0 in grid.get("taus", ()):
+        return usage("--taus must be > 0 (a broadening of q_A's widths), got 0")
     if args.preset not in (TRADEOFF_PRESETS if args.study == "tradeoff" else PRESETS):
         return usage(f"--preset {args.preset} is the tradeoff study's only; the {args.study} study's are {', '.join(sorted(PRESETS))}")
     if args.study == "uncertainty":
@@ -776,12 +819,12 @@ def main(argv: list[str] | None = None) -> int:
                        {f"{r['predictor']}-s{r['seed']}": row_timing(r) for r in rows}, start)
         return 0
     if args.study == "tradeoff":
-        preset = dict(TRADEOFF_PRESETS[args.preset])
+        preset = dict(TRADEOFF_PRESETS[args.preset]) | grid
         try:
             tconfig = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
             saved = reused_tradeoff_stages(tconfig)  # its configuration must be the study's, checked before anything is written
             description = tradeoff_description(tconfig)
-            store = _open_store(args, description)
+            store = _open_store(args, description, TRADEOFF_GRID_FIELDS)
         except ValueError as error:  # a --reuse directory of another configuration, or without config.json; a --resume that cannot
             return usage(str(error))
         rows = tradeoff(tconfig, workers=args.workers, store=store, saved=saved)

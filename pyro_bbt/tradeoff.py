@@ -58,9 +58,13 @@ from .units import (
     unit_key,
 )
 
-__all__ = ["BASELINES", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
+__all__ = ["BASELINES", "TRADEOFF_GRID_FIELDS", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
            "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff"]
 
+
+# The axes of the grid (dotted fields of :func:`tradeoff_description`), which a resume may change:
+# every point is its own unit, keyed by them, so a run grows or shrinks along them.
+TRADEOFF_GRID_FIELDS: tuple[str, ...] = ("config.heads", "config.fractions", "config.seeds", "config.taus", "config.lambdas")
 
 # The single points of every panel (no knob): fitted by the study unless left out of ``baselines``.
 BASELINES: tuple[str, ...] = ("scratch", "finetune", "joint")
