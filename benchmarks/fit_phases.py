@@ -25,6 +25,24 @@ the seconds of its parts::
 
     python benchmarks/fit_phases.py --runs figs/ps03 figs/ps03-s34 figs/ps03-shared figs/ps03-shared-s34 --out figs/fit-phases.json
     python benchmarks/fit_phases.py --profile --method scratch --fraction 0.01 --head shared --max-epochs-b 150 --out figs/fit-profile-scratch-f0.01.json
+
+``--fast-polish both --rounds R``: the same fit with the verdict's steps as they are and fast
+(``ExperimentConfig.fast_polish``), in ``R`` interleaved rounds: per fit its parts, and the medians
+of the seconds per line-search step (every line search's seconds over their number: the
+judgements' and the polishing steps') and of the polishing phase, with their ratios. The two fits
+part after the first polishing step (another random stream), so they take their own numbers of
+steps; the price per step is what the option changes::
+
+    python benchmarks/fit_phases.py --profile --fast-polish both --rounds 2 --method scratch --fraction 0.01 --head shared --max-epochs-b 150 --out figs/fit-profile-fast-polish.json
+
+``--time-to-verdict``: whole B fits to the verdict, without and with ``fast_polish``, one pair per
+seed of ``--seeds`` (interleaved; fine-tuning and transfer start from the q_A that
+``--stages-from RUN`` holds for the seed): per fit its wall seconds, epochs, whether it
+converged, B's test accuracy and its full-data ELBO on B's training split by one evaluator (64
+antithetic draws, the same noise for every fit); then the median of the per-seed wall ratios
+off / on and the per-seed ELBO differences on - off per example, beside the verdict's tolerance::
+
+    python benchmarks/fit_phases.py --time-to-verdict --method finetune --fraction 0.01 --head shared --seeds 0,1,2 --max-epochs-b 20000 --stages-from runs/ps03-shared --out figs/fast-polish-finetune-f0.01.json
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -99,9 +118,10 @@ def phase_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int) -> dict:
-    """One B fit of the README grid's configuration, capped at ``max_epochs_b``, under cProfile
-    on one torch thread: the cumulative seconds of :data:`PARTS`."""
+def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int, fast_polish: bool = False) -> dict:
+    """One B fit of the README grid's configuration (``fast_polish`` as given), capped at
+    ``max_epochs_b``, under cProfile on one torch thread: the cumulative seconds of :data:`PARTS`
+    and the number of line searches (``line_searches``)."""
     import torch
 
     from pyro_bbt.config import PRESETS, ExperimentConfig
@@ -109,7 +129,7 @@ def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b
 
     torch.set_num_threads(1)
     config = ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
-                                                        head=head, fractions=(fraction,), seeds=(seed,)))
+                                                        head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
     tasks = load_task_pair(config, fraction, seed)
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -121,36 +141,151 @@ def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b
     parts = {}
     for label, suffix, name in PARTS:
         parts[label] = sum(entry[3] for (file, _, func), entry in stats.items() if func == name and file.endswith(suffix))
-    return {"method": method, "fraction": fraction, "head": head, "seed": seed, "max_epochs_b": max_epochs_b, "wall_seconds": wall,
-            "epochs": outcome["convergence"]["epochs"], "converged": outcome["convergence"]["converged"], "parts_seconds": parts}
+    searches = sum(entry[1] for (file, _, func), entry in stats.items() if func == "line_search_gain" and file.endswith("pyro_bbt/verdict.py"))
+    return {"method": method, "fraction": fraction, "head": head, "seed": seed, "max_epochs_b": max_epochs_b, "fast_polish": fast_polish,
+            "wall_seconds": wall, "epochs": outcome["convergence"]["epochs"], "converged": outcome["convergence"]["converged"],
+            "line_searches": searches, "parts_seconds": parts}
+
+
+def verdict_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int, fast_polish: bool, stages_from: Path | None) -> dict:
+    """One B fit of the README grid's configuration to the verdict (``fast_polish`` as given; a
+    q_A stage of ``stages_from`` where ``method`` starts from q_A), on one torch thread: wall
+    seconds, epochs, converged, B's test accuracy, and the ELBO on B's training split by
+    :func:`~pyro_bbt.verdict.fixed_noise_elbo` (64 draws, seed 0)."""
+    import torch
+
+    from pyro_bbt.config import PRESETS, ExperimentConfig
+    from pyro_bbt.runstore import ReadOnlyStore
+    from pyro_bbt.units import FitStorage, _train_bayesian, bayesian_metrics, load_task_pair, stage_from_saved
+    from pyro_bbt.fitting import start_from_state
+    from pyro_bbt.verdict import fixed_noise_elbo
+
+    torch.set_num_threads(1)
+    config = ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
+                                                        head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
+    tasks = load_task_pair(config, fraction, seed)
+    stage = None
+    if method != "scratch":
+        saved = torch.load(Path(stages_from) / "stages" / f"A-bayesian-s{seed}.pt", map_location="cpu", weights_only=True)["data"]
+        stage = stage_from_saved(saved)
+    model, guide = config.new_posterior(stage.prior_from_a if method == "transfer" else config.base_prior(), seed)
+    if method != "scratch":
+        start_from_state(model, guide, stage.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
+    start = time.perf_counter()
+    _, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, 0, seed, tasks, config.b_head, FitStorage(), "")
+    wall = time.perf_counter() - start
+    return {"method": method, "fraction": fraction, "head": head, "seed": seed, "fast_polish": fast_polish, "wall_seconds": wall,
+            "epochs": convergence["epochs"], "converged": convergence["converged"], "num_train": len(tasks.b.train),
+            "tol_per_datum": config.verdict_tol,
+            "b_test_accuracy": bayesian_metrics(model, guide, tasks.b.test, config.eval_samples, config.b_head).accuracy,
+            "elbo": fixed_noise_elbo(model, guide, tasks.b.train, num_draws=64, seed=0)}
+
+
+def verdict_summary(fits: list[dict]) -> dict:
+    """Per seed with both fits, the wall ratio off / on and the ELBO difference on - off per
+    example; their medians, and every fit's convergence."""
+    pairs = {}
+    for f in fits:
+        pairs.setdefault(f["seed"], {})[f["fast_polish"]] = f
+    per_seed = [{"seed": seed, "wall_ratio": p[False]["wall_seconds"] / p[True]["wall_seconds"],
+                 "elbo_difference_per_datum": (p[True]["elbo"] - p[False]["elbo"]) / p[True]["num_train"]}
+                for seed, p in sorted(pairs.items()) if set(p) == {False, True}]
+    return {"per_seed": per_seed, "median_wall_ratio": statistics.median(r["wall_ratio"] for r in per_seed),
+            "median_elbo_difference_per_datum": statistics.median(r["elbo_difference_per_datum"] for r in per_seed),
+            "all_converged": all(f["converged"] for f in fits)}
+
+
+SEARCHES = "  line-search steps, all (judgements and polishing)"
+POLISHING = "verdict: polishing steps (after a rejection)"
+
+
+def fast_polish_summary(fits: list[dict]) -> dict:
+    """Per setting of ``fast_polish`` (``"off"``, ``"on"``), the medians over ``fits`` of the wall
+    seconds, the polishing phase's seconds and the seconds per line search; and the ratios
+    off / on of the last two."""
+    out: dict = {}
+    for flag, name in ((False, "off"), (True, "on")):
+        group = [f for f in fits if f["fast_polish"] == flag]
+        out[name] = {"fits": len(group), "wall_seconds": statistics.median(f["wall_seconds"] for f in group),
+                     "polishing_seconds": statistics.median(f["parts_seconds"][POLISHING] for f in group),
+                     "line_searches": [f["line_searches"] for f in group],
+                     "seconds_per_line_search": statistics.median(f["parts_seconds"][SEARCHES] / max(1, f["line_searches"]) for f in group)}
+    out["ratio_seconds_per_line_search"] = out["off"]["seconds_per_line_search"] / out["on"]["seconds_per_line_search"]
+    out["ratio_polishing_seconds"] = out["off"]["polishing_seconds"] / out["on"]["polishing_seconds"]
+    return out
+
+
+def _print_fit(result: dict) -> None:
+    print(f"{result['method']} at {result['fraction']:g} of B, {result['head']} head, seed {result['seed']}, fast polish "
+          f"{'on' if result['fast_polish'] else 'off'}: {result['epochs']} epochs (cap {result['max_epochs_b']}), {result['wall_seconds']:.1f} s wall, "
+          f"{result['line_searches']} line searches", flush=True)
+    whole = result["parts_seconds"]["the whole fit"]
+    for label, seconds in result["parts_seconds"].items():
+        print(f"  {label:55s} {seconds:8.1f} s  {seconds / whole:6.1%}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", help="finished python -m pyro_bbt.transfer runs whose units to read")
     parser.add_argument("--profile", action="store_true", help="profile one B fit instead")
-    parser.add_argument("--method", choices=("scratch", "joint"), default="scratch", help="--profile: the fit (those that need no task-A stage)")
+    parser.add_argument("--time-to-verdict", action="store_true", help="whole B fits to the verdict without and with fast polish, per seed")
+    parser.add_argument("--method", choices=("scratch", "joint", "finetune", "transfer"), default="scratch",
+                        help="--profile: scratch or joint (no task-A stage); --time-to-verdict: scratch, finetune or transfer")
+    parser.add_argument("--seeds", default="0", help="--time-to-verdict: comma-separated seeds (default 0)")
+    parser.add_argument("--stages-from", type=Path, help="--time-to-verdict with finetune or transfer: a python -m pyro_bbt.transfer run holding q_A per seed")
     parser.add_argument("--fraction", type=float, default=0.01)
     parser.add_argument("--head", default="shared")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs-b", type=int, default=150)
+    parser.add_argument("--fast-polish", choices=("off", "on", "both"), default="off",
+                        help="--profile: the verdict's steps as they are, fast (ExperimentConfig.fast_polish), or both in interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=1, help="--profile --fast-polish both: rounds of the two fits (default 1)")
     parser.add_argument("--out", type=Path, help="write the rows (or the profile) as JSON here")
     args = parser.parse_args(argv)
-    if bool(args.runs) == args.profile:
-        parser.error("give --runs DIR [DIR ...] or --profile")
+    if (bool(args.runs), args.profile, args.time_to_verdict).count(True) != 1:
+        parser.error("give one of --runs DIR [DIR ...], --profile, --time-to-verdict")
+    if args.profile and args.method not in ("scratch", "joint"):
+        parser.error(f"--profile fits scratch or joint (no task-A stage), got --method {args.method}")
+    if args.time_to_verdict and args.method == "joint":
+        parser.error("--time-to-verdict fits scratch, finetune or transfer, got --method joint")
+    if args.time_to_verdict and args.method != "scratch" and (args.stages_from is None or not (args.stages_from / "stages").is_dir()):
+        parser.error(f"--time-to-verdict --method {args.method} needs --stages-from RUN, a run directory with stages/ (got {args.stages_from})")
+    if args.rounds < 1 or (args.rounds > 1 and args.fast_polish != "both"):
+        parser.error(f"--rounds must be >= 1 and applies to --fast-polish both only, got {args.rounds}")
     if args.runs:
         missing = [str(d) for d in args.runs if not ((d / "results.json").is_file() and (d / "timing.json").is_file())]
         if missing:
             parser.error(f"no results.json and timing.json in {', '.join(missing)}: give the directories of finished python -m pyro_bbt.transfer runs")
         result = phase_rows(args.runs)
         print(phase_table(result), end="")
+    elif args.time_to_verdict:
+        fits = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for flag in (False, True):
+                fits.append(verdict_fit(args.method, args.fraction, args.head, seed, args.max_epochs_b, flag, args.stages_from))
+                f = fits[-1]
+                print(f"{f['method']} at {f['fraction']:g} of B, {f['head']} head, seed {seed}, fast polish {'on' if flag else 'off'}: "
+                      f"{f['wall_seconds']:.1f} s, {f['epochs']} epochs, converged {f['converged']}, B test {f['b_test_accuracy']:.4f}, "
+                      f"ELBO {f['elbo']:.1f}", flush=True)
+        result = {"fits": fits, "summary": verdict_summary(fits)}
+        summary = result["summary"]
+        print(f"off / on wall, median over seeds: {summary['median_wall_ratio']:.2f}x; ELBO on - off per example, median: "
+              f"{summary['median_elbo_difference_per_datum']:+.4f} (tolerance {fits[0]['tol_per_datum']}); every fit converged: {summary['all_converged']}")
+    elif args.fast_polish != "both":
+        result = profile_fit(args.method, args.fraction, args.head, args.seed, args.max_epochs_b, args.fast_polish == "on")
+        _print_fit(result)
     else:
-        result = profile_fit(args.method, args.fraction, args.head, args.seed, args.max_epochs_b)
-        print(f"{result['method']} at {result['fraction']:g} of B, {result['head']} head, seed {result['seed']}: {result['epochs']} epochs "
-              f"(cap {result['max_epochs_b']}), {result['wall_seconds']:.1f} s wall")
-        whole = result["parts_seconds"]["the whole fit"]
-        for label, seconds in result["parts_seconds"].items():
-            print(f"  {label:55s} {seconds:8.1f} s  {seconds / whole:6.1%}")
+        fits = []
+        for _ in range(args.rounds):
+            for flag in (False, True):
+                fits.append(profile_fit(args.method, args.fraction, args.head, args.seed, args.max_epochs_b, flag))
+                _print_fit(fits[-1])
+        result = {"fits": fits, "summary": fast_polish_summary(fits)}
+        summary = result["summary"]
+        for name in ("off", "on"):
+            print(f"fast polish {name}: median {summary[name]['seconds_per_line_search']:.3f} s per line search, "
+                  f"polishing {summary[name]['polishing_seconds']:.1f} s, wall {summary[name]['wall_seconds']:.1f} s ({summary[name]['fits']} fits)")
+        print(f"off / on: {summary['ratio_seconds_per_line_search']:.2f}x per line search, {summary['ratio_polishing_seconds']:.2f}x polishing")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

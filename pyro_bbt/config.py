@@ -96,6 +96,10 @@ class ExperimentConfig:
     of a fit on B (or joint's), the fit itself keeping ``num_particles``
     (``VerdictConfig.continuation_particles``: would a less noisy step still gain?; ``None``: the
     fit's own; B's fields only, like ``polish_steps_b``).
+    ``fast_polish``: those steps (``polish_steps_b > 0``) take their mean gradient in one
+    vectorised pass of all its draws and stop the whitening's conjugate gradients at a small
+    residual (``VerdictConfig.fast_polish``: the same step in distribution, cheaper where B's data
+    are few; B's field only).
 
     ``kl_beta``: the KL's weight ``beta`` in every Bayesian fit's objective,
     ``E_q log p(D | w) - beta KL(q || p)`` (1: the ELBO; below 1 a tempered posterior, less pruned;
@@ -158,6 +162,7 @@ class ExperimentConfig:
     checkpoint_seconds: float = 0.0
     polish_steps_b: int = 0
     continuation_particles_b: int | None = None
+    fast_polish: bool = False
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
     kl_beta: float = 1.0
@@ -280,6 +285,10 @@ class ExperimentConfig:
             raise ValueError(f"polish-steps-b must be an integer >= 0, got {self.polish_steps_b!r}")
         if self.polish_steps_b and self.fit_b != "rule":
             raise ValueError(f"polish-steps-b acts where the verdict rejects B's fits by the rule (fit-b rule); with fit-b {self.fit_b!r} B's fits have a fixed budget")
+        if not isinstance(self.fast_polish, bool):
+            raise ValueError(f"fast-polish must be true or false, got {self.fast_polish!r}")
+        if self.fast_polish and not self.polish_steps_b:
+            raise ValueError("fast-polish makes the verdict's own steps on B cheaper: it needs polish-steps-b >= 1 (got 0: no steps)")
         particles = self.continuation_particles_b
         if particles is not None and (not isinstance(particles, int) or isinstance(particles, bool) or particles < 1):
             raise ValueError(f"continuation-particles-b must be an integer >= 1, got {particles!r}")
@@ -372,10 +381,10 @@ class ExperimentConfig:
         epoch)."""
         batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10))) if self.batch_size_b is None else min(self.batch_size_b, num_train)
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
-        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b, self.continuation_particles_b))
+        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b, self.continuation_particles_b, self.fast_polish))
 
-    def _optimiser(self, polish_steps: int = 0, continuation_particles: int | None = None) -> dict:
-        verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, continuation_particles=continuation_particles, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
+    def _optimiser(self, polish_steps: int = 0, continuation_particles: int | None = None, fast_polish: bool = False) -> dict:
+        verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, continuation_particles=continuation_particles, fast_polish=fast_polish, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
                                                                     continuation_epochs=self.continuation_epochs,
                                                                     continuation_fraction=self.continuation_fraction,
                                                                     continuation_average=self.continuation_average,
@@ -423,7 +432,8 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
                                    "continuation_rates": (0.3, 0.1), "ewc_patience": None, "continuation_base": None, "kl_beta": 1.0,
                                    "batch_size_b": None, "continuation_checks": 0,
                                    "polish_steps_b": 0, "continuation_max_draws": 0,
-                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": None}
+                                   "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": None,
+                                   "fast_polish": False}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -453,7 +463,7 @@ RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS},
 # Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
 # them, so a run may take its stages from another run that differs in them (``--stages-from``)
 # and compare B's recipes on the same q_A. B's units do depend on them.
-B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b")
+B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b", "fast_polish")
 
 
 # How the paper presets fit every posterior (the A -> B grid's and split MNIST's alike): the stopping

@@ -328,7 +328,8 @@ def _polish_last(model, guide, train_split: Split, config: TrainConfig, history:
     for index in range(v.polish_steps):
         step = line_search_gain(model, guide, train_split, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
                                 seed=v.seed + POLISH_SEED_OFFSET + 1000 * last.epoch + index, direction=v.direction, keep_posterior=True,
-                                kl_beta=config.kl_beta, max_draws=v.rescore_max_draws, tol_per_datum=v.tol_per_datum)
+                                kl_beta=config.kl_beta, max_draws=v.rescore_max_draws, tol_per_datum=v.tol_per_datum,
+                                fast=v.fast_polish)
         if step.nats > 0:
             _write_posterior(guide, step.posterior)
         gains.append(step.nats)

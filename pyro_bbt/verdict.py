@@ -230,6 +230,7 @@ GAIN_ESTIMATORS = ("local", "weights")
 DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
 DEFAULT_CONTINUATION_RATES = (0.3, 0.1)  # factors on the first rates of the continuation that confirms a pass
 ADDED_DRAWS_STDERR_FRACTION = 0.25  # added draws stop once stderr <= this x tol x N (VerdictConfig.continuation_max_draws, rescore_max_draws)
+FAST_CG_TOL = 1e-3  # the whitening's relative residual where a polishing step is fast (VerdictConfig.fast_polish): the direction within about 1e-3
 RESCORE_DRAWS = 8  # the first draws of the independent score of the line search's best step (VerdictConfig.rescore_max_draws)
 DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (and steps[0] / 10 where steps[0] falls)
 DIRECTIONS = ("whitened", "natural")
@@ -348,6 +349,11 @@ class VerdictConfig:
         alone holds a fit above the tolerance ("The verdict's own step" in docs/performance.md).
         The continuation (Adam, from the polished posterior) still has to confirm a pass, so a
         point where the step stalls but Adam would climb is not passed. ``0``: off.
+    :param fast_polish: those steps by :func:`line_search_gain` with ``fast``: the mean gradient
+        of the same ``2 num_pairs`` draws in one vectorised pass, the whitening's conjugate
+        gradients stopped at a relative residual of :data:`FAST_CG_TOL` (a step of the same
+        distribution, from another random stream; on 1 % of B about half the price). The
+        judgements are unchanged.
     :param continuation_max_draws: ``D > continuation_draws``: where a continuation's score is
         too noisy to decide, draws of its evaluator are added, doubling them, up to ``D`` (the
         "Added draws" of :func:`continuation_gain`): until two standard errors take at most half
@@ -390,6 +396,7 @@ class VerdictConfig:
     continuation_average: bool = False
     continuation_checks: int = 0
     polish_steps: int = 0
+    fast_polish: bool = False
     continuation_max_draws: int = 0
     rescore_max_draws: int = 0
     continuation_particles: int | None = None
@@ -416,6 +423,8 @@ class VerdictConfig:
             raise ValueError("continuation_average needs continuation_epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
         _check("continuation_checks", self.continuation_checks, 0)
         _check("polish_steps", self.polish_steps, 0)
+        if not isinstance(self.fast_polish, bool):
+            raise ValueError(f"fast_polish must be true or false, got {self.fast_polish!r}")
         _check("continuation_max_draws", self.continuation_max_draws, 0)
         if self.continuation_max_draws and self.continuation_max_draws < self.continuation_draws:
             raise ValueError(f"continuation_max_draws must be 0 (off) or at least continuation_draws ({self.continuation_draws}), got {self.continuation_max_draws}")
@@ -523,7 +532,7 @@ class LineSearchGain:
     step: float
     tried: list[list[float]]
     elbo: float
-    quadratic: GainEstimate
+    quadratic: GainEstimate | None
     direction: str
     num_data: int
     posterior: Posterior | None = field(default=None, repr=False, compare=False)
@@ -601,20 +610,25 @@ def _local_log_lik(model: BayesianMLP, posterior: Posterior, x: torch.Tensor, y:
 
 
 def _log_lik_chunks(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str,
-                    antithetic: bool) -> Iterator[torch.Tensor]:
+                    antithetic: bool, draws: int = 1) -> Iterator[torch.Tensor]:
     """One Monte Carlo draw of ``log p(y_n | x_n, w)`` for every example of ``split``, a chunk of
     ``batch_size`` at a time, with torch's global generator: ``weights``, one weight draw for all
     the data (the draws of ``objectives.WeightSamplingELBO``), each chunk once per sign;
     ``local``, pre-activations drawn per example (those of ``local_reparameterized_logits``).
     ``antithetic``: the mean of the draws and of their negatives (per chunk tensors scaled so that
-    their sum over everything yielded is the log-likelihood's estimate)."""
+    their sum over everything yielded is the log-likelihood's estimate). ``draws > 1`` (``local``
+    only): that many independent draws per example in one vectorised pass over chunks of
+    ``batch_size // draws`` examples, each chunk their mean (the mean of ``draws`` estimates)."""
     if estimator not in GAIN_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
     if estimator == "local":
-        for x, y in split.batches(batch_size, shuffle=False):
-            noise = [torch.randn(1, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-            yield _local_log_lik(model, posterior, x, y, noise, antithetic)
+        for x, y in split.batches(max(1, batch_size // draws), shuffle=False):  # draws x chunk rows: the memory of one draw's chunk
+            noise = [torch.randn(draws, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
+            log_lik = _local_log_lik(model, posterior, x, y, noise, antithetic)
+            yield log_lik if draws == 1 else log_lik.mean(0)
         return
+    if draws != 1:
+        raise ValueError(f"draws > 1 needs the local estimator, got estimator {estimator!r}")
     signs = (1.0, -1.0) if antithetic else (1.0,)
     weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
     for x, y in split.batches(batch_size, shuffle=False):
@@ -625,12 +639,12 @@ def _log_lik_chunks(model: BayesianMLP, posterior: Posterior, split: Split, batc
 
 
 def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool,
-                   kl_beta: float = 1.0) -> float:
+                   kl_beta: float = 1.0, draws: int = 1) -> float:
     """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - beta KL(q || p)`` whose gradient
     accumulates into the posterior tensors' ``.grad``, one chunk at a time (the draws of
-    :func:`_log_lik_chunks`), the KL added once."""
+    :func:`_log_lik_chunks`, ``draws`` of them averaged), the KL added once."""
     log_lik = 0.0
-    for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic):
+    for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic, draws):
         total = chunk.sum()
         total.backward()
         log_lik += float(total.detach())
@@ -640,14 +654,18 @@ def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch
 
 
 def elbo_gradient(model: BayesianMLP, guide, split: Split, *, seed: int = 0, batch_size: int = 1000, estimator: str = "local",
-                  antithetic: bool = True, kl_beta: float = 1.0) -> ELBOGradient:
+                  antithetic: bool = True, kl_beta: float = 1.0, draws: int = 1) -> ELBOGradient:
     """One estimate of the full-data ELBO (its KL weighted by ``kl_beta``: the tempered objective
     of a fit with that weight) and of its gradient w.r.t. every site's ``(loc, scale)``, with
-    torch's generator seeded by ``seed`` inside (the global state is restored)."""
+    torch's generator seeded by ``seed`` inside (the global state is restored). ``draws > 1``
+    (local estimator): the mean of that many independent estimates, in one vectorised pass
+    (the KL, exact, once): distributed as the mean of ``draws`` calls, at about the price of one
+    where the data are few."""
     _check("batch_size", batch_size, 1)
+    _check("draws", draws, 1)
     posterior = _read_posterior(guide, requires_grad=True)
     with _rng_neutral(seed):
-        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic, kl_beta)
+        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic, kl_beta, draws)
     grads = {name: (loc.grad, scale.grad) for name, (loc, scale) in posterior.items()}
     return ELBOGradient(elbo, {name: (loc.detach(), scale.detach()) for name, (loc, scale) in posterior.items()}, grads)
 
@@ -728,7 +746,7 @@ def _input_moments(model: BayesianMLP, posterior: Posterior, split: Split, batch
 
 
 def whitened_direction(model: BayesianMLP, posterior: Posterior, natural: Posterior, split: Split, *, batch_size: int = 2048,
-                       damping: float = 0.1, iterations: int = 40) -> Posterior:
+                       damping: float = 0.1, iterations: int = 40, tol: float = 0.0) -> Posterior:
     """The natural gradient with the correlations of each layer's inputs undone (module docstring).
 
     Unit ``j`` of a layer sees inputs ``h`` (a 1 appended for the bias) with second moments
@@ -740,7 +758,9 @@ def whitened_direction(model: BayesianMLP, posterior: Posterior, natural: Poster
     precision (0 at a blank input; 1 under a non-Gaussian prior). The location part of the step is
     ``d_mu_j = S M_j^-1 S g_mu_j``, where ``C = I`` gives the natural gradient ``sigma^2 g_mu``;
     ``M_j`` is damped (``R`` scaled by ``sqrt(1 - damping)``) and solved by ``iterations`` steps
-    of conjugate gradients. The widths' part is the natural gradient's."""
+    of conjugate gradients, or fewer where ``tol > 0``: a layer's iterations stop once every
+    unit's residual is at most ``tol`` times its right-hand side's norm. The widths' part is the
+    natural gradient's."""
     moments = _input_moments(model, posterior, split, batch_size)
     whitened = dict(natural)
     for index, moment in enumerate(moments):
@@ -764,7 +784,10 @@ def whitened_direction(model: BayesianMLP, posterior: Posterior, natural: Poster
 
         solution, residual = torch.zeros_like(rhs), rhs.clone()
         search, norm = residual.clone(), (residual * residual).sum(1, keepdim=True)
+        stop = tol * tol * norm
         for _ in range(iterations):  # conjugate gradients, every unit at once
+            if tol > 0 and bool((norm <= stop).all()):
+                break
             product = apply(search)
             alpha = norm / (search * product).sum(1, keepdim=True).clamp_min(1e-30)
             solution += alpha * search
@@ -973,7 +996,7 @@ def rescore_seed(seed: int) -> int:
 def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = VerdictConfig.num_pairs, num_draws: int = VerdictConfig.num_draws,
                      steps: Sequence[float] = DEFAULT_STEPS, batch_size: int = VerdictConfig.batch_size, seed: int = 0,
                      direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False,
-                     kl_beta: float = 1.0, max_draws: int = 0, tol_per_datum: float | None = None) -> LineSearchGain | None:
+                     kl_beta: float = 1.0, max_draws: int = 0, tol_per_datum: float | None = None, fast: bool = False) -> LineSearchGain | None:
     """What one step still gains (module docstring): the mean ``g`` of ``2 num_pairs`` antithetic
     full-data gradient estimates, its natural gradient (:func:`natural_direction`), whitened
     (:func:`whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
@@ -987,7 +1010,13 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     ``max_draws >= RESCORE_DRAWS`` (with ``tol_per_datum``): the best step is scored again,
     ``L(a*) - L(0)`` with ``RESCORE_DRAWS`` draws whose noise is independent of the search's (the
     maximum over the steps tried, with the draws that chose it, is biased up by about a standard
-    error), and draws are added as :func:`continuation_gain` adds them; the gain is that score."""
+    error), and draws are added as :func:`continuation_gain` adds them; the gain is that score.
+
+    ``fast``: ``g`` is the mean of the same ``2 num_pairs`` estimates taken in one vectorised pass
+    (:func:`elbo_gradient` with ``draws``: the same distribution, the KL's exact gradient once),
+    the whitening's conjugate gradients stop at a relative residual of :data:`FAST_CG_TOL`, and
+    ``quadratic`` is ``None`` (it needs the estimates one by one). For the verdict's own steps
+    (``VerdictConfig.fast_polish``), whose gain alone decides."""
     _check("num_pairs", num_pairs, 2)
     _check("num_draws", num_draws, 2)
     _check("max_draws", max_draws, 0)
@@ -1002,13 +1031,17 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     if isinstance(guide, AutoDelta):
         return None
     gradient_seed, evaluator_seed = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
-    gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed, kl_beta=kl_beta)
-    quadratic = _quadratic_gain(gradients, len(split))
+    if fast:
+        gradients = [elbo_gradient(model, guide, split, seed=gradient_seed, batch_size=batch_size, kl_beta=kl_beta, draws=2 * num_pairs)]
+        quadratic = None
+    else:
+        gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed, kl_beta=kl_beta)
+        quadratic = _quadratic_gain(gradients, len(split))
     posterior = gradients[0].posterior
     path = natural_direction(gradients)
     del gradients
     if direction == "whitened":
-        path = whitened_direction(model, posterior, path, split, batch_size=batch_size)
+        path = whitened_direction(model, posterior, path, split, batch_size=batch_size, tol=FAST_CG_TOL if fast else 0.0)
 
     def evaluate(step: float) -> tuple[torch.Tensor, torch.Tensor]:
         return _crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size, kl_beta)

@@ -36,3 +36,47 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--runs", str(tmp_path)])
     assert exit_info.value.code == 2 and f"no results.json and timing.json in {tmp_path}" in capsys.readouterr().err
+
+
+def test_the_fast_polish_summary_takes_medians_per_setting_and_their_ratios(capsys):
+    """``fast_polish_summary``: per setting, the median of each fit's line-search seconds over its
+    line searches and of its polishing seconds, and off / on ratios of those medians; ``--rounds``
+    without ``--fast-polish both`` is refused."""
+    fit_phases = load_benchmark("fit_phases")
+
+    def fit(flag: bool, searches: int, search_seconds: float, polishing: float) -> dict:
+        return {"fast_polish": flag, "wall_seconds": polishing + 10, "line_searches": searches,
+                "parts_seconds": {fit_phases.SEARCHES: search_seconds, fit_phases.POLISHING: polishing}}
+    fits = [fit(False, 10, 12.0, 11.0), fit(True, 12, 6.0, 5.0), fit(False, 20, 20.0, 19.0), fit(True, 10, 6.0, 5.5), fit(False, 10, 14.0, 13.0)]
+    summary = fit_phases.fast_polish_summary(fits)
+    assert summary["off"]["fits"] == 3 and summary["on"]["fits"] == 2
+    assert summary["off"]["seconds_per_line_search"] == pytest.approx(1.2)  # median of 1.2, 1.0, 1.4
+    assert summary["on"]["seconds_per_line_search"] == pytest.approx((0.5 + 0.6) / 2)
+    assert summary["ratio_seconds_per_line_search"] == pytest.approx(1.2 / 0.55)
+    assert summary["ratio_polishing_seconds"] == pytest.approx(13.0 / 5.25)
+    with pytest.raises(SystemExit):
+        fit_phases.main(["--profile", "--rounds", "2"])
+    assert "--rounds must be >= 1 and applies to --fast-polish both only" in capsys.readouterr().err
+
+
+def test_the_time_to_verdict_summary_pairs_each_seed_s_fits(capsys):
+    """``verdict_summary``: per seed the wall ratio off / on and the ELBO difference on - off per
+    example, their medians, and whether every fit converged; the mode's arguments are checked."""
+    fit_phases = load_benchmark("fit_phases")
+
+    def fit(seed: int, flag: bool, wall: float, elbo: float, converged: bool = True) -> dict:
+        return {"seed": seed, "fast_polish": flag, "wall_seconds": wall, "elbo": elbo, "num_train": 100, "converged": converged}
+    fits = [fit(0, False, 10.0, -50.0), fit(0, True, 5.0, -49.0), fit(1, False, 9.0, -40.0), fit(1, True, 6.0, -41.0, converged=False),
+            fit(2, False, 8.0, -30.0)]  # seed 2 has no pair: left out of the ratios
+    summary = fit_phases.verdict_summary(fits)
+    assert [r["seed"] for r in summary["per_seed"]] == [0, 1]
+    assert summary["median_wall_ratio"] == pytest.approx((2.0 + 1.5) / 2)
+    assert summary["median_elbo_difference_per_datum"] == pytest.approx((0.01 - 0.01) / 2)
+    assert summary["all_converged"] is False
+    for argv, message in ((["--time-to-verdict", "--method", "finetune"], "needs --stages-from RUN"),
+                          (["--time-to-verdict", "--method", "joint"], "fits scratch, finetune or transfer"),
+                          (["--profile", "--method", "transfer"], "--profile fits scratch or joint"),
+                          (["--profile", "--time-to-verdict"], "give one of --runs")):
+        with pytest.raises(SystemExit):
+            fit_phases.main(argv)
+        assert message in capsys.readouterr().err

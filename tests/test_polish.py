@@ -108,3 +108,69 @@ def test_polish_steps_are_checked_and_reach_b_s_recipe_from_the_cli_not_q_a_s():
     assert config.polish_steps_b == 30 and config.recipe_b_converged(300).verdict.polish_steps == 30
     assert config.recipe_a().verdict.polish_steps == 0
     assert "polish_steps_b" not in ExperimentConfig().to_dict()  # runs stored before it existed still resume
+
+
+def test_one_vectorised_pass_of_d_draws_is_distributed_as_the_mean_of_d_estimates(single_torch_thread):
+    """``elbo_gradient(draws=4)`` (the fast polishing step's mean gradient): over many seeds its
+    mean matches that of single-draw estimates and its variance is about a quarter of theirs;
+    chunked finely (batch_size 2: chunks of no example would be wrong) it is the same draws."""
+    from pyro_bbt.verdict import elbo_gradient
+
+    split = six_feature_split()
+    model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
+    train(model, guide, split, stopped_at(3, 200, None))  # a posterior off its initialisation
+
+    def sample(draws: int, count: int) -> torch.Tensor:
+        return torch.stack([elbo_gradient(model, guide, split, seed=s, draws=draws).grads["layers.0.weight"][0].flatten() for s in range(count)])
+    single, batched = sample(1, 400), sample(4, 400)
+    se = (single.var(0) / 400 + batched.var(0) / 400).sqrt()
+    assert ((single.mean(0) - batched.mean(0)).abs() <= 4 * se + 1e-9).float().mean() >= 0.95
+    ratio = float(batched.var(0).sum() / single.var(0).sum())
+    assert 0.15 < ratio < 0.4, ratio  # 1/4
+    fine = elbo_gradient(model, guide, split, seed=3, draws=4, batch_size=2)  # chunks of one example (2 // 4 rounds to 0)
+    assert fine.grads["layers.0.weight"][0].numel() == single.shape[1] and bool(fine.grads["layers.0.weight"][0].isfinite().all())
+    with pytest.raises(ValueError, match="draws must be an integer >= 1"):
+        elbo_gradient(model, guide, split, draws=0)
+
+
+def test_the_whitening_stops_at_its_residual_and_gives_the_direction_within_it(single_torch_thread):
+    """``whitened_direction(tol=...)``: 1e-3 gives the 200-iteration direction to within about
+    1e-3 in every layer; a loose tolerance (0.5) stops early and is measurably off."""
+    from pyro_bbt.verdict import _gradients, natural_direction, whitened_direction
+
+    split = six_feature_split()
+    model, guide = fresh_model_and_guide((6, 16, 16, 3), prior=GaussianPrior(0.3))
+    train(model, guide, split, stopped_at(4, 200, None))
+    gradients = _gradients(model, guide, split, 4, 64, 0)
+    posterior, natural = gradients[0].posterior, natural_direction(gradients)
+    exact = whitened_direction(model, posterior, natural, split, iterations=200)
+
+    def error(direction) -> float:
+        return max(float((direction[k][0] - exact[k][0]).norm() / exact[k][0].norm()) for k in exact if k.endswith("weight"))
+    assert error(whitened_direction(model, posterior, natural, split, tol=1e-3)) < 1e-2
+    assert error(whitened_direction(model, posterior, natural, split, tol=0.5)) > error(whitened_direction(model, posterior, natural, split, tol=1e-6))
+
+
+def test_a_fast_polished_fit_takes_the_steps_and_records_them(single_torch_thread):
+    """``fast_polish``: the rejected fit still takes the verdict's steps, which still raise the
+    fixed-noise ELBO, and the record is as without it (steps, gains, the judgement after);
+    the field reaches B's recipe from the CLI only with polishing steps, and a stored run's
+    configuration without it still resumes."""
+    from dataclasses import replace
+
+    split = six_feature_split()
+    plain_model, plain_guide, plain = _fit(_config(polish=0))
+    config = _config(polish=3)
+    fast = replace(config, verdict=replace(config.verdict, fast_polish=True))
+    model, guide, records = _fit(fast)
+    record = records[-1]["verdict"]["polish"]
+    assert record["steps"] >= 2 and record["gains"][0] > 0 and set(records[-1]["verdict"]) == set(_fit(config)[2][-1]["verdict"])
+    assert fixed_noise_elbo(model, guide, split, num_draws=64, seed=7) > fixed_noise_elbo(plain_model, plain_guide, split, num_draws=64, seed=7)
+    with pytest.raises(ValueError, match="fast_polish must be true or false"):
+        VerdictConfig(fast_polish=1)
+    with pytest.raises(ValueError, match="fast-polish .* needs polish-steps-b >= 1"):
+        ExperimentConfig(fit_b="rule", fast_polish=True)
+    args = ["--fit-b", "rule", "--polish-steps-b", "30", "--fast-polish"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert config.recipe_b_converged(300).verdict.fast_polish is True and config.recipe_a().verdict.fast_polish is False
+    assert "fast_polish" not in ExperimentConfig().to_dict()

@@ -217,3 +217,43 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread):
 
     again = tradeoff(config, log=logged.append, store=store)
     assert len(logged) == 7 and again == rows
+
+
+def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_path, tiny_quick, monkeypatch, capsys):
+    """``--taus``, ``--lambdas``, ``--heads`` and ``--seeds`` set the trade-off's grid, and may
+    change on ``--resume``: the points the run has are read back (their files untouched), only
+    the new ones are fitted, and tradeoff.json holds the grid asked for; a resume that changes
+    anything else (here the experiment) is still refused in one line."""
+    out = tmp_path / "run"
+    assert main(["tradeoff", "--heads", "shared", "--taus", "30", "--lambdas", "0", "--out", str(out)]) == 0
+    first = json.loads((out / "tradeoff.json").read_text())
+    assert [(r["method"], r["knob"]) for r in first["rows"]] == [("scratch", None), ("finetune", None), ("joint", None), ("transfer", 30.0), ("ewc", 0.0)]
+    kept = {path.name: path.read_bytes() for path in (out / "units").glob("*.json")}
+    capsys.readouterr()
+    assert main(["tradeoff", "--resume", "--heads", "shared", "--taus", "1,30", "--lambdas", "0", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "transfer tau 1:" in lines[0] and lines[1].startswith("done in"), lines  # only the new point is fitted
+    assert all((out / "units" / name).read_bytes() == data for name, data in kept.items())
+    grown = json.loads((out / "tradeoff.json").read_text())
+    assert grown["config"]["taus"] == [1.0, 30.0] and len(grown["rows"]) == 6
+    assert [r for r in grown["rows"] if r["knob"] == 30.0] == [r for r in first["rows"] if r["knob"] == 30.0]
+    # shrunk back: nothing to fit, the rows of the smaller grid
+    assert main(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--lambdas", "0", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done in")
+    assert [r["knob"] for r in json.loads((out / "tradeoff.json").read_text())["rows"] if r["method"] == "transfer"] == [1.0]
+
+    def refused(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.count("\n") == 0, err
+
+    monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF | {"experiment": TINY_TRADEOFF["experiment"] | {"eval_samples": 3}})
+    refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--out", str(out)],
+            f"--resume: the run in {out} has another configuration (config.experiment: ")
+    refused(["tradeoff", "--taus", "0,1", "--out", str(tmp_path / "other")], "--taus must be > 0")
+    refused(["guides", "--taus", "1", "--out", str(tmp_path / "other")], "--taus apply to the tradeoff study only")
+    for flag, value in (("--taus", "x"), ("--seeds", "-1"), ("--heads", "both")):
+        with pytest.raises(SystemExit):
+            main(["tradeoff", flag, value, "--out", str(tmp_path / "other")])
+        assert value in capsys.readouterr().err
