@@ -359,6 +359,14 @@ def run_description(config: ExperimentConfig, split: SplitConfig | None, sequenc
     return config.to_dict() if sequence is None else {"sequence": sequence, **config.to_dict()}
 
 
+def sequence_raisable(split: SplitConfig | None) -> dict[str, None]:
+    """The fields a ``--sequence`` run's ``--resume`` may raise: the epoch caps for the split
+    sequence, whose units are one fit each (a task's fit, a chain's step), so a fit in progress
+    or to come runs to the new cap and a finished one keeps the record it ended with, as on the
+    A -> B grid; none for the rotation and permutation chains."""
+    return {name: None for name in CAP_FIELDS} if split is not None else {}
+
+
 def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespace, split: SplitConfig | None = None) -> None:
     """Refuse to mix runs: existing results need --overwrite (start afresh) or --resume (same config)."""
     if out.exists() and not out.is_dir():
@@ -381,7 +389,7 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
         saved.pop("preset", None)
         current = run_description(config, split, args.sequence)
         differences = config_differences(saved, current)
-        free, raisable = (RUN_FIELDS, {}) if args.sequence else ((*GRID_FIELDS, *RUN_FIELDS), RAISABLE_FIELDS)
+        free, raisable = (RUN_FIELDS, sequence_raisable(split)) if args.sequence else ((*GRID_FIELDS, *RUN_FIELDS), RAISABLE_FIELDS)
         if disallowed_differences(saved, current, free, raisable):
             raise UsageError(f"--resume: the run in {out} has another configuration ({'; '.join(differences)})")
         if differences:  # the grid grows or shrinks, a cap or the verdict's draws rise: what the run holds is reused, config.json says the new run
@@ -532,7 +540,8 @@ def _run_sequence(args: argparse.Namespace, config: ExperimentConfig, split: Spl
     from .report import split_sequence_table
 
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=RUN_FIELDS)
+    store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=RUN_FIELDS,
+                     raisable_fields=sequence_raisable(split))
     raw = run_sequence(config, args.sequence, log=log, split=split, executor=executor, store=store, progress=not args.quiet)
     results, timing = split_timing(raw)
     timing["wall_clock"] = time.perf_counter() - start

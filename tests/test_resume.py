@@ -237,6 +237,39 @@ def test_split_resume_refuses_another_scenario_and_a_damaged_config(split_uninte
     assert sorted(p.name for p in damaged.iterdir()) == ["config.json"]
 
 
+def test_split_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkeypatch, capsys):
+    """The split sequence's first fit interrupted at its third epoch under a cap of 4, resumed
+    with a cap of 12: the results equal a run capped at 12 from the start (a fit's epochs before
+    its cap do not depend on it). A lowered cap is still refused."""
+    one = [a if a != "transfer,ewc,joint" else "transfer" for a in SPLIT_TINY if a not in ("--joint", "last")]
+    capped = [a for i, a in enumerate(one) if a != "--max-epochs-a" and (i == 0 or one[i - 1] != "--max-epochs-a")]
+    whole = tmp_path / "whole"
+    assert main([*capped, "--max-epochs-a", "12", "--out", str(whole)]) == 0
+    epochs = json.loads((whole / "results.json").read_text())["methods"]["transfer"]["per_seed"][0]["fits"][0]["convergence"]["epochs"]
+    assert epochs > 4, f"the first fit stopped after {epochs} epochs: the lower cap would not have mattered"
+
+    saved_checkpoint = RunStore.save_checkpoint
+
+    def interrupted(self, key, data):
+        saved_checkpoint(self, key, data)
+        if key == "split-first-s0" and data["train_state"]["epoch"] >= 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "raised"
+    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*capped, "--max-epochs-a", "4", "--out", str(out)])
+    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
+    assert (out / "checkpoints" / "split-first-s0.pt").exists() and not (out / "results.json").exists()
+    capsys.readouterr()
+    assert main([*capped, "--max-epochs-a", "3", "--out", str(out), "--resume"]) == 2
+    assert "another configuration (max_epochs_a: 4 -> 3)" in capsys.readouterr().err
+    assert main([*capped, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
+    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
+    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+
+
 def test_resume_grows_the_grid_reusing_stored_stages_and_units(uninterrupted, tmp_path, capsys):
     """A run of part of the grid, resumed with the whole grid, ends with the uninterrupted run's
     results; the task-A stage and the unit it held are read back, not fitted again."""
