@@ -360,7 +360,7 @@ def plot_tradeoff(rows: list[dict], path) -> None:
                 if len(keys) > 1:
                     for k, x, y in zip(keys, a, b):
                         ax.annotate(f"{k[3]:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=COLORS.get(method))
-            ax.set_title(f"{head} head, B fraction {fraction:g}", fontsize=9)
+            ax.set_title(f"{'multi-head' if head == 'multihead' else head + ' head'}, B fraction {fraction:g}", fontsize=9)
             ax.set_xlabel("A test accuracy after B")
             ax.set_ylabel("B test accuracy")
             ax.grid(alpha=0.3)
