@@ -237,6 +237,31 @@ def test_split_resume_refuses_another_scenario_and_a_damaged_config(split_uninte
     assert sorted(p.name for p in damaged.iterdir()) == ["config.json"]
 
 
+def _interrupt_under_cap_4_and_resume_with_12(cli: list[str], key: str, whole: Path, out: Path, monkeypatch, capsys) -> None:
+    """``cli`` run with ``--max-epochs-a 4`` into ``out``, interrupted once the fit ``key`` has
+    checkpointed its third epoch; a resume with a lower cap (3) is refused in one line, one with
+    12 says the cap rises and ends with ``whole``'s results (a run capped at 12 from the start)."""
+    saved_checkpoint = RunStore.save_checkpoint
+
+    def interrupted(self, name, data):
+        saved_checkpoint(self, name, data)
+        if name == key and data["train_state"]["epoch"] >= 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*cli, "--max-epochs-a", "4", "--out", str(out)])
+    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
+    assert (out / "checkpoints" / f"{key}.pt").exists() and not (out / "results.json").exists()
+    capsys.readouterr()
+    assert main([*cli, "--max-epochs-a", "3", "--out", str(out), "--resume"]) == 2
+    assert "another configuration (max_epochs_a: 4 -> 3)" in capsys.readouterr().err
+    assert main([*cli, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
+    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
+    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+
+
 def test_split_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkeypatch, capsys):
     """The split sequence's first fit interrupted at its third epoch under a cap of 4, resumed
     with a cap of 12: the results equal a run capped at 12 from the start (a fit's epochs before
@@ -248,26 +273,7 @@ def test_split_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, 
     epochs = json.loads((whole / "results.json").read_text())["methods"]["transfer"]["per_seed"][0]["fits"][0]["convergence"]["epochs"]
     assert epochs > 4, f"the first fit stopped after {epochs} epochs: the lower cap would not have mattered"
 
-    saved_checkpoint = RunStore.save_checkpoint
-
-    def interrupted(self, key, data):
-        saved_checkpoint(self, key, data)
-        if key == "split-first-s0" and data["train_state"]["epoch"] >= 3:
-            raise KeyboardInterrupt
-
-    out = tmp_path / "raised"
-    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main([*capped, "--max-epochs-a", "4", "--out", str(out)])
-    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
-    assert (out / "checkpoints" / "split-first-s0.pt").exists() and not (out / "results.json").exists()
-    capsys.readouterr()
-    assert main([*capped, "--max-epochs-a", "3", "--out", str(out), "--resume"]) == 2
-    assert "another configuration (max_epochs_a: 4 -> 3)" in capsys.readouterr().err
-    assert main([*capped, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
-    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
-    assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
-    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+    _interrupt_under_cap_4_and_resume_with_12(capped, "split-first-s0", whole, tmp_path / "raised", monkeypatch, capsys)
 
 
 def test_resume_grows_the_grid_reusing_stored_stages_and_units(uninterrupted, tmp_path, capsys):
@@ -381,26 +387,7 @@ def test_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkey
     epochs = json.loads((whole / "results.json").read_text())["task_a"][0]["convergence"]["epochs"]
     assert epochs > 4, f"q_A stopped after {epochs} epochs: the lower cap would not have mattered"
 
-    saved_checkpoint = RunStore.save_checkpoint
-
-    def interrupted(self, key, data):
-        saved_checkpoint(self, key, data)
-        if key == "A-bayesian-s0" and data["train_state"]["epoch"] >= 3:
-            raise KeyboardInterrupt
-
-    out = tmp_path / "raised"
-    monkeypatch.setattr(RunStore, "save_checkpoint", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main([*CAPPED, "--max-epochs-a", "4", "--out", str(out)])
-    monkeypatch.setattr(RunStore, "save_checkpoint", saved_checkpoint)
-    assert (out / "checkpoints" / "A-bayesian-s0.pt").exists() and not (out / "results.json").exists()
-    capsys.readouterr()
-    assert main([*CAPPED, "--max-epochs-a", "3", "--out", str(out), "--resume"]) == 2
-    assert "another configuration (max_epochs_a: 4 -> 3)" in capsys.readouterr().err
-    assert main([*CAPPED, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
-    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
-    assert json.loads((out / "config.json").read_text())["max_epochs_a"] == 12
-    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+    _interrupt_under_cap_4_and_resume_with_12(CAPPED, "A-bayesian-s0", whole, tmp_path / "raised", monkeypatch, capsys)
 
 
 def test_stages_from_another_run_that_differs_in_b_s_fields_only(uninterrupted, tmp_path, capsys):
