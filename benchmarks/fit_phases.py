@@ -118,18 +118,25 @@ def phase_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_config(head: str, fraction: float, seed: int, max_epochs_b: int, fast_polish: bool):
+    """The README grid's configuration (the paper preset under N(0, 0.3^2), B's fits polished,
+    caps 12,000 / 20,000) for one head, fraction and seed, B capped at ``max_epochs_b``."""
+    from pyro_bbt.config import PRESETS, ExperimentConfig
+
+    return ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
+                                                      head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
+
+
 def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int, fast_polish: bool = False) -> dict:
     """One B fit of the README grid's configuration (``fast_polish`` as given), capped at
     ``max_epochs_b``, under cProfile on one torch thread: the cumulative seconds of :data:`PARTS`
     and the number of line searches (``line_searches``)."""
     import torch
 
-    from pyro_bbt.config import PRESETS, ExperimentConfig
     from pyro_bbt.units import FitStorage, load_task_pair, run_bayesian_b, run_joint
 
     torch.set_num_threads(1)
-    config = ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
-                                                        head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
+    config = grid_config(head, fraction, seed, max_epochs_b, fast_polish)
     tasks = load_task_pair(config, fraction, seed)
     profiler = cProfile.Profile()
     start = time.perf_counter()
@@ -149,28 +156,31 @@ def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b
 
 def verdict_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int, fast_polish: bool, stages_from: Path | None) -> dict:
     """One B fit of the README grid's configuration to the verdict (``fast_polish`` as given; a
-    q_A stage of ``stages_from`` where ``method`` starts from q_A), on one torch thread: wall
-    seconds, epochs, converged, B's test accuracy, and the ELBO on B's training split by
+    q_A stage of ``stages_from`` where ``method`` starts from q_A, read as the transfer CLI's
+    ``--stages-from`` reads it: ``ValueError`` where that run's configuration is not this one up
+    to the grid, the caps and B's fields), on one torch thread: wall seconds, epochs, converged,
+    B's test accuracy, and the ELBO on B's training split by
     :func:`~pyro_bbt.verdict.fixed_noise_elbo` (64 draws, seed 0)."""
     import torch
 
-    from pyro_bbt.config import PRESETS, ExperimentConfig
+    from pyro_bbt.config import B_ONLY_FIELDS, GRID_FIELDS, RAISABLE_FIELDS, RUN_FIELDS
+    from pyro_bbt.plan import stage_key
     from pyro_bbt.runstore import ReadOnlyStore
-    from pyro_bbt.units import FitStorage, _train_bayesian, bayesian_metrics, load_task_pair, stage_from_saved
-    from pyro_bbt.fitting import start_from_state
+    from pyro_bbt.units import FitStorage, _train_bayesian, bayesian_metrics, load_task_pair, posterior_for_b, stage_from_saved
     from pyro_bbt.verdict import fixed_noise_elbo
 
     torch.set_num_threads(1)
-    config = ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
-                                                        head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
+    config = grid_config(head, fraction, seed, max_epochs_b, fast_polish)
     tasks = load_task_pair(config, fraction, seed)
     stage = None
     if method != "scratch":
-        saved = torch.load(Path(stages_from) / "stages" / f"A-bayesian-s{seed}.pt", map_location="cpu", weights_only=True)["data"]
+        store = ReadOnlyStore(Path(stages_from), config.to_dict(), grid_fields=(*GRID_FIELDS, *RUN_FIELDS), raisable_fields=RAISABLE_FIELDS,
+                              stage_free_fields=B_ONLY_FIELDS)
+        saved = store.stage(stage_key("bayesian", seed))
+        if saved is None:
+            raise ValueError(f"--stages-from {stages_from}: no q_A stage for seed {seed}")
         stage = stage_from_saved(saved)
-    model, guide = config.new_posterior(stage.prior_from_a if method == "transfer" else config.base_prior(), seed)
-    if method != "scratch":
-        start_from_state(model, guide, stage.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
+    model, guide = posterior_for_b(config, method, stage, seed)
     start = time.perf_counter()
     _, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, 0, seed, tasks, config.b_head, FitStorage(), "")
     wall = time.perf_counter() - start
@@ -262,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         fits = []
         for seed in (int(s) for s in args.seeds.split(",")):
             for flag in (False, True):
-                fits.append(verdict_fit(args.method, args.fraction, args.head, seed, args.max_epochs_b, flag, args.stages_from))
+                try:
+                    fits.append(verdict_fit(args.method, args.fraction, args.head, seed, args.max_epochs_b, flag, args.stages_from))
+                except ValueError as error:  # the configuration (a cap below epochs-a), or --stages-from of another one
+                    parser.error(str(error))
                 f = fits[-1]
                 print(f"{f['method']} at {f['fraction']:g} of B, {f['head']} head, seed {seed}, fast polish {'on' if flag else 'off'}: "
                       f"{f['wall_seconds']:.1f} s, {f['epochs']} epochs, converged {f['converged']}, B test {f['b_test_accuracy']:.4f}, "

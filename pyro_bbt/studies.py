@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import HEADS
 from .data import Task, load_task
 from .engine import Unit, UnitCheckpoints, UnitOutcome, row_outcome, run_study_units
 from .evaluation import evaluate
@@ -61,7 +63,7 @@ from .kl_schedules import KL_SCHEDULES
 from .convergence import StoppingRule, assess_convergence, uninformed_scale_ratio
 from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
-from .runstore import ReadOnlyStore, RunStore, disallowed_differences
+from .runstore import ReadOnlyStore, RunStore, differing_fields, disallowed_differences
 from .tradeoff import (TRADEOFF_GRID_FIELDS, TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
                        tradeoff_description, tradeoff_key, tradeoff_table)
 from .plan import StageSpec, stage_key
@@ -591,21 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _heads(text: str) -> tuple[str, ...]:
     heads = tuple(dict.fromkeys(h.strip() for h in text.split(",") if h.strip()))
-    unknown = [h for h in heads if h not in ("shared", "multihead")]
+    unknown = [h for h in heads if h not in HEADS]
     if unknown or not heads:
-        raise argparse.ArgumentTypeError(f"unknown head {', '.join(unknown) or repr(text)}; allowed: shared, multihead")
+        raise argparse.ArgumentTypeError(f"unknown head {', '.join(unknown) or repr(text)}; allowed: {', '.join(HEADS)}")
     return heads
 
 
 def _numbers(kind: type) -> Callable[[str], tuple]:
-    """A comma-separated list of distinct ``kind`` numbers >= 0 (argparse type)."""
+    """A comma-separated list of distinct finite ``kind`` numbers >= 0 (argparse type)."""
     def parse(text: str) -> tuple:
         try:
             values = tuple(dict.fromkeys(kind(v) for v in text.split(",") if v.strip()))
         except ValueError:
             values = ()
-        if not values or any(v < 0 or v != v for v in values):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s >= 0")
+        if not values or any(not math.isfinite(v) or v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of finite {kind.__name__}s >= 0")
         return values
     return parse
 
@@ -729,10 +731,16 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
 
 def _open_store(args: argparse.Namespace, description: dict, grid_fields: tuple[str, ...] = ()) -> RunStore:
     """The engine's store of the study in ``args.out``, after :func:`_prepare_study_dir`; a new
-    run's ``config.json`` is written first (a resume keeps the first one's: with ``grid_fields``
-    its units may come from another grid)."""
+    run's ``config.json`` is written first, and a resume's that changes the grid (``grid_fields``)
+    rewrites it, saying so, as the transfer CLI's does: the store's units are read whatever grid
+    made them."""
     _prepare_study_dir(args.out, description, args.resume, args.overwrite, grid_fields)
-    if not args.resume:
+    if args.resume and grid_fields:
+        saved = {k: v for k, v in json.loads((args.out / "config.json").read_text()).items() if k != "preset"}
+        changed = differing_fields(saved.get("config", {}), description["config"])
+        if changed:
+            print(f"--resume: the grid changes ({', '.join(changed)}); the points the run holds are read back", file=sys.stderr, flush=True)
+    if not args.resume or grid_fields:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
     return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
                     grid_fields=grid_fields)

@@ -222,12 +222,19 @@ def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStora
     return stage
 
 
-def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None, key: str = "") -> dict:
+def posterior_for_b(config, method: str, stage_a: _StageA | None, seed: int):
+    """The network and guide a Bayesian B unit fits: under q_A's prior for ``transfer``, the base
+    prior otherwise; started at q_A for ``finetune`` and for ``transfer`` with ``q_init``
+    ``from-posterior`` (multi-head: B's head keeps its fresh initialisation)."""
     prior = stage_a.prior_from_a if method == "transfer" else config.base_prior()
     model, guide = config.new_posterior(prior, seed)
-    start_from_a = method == "finetune" or (method == "transfer" and config.q_init == "from-posterior")
-    if start_from_a:  # multi-head: B's head keeps its fresh initialisation
+    if method == "finetune" or (method == "transfer" and config.q_init == "from-posterior"):
         start_from_state(model, guide, stage_a.guide_state, model.head_rows(config.b_head) if config.head == "multihead" else None)
+    return model, guide
+
+
+def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None, key: str = "") -> dict:
+    model, guide = posterior_for_b(config, method, stage_a, seed)
     curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or FitStorage(), key)
     return _bayes_outcome(config, model, guide, tasks, curve, history, convergence, seen_a=method != "scratch", seed=seed)
 

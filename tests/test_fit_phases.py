@@ -36,6 +36,11 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--runs", str(tmp_path)])
     assert exit_info.value.code == 2 and f"no results.json and timing.json in {tmp_path}" in capsys.readouterr().err
+    # --time-to-verdict reads q_A only from a run of the README grid's configuration: this tiny run's is refused in one line
+    with pytest.raises(SystemExit) as exit_info:
+        fit_phases.main(["--time-to-verdict", "--method", "finetune", "--max-epochs-b", "5", "--stages-from", str(run_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "made by another configuration (" in err[-1] and "hidden" in err[-1]
 
 
 def test_the_fast_polish_summary_takes_medians_per_setting_and_their_ratios(capsys):

@@ -233,6 +233,7 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
     assert main(["tradeoff", "--resume", "--heads", "shared", "--taus", "1,30", "--lambdas", "0", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "transfer tau 1:" in lines[0] and lines[1].startswith("done in"), lines  # only the new point is fitted
+    assert json.loads((out / "config.json").read_text())["config"]["taus"] == [1.0, 30.0]  # config.json says the grid asked for
     assert all((out / "units" / name).read_bytes() == data for name, data in kept.items())
     grown = json.loads((out / "tradeoff.json").read_text())
     assert grown["config"]["taus"] == [1.0, 30.0] and len(grown["rows"]) == 6
@@ -253,7 +254,7 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
             f"--resume: the run in {out} has another configuration (config.experiment: ")
     refused(["tradeoff", "--taus", "0,1", "--out", str(tmp_path / "other")], "--taus must be > 0")
     refused(["guides", "--taus", "1", "--out", str(tmp_path / "other")], "--taus apply to the tradeoff study only")
-    for flag, value in (("--taus", "x"), ("--seeds", "-1"), ("--heads", "both")):
+    for flag, value in (("--taus", "x"), ("--taus", "inf"), ("--seeds", "-1"), ("--heads", "both")):
         with pytest.raises(SystemExit):
             main(["tradeoff", flag, value, "--out", str(tmp_path / "other")])
         assert value in capsys.readouterr().err
