@@ -175,22 +175,34 @@ def plot_split_scenarios(runs: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def regime_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours, one per line of :func:`plot_regimes`: matplotlib's ten-colour cycle
+    repeats after ten lines, so beyond ten the twenty of ``tab20``, then evenly spaced hues."""
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["hsv"](i / n) for i in range(n)]
+
+
 def plot_regimes(runs: list[dict], names: list[str], path: Path) -> None:
     """Several split runs of one scenario (``names``: their labels): the average accuracy on the
     tasks seen after each task (mean +- std over seeds), and the active units of each hidden layer
     after each task (mean over seeds), one line per run and method."""
     layers = max((len(c[0]) for r in runs for e in r["methods"].values() for c in [e.get("active_units_mean")] if c), default=0)
     fig, axes = plt.subplots(1, 1 + layers, figsize=(5.0 * (1 + layers), 3.8), squeeze=False)
-    for name, results in zip(names, runs):
-        for method, entry in results["methods"].items():
-            label = name if len(results["methods"]) == 1 else f"{name} {method}"
-            curve = entry.get("average_accuracy_curve")
-            if curve:
-                x = np.arange(1, len(curve["mean"]) + 1)
-                axes[0][0].errorbar(x, curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=label)
-            counts = entry.get("active_units_mean")
-            for layer in range(layers if counts else 0):
-                axes[0][1 + layer].plot(np.arange(1, len(counts) + 1), [c[layer] for c in counts], marker="o", label=label)
+    colours = regime_colours(sum(len(r["methods"]) for r in runs))
+    lines = ((name, method, entry, len(results["methods"])) for name, results in zip(names, runs) for method, entry in results["methods"].items())
+    for colour, (name, method, entry, methods) in zip(colours, lines):
+        label = name if methods == 1 else f"{name} {method}"
+        curve = entry.get("average_accuracy_curve")
+        if curve:
+            x = np.arange(1, len(curve["mean"]) + 1)
+            axes[0][0].errorbar(x, curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=label, color=colour)
+        counts = entry.get("active_units_mean")
+        # a run whose network has fewer hidden layers than the widest is drawn on its own layers only
+        for layer in range(min(layers, len(counts[0])) if counts else 0):
+            axes[0][1 + layer].plot(np.arange(1, len(counts) + 1), [c[layer] for c in counts], marker="o", label=label, color=colour)
     axes[0][0].set(xlabel="tasks learnt", ylabel="average accuracy on the tasks seen")
     axes[0][0].legend(fontsize=7)
     for layer in range(layers):

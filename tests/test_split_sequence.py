@@ -434,6 +434,35 @@ def test_report_regimes_compares_runs_that_differ_in_one_setting(tmp_path, capsy
     assert "--regimes compares runs of one scenario; got domain, task" in capsys.readouterr().err
 
 
+def test_report_regimes_draws_networks_of_different_depth_each_line_its_own_colour(tmp_path, capsys, monkeypatch):
+    """A one-hidden-layer run beside a two-layer one (VCL at 784-200 against 784-256-256): the
+    figure draws each run's units on its own layers, and no two lines share a colour, also past
+    matplotlib's ten-colour cycle."""
+    from matplotlib.axes import Axes
+
+    from pyro_bbt.plots import regime_colours
+
+    at = TINY_ARGS.index("--hidden")
+    args = ["--sequence", "split", "--scenario", "task", *TINY_ARGS[:at], *TINY_ARGS[at + 2:], "--methods", "transfer"]
+    runs = [tmp_path / "one-layer", tmp_path / "two-layers"]
+    for hidden, out in zip(("16", "16,8"), runs):
+        assert main([*args, "--hidden", hidden, "--out", str(out)]) == 0
+    drawn: list[tuple[int, tuple]] = []   # (the panel's column: 0 accuracy, 1 + l hidden layer l + 1; the line's colour)
+    plot, errorbar = Axes.plot, Axes.errorbar
+    column = lambda axes: axes.get_subplotspec().colspan.start  # noqa: E731
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((column(self), k["color"])) or plot(self, *a, **k))
+    monkeypatch.setattr(Axes, "errorbar", lambda self, *a, **k: drawn.append((-1, k["color"])) or errorbar(self, *a, **k))
+    capsys.readouterr()
+    assert report_main([*map(str, runs), "--regimes", "--figure", str(tmp_path / "depth.png")]) == 0
+    assert (tmp_path / "depth.png").stat().st_size > 0
+    accuracy = [c for panel, c in drawn if panel == -1]
+    layer_2 = [c for panel, c in drawn if panel == 2]
+    assert len(accuracy) == 2 and len(set(accuracy)) == 2
+    assert layer_2 == [accuracy[1]]   # only the two-layer run has a second hidden layer
+    for n in (1, 10, 11, 20, 25):
+        assert len(set(regime_colours(n))) == n
+
+
 def test_report_merges_runs_of_one_configuration_made_for_different_seeds(tmp_path, capsys):
     """--seeds 0 and --seeds 1 run apart give the same table as --seeds 0,1 in one run."""
     at = TINY_ARGS.index("--seeds")
