@@ -200,8 +200,8 @@ def plot_regimes(runs: list[dict], names: list[str], path: Path) -> None:
             x = np.arange(1, len(curve["mean"]) + 1)
             axes[0][0].errorbar(x, curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=label, color=colour)
         counts = entry.get("active_units_mean")
-        # a run whose network has fewer hidden layers than the widest is drawn on its own layers only
-        for layer in range(min(layers, len(counts[0])) if counts else 0):
+        # a run whose network has fewer hidden layers than the deepest is drawn on its own layers only
+        for layer in range(len(counts[0]) if counts else 0):
             axes[0][1 + layer].plot(np.arange(1, len(counts) + 1), [c[layer] for c in counts], marker="o", label=label, color=colour)
     axes[0][0].set(xlabel="tasks learnt", ylabel="average accuracy on the tasks seen")
     axes[0][0].legend(fontsize=7)
