@@ -364,10 +364,14 @@ def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
 
 
 def merge_split_runs(runs: list[dict]) -> list[dict]:
-    """One ``results.json`` per scenario: runs of the same scenario (for example ``--methods
-    transfer,finetune,ewc`` and ``--methods joint`` made apart) are merged into one whose
-    ``methods`` hold every run's. Their configurations must agree except in ``methods`` and their
-    fit mode must be the same; a method in two runs of one scenario is refused (``ValueError``)."""
+    """One ``results.json`` per scenario: runs of the same scenario made apart for different
+    ``--methods`` or ``--seeds``, or both (``--methods transfer --seeds 0``, ``--methods
+    ewc,joint --seeds 1``, ...) are merged into one whose ``methods`` hold every run's, each
+    method's seeds pooled in seed order with its summary recomputed. Their configurations must
+    agree except in ``methods`` and ``seeds`` and their fit mode must be the same; a method and
+    seed given by two runs of one scenario is refused (``ValueError``)."""
+    from .split_sequence import method_summary
+
     merged: dict[str, dict] = {}
     for results in runs:
         scenario = results["scenario"]
@@ -376,16 +380,28 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
             continue
         into = merged[scenario]
         differ = sorted(k for k in set(into["config"]) | set(results["config"])
-                        if k != "methods" and into["config"].get(k) != results["config"].get(k))
+                        if k not in ("methods", "seeds") and into["config"].get(k) != results["config"].get(k))
         if results["fit"] != into["fit"]:
             differ.insert(0, "fit")
         if differ:
             raise ValueError(f"two {scenario}-scenario runs differ in {', '.join(differ)}: only runs of one configuration merge")
-        twice = sorted(set(into["methods"]) & set(results["methods"]))
-        if twice:
-            raise ValueError(f"two {scenario}-scenario runs both hold {', '.join(twice)}: give each method once")
-        into["methods"].update(results["methods"])
-        into["config"] = {**into["config"], "methods": [*into["config"]["methods"], *results["config"]["methods"]]}
+        for method, entry in results["methods"].items():
+            if method not in into["methods"]:
+                into["methods"][method] = entry
+                continue
+            if method == "joint" and results.get("joint") != into.get("joint"):
+                raise ValueError(f"two {scenario}-scenario runs fit joint differently (--joint {into.get('joint')} and "
+                                 f"{results.get('joint')}): only runs of one configuration merge")
+            have = {e["seed"] for e in into["methods"][method]["per_seed"]}
+            twice = sorted(have & {e["seed"] for e in entry["per_seed"]})
+            if twice:
+                raise ValueError(f"two {scenario}-scenario runs both hold {method} of seed(s) {', '.join(map(str, twice))}: "
+                                 "give each method and seed once")
+            entries = sorted([*into["methods"][method]["per_seed"], *entry["per_seed"]], key=lambda e: e["seed"])
+            into["methods"][method] = {"per_seed": entries, **method_summary(entries)}
+        seeds = sorted({*into["config"]["seeds"], *results["config"]["seeds"]})
+        methods = list(dict.fromkeys([*into["config"]["methods"], *results["config"]["methods"]]))
+        into["config"] = {**into["config"], "methods": methods, "seeds": seeds}
         into["warnings"] += results.get("warnings", [])
         if "joint" in results["methods"]:
             into["joint"] = results.get("joint", "every")
@@ -781,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--learning-curves, or A -> B runs of one configuration made apart for different --methods, --fractions or --seeds, whose tables are merged)")
     parser.add_argument("--published", action="store_true",
                         help="for --sequence split runs: one table of their average accuracies beside the published numbers "
-                             "(runs of one scenario with different --methods, or of one configuration with different --seeds, are merged)")
+                             "(runs of one scenario with different --methods or --seeds, or both, are merged)")
     parser.add_argument("--figure", type=Path, default=None, metavar="PNG",
                         help="with --published: also draw the runs' average-accuracy curves side by side into PNG")
     parser.add_argument("--learning-curves", type=Path, default=None, metavar="PNG",
@@ -853,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2
         print(split_comparison_table(runs), end="")
+        for results in runs:  # each scenario's merged runs in full: BWT, FWT, forgetting, the verdicts
+            print("\n" + split_sequence_table(results), end="")
         if args.figure is not None:
             from .plots import plot_split_scenarios
 

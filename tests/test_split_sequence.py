@@ -147,11 +147,25 @@ def test_report_merges_runs_of_one_scenario_and_refuses_what_does_not_merge(sing
     table = split_comparison_table([ewc, joint])
     domain_published = sum(1 for row in PUBLISHED_SPLIT_MNIST if row[0] == "domain")
     assert table.count("| domain |") == 2 + domain_published
-    with pytest.raises(ValueError, match="two domain-scenario runs both hold ewc: give each method once"):
+    with pytest.raises(ValueError, match="two domain-scenario runs both hold ewc of seed\\(s\\) 0: give each method and seed once"):
         merge_split_runs([ewc, ewc])
-    other_seed = run_sequence(_config("domain", methods=("joint",), seeds=(1,)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
-    with pytest.raises(ValueError, match="two domain-scenario runs differ in seeds: only runs of one configuration merge"):
-        merge_split_runs([ewc, other_seed])
+    # another seed of one method, made in a run with another method: each method's seeds pooled, its summary recomputed
+    other_seed = run_sequence(_config("domain", methods=("ewc", "joint"), seeds=(1,)), "split", log=lambda m: None,
+                              split=SplitConfig("domain", fit="fixed", joint="last"))
+    (pooled,) = merge_split_runs([ewc, joint, other_seed])
+    assert pooled["config"]["seeds"] == [0, 1] and pooled["config"]["methods"] == ["ewc", "joint"]
+    accs = [e["summary"]["average_accuracy"] for run in (ewc, other_seed) for e in run["methods"]["ewc"]["per_seed"]]
+    assert [e["seed"] for e in pooled["methods"]["ewc"]["per_seed"]] == [0, 1] and pooled["methods"]["ewc"]["seeds_finished"] == 2
+    assert pooled["methods"]["ewc"]["summary"]["average_accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert pooled["methods"]["ewc"]["summary"]["average_accuracy"]["n"] == 2
+    assert [e["seed"] for e in pooled["methods"]["joint"]["per_seed"]] == [0, 1]
+    other_joint = run_sequence(_config("domain", methods=("joint",), seeds=(1,)), "split", log=lambda m: None,
+                               split=SplitConfig("domain", fit="fixed", joint="every"))
+    with pytest.raises(ValueError, match="fit joint differently"):
+        merge_split_runs([joint, other_joint])
+    wider = run_sequence(_config("domain", methods=("ewc",), seeds=(1,), hidden=(8,)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
+    with pytest.raises(ValueError, match="two domain-scenario runs differ in hidden: only runs of one configuration merge"):
+        merge_split_runs([ewc, wider])
     for name, results in (("a", ewc), ("b", ewc)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
@@ -476,6 +490,9 @@ def test_report_merges_runs_of_one_configuration_made_for_different_seeds(tmp_pa
     expected = capsys.readouterr().out
     assert report_main([*map(str, apart), "--published"]) == 0
     assert capsys.readouterr().out == expected and "| 2/2 |" in expected
+    # then the merged scenario in full (BWT, FWT, forgetting, the verdicts), both seeds in one row
+    assert "**Split MNIST, domain scenario** (5 tasks, fit: fixed, seeds 0, 1;" in expected
+    assert next(line for line in expected.splitlines() if line.startswith("| transfer | ") and "± 0.00 |" not in line)
     assert report_main([str(apart[0]), str(both), "--regimes"]) == 2
     assert "share seeds [0, 0, 1]: only runs of different seeds merge" in capsys.readouterr().err
 
