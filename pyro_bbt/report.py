@@ -864,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.published:
         try:
-            runs = merge_split_runs(merge_seeds(_split_runs(args.run_dir, "--published"), [str(d) for d in args.run_dir])[0])
+            runs = merge_split_runs(_split_runs(args.run_dir, "--published"))  # methods and seeds pooled per scenario
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2

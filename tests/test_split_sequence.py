@@ -172,7 +172,7 @@ def test_report_merges_runs_of_one_scenario_and_refuses_what_does_not_merge(sing
     capsys.readouterr()
     assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--published"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "share seeds [0, 0]: only runs of different seeds merge" in err[0]  # one run given twice
+    assert len(err) == 1 and "both hold ewc of seed(s) 0: give each method and seed once" in err[0]  # one run given twice
 
 
 def test_rule_fit_records_the_stopping_rule_verdict(single_torch_thread):
