@@ -205,13 +205,20 @@ PUBLISHED_SPLIT_MNIST: tuple[tuple[str, str, float, float | None, str], ...] = (
 )
 
 
+def pooled_seeds(entries: list[dict]) -> dict:
+    """One split method's record from per-seed entries made in several runs: the entries in seed
+    order and their summary recomputed (:func:`~pyro_bbt.split_sequence.method_summary`)."""
+    from .split_sequence import method_summary
+
+    entries = sorted(entries, key=lambda e: e["seed"])
+    return {"per_seed": entries, **method_summary(entries)}
+
+
 def merge_seeds(runs: list[dict], names: list[str]) -> tuple[list[dict], list[str]]:
     """Runs of one configuration made apart for different seeds (``--seeds 0`` and ``--seeds
     1,2``) become one run of all their seeds (per seed entries in seed order, summaries
     recomputed; its name the names joined by ``+``); other runs are left as they are. Two such runs
     that share a seed are refused (``ValueError``)."""
-    from .split_sequence import method_summary
-
     def key(results: dict) -> str:
         config = {k: v for k, v in results["config"].items() if k != "seeds"}
         return json.dumps({"scenario": results["scenario"], "fit": results["fit"], "joint": results.get("joint"),
@@ -231,10 +238,7 @@ def merge_seeds(runs: list[dict], names: list[str]) -> tuple[list[dict], list[st
             raise ValueError(f"runs {', '.join(names[i] for i in indices)} have one configuration and share seeds {sorted(seeds)}: "
                              "only runs of different seeds merge")
         first = runs[indices[0]]
-        methods = {}
-        for method in first["methods"]:
-            entries = sorted((e for i in indices for e in runs[i]["methods"][method]["per_seed"]), key=lambda e: e["seed"])
-            methods[method] = {"per_seed": entries, **method_summary(entries)}
+        methods = {method: pooled_seeds([e for i in indices for e in runs[i]["methods"][method]["per_seed"]]) for method in first["methods"]}
         merged.append({**first, "config": {**first["config"], "seeds": sorted(seeds)}, "methods": methods,
                        "warnings": [w for i in indices for w in runs[i].get("warnings", [])]})
         merged_names.append("+".join(names[i] for i in indices))
@@ -370,8 +374,6 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
     method's seeds pooled in seed order with its summary recomputed. Their configurations must
     agree except in ``methods`` and ``seeds`` and their fit mode must be the same; a method and
     seed given by two runs of one scenario is refused (``ValueError``)."""
-    from .split_sequence import method_summary
-
     merged: dict[str, dict] = {}
     for results in runs:
         scenario = results["scenario"]
@@ -397,8 +399,7 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
             if twice:
                 raise ValueError(f"two {scenario}-scenario runs both hold {method} of seed(s) {', '.join(map(str, twice))}: "
                                  "give each method and seed once")
-            entries = sorted([*into["methods"][method]["per_seed"], *entry["per_seed"]], key=lambda e: e["seed"])
-            into["methods"][method] = {"per_seed": entries, **method_summary(entries)}
+            into["methods"][method] = pooled_seeds([*into["methods"][method]["per_seed"], *entry["per_seed"]])
         seeds = sorted({*into["config"]["seeds"], *results["config"]["seeds"]})
         methods = list(dict.fromkeys([*into["config"]["methods"], *results["config"]["methods"]]))
         into["config"] = {**into["config"], "methods": methods, "seeds": seeds}
