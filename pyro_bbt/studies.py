@@ -581,8 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=_heads, default=None, metavar="HEAD,HEAD",
                         help="tradeoff only: the heads of the grid (default the preset's: shared,multihead)")
     parser.add_argument("--seeds", type=_numbers(int), default=None, metavar="S,S", help="tradeoff only: the seeds of the grid (default the preset's)")
+    parser.add_argument("--fractions", type=_numbers(float), default=None, metavar="F,F",
+                        help="tradeoff only: the fractions of B's training data, each in (0, 1] (default the preset's: 0.1 for converged, "
+                             "0.01,0.1,1 for paper)")
     parser.add_argument("--taus", type=_numbers(float), default=None, metavar="TAU,TAU",
-                        help="tradeoff only: transfer's prior broadenings (default the preset's: 1,3,10,100). These four flags may change "
+                        help="tradeoff only: transfer's prior broadenings (default the preset's: 1,3,10,100). These five flags (with --fractions) may change "
                              "on --resume: the points the run already has are read back, the others fitted, and tradeoff.json holds the grid asked for")
     parser.add_argument("--lambdas", type=_numbers(float), default=None, metavar="LAMBDA,LAMBDA",
                         help="tradeoff only: EWC's penalties (default the preset's: 10,1000,100000)")
@@ -799,11 +802,13 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--predictors and --warm-start apply to the uncertainty study only")
     if args.workers < 1:
         return usage(f"--workers must be an integer >= 1, got {args.workers}")
-    grid = {name: value for name in ("heads", "seeds", "taus", "lambdas") if (value := getattr(args, name)) is not None}
+    grid = {name: value for name in ("heads", "seeds", "fractions", "taus", "lambdas") if (value := getattr(args, name)) is not None}
     if grid and args.study != "tradeoff":
         return usage(f"--{', --'.join(grid)} apply to the tradeoff study only")
     if 0.0 in grid.get("taus", ()):
         return usage("--taus must be > 0 (a broadening of q_A's widths), got 0")
+    if bad := [f for f in grid.get("fractions", ()) if not 0.0 < f <= 1.0]:
+        return usage(f"--fractions must each be in (0, 1] (a fraction of B's training data), got {', '.join(f'{f:g}' for f in bad)}")
     if args.preset not in (TRADEOFF_PRESETS if args.study == "tradeoff" else PRESETS):
         return usage(f"--preset {args.preset} is the tradeoff study's only; the {args.study} study's are {', '.join(sorted(PRESETS))}")
     if args.study == "uncertainty":

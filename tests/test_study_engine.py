@@ -220,7 +220,7 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread):
 
 
 def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_path, tiny_quick, monkeypatch, capsys):
-    """``--taus``, ``--lambdas``, ``--heads`` and ``--seeds`` set the trade-off's grid, and may
+    """``--taus``, ``--lambdas``, ``--heads``, ``--seeds`` and ``--fractions`` set the trade-off's grid, and may
     change on ``--resume``: the points the run has are read back (their files untouched), only
     the new ones are fitted, and tradeoff.json holds the grid asked for; a resume that changes
     anything else (here the experiment) is still refused in one line."""
@@ -243,6 +243,12 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("done in")
     assert [r["knob"] for r in json.loads((out / "tradeoff.json").read_text())["rows"] if r["method"] == "transfer"] == [1.0]
+    # grown along B's fraction: only the new fraction's points are fitted
+    assert main(["tradeoff", "--resume", "--heads", "shared", "--fractions", "0.1,0.05", "--taus", "1", "--lambdas", "0", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all("fraction 0.05" in line for line in lines[:5]) and lines[5].startswith("done in"), lines
+    rows = json.loads((out / "tradeoff.json").read_text())["rows"]
+    assert sorted({r["fraction"] for r in rows}) == [0.05, 0.1] and sum(r["fraction"] == 0.05 for r in rows) == 5
 
     def refused(argv: list[str], needle: str) -> None:
         assert main(argv) == 2
@@ -253,6 +259,8 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
     refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--out", str(out)],
             f"--resume: the run in {out} has another configuration (config.experiment: ")
     refused(["tradeoff", "--taus", "0,1", "--out", str(tmp_path / "other")], "--taus must be > 0")
+    refused(["tradeoff", "--fractions", "0.1,1.5", "--out", str(tmp_path / "other")], "--fractions must each be in (0, 1]")
+    refused(["tradeoff", "--fractions", "0", "--out", str(tmp_path / "other")], "got 0")
     refused(["guides", "--taus", "1", "--out", str(tmp_path / "other")], "--taus apply to the tradeoff study only")
     for flag, value in (("--taus", "x"), ("--taus", "inf"), ("--seeds", "-1"), ("--heads", "both")):
         with pytest.raises(SystemExit):
