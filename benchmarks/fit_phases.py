@@ -40,7 +40,8 @@ seed of ``--seeds`` (interleaved; fine-tuning and transfer start from the q_A th
 ``--stages-from RUN`` holds for the seed): per fit its wall seconds, epochs, whether it
 converged, B's test accuracy and its full-data ELBO on B's training split by one evaluator (64
 antithetic draws, the same noise for every fit); then the median of the per-seed wall ratios
-off / on and the per-seed ELBO differences on - off per example, beside the verdict's tolerance::
+off / on and the per-seed ELBO differences on - off per example, beside the verdict's tolerance
+(``--out`` is rewritten after every fit, its ``summary`` null until the last)::
 
     python benchmarks/fit_phases.py --time-to-verdict --method finetune --fraction 0.01 --head shared --seeds 0,1,2 --max-epochs-b 20000 --stages-from runs/ps03-shared --out figs/fast-polish-finetune-f0.01.json
 """
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{f['method']} at {f['fraction']:g} of B, {f['head']} head, seed {seed}, fast polish {'on' if flag else 'off'}: "
                       f"{f['wall_seconds']:.1f} s, {f['epochs']} epochs, converged {f['converged']}, B test {f['b_test_accuracy']:.4f}, "
                       f"ELBO {f['elbo']:.1f}", flush=True)
+                if args.out:  # every fit so far, so that a long comparison stopped part-way keeps what it measured
+                    args.out.write_text(json.dumps({"fits": fits, "summary": None}, indent=1) + "\n")
         result = {"fits": fits, "summary": verdict_summary(fits)}
         summary = result["summary"]
         print(f"off / on wall, median over seeds: {summary['median_wall_ratio']:.2f}x; ELBO on - off per example, median: "
