@@ -57,6 +57,8 @@ import sys
 import time
 from pathlib import Path
 
+from pyro_bbt.files import atomic_write_text
+
 # The parts of a fit that --profile reports: (label, file suffix, function name), cumulative seconds (nested
 # parts overlap; the final evaluations run after fit_posterior, so shares need not sum to 100 %).
 PARTS = (
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{f['wall_seconds']:.1f} s, {f['epochs']} epochs, converged {f['converged']}, B test {f['b_test_accuracy']:.4f}, "
                       f"ELBO {f['elbo']:.1f}", flush=True)
                 if args.out:  # every fit so far, so that a long comparison stopped part-way keeps what it measured
-                    args.out.write_text(json.dumps({"fits": fits, "summary": None}, indent=1) + "\n")
+                    atomic_write_text(args.out, json.dumps({"fits": fits, "summary": None}, indent=1) + "\n")
         result = {"fits": fits, "summary": verdict_summary(fits)}
         summary = result["summary"]
         print(f"off / on wall, median over seeds: {summary['median_wall_ratio']:.2f}x; ELBO on - off per example, median: "
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"polishing {summary[name]['polishing_seconds']:.1f} s, wall {summary[name]['wall_seconds']:.1f} s ({summary[name]['fits']} fits)")
         print(f"off / on: {summary['ratio_seconds_per_line_search']:.2f}x per line search, {summary['ratio_polishing_seconds']:.2f}x polishing")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -582,10 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tradeoff only: the heads of the grid (default the preset's: shared,multihead)")
     parser.add_argument("--seeds", type=_numbers(int), default=None, metavar="S,S", help="tradeoff only: the seeds of the grid (default the preset's)")
     parser.add_argument("--fractions", type=_numbers(float), default=None, metavar="F,F",
-                        help="tradeoff only: the fractions of B's training data, each in (0, 1] (default the preset's: 0.1 for converged, "
+                        help="tradeoff only: the fractions of B's training data, each in (0, 1] (default the preset's: 0.1 for quick and converged, "
                              "0.01,0.1,1 for paper)")
     parser.add_argument("--taus", type=_numbers(float), default=None, metavar="TAU,TAU",
-                        help="tradeoff only: transfer's prior broadenings (default the preset's: 1,3,10,100). These five flags (with --fractions) may change "
+                        help="tradeoff only: transfer's prior broadenings (default the preset's: 1,3,10,100). --heads, --seeds, --fractions, --taus and --lambdas may change "
                              "on --resume: the points the run already has are read back, the others fitted, and tradeoff.json holds the grid asked for")
     parser.add_argument("--lambdas", type=_numbers(float), default=None, metavar="LAMBDA,LAMBDA",
                         help="tradeoff only: EWC's penalties (default the preset's: 10,1000,100000)")
