@@ -316,33 +316,54 @@ def _cell(values) -> str:
     return f"{np.mean(values):.3f} ± {float(sample_std(values)):.3f}"
 
 
+def _knob_text(method: str, knob: float | None) -> str:
+    return "—" if knob is None else (f"τ = {knob:g}" if method == "transfer" else f"λ = {knob:g}")
+
+
 def tradeoff_table(rows: list[dict]) -> str:
-    """Markdown: per head and fraction, every point's B and A accuracy (mean ± std over seeds),
-    and how many of its fits converged (:func:`fit_status`; "—" for fixed budgets, rows made
-    before it was recorded included); a point read from a reused run is marked "(reused)"."""
+    """Markdown: per head and fraction, every point's B and A accuracy (mean ± std over seeds,
+    every fit), and how many of its fits converged (:func:`fit_status`; "—" for fixed budgets,
+    rows made before it was recorded included); a point read from a reused run is marked
+    "(reused)". Below the table, every fit that did not converge, by seed, with its accuracies,
+    and its point's mean ± std over the converged fits alone."""
     lines = ["| head | B fraction | method | knob | B test accuracy | A test accuracy after B | seeds | converged fits |",
              "|---|---|---|---|---|---|---|---|"]
+    notes = []
     grouped: dict = {}
     for r in rows:
         grouped.setdefault((r["head"], r["fraction"], r["method"], r["knob"]), []).append(r)
     for (head, fraction, method, knob), group in grouped.items():
-        knob_text = "—" if knob is None else (f"τ = {knob:g}" if method == "transfer" else f"λ = {knob:g}")
+        knob_text = _knob_text(method, knob)
         b, a = [r["b_test_accuracy"] for r in group], [r["a_test_after_accuracy"] for r in group]
         judged = [r["converged"] for r in group if r.get("converged") is not None]
         converged = f"{sum(judged)}/{len(group)}" if judged else "—"
         source = " (reused)" if any("from" in r for r in group) else ""
         lines.append(f"| {head} | {fraction:g} | {method}{source} | {knob_text} | {_cell(b)} | {_cell(a)} | {len(group)} | {converged} |")
-    return "\n".join(lines) + "\n"
+        failed = [r for r in group if r.get("converged") is False]
+        if failed:
+            kept = [r for r in group if r.get("converged")]
+            alone = (f"over the {len(kept)} converged fits alone B {_cell([r['b_test_accuracy'] for r in kept])}, "
+                     f"A {_cell([r['a_test_after_accuracy'] for r in kept])}") if kept else "no fit of this point converged"
+            seeds = "; ".join(f"seed {r['seed']}: B {r['b_test_accuracy']:.3f}, A {r['a_test_after_accuracy']:.3f}"
+                              + (f", {r['epochs']} epochs" if r.get("epochs") is not None else "") for r in failed)
+            notes.append(f"* NOT converged: {head}, B fraction {fraction:g}, {method} {knob_text}: {seeds} ({alone}).")
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def plot_tradeoff(rows: list[dict], path) -> None:
     """One panel per (head, fraction): A accuracy after B (x) against B accuracy (y); transfer a
-    curve over tau and EWC a curve over lambda, the other methods points; error bars: std over seeds."""
+    curve over tau and EWC a curve over lambda, the other methods points; error bars: std over seeds.
+    A point with a fit that did not converge is drawn hollow and labelled with how many did."""
     from .plots import save_figure, plt
 
     heads = list(dict.fromkeys(r["head"] for r in rows))
     fractions = list(dict.fromkeys(r["fraction"] for r in rows))
     grouped = _points(rows)
+    failed: dict = {}  # (head, fraction, method, knob) -> "k/n" where a fit of the point did not converge
+    for key in grouped:
+        group = [r for r in rows if (r["head"], r["fraction"], r["method"], r["knob"]) == key]
+        if any(r.get("converged") is False for r in group):
+            failed[key] = f"{sum(bool(r.get('converged')) for r in group)}/{len(group)}"
     fig, axes = plt.subplots(len(heads), len(fractions), figsize=(4.2 * len(fractions), 3.8 * len(heads)), squeeze=False)
     for i, head in enumerate(heads):
         for j, fraction in enumerate(fractions):
@@ -357,6 +378,12 @@ def plot_tradeoff(rows: list[dict], path) -> None:
                 a_err = [float(sample_std([p[1] for p in grouped[k]])) for k in keys]
                 style = "-o" if len(keys) > 1 else "s"
                 ax.errorbar(a, b, xerr=a_err, yerr=b_err, fmt=style, ms=4, capsize=2, color=COLORS.get(method), label=method)
+                unconverged = [n for n, k in enumerate(keys) if k in failed]
+                if unconverged:  # a point with a fit the verdict did not pass: hollow, and how many passed
+                    ax.plot(a[unconverged], b[unconverged], "o" if len(keys) > 1 else "s", ms=6, mfc="white", color=COLORS.get(method))
+                    for n in unconverged:
+                        ax.annotate(f"{failed[keys[n]]} converged", (a[n], b[n]), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                                    color=COLORS.get(method))
                 if len(keys) > 1:
                     for k, x, y in zip(keys, a, b):
                         ax.annotate(f"{k[3]:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=COLORS.get(method))

@@ -293,6 +293,8 @@ def test_a_converged_tradeoff_records_every_fit_and_reads_the_baselines_of_the_r
     table = tradeoff_table(rows)
     assert f"| {experiment.head} | 0.1 | scratch (reused) | — |" in table and "| transfer | τ = 10 |" in table
     assert next(line for line in table.splitlines() if "τ = 10" in line).endswith("| 1 | 0/1 |")
+    assert (f"* NOT converged: {experiment.head}, B fraction 0.1, transfer τ = 10: seed 0: B {rows[4]['b_test_accuracy']:.3f}, "
+            f"A {rows[4]['a_test_after_accuracy']:.3f}, 3 epochs (no fit of this point converged).") in table
 
     wider = TradeoffConfig(heads=(experiment.head,), fractions=(0.1, 0.01), seeds=(0,), taus=(1.0,), lambdas=(10.0,), experiment=experiment,
                            reuse={experiment.head: run_dir}, baselines=("joint",))
@@ -314,3 +316,24 @@ def test_fit_status_says_why_a_point_did_not_converge():
     assert fit_status({"early_stopping": {"stopped_by": "cap", "epochs": 6}}) == {"converged": False, "epochs": 6, "stopped_by": "cap"}
     assert fit_status({"early_stopping": {"stopped_by": "patience", "epochs": 4}})["converged"] is True
     assert fit_status({}) == {"converged": None}
+
+
+def test_the_tradeoff_table_and_figure_name_every_fit_that_did_not_converge(tmp_path):
+    """A point's mean is over all its fits; each fit the verdict did not pass is listed below the
+    table by seed, with the point's mean over its converged fits alone, and drawn hollow."""
+    from pyro_bbt.tradeoff import plot_tradeoff, tradeoff_table
+
+    def row(seed, knob, b, a, converged):
+        return {"head": "multihead", "fraction": 0.01, "method": "transfer", "knob": knob, "seed": seed, "b_test_accuracy": b,
+                "a_test_after_accuracy": a, "converged": converged, "epochs": 100 + seed}
+
+    rows = [row(0, 1.0, 0.8, 0.98, True), row(1, 1.0, 0.82, 0.99, True),
+            row(0, 3.0, 0.7, 0.55, True), row(1, 3.0, 0.65, 0.53, True), row(2, 3.0, 0.6, 0.37, False)]
+    table = tradeoff_table(rows)
+    assert "| multihead | 0.01 | transfer | τ = 3 | 0.650 ± 0.050 | 0.483 ± 0.099 | 3 | 2/3 |" in table
+    assert table.count("NOT converged") == 1
+    assert ("* NOT converged: multihead, B fraction 0.01, transfer τ = 3: seed 2: B 0.600, A 0.370, 102 epochs "
+            "(over the 2 converged fits alone B 0.675 ± 0.035, A 0.540 ± 0.014).") in table
+    assert "NOT converged" not in tradeoff_table(rows[:4])
+    plot_tradeoff(rows, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
