@@ -35,10 +35,7 @@ from pathlib import Path
 from pyro_bbt.engine import Unit, UnitOutcome, run_units
 from pyro_bbt.executors import Job, JobResult
 from pyro_bbt.files import atomic_write_json
-from pyro_bbt.plan import stage_key
-from pyro_bbt.units import unit_key
-
-NEEDS = {"transfer": "bayesian", "finetune": "bayesian", "ewc": "deterministic"}
+from pyro_bbt.plan import STAGE_NEEDED, Plan, StageSpec, UnitSpec, stage_key
 
 
 @dataclass(frozen=True)
@@ -91,25 +88,28 @@ def _never_called(*args) -> UnitOutcome:
 
 
 def load_run(run: Path, ewc_stage_seconds: float) -> list[Timed]:
-    """The units of a finished grid run in its plan's order (per seed: stages, then B units)."""
-    results = json.loads((run / "results.json").read_text())
-    timing = json.loads((run / "timing.json").read_text())
+    """The units of a finished grid run in its plan's order (:attr:`~pyro_bbt.plan.Plan.order`:
+    per seed, stages, then B units), each with the seconds it took."""
+    paths = [run / "results.json", run / "timing.json"]
+    if not all(p.is_file() for p in paths):
+        raise ValueError(f"{run} is not a finished run: it needs results.json and timing.json")
+    results, timing = (json.loads(p.read_text()) for p in paths)
     stage_seconds: dict[int, float] = defaultdict(float)
     for key, value in timing.items():
         parts = key.split("/")
         if parts[0] == "task_a" and len(parts) == 4 and parts[2] == "history":
             stage_seconds[int(parts[1])] += value
-    stages = [Timed(stage_key(a["kind"], a["seed"]), stage_seconds[i] if a["kind"] == "bayesian" else ewc_stage_seconds, None, a["seed"])
-              for i, a in enumerate(results["task_a"])]
+    seconds: dict[str, float] = {}
+    stages = []
+    for i, a in enumerate(results["task_a"]):
+        stages.append(StageSpec(a["seed"], a["kind"], 0))
+        seconds[stages[-1].key] = stage_seconds[i] if a["kind"] == "bayesian" else ewc_stage_seconds
     units = []
     for i, u in enumerate(results["units"]):
-        need = NEEDS.get(u["method"])
-        units.append(Timed(unit_key(u["method"], u["fraction"], u["seed"]), timing[f"units/{i}"],
-                           None if need is None else stage_key(need, u["seed"]), u["seed"]))
-    order: list[Timed] = []
-    for seed in dict.fromkeys(t.seed for t in (*stages, *units)):
-        order += [s for s in stages if s.seed == seed] + [u for u in units if u.seed == seed]
-    return order
+        need = STAGE_NEEDED.get(u["method"])
+        units.append(UnitSpec(u["method"], u["fraction"], u["seed"], 0, None if need is None else stage_key(need, u["seed"])))
+        seconds[units[-1].key] = timing[f"units/{i}"]
+    return [Timed(item.key, seconds[item.key], getattr(item, "needs", None), item.seed) for item in Plan(tuple(stages), tuple(units)).order]
 
 
 def chain_lengths(units: list[Timed], cost) -> dict[str, float]:
@@ -149,10 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ewc-stage-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    workers = [int(w) for w in args.workers.split(",")]
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+        if any(w < 1 for w in workers):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--workers must be integers >= 1, comma-separated, got {args.workers!r}")
+    try:
+        orders_by_run = {run: load_run(run, args.ewc_stage_seconds) for run in args.runs}
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
-    for run in args.runs:
-        order = load_run(run, args.ewc_stage_seconds)
+    for run, order in orders_by_run.items():
         total = sum(u.seconds for u in order)
         longest_chain = max(chain_lengths(order, lambda u: u.seconds).values())
         orders = {

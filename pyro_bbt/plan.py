@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from .config import ExperimentConfig
 from .units import load_task_pair, steps_for, unit_key
 
-__all__ = ["StageSpec", "UnitSpec", "Plan", "build_plan", "stage_key"]
+__all__ = ["StageSpec", "UnitSpec", "Plan", "build_plan", "stage_key", "STAGE_NEEDED"]
 
 STAGE_KINDS = ("bayesian", "deterministic")
+STAGE_NEEDED = {"transfer": "bayesian", "finetune": "bayesian", "ewc": "deterministic"}  # the task-A stage a B method needs
 
 
 def stage_key(kind: str, seed: int) -> str:
@@ -97,6 +98,6 @@ def build_plan(config: ExperimentConfig) -> Plan:
                 steps = steps_b
                 if method == "joint":
                     steps = steps_for(len(full.a.train) + n_b, 1, config.batch_size, steps_a + steps_b)
-                needs = {"transfer": "bayesian", "finetune": "bayesian", "ewc": "deterministic"}.get(method)
+                needs = STAGE_NEEDED.get(method)
                 units.append(UnitSpec(method, fraction, seed, steps, None if needs is None else stage_key(needs, seed)))
     return Plan(tuple(stages), tuple(units))

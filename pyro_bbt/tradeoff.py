@@ -359,11 +359,10 @@ def plot_tradeoff(rows: list[dict], path) -> None:
     heads = list(dict.fromkeys(r["head"] for r in rows))
     fractions = list(dict.fromkeys(r["fraction"] for r in rows))
     grouped = _points(rows)
-    failed: dict = {}  # (head, fraction, method, knob) -> "k/n" where a fit of the point did not converge
-    for key in grouped:
-        group = [r for r in rows if (r["head"], r["fraction"], r["method"], r["knob"]) == key]
-        if any(r.get("converged") is False for r in group):
-            failed[key] = f"{sum(bool(r.get('converged')) for r in group)}/{len(group)}"
+    verdicts: dict = {}
+    for r in rows:
+        verdicts.setdefault((r["head"], r["fraction"], r["method"], r["knob"]), []).append(r.get("converged"))
+    failed = {key: f"{sum(bool(v) for v in vs)}/{len(vs)}" for key, vs in verdicts.items() if False in vs}  # "k/n converged"
     fig, axes = plt.subplots(len(heads), len(fractions), figsize=(4.2 * len(fractions), 3.8 * len(heads)), squeeze=False)
     for i, head in enumerate(heads):
         for j, fraction in enumerate(fractions):

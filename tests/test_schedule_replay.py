@@ -44,3 +44,8 @@ def test_a_run_is_read_as_stages_then_units_per_seed_with_stage_seconds_from_its
     assert [r["workers"] for r in rows] == [1, 2] and rows[0]["makespan"]["plan"] == pytest.approx(40.0)
     assert all(r["makespan"]["critical path (oracle)"] >= r["lower_bound"] - 1e-9 for r in rows)
     assert "W=2" in capsys.readouterr().out
+    for argv, message in ((["--runs", str(tmp_path)], f"{tmp_path} is not a finished run: it needs results.json and timing.json"),
+                          (["--runs", str(run), "--workers", "0,2"], "--workers must be integers >= 1, comma-separated, got '0,2'")):
+        with pytest.raises(SystemExit) as exit_info:
+            replay.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
