@@ -70,7 +70,8 @@ class FitRecipe:
     alone. The loss is the full-data negative ELBO with the ``kl_schedule``'s weights
     (:mod:`pyro_bbt.inference`), its KL times ``kl_beta`` (1: the ELBO; below 1, tempered).
     ``checkpoint_seconds``: :attr:`~pyro_bbt.inference.TrainConfig.checkpoint_seconds` (how often
-    a fit with a store saves its state; not what it computes).
+    a fit with a store saves its state; not what it computes). ``compile``:
+    :attr:`~pyro_bbt.inference.TrainConfig.compile` (the Adam steps under ``torch.compile``).
     """
 
     lr: float
@@ -87,6 +88,7 @@ class FitRecipe:
     verdict: VerdictConfig | None = VerdictConfig()
     kl_beta: float = 1.0
     checkpoint_seconds: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("rule", "steps", "epochs") if getattr(self, name) is not None]
@@ -130,6 +132,7 @@ class FitRecipe:
             verdict=self.verdict,
             warn_unconverged=False,  # the fit's record says so
             checkpoint_seconds=self.checkpoint_seconds,
+            compile=self.compile,
         )
 
 

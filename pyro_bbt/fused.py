@@ -187,11 +187,22 @@ def local_elbo_terms(locs: list[torch.Tensor], rhos: list[torch.Tensor], prior_l
 _COMPILED: dict[str, object] = {}
 
 
+# Graphs dynamo may keep for local_elbo_terms: one per minibatch shape, prior layout (scalar or
+# per-weight) and head. A worker running a grid's units meets about twenty (q_A's, each fraction's
+# full and last minibatch, transfer's per-weight priors, two heads); past torch's default of 8 it
+# would silently run the function eagerly.
+RECOMPILE_LIMIT = 64
+
+
 def compiled_local_elbo_terms(backend: str = "inductor"):
     """:func:`local_elbo_terms` under ``torch.compile`` with ``backend`` (``inductor``: fused C++
     kernels; ``eager``: traced by dynamo but run by eager torch, for tests), built on first use
-    and kept for the process (dynamo keeps one graph per input shape and prior layout)."""
+    and kept for the process (dynamo keeps one graph per input shape and prior layout, up to
+    :data:`RECOMPILE_LIMIT`: torch's ``recompile_limit`` is raised to it where lower)."""
     if backend not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[backend] = torch.compile(local_elbo_terms, backend=backend, dynamic=False)
     return _COMPILED[backend]
 

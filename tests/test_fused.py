@@ -245,3 +245,59 @@ def test_the_compiled_step_and_the_eager_path_share_their_arithmetic():
     torch.manual_seed(11)
     assert torch.equal(logits, model.local_reparameterized_logits(x, posterior))
     torch.testing.assert_close(weighted_kl, FastMeanFieldOps().kl(model, posterior), rtol=1e-6, atol=0)
+
+
+def test_the_compile_flag_reaches_every_bayesian_fit_of_a_run():
+    """``--compile`` (``ExperimentConfig.compile``) sets ``TrainConfig.compile`` for q_A's recipe,
+    B's fixed budget and B's converged recipe alike, and so the compiled seam; off by default and
+    then absent from the record (a stored run still resumes); a value that is not a bool is refused
+    in one line."""
+    from pyro_bbt.config import ExperimentConfig
+    from pyro_bbt.objectives import CompiledMeanFieldOps, FastMeanFieldOps, mean_field_ops
+    from pyro_bbt.transfer import build_parser, config_from_args
+
+    on = config_from_args(build_parser().parse_args(["--compile", "--fit-b", "rule"]))
+    off = config_from_args(build_parser().parse_args(["--fit-b", "rule"]))
+    for config, kind in ((on, CompiledMeanFieldOps), (off, FastMeanFieldOps)):
+        for recipe in (config.recipe_a(), config.recipe_b(50), config.recipe_b_converged(300)):
+            train_config = recipe.train_config(seed=0)
+            assert type(mean_field_ops(fast=train_config.fast, compile=train_config.compile)) is kind
+    assert on.to_dict()["compile"] is True and "compile" not in off.to_dict()
+    assert ExperimentConfig(**on.to_dict()) == on
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        ExperimentConfig(compile="yes")
+
+
+def test_the_epoch_cost_bench_refuses_bad_arguments_in_one_line(capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("epoch_cost")
+    assert bench.parse_args(["--rows", "b-0.01,a"]).rows == ("b-0.01", "a")
+    for argv, message in ((["--rows", "b-0.5"], "--rows 'b-0.5': unknown b-0.5; allowed: b-0.01, b-0.1, a"),
+                          (["--epochs", "0"], "--epochs must be at least 1"), (["--rounds", "0"], "--rounds must be at least 1"),
+                          (["--a-images", "0"], "--a-images must be at least 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_compiled_step_keeps_a_graph_for_every_minibatch_shape_a_grid_meets():
+    """A worker running a grid's units meets more minibatch shapes than torch's default of 8
+    graphs per function (past it, dynamo runs the function eagerly without a word): twelve
+    shapes, under the ``eager`` backend, each get a graph of their own."""
+    from torch._dynamo.utils import counters
+
+    from pyro_bbt.fused import RECOMPILE_LIMIT, compiled_local_elbo_terms
+
+    step = compiled_local_elbo_terms("eager")
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 12
+    generator = torch.Generator().manual_seed(0)
+    locs = [torch.randn(5, 6, generator=generator), torch.zeros(5), torch.randn(3, 5, generator=generator), torch.zeros(3)]
+    rhos = [torch.full_like(t, -3.0) for t in locs]
+    before = counters["stats"]["unique_graphs"]
+    for batch in range(101, 113):  # sizes no other test compiles
+        x, y = torch.rand(batch, 6, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
+        eps = [torch.randn(batch, 5, generator=generator), torch.randn(batch, 3, generator=generator)]
+        loss, *_ = step(locs, rhos, [torch.tensor(0.0)] * 4, [torch.tensor(1.0)] * 4, x, y, eps, None, torch.tensor(1.0), torch.tensor(1.0))
+        assert torch.isfinite(loss)
+    assert counters["stats"]["unique_graphs"] - before == 12
