@@ -31,7 +31,6 @@ measures it warm)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
