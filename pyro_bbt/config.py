@@ -103,7 +103,7 @@ class ExperimentConfig:
     ``compile``: every Bayesian fit's Adam steps (the fit's and its continuations', one weight
     draw per step under the ``local`` estimator and a Gaussian prior) run as one function under
     ``torch.compile`` (:class:`~pyro_bbt.objectives.CompiledMeanFieldOps`): the same steps to
-    float rounding, each 1.1-1.4x cheaper on this machine, after a compilation of 20-65 s per
+    float rounding, each 1.08-1.31x cheaper on this machine, after a compilation of 28-48 s per
     process and minibatch shape (``benchmarks/epoch_cost.py``). Rounding differs, so over a fit of
     thousands of epochs the path differs too: a field of the run, not of how it is run.
 
