@@ -451,8 +451,9 @@ GRID_FIELDS: tuple[str, ...] = ("methods", "fractions", "seeds")
 
 # The Bayesian fits' epoch caps. A fit's epochs before its cap do not depend on it (the cap only
 # ends the loop), so ``--resume`` may raise them: a fit in progress, or not yet started, runs to
-# the new cap; a finished fit keeps the record it ended with (one that ended at the old cap stays
-# unconverged, and its record names that cap).
+# the new cap; on the A -> B grid a finished fit keeps the record it ended with (one that ended at
+# the old cap stays unconverged, and its record names that cap). The split sequence's fits that
+# ended at the old cap run on from their kept checkpoints (``Unit.capped``, pyro_bbt.engine).
 CAP_FIELDS: tuple[str, ...] = ("max_epochs_a", "max_epochs_b")
 
 # The verdict's added draws (what a configuration that omits one means: none). ``--resume`` may

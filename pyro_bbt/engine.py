@@ -22,6 +22,12 @@ alone, the layout their run directories have always had).
 
 The outcomes come back keyed by unit, so the summary a study builds from them does not depend on
 the order in which units finished, hence not on the executor or its number of workers.
+
+Raised caps: a unit that says where its fit stopped (:attr:`Unit.capped`) and that stopped,
+unconverged, at a cap below the one it now runs under (:attr:`Unit.cap`) is not read back but
+run again, from the checkpoint the store kept of it, and so is every unit that needs it, directly
+or not. A fit's epochs before its cap do not depend on the cap, so the run ends as a run with the
+new cap from the start would.
 """
 
 from __future__ import annotations
@@ -80,6 +86,12 @@ class Unit:
     ``need`` it needs failed (``error``: that unit's error, not run then); default
     :func:`default_failure`.
 
+    ``capped(record)``: the cap (epochs) at which the fit whose record this is stopped
+    unconverged, ``None`` if it did not stop at one; ``cap``: the cap it runs under now (``None``:
+    none). With ``capped`` set, the store keeps the last checkpoint of a unit that stopped at its
+    cap, and a rerun whose ``cap`` is higher (or ``None``) runs it on from there instead of reading
+    its record back (with every unit that needs it). Without ``capped`` a finished unit is final.
+
     ``kept`` is how a store holds it once finished. ``"record"``: its record under ``units/``
     (and its state under ``stages/`` when another unit needs it), read back by a rerun instead of
     running it. ``"state"``: its state alone under ``stages/`` (the A -> B grid's task-A stages):
@@ -94,6 +106,17 @@ class Unit:
     needs: tuple[str, ...] = ()
     failed: Callable[[str, str | None], UnitOutcome] = default_failure
     kept: Literal["record", "state"] = "record"
+    capped: Callable[[dict], int | None] | None = None
+    cap: int | None = None
+
+    def stopped_at_cap(self, record: dict) -> bool:
+        """Whether ``record`` is of a fit that stopped unconverged at its cap."""
+        return self.capped is not None and self.capped(record) is not None
+
+    def reopens(self, record: dict) -> bool:
+        """Whether a stored ``record`` stopped at a cap below the unit's ``cap`` now."""
+        stopped = self.capped(record) if self.capped is not None else None
+        return stopped is not None and (self.cap is None or self.cap > stopped)
 
 
 @dataclass
@@ -154,8 +177,15 @@ def run_units(
     shared: dict[str, Any] = {}
     given: dict[str, dict | None] = {}  # the store's copy of the state of a unit kept by its state, while it runs
     waiting: list[Unit] = []
+    reopened: set[str] = set()  # stored units that run again: a raised cap, or a unit they need does
     for unit in units:
         outcome = _stored(unit, store, needed)
+        upstream = any(n in reopened for n in unit.needs)
+        if outcome is not None and (upstream or unit.reopens(outcome.record)):
+            reopened.add(unit.key)
+            if upstream:  # a checkpoint it kept was made on what it needs as that was
+                store.clear_checkpoint(unit.key)
+            outcome = None
         if outcome is None:
             waiting.append(unit)
         else:
@@ -172,9 +202,10 @@ def run_units(
             if not outcome.failed and outcome.state is None:  # rebuilt from the store's copy
                 outcome = UnitOutcome(outcome.record, saved)
         elif keep and store is not None:
+            capped = unit.stopped_at_cap(outcome.record)
             if outcome.state is not None and unit.key in needed:
-                store.save_stage(unit.key, outcome.state)
-            store.save_record(unit.key, outcome.record)
+                store.save_stage(unit.key, outcome.state, keep_checkpoint=capped)
+            store.save_record(unit.key, outcome.record, keep_checkpoint=capped)
         if not keep:
             crashed.add(unit.key)
         done[unit.key] = outcome

@@ -150,9 +150,12 @@ class RunStore:
     def record(self, key: str) -> dict | None:
         return self._read(self._path("units", key, ".json"), key, "record", lambda path: json.loads(path.read_text()))
 
-    def save_record(self, key: str, record: dict) -> None:
+    def save_record(self, key: str, record: dict, keep_checkpoint: bool = False) -> None:
+        """Keep ``key``'s finished ``record`` and drop its checkpoint, unless ``keep_checkpoint``
+        (a fit that stopped at its cap unconverged: a resume that raises the cap continues it)."""
         atomic_write_json(self._path("units", key, ".json"), self._header(key) | {"record": record})
-        self.clear_checkpoint(key)
+        if not keep_checkpoint:
+            self.clear_checkpoint(key)
 
     # tensors: finished stages and epoch checkpoints
     def _load_pt(self, path: Path, key: str, free: frozenset[str] = frozenset()) -> dict | None:
@@ -161,9 +164,10 @@ class RunStore:
     def stage(self, key: str) -> dict | None:
         return self._load_pt(self._path("stages", key, ".pt"), key, self.stage_free_fields)
 
-    def save_stage(self, key: str, data: dict) -> None:
+    def save_stage(self, key: str, data: dict, keep_checkpoint: bool = False) -> None:
         atomic_torch_save(self._header(key) | {"data": data}, self._path("stages", key, ".pt"))
-        self.clear_checkpoint(key)
+        if not keep_checkpoint:
+            self.clear_checkpoint(key)
 
     def checkpoint(self, key: str) -> dict | None:
         payload = self._read(self._path("checkpoints", key, ".pt"), key, None,
@@ -223,10 +227,10 @@ class ReadOnlyStore(RunStore):
         (``grid_fields``, ``raisable_fields``, ``stage_free_fields``)."""
         super().__init__(root, config, on_damaged=None, **differences)
 
-    def save_record(self, key: str, record: dict) -> None:
+    def save_record(self, key: str, record: dict, keep_checkpoint: bool = False) -> None:
         pass
 
-    def save_stage(self, key: str, data: dict) -> None:
+    def save_stage(self, key: str, data: dict, keep_checkpoint: bool = False) -> None:
         pass
 
     def checkpoint(self, key: str) -> dict | None:

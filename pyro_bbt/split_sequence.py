@@ -112,7 +112,7 @@ from .units import HeadView, check_finite_training, ewc_train_config, steps_for,
 
 __all__ = [
     "SCENARIOS", "SPLIT_METHODS", "FITS", "JOINTS", "SPLIT_PAIRS", "SPLIT_PRESETS", "SplitConfig", "SplitPreset", "SplitTask",
-    "MEAN_INITS", "STARTS", "CORESETS", "split_tasks", "load_split_task", "load_split_val", "check_split_methods", "check_split_protocol", "check_split_ewc", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split",
+    "MEAN_INITS", "STARTS", "CORESETS", "split_tasks", "load_split_task", "load_split_val", "check_split_methods", "check_split_protocol", "check_split_ewc", "max_likelihood_means", "method_summary", "accuracy_row", "run_split_sequence", "new_split_posterior", "next_prior", "plan_split", "fit_capped_at",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -713,23 +713,42 @@ def _joint_tasks(split: SplitConfig) -> list[int]:
     return [len(SPLIT_PAIRS) - 1] if split.joint == "last" else list(range(len(SPLIT_PAIRS)))
 
 
+def fit_capped_at(record: dict) -> int | None:
+    """The cap (epochs) at which the fit of a Bayesian unit's ``record`` stopped unconverged;
+    ``None`` if it converged, failed, or ran a fixed budget (no cap). Its coreset fits, if any,
+    are not looked at."""
+    fit = record.get("fit") if record.get("status") == "ok" else None
+    convergence = fit.get("convergence") if isinstance(fit, dict) else None
+    if not isinstance(convergence, dict) or convergence.get("converged", True):
+        return None
+    cap = convergence.get("max_epochs")
+    return cap if cap is not None and fit.get("epochs", 0) >= cap else None
+
+
 def plan_split(config: ExperimentConfig, split: SplitConfig) -> list[Unit]:
-    """The units of the sequence for every seed and method of ``config``."""
+    """The units of the sequence for every seed and method of ``config``. Fitted by the rule, each
+    Bayesian fit's unit says where it stopped (:func:`fit_capped_at`), so a resume that raises
+    ``max_epochs_a`` runs a fit that stopped at the old cap on to the new one, and every later
+    task of its chain again (:mod:`pyro_bbt.engine`, "Raised caps"). EWC's nets (early stopping)
+    keep their records."""
     methods = check_split_methods(config.methods, split.scenario, config.guide)
     check_split_protocol(split, config.guide)
+    cap = config.recipe_a().cap if split.fit == "rule" else None  # None: a fixed budget, no cap to raise
+    bayesian = dict(capped=fit_capped_at, cap=cap) if cap is not None else {}
     units: list[Unit] = []
     for seed in config.seeds:
         chained = [m for m in methods if m in ("transfer", "finetune")]
         if chained:
             key = f"split-first-s{seed}"
-            units.append(Unit(key, first_task_unit, (config, split, seed, key)))
+            units.append(Unit(key, first_task_unit, (config, split, seed, key), **bayesian))
         for method in chained:
             keys = _chain_keys(method, seed)
-            units += [Unit(keys[t], chain_unit, (config, split, method, seed, t, keys[t]), needs=(keys[t - 1],)) for t in range(1, len(keys))]
+            units += [Unit(keys[t], chain_unit, (config, split, method, seed, t, keys[t]), needs=(keys[t - 1],), **bayesian)
+                      for t in range(1, len(keys))]
         if "joint" in methods:
             for i, t in enumerate(_joint_tasks(split)):
                 key = f"split-joint-t{t}-s{seed}"
-                units.append(Unit(key, joint_unit, (config, split, seed, t, i == 0, key)))
+                units.append(Unit(key, joint_unit, (config, split, seed, t, i == 0, key), **bayesian))
         if "ewc" in methods:
             units.append(Unit(f"split-ewc-s{seed}", ewc_unit, (config, split, seed)))
     return units

@@ -12,7 +12,8 @@ per-epoch checkpoints) is kept under ``DIR/units``, ``DIR/stages`` and ``DIR/che
 ``--resume`` continues an interrupted run, whatever the mode; for the A -> B grid it may also
 name other ``--methods``, ``--fractions`` or ``--seeds`` (every other setting the same), and the
 stored fits are reused: a converged q_A is not fitted again to add a fraction. It may also
-raise ``--max-epochs-a`` / ``--max-epochs-b``: fits in progress and to come run to the new cap.
+raise ``--max-epochs-a`` / ``--max-epochs-b``: fits in progress and to come run to the new cap (and
+under ``--sequence split`` a fit that ended at the old cap runs on, with the tasks after it).
 
 Units run one after another in this process (``--executor serial``, the default), in a pool
 of ``--workers N`` local processes (``--executor processes``), or as Ray tasks, at most
@@ -363,8 +364,9 @@ def run_description(config: ExperimentConfig, split: SplitConfig | None, sequenc
 def sequence_raisable(split: SplitConfig | None) -> dict[str, None]:
     """The fields a ``--sequence`` run's ``--resume`` may raise: the epoch caps for the split
     sequence, whose units are one fit each (a task's fit, a chain's step), so a fit in progress
-    or to come runs to the new cap and a finished one keeps the record it ended with, as on the
-    A -> B grid; none for the rotation and permutation chains."""
+    or to come runs to the new cap, and one that ended at the old cap unconverged runs on from its
+    kept checkpoint, with the later tasks of its chain (:func:`~pyro_bbt.split_sequence.plan_split`);
+    none for the rotation and permutation chains."""
     return {name: None for name in CAP_FIELDS} if split is not None else {}
 
 
@@ -398,7 +400,8 @@ def _prepare_out_dir(out: Path, config: ExperimentConfig, args: argparse.Namespa
             parts = (("the grid changes", GRID_FIELDS), ("a cap rises", CAP_FIELDS), ("the verdict's draws rise", PRECISION_FIELDS),
                      ("the checkpoint interval changes", RUN_FIELDS))
             what = " and ".join(part for part, names in parts if fields & set(names))
-            caps = "; a finished fit keeps the record it ended with, fits in progress and to come run to the new cap" if fields & set(CAP_FIELDS) else ""
+            caps = ("; fits in progress and to come run to the new cap, " + ("and those that ended at the old cap run on, with the tasks after them"
+                    if split is not None else "a finished fit keeps the record it ended with")) if fields & set(CAP_FIELDS) else ""
             draws = ("; judgements already made keep their draws, those to come use the new cap, and a fit in progress records the rise "
                      "(raised_on_resume)") if fields & set(PRECISION_FIELDS) else ""
             print(f"--resume: {what} ({'; '.join(differences)}); stored stages and units are reused{caps}{draws}", file=sys.stderr, flush=True)

@@ -125,3 +125,50 @@ def test_a_unit_says_how_it_fails_when_it_raises_or_what_it_needs_failed(tmp_pat
     assert out["a"].record["error"].startswith("own: Traceback") and out["a"].record["need"] is None
     assert out["b"].record == {"status": "failed", "error": f"own: {out['a'].record['error']}", "need": "a"}
     assert not (tmp_path / "units").exists() or not any((tmp_path / "units").iterdir())  # a raised: neither is kept
+
+
+def _epochs_to_ten(key: str, cap: int, checkpoint: dict | None, on_checkpoint) -> UnitOutcome:
+    """A "fit" that needs 10 epochs, stopped at ``cap``, checkpointed every epoch, continuing from
+    ``checkpoint``: its state is its epoch count."""
+    start = checkpoint["epoch"] if checkpoint is not None else 0
+    CALLS.append(f"{key} from {start}")
+    epoch = start
+    while epoch < min(cap, 10):
+        epoch += 1
+        if on_checkpoint is not None:
+            on_checkpoint(key, {"epoch": epoch})
+    return UnitOutcome({"status": "ok", "epochs": epoch, "converged": epoch >= 10, "max_epochs": cap}, {"total": torch.tensor(float(epoch))})
+
+
+def _capped_at(record: dict) -> int | None:
+    return record["max_epochs"] if not record["converged"] and record["epochs"] >= record["max_epochs"] else None
+
+
+def _capped_plan(cap: int) -> list[Unit]:
+    return [Unit("fit", _epochs_to_ten, ("fit", cap), capped=_capped_at, cap=cap),
+            Unit("after", _add, ("after", 100.0), needs=("fit",)),
+            Unit("apart", _add, ("apart", 1.0))]
+
+
+def test_a_raised_cap_runs_a_capped_unit_on_from_its_kept_checkpoint_and_what_needs_it_again(tmp_path):
+    """A unit that stopped unconverged at its cap keeps its checkpoint; a rerun under the same cap
+    reads everything back; under a higher cap it continues from the checkpoint, the unit that
+    needs it runs again (on the new state), the one apart does not, and the outcomes equal a run
+    under the higher cap from the start."""
+    CALLS.clear()
+    store = lambda root: RunStore(root, {"study": "caps"})
+    out = run_units(_capped_plan(4), store=store(tmp_path / "raised"))
+    assert CALLS == ["fit from 0", "after", "apart"] and out["after"].record["total"] == 104.0
+    assert (tmp_path / "raised" / "checkpoints" / "fit.pt").exists()  # stopped at its cap: kept
+    CALLS.clear()
+    run_units(_capped_plan(4), store=store(tmp_path / "raised"))
+    assert CALLS == []
+    raised = run_units(_capped_plan(12), store=store(tmp_path / "raised"))
+    assert CALLS == ["fit from 4", "after"]
+    assert raised["fit"].record == {"status": "ok", "epochs": 10, "converged": True, "max_epochs": 12}
+    assert not (tmp_path / "raised" / "checkpoints" / "fit.pt").exists()  # converged: dropped
+    CALLS.clear()
+    fresh = run_units(_capped_plan(12), store=store(tmp_path / "fresh"))
+    assert CALLS == ["fit from 0", "after", "apart"]
+    assert {k: o.record for k, o in raised.items()} == {k: o.record for k, o in fresh.items()}
+    assert not (tmp_path / "fresh" / "checkpoints" / "fit.pt").exists()

@@ -479,3 +479,32 @@ def test_a_b_fit_before_its_cap_does_not_depend_on_the_cap(tmp_path):
     assert len(short["history"]) == 12 and len(long["history"]) > 12
     assert [e["elbo"] for e in short["history"]] == [e["elbo"] for e in long["history"][:12]]
     assert [p["epoch"] for p in short["curve"]] == [1, 2, 5, 12] and [p["epoch"] for p in long["curve"] if p["epoch"] <= 12] == [1, 2, 4, 9]
+
+
+def test_split_resume_raises_a_cap_and_a_fit_that_stopped_at_the_old_one_runs_on(tmp_path, monkeypatch, capsys):
+    """The split sequence run to the end under a cap of 4 (its first fit stops there unconverged,
+    its checkpoint kept), then resumed with a cap of 12: the first fit continues from that
+    checkpoint (its first new epoch is past 4), the chain after it is fitted again, and the
+    results equal a run capped at 12 from the start."""
+    one = [a if a != "transfer,ewc,joint" else "transfer" for a in SPLIT_TINY if a not in ("--joint", "last")]
+    capped = [a for i, a in enumerate(one) if a != "--max-epochs-a" and (i == 0 or one[i - 1] != "--max-epochs-a")]
+    whole, out = tmp_path / "whole", tmp_path / "raised"
+    assert main([*capped, "--max-epochs-a", "12", "--out", str(whole)]) == 0
+    assert main([*capped, "--max-epochs-a", "4", "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())["methods"]["transfer"]["per_seed"][0]["fits"][0]
+    assert first["epochs"] == 4 and not first["convergence"]["converged"]
+    assert (out / "checkpoints" / "split-first-s0.pt").exists()
+
+    saved_checkpoint, epochs = RunStore.save_checkpoint, []
+
+    def watched(self, name, data):
+        if name == "split-first-s0":
+            epochs.append(data["train_state"]["epoch"])
+        saved_checkpoint(self, name, data)
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", watched)
+    capsys.readouterr()
+    assert main([*capped, "--max-epochs-a", "12", "--out", str(out), "--resume"]) == 0
+    assert "a cap rises (max_epochs_a: 4 -> 12)" in capsys.readouterr().err
+    assert epochs and min(epochs) > 4, epochs
+    assert json.loads((out / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
