@@ -367,14 +367,40 @@ def merge_timing(timings: list[dict], unit_counts: list[int]) -> dict:
     return merged
 
 
+def _split_fits_below_cap(results: dict) -> str | None:
+    """The first fit of a ``--sequence split`` run that did not end below its run's cap
+    (``max_epochs_a``, every task's fit and EWC's nets): a Bayesian fit by the rule not converged
+    or at the cap, an EWC net not stopped by its patience; ``None`` if there is none."""
+    cap = _cap(results["config"], "max_epochs_a")
+    for method, entry in results["methods"].items():
+        for seed_entry in entry["per_seed"]:
+            if seed_entry.get("error"):
+                return f"{method}, seed {seed_entry['seed']} (failed)"
+            for fit in seed_entry["fits"]:
+                what = f"{method}, seed {seed_entry['seed']}, task {fit.get('task')}"
+                stopping = fit.get("early_stopping")
+                if stopping is not None and stopping.get("stopped_by") != "patience":
+                    return what
+                convergence = fit.get("convergence")
+                if stopping is None and results["fit"] == "rule" and (not convergence or not convergence.get("converged")
+                                                                      or convergence["epochs"] >= cap):
+                    return what
+    return None
+
+
 def merge_split_runs(runs: list[dict]) -> list[dict]:
     """One ``results.json`` per scenario: runs of the same scenario made apart for different
     ``--methods`` or ``--seeds``, or both (``--methods transfer --seeds 0``, ``--methods
     ewc,joint --seeds 1``, ...) are merged into one whose ``methods`` hold every run's, each
     method's seeds pooled in seed order with its summary recomputed. Their configurations must
     agree except in ``methods`` and ``seeds`` and their fit mode must be the same; a method and
-    seed given by two runs of one scenario is refused (``ValueError``)."""
+    seed given by two runs of one scenario is refused (``ValueError``). The cap
+    (``max_epochs_a``) and the checkpoint interval may also differ when every fit of both runs
+    ended below its own run's cap (:func:`_split_fits_below_cap`): a fit's epochs before its cap
+    do not depend on it, so each is the fit either cap gives; the merged run's ``warnings`` then
+    name the caps."""
     merged: dict[str, dict] = {}
+    loose = (*CAP_FIELDS, *RUN_FIELDS)
     for results in runs:
         scenario = results["scenario"]
         if scenario not in merged:
@@ -385,6 +411,15 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
                         if k not in ("methods", "seeds") and into["config"].get(k) != results["config"].get(k))
         if results["fit"] != into["fit"]:
             differ.insert(0, "fit")
+        if differ and all(k in loose for k in differ):
+            unfinished = _split_fits_below_cap(into) or _split_fits_below_cap(results)
+            if unfinished is not None:
+                raise ValueError(f"two {scenario}-scenario runs differ in {', '.join(differ)}, and the fit {unfinished} did not end "
+                                 "below its run's cap: runs whose caps differ merge only when every fit in them did")
+            for k in (k for k in differ if k in CAP_FIELDS):
+                into.setdefault("merged_caps", {}).setdefault(k, set()).update(_cap(r["config"], k) for r in (into, results))
+                into["config"] = {**into["config"], k: max((r["config"].get(k) for r in (into, results)), key=lambda v: float("inf") if v is None else v)}
+            differ = []
         if differ:
             raise ValueError(f"two {scenario}-scenario runs differ in {', '.join(differ)}: only runs of one configuration merge")
         for method, entry in results["methods"].items():
@@ -406,6 +441,10 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
         into["warnings"] += results.get("warnings", [])
         if "joint" in results["methods"]:
             into["joint"] = results.get("joint", "every")
+    for into in merged.values():
+        for k, caps in into.pop("merged_caps", {}).items():
+            into["warnings"].append(f"{into['scenario']} scenario: runs with {k} {', '.join(f'{c:g}' for c in sorted(caps))} merged; "
+                                    "every fit ended below its run's cap")
     return list(merged.values())
 
 

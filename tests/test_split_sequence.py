@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -574,3 +575,26 @@ def test_the_split_paper_preset_fits_as_the_a_to_b_paper_preset_and_paper_v1_as_
     assert "--preset paper-v2 is a preset of the A -> B experiment; --sequence split's are paper, paper-v1, quick, vcl, vcl-swaroop" in capsys.readouterr().err
     assert main(["--preset", "vcl", "--out", "unused"]) == 2
     assert "--preset vcl is a preset of --sequence split" in capsys.readouterr().err
+
+
+def test_report_merges_runs_whose_caps_differ_only_when_every_fit_ended_below_its_cap(single_torch_thread):
+    """Two seeds of joint fitted by the rule in runs capped at 3,000 and 12,000 epochs: merged, the
+    larger cap kept and named in a warning, when every fit converged below its run's cap; refused,
+    naming the fit, when one stopped at its cap (it might have gone on under the other run's)."""
+    joint = run_sequence(_config("domain", methods=("joint",)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed", joint="last"))
+
+    def by_rule(seed: int, cap: int, epochs: int, converged: bool) -> dict:
+        run = copy.deepcopy(joint)
+        run["fit"], run["config"] = "rule", {**run["config"], "seeds": [seed], "max_epochs_a": cap}
+        entry = run["methods"]["joint"]["per_seed"][0]
+        entry["seed"] = seed
+        entry["fits"][0] |= {"epochs": epochs, "convergence": {"converged": converged, "epochs": epochs, "max_epochs": cap}}
+        return run
+
+    (merged,) = merge_split_runs([by_rule(0, 3000, 296, True), by_rule(1, 12000, 4863, True)])
+    assert merged["config"]["max_epochs_a"] == 12000 and [e["seed"] for e in merged["methods"]["joint"]["per_seed"]] == [0, 1]
+    assert merged["warnings"][-1] == "domain scenario: runs with max_epochs_a 3000, 12000 merged; every fit ended below its run's cap"
+    with pytest.raises(ValueError, match="differ in max_epochs_a, and the fit joint, seed 0, task 4 did not end below its run's cap"):
+        merge_split_runs([by_rule(0, 3000, 3000, False), by_rule(1, 12000, 4863, True)])
+    with pytest.raises(ValueError, match="only runs of one configuration merge"):
+        merge_split_runs([by_rule(0, 3000, 296, True), {**by_rule(1, 12000, 4863, True), "fit": "fixed"}])
