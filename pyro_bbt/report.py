@@ -394,11 +394,10 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
     ewc,joint --seeds 1``, ...) are merged into one whose ``methods`` hold every run's, each
     method's seeds pooled in seed order with its summary recomputed. Their configurations must
     agree except in ``methods`` and ``seeds`` and their fit mode must be the same; a method and
-    seed given by two runs of one scenario is refused (``ValueError``). The cap
-    (``max_epochs_a``) and the checkpoint interval may also differ when every fit of both runs
-    ended below its own run's cap (:func:`_split_fits_below_cap`): a fit's epochs before its cap
-    do not depend on it, so each is the fit either cap gives; the merged run's ``warnings`` then
-    name the caps."""
+    seed given by two runs of one scenario is refused (``ValueError``). The checkpoint interval
+    may differ; the cap (``max_epochs_a``) may when every fit of both runs ended below its own
+    run's cap (:func:`_split_fits_below_cap`): a fit's epochs before its cap do not depend on it,
+    so each is the fit either cap gives; the merged run's ``warnings`` then name the caps."""
     merged: dict[str, dict] = {}
     loose = (*CAP_FIELDS, *RUN_FIELDS)
     for results in runs:
@@ -412,7 +411,7 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
         if results["fit"] != into["fit"]:
             differ.insert(0, "fit")
         if differ and all(k in loose for k in differ):
-            unfinished = _split_fits_below_cap(into) or _split_fits_below_cap(results)
+            unfinished = (_split_fits_below_cap(into) or _split_fits_below_cap(results)) if set(differ) & set(CAP_FIELDS) else None
             if unfinished is not None:
                 raise ValueError(f"two {scenario}-scenario runs differ in {', '.join(differ)}, and the fit {unfinished} did not end "
                                  "below its run's cap: runs whose caps differ merge only when every fit in them did")

@@ -598,3 +598,14 @@ def test_report_merges_runs_whose_caps_differ_only_when_every_fit_ended_below_it
         merge_split_runs([by_rule(0, 3000, 3000, False), by_rule(1, 12000, 4863, True)])
     with pytest.raises(ValueError, match="only runs of one configuration merge"):
         merge_split_runs([by_rule(0, 3000, 296, True), {**by_rule(1, 12000, 4863, True), "fit": "fixed"}])
+
+
+def test_report_merges_split_runs_whose_checkpoint_interval_alone_differs(single_torch_thread):
+    """How often a run checkpoints does not change what it computes: such runs merge without the
+    caps' condition, and without a warning."""
+    ewc = run_sequence(_config("domain", methods=("ewc",)), "split", log=lambda m: None, split=SplitConfig("domain", fit="fixed"))
+    other = copy.deepcopy(ewc)
+    other["config"] = {**other["config"], "seeds": [1], "checkpoint_seconds": 60.0}
+    other["methods"]["ewc"]["per_seed"][0]["seed"] = 1
+    (merged,) = merge_split_runs([ewc, other])
+    assert [e["seed"] for e in merged["methods"]["ewc"]["per_seed"]] == [0, 1] and merged["warnings"] == ewc.get("warnings", [])
