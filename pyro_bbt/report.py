@@ -400,6 +400,7 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
     so each is the fit either cap gives; the merged run's ``warnings`` then name the caps."""
     merged: dict[str, dict] = {}
     loose = (*CAP_FIELDS, *RUN_FIELDS)
+    caps_merged: dict[str, dict[str, set[float]]] = {}  # per scenario, each differing cap's values
     for results in runs:
         scenario = results["scenario"]
         if scenario not in merged:
@@ -416,7 +417,7 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
                 raise ValueError(f"two {scenario}-scenario runs differ in {', '.join(differ)}, and the fit {unfinished} did not end "
                                  "below its run's cap: runs whose caps differ merge only when every fit in them did")
             for k in (k for k in differ if k in CAP_FIELDS):
-                into.setdefault("merged_caps", {}).setdefault(k, set()).update(_cap(r["config"], k) for r in (into, results))
+                caps_merged.setdefault(scenario, {}).setdefault(k, set()).update(_cap(r["config"], k) for r in (into, results))
                 into["config"] = {**into["config"], k: max((r["config"].get(k) for r in (into, results)), key=lambda v: float("inf") if v is None else v)}
             differ = []
         if differ:
@@ -440,10 +441,10 @@ def merge_split_runs(runs: list[dict]) -> list[dict]:
         into["warnings"] += results.get("warnings", [])
         if "joint" in results["methods"]:
             into["joint"] = results.get("joint", "every")
-    for into in merged.values():
-        for k, caps in into.pop("merged_caps", {}).items():
-            into["warnings"].append(f"{into['scenario']} scenario: runs with {k} {', '.join(f'{c:g}' for c in sorted(caps))} merged; "
-                                    "every fit ended below its run's cap")
+    for scenario, fields in caps_merged.items():
+        for k, caps in fields.items():
+            merged[scenario]["warnings"].append(f"{scenario} scenario: runs with {k} {', '.join(f'{c:g}' for c in sorted(caps))} merged; "
+                                                "every fit ended below its run's cap")
     return list(merged.values())
 
 
