@@ -12,6 +12,9 @@ one torch thread; the shared head's shapes), each row on its own data and miniba
 * ``b-0.1``: B at 10 % (2,647 images), minibatches of 265;
 * ``a``: task A's training split (27,537 images; q_A, and B at 100 % and joint alike), minibatches
   of 2,048 (``--a-images`` keeps the first N: the price of an epoch scales with its images).
+* ``a-512``, ``a-8192``, ``a-full`` (not in the default ``--rows``): the same data in minibatches
+  of 512, 8,192 and all 27,537 images: what an epoch costs at other minibatch sizes (the
+  time-to-convergence issue's "larger or growing minibatches").
 
 For ``R`` rounds (round ``r`` seeded ``--seed + r``), each row fits one fresh posterior (no
 verdict) by a few epochs eagerly and as many compiled, then ``--epochs`` pairs of such calls, an eager
@@ -55,13 +58,17 @@ GRID_ROWS = {
     "b-0.01": Row("b-0.01", (5, 6, 7, 8, 9), 0.01, 32),
     "b-0.1": Row("b-0.1", (5, 6, 7, 8, 9), 0.1, 265),
     "a": Row("a", (0, 1, 2, 3, 4), 1.0, 2048),
+    # q_A's epoch at other minibatches (not the grid's): what larger or growing minibatches would cost per epoch
+    "a-512": Row("a-512", (0, 1, 2, 3, 4), 1.0, 512),
+    "a-8192": Row("a-8192", (0, 1, 2, 3, 4), 1.0, 8192),
+    "a-full": Row("a-full", (0, 1, 2, 3, 4), 1.0, 27537),
 }
-ROWS = tuple(GRID_ROWS)
+ROWS = ("b-0.01", "b-0.1", "a")  # the grid's shapes, the default
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/epoch_cost.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(GRID_ROWS)} (default: {', '.join(ROWS)})")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--epochs", type=int, default=10, help="pairs of calls (eager, compiled; 4 epochs each, 3 timed) per row and round, after the first of each (default 10)")
     p.add_argument("--a-images", type=int, default=None, help="row a: keep the first N of task A's training images (default: all)")
@@ -72,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rows = tuple(r for r in args.rows.split(",") if r)
     unknown = [r for r in rows if r not in GRID_ROWS]
     if unknown or not rows:
-        p.error(f"--rows {args.rows!r}: unknown {', '.join(unknown) or 'none given'}; allowed: {', '.join(ROWS)}")
+        p.error(f"--rows {args.rows!r}: unknown {', '.join(unknown) or 'none given'}; allowed: {', '.join(GRID_ROWS)}")
     args.rows = rows
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")

@@ -44,6 +44,28 @@ off / on and the per-seed ELBO differences on - off per example, beside the verd
 (``--out`` is rewritten after every fit, its ``summary`` null until the last)::
 
     python benchmarks/fit_phases.py --time-to-verdict --method finetune --fraction 0.01 --head shared --seeds 0,1,2 --max-epochs-b 20000 --stages-from runs/ps03-shared --out figs/fast-polish-finetune-f0.01.json
+
+``--stages FILE [FILE ...]``: the same split for q_A, from the stage files a run keeps
+(``stages/*-A-bayesian-s*.pt``; read with ``weights_only=True``): per stage its epochs per phase,
+the price of one epoch of Adam (the median epoch without a verdict), the verdict's seconds (what
+each judgement, confirmation and continuation score added to its epoch) and **the floor that
+verdict sets** (the paper preset's rule and verdict, read from the stage's configuration):
+
+* ``rule_floor``: a fit that meets the stopping rule's test in the fewest epochs it allows at
+  every rate (``2 window`` epochs per rate with the window-means test, ``window + 1`` with the
+  two-point one, ``min_epochs`` at least; ``lr_drops + 1`` rates), passes the line search
+  and its confirmation at once, and whose continuation
+  (``max(continuation_epochs, continuation_fraction x P)`` epochs after a pass at ``P``) passes
+  the first time: those epochs at the stage's price of an epoch, plus the verdict seconds this
+  stage's own pass cost (its confirmed judgement and one continuation score);
+* ``oracle_floor``: an optimiser already at the optimum, ``P = 0``: only the shortest
+  continuation and that verdict.
+
+The fit's own seconds over each floor is the most any recipe can gain under that rule and
+verdict: the time-to-convergence issue's "at least 4x faster" needs a quarter of the fit's
+seconds to exceed ``oracle_floor`` at least::
+
+    python benchmarks/fit_phases.py --stages runs/tradeoff-conv-f1-shared/stages/shared-A-bayesian-s*.pt --out figs/fit-phases-qa.json
 """
 
 from __future__ import annotations
@@ -118,6 +140,78 @@ def phase_table(rows: list[dict]) -> str:
     unit, verdict = sum(r["unit_seconds"] for r in rows), sum(r["verdict_seconds_est"] for r in rows)
     lines += ["", f"All these units: {unit:,.0f} s, of which the verdict's judgements and polishing steps (est.) {verdict:,.0f} s "
                   f"({verdict / max(unit, 1e-9):.0%})."]
+    return "\n".join(lines) + "\n"
+
+
+def _configuration(config: dict) -> dict:
+    """The experiment's fields of a stage's saved configuration: a transfer run's own, or a
+    study's ``config.experiment``."""
+    if "continuation_epochs" in config:
+        return config
+    nested = (config.get("config") or {}).get("experiment") or {}
+    if "continuation_epochs" not in nested:
+        raise ValueError("the stage's configuration names no continuation_epochs: not a stage of a fit by the paper preset's verdict")
+    return nested
+
+
+def rule_floor_epochs(rule: dict) -> int:
+    """The fewest epochs the stopping rule ``rule`` (a ``StoppingRule`` as a dict) lets a fit
+    stop after: its test needs ``2 window`` epochs at each of its ``lr_drops + 1`` rates
+    (``window + 1`` with the two-point test), the first at least ``min_epochs``."""
+    per_rate = 2 * rule["window"] if rule["elbo_test"] == "means" else rule["window"] + 1
+    return max(rule["min_epochs"], per_rate) + rule["lr_drops"] * per_rate
+
+
+def stage_row(path: Path) -> dict:
+    """One q_A stage's epochs per phase, price of an epoch, verdict seconds and floors (module
+    docstring, ``--stages``)."""
+    import torch
+
+    from pyro_bbt.verdict import VerdictConfig
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    data, config = payload["data"], _configuration(payload["config"])
+    history = data["history"]
+    rule = data["convergence"]["rule"]
+    plain = [e["seconds"] for e in history if e["verdict"] is None]
+    epoch_seconds = statistics.median(plain) if plain else float("nan")
+    judged = [e for e in history if e["verdict"] is not None]
+    verdict_seconds = sum(max(0.0, e["seconds"] - epoch_seconds) for e in judged)
+    phases = [e["phase"] for e in history]
+    fit_epochs = phases.count("fit")
+    verdict = VerdictConfig(continuation_epochs=config["continuation_epochs"], continuation_fraction=config["continuation_fraction"],
+                            continuation_rates=tuple(config.get("continuation_rates") or VerdictConfig.continuation_rates))
+    last = history[-1]["verdict"] or {}
+    passed = bool(last.get("converged"))
+    # this stage's verdict seconds for one pass: its last fit-phase judgement (confirmed) and its last continuation score
+    pass_judgement = next((e for e in reversed(history) if e["phase"] == "fit" and e["verdict"] is not None), None)
+    pass_seconds = 0.0 if pass_judgement is None else max(0.0, pass_judgement["seconds"] - epoch_seconds)
+    score_seconds = max(0.0, history[-1]["seconds"] - epoch_seconds) if "continuation" in last else 0.0
+    one_pass = pass_seconds + score_seconds
+    floor_fit = rule_floor_epochs(rule)
+    rule_floor_epochs_total = floor_fit + verdict.continuation_length(floor_fit)
+    oracle_epochs = verdict.continuation_length(0)
+    total = sum(e["seconds"] for e in history)
+    return {"stage": str(path), "epochs": len(history), "fit_epochs": fit_epochs, "continuation_epochs": len(history) - fit_epochs,
+            "converged": passed, "judged_epochs": len(judged), "seconds": total, "epoch_seconds": epoch_seconds,
+            "adam_seconds": total - verdict_seconds, "verdict_seconds": verdict_seconds, "one_pass_verdict_seconds": one_pass,
+            "pass_judgement_seconds": pass_seconds, "continuation_score_seconds": score_seconds,
+            "rule_floor_epochs": rule_floor_epochs_total, "rule_floor_seconds": rule_floor_epochs_total * epoch_seconds + one_pass,
+            "oracle_floor_epochs": oracle_epochs, "oracle_floor_seconds": oracle_epochs * epoch_seconds + one_pass,
+            "rule": rule}
+
+
+def stage_table(rows: list[dict]) -> str:
+    lines = ["| stage | epochs: fit + continuation | converged | s | s / epoch of Adam | verdict s (share); one pass | "
+             "rule floor: epochs, s, fit / floor | oracle floor: epochs, s, fit / floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stage = Path(r["stage"])
+        lines.append(f"| {stage.parent.parent.name}/{stage.stem} | {r['fit_epochs']} + {r['continuation_epochs']} | {r['converged']} | {r['seconds']:,.0f} | "
+                     f"{r['epoch_seconds']:.2f} | {r['verdict_seconds']:,.0f} ({r['verdict_seconds'] / max(r['seconds'], 1e-9):.0%}); "
+                     f"{r['one_pass_verdict_seconds']:,.0f} | "
+                     f"{r['rule_floor_epochs']}, {r['rule_floor_seconds']:,.0f}, {r['seconds'] / r['rule_floor_seconds']:.2f}x | "
+                     f"{r['oracle_floor_epochs']}, {r['oracle_floor_seconds']:,.0f}, {r['seconds'] / r['oracle_floor_seconds']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +334,7 @@ def _print_fit(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", help="finished python -m pyro_bbt.transfer runs whose units to read")
+    parser.add_argument("--stages", type=Path, nargs="+", help="q_A stage files (stages/*-A-bayesian-s*.pt) whose phases and floors to read")
     parser.add_argument("--profile", action="store_true", help="profile one B fit instead")
     parser.add_argument("--time-to-verdict", action="store_true", help="whole B fits to the verdict without and with fast polish, per seed")
     parser.add_argument("--method", choices=("scratch", "joint", "finetune", "transfer"), default="scratch",
@@ -255,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="--profile --fast-polish both: rounds of the two fits (default 1)")
     parser.add_argument("--out", type=Path, help="write the rows (or the profile) as JSON here")
     args = parser.parse_args(argv)
-    if (bool(args.runs), args.profile, args.time_to_verdict).count(True) != 1:
-        parser.error("give one of --runs DIR [DIR ...], --profile, --time-to-verdict")
+    if (bool(args.runs), bool(args.stages), args.profile, args.time_to_verdict).count(True) != 1:
+        parser.error("give one of --runs DIR [DIR ...], --stages FILE [FILE ...], --profile, --time-to-verdict")
     if args.profile and args.method not in ("scratch", "joint"):
         parser.error(f"--profile fits scratch or joint (no task-A stage), got --method {args.method}")
     if args.time_to_verdict and args.method == "joint":
@@ -271,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no results.json and timing.json in {', '.join(missing)}: give the directories of finished python -m pyro_bbt.transfer runs")
         result = phase_rows(args.runs)
         print(phase_table(result), end="")
+    elif args.stages:
+        missing = [str(f) for f in args.stages if not f.is_file()]
+        if missing:
+            parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
+        try:
+            result = [stage_row(f) for f in args.stages]
+        except (KeyError, ValueError) as error:
+            parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
+        print(stage_table(result), end="")
     elif args.time_to_verdict:
         fits = []
         for seed in (int(s) for s in args.seeds.split(",")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 from pyro_bbt.transfer import main as transfer_main
@@ -36,6 +37,27 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--runs", str(tmp_path)])
     assert exit_info.value.code == 2 and f"no results.json and timing.json in {tmp_path}" in capsys.readouterr().err
+    # --stages: the q_A stage's epochs split into Adam's and the verdict's seconds, and the floors its rule and verdict set
+    stage_file = next((run_dir / "stages").glob("*A-bayesian-s0.pt"))
+    stage = fit_phases.stage_row(stage_file)
+    saved = torch.load(stage_file, weights_only=True)["data"]
+    history = saved["history"]
+    assert stage["epochs"] == len(history) == stage["fit_epochs"] + stage["continuation_epochs"]
+    assert stage["fit_epochs"] == [e["phase"] for e in history].count("fit")
+    assert stage["seconds"] == pytest.approx(sum(e["seconds"] for e in history))
+    assert stage["adam_seconds"] + stage["verdict_seconds"] == pytest.approx(stage["seconds"])
+    assert stage["judged_epochs"] == sum(e["verdict"] is not None for e in history) >= 1
+    assert stage["verdict_seconds"] >= stage["one_pass_verdict_seconds"] >= 0.0
+    # the paper preset's rule: 4 rates (3 drops) of 2 x 5 epochs under the window-means test, a continuation as long as the fit
+    # (at least 20 epochs): 40 + 40; an optimiser at the optimum from the start still owes the shortest continuation
+    assert stage["rule_floor_epochs"] == 80 and stage["oracle_floor_epochs"] == 20
+    assert stage["rule_floor_seconds"] == pytest.approx(80 * stage["epoch_seconds"] + stage["one_pass_verdict_seconds"])
+    assert fit_phases.rule_floor_epochs(dict(saved["convergence"]["rule"], elbo_test="two-point")) == 6 + 3 * 6
+    assert fit_phases.rule_floor_epochs(dict(saved["convergence"]["rule"], lr_drops=0, min_epochs=12)) == 12
+    assert f"| run/{stage_file.stem} | {stage['fit_epochs']} + {stage['continuation_epochs']} |" in fit_phases.stage_table([stage])
+    with pytest.raises(SystemExit) as exit_info:
+        fit_phases.main(["--stages", str(tmp_path / "missing.pt")])
+    assert exit_info.value.code == 2 and "no stage file" in capsys.readouterr().err
     # --time-to-verdict reads q_A only from a run of the README grid's configuration: this tiny run's is refused in one line
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--time-to-verdict", "--method", "finetune", "--max-epochs-b", "5", "--stages-from", str(run_dir)])

@@ -273,7 +273,7 @@ def test_the_epoch_cost_bench_refuses_bad_arguments_in_one_line(capsys):
 
     bench = load_benchmark("epoch_cost")
     assert bench.parse_args(["--rows", "b-0.01,a"]).rows == ("b-0.01", "a")
-    for argv, message in ((["--rows", "b-0.5"], "--rows 'b-0.5': unknown b-0.5; allowed: b-0.01, b-0.1, a"),
+    for argv, message in ((["--rows", "b-0.5"], "--rows 'b-0.5': unknown b-0.5; allowed: b-0.01, b-0.1, a, a-512, a-8192, a-full"),
                           (["--epochs", "0"], "--epochs must be at least 1"), (["--rounds", "0"], "--rounds must be at least 1"),
                           (["--a-images", "0"], "--a-images must be at least 1")):
         with pytest.raises(SystemExit) as exit_info:
