@@ -157,8 +157,8 @@ def _configuration(config: dict) -> dict:
 def rule_floor_epochs(rule: dict) -> int:
     """The fewest epochs the stopping rule ``rule`` (a ``StoppingRule`` as a dict) lets a fit
     stop after: its test needs ``2 window`` epochs at each of its ``lr_drops + 1`` rates
-    (``window + 1`` with the two-point test), the first at least ``min_epochs``."""
-    per_rate = 2 * rule["window"] if rule["elbo_test"] == "means" else rule["window"] + 1
+    (``window + 1`` with the two-point test, ``window`` on a schedule), the first at least ``min_epochs``."""
+    per_rate = {"means": 2 * rule["window"], "schedule": rule["window"]}.get(rule["elbo_test"], rule["window"] + 1)
     return max(rule["min_epochs"], per_rate) + rule["lr_drops"] * per_rate
 
 

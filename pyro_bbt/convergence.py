@@ -12,6 +12,13 @@ things, after every epoch ``t`` (:class:`StoppingRule`):
   deviation ``m_t`` moved by ``|log m_t - log m_{t-1}| < scale_tol`` in each of the last
   ``window`` epochs.
 
+``elbo_test="schedule"`` tests neither: the criteria hold once ``window`` epochs have run at the
+current rates, so the rates fall on a fixed schedule (``window`` epochs per rate, ``lr_drops``
+drops by ``lr_factor``) rather than on plateaus, and the fit stops after the last rate's
+``window`` epochs. A schedule says nothing about convergence: under the verdict
+(:mod:`pyro_bbt.verdict`) a fit it stops is judged, and one the verdict rejects goes on
+(``VerdictConfig.overrule``).
+
 With ``lr_drops > 0`` the rule first *refines* instead of stopping: when both criteria hold, the
 learning rates are multiplied by ``lr_factor`` and the criteria must hold again over the epochs
 at the new rate (Adam with a constant rate moves every parameter by about that rate per step, so
@@ -50,7 +57,7 @@ __all__ = [
 ]
 
 
-ELBO_TESTS = ("means", "two-point")
+ELBO_TESTS = ("means", "two-point", "schedule")
 
 
 @dataclass
@@ -70,7 +77,9 @@ class StoppingRule:
     :param elbo_test: how "the ELBO has stopped rising" is told (module docstring): ``"means"``,
         the last ``window`` epochs' mean ELBO is not significantly (two standard errors) above the
         mean of the ``window`` before; ``"two-point"``, the relative gain between two single
-        epochs ``window`` apart is under ``rel_tol`` (``rel_tol`` is used by this test only).
+        epochs ``window`` apart is under ``rel_tol`` (``rel_tol`` is used by this test only);
+        ``"schedule"``, not told: both criteria hold once ``window`` epochs have run at the
+        current rates (a fixed schedule of the rates; the verdict alone judges the fit).
 
     Why ``"means"`` exists: a fit on few data under an ``N(0, 1)`` prior has an ELBO dominated by
     the KL of ~478k weights, and its per-epoch estimate scatters by about 3 % (10 % of split B,
@@ -131,8 +140,9 @@ class StoppingRule:
         return mean_new - mean_old, math.sqrt(pooled * 2 / k)
 
     def elbo_stopped(self, elbos: list[float]) -> bool | None:
-        """Whether the ELBO has stopped rising by :attr:`elbo_test` (``None``: too few epochs)."""
-        if self.elbo_test == "two-point":
+        """Whether the ELBO has stopped rising by :attr:`elbo_test` (``None``: too few epochs; under
+        ``"schedule"`` the two-point test, recorded, not used)."""
+        if self.elbo_test in ("two-point", "schedule"):
             gain = self.elbo_gain(elbos)
             return None if gain is None else gain < self.rel_tol
         measured = self.mean_gain(elbos)
@@ -150,7 +160,9 @@ class StoppingRule:
 
     def criteria_hold(self, elbos: list[float], medians: list[dict[str, float]]) -> bool:
         """Both criteria hold over the last epochs of these (``2 window`` needed, ``window + 1``
-        with ``"two-point"``)."""
+        with ``"two-point"``; with ``"schedule"``, ``window`` epochs, whatever they hold)."""
+        if self.elbo_test == "schedule":
+            return len(elbos) >= self.window
         stopped, drift = self.elbo_stopped(elbos), self.scale_drift(medians)
         return bool(stopped) and drift is not None and all(d < self.scale_tol for d in drift.values())
 
@@ -270,7 +282,10 @@ class ConvergenceReport:
 def elbo_test_text(report: dict) -> str:
     """The statistic a :class:`ConvergenceReport` (as a dict, e.g. from results.json)'s ELBO test
     judged, as text: ``"+12 ± 30 nats (means)"`` or ``"4.1e-03 (two-point)"``; ``"n/a"`` when too
-    few epochs ran. Reports written before the means test existed read as two-point."""
+    few epochs ran; ``"none (schedule)"`` for a rule that tests nothing. Reports written before the
+    means test existed read as two-point."""
+    if (report.get("rule") or {}).get("elbo_test") == "schedule":
+        return "none (schedule)"
     if (report.get("rule") or {}).get("elbo_test") == "means":
         if report.get("elbo_mean_gain") is None:
             return "n/a"

@@ -353,7 +353,7 @@ def test_the_means_test_tells_a_slow_rise_of_a_large_elbo_from_noise():
     assert gain == pytest.approx(50.0 + (sum(noise[5:]) - sum(noise[:5])) / 5) and 0 < stderr < 25  # the within-window rise counts as scatter
     assert means.elbo_stopped(rising[:9]) is None  # 2 windows needed
     assert means.criteria_hold(flat, _medians([0.2] * 10)) and not means.criteria_hold(rising, _medians([0.2] * 10))
-    with pytest.raises(ValueError, match="unknown elbo_test 'bogus'; allowed: means, two-point"):
+    with pytest.raises(ValueError, match="unknown elbo_test 'bogus'; allowed: means, two-point, schedule"):
         StoppingRule(elbo_test="bogus")
 
     # results.json and the report carry the statistic the rule's own test judged, not the two-point gain
@@ -364,6 +364,34 @@ def test_the_means_test_tells_a_slow_rise_of_a_large_elbo_from_noise():
     assert assess_convergence(records, means).elbo_mean_gain == pytest.approx([gain, stderr])
     assert assess_convergence(records, two_point).elbo_mean_gain is None
     assert elbo_test_text(assess_convergence(records[:9], means).to_dict()) == "n/a"  # 2 windows needed
+
+
+def test_a_schedule_drops_the_rates_every_window_epochs_whatever_the_fit_does():
+    """``elbo_test="schedule"``: the rates fall after every ``window`` epochs at them and the rule
+    stops after the last rate's, on a rising ELBO and moving widths alike; in ``train`` the rates
+    follow it (the verdict, off here, would judge the stop)."""
+    rule = StoppingRule(max_epochs=50, min_epochs=1, window=3, lr_drops=2, lr_factor=0.5, elbo_test="schedule")
+    history, actions = [], []
+    scale = 1.0
+    for epoch in range(12):
+        history.append({"elbo": -1000.0 + 100 * epoch, "median_scale": {"w": 0.01 * 1.5 ** epoch}, "lr_scale": scale})
+        action = rule.decide(history)
+        actions.append(action)
+        if action == "stop":
+            break
+        if action == "drop":
+            scale *= rule.lr_factor
+    assert actions == ["continue", "continue", "drop", "continue", "continue", "drop", "continue", "continue", "stop"]
+    assert StoppingRule(window=3, elbo_test="means").decide(history[:3]) == "continue"  # a test that looks at the ELBO would not drop there
+    assert elbo_test_text(assess_convergence(history, rule).to_dict()) == "none (schedule)"
+    from pyro_bbt.fitting import new_posterior
+
+    generator = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(40, 6, generator=generator), torch.randint(0, 2, (40,), generator=generator))
+    model, guide = new_posterior((6, 4, 2), GaussianPrior(1.0), "meanfield", init_scale=0.01, seed=0)
+    fitted = train(model, guide, split, TrainConfig(stopping=StoppingRule(max_epochs=50, min_epochs=1, window=2, lr_drops=1, lr_factor=0.1,
+                                                                         elbo_test="schedule"), batch_size=20, verdict=None, seed=0))
+    assert [e.lr_scale for e in fitted.epochs] == pytest.approx([1.0, 1.0, 0.1, 0.1])
 
 
 def test_a_restart_renews_the_rules_drops():
