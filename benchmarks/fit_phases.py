@@ -66,6 +66,16 @@ verdict: the time-to-convergence issue's "at least 4x faster" needs a quarter of
 seconds to exceed ``oracle_floor`` at least::
 
     python benchmarks/fit_phases.py --stages runs/tradeoff-conv-f1-shared/stages/shared-A-bayesian-s*.pt --out figs/fit-phases-qa.json
+
+``--judgement-cost FILE [FILE ...]``: what a cheaper judgement would save there. On each stage's
+posterior (task A's training split, as its fit saw it), ``--rounds`` pairs of one line search as a
+judgement takes it (:func:`~pyro_bbt.verdict.line_search_gain` with the verdict's settings) and the
+same with ``fast`` (the mean gradient of the same estimates in one vectorised pass, the whitening's
+conjugate gradients stopped at a relative residual of 1e-3, no quadratic model ``G``: the gain
+the same in distribution), round ``r`` seeded ``r`` for both; per stage the median seconds of each
+and of the pairs' ratios, and the gains found (nats, standard error)::
+
+    python benchmarks/fit_phases.py --judgement-cost runs/tradeoff-conv-f1/stages/multihead-A-bayesian-s0.pt --rounds 3 --out figs/judgement-cost.json
 """
 
 from __future__ import annotations
@@ -215,6 +225,44 @@ def stage_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def judgement_cost(path: Path, rounds: int) -> dict:
+    """``--judgement-cost`` on one stage (module docstring)."""
+    import dataclasses
+
+    import torch
+
+    from pyro_bbt.config import ExperimentConfig
+    from pyro_bbt.fitting import start_from_state
+    from pyro_bbt.units import load_task_pair, use_head
+    from pyro_bbt.verdict import VerdictConfig, line_search_gain
+
+    torch.set_num_threads(1)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _configuration(payload["config"])
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    config = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    seed = int(payload["key"].rsplit("-s", 1)[1])
+    train = load_task_pair(config, max(config.fractions), seed).a.train
+    model, guide = config.new_posterior(config.base_prior(), seed)
+    use_head(model, 0)
+    start_from_state(model, guide, payload["data"]["guide_state"])
+    v = VerdictConfig()
+    pairs = []
+    for round_index in range(rounds):
+        pair = {}
+        for fast in (False, True):
+            clock = time.perf_counter()
+            gain = line_search_gain(model, guide, train, num_pairs=v.num_pairs, num_draws=v.num_draws, steps=v.steps, batch_size=v.batch_size,
+                                    seed=round_index, direction=v.direction, fast=fast)
+            pair["fast" if fast else "plain"] = {"seconds": time.perf_counter() - clock, "nats": gain.nats, "stderr": gain.stderr, "step": gain.step}
+        pairs.append(pair)
+        print(f"{path.name}, round {round_index + 1}: plain {pair['plain']['seconds']:.1f} s (gain {pair['plain']['nats']:.1f} +- {pair['plain']['stderr']:.1f}), "
+              f"fast {pair['fast']['seconds']:.1f} s (gain {pair['fast']['nats']:.1f} +- {pair['fast']['stderr']:.1f})", flush=True)
+    return {"stage": str(path), "num_data": len(train), "pairs": pairs,
+            "median_seconds": {arm: statistics.median(p[arm]["seconds"] for p in pairs) for arm in ("plain", "fast")},
+            "median_ratio_plain_over_fast": statistics.median(p["plain"]["seconds"] / p["fast"]["seconds"] for p in pairs)}
+
+
 def grid_config(head: str, fraction: float, seed: int, max_epochs_b: int, fast_polish: bool):
     """The README grid's configuration (the paper preset under N(0, 0.3^2), B's fits polished,
     caps 12,000 / 20,000) for one head, fraction and seed, B capped at ``max_epochs_b``."""
@@ -335,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", help="finished python -m pyro_bbt.transfer runs whose units to read")
     parser.add_argument("--stages", type=Path, nargs="+", help="q_A stage files (stages/*-A-bayesian-s*.pt) whose phases and floors to read")
+    parser.add_argument("--judgement-cost", type=Path, nargs="+", help="q_A stage files on whose posteriors to time a judgement's line search plain and fast")
     parser.add_argument("--profile", action="store_true", help="profile one B fit instead")
     parser.add_argument("--time-to-verdict", action="store_true", help="whole B fits to the verdict without and with fast polish, per seed")
     parser.add_argument("--method", choices=("scratch", "joint", "finetune", "transfer"), default="scratch",
@@ -350,16 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="--profile --fast-polish both: rounds of the two fits (default 1)")
     parser.add_argument("--out", type=Path, help="write the rows (or the profile) as JSON here")
     args = parser.parse_args(argv)
-    if (bool(args.runs), bool(args.stages), args.profile, args.time_to_verdict).count(True) != 1:
-        parser.error("give one of --runs DIR [DIR ...], --stages FILE [FILE ...], --profile, --time-to-verdict")
+    if (bool(args.runs), bool(args.stages), bool(args.judgement_cost), args.profile, args.time_to_verdict).count(True) != 1:
+        parser.error("give one of --runs DIR [DIR ...], --stages FILE [FILE ...], --judgement-cost FILE [FILE ...], --profile, --time-to-verdict")
     if args.profile and args.method not in ("scratch", "joint"):
         parser.error(f"--profile fits scratch or joint (no task-A stage), got --method {args.method}")
     if args.time_to_verdict and args.method == "joint":
         parser.error("--time-to-verdict fits scratch, finetune or transfer, got --method joint")
     if args.time_to_verdict and args.method != "scratch" and (args.stages_from is None or not (args.stages_from / "stages").is_dir()):
         parser.error(f"--time-to-verdict --method {args.method} needs --stages-from RUN, a run directory with stages/ (got {args.stages_from})")
-    if args.rounds < 1 or (args.rounds > 1 and args.fast_polish != "both"):
-        parser.error(f"--rounds must be >= 1 and applies to --fast-polish both only, got {args.rounds}")
+    if args.rounds < 1 or (args.rounds > 1 and args.fast_polish != "both" and not args.judgement_cost):
+        parser.error(f"--rounds must be >= 1 and applies to --fast-polish both and --judgement-cost only, got {args.rounds}")
     if args.runs:
         missing = [str(d) for d in args.runs if not ((d / "results.json").is_file() and (d / "timing.json").is_file())]
         if missing:
@@ -375,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyError, ValueError) as error:
             parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
         print(stage_table(result), end="")
+    elif args.judgement_cost:
+        missing = [str(f) for f in args.judgement_cost if not f.is_file()]
+        if missing:
+            parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
+        result = [judgement_cost(f, args.rounds) for f in args.judgement_cost]
+        for r in result:
+            print(f"{Path(r['stage']).name}: median {r['median_seconds']['plain']:.1f} s plain, {r['median_seconds']['fast']:.1f} s fast; "
+                  f"plain / fast {r['median_ratio_plain_over_fast']:.2f}x over {len(r['pairs'])} pairs")
     elif args.time_to_verdict:
         fits = []
         for seed in (int(s) for s in args.seeds.split(",")):

@@ -55,6 +55,12 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
     assert fit_phases.rule_floor_epochs(dict(saved["convergence"]["rule"], elbo_test="two-point")) == 6 + 3 * 6
     assert fit_phases.rule_floor_epochs(dict(saved["convergence"]["rule"], lr_drops=0, min_epochs=12)) == 12
     assert f"| run/{stage_file.stem} | {stage['fit_epochs']} + {stage['continuation_epochs']} |" in fit_phases.stage_table([stage])
+    # --judgement-cost: the same posterior judged by a plain and a fast line search, seeded alike
+    cost = fit_phases.judgement_cost(stage_file, 2)
+    assert len(cost["pairs"]) == 2 and all(p[arm]["seconds"] > 0 and p[arm]["nats"] >= 0 and p[arm]["stderr"] >= 0
+                                           for p in cost["pairs"] for arm in ("plain", "fast"))
+    assert cost["median_seconds"]["plain"] == pytest.approx(sorted(p["plain"]["seconds"] for p in cost["pairs"])[0] / 2
+                                                            + sorted(p["plain"]["seconds"] for p in cost["pairs"])[1] / 2)
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--stages", str(tmp_path / "missing.pt")])
     assert exit_info.value.code == 2 and "no stage file" in capsys.readouterr().err
@@ -83,7 +89,7 @@ def test_the_fast_polish_summary_takes_medians_per_setting_and_their_ratios(caps
     assert summary["ratio_polishing_seconds"] == pytest.approx(13.0 / 5.25)
     with pytest.raises(SystemExit):
         fit_phases.main(["--profile", "--rounds", "2"])
-    assert "--rounds must be >= 1 and applies to --fast-polish both only" in capsys.readouterr().err
+    assert "--rounds must be >= 1 and applies to --fast-polish both and --judgement-cost only" in capsys.readouterr().err
 
 
 def test_the_time_to_verdict_summary_pairs_each_seed_s_fits(capsys):
