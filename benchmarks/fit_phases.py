@@ -231,7 +231,7 @@ def judgement_cost(path: Path, rounds: int) -> dict:
 
     import torch
 
-    from pyro_bbt.config import ExperimentConfig
+    from pyro_bbt.config import HEADS, ExperimentConfig
     from pyro_bbt.fitting import start_from_state
     from pyro_bbt.units import load_task_pair, use_head
     from pyro_bbt.verdict import VerdictConfig, line_search_gain
@@ -240,7 +240,11 @@ def judgement_cost(path: Path, rounds: int) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = _configuration(payload["config"])
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    config = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    prefix = payload["key"].split("-A-")[0]  # a study's stages name their head ("multihead-A-bayesian-s0"); a transfer run's config holds it
+    if prefix in HEADS:
+        fields["head"] = prefix
+    config = ExperimentConfig(**fields)
     seed = int(payload["key"].rsplit("-s", 1)[1])
     train = load_task_pair(config, max(config.fractions), seed).a.train
     model, guide = config.new_posterior(config.base_prior(), seed)
