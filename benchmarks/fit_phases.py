@@ -432,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(f) for f in args.judgement_cost if not f.is_file()]
         if missing:
             parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
-        result = [judgement_cost(f, args.rounds) for f in args.judgement_cost]
+        try:
+            result = [judgement_cost(f, args.rounds) for f in args.judgement_cost]
+        except (KeyError, ValueError) as error:
+            parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
         for r in result:
             print(f"{Path(r['stage']).name}: median {r['median_seconds']['plain']:.1f} s plain, {r['median_seconds']['fast']:.1f} s fast; "
                   f"plain / fast {r['median_ratio_plain_over_fast']:.2f}x over {len(r['pairs'])} pairs")

@@ -64,6 +64,12 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--stages", str(tmp_path / "missing.pt")])
     assert exit_info.value.code == 2 and "no stage file" in capsys.readouterr().err
+    not_a_stage = tmp_path / "not-a-stage.pt"
+    torch.save({"key": "A-bayesian-s0", "config": {}, "data": {}}, not_a_stage)
+    for flag in ("--stages", "--judgement-cost"):
+        with pytest.raises(SystemExit) as exit_info:
+            fit_phases.main([flag, str(not_a_stage)])
+        assert exit_info.value.code == 2 and "not a q_A stage of a fit by the rule and the verdict" in capsys.readouterr().err
     # --time-to-verdict reads q_A only from a run of the README grid's configuration: this tiny run's is refused in one line
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--time-to-verdict", "--method", "finetune", "--max-epochs-b", "5", "--stages-from", str(run_dir)])
