@@ -383,6 +383,18 @@ def _print_fit(result: dict) -> None:
         print(f"  {label:55s} {seconds:8.1f} s  {seconds / whole:6.1%}", flush=True)
 
 
+def _per_stage(parser: argparse.ArgumentParser, files: list[Path], read) -> list[dict]:
+    """``read`` of each q_A stage file; one parser error naming the files that are missing or not
+    stages of a fit by the rule and the verdict."""
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
+    try:
+        return [read(f) for f in files]
+    except (KeyError, ValueError) as error:
+        parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, nargs="+", help="finished python -m pyro_bbt.transfer runs whose units to read")
@@ -420,22 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         result = phase_rows(args.runs)
         print(phase_table(result), end="")
     elif args.stages:
-        missing = [str(f) for f in args.stages if not f.is_file()]
-        if missing:
-            parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
-        try:
-            result = [stage_row(f) for f in args.stages]
-        except (KeyError, ValueError) as error:
-            parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
+        result = _per_stage(parser, args.stages, stage_row)
         print(stage_table(result), end="")
     elif args.judgement_cost:
-        missing = [str(f) for f in args.judgement_cost if not f.is_file()]
-        if missing:
-            parser.error(f"no stage file {', '.join(missing)}: give q_A stage files, stages/*-A-bayesian-s*.pt of a run")
-        try:
-            result = [judgement_cost(f, args.rounds) for f in args.judgement_cost]
-        except (KeyError, ValueError) as error:
-            parser.error(f"not a q_A stage of a fit by the rule and the verdict: {error}")
+        result = _per_stage(parser, args.judgement_cost, lambda f: judgement_cost(f, args.rounds))
         for r in result:
             print(f"{Path(r['stage']).name}: median {r['median_seconds']['plain']:.1f} s plain, {r['median_seconds']['fast']:.1f} s fast; "
                   f"plain / fast {r['median_ratio_plain_over_fast']:.2f}x over {len(r['pairs'])} pairs")
