@@ -257,9 +257,17 @@ def prior_from_posterior(guide, model: BayesianMLP, base_prior: Prior, base_std:
     return prior
 
 
-def broaden(prior: PerSitePrior, tau: float) -> PerSitePrior:
-    """``prior`` with every scale multiplied by ``tau`` (locations and fallback unchanged)."""
-    return PerSitePrior({s: prior.loc(s) for s in prior.sites}, {s: tau * prior.scale(s) for s in prior.sites}, fallback=prior.fallback)
+def broaden(prior: PerSitePrior, tau: float, output_sites: tuple[str, ...] = (), fresh_rows: slice | None = None) -> PerSitePrior:
+    """``prior`` with every scale multiplied by ``tau`` (locations and fallback unchanged), except
+    the rows ``fresh_rows`` of ``output_sites``: a head that has seen no data holds the base prior
+    there (:func:`prior_from_posterior`), and broadening the transferred prior leaves it as it is,
+    so that ``broaden(prior_from_posterior(..., 1, rows), tau, sites, rows)`` is
+    ``prior_from_posterior(..., tau, rows)``."""
+    scales = {s: tau * prior.scale(s) for s in prior.sites}
+    if fresh_rows is not None:
+        for site in output_sites:
+            scales[site][fresh_rows] = prior.scale(site)[fresh_rows]
+    return PerSitePrior({s: prior.loc(s) for s in prior.sites}, scales, fallback=prior.fallback)
 
 
 def fit_posterior(

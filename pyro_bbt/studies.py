@@ -56,7 +56,7 @@ from .evaluation import evaluate
 from .executors import Executor
 from .experiment import PRESETS as EXPERIMENT_PRESETS
 from .experiment import ExperimentConfig
-from .fitting import FitRecipe, broaden, fit_posterior
+from .fitting import FitRecipe, fit_posterior
 from .files import atomic_write_json, atomic_write_text
 from .guides import GUIDES, WARM_GUIDES, posterior_loc_scale
 from .kl_schedules import KL_SCHEDULES
@@ -67,7 +67,7 @@ from .runstore import ReadOnlyStore, RunStore, differing_fields, disallowed_diff
 from .tradeoff import (TRADEOFF_GRID_FIELDS, TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
                        tradeoff_description, tradeoff_key, tradeoff_table)
 from .plan import StageSpec, stage_key
-from .units import FitStorage, load_task_pair, run_bayesian_b, stage_from_saved, steps_for
+from .units import FitStorage, broadened_stage, load_task_pair, run_bayesian_b, stage_from_saved, steps_for
 from .uncertainty_study import (
     WARM_STARTS,
     PREDICTORS,
@@ -438,7 +438,7 @@ def ablation_unit(base: ExperimentConfig, variant: tuple, seed: int, fraction: f
     config = replace(base, q_init=q_init, tau=tau, lr=lr, scale_lr=base.scale_lr if lr == base.lr else None)
     stage_a = stage_from_saved(stage)
     start = time.perf_counter()
-    outcome = run_bayesian_b(config, method, tasks, replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau)), steps, seed,
+    outcome = run_bayesian_b(config, method, tasks, broadened_stage(config, stage_a, tau), steps, seed,
                              FitStorage(UnitCheckpoints(checkpoint, on_checkpoint)), key)
     return row_outcome({"variant": name, "method": method, "q_init": q_init, "tau": tau, "lr": lr, "seed": seed, "steps": steps,
                         "b_test_accuracy": outcome["b_test"].accuracy, "a_test_after_accuracy": outcome["a_test_after"].accuracy,

@@ -39,13 +39,13 @@ from .config import B_ONLY_FIELDS, GRID_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FI
 from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, row_outcome, run_study_units
 from .ewc import EWCPenalty
 from .executors import Executor
-from .fitting import broaden
 from .plan import STAGE_KINDS, StageSpec, stage_key
 from .plots import COLORS
 from .runstore import ReadOnlyStore, RunStore
 from .stats import sample_std
 from .units import (
     FitStorage,
+    broadened_stage,
     ewc_stage_from_saved,
     head_view,
     load_task_pair,
@@ -228,8 +228,7 @@ def point_unit(base: ExperimentConfig, method: str, knob: float | None, fraction
     start = time.perf_counter()
     if method == "transfer":
         stage_a = stage_from_saved(stage)
-        outcome = run_bayesian_b(replace(base, tau=knob), method, tasks, replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, knob)),
-                                 steps, seed, run, key)
+        outcome = run_bayesian_b(replace(base, tau=knob), method, tasks, broadened_stage(base, stage_a, knob), steps, seed, run, key)
     elif method == "ewc":
         stage_ewc = ewc_stage_from_saved(base, tasks, seed, stage)
         penalty = EWCPenalty(head_view(base, stage_ewc.net, 0), stage_ewc.penalty.fisher, knob)

@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from .data import Split, Task, TaskData, load_task
 from .engine import UnitOutcome, failed_outcome
 from .evaluation import PredictiveMetrics, evaluate, metrics_from_log_probs
 from .ewc import MLP, DeterministicTrainConfig, EarlyStopping, EWCPenalty, fisher_diagonal, train_deterministic
-from .fitting import fit_posterior, guide_state, prior_from_posterior, start_from_state
+from .fitting import broaden, fit_posterior, guide_state, prior_from_posterior, start_from_state
 from .inference import EpochDiagnostics, NonFiniteLossError
 from .model import BayesianMLP
 from .priors import Prior
@@ -220,6 +220,18 @@ def fit_task_a(config: ExperimentConfig, tasks: _Tasks, seed: int, run: FitStora
     if run.store is not None:
         run.store.save_stage(key, stage.to_saved())
     return stage
+
+
+def broadened_stage(config: ExperimentConfig, stage_a: _StageA, tau: float) -> _StageA:
+    """``stage_a`` (fitted at ``tau`` 1 and shared by every ``tau`` of a study) with the prior it
+    gives B broadened by ``tau``: ``N(loc_A, (tau scale_A)^2)`` on every transferred weight, while
+    on the multi-head B's head rows, which have seen no data and hold the base prior
+    ``N(0, sigma_p^2)``, keep it. That is the prior :func:`fit_task_a` builds under
+    ``config.tau = tau`` (``python -m pyro_bbt.transfer --tau``)."""
+    if config.head != "multihead":
+        return replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau))
+    layout = BayesianMLP(config.sizes, config.base_prior(), config.num_heads)  # only its output sites and head rows are read
+    return replace(stage_a, prior_from_a=broaden(stage_a.prior_from_a, tau, layout.output_sites, layout.head_rows(config.b_head)))
 
 
 def posterior_for_b(config, method: str, stage_a: _StageA | None, seed: int):
