@@ -51,28 +51,34 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[str] = (),
-                           raisable_fields: Collection[str] | Mapping[str, object] = ()) -> list[str]:
+                           raisable_fields: Collection[str] | Mapping[str, object] = (), neutral_fields: Mapping[str, object] | None = None) -> list[str]:
     """The ``field: saved -> current`` differences that make ``saved`` another configuration than
     ``current``: every differing field but those of ``grid_fields``, and those of
     ``raisable_fields`` (integer caps) where the saved value is an integer no larger than the
     current one. A mapping ``raisable_fields`` gives each field's value where a configuration
     omits it (a field added after the configuration was saved). A dotted name in ``grid_fields``
     (``"config.taus"``) names a field of a nested configuration: the two ``config`` objects are
-    compared field by field, and a difference is named by its dotted path."""
-    return _disallowed(_normalise(saved), _normalise(current), frozenset(grid_fields), raisable_fields, "")
+    compared field by field, and a difference is named by its dotted path. ``neutral_fields``
+    (settings added after configurations were saved, each with the value those had, e.g.
+    :data:`~pyro_bbt.config.LATER_FIELDS`): at any depth a field absent on one side reads as that
+    value, and nested configurations are compared field by field, so a configuration saved
+    before a setting existed matches one that holds it at its neutral value."""
+    neutral = _normalise(dict(neutral_fields or {}))
+    return _disallowed(_normalise(saved), _normalise(current), frozenset(grid_fields), raisable_fields, "", neutral)
 
 
 def _disallowed(saved: dict, current: dict, grid_fields: frozenset[str], raisable_fields: Collection[str] | Mapping[str, object],
-                prefix: str) -> list[str]:
-    absent = raisable_fields if isinstance(raisable_fields, Mapping) else {}
+                prefix: str, neutral: Mapping[str, object] | None = None) -> list[str]:
+    neutral = neutral or {}
+    absent = {**neutral, **(raisable_fields if isinstance(raisable_fields, Mapping) else {})}
     out = []
     for key in differing_fields(saved, current):
         old, new = saved.get(key, absent.get(key)), current.get(key, absent.get(key))
         name = prefix + key
-        if name in grid_fields:
+        if name in grid_fields or old == new:
             continue
-        if isinstance(old, dict) and isinstance(new, dict) and any(g.startswith(name + ".") for g in grid_fields):
-            out += _disallowed(old, new, grid_fields, {}, name + ".")
+        if isinstance(old, dict) and isinstance(new, dict) and (neutral or any(g.startswith(name + ".") for g in grid_fields)):
+            out += _disallowed(old, new, grid_fields, {}, name + ".", neutral)
             continue
         if key in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
             continue
@@ -103,7 +109,7 @@ class RunStore:
 
     def __init__(self, root: Path, config: dict, on_damaged: Callable[[str], None] | None = None, grid_fields: Collection[str] = (),
                  raisable_fields: Collection[str] | Mapping[str, object] = (), stage_free_fields: Collection[str] = (),
-                 recorded_fields: Mapping[str, object] | None = None) -> None:
+                 recorded_fields: Mapping[str, object] | None = None, neutral_fields: Mapping[str, object] | None = None) -> None:
         """``grid_fields``: fields a stored file may differ in and still be this run's (the axes of
         a grid whose units do not depend on each other, so the run can grow along them);
         ``raisable_fields``: integer caps a stored file may have had lower (a fit's epochs before
@@ -112,7 +118,9 @@ class RunStore:
         ``recorded_fields`` (raisable fields, each with its value where a configuration omits it):
         a checkpoint made with another value of one of them comes back with the rise appended
         to its ``raised_on_resume`` list, ``{"epoch", "fields": {field: [saved, current]}}``
-        (``epoch`` its ``train_state``'s, where it has one), for the unit to carry into its record."""
+        (``epoch`` its ``train_state``'s, where it has one), for the unit to carry into its record.
+        ``neutral_fields``: settings a stored file may lack where this run holds them at the value
+        it had then (:func:`disallowed_differences`)."""
         self.root = Path(root)
         self.config = _normalise(config)
         self.hash = config_hash(self.config)
@@ -121,6 +129,7 @@ class RunStore:
         self.raisable_fields = dict(raisable_fields) if isinstance(raisable_fields, Mapping) else dict.fromkeys(raisable_fields)
         self.stage_free_fields = frozenset(stage_free_fields)
         self.recorded_fields = dict(recorded_fields or {})
+        self.neutral_fields = dict(neutral_fields or {})
 
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
@@ -200,7 +209,7 @@ class RunStore:
         if payload.get("config_hash") != self.hash:
             saved = payload.get("config", {})
             saved = saved if isinstance(saved, dict) else {}
-            blocking = disallowed_differences(saved, self.config, self.grid_fields | free, self.raisable_fields)
+            blocking = disallowed_differences(saved, self.config, self.grid_fields | free, self.raisable_fields, self.neutral_fields)
             if differing_fields(saved, self.config) and not blocking:
                 return
             raise ValueError(f"{path}: made by another configuration ({'; '.join(blocking) or 'unknown differences'})")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import HEADS
+from .config import HEADS, LATER_FIELDS
 from .data import Task, load_task
 from .engine import Unit, UnitCheckpoints, UnitOutcome, row_outcome, run_study_units
 from .evaluation import evaluate
@@ -716,7 +716,7 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
     if resume:
         saved = {k: v for k, v in saved.items() if k != "preset"}
         if grid_fields and saved.get("study") == description["study"]:
-            blocking = disallowed_differences(saved, description, grid_fields)
+            blocking = disallowed_differences(saved, description, grid_fields, neutral_fields=LATER_FIELDS)
             if blocking:
                 raise ValueError(f"--resume: the run in {out} has another configuration ({'; '.join(blocking)})")
             return
@@ -740,13 +740,13 @@ def _open_store(args: argparse.Namespace, description: dict, grid_fields: tuple[
     _prepare_study_dir(args.out, description, args.resume, args.overwrite, grid_fields)
     if args.resume and grid_fields:
         saved = {k: v for k, v in json.loads((args.out / "config.json").read_text()).items() if k != "preset"}
-        changed = differing_fields(saved.get("config", {}), description["config"])
+        changed = [f for f in differing_fields(saved.get("config", {}), description["config"]) if f"config.{f}" in grid_fields]
         if changed:
             print(f"--resume: the grid changes ({', '.join(changed)}); the points the run holds are read back", file=sys.stderr, flush=True)
     if not args.resume or grid_fields:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
     return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
-                    grid_fields=grid_fields)
+                    grid_fields=grid_fields, neutral_fields=LATER_FIELDS)
 
 
 def _write_results(args: argparse.Namespace, results: dict, timing: dict[str, dict], start: float) -> None:
