@@ -292,6 +292,17 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
     rows = json.loads((out / "tradeoff.json").read_text())["rows"]
     assert sorted({r["fraction"] for r in rows}) == [0.05, 0.1] and sum(r["fraction"] == 0.05 for r in rows) == 5
 
+    # a run stored before a setting existed (here "compile") resumes: the absent setting reads as its neutral value
+    for path in (out / "config.json", *(out / "units").glob("*.json")):
+        data = json.loads(path.read_text())
+        described = data["config"] if path.name == "config.json" else data["config"]["config"]
+        assert described["experiment"].pop("compile") is False
+        path.write_text(json.dumps(data))
+    assert main(["tradeoff", "--resume", "--heads", "shared", "--fractions", "0.1,0.05", "--taus", "1", "--lambdas", "0", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done in"), lines  # nothing refitted
+    assert json.loads((out / "tradeoff.json").read_text())["rows"] == rows
+
     def refused(argv: list[str], needle: str) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -299,7 +310,7 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
 
     monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF | {"experiment": TINY_TRADEOFF["experiment"] | {"eval_samples": 3}})
     refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--out", str(out)],
-            f"--resume: the run in {out} has another configuration (config.experiment: ")
+            f"--resume: the run in {out} has another configuration (config.experiment.eval_samples: 2 -> 3)")
     refused(["tradeoff", "--taus", "0,1", "--out", str(tmp_path / "other")], "--taus must be > 0")
     refused(["tradeoff", "--fractions", "0.1,1.5", "--out", str(tmp_path / "other")], "--fractions must each be in (0, 1]")
     refused(["tradeoff", "--fractions", "0", "--out", str(tmp_path / "other")], "got 0")
