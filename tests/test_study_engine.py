@@ -193,6 +193,7 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread, mo
 
     from pyro_bbt.ewc import EWCPenalty
     from pyro_bbt.experiment import ExperimentConfig
+    from pyro_bbt.model import BayesianMLP
     from pyro_bbt.runstore import RunStore
     from pyro_bbt.tradeoff import TradeoffConfig, tradeoff, tradeoff_description
     from pyro_bbt.units import fit_task_a, fit_task_a_ewc, head_view, load_task_pair, run_bayesian_b, run_ewc_b, steps_for
@@ -221,6 +222,13 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread, mo
     stage_cli = fit_task_a(replace(base, tau=10.0), full, 0)
     assert all(torch.equal(priors["transfer"].loc(s), stage_cli.prior_from_a.loc(s))
                and torch.allclose(priors["transfer"].scale(s), stage_cli.prior_from_a.scale(s)) for s in stage_cli.prior_from_a.sites)
+    # tau widens q_A's transferred widths; B's head rows, which have seen no data, keep the base prior N(0, 1)
+    layout = BayesianMLP(base.sizes, base.base_prior(), base.num_heads)
+    fresh, own = layout.head_rows(base.b_head), layout.head_rows(0)
+    for site in layout.output_sites:
+        assert torch.all(priors["transfer"].scale(site)[fresh] == base.prior_scale) and torch.all(priors["transfer"].loc(site)[fresh] == 0.0)
+        assert torch.allclose(priors["transfer"].scale(site)[own], 10.0 * stage_a.prior_from_a.scale(site)[own])
+    assert torch.allclose(priors["transfer"].scale("layers.0.weight"), 10.0 * stage_a.prior_from_a.scale("layers.0.weight"))
     transfer = run_bayesian_b(replace(base, tau=10.0), "transfer", tasks, stage_cli, steps, 0)
     ewc = run_ewc_b(base, tasks, replace(stage_ewc, penalty=EWCPenalty(head_view(base, stage_ewc.net, 0), stage_ewc.penalty.fisher, 100.0)), steps, 0)
     for row, outcome in zip(rows[3:], (transfer, ewc)):
@@ -229,36 +237,6 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread, mo
 
     again = tradeoff(config, log=logged.append, store=store)
     assert len(logged) == 7 and again == rows
-
-
-def test_a_tradeoff_point_broadens_the_prior_as_the_transfer_cli_does(single_torch_thread):
-    """On the multi-head a trade-off point's tau broadens q_A's transferred widths only: B's head
-    rows, which have seen no data, keep the base prior N(0, sigma_p^2), exactly the prior that
-    fitting q_A under ``config.tau = tau`` gives (``python -m pyro_bbt.transfer --tau``). (Until
-    2026-12-06 the study multiplied those rows' widths by tau too.)"""
-    from dataclasses import replace
-
-    from pyro_bbt.experiment import ExperimentConfig
-    from pyro_bbt.model import BayesianMLP
-    from pyro_bbt.units import broadened_stage, fit_task_a, load_task_pair
-
-    base = replace(ExperimentConfig(**TINY_TRADEOFF["experiment"]), head="multihead", tau=1.0, prior_scale=0.3)
-    tasks = load_task_pair(base, 1.0, 0)
-    shared_stage = fit_task_a(base, tasks, 0)
-    direct = fit_task_a(replace(base, tau=3.0), tasks, 0).prior_from_a
-    broadened = broadened_stage(base, shared_stage, 3.0).prior_from_a
-    layout = BayesianMLP(base.sizes, base.base_prior(), base.num_heads)
-    fresh, own = layout.head_rows(base.b_head), layout.head_rows(0)
-    for site in direct.sites:
-        assert torch.equal(broadened.loc(site), direct.loc(site)) and torch.allclose(broadened.scale(site), direct.scale(site)), site
-    for site in layout.output_sites:
-        assert torch.all(broadened.scale(site)[fresh] == 0.3) and torch.all(broadened.loc(site)[fresh] == 0.0)
-        assert torch.allclose(broadened.scale(site)[own], 3.0 * shared_stage.prior_from_a.scale(site)[own])
-    assert torch.allclose(broadened.scale("layers.0.weight"), 3.0 * shared_stage.prior_from_a.scale("layers.0.weight"))
-    shared = replace(base, head="shared")  # one head: every width is transferred, every one broadened
-    stage = fit_task_a(shared, load_task_pair(shared, 1.0, 0), 0)
-    widened = broadened_stage(shared, stage, 3.0).prior_from_a
-    assert all(torch.allclose(widened.scale(s), 3.0 * stage.prior_from_a.scale(s)) for s in stage.prior_from_a.sites)
 
 
 def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_path, tiny_quick, monkeypatch, capsys):
