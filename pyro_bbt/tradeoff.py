@@ -27,7 +27,9 @@ the two task-A stages (:func:`task_a_stage_unit`), per point one unit that needs
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -35,13 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import B_ONLY_FIELDS, GRID_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig
+from .config import B_ONLY_FIELDS, GRID_FIELDS, LATER_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig
 from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, row_outcome, run_study_units
 from .ewc import EWCPenalty
 from .executors import Executor
 from .plan import STAGE_KINDS, StageSpec, stage_key
 from .plots import COLORS
-from .runstore import ReadOnlyStore, RunStore
+from .files import atomic_write_json, atomic_write_text
+from .runstore import ReadOnlyStore, RunStore, disallowed_differences
 from .stats import sample_std
 from .units import (
     FitStorage,
@@ -59,7 +62,7 @@ from .units import (
 )
 
 __all__ = ["BASELINES", "TRADEOFF_GRID_FIELDS", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
-           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff"]
+           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff", "MERGE_FREE_FIELDS", "merge_tradeoff", "main"]
 
 
 # The axes of the grid (dotted fields of :func:`tradeoff_description`), which a resume may change:
@@ -391,3 +394,87 @@ def plot_tradeoff(rows: list[dict], path) -> None:
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     save_figure(fig, path)
+
+
+# What two trade-off results may differ in and still be merged: the grid's axes, where task A's
+# stages and the single points were read from (``--reuse``), and which single points were fitted.
+MERGE_FREE_FIELDS: tuple[str, ...] = TRADEOFF_GRID_FIELDS + ("config.reuse", "config.baselines")
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["head"], row["fraction"], row["method"], row["knob"], row["seed"])
+
+
+def merge_tradeoff(base: dict, newer: dict) -> tuple[dict, list[tuple]]:
+    """``base``'s ``tradeoff.json`` with the fits of ``newer`` (another ``tradeoff.json`` of the same
+    configuration) in place of its own: a row is one fit, keyed by (head, fraction, method, knob,
+    seed); a key ``newer`` holds replaces ``base``'s row in place, a key only ``newer`` holds is added
+    after ``base``'s rows. Made to put refitted points (a defect fixed, a fit run on) into a study
+    without fitting the rest again.
+
+    The two must be one configuration: every setting of the experiment equal (a setting one of them
+    predates reads as :data:`~pyro_bbt.config.LATER_FIELDS`' value); only
+    :data:`MERGE_FREE_FIELDS` may differ. Otherwise ``ValueError``, naming each differing field.
+    Returns the merged results (``base``'s, with its grid's axes extended by ``newer``'s) and the
+    keys of the replaced rows whose B or A accuracy changed."""
+    for name, results in (("base", base), ("newer", newer)):
+        if results.get("study") != "tradeoff" or not isinstance(results.get("rows"), list):
+            raise ValueError(f"{name} is not a trade-off study's results (tradeoff.json): study {results.get('study')!r}")
+    differences = disallowed_differences({"config": base.get("config")}, {"config": newer.get("config")},
+                                         grid_fields=MERGE_FREE_FIELDS, neutral_fields=LATER_FIELDS)
+    if differences:
+        raise ValueError("the two trade-off results are different configurations: " + "; ".join(differences))
+    replacements = {_row_key(r): r for r in newer["rows"]}
+    changed, rows = [], []
+    for row in base["rows"]:
+        key = _row_key(row)
+        new = replacements.pop(key, None)
+        if new is not None and any(new[k] != row[k] for k in ("b_test_accuracy", "a_test_after_accuracy")):
+            changed.append(key)
+        rows.append(row if new is None else new)
+    rows += [r for r in newer["rows"] if _row_key(r) in replacements]
+    config = dict(base["config"])
+    for field in ("heads", "fractions", "seeds", "taus", "lambdas"):
+        config[field] = list(dict.fromkeys([*base["config"].get(field, []), *newer["config"].get(field, [])]))
+    merged = {**base, "config": config, "rows": rows}
+    return merged, changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pyro_bbt.tradeoff merge BASE NEWER --out DIR``: :func:`merge_tradeoff` of two
+    ``tradeoff.json`` files, written as ``DIR/tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``
+    (``merged_from`` records the two paths). Exit status 2 with one line on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m pyro_bbt.tradeoff", description=main.__doc__)
+    parser.add_argument("command", choices=["merge"])
+    parser.add_argument("base", type=Path, help="tradeoff.json whose rows are kept where NEWER has no fit of theirs")
+    parser.add_argument("newer", type=Path, help="tradeoff.json whose fits replace BASE's")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the merged tradeoff.json, .md and .png")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    def usage(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    target = args.out / "tradeoff.json"
+    if target.exists() and not args.overwrite:
+        return usage(f"{target} exists; pass --overwrite or choose another --out")
+    try:
+        base, newer = (json.loads(path.read_text()) for path in (args.base, args.newer))
+        merged, changed = merge_tradeoff(base, newer)
+    except (OSError, json.JSONDecodeError) as error:
+        return usage(f"cannot read a trade-off result: {error}")
+    except ValueError as error:
+        return usage(str(error))
+    merged["merged_from"] = [str(args.base), str(args.newer)]
+    plot_tradeoff(merged["rows"], args.out / "tradeoff.png")
+    atomic_write_text(args.out / "tradeoff.md", tradeoff_table(merged["rows"]))
+    atomic_write_json(target, merged)
+    print(f"{len(merged['rows'])} fits; {len(newer['rows'])} from {args.newer}, "
+          f"{len(changed)} of them with other accuracies than {args.base} had: "
+          + (", ".join(f"{h} f{f:g} {m} {k if k is None else f'{k:g}'} s{s}" for h, f, m, k, s in changed) or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

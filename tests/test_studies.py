@@ -337,3 +337,57 @@ def test_the_tradeoff_table_and_figure_name_every_fit_that_did_not_converge(tmp_
     assert "NOT converged" not in tradeoff_table(rows[:4])
     plot_tradeoff(rows, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_another_configuration(tmp_path, capsys):
+    """``python -m pyro_bbt.tradeoff merge BASE NEWER``: each fit NEWER holds (head, fraction,
+    method, knob, seed) replaces BASE's in place, the others are kept, a new point is added after
+    them, and the replaced fits whose accuracies changed are named. Two configurations that differ
+    in a setting of the experiment are refused with one line naming it, and nothing is written."""
+    import json
+
+    from pyro_bbt.config import LATER_FIELDS
+    from pyro_bbt.tradeoff import main, merge_tradeoff
+
+    def row(head, method, knob, seed, b, a):
+        return {"head": head, "fraction": 0.1, "method": method, "knob": knob, "seed": seed, "b_test_accuracy": b,
+                "a_test_after_accuracy": a, "converged": True, "epochs": 100}
+
+    experiment = {"prior_scale": 0.3, "lr": 0.001}
+    config = {"heads": ["shared", "multihead"], "fractions": [0.1], "seeds": [0, 1], "taus": [1.0, 3.0], "lambdas": [10.0],
+              "experiment": experiment, "reuse": {"multihead": "runs/grid"}, "baselines": []}
+    base = {"study": "tradeoff", "preset": "converged", "config": config,
+            "rows": [row("shared", "transfer", 3.0, 0, 0.94, 0.50), row("multihead", "transfer", 1.0, 0, 0.93, 0.95),
+                     row("multihead", "transfer", 3.0, 0, 0.94, 0.49), row("multihead", "transfer", 3.0, 1, 0.94, 0.56)]}
+    # the refit: fitted its own q_A (no --reuse), one head, a tau more, and a setting added since (LATER_FIELDS: neutral)
+    newer = {"study": "tradeoff", "preset": "converged",
+             "config": config | {"heads": ["multihead"], "taus": [1.0, 3.0, 10.0], "reuse": {},
+                                 "experiment": experiment | {"compile": LATER_FIELDS["compile"]}},
+             "rows": [row("multihead", "transfer", 1.0, 0, 0.93, 0.95), row("multihead", "transfer", 3.0, 0, 0.942, 0.55),
+                      row("multihead", "transfer", 3.0, 1, 0.941, 0.70), row("multihead", "transfer", 10.0, 0, 0.93, 0.40)]}
+    merged, changed = merge_tradeoff(base, newer)
+    assert [(r["head"], r["knob"], r["seed"], r["a_test_after_accuracy"]) for r in merged["rows"]] == [
+        ("shared", 3.0, 0, 0.50), ("multihead", 1.0, 0, 0.95), ("multihead", 3.0, 0, 0.55), ("multihead", 3.0, 1, 0.70), ("multihead", 10.0, 0, 0.40)]
+    assert changed == [("multihead", 0.1, "transfer", 3.0, 0), ("multihead", 0.1, "transfer", 3.0, 1)]
+    assert merged["config"]["taus"] == [1.0, 3.0, 10.0] and merged["config"]["heads"] == ["shared", "multihead"]
+    assert merged["config"]["reuse"] == {"multihead": "runs/grid"} and base["rows"][2]["a_test_after_accuracy"] == 0.49  # inputs untouched
+
+    paths = {name: tmp_path / f"{name}.json" for name in ("base", "newer", "other")}
+    other = newer | {"config": newer["config"] | {"experiment": experiment | {"prior_scale": 1.0}}}
+    for name, results in (("base", base), ("newer", newer), ("other", other)):
+        paths[name].write_text(json.dumps(results))
+    out = tmp_path / "merged"
+    assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(out)]) == 0
+    assert "2 of them with other accuracies" in capsys.readouterr().out
+    written = json.loads((out / "tradeoff.json").read_text())
+    assert written["rows"] == merged["rows"] and written["merged_from"] == [str(paths["base"]), str(paths["newer"])]
+    assert "| multihead | 0.1 | transfer | τ = 3 | 0.942 ± 0.001 | 0.625 ± 0.106 | 2 | 2/2 |" in (out / "tradeoff.md").read_text()
+    assert (out / "tradeoff.png").stat().st_size > 0
+
+    refused = tmp_path / "refused"
+    assert main(["merge", str(paths["base"]), str(paths["other"]), "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.experiment.prior_scale: 0.3 -> 1.0" in err
+    assert not refused.exists()
+    assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(out)]) == 2  # no --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
