@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -405,12 +405,14 @@ def _row_key(row: dict) -> tuple:
     return (row["head"], row["fraction"], row["method"], row["knob"], row["seed"])
 
 
-def merge_tradeoff(base: dict, newer: dict) -> tuple[dict, list[tuple]]:
+def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, float]] = ()) -> tuple[dict, list[tuple]]:
     """``base``'s ``tradeoff.json`` with the fits of ``newer`` (another ``tradeoff.json`` of the same
     configuration) in place of its own: a row is one fit, keyed by (head, fraction, method, knob,
     seed); a key ``newer`` holds replaces ``base``'s row in place, a key only ``newer`` holds is added
     after ``base``'s rows. Made to put refitted points (a defect fixed, a fit run on) into a study
-    without fitting the rest again.
+    without fitting the rest again. A point of ``withdrawn`` ((head, method, knob): a finding no
+    longer stood behind, whose refit is not finished) loses ``base``'s fits, at every fraction, and
+    is listed under ``withdrawn``; ``newer``'s fits of it are kept.
 
     The two must be one configuration: every setting of the experiment equal (a setting one of them
     predates reads as :data:`~pyro_bbt.config.LATER_FIELDS`' value); only
@@ -425,9 +427,14 @@ def merge_tradeoff(base: dict, newer: dict) -> tuple[dict, list[tuple]]:
     if differences:
         raise ValueError("the two trade-off results are different configurations: " + "; ".join(differences))
     replacements = {_row_key(r): r for r in newer["rows"]}
+    withdrawn = [(head, method, float(knob)) for head, method, knob in withdrawn]
+    if missing := [w for w in withdrawn if not any((r["head"], r["method"], r["knob"]) == w for r in base["rows"])]:
+        raise ValueError("no such point to withdraw: " + ", ".join(f"{h}:{m}:{k:g}" for h, m, k in missing))
     changed, rows = [], []
     for row in base["rows"]:
         key = _row_key(row)
+        if (row["head"], row["method"], row["knob"]) in withdrawn and key not in replacements:
+            continue
         new = replacements.pop(key, None)
         if new is not None and any(new[k] != row[k] for k in ("b_test_accuracy", "a_test_after_accuracy")):
             changed.append(key)
@@ -437,18 +444,33 @@ def merge_tradeoff(base: dict, newer: dict) -> tuple[dict, list[tuple]]:
     for field in ("heads", "fractions", "seeds", "taus", "lambdas"):
         config[field] = list(dict.fromkeys([*base["config"].get(field, []), *newer["config"].get(field, [])]))
     merged = {**base, "config": config, "rows": rows}
+    if withdrawn:
+        merged["withdrawn"] = [{"head": h, "method": m, "knob": k} for h, m, k in withdrawn]
     return merged, changed
+
+
+def _point(text: str) -> tuple[str, str, float]:
+    """``HEAD:METHOD:KNOB`` (``multihead:transfer:10``) as a point of :func:`merge_tradeoff`'s ``withdrawn``."""
+    parts = text.split(":")
+    try:
+        head, method, knob = parts
+        return head, method, float(knob)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is HEAD:METHOD:KNOB, e.g. multihead:transfer:10; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pyro_bbt.tradeoff merge BASE NEWER --out DIR``: :func:`merge_tradeoff` of two
     ``tradeoff.json`` files, written as ``DIR/tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``
-    (``merged_from`` records the two paths). Exit status 2 with one line on bad input."""
+    (``merged_from`` records the two paths); ``--withdraw HEAD:METHOD:KNOB`` leaves BASE's fits of
+    that point out. Exit status 2 with one line on bad input."""
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.tradeoff", description=main.__doc__)
     parser.add_argument("command", choices=["merge"])
     parser.add_argument("base", type=Path, help="tradeoff.json whose rows are kept where NEWER has no fit of theirs")
     parser.add_argument("newer", type=Path, help="tradeoff.json whose fits replace BASE's")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged tradeoff.json, .md and .png")
+    parser.add_argument("--withdraw", type=_point, action="append", default=[], metavar="HEAD:METHOD:KNOB",
+                        help="leave BASE's fits of this point out (a withdrawn finding whose refit is not done), e.g. multihead:transfer:10; repeatable")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
@@ -461,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return usage(f"{target} exists; pass --overwrite or choose another --out")
     try:
         base, newer = (json.loads(path.read_text()) for path in (args.base, args.newer))
-        merged, changed = merge_tradeoff(base, newer)
+        merged, changed = merge_tradeoff(base, newer, args.withdraw)
     except (OSError, json.JSONDecodeError) as error:
         return usage(f"cannot read a trade-off result: {error}")
     except ValueError as error:

@@ -371,6 +371,12 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
     assert changed == [("multihead", 0.1, "transfer", 3.0, 0), ("multihead", 0.1, "transfer", 3.0, 1)]
     assert merged["config"]["taus"] == [1.0, 3.0, 10.0] and merged["config"]["heads"] == ["shared", "multihead"]
     assert merged["config"]["reuse"] == {"multihead": "runs/grid"} and base["rows"][2]["a_test_after_accuracy"] == 0.49  # inputs untouched
+    # a withdrawn point loses base's fits (newer's are kept); one that base lacks is refused
+    kept, _ = merge_tradeoff(base, newer, withdrawn=[("shared", "transfer", 3), ("multihead", "transfer", 1.0)])
+    assert [(r["head"], r["knob"], r["seed"]) for r in kept["rows"]] == [("multihead", 1.0, 0), ("multihead", 3.0, 0), ("multihead", 3.0, 1), ("multihead", 10.0, 0)]
+    assert kept["withdrawn"] == [{"head": "shared", "method": "transfer", "knob": 3.0}, {"head": "multihead", "method": "transfer", "knob": 1.0}]
+    with pytest.raises(ValueError, match=r"no such point to withdraw: shared:transfer:10"):
+        merge_tradeoff(base, newer, withdrawn=[("shared", "transfer", 10.0)])
 
     paths = {name: tmp_path / f"{name}.json" for name in ("base", "newer", "other")}
     other = newer | {"config": newer["config"] | {"experiment": experiment | {"prior_scale": 1.0}}}
@@ -391,3 +397,8 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
     assert not refused.exists()
     assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(out)]) == 2  # no --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(refused), "--withdraw", "multihead:transfer"])
+    assert exit_.value.code == 2 and "a point is HEAD:METHOD:KNOB" in capsys.readouterr().err and not refused.exists()
+    assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(refused), "--withdraw", "shared:transfer:3"]) == 0
+    assert "| shared |" not in (refused / "tradeoff.md").read_text()
