@@ -460,14 +460,16 @@ def _point(text: str) -> tuple[str, str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pyro_bbt.tradeoff merge BASE NEWER --out DIR``: :func:`merge_tradeoff` of two
-    ``tradeoff.json`` files, written as ``DIR/tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png``
-    (``merged_from`` records the two paths); ``--withdraw HEAD:METHOD:KNOB`` leaves BASE's fits of
-    that point out. Exit status 2 with one line on bad input."""
+    """``python -m pyro_bbt.tradeoff merge BASE NEWER [NEWER ...] --out DIR``: :func:`merge_tradeoff`
+    of ``tradeoff.json`` files, each NEWER in turn into what the ones before made, written as
+    ``DIR/tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` (``merged_from`` records the paths);
+    ``--withdraw HEAD:METHOD:KNOB`` leaves BASE's fits of that point out where no NEWER has them;
+    the fits named as changed are BASE's that a NEWER replaced with other accuracies.
+    Exit status 2 with one line on bad input."""
     parser = argparse.ArgumentParser(prog="python -m pyro_bbt.tradeoff", description=main.__doc__)
     parser.add_argument("command", choices=["merge"])
     parser.add_argument("base", type=Path, help="tradeoff.json whose rows are kept where NEWER has no fit of theirs")
-    parser.add_argument("newer", type=Path, help="tradeoff.json whose fits replace BASE's")
+    parser.add_argument("newer", type=Path, nargs="+", help="tradeoff.json files whose fits replace BASE's, merged in this order")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged tradeoff.json, .md and .png")
     parser.add_argument("--withdraw", type=_point, action="append", default=[], metavar="HEAD:METHOD:KNOB",
                         help="leave BASE's fits of this point out (a withdrawn finding whose refit is not done), e.g. multihead:transfer:10; repeatable")
@@ -482,18 +484,20 @@ def main(argv: list[str] | None = None) -> int:
     if target.exists() and not args.overwrite:
         return usage(f"{target} exists; pass --overwrite or choose another --out")
     try:
-        base, newer = (json.loads(path.read_text()) for path in (args.base, args.newer))
-        merged, changed = merge_tradeoff(base, newer, args.withdraw)
+        base, *newer = (json.loads(path.read_text()) for path in (args.base, *args.newer))
+        refits = newer[0]
+        for later in newer[1:]:  # the refits first, each later one over the ones before
+            refits, _ = merge_tradeoff(refits, later)
+        merged, changed = merge_tradeoff(base, refits, args.withdraw)
     except (OSError, json.JSONDecodeError) as error:
         return usage(f"cannot read a trade-off result: {error}")
     except ValueError as error:
         return usage(str(error))
-    merged["merged_from"] = [str(args.base), str(args.newer)]
+    merged["merged_from"] = [str(path) for path in (args.base, *args.newer)]
     plot_tradeoff(merged["rows"], args.out / "tradeoff.png")
     atomic_write_text(args.out / "tradeoff.md", tradeoff_table(merged["rows"]))
     atomic_write_json(target, merged)
-    print(f"{len(merged['rows'])} fits; {len(newer['rows'])} from {args.newer}, "
-          f"{len(changed)} of them with other accuracies than {args.base} had: "
+    print(f"{len(merged['rows'])} fits; {len(changed)} replaced with other accuracies than they had: "
           + (", ".join(f"{h} f{f:g} {m} {k if k is None else f'{k:g}'} s{s}" for h, f, m, k, s in changed) or "none"))
     return 0
 

@@ -384,7 +384,7 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
         paths[name].write_text(json.dumps(results))
     out = tmp_path / "merged"
     assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(out)]) == 0
-    assert "2 of them with other accuracies" in capsys.readouterr().out
+    assert "2 replaced with other accuracies" in capsys.readouterr().out
     written = json.loads((out / "tradeoff.json").read_text())
     assert written["rows"] == merged["rows"] and written["merged_from"] == [str(paths["base"]), str(paths["newer"])]
     assert "| multihead | 0.1 | transfer | τ = 3 | 0.942 ± 0.001 | 0.625 ± 0.106 | 2 | 2/2 |" in (out / "tradeoff.md").read_text()
@@ -400,5 +400,12 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(refused), "--withdraw", "multihead:transfer"])
     assert exit_.value.code == 2 and "a point is HEAD:METHOD:KNOB" in capsys.readouterr().err and not refused.exists()
-    assert main(["merge", str(paths["base"]), str(paths["newer"]), "--out", str(refused), "--withdraw", "shared:transfer:3"]) == 0
-    assert "| shared |" not in (refused / "tradeoff.md").read_text()
+    # several refits, merged in order; a withdrawn point keeps the fits a refit has of it
+    last = tmp_path / "last.json"
+    last.write_text(json.dumps(newer | {"rows": [row("multihead", "transfer", 10.0, 1, 0.92, 0.45)]}))
+    assert main(["merge", str(paths["base"]), str(paths["newer"]), str(last), "--out", str(refused), "--withdraw", "shared:transfer:3"]) == 0
+    written = json.loads((refused / "tradeoff.json").read_text())
+    assert [(r["head"], r["knob"], r["seed"]) for r in written["rows"]] == [
+        ("multihead", 1.0, 0), ("multihead", 3.0, 0), ("multihead", 3.0, 1), ("multihead", 10.0, 0), ("multihead", 10.0, 1)]
+    assert written["merged_from"] == [str(paths["base"]), str(paths["newer"]), str(last)]
+    assert "| shared |" not in (refused / "tradeoff.md").read_text() and "2 replaced with other accuracies" in capsys.readouterr().out
