@@ -420,8 +420,9 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
     Returns the merged results (``base``'s, with its grid's axes extended by ``newer``'s) and the
     keys of the replaced rows whose B or A accuracy changed."""
     for name, results in (("base", base), ("newer", newer)):
-        if results.get("study") != "tradeoff" or not isinstance(results.get("rows"), list):
-            raise ValueError(f"{name} is not a trade-off study's results (tradeoff.json): study {results.get('study')!r}")
+        if not isinstance(results, dict) or results.get("study") != "tradeoff" or not isinstance(results.get("rows"), list):
+            study = results.get("study") if isinstance(results, dict) else type(results).__name__
+            raise ValueError(f"{name} is not a trade-off study's results (tradeoff.json): study {study!r}")
     differences = disallowed_differences({"config": base.get("config")}, {"config": newer.get("config")},
                                          grid_fields=MERGE_FREE_FIELDS, neutral_fields=LATER_FIELDS)
     if differences:
@@ -429,7 +430,8 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
     replacements = {_row_key(r): r for r in newer["rows"]}
     withdrawn = [(head, method, float(knob)) for head, method, knob in withdrawn]
     if missing := [w for w in withdrawn if not any((r["head"], r["method"], r["knob"]) == w for r in base["rows"])]:
-        raise ValueError("no such point to withdraw: " + ", ".join(f"{h}:{m}:{k:g}" for h, m, k in missing))
+        points = dict.fromkeys(f"{r['head']}:{r['method']}:{r['knob']:g}" for r in base["rows"] if r["knob"] is not None)
+        raise ValueError("no such point to withdraw: " + ", ".join(f"{h}:{m}:{k:g}" for h, m, k in missing) + "; base's points: " + ", ".join(points))
     changed, rows = [], []
     for row in base["rows"]:
         key = _row_key(row)

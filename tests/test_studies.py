@@ -375,8 +375,10 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
     kept, _ = merge_tradeoff(base, newer, withdrawn=[("shared", "transfer", 3), ("multihead", "transfer", 1.0)])
     assert [(r["head"], r["knob"], r["seed"]) for r in kept["rows"]] == [("multihead", 1.0, 0), ("multihead", 3.0, 0), ("multihead", 3.0, 1), ("multihead", 10.0, 0)]
     assert kept["withdrawn"] == [{"head": "shared", "method": "transfer", "knob": 3.0}, {"head": "multihead", "method": "transfer", "knob": 1.0}]
-    with pytest.raises(ValueError, match=r"no such point to withdraw: shared:transfer:10"):
+    with pytest.raises(ValueError, match=r"no such point to withdraw: shared:transfer:10; base's points: shared:transfer:3, multihead:transfer:1, multihead:transfer:3$"):
         merge_tradeoff(base, newer, withdrawn=[("shared", "transfer", 10.0)])
+    with pytest.raises(ValueError, match=r"newer is not a trade-off study's results \(tradeoff.json\): study 'list'"):
+        merge_tradeoff(base, [])
 
     paths = {name: tmp_path / f"{name}.json" for name in ("base", "newer", "other")}
     other = newer | {"config": newer["config"] | {"experiment": experiment | {"prior_scale": 1.0}}}
