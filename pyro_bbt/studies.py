@@ -589,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "on --resume: the points the run already has are read back, the others fitted, and tradeoff.json holds the grid asked for")
     parser.add_argument("--lambdas", type=_numbers(float), default=None, metavar="LAMBDA,LAMBDA",
                         help="tradeoff only: EWC's penalties (default the preset's: 10,1000,100000)")
+    parser.add_argument("--max-epochs-b", type=int, default=None, metavar="N",
+                        help="tradeoff only: the cap in epochs of every fit on B (default the preset's: 20,000 for converged). "
+                             "A fit that ended at a lower cap is refitted in a new --out, then put into the study by "
+                             "python -m pyro_bbt.tradeoff merge")
     parser.add_argument("--variants", type=_variant_keys, default=VARIANT_KEYS, metavar="KEY,KEY",
                         help=f"convergence only: the fitting variants to run (default all: {', '.join(VARIANT_KEYS)})")
     return parser
@@ -805,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = {name: value for name in ("heads", "seeds", "fractions", "taus", "lambdas") if (value := getattr(args, name)) is not None}
     if grid and args.study != "tradeoff":
         return usage(f"--{', --'.join(grid)} apply to the tradeoff study only")
+    if args.max_epochs_b is not None and args.study != "tradeoff":
+        return usage("--max-epochs-b applies to the tradeoff study only")
     if 0.0 in grid.get("taus", ()):
         return usage("--taus must be > 0 (a broadening of q_A's widths), got 0")
     if bad := [f for f in grid.get("fractions", ()) if not 0.0 < f <= 1.0]:
@@ -833,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.study == "tradeoff":
         preset = dict(TRADEOFF_PRESETS[args.preset]) | grid
+        if args.max_epochs_b is not None:
+            preset["experiment"] = dict(preset.get("experiment", {})) | {"max_epochs_b": args.max_epochs_b}
         try:
             tconfig = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
             saved = reused_tradeoff_stages(tconfig)  # its configuration must be the study's, checked before anything is written
