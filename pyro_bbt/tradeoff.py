@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import B_ONLY_FIELDS, GRID_FIELDS, LATER_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig
+from .config import B_ONLY_FIELDS, CAP_FIELDS, GRID_FIELDS, LATER_FIELDS, PRESETS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig
 from .engine import Unit, UnitCheckpoints, UnitOutcome, failed_outcome, row_outcome, run_study_units
 from .ewc import EWCPenalty
 from .executors import Executor
@@ -62,7 +62,7 @@ from .units import (
 )
 
 __all__ = ["BASELINES", "TRADEOFF_GRID_FIELDS", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
-           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff", "MERGE_FREE_FIELDS", "merge_tradeoff", "main"]
+           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff", "MERGE_FREE_FIELDS", "MERGE_CAP_FIELDS", "merge_tradeoff", "main"]
 
 
 # The axes of the grid (dotted fields of :func:`tradeoff_description`), which a resume may change:
@@ -400,6 +400,16 @@ def plot_tradeoff(rows: list[dict], path) -> None:
 # stages and the single points were read from (``--reuse``), and which single points were fitted.
 MERGE_FREE_FIELDS: tuple[str, ...] = TRADEOFF_GRID_FIELDS + ("config.reuse", "config.baselines")
 
+# The Bayesian fits' epoch caps, which may differ too (a point that ended at its cap, refitted with a
+# higher one, ``--max-epochs-b``): a fit's epochs before its cap do not depend on it, and a row from
+# a file of other caps than the merged configuration's carries its own (``caps``).
+MERGE_CAP_FIELDS: tuple[str, ...] = tuple(f"config.experiment.{name}" for name in CAP_FIELDS)
+
+
+def _caps(results: dict) -> dict[str, int | None]:
+    experiment = results["config"].get("experiment") or {}
+    return {name: experiment.get(name) for name in CAP_FIELDS}
+
 
 def _row_key(row: dict) -> tuple:
     return (row["head"], row["fraction"], row["method"], row["knob"], row["seed"])
@@ -416,7 +426,10 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
 
     The two must be one configuration: every setting of the experiment equal (a setting one of them
     predates reads as :data:`~pyro_bbt.config.LATER_FIELDS`' value); only
-    :data:`MERGE_FREE_FIELDS` may differ. Otherwise ``ValueError``, naming each differing field.
+    :data:`MERGE_FREE_FIELDS` may differ, and the epoch caps (:data:`MERGE_CAP_FIELDS`): the merged
+    configuration keeps ``base``'s caps, and each row taken from ``newer`` under other caps records
+    ``newer``'s (``caps``: ``{"max_epochs_a": ..., "max_epochs_b": ...}``) unless it already names
+    its own. Otherwise ``ValueError``, naming each differing field.
     Returns the merged results (``base``'s, with its grid's axes extended by ``newer``'s) and the
     keys of the replaced rows whose B or A accuracy changed."""
     for name, results in (("base", base), ("newer", newer)):
@@ -424,10 +437,11 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
             study = results.get("study") if isinstance(results, dict) else type(results).__name__
             raise ValueError(f"{name} is not a trade-off study's results (tradeoff.json): study {study!r}")
     differences = disallowed_differences({"config": base.get("config")}, {"config": newer.get("config")},
-                                         grid_fields=MERGE_FREE_FIELDS, neutral_fields=LATER_FIELDS)
+                                         grid_fields=MERGE_FREE_FIELDS + MERGE_CAP_FIELDS, neutral_fields=LATER_FIELDS)
     if differences:
         raise ValueError("the two trade-off results are different configurations: " + "; ".join(differences))
-    replacements = {_row_key(r): r for r in newer["rows"]}
+    own_caps = _caps(newer) if _caps(newer) != _caps(base) else None
+    replacements = {_row_key(r): r if own_caps is None or "caps" in r else {**r, "caps": own_caps} for r in newer["rows"]}
     withdrawn = [(head, method, float(knob)) for head, method, knob in withdrawn]
     if missing := [w for w in withdrawn if not any((r["head"], r["method"], r["knob"]) == w for r in base["rows"])]:
         points = dict.fromkeys(f"{r['head']}:{r['method']}:{r['knob']:g}" for r in base["rows"] if r["knob"] is not None)
@@ -441,7 +455,7 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
         if new is not None and any(new[k] != row[k] for k in ("b_test_accuracy", "a_test_after_accuracy")):
             changed.append(key)
         rows.append(row if new is None else new)
-    rows += [r for r in newer["rows"] if _row_key(r) in replacements]
+    rows += [replacements[_row_key(r)] for r in newer["rows"] if _row_key(r) in replacements]
     config = dict(base["config"])
     for field in ("heads", "fractions", "seeds", "taus", "lambdas"):
         config[field] = list(dict.fromkeys([*base["config"].get(field, []), *newer["config"].get(field, [])]))

@@ -343,7 +343,9 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
     """``python -m pyro_bbt.tradeoff merge BASE NEWER``: each fit NEWER holds (head, fraction,
     method, knob, seed) replaces BASE's in place, the others are kept, a new point is added after
     them, and the replaced fits whose accuracies changed are named. Two configurations that differ
-    in a setting of the experiment are refused with one line naming it, and nothing is written."""
+    in a setting of the experiment are refused with one line naming it, and nothing is written; the
+    epoch caps may differ, and a row fitted under other caps than the merged configuration's names
+    its own."""
     import json
 
     from pyro_bbt.config import LATER_FIELDS
@@ -411,3 +413,12 @@ def test_merging_a_refit_into_a_tradeoff_study_replaces_its_fits_and_refuses_ano
         ("multihead", 1.0, 0), ("multihead", 3.0, 0), ("multihead", 3.0, 1), ("multihead", 10.0, 0), ("multihead", 10.0, 1)]
     assert written["merged_from"] == [str(paths["base"]), str(paths["newer"]), str(last)]
     assert "| shared |" not in (refused / "tradeoff.md").read_text() and "2 replaced with other accuracies" in capsys.readouterr().out
+    # a point refitted under a higher cap: the caps may differ, and its row records its own
+    capped = newer | {"rows": [row("multihead", "transfer", 10.0, 0, 0.93, 0.40) | {"converged": False, "epochs": 2000}]}
+    raised = newer | {"config": newer["config"] | {"experiment": experiment | {"max_epochs_b": 4000}},
+                      "rows": [row("multihead", "transfer", 10.0, 0, 0.94, 0.38) | {"epochs": 2600}]}
+    refits, _ = merge_tradeoff(capped | {"config": capped["config"] | {"experiment": experiment | {"max_epochs_b": 2000}}}, raised)
+    assert refits["config"]["experiment"]["max_epochs_b"] == 2000
+    assert refits["rows"] == [raised["rows"][0] | {"caps": {"max_epochs_a": None, "max_epochs_b": 4000}}]
+    same, _ = merge_tradeoff(raised, raised)
+    assert "caps" not in same["rows"][0]

@@ -286,6 +286,10 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
         err = capsys.readouterr().err.strip()
         assert needle in err and err.count("\n") == 0, err
 
+    refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--max-epochs-b", "9999", "--out", str(out)],
+            "config.experiment.max_epochs_b: ")  # another cap is another configuration of the run (merge takes both)
+    refused(["tradeoff", "--max-epochs-b", "0", "--out", str(tmp_path / "other")], "max-epochs-b must be none or an integer >= epochs-a")
+    refused(["guides", "--max-epochs-b", "9999", "--out", str(tmp_path / "other")], "--max-epochs-b applies to the tradeoff study only")
     monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF | {"experiment": TINY_TRADEOFF["experiment"] | {"eval_samples": 3}})
     refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--out", str(out)],
             f"--resume: the run in {out} has another configuration (config.experiment.eval_samples: 2 -> 3)")
