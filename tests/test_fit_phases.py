@@ -70,6 +70,24 @@ def test_phase_rows_sum_each_units_epochs_by_phase_from_results_and_timing(tmp_p
         with pytest.raises(SystemExit) as exit_info:
             fit_phases.main([flag, str(not_a_stage)])
         assert exit_info.value.code == 2 and "not a q_A stage of a fit by the rule and the verdict" in capsys.readouterr().err
+    # benchmarks/trajectory.py: the same stage's history in segments (fit phase, each continuation), each with its tail's means
+    trajectory = load_benchmark("trajectory")
+    rows = trajectory.segments(history, tail=1.0)
+    fit = [e for e in history if e["phase"] == "fit"]
+    assert rows[0]["segment"] == "fit" and rows[0]["epochs"] == [fit[0]["epoch"], fit[-1]["epoch"]]
+    assert rows[0]["kl"] == pytest.approx(sum(e["weighted_kl"] for e in fit) / len(fit))
+    assert rows[0]["elbo"] == pytest.approx(sum(e["elbo"] for e in fit) / len(fit))
+    recorded = [e["verdict"]["continuation"] for e in history if e["verdict"] and e["verdict"].get("continuation")]
+    assert [r["nats"] for r in rows[1:] if not r.get("running")] == [c["nats"] for c in recorded]
+    assert sum(r["epochs"][1] - r["epochs"][0] + 1 for r in rows) == len(history)  # the segments cover every epoch once
+    assert trajectory.main([str(stage_file), "--out", str(tmp_path / "t.json"), "--figure", str(tmp_path / "t.png")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["segments"] == trajectory.segments(history) and (tmp_path / "t.png").stat().st_size > 0
+    assert capsys.readouterr().out.startswith("fit ")
+    with pytest.raises(SystemExit) as exit_info:
+        trajectory.main([str(not_a_stage)])
+    assert exit_info.value.code == 2 and "holds no per-epoch history" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tail must be in"):
+        trajectory.segments(history, tail=0.0)
     # --time-to-verdict reads q_A only from a run of the README grid's configuration: this tiny run's is refused in one line
     with pytest.raises(SystemExit) as exit_info:
         fit_phases.main(["--time-to-verdict", "--method", "finetune", "--max-epochs-b", "5", "--stages-from", str(run_dir)])
