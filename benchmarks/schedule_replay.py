@@ -20,6 +20,9 @@ epochs' seconds (``task_a/I/history/*`` in timing.json); EWC's deterministic sta
 timed there and are counted as ``--ewc-stage-seconds`` (seconds on this machine).
 
     python benchmarks/schedule_replay.py --runs figs/ps03 figs/ps03-shared --out figs/schedule-replay.json
+
+``--fractions F,F`` replays the grid without the B units at other fractions (a smaller default grid
+the README could state): what that grid would have taken, from the same measured units.
 """
 
 from __future__ import annotations
@@ -87,9 +90,11 @@ def _never_called(*args) -> UnitOutcome:
     raise AssertionError("a replayed unit is never run")
 
 
-def load_run(run: Path, ewc_stage_seconds: float) -> list[Timed]:
+def load_run(run: Path, ewc_stage_seconds: float, fractions: tuple[float, ...] | None = None) -> list[Timed]:
     """The units of a finished grid run in its plan's order (:attr:`~pyro_bbt.plan.Plan.order`:
-    per seed, stages, then B units), each with the seconds it took."""
+    per seed, stages, then B units), each with the seconds it took; with ``fractions``, only the B
+    units at those fractions of B (every stage kept): the grid the run would have been without
+    the others. ``ValueError`` where the run holds none of them."""
     paths = [run / "results.json", run / "timing.json"]
     if not all(p.is_file() for p in paths):
         raise ValueError(f"{run} is not a finished run: it needs results.json and timing.json")
@@ -106,9 +111,14 @@ def load_run(run: Path, ewc_stage_seconds: float) -> list[Timed]:
         seconds[stages[-1].key] = stage_seconds[i] if a["kind"] == "bayesian" else ewc_stage_seconds
     units = []
     for i, u in enumerate(results["units"]):
+        if fractions is not None and u["fraction"] not in fractions:
+            continue
         need = STAGE_NEEDED.get(u["method"])
         units.append(UnitSpec(u["method"], u["fraction"], u["seed"], 0, None if need is None else stage_key(need, u["seed"])))
         seconds[units[-1].key] = timing[f"units/{i}"]
+    if not units:
+        held = sorted({u["fraction"] for u in results["units"]})
+        raise ValueError(f"{run} holds no B unit at fractions {', '.join(f'{f:g}' for f in fractions or ())}; it has {', '.join(f'{f:g}' for f in held)}")
     return [Timed(item.key, seconds[item.key], getattr(item, "needs", None), item.seed) for item in Plan(tuple(stages), tuple(units)).order]
 
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="finished grid runs (results.json and timing.json)")
     parser.add_argument("--workers", type=str, default="1,2,3,4", help="numbers of workers, comma-separated")
     parser.add_argument("--ewc-stage-seconds", type=float, default=10.0)
+    parser.add_argument("--fractions", type=str, default=None, metavar="F,F",
+                        help="replay only the B units at these fractions of B (every task-A stage kept): a smaller grid's wall time")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     try:
@@ -156,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--workers must be integers >= 1, comma-separated, got {args.workers!r}")
     try:
-        orders_by_run = {run: load_run(run, args.ewc_stage_seconds) for run in args.runs}
+        fractions = None if args.fractions is None else tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        parser.error(f"--fractions must be numbers, comma-separated, got {args.fractions!r}")
+    try:
+        orders_by_run = {run: load_run(run, args.ewc_stage_seconds, fractions) for run in args.runs}
     except ValueError as error:
         parser.error(str(error))
     rows = []

@@ -44,7 +44,20 @@ def test_a_run_is_read_as_stages_then_units_per_seed_with_stage_seconds_from_its
     assert [r["workers"] for r in rows] == [1, 2] and rows[0]["makespan"]["plan"] == pytest.approx(40.0)
     assert all(r["makespan"]["critical path (oracle)"] >= r["lower_bound"] - 1e-9 for r in rows)
     assert "W=2" in capsys.readouterr().out
-    for argv, message in ((["--runs", str(tmp_path)], f"{tmp_path} is not a finished run: it needs results.json and timing.json"),
+    # a smaller grid: only the units at the fractions asked for, every stage kept
+    results["units"].append({"method": "scratch", "fraction": 0.1, "seed": 0})
+    timing["units/3"] = 17.0
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "timing.json").write_text(json.dumps(timing))
+    assert [u.key for u in replay.load_run(run, 4.0)][-1] == "scratch-f0.1-s0"
+    assert replay.load_run(run, 4.0, fractions=(0.01,)) == order
+    assert [(u.key, u.seconds) for u in replay.load_run(run, 4.0, fractions=(0.1,))] == [("A-bayesian-s0", 5.0), ("A-ewc-s0", 4.0), ("scratch-f0.1-s0", 17.0)]
+    assert replay.main(["--runs", str(run), "--workers", "1", "--fractions", "0.1", "--ewc-stage-seconds", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["makespan"]["plan"] == pytest.approx(26.0)
+    capsys.readouterr()
+    for argv, message in ((["--runs", str(run), "--fractions", "1"], "holds no B unit at fractions 1; it has 0.01, 0.1"),
+                          (["--runs", str(run), "--fractions", "x"], "--fractions must be numbers, comma-separated, got 'x'"),
+                          (["--runs", str(tmp_path)], f"{tmp_path} is not a finished run: it needs results.json and timing.json"),
                           (["--runs", str(run), "--workers", "0,2"], "--workers must be integers >= 1, comma-separated, got '0,2'")):
         with pytest.raises(SystemExit) as exit_info:
             replay.main(argv)
