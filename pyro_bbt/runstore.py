@@ -57,8 +57,9 @@ def disallowed_differences(saved: dict, current: dict, grid_fields: Collection[s
     ``raisable_fields`` (integer caps) where the saved value is an integer no larger than the
     current one. A mapping ``raisable_fields`` gives each field's value where a configuration
     omits it (a field added after the configuration was saved). A dotted name in ``grid_fields``
-    (``"config.taus"``) names a field of a nested configuration: the two ``config`` objects are
-    compared field by field, and a difference is named by its dotted path. ``neutral_fields``
+    or ``raisable_fields`` (``"config.taus"``, ``"config.experiment.max_epochs_b"``) names a field
+    of a nested configuration: the two ``config`` objects are compared field by field, and a
+    difference is named by its dotted path. ``neutral_fields``
     (settings added after configurations were saved, each with the value those had, e.g.
     :data:`~pyro_bbt.config.LATER_FIELDS`): at any depth a field absent on one side reads as that
     value, and nested configurations are compared field by field, so a configuration saved
@@ -77,10 +78,10 @@ def _disallowed(saved: dict, current: dict, grid_fields: frozenset[str], raisabl
         name = prefix + key
         if name in grid_fields or old == new:
             continue
-        if isinstance(old, dict) and isinstance(new, dict) and (neutral or any(g.startswith(name + ".") for g in grid_fields)):
-            out += _disallowed(old, new, grid_fields, {}, name + ".", neutral)
+        if isinstance(old, dict) and isinstance(new, dict) and (neutral or any(g.startswith(name + ".") for g in (*grid_fields, *raisable_fields))):
+            out += _disallowed(old, new, grid_fields, [f for f in raisable_fields if f.startswith(name + ".")], name + ".", neutral)
             continue
-        if key in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
+        if name in raisable_fields and all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new)) and old <= new:
             continue
         out.append(f"{name}: {old!r} -> {new!r}")
     return out

@@ -64,7 +64,7 @@ from .convergence import StoppingRule, assess_convergence, uninformed_scale_rati
 from .stats import format_mean_std, sample_std
 from .priors import GaussianPrior
 from .runstore import ReadOnlyStore, RunStore, differing_fields, disallowed_differences
-from .tradeoff import (TRADEOFF_GRID_FIELDS, TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
+from .tradeoff import (TRADEOFF_CAP_FIELDS, TRADEOFF_GRID_FIELDS, TRADEOFF_PRESETS, TradeoffConfig, plot_tradeoff, reused_tradeoff_stages, task_a_stage_unit, tradeoff,
                        tradeoff_description, tradeoff_key, tradeoff_table)
 from .plan import StageSpec, stage_key
 from .units import FitStorage, broadened_stage, load_task_pair, run_bayesian_b, stage_from_saved, steps_for
@@ -692,11 +692,12 @@ def study_description(study: str, config: StudyConfig, variants: tuple[str, ...]
     return json.loads(json.dumps({"study": study, "config": asdict(config), "recipe": recipe}))
 
 
-def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool, grid_fields: tuple[str, ...] = ()) -> None:
+def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bool, grid_fields: tuple[str, ...] = (),
+                       raisable_fields: tuple[str, ...] = ()) -> None:
     """``--out`` for a study that runs through the engine: with ``resume``, it must hold a run of
     ``description`` (its ``config.json``), up to the fields of ``grid_fields`` (dotted, as
     :func:`~pyro_bbt.runstore.disallowed_differences` reads them: the axes a resume may change,
-    its units keyed by them); otherwise an unfinished run there needs ``overwrite``,
+    its units keyed by them) and the caps of ``raisable_fields`` (dotted too), which it may raise; otherwise an unfinished run there needs ``overwrite``,
     which removes it, and one of another study is never removed (its store would mix with this
     one's: choose another ``--out``). ``ValueError`` with one line otherwise."""
     path = out / "config.json"
@@ -720,7 +721,7 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
     if resume:
         saved = {k: v for k, v in saved.items() if k != "preset"}
         if grid_fields and saved.get("study") == description["study"]:
-            blocking = disallowed_differences(saved, description, grid_fields, neutral_fields=LATER_FIELDS)
+            blocking = disallowed_differences(saved, description, grid_fields, raisable_fields, neutral_fields=LATER_FIELDS)
             if blocking:
                 raise ValueError(f"--resume: the run in {out} has another configuration ({'; '.join(blocking)})")
             return
@@ -736,21 +737,34 @@ def _prepare_study_dir(out: Path, description: dict, resume: bool, overwrite: bo
         shutil.rmtree(out / name)
 
 
-def _open_store(args: argparse.Namespace, description: dict, grid_fields: tuple[str, ...] = ()) -> RunStore:
+def _open_store(args: argparse.Namespace, description: dict, grid_fields: tuple[str, ...] = (), raisable_fields: tuple[str, ...] = ()) -> RunStore:
     """The engine's store of the study in ``args.out``, after :func:`_prepare_study_dir`; a new
     run's ``config.json`` is written first, and a resume's that changes the grid (``grid_fields``)
-    rewrites it, saying so, as the transfer CLI's does: the store's units are read whatever grid
-    made them."""
-    _prepare_study_dir(args.out, description, args.resume, args.overwrite, grid_fields)
+    or raises a cap (``raisable_fields``) rewrites it, saying so, as the transfer CLI's does: the
+    store's units are read whatever grid made them, and its checkpoints whatever lower cap."""
+    _prepare_study_dir(args.out, description, args.resume, args.overwrite, grid_fields, raisable_fields)
     if args.resume and grid_fields:
         saved = {k: v for k, v in json.loads((args.out / "config.json").read_text()).items() if k != "preset"}
         changed = [f for f in differing_fields(saved.get("config", {}), description["config"]) if f"config.{f}" in grid_fields]
         if changed:
             print(f"--resume: the grid changes ({', '.join(changed)}); the points the run holds are read back", file=sys.stderr, flush=True)
+        raised = [f"{name.rsplit('.', 1)[-1]} {old} -> {new}" for name in raisable_fields
+                  if (old := _dotted(saved, name)) != (new := _dotted(description, name))]
+        if raised:
+            print(f"--resume: a cap rises ({', '.join(raised)}); a fit in progress runs on to it from its checkpoint, a finished fit keeps "
+                  "the record it ended with", file=sys.stderr, flush=True)
     if not args.resume or grid_fields:
         atomic_write_json(args.out / "config.json", {"preset": args.preset, **description})
     return RunStore(args.out, description, on_damaged=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
-                    grid_fields=grid_fields, neutral_fields=LATER_FIELDS)
+                    grid_fields=grid_fields, raisable_fields=raisable_fields, neutral_fields=LATER_FIELDS)
+
+
+def _dotted(description: dict, name: str):
+    """The field ``name`` (dotted, ``"config.experiment.max_epochs_b"``) of ``description``, or ``None``."""
+    value = description
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _write_results(args: argparse.Namespace, results: dict, timing: dict[str, dict], start: float) -> None:
@@ -845,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
             tconfig = TradeoffConfig(**preset | {"experiment": ExperimentConfig(**preset.get("experiment", {})), "reuse": _reuse_by_head(args.reuse)})
             saved = reused_tradeoff_stages(tconfig)  # its configuration must be the study's, checked before anything is written
             description = tradeoff_description(tconfig)
-            store = _open_store(args, description, TRADEOFF_GRID_FIELDS)
+            store = _open_store(args, description, TRADEOFF_GRID_FIELDS, TRADEOFF_CAP_FIELDS)
         except ValueError as error:  # a --reuse directory of another configuration, or without config.json; a --resume that cannot
             return usage(str(error))
         rows = tradeoff(tconfig, workers=args.workers, store=store, saved=saved)

@@ -62,7 +62,7 @@ from .units import (
 )
 
 __all__ = ["BASELINES", "TRADEOFF_GRID_FIELDS", "TradeoffConfig", "TRADEOFF_PRESETS", "fit_status", "tradeoff", "task_a_stage_unit", "point_unit", "tradeoff_key", "tradeoff_base",
-           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff", "MERGE_FREE_FIELDS", "MERGE_CAP_FIELDS", "merge_tradeoff", "main"]
+           "tradeoff_description", "reused_tradeoff_stages", "tradeoff_table", "plot_tradeoff", "MERGE_FREE_FIELDS", "TRADEOFF_CAP_FIELDS", "merge_tradeoff", "main"]
 
 
 # The axes of the grid (dotted fields of :func:`tradeoff_description`), which a resume may change:
@@ -400,10 +400,12 @@ def plot_tradeoff(rows: list[dict], path) -> None:
 # stages and the single points were read from (``--reuse``), and which single points were fitted.
 MERGE_FREE_FIELDS: tuple[str, ...] = TRADEOFF_GRID_FIELDS + ("config.reuse", "config.baselines")
 
-# The Bayesian fits' epoch caps, which may differ too (a point that ended at its cap, refitted with a
-# higher one, ``--max-epochs-b``): a fit's epochs before its cap do not depend on it, and a row from
-# a file of other caps than the merged configuration's carries its own (``caps``).
-MERGE_CAP_FIELDS: tuple[str, ...] = tuple(f"config.experiment.{name}" for name in CAP_FIELDS)
+# The Bayesian fits' epoch caps (dotted fields of :func:`tradeoff_description`): a fit's epochs
+# before its cap do not depend on it, so ``--resume`` may raise them (``--max-epochs-b``: a fit in
+# progress, or not yet started, runs to the new cap; a finished one keeps the record it ended with),
+# and two results may differ in them and still be merged (a row from a file of other caps than the
+# merged configuration's carries its own, ``caps``).
+TRADEOFF_CAP_FIELDS: tuple[str, ...] = tuple(f"config.experiment.{name}" for name in CAP_FIELDS)
 
 
 def _caps(results: dict) -> dict[str, int | None]:
@@ -426,7 +428,7 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
 
     The two must be one configuration: every setting of the experiment equal (a setting one of them
     predates reads as :data:`~pyro_bbt.config.LATER_FIELDS`' value); only
-    :data:`MERGE_FREE_FIELDS` may differ, and the epoch caps (:data:`MERGE_CAP_FIELDS`): the merged
+    :data:`MERGE_FREE_FIELDS` may differ, and the epoch caps (:data:`TRADEOFF_CAP_FIELDS`): the merged
     configuration keeps ``base``'s caps, and each row taken from ``newer`` under other caps records
     ``newer``'s (``caps``: ``{"max_epochs_a": ..., "max_epochs_b": ...}``) unless it already names
     its own. Otherwise ``ValueError``, naming each differing field.
@@ -437,7 +439,7 @@ def merge_tradeoff(base: dict, newer: dict, withdrawn: Sequence[tuple[str, str, 
             study = results.get("study") if isinstance(results, dict) else type(results).__name__
             raise ValueError(f"{name} is not a trade-off study's results (tradeoff.json): study {study!r}")
     differences = disallowed_differences({"config": base.get("config")}, {"config": newer.get("config")},
-                                         grid_fields=MERGE_FREE_FIELDS + MERGE_CAP_FIELDS, neutral_fields=LATER_FIELDS)
+                                         grid_fields=MERGE_FREE_FIELDS + TRADEOFF_CAP_FIELDS, neutral_fields=LATER_FIELDS)
     if differences:
         raise ValueError("the two trade-off results are different configurations: " + "; ".join(differences))
     own_caps = _caps(newer) if _caps(newer) != _caps(base) else None

@@ -239,6 +239,38 @@ def test_a_tradeoff_point_is_the_fit_it_claims(tmp_path, single_torch_thread, mo
     assert len(logged) == 7 and again == rows
 
 
+def test_a_tradeoff_resume_may_raise_the_cap_of_bs_fits_and_a_checkpoint_of_a_lower_cap_runs_on(tmp_path, tiny_quick, capsys):
+    """``--max-epochs-b`` may rise on ``--resume`` (a fit's epochs before its cap do not depend on
+    it): the finished points are read back, config.json says the new cap, and a checkpoint made
+    under the lower cap is this run's; a cap that falls is another configuration, refused."""
+    from pyro_bbt.runstore import RunStore
+    from pyro_bbt.tradeoff import TRADEOFF_CAP_FIELDS
+
+    out = tmp_path / "run"
+    argv = ["tradeoff", "--heads", "shared", "--taus", "30", "--lambdas", "0", "--out", str(out)]
+    assert main([*argv, "--max-epochs-b", "5"]) == 0
+    kept = {path.name: path.read_bytes() for path in (out / "units").glob("*.json")}
+    described = json.loads((out / "config.json").read_text())
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--max-epochs-b", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "--resume: a cap rises (max_epochs_b 5 -> 9)" in captured.err
+    assert len(captured.out.splitlines()) == 1 and captured.out.startswith("done in")  # nothing refitted
+    assert json.loads((out / "config.json").read_text())["config"]["experiment"]["max_epochs_b"] == 9
+    assert all((out / "units" / name).read_bytes() == data for name, data in kept.items())
+    assert main([*argv, "--resume", "--max-epochs-b", "4"]) == 2
+    assert "config.experiment.max_epochs_b: 9 -> 4" in capsys.readouterr().err
+    # a unit's checkpoint made under cap 5 is read by the store of cap 9, not by one of cap 4
+    described.pop("preset")
+    RunStore(tmp_path / "store", described).save_checkpoint("shared-transfer-tau30-f0.1-s0", {"epoch": 3})
+    raised = json.loads(json.dumps(described))
+    raised["config"]["experiment"]["max_epochs_b"] = 9
+    assert RunStore(tmp_path / "store", raised, raisable_fields=TRADEOFF_CAP_FIELDS).checkpoint("shared-transfer-tau30-f0.1-s0") == {"epoch": 3}
+    raised["config"]["experiment"]["max_epochs_b"] = 4
+    with pytest.raises(ValueError, match=r"made by another configuration \(config.experiment.max_epochs_b: 5 -> 4\)"):
+        RunStore(tmp_path / "store", raised, raisable_fields=TRADEOFF_CAP_FIELDS).checkpoint("shared-transfer-tau30-f0.1-s0")
+
+
 def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_path, tiny_quick, monkeypatch, capsys):
     """``--taus``, ``--lambdas``, ``--heads``, ``--seeds`` and ``--fractions`` set the trade-off's grid, and may
     change on ``--resume``: the points the run has are read back (their files untouched), only
@@ -287,7 +319,7 @@ def test_a_tradeoff_resume_may_change_the_grid_and_fits_only_the_new_points(tmp_
         assert needle in err and err.count("\n") == 0, err
 
     refused(["tradeoff", "--resume", "--heads", "shared", "--taus", "1", "--max-epochs-b", "9999", "--out", str(out)],
-            "config.experiment.max_epochs_b: ")  # another cap is another configuration of the run (merge takes both)
+            "config.experiment.max_epochs_b: None -> 9999")  # no cap (the fixed budget's) to raise
     refused(["tradeoff", "--max-epochs-b", "0", "--out", str(tmp_path / "other")], "max-epochs-b must be none or an integer >= epochs-a")
     refused(["guides", "--max-epochs-b", "9999", "--out", str(tmp_path / "other")], "--max-epochs-b applies to the tradeoff study only")
     monkeypatch.setitem(TRADEOFF_PRESETS, "quick", TINY_TRADEOFF | {"experiment": TINY_TRADEOFF["experiment"] | {"eval_samples": 3}})
