@@ -18,7 +18,10 @@ It reads the history a file keeps: a unit's train checkpoint (``checkpoints/KEY.
 progress: a finished unit of the trade-off study keeps no history) or a stage file
 (``stages/*-A-bayesian-s*.pt``), with ``weights_only=True``::
 
-    python benchmarks/trajectory.py runs/tradeoff-conv-f0.1-mh-headfix/checkpoints/multihead-transfer-tau10-f0.1-s2.pt --out figs/trajectory-tau10-s2.json --figure figs/trajectory-tau10-s2.png
+    python benchmarks/trajectory.py runs/snap-multihead-transfer-tau10-f0.1-s2.pt --out figs/trajectory-tau10-s2.json --figure figs/trajectory-tau10-s2.png
+
+(``runs/snap-*.pt``: copies of a trade-off unit's checkpoint taken while it ran, since the store
+drops a unit's checkpoint when it finishes.)
 """
 
 from __future__ import annotations
@@ -66,13 +69,11 @@ def segments(history: list[dict], tail: float = 0.25) -> list[dict]:
     by_epoch = {e["epoch"]: e for e in history}
     fit = [e for e in history if e["phase"] == "fit"]
     out = [{"segment": "fit", "epochs": [fit[0]["epoch"], fit[-1]["epoch"]], **_tail_means(fit, tail)}] if fit else []
-    scored = [(e["verdict"] or {}).get("continuation") for e in history]
-    scored = sorted((c for c in scored if c), key=lambda c: c["start_epoch"])
-    starts = [c["start_epoch"] for c in scored]
+    scored = sorted((c for e in history if (c := (e["verdict"] or {}).get("continuation"))), key=lambda c: c["start_epoch"])
+    scored_end = max((c["start_epoch"] + c["epochs"] for c in scored), default=fit[-1]["epoch"] if fit else 0)
     last_epoch = history[-1]["epoch"]
-    if history[-1]["phase"] == "continuation" and (not starts or last_epoch > starts[-1] + scored[-1]["epochs"]):
-        running_start = max((c["start_epoch"] + c["epochs"] for c in scored), default=fit[-1]["epoch"] if fit else 0)
-        scored.append({"start_epoch": running_start, "epochs": last_epoch - running_start, "running": True})
+    if history[-1]["phase"] == "continuation" and last_epoch > scored_end:  # a continuation not scored yet
+        scored.append({"start_epoch": scored_end, "epochs": last_epoch - scored_end, "running": True})
     for c in scored:
         entries = [by_epoch[k] for k in range(c["start_epoch"] + 1, c["start_epoch"] + c["epochs"] + 1) if k in by_epoch]
         if not entries:
@@ -93,12 +94,13 @@ def plot_trajectory(history: list[dict], rows: list[dict], path: Path, window: i
     epochs = [e["epoch"] for e in history]
     first_tail = rows[0]["tail_epochs"][0] if rows else epochs[0]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, label in zip(axes, ("elbo", "expected_log_lik", "weighted_kl"), ("ELBO", "E_q[log p(D | w)]", "KL(q || p)")):
+    terms = (("elbo", "elbo", "ELBO"), ("expected_log_lik", "expected_log_lik", "E_q[log p(D | w)]"), ("weighted_kl", "kl", "KL(q || p)"))
+    for ax, (key, row_key, label) in zip(axes, terms):
         values = [e[key] for e in history]
         smooth = [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
         ax.plot(epochs, smooth, lw=1)
         for row in rows:
-            ax.plot([row["tail_epochs"][1]], [row["elbo" if key == "elbo" else "expected_log_lik" if key == "expected_log_lik" else "kl"]], "o", ms=4,
+            ax.plot([row["tail_epochs"][1]], [row[row_key]], "o", ms=4,
                     color="C3" if row["segment"] == "continuation" else "C2")
         ax.set_xscale("log")
         ax.set_xlabel("epoch")
