@@ -92,7 +92,7 @@ not measured), epochs, optimisation steps, and, after the clock stops:
 
 * from **one evaluator** for every row (:class:`Evaluator`): the full-data ELBO
   ``L = sum_n E_q log p(y_n | x_n, w) - KL(q || p)`` by
-  :func:`~pyro_bbt.verdict.fixed_noise_elbo` with ``--eval-draws`` antithetic draws whose noise
+  :func:`~pyro_bbt.fixed_noise.fixed_noise_elbo` with ``--eval-draws`` antithetic draws whose noise
   depends only on ``--eval-seed`` (the same draws for every row), and the expected train NLL per
   datum ``-(L + KL) / N`` with the closed-form KL;
 * A's test accuracy: :func:`~pyro_bbt.evaluation.evaluate` on A's ``test`` split with 32 weight
@@ -150,10 +150,11 @@ from pyro_bbt.ewc import MLP, accuracy
 from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.files import atomic_write_json
 from pyro_bbt.fitting import FitRecipe, fit_posterior, set_means
+from pyro_bbt.fixed_noise import fixed_noise_elbo
 from pyro_bbt.guides import AutoMeanFieldNormal, posterior_loc_scale, start_from_posterior
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.objectives import closed_form_kl
-from pyro_bbt.verdict import VerdictConfig, fixed_noise_elbo, judge_by
+from pyro_bbt.verdict import VerdictConfig, judge_by
 
 __all__ = [
     "Problem",
@@ -363,7 +364,7 @@ class Score:
 
 @dataclass(frozen=True)
 class Evaluator:
-    """One scorer for every row's posterior: :func:`~pyro_bbt.verdict.fixed_noise_elbo` on the
+    """One scorer for every row's posterior: :func:`~pyro_bbt.fixed_noise.fixed_noise_elbo` on the
     training split with ``num_draws`` antithetic local-reparameterisation draws whose noise
     depends only on ``seed``, ``batch_size`` and the shapes (common random numbers: the same
     posterior gets the same ELBO whichever row fitted it, and two rows are compared on the same

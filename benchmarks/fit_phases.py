@@ -98,10 +98,10 @@ PARTS = (
     ("verdict: polishing steps (after a rejection)", "pyro_bbt/inference.py", "_polish_last"),
     ("verdict: judgements (line search, confirmation)", "pyro_bbt/verdict.py", "judge_by"),
     ("  line-search steps, all (judgements and polishing)", "pyro_bbt/verdict.py", "line_search_gain"),
-    ("    their full-data gradient estimates", "pyro_bbt/verdict.py", "_gradients"),
-    ("    their whitened directions", "pyro_bbt/verdict.py", "whitened_direction"),
-    ("    their fixed-noise scores", "pyro_bbt/verdict.py", "_crn_log_liks"),
-    ("continuations' fixed-noise scores", "pyro_bbt/verdict.py", "continuation_gain"),
+    ("    their full-data gradient estimates", "pyro_bbt/elbo_gradient.py", "elbo_gradients"),
+    ("    their whitened directions", "pyro_bbt/elbo_gradient.py", "whitened_direction"),
+    ("    their fixed-noise scores", "pyro_bbt/fixed_noise.py", "crn_log_liks"),
+    ("continuations' fixed-noise scores", "pyro_bbt/fixed_noise.py", "continuation_gain"),
     ("Adam's steps (ELBO and gradients)", "pyro_bbt/objectives.py", "loss_and_grads"),
     ("evaluations (the learning curve's, and the final ones after the fit)", "pyro_bbt/units.py", "bayesian_metrics"),
 )
@@ -309,14 +309,14 @@ def verdict_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b
     ``--stages-from`` reads it: ``ValueError`` where that run's configuration is not this one up
     to the grid, the caps and B's fields), on one torch thread: wall seconds, epochs, converged,
     B's test accuracy, and the ELBO on B's training split by
-    :func:`~pyro_bbt.verdict.fixed_noise_elbo` (64 draws, seed 0)."""
+    :func:`~pyro_bbt.fixed_noise.fixed_noise_elbo` (64 draws, seed 0)."""
     import torch
 
     from pyro_bbt.config import B_ONLY_FIELDS, GRID_FIELDS, RAISABLE_FIELDS, RUN_FIELDS
+    from pyro_bbt.fixed_noise import fixed_noise_elbo
     from pyro_bbt.plan import stage_key
     from pyro_bbt.runstore import ReadOnlyStore
     from pyro_bbt.units import FitStorage, _train_bayesian, bayesian_metrics, load_task_pair, posterior_for_b, stage_from_saved
-    from pyro_bbt.verdict import fixed_noise_elbo
 
     torch.set_num_threads(1)
     config = grid_config(head, fraction, seed, max_epochs_b, fast_polish)

@@ -11,7 +11,7 @@ the unit's head only, for the output layer),
 ``p = N(0, sigma_0^2)`` the base prior (the unit's own prior for scratch and finetune). A unit
 is *quiet* when ``K_lj < --quiet-below`` nats (10 by default): far below the units that carry
 the function (hundreds to thousands of nats), yet not at the prior. Then, with the fixed-noise
-evaluator (common random numbers, ``--draws`` antithetic draws, :func:`pyro_bbt.verdict.posterior_elbo`):
+evaluator (common random numbers, ``--draws`` antithetic draws, :func:`pyro_bbt.fixed_noise.posterior_elbo`):
 
 * **the continuation, attributed**: ``L(end) - L(start)`` from the continuation's start to the
   checkpoint's posterior, and the part of it that the quiet units' own parameters (incoming
@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
 from verdict_draws import open_unit, unit_parser  # noqa: E402
 
+from pyro_bbt.elbo_gradient import elbo_gradient, read_posterior  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
+from pyro_bbt.fixed_noise import posterior_elbo  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
-from pyro_bbt.verdict import elbo_gradient, posterior_elbo, read_posterior  # noqa: E402
 
 Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -126,7 +127,7 @@ def probes(posterior: Posterior, masks: list[torch.Tensor], prior_std: float) ->
 def signal_fraction(first, second, masks: list[torch.Tensor]) -> list[dict[str, float]]:
     """Per hidden layer, for the quiet units' incoming weights and the other units', the share of
     the squared full-data gradient that is signal: ``sum g g' / (1/2 sum (g^2 + g'^2))`` over two
-    independent estimates ``g``, ``g'`` (:func:`pyro_bbt.verdict.elbo_gradient`; the expectation of
+    independent estimates ``g``, ``g'`` (:func:`pyro_bbt.elbo_gradient.elbo_gradient`; the expectation of
     ``g g'`` is the squared mean gradient, of ``g^2`` that plus the noise's variance), locations and
     widths together. Near 1: the gradient is its mean; near 0 (or below): noise."""
     out = []

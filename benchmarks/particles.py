@@ -8,7 +8,7 @@ of its running continuation (the end of a phase at the continuation's lowest rat
 arm starts jittered), each arm ``P`` of ``--particles`` continues for ``--epochs`` epochs with a
 fresh Adam at ``--factor`` times the run's continuation base rates (the unit's own minibatch,
 estimator and KL schedule, no verdict), and every ``--score-every`` epochs the fixed-noise ELBO
-(:func:`pyro_bbt.verdict.posterior_elbo`: ``--draws`` antithetic draws, the same noise for every
+(:func:`pyro_bbt.fixed_noise.posterior_elbo`: ``--draws`` antithetic draws, the same noise for every
 arm and point, so differences are paired) is recorded against the epochs and the seconds spent
 training (scoring off the clock); at the start and the end of each arm, B's test accuracy and NLL
 (the posterior predictive with the run's ``eval_samples`` draws, seeded alike for every arm).
@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
 from verdict_draws import open_unit, unit_parser  # noqa: E402
 
+from pyro_bbt.elbo_gradient import read_posterior  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
+from pyro_bbt.fixed_noise import posterior_elbo  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
 from pyro_bbt.runstore import RunStore  # noqa: E402
 from pyro_bbt.units import bayesian_metrics, load_task_pair  # noqa: E402
-from pyro_bbt.verdict import posterior_elbo, read_posterior  # noqa: E402
 
 
 def _particle_list(text: str) -> list[int]:

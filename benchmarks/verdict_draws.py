@@ -5,7 +5,7 @@ The verdict decides twice by a score with a standard error: the line search's be
 continuation (8 draws). The standard error is ``sqrt(sum_n s_n^2 / D)`` over ``D`` draws: where
 it is comparable to ``tol N`` (small data, broad posteriors) a fit that has stopped gaining is
 rejected until one draw of the evaluator falls low enough. ``VerdictConfig.max_draws`` adds
-draws where a score cannot decide (:func:`pyro_bbt.verdict.continuation_gain`, "Added draws").
+draws where a score cannot decide (:func:`pyro_bbt.fixed_noise.continuation_gain`, "Added draws").
 
 This bench reads a unit's train checkpoint in a run of ``python -m pyro_bbt.transfer`` (a
 scratch, transfer or finetune unit on B, still running: a finished unit has no checkpoint) and,
@@ -37,11 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
 
+from pyro_bbt.elbo_gradient import read_posterior  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
+from pyro_bbt.fixed_noise import ADDED_DRAWS_STDERR_FRACTION, continuation_gain  # noqa: E402
 from pyro_bbt.rejudge import judged_unit  # noqa: E402
 from pyro_bbt.runstore import RunStore  # noqa: E402
 from pyro_bbt.units import load_task_pair, stage_prior, use_head  # noqa: E402
-from pyro_bbt.verdict import ADDED_DRAWS_STDERR_FRACTION, continuation_gain, judge, read_posterior  # noqa: E402
+from pyro_bbt.verdict import judge  # noqa: E402
 
 
 def load_unit(run_dir: Path, key: str):

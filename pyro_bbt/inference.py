@@ -48,17 +48,19 @@ import torch
 from torch.distributions import transform_to
 from tqdm.auto import tqdm
 
-from .data import Split
-from .evaluation import evaluate
-from .files import atomic_write_text
 from .convergence import StoppingRule, median_scales
+from .data import Split
+from .elbo_gradient import read_posterior
+from .evaluation import evaluate
+from .exact_checks import blank_pixel_check, unread_rows_check
+from .files import atomic_write_text
+from .fixed_noise import ContinuationGain, continuation_gain
 from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
 from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
 from .pyro_internals import unconstrained_loc_scale_parameters
-from .verdict import (CONFIRMATION_SEED_OFFSET, ContinuationGain, VerdictConfig, blank_pixel_check, can_judge, unread_rows_check, continuation_gain, judge_by, line_search_gain,
-                      read_posterior)
+from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, can_judge, judge_by, line_search_gain
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -366,7 +368,7 @@ def _accumulate_average(guide, continuation: dict, epochs_done: int, num_rates: 
 
 def _gain_since_start(model, guide, train_split: Split, config: TrainConfig, continuation: dict, epochs: int) -> ContinuationGain:
     """What the guide's posterior now gains over the continuation's start
-    (:func:`~pyro_bbt.verdict.continuation_gain`: its evaluator seed, draws and rates), after
+    (:func:`~pyro_bbt.fixed_noise.continuation_gain`: its evaluator seed, draws and rates), after
     ``epochs`` of the continuation. Leaves the guide at the start."""
     v = config.verdict
     end = read_posterior(guide)
@@ -386,7 +388,7 @@ def _particles_entry(verdict: VerdictConfig) -> dict:
 
 def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
     """Score the continuation that ends after the last epoch of ``history`` against its start
-    (:func:`~pyro_bbt.verdict.continuation_gain`), return the guide to the start where the ELBO
+    (:func:`~pyro_bbt.fixed_noise.continuation_gain`), return the guide to the start where the ELBO
     fell, record the verdict on the last epoch (its cost added to that epoch's ``seconds``) and
     return whether the fit is converged: the gain is within ``tol_per_datum`` and the blank-pixel
     check holds for the posterior kept. The record is the line-search judgement whose pass
@@ -428,7 +430,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
 
 def _rejected_on_the_way(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
     """Score the running continuation at the last epoch of ``history`` against its start (the
-    evaluator and draws of its end, :func:`~pyro_bbt.verdict.continuation_gain`) and return
+    evaluator and draws of its end, :func:`~pyro_bbt.fixed_noise.continuation_gain`) and return
     whether it has certainly gained more than the tolerance (``VerdictConfig.continuation_checks``:
     the gain's lower bound, ``(nats - 2 stderr) / N``, above ``tol_per_datum``). If so the verdict
     is recorded on that epoch, ``converged: false``, as :func:`_finish_continuation` records a

@@ -645,7 +645,7 @@ def optima_lines(results: dict, window: int = 100, drop: float = 0.05) -> str:
     examples). The per-epoch ELBO is the mean over the epoch's minibatch steps, so it carries
     Adam's noise at that epoch's rate (lower and wider at a larger rate); the fixed-noise ELBO the
     continuations after the best stretch gained (each scored at its start and end with the same
-    draws, :func:`pyro_bbt.verdict.continuation_gain`) is given beside it, free of that noise.
+    draws, :func:`pyro_bbt.fixed_noise.continuation_gain`) is given beside it, free of that noise.
 
     A row is listed when the end's accuracy is ``drop`` or more below the best stretch's; the
     summary counts those that end at a higher training ELBO: the objective preferred the optimum

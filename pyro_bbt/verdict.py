@@ -13,14 +13,14 @@ of a mean-field Gaussian ``q(w) = N(mu, diag sigma^2)`` still gains when ``q`` t
 1. ``g``: the mean of ``2 num_pairs`` independent Monte Carlo estimates of the gradient of ``L``
    w.r.t. ``(mu, log sigma)``, each one antithetic pass over the data in chunks (local
    reparameterisation, the mean of the passes with noise ``eps`` and ``-eps``, the KL added once;
-   :func:`elbo_gradient`).
+   :func:`~pyro_bbt.elbo_gradient.elbo_gradient`).
 2. A direction ``d``: the natural gradient ``d_mu = sigma^2 g_mu``, ``d_log_sigma = 1/2 g_log_sigma``
    (``q``'s Fisher metric is ``1/sigma^2`` for ``mu`` and 2 for ``log sigma``; ``G = 1/2 g . d`` is
-   the quadratic model's gain of a unit step), by default *whitened* (:func:`whitened_direction`):
+   the quadratic model's gain of a unit step), by default *whitened* (:func:`~pyro_bbt.elbo_gradient.whitened_direction`):
    each unit's location step also undoes the correlations of the unit's inputs (pixels, hidden
    activations), which the diagonal Fisher ignores and which make the natural gradient stiff: a
    step along it soon overshoots in the correlated directions and stops gaining.
-3. The full-data ELBO with fixed noise (common random numbers, :func:`posterior_elbo`;
+3. The full-data ELBO with fixed noise (common random numbers, :func:`~pyro_bbt.fixed_noise.posterior_elbo`;
    ``num_draws`` antithetic draws whose noise is *independent* of ``g``'s, so the direction is not
    fitted to the evaluator's noise) at ``q`` and at ``(mu + a d_mu, log sigma + a d_log_sigma)``
    for ``a`` in ``steps`` (0.01, 0.03, ..., 3) in turn, stopping where it falls (and trying
@@ -32,12 +32,12 @@ of a mean-field Gaussian ``q(w) = N(mu, diag sigma^2)`` still gains when ``q`` t
    ``n``'s variance of ``log p(a) - log p(0)`` over the draws (``num_draws >= 2``).
 4. Converged iff ``(gain + 2 stderr) / N <= tol_per_datum`` **and** the exact checks: the
    blank-pixel check (the first layer's weights from inputs that are 0 in every image keep the
-   prior's width) and the unread-rows check (:func:`unread_rows_check`: output rows no logit of
+   prior's width) and the unread-rows check (:func:`~pyro_bbt.exact_checks.unread_rows_check`: output rows no logit of
    the task reads, another task's head or a digit not yet seen, have the prior as their exact
    posterior). Both sets of coordinates feel only the KL, so they catch a step too slow to move
    anything; they say nothing about the weights the likelihood couples (necessary, not
    sufficient). The
-   quadratic model's ``G = 1/2 g^T F^-1 g`` (:func:`remaining_gain`: a U-statistic over pairs of
+   quadratic model's ``G = 1/2 g^T F^-1 g`` (:func:`~pyro_bbt.elbo_gradient.remaining_gain`: a U-statistic over pairs of
    the same gradient estimates, with a jackknife standard error) is recorded for diagnosis only.
 
 Everything runs on detached copies of ``(mu, sigma)``: the guide, its ``.grad`` and the
@@ -60,7 +60,7 @@ of today's fit, whose ``G`` is 180).
 
 The small problem: task A's first 2,000 training images, 784-32-5, ``kl_schedule="uniform"``,
 each setting fitted once and judged with verdict seeds 0-5. The gap is the reference's ELBO
-(-1233.9, :func:`fixed_noise_elbo` with 64 draws) minus the fit's; "upper" is
+(-1233.9, :func:`~pyro_bbt.fixed_noise.fixed_noise_elbo` with 64 draws) minus the fit's; "upper" is
 ``(gain + 2 stderr) / N``; "conv" how many of the 6 judgements pass at 0.01.
 
     setting                                    epochs  gap (nats)  /datum  gain (nats), a          upper           conv  natural: gain  upper          conv
@@ -135,7 +135,7 @@ where it passes at all (docs/performance.md). On task A (seed 0, ``--problem tas
 0.038 with the 10-epoch window; 0.055 and 0.048 for seeds 1 and 2).
 
 **The continuation** (``VerdictConfig.continuation_epochs``, ``continuation_fraction``;
-:func:`continuation_gain`) closes that hole by measuring the rest instead of bounding it: after a
+:func:`~pyro_bbt.fixed_noise.continuation_gain`) closes that hole by measuring the rest instead of bounding it: after a
 pass the fit goes on, at fixed fractions (0.3, then 0.1) of its *first* rates, whatever rate it had
 dropped to (so a slow step cannot pass it), and the pass counts only when that continuation raised
 the full-data ELBO, scored with common random numbers (8 antithetic draws), by at most the
@@ -194,7 +194,7 @@ to have *fallen* (docs/performance.md, "The verdict's noise on small data"). Wit
 ``continuation_max_draws = D`` a score that cannot decide (standard error above
 ``ADDED_DRAWS_STDERR_FRACTION = 1/4`` of ``tol N``, lower bound ``(nats - 2 stderr) / N`` not above
 ``tol``) gets as many draws again, of noise of their own, pooled with the first, until it can or
-``D`` are spent (:func:`continuation_gain`). The pass is decided only then, so the added looks do
+``D`` are spent (:func:`~pyro_bbt.fixed_noise.continuation_gain`). The pass is decided only then, so the added looks do
 not make passing easier. ``rescore_max_draws`` scores the line search's best step again with
 draws independent of those that chose it (:func:`line_search_gain`). Measured on 10 % of B the
 standard error falls as ``1/sqrt(D)`` (29-33 nats at 8 draws, 7-8 at 128), at about 1 s per draw.
@@ -204,55 +204,31 @@ standard error falls as ``1/sqrt(D)`` (29-33 nats at 8 draws, 7-8 at 128), at ab
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
-from .convergence import uninformed_scale_ratio
 from .data import Split
+from .elbo_gradient import (DEFAULT_BATCH_SIZE, SUPPORTED_GUIDES, GainEstimate, Posterior, check_integer, elbo_gradient, elbo_gradients, natural_direction,
+                            quadratic_gain, step_posterior, whitened_direction)
+from .exact_checks import blank_pixel_check, unread_rows_check
+from .fixed_noise import DEFAULT_DRAWS, ELBODifference, check_tol, crn_log_liks, scored_difference
 from .model import BayesianMLP
-from .objectives import closed_form_kl
-from .priors import prior_loc_scale
-from .pyro_internals import loc_and_scale
 
-__all__ = ["GAIN_ESTIMATORS", "DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "ContinuationGain", "continuation_gain", "read_posterior", "blank_pixel_check", "unread_rows_check", "UNREAD_ROWS_MAX_KL", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES", "GainEstimate", "LineSearchGain", "ELBOGradient", "Verdict",
-           "VerdictConfig", "ADDED_DRAWS_STDERR_FRACTION", "RESCORE_DRAWS", "elbo_gradient", "remaining_gain", "natural_direction", "whitened_direction", "step_posterior", "line_search_gain",
-           "posterior_elbo", "fixed_noise_elbo", "judge", "judge_by", "can_judge", "CONFIRMATION_SEED_OFFSET"]
+__all__ = ["DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES",
+           "LineSearchGain", "Verdict", "VerdictConfig", "RESCORE_DRAWS", "rescore_seed", "line_search_gain", "judge", "judge_by", "can_judge",
+           "CONFIRMATION_SEED_OFFSET"]
 
-GAIN_ESTIMATORS = ("local", "weights")
 DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
 DEFAULT_CONTINUATION_RATES = (0.3, 0.1)  # factors on the first rates of the continuation that confirms a pass
-ADDED_DRAWS_STDERR_FRACTION = 0.25  # added draws stop once stderr <= this x tol x N (VerdictConfig.continuation_max_draws, rescore_max_draws)
 FAST_CG_TOL = 1e-3  # the whitening's relative residual where a polishing step is fast (VerdictConfig.fast_polish): the direction within about 1e-3
 RESCORE_DRAWS = 8  # the first draws of the independent score of the line search's best step (VerdictConfig.rescore_max_draws)
 DEFAULT_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # step sizes tried, in order (and steps[0] / 10 where steps[0] falls)
 DIRECTIONS = ("whitened", "natural")
 OVERRULES = ("drop", "restart")
-SUPPORTED_GUIDES = "'meanfield' (AutoMeanFieldNormal) and 'normal' (AutoNormal)"
-# Mean KL per weight of the unread output rows to their prior: the blank-pixel bounds' width.
-# KL(N(0, (r s)^2) || N(0, s^2)) = -log r + r^2 / 2 - 1/2 is 0.0104 at r = 0.9 and 0.0097 at
-# r = 1.1; a mean shift of 0.14 prior widths alone costs 0.0098.
-UNREAD_ROWS_MAX_KL = 0.01
-
-Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _check(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_tol(tol_per_datum: object) -> None:
-    if isinstance(tol_per_datum, bool) or not (isinstance(tol_per_datum, (int, float)) and math.isfinite(tol_per_datum) and tol_per_datum > 0):
-        raise ValueError(f"tol_per_datum must be a finite number > 0, got {tol_per_datum!r}")
 
 
 def _check_direction(direction: object) -> str:
@@ -297,12 +273,12 @@ class VerdictConfig:
     :param gain_when_exact_fails: measure the gain even where the blank-pixel check already
         fails (such a fit is not converged either way; on task A the gain costs about 30 s).
     :param direction: ``"whitened"`` (the natural gradient with each layer's input correlations
-        undone, :func:`whitened_direction`) or ``"natural"`` (:func:`natural_direction`).
+        undone, :func:`~pyro_bbt.elbo_gradient.whitened_direction`) or ``"natural"`` (:func:`~pyro_bbt.elbo_gradient.natural_direction`).
     :param continuation_epochs: ``K > 0``: a pass (and its confirmation) counts only when the fit,
         continued for :meth:`continuation_length` more epochs (at least ``K``), equal parts at each
         factor of ``continuation_rates`` times the *first* rates (whatever rate the fit ended at,
         so a slow step cannot pass it), raises the full-data fixed-noise ELBO
-        (:func:`continuation_gain`: common random numbers, ``continuation_draws`` antithetic draws)
+        (:func:`~pyro_bbt.fixed_noise.continuation_gain`: common random numbers, ``continuation_draws`` antithetic draws)
         by at most ``tol_per_datum`` nats per example, plus two standard errors, and the
         blank-pixel check holds for the posterior kept (the line search is not repeated: the
         record is the pass that started the continuation, with the continuation added). A
@@ -356,7 +332,7 @@ class VerdictConfig:
         judgements are unchanged.
     :param continuation_max_draws: ``D > continuation_draws``: where a continuation's score is
         too noisy to decide, draws of its evaluator are added, doubling them, up to ``D`` (the
-        "Added draws" of :func:`continuation_gain`): until two standard errors take at most half
+        "Added draws" of :func:`~pyro_bbt.fixed_noise.continuation_gain`): until two standard errors take at most half
         the tolerance (``stderr <= ADDED_DRAWS_STDERR_FRACTION tol N``), or the gain's lower bound
         already exceeds the tolerance, or ``D`` are spent. On small data the score's noise alone
         can exceed the tolerance: at 10 % of B (2,647 examples, tolerance 26.5 nats) a
@@ -379,10 +355,10 @@ class VerdictConfig:
 
     tol_per_datum: float = DEFAULT_TOL_PER_DATUM
     num_pairs: int = 4
-    batch_size: int = 2048
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_overrules: int = 3
     seed: int = 0
-    num_draws: int = 2
+    num_draws: int = DEFAULT_DRAWS
     steps: tuple[float, ...] = DEFAULT_STEPS
     direction: str = "whitened"
     gain_when_exact_fails: bool = False
@@ -402,9 +378,9 @@ class VerdictConfig:
     continuation_particles: int | None = None
 
     def __post_init__(self) -> None:
-        _check_tol(self.tol_per_datum)
-        _check("continuation_epochs", self.continuation_epochs, 0)
-        _check("continuation_draws", self.continuation_draws, 2)
+        check_tol(self.tol_per_datum)
+        check_integer("continuation_epochs", self.continuation_epochs, 0)
+        check_integer("continuation_draws", self.continuation_draws, 2)
         rates = self.continuation_rates
         if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence) or not rates \
                 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in rates):
@@ -421,18 +397,18 @@ class VerdictConfig:
             raise ValueError(f"continuation_average must be true or false, got {self.continuation_average!r}")
         if self.continuation_average and self.continuation_epochs == 0:
             raise ValueError("continuation_average needs continuation_epochs >= 1 (it averages a continuation's epochs; 0 turns continuations off)")
-        _check("continuation_checks", self.continuation_checks, 0)
-        _check("polish_steps", self.polish_steps, 0)
+        check_integer("continuation_checks", self.continuation_checks, 0)
+        check_integer("polish_steps", self.polish_steps, 0)
         if not isinstance(self.fast_polish, bool):
             raise ValueError(f"fast_polish must be true or false, got {self.fast_polish!r}")
-        _check("continuation_max_draws", self.continuation_max_draws, 0)
+        check_integer("continuation_max_draws", self.continuation_max_draws, 0)
         if self.continuation_max_draws and self.continuation_max_draws < self.continuation_draws:
             raise ValueError(f"continuation_max_draws must be 0 (off) or at least continuation_draws ({self.continuation_draws}), got {self.continuation_max_draws}")
         if self.continuation_max_draws and self.continuation_epochs == 0:
             raise ValueError("continuation_max_draws needs continuation_epochs >= 1 (it scores continuations; 0 turns them off)")
-        _check("rescore_max_draws", self.rescore_max_draws, 0)
+        check_integer("rescore_max_draws", self.rescore_max_draws, 0)
         if self.continuation_particles is not None:
-            _check("continuation_particles", self.continuation_particles, 1)
+            check_integer("continuation_particles", self.continuation_particles, 1)
         if self.continuation_particles is not None and self.continuation_epochs == 0:
             raise ValueError("continuation_particles needs continuation_epochs >= 1 (it sets the continuation's draws per step; 0 turns continuations off)")
         if self.rescore_max_draws and self.rescore_max_draws < RESCORE_DRAWS:
@@ -444,11 +420,11 @@ class VerdictConfig:
 
         if self.overrule not in OVERRULES:
             raise ValueError(f"unknown overrule {self.overrule!r}; allowed: {', '.join(OVERRULES)}")
-        _check("num_pairs", self.num_pairs, 2)
-        _check("batch_size", self.batch_size, 1)
-        _check("max_overrules", self.max_overrules, 0)
-        _check("seed", self.seed, 0)
-        _check("num_draws", self.num_draws, 2)
+        check_integer("num_pairs", self.num_pairs, 2)
+        check_integer("batch_size", self.batch_size, 1)
+        check_integer("max_overrules", self.max_overrules, 0)
+        check_integer("seed", self.seed, 0)
+        check_integer("num_draws", self.num_draws, 2)
         object.__setattr__(self, "steps", _check_steps(self.steps))
         _check_direction(self.direction)
 
@@ -497,22 +473,6 @@ def can_judge(guide) -> bool:
 
 
 @dataclass
-class GainEstimate:
-    """The quadratic model's gain ``G = 1/2 g^T F^-1 g`` (``nats``; ``per_datum = nats / num_data``),
-    its jackknife standard error, and the parts from the locations and from the widths."""
-
-    nats: float
-    per_datum: float
-    stderr: float
-    mu_part: float
-    scale_part: float
-    num_data: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class LineSearchGain:
     """What one step along ``direction`` gains: ``nats = max_a [L(a) - L(0)] >= 0`` of the
     fixed-noise full-data ELBO (``per_datum = nats / num_data``), the standard error of that
@@ -551,442 +511,6 @@ def _without_posterior(record: dict) -> dict:
     return record
 
 
-@dataclass
-class ELBOGradient:
-    """One Monte Carlo estimate of the full-data ELBO and its gradient w.r.t. each site's
-    ``(loc, scale)``, and the ``(loc, scale)`` it was taken at (all detached)."""
-
-    elbo: float
-    posterior: Posterior
-    grads: Posterior
-
-
-@contextmanager
-def _rng_neutral(seed: int) -> Iterator[None]:
-    """Seed torch with ``seed`` inside; on exit torch's, numpy's and python's generators are back."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
-def _read_posterior(guide, requires_grad: bool) -> Posterior:
-    """Detached copies of every site's ``(loc, scale)``; ``ValueError`` for an unsupported guide."""
-    if not isinstance(guide, AutoNormal):
-        raise ValueError(f"no remaining-gain / ELBO rule for guide {type(guide).__name__}; supported: {SUPPORTED_GUIDES}")
-    if guide.prototype_trace is None:
-        raise ValueError("the guide has not been run yet: train it (or initialize_guide it) first")
-    with torch.no_grad():
-        posterior = {}
-        for name, _ in guide.prototype_trace.iter_stochastic_nodes():
-            loc, scale = loc_and_scale(guide, name)
-            posterior[name] = (loc.detach().clone().requires_grad_(requires_grad), scale.detach().clone().requires_grad_(requires_grad))
-    return posterior
-
-
-def _local_log_lik(model: BayesianMLP, posterior: Posterior, x: torch.Tensor, y: torch.Tensor, noise: list[torch.Tensor],
-                   antithetic: bool) -> torch.Tensor:
-    """Per-example ``log p(y | x, w)`` under local reparameterisation (the draws of
-    :meth:`BayesianMLP.local_reparameterized_logits`), shape ``(D, B)``, for the ``N(0, 1)`` draws
-    ``noise[l]`` of shape ``(D, B, d_l)`` per layer; ``antithetic``: the mean of the passes with
-    the draws and with their negatives. The first layer's mean and width are computed once for
-    all draws and signs."""
-    draws = noise[0].shape[0]
-    h = x
-    for index, eps in enumerate(noise):
-        w_loc, w_scale = posterior[f"layers.{index}.weight"]
-        b_loc, b_scale = posterior[f"layers.{index}.bias"]
-        if antithetic:
-            eps = torch.cat([eps, -eps])
-        h = F.linear(h, w_loc, b_loc) + F.linear(h * h, w_scale * w_scale, b_scale * b_scale).sqrt() * eps
-        if index < len(noise) - 1:
-            h = F.relu(h)
-    log_p = torch.log_softmax(model._select_head(h), dim=-1).gather(-1, y.expand(h.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-    return 0.5 * (log_p[:draws] + log_p[draws:]) if antithetic else log_p
-
-
-def _log_lik_chunks(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str,
-                    antithetic: bool, draws: int = 1) -> Iterator[torch.Tensor]:
-    """One Monte Carlo draw of ``log p(y_n | x_n, w)`` for every example of ``split``, a chunk of
-    ``batch_size`` at a time, with torch's global generator: ``weights``, one weight draw for all
-    the data (the draws of ``objectives.WeightSamplingELBO``), each chunk once per sign;
-    ``local``, pre-activations drawn per example (those of ``local_reparameterized_logits``).
-    ``antithetic``: the mean of the draws and of their negatives (per chunk tensors scaled so that
-    their sum over everything yielded is the log-likelihood's estimate). ``draws > 1`` (``local``
-    only): that many independent draws per example in one vectorised pass over chunks of
-    ``batch_size // draws`` examples, each chunk their mean (the mean of ``draws`` estimates)."""
-    if estimator not in GAIN_ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
-    if estimator == "local":
-        for x, y in split.batches(max(1, batch_size // draws), shuffle=False):  # draws x chunk rows: the memory of one draw's chunk
-            noise = [torch.randn(draws, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device) for layer in model.layers]
-            log_lik = _local_log_lik(model, posterior, x, y, noise, antithetic)
-            yield log_lik if draws == 1 else log_lik.mean(0)
-        return
-    if draws != 1:
-        raise ValueError(f"draws > 1 needs the local estimator, got estimator {estimator!r}")
-    signs = (1.0, -1.0) if antithetic else (1.0,)
-    weight_eps = {name: torch.randn(loc.shape, dtype=loc.dtype, device=loc.device) for name, (loc, _) in posterior.items()}
-    for x, y in split.batches(batch_size, shuffle=False):
-        for sign in signs:
-            with poutine.condition(data={name: loc + sign * scale * weight_eps[name] for name, (loc, scale) in posterior.items()}):
-                logits = model.logits(x)
-            yield torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1) / len(signs)
-
-
-def _gradient_pass(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int, estimator: str, antithetic: bool,
-                   kl_beta: float = 1.0, draws: int = 1) -> float:
-    """One Monte Carlo estimate of ``sum_n E_q log p(y_n | x_n, w) - beta KL(q || p)`` whose gradient
-    accumulates into the posterior tensors' ``.grad``, one chunk at a time (the draws of
-    :func:`_log_lik_chunks`, ``draws`` of them averaged), the KL added once."""
-    log_lik = 0.0
-    for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic, draws):
-        total = chunk.sum()
-        total.backward()
-        log_lik += float(total.detach())
-    kl = kl_beta * closed_form_kl(model, posterior)
-    (-kl).backward()
-    return log_lik - float(kl.detach())
-
-
-def elbo_gradient(model: BayesianMLP, guide, split: Split, *, seed: int = 0, batch_size: int = 1000, estimator: str = "local",
-                  antithetic: bool = True, kl_beta: float = 1.0, draws: int = 1) -> ELBOGradient:
-    """One estimate of the full-data ELBO (its KL weighted by ``kl_beta``: the tempered objective
-    of a fit with that weight) and of its gradient w.r.t. every site's ``(loc, scale)``, with
-    torch's generator seeded by ``seed`` inside (the global state is restored). ``draws > 1``
-    (local estimator): the mean of that many independent estimates, in one vectorised pass
-    (the KL, exact, once): distributed as the mean of ``draws`` calls, at about the price of one
-    where the data are few."""
-    _check("batch_size", batch_size, 1)
-    _check("draws", draws, 1)
-    posterior = _read_posterior(guide, requires_grad=True)
-    with _rng_neutral(seed):
-        elbo = _gradient_pass(model, posterior, split, batch_size, estimator, antithetic, kl_beta, draws)
-    grads = {name: (loc.grad, scale.grad) for name, (loc, scale) in posterior.items()}
-    return ELBOGradient(elbo, {name: (loc.detach(), scale.detach()) for name, (loc, scale) in posterior.items()}, grads)
-
-
-def _gradients(model: BayesianMLP, guide, split: Split, count: int, batch_size: int, seed: int, estimator: str = "local",
-               antithetic: bool = True, kl_beta: float = 1.0) -> list[ELBOGradient]:
-    seeds = torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [elbo_gradient(model, guide, split, seed=s, batch_size=batch_size, estimator=estimator, antithetic=antithetic, kl_beta=kl_beta)
-            for s in seeds]
-
-
-def _fisher_scaled(gradient: ELBOGradient) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sigma g_mu, sigma g_sigma)`` flattened over all sites: ``G = 1/2 |a|^2 + 1/4 |b|^2``."""
-    a = torch.cat([(sigma * gradient.grads[name][0]).reshape(-1) for name, (_, sigma) in gradient.posterior.items()])
-    b = torch.cat([(sigma * gradient.grads[name][1]).reshape(-1) for name, (_, sigma) in gradient.posterior.items()])
-    return a.double(), b.double()
-
-
-def _quadratic_gain(gradients: list[ELBOGradient], num_data: int) -> GainEstimate:
-    """``G`` averaged over all pairs ``i != j`` of the estimates (a U-statistic), with its jackknife
-    standard error."""
-    scaled = [_fisher_scaled(g) for g in gradients]
-    a, b = torch.stack([v[0] for v in scaled]), torch.stack([v[1] for v in scaled])
-    gram_mu, gram_scale = 0.5 * a @ a.T, 0.25 * b @ b.T
-    gram = gram_mu + gram_scale
-    m = gram.shape[0]
-
-    def off_mean(g: torch.Tensor) -> float:
-        return float((g.sum() - g.diagonal().sum()) / (m * (m - 1)))
-
-    nats = off_mean(gram)
-    off_total, rows = gram.sum() - gram.diagonal().sum(), gram.sum(1) - gram.diagonal()
-    leave_one_out = (off_total - 2 * rows) / ((m - 1) * (m - 2))
-    stderr = math.sqrt((m - 1) / m * float(((leave_one_out - leave_one_out.mean()) ** 2).sum()))
-    return GainEstimate(nats=nats, per_datum=nats / num_data, stderr=stderr, mu_part=off_mean(gram_mu), scale_part=off_mean(gram_scale),
-                        num_data=num_data)
-
-
-def remaining_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int = 8, batch_size: int = 1000, seed: int = 0,
-                   estimator: str = "local", antithetic: bool = True) -> GainEstimate | None:
-    """The quadratic model's gain ``G = 1/2 g^T F^-1 g`` of ``guide`` on ``split`` (module
-    docstring), from ``M = 2 num_pairs`` independent gradient estimates (each one pass over
-    ``split`` in chunks of ``batch_size``): the mean of ``G`` over all ``M (M - 1) / 2`` pairs,
-    with its jackknife standard error. ``None`` for ``delta``. A diagnosis, not the verdict:
-    on the full problem it is dominated by stiff directions and noise."""
-    _check("num_pairs", num_pairs, 2)
-    if isinstance(guide, AutoDelta):
-        return None
-    return _quadratic_gain(_gradients(model, guide, split, 2 * num_pairs, batch_size, seed, estimator, antithetic), len(split))
-
-
-def natural_direction(gradients: Sequence[ELBOGradient]) -> Posterior:
-    """The natural gradient of the mean of ``gradients`` in ``(mu, log sigma)``, per site
-    ``(d_mu, d_log_sigma) = (sigma^2 g_mu, 1/2 sigma g_sigma)``: a unit step along it is the
-    quadratic model's optimum where the curvature is ``q``'s Fisher metric."""
-    count = len(gradients)
-    direction = {}
-    for name, (_, sigma) in gradients[0].posterior.items():
-        g_mu = sum(g.grads[name][0] for g in gradients) / count
-        g_sigma = sum(g.grads[name][1] for g in gradients) / count
-        direction[name] = (sigma * sigma * g_mu, 0.5 * sigma * g_sigma)
-    return direction
-
-
-def _input_moments(model: BayesianMLP, posterior: Posterior, split: Split, batch_size: int) -> list[torch.Tensor]:
-    """Every layer's ``E_n[h_n h_n^T]`` (float64) of its input ``h_n`` with a constant 1 appended
-    (the bias's input), under the network with the posterior's mean weights."""
-    moments: list[torch.Tensor | None] = [None] * len(model.layers)
-    with torch.no_grad():
-        for x, _ in split.batches(batch_size, shuffle=False):
-            h = x
-            for index in range(len(model.layers)):
-                extended = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], 1)
-                moment = (extended.T @ extended).double()
-                moments[index] = moment if moments[index] is None else moments[index] + moment
-                h = F.relu(F.linear(h, posterior[f"layers.{index}.weight"][0], posterior[f"layers.{index}.bias"][0]))
-    return [moment / len(split) for moment in moments]
-
-
-def whitened_direction(model: BayesianMLP, posterior: Posterior, natural: Posterior, split: Split, *, batch_size: int = 2048,
-                       damping: float = 0.1, iterations: int = 40, tol: float = 0.0) -> Posterior:
-    """The natural gradient with the correlations of each layer's inputs undone (module docstring).
-
-    Unit ``j`` of a layer sees inputs ``h`` (a 1 appended for the bias) with second moments
-    ``A = E_n[h h^T]``, correlation ``C = diag(A)^-1/2 A diag(A)^-1/2``. Its likelihood's curvature
-    w.r.t. the locations ``mu_j`` is taken to be ``beta_j A`` (a Kronecker factor, as in K-FAC);
-    with the prior's ``1 / s^2`` added and ``q``'s optimum ``1 / sigma_j^2`` as its diagonal, it is
-    ``S^-1 M_j S^-1`` with ``S = diag(sigma_j)``, ``M_j = R C R + I - R^2`` and
-    ``R = diag(rho_j)``, ``rho_ji^2 = 1 - sigma_ji^2 / s_ji^2`` the likelihood's share of the
-    precision (0 at a blank input; 1 under a non-Gaussian prior). The location part of the step is
-    ``d_mu_j = S M_j^-1 S g_mu_j``, where ``C = I`` gives the natural gradient ``sigma^2 g_mu``;
-    ``M_j`` is damped (``R`` scaled by ``sqrt(1 - damping)``) and solved by ``iterations`` steps
-    of conjugate gradients, or fewer where ``tol > 0``: a layer's iterations stop once every
-    unit's residual is at most ``tol`` times its right-hand side's norm. The widths' part is the
-    natural gradient's."""
-    moments = _input_moments(model, posterior, split, batch_size)
-    whitened = dict(natural)
-    for index, moment in enumerate(moments):
-        weight, bias = f"layers.{index}.weight", f"layers.{index}.bias"
-        diagonal = moment.diagonal()
-        live = diagonal > 1e-12 * diagonal.max()
-        inverse_sqrt = torch.where(live, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
-        correlation = (moment * inverse_sqrt[:, None] * inverse_sqrt[None, :]).to(posterior[weight][0].dtype)
-        sigma = torch.cat([posterior[weight][1], posterior[bias][1][:, None]], 1)
-        rhs = torch.cat([natural[weight][0], natural[bias][0][:, None]], 1) / sigma  # sigma g_mu
-        prior = [prior_loc_scale(model.prior, name, posterior[name][0].shape) for name in (weight, bias)]
-        if all(p is not None for p in prior):
-            prior_scale = torch.cat([prior[0][1].expand_as(posterior[weight][0]), prior[1][1].expand_as(posterior[bias][0])[:, None]], 1)
-            rho = (1 - (sigma / prior_scale.to(sigma)) ** 2).clamp_min(0).sqrt()
-        else:
-            rho = torch.ones_like(sigma)
-        rho = rho * live.to(sigma.dtype)[None, :] * math.sqrt(1 - damping)
-
-        def apply(y: torch.Tensor) -> torch.Tensor:
-            return rho * ((rho * y) @ correlation) + (1 - rho * rho) * y
-
-        solution, residual = torch.zeros_like(rhs), rhs.clone()
-        search, norm = residual.clone(), (residual * residual).sum(1, keepdim=True)
-        stop = tol * tol * norm
-        for _ in range(iterations):  # conjugate gradients, every unit at once
-            if tol > 0 and bool((norm <= stop).all()):
-                break
-            product = apply(search)
-            alpha = norm / (search * product).sum(1, keepdim=True).clamp_min(1e-30)
-            solution += alpha * search
-            residual -= alpha * product
-            new_norm = (residual * residual).sum(1, keepdim=True)
-            search = residual + new_norm / norm.clamp_min(1e-30) * search
-            norm = new_norm
-        step = sigma * solution
-        whitened[weight] = (step[:, :-1].contiguous(), natural[weight][1])
-        whitened[bias] = (step[:, -1].contiguous(), natural[bias][1])
-    return whitened
-
-
-def step_posterior(posterior: Posterior, direction: Posterior, step: float) -> Posterior:
-    """``(mu + step d_mu, sigma exp(step d_log_sigma))`` per site (detached)."""
-    with torch.no_grad():
-        return {name: (loc + step * direction[name][0], scale * torch.exp(step * direction[name][1])) for name, (loc, scale) in posterior.items()}
-
-
-def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
-    state = int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0]) >> 1
-    return torch.Generator(device=device).manual_seed(state)
-
-
-def _crn_log_liks(model: BayesianMLP, posterior: Posterior, split: Split, num_draws: int, seed: int, batch_size: int,
-                  kl_beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-draw, per-example expected log-likelihoods ``(num_draws, N)`` (antithetic, local
-    reparameterisation; float64) and per-draw KLs ``(num_draws,)``, times ``kl_beta``, of ``posterior`` on ``split``,
-    with draws that depend only on ``(seed, batch_size)`` and the shapes: common random numbers
-    for every posterior of the same network. RNG-neutral (the KL of a non-Gaussian prior draws
-    from torch's generator, seeded here)."""
-    out = []
-    with torch.no_grad():
-        for index, (x, y) in enumerate(split.batches(batch_size, shuffle=False)):
-            generator = _chunk_generator(seed, index, x.device)
-            noise = [torch.randn(num_draws, x.shape[0], layer.out_features, dtype=x.dtype, device=x.device, generator=generator)
-                     for layer in model.layers]
-            out.append(_local_log_lik(model, posterior, x, y, noise, antithetic=True).double())
-        with _rng_neutral(seed):
-            kl = torch.stack([closed_form_kl(model, {n: (l.double(), s.double()) for n, (l, s) in posterior.items()}) for _ in range(num_draws)])
-    return torch.cat(out, dim=1), kl_beta * kl.double()
-
-
-def posterior_elbo(model: BayesianMLP, posterior: Posterior, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000,
-                   kl_beta: float = 1.0) -> float:
-    """The full-data ELBO (its KL weighted by ``kl_beta``) of the mean-field Gaussian ``posterior`` (site ->
-    ``(loc, scale)``) on ``split``: the mean of ``num_draws`` antithetic local-reparameterisation
-    passes whose noise depends only on ``seed``, ``batch_size`` and the shapes (common random
-    numbers: every posterior of the network is scored with the same draws). RNG-neutral."""
-    _check("num_draws", num_draws, 1)
-    _check("batch_size", batch_size, 1)
-    log_lik, kl = _crn_log_liks(model, posterior, split, num_draws, seed, batch_size, kl_beta)
-    return float(log_lik.sum(1).mean() - kl.mean())
-
-
-def fixed_noise_elbo(model: BayesianMLP, guide, split: Split, *, num_draws: int = 16, seed: int = 0, batch_size: int = 1000,
-                     estimator: str = "local", antithetic: bool = True) -> float:
-    """The full-data ELBO (kl weight 1) of ``guide`` on ``split``, averaged over ``num_draws``
-    Monte Carlo passes whose noise depends only on ``seed`` (and the shapes): the same numbers at
-    every call, so two fits' ELBOs are compared with common random numbers. The default
-    (``local``, antithetic) is :func:`posterior_elbo` of the guide's posterior. RNG-neutral."""
-    _check("num_draws", num_draws, 1)
-    _check("batch_size", batch_size, 1)
-    posterior = _read_posterior(guide, requires_grad=False)
-    if estimator == "local" and antithetic:
-        return posterior_elbo(model, posterior, split, num_draws=num_draws, seed=seed, batch_size=batch_size)
-    if estimator not in GAIN_ESTIMATORS:  # before any draw
-        raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(GAIN_ESTIMATORS)}")
-    total = 0.0
-    with _rng_neutral(seed), torch.no_grad():
-        for _ in range(num_draws):
-            log_lik = sum(float(chunk.double().sum()) for chunk in _log_lik_chunks(model, posterior, split, batch_size, estimator, antithetic))
-            total += log_lik - float(closed_form_kl(model, posterior))
-    return total / num_draws
-
-
-class _Difference:
-    """``L(a) - L(0)`` of the fixed-noise ELBO from per-draw, per-example log-likelihoods and
-    per-draw KLs, and its standard error: the examples' draws are independent, so the variance of
-    the mean over ``D`` draws is ``sum_n s_n^2 / D`` (``s_n^2``: example ``n``'s variance over the
-    draws), plus the KL's (zero for a Gaussian prior)."""
-
-    def __init__(self, base: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.log_lik, self.kl = base
-
-    def __call__(self, other: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
-        delta, delta_kl = other[0] - self.log_lik, other[1] - self.kl
-        draws = delta.shape[0]
-        gain = float(delta.sum(1).mean() - delta_kl.mean())
-        variance = float(delta.var(0).sum() + delta_kl.var()) / draws
-        if not math.isfinite(gain):
-            return -math.inf, math.inf
-        return gain, math.sqrt(max(variance, 0.0))
-
-
-@dataclass
-class ContinuationGain:
-    """What a continuation of the fit gained: ``nats = L(end) - L(start)`` of the full-data
-    fixed-noise ELBO (common random numbers, :func:`posterior_elbo`'s draws), its standard error,
-    ``per_datum = nats / num_data``, ``upper_per_datum = (nats + 2 stderr) / num_data``, both ELBOs,
-    the continuation's ``epochs`` and rate ``factors``, the ``base`` rates they multiply
-    (``[locations, widths]``; ``None``: the fit's own first rates) and how many antithetic
-    ``draws`` scored it (``None`` where draws are not added, ``VerdictConfig.continuation_max_draws`` 0)."""
-
-    nats: float
-    stderr: float
-    per_datum: float
-    upper_per_datum: float
-    start_elbo: float
-    end_elbo: float
-    num_data: int
-    epochs: int
-    factors: list[float]
-    base: list[float] | None = None
-    draws: int | None = None
-
-    def to_dict(self) -> dict:
-        """The fields as plain data, without ``draws`` where draws are not added (so a record is
-        what it was before they could be)."""
-        record = asdict(self)
-        if record["draws"] is None:
-            del record["draws"]
-        return record
-
-
-def _round_seed(seed: int, round_index: int) -> int:
-    """The evaluator's seed for the ``round_index``-th set of added draws (``seed`` itself for the
-    first set, so a continuation scored without added draws is scored as before they existed)."""
-    if round_index == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, 0x0D2A3, round_index]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def _scored_difference(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, num_draws: int, seed: int, batch_size: int,
-                       kl_beta: float, max_draws: int, tol_per_datum: float | None) -> tuple[float, float, int, float]:
-    """``(nats, stderr, draws, L(start))``: the fixed-noise ELBO difference ``L(end) - L(start)``
-    over ``num_draws`` antithetic draws seeded by ``seed`` (common to both), with draws added in
-    rounds where ``max_draws > num_draws`` (:func:`continuation_gain`, "Added draws")."""
-    if max_draws > num_draws:
-        _check_tol(tol_per_datum)
-    num_data = len(split)
-    log_lik_start, kl_start, log_lik_end, kl_end = [], [], [], []
-    draws, round_index = 0, 0
-    while True:
-        count = num_draws if round_index == 0 else min(draws, max_draws - draws)
-        for log_liks, kls, posterior in ((log_lik_start, kl_start, start), (log_lik_end, kl_end, end)):
-            log_lik, kl = _crn_log_liks(model, posterior, split, count, _round_seed(seed, round_index), batch_size, kl_beta)
-            log_liks.append(log_lik)
-            kls.append(kl)
-        draws += count
-        round_index += 1
-        at_start = (torch.cat(log_lik_start), torch.cat(kl_start))
-        nats, stderr = _Difference(at_start)((torch.cat(log_lik_end), torch.cat(kl_end)))
-        if draws >= max_draws or not math.isfinite(nats) or stderr <= ADDED_DRAWS_STDERR_FRACTION * tol_per_datum * num_data \
-                or (nats - 2 * stderr) / num_data > tol_per_datum:
-            break
-    return nats, stderr, draws, float(at_start[0].sum(1).mean() - at_start[1].mean())
-
-
-def continuation_gain(model: BayesianMLP, start: Posterior, end: Posterior, split: Split, *, num_draws: int = VerdictConfig.num_draws,
-                      seed: int = 0, batch_size: int = VerdictConfig.batch_size, epochs: int = 0,
-                      factors: Sequence[float] = (), base: Sequence[float] | None = None, kl_beta: float = 1.0,
-                      max_draws: int = 0, tol_per_datum: float | None = None) -> ContinuationGain:
-    """The fixed-noise ELBO gain from posterior ``start`` to ``end`` on ``split`` (the same
-    ``num_draws`` antithetic draws for both, seeded by ``seed``), with the standard error of the
-    paired difference (:class:`_Difference`); the KL weighted by ``kl_beta`` (the objective of a
-    tempered fit). RNG-neutral.
-
-    **Added draws** (``max_draws > num_draws``, with ``tol_per_datum``). The standard error is
-    ``sqrt(sum_n s_n^2 / D)`` over ``D`` draws: on small data a continuation's ``s_n`` are large
-    (the posterior is broad), and with a fixed ``D`` two standard errors can exceed the whole
-    tolerance ``tol N``, so that no continuation passes however little it gained. Then draws are
-    added in rounds, each as many as all before it (noise of its own, :func:`_round_seed`), and
-    pooled with them (common random numbers still: start and end share every draw), until
-
-    * ``stderr <= ADDED_DRAWS_STDERR_FRACTION tol N`` (two standard errors take at most half the
-      tolerance), or
-    * the gain's lower bound ``(nats - 2 stderr) / N`` exceeds ``tol``: a rejection that more
-      draws could only confirm, or
-    * ``max_draws`` draws are spent.
-
-    A pass is never decided before one of these, so the added looks do not make passing easier:
-    stopping for a rejection only removes paths that might have passed later, and the standard
-    error the first condition waits for does not depend on the gain's sign."""
-    _check("num_draws", num_draws, 2)
-    _check("batch_size", batch_size, 1)
-    _check("max_draws", max_draws, 0)
-    nats, stderr, draws, start_elbo = _scored_difference(model, start, end, split, num_draws, seed, batch_size, kl_beta, max_draws, tol_per_datum)
-    num_data = len(split)
-    return ContinuationGain(nats, stderr, nats / num_data, (nats + 2 * stderr) / num_data, start_elbo, start_elbo + nats, num_data, int(epochs),
-                            [float(f) for f in factors], None if base is None else [float(r) for r in base],
-                            draws if max_draws > num_draws else None)
-
-
-def read_posterior(guide) -> Posterior:
-    """Detached copies of the mean-field ``guide``'s ``(loc, scale)`` per site."""
-    return _read_posterior(guide, requires_grad=False)
-
-
 def rescore_seed(seed: int) -> int:
     """The seed of the independent score of the best step of :func:`line_search_gain` (``seed``):
     none of the search's own draws."""
@@ -998,34 +522,34 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
                      direction: str = VerdictConfig.direction, refine: bool = True, keep_posterior: bool = False,
                      kl_beta: float = 1.0, max_draws: int = 0, tol_per_datum: float | None = None, fast: bool = False) -> LineSearchGain | None:
     """What one step still gains (module docstring): the mean ``g`` of ``2 num_pairs`` antithetic
-    full-data gradient estimates, its natural gradient (:func:`natural_direction`), whitened
-    (:func:`whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
-    (:func:`posterior_elbo`, ``num_draws`` draws independent of ``g``'s) at ``a = 0`` and at each
+    full-data gradient estimates, its natural gradient (:func:`~pyro_bbt.elbo_gradient.natural_direction`), whitened
+    (:func:`~pyro_bbt.elbo_gradient.whitened_direction`) unless ``direction="natural"``, and the fixed-noise ELBO
+    (:func:`~pyro_bbt.fixed_noise.posterior_elbo`, ``num_draws`` draws independent of ``g``'s) at ``a = 0`` and at each
     of ``steps`` in turn, stopping where it falls (and trying ``steps[0] / 10`` where the first
     falls); with ``refine``, once more at the vertex of the parabola through the best step and its
     neighbours. The gain is the best ``L(a) - L(0)`` (0 if none gains), its standard error that
-    of the same difference; ``quadratic`` is :func:`remaining_gain`'s ``G`` from the same gradients. ``keep_posterior``: the result's ``posterior`` is the posterior after the best
+    of the same difference; ``quadratic`` is :func:`~pyro_bbt.elbo_gradient.remaining_gain`'s ``G`` from the same gradients. ``keep_posterior``: the result's ``posterior`` is the posterior after the best
     step. ``None`` for ``delta``; the guide and every random generator are left as they were.
 
     ``max_draws >= RESCORE_DRAWS`` (with ``tol_per_datum``): the best step is scored again,
     ``L(a*) - L(0)`` with ``RESCORE_DRAWS`` draws whose noise is independent of the search's (the
     maximum over the steps tried, with the draws that chose it, is biased up by about a standard
-    error), and draws are added as :func:`continuation_gain` adds them; the gain is that score.
+    error), and draws are added as :func:`~pyro_bbt.fixed_noise.continuation_gain` adds them; the gain is that score.
 
     ``fast``: ``g`` is the mean of the same ``2 num_pairs`` estimates taken in one vectorised pass
-    (:func:`elbo_gradient` with ``draws``: the same distribution, the KL's exact gradient once),
+    (:func:`~pyro_bbt.elbo_gradient.elbo_gradient` with ``draws``: the same distribution, the KL's exact gradient once),
     the whitening's conjugate gradients stop at a relative residual of :data:`FAST_CG_TOL`, and
     ``quadratic`` is ``None`` (it needs the estimates one by one). For the verdict's own steps
     (``VerdictConfig.fast_polish``), whose gain alone decides."""
-    _check("num_pairs", num_pairs, 2)
-    _check("num_draws", num_draws, 2)
-    _check("max_draws", max_draws, 0)
+    check_integer("num_pairs", num_pairs, 2)
+    check_integer("num_draws", num_draws, 2)
+    check_integer("max_draws", max_draws, 0)
     if max_draws:
-        _check_tol(tol_per_datum)
+        check_tol(tol_per_datum)
         if max_draws < RESCORE_DRAWS:
             raise ValueError(f"max_draws must be 0 (off) or at least {RESCORE_DRAWS}, got {max_draws}")
-    _check("batch_size", batch_size, 1)
-    _check("seed", seed, 0)
+    check_integer("batch_size", batch_size, 1)
+    check_integer("seed", seed, 0)
     steps = _check_steps(steps)
     _check_direction(direction)
     if isinstance(guide, AutoDelta):
@@ -1035,8 +559,8 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
         gradients = [elbo_gradient(model, guide, split, seed=gradient_seed, batch_size=batch_size, kl_beta=kl_beta, draws=2 * num_pairs)]
         quadratic = None
     else:
-        gradients = _gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed, kl_beta=kl_beta)
-        quadratic = _quadratic_gain(gradients, len(split))
+        gradients = elbo_gradients(model, guide, split, 2 * num_pairs, batch_size, gradient_seed, kl_beta=kl_beta)
+        quadratic = quadratic_gain(gradients, len(split))
     posterior = gradients[0].posterior
     path = natural_direction(gradients)
     del gradients
@@ -1044,10 +568,10 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
         path = whitened_direction(model, posterior, path, split, batch_size=batch_size, tol=FAST_CG_TOL if fast else 0.0)
 
     def evaluate(step: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size, kl_beta)
+        return crn_log_liks(model, step_posterior(posterior, path, step), split, num_draws, evaluator_seed, batch_size, kl_beta)
 
     base = evaluate(0.0)
-    difference = _Difference(base)
+    difference = ELBODifference(base)
     elbo = float(base[0].sum(1).mean() - base[1].mean())
     tried: list[list[float]] = []
     for step in steps:
@@ -1082,7 +606,7 @@ def line_search_gain(model: BayesianMLP, guide, split: Split, *, num_pairs: int 
     if max_draws:
         rescored = {"draws": 0, "search_nats": nats, "search_stderr": stderr}
         if best != 0:
-            nats, stderr, rescored["draws"], _ = _scored_difference(model, posterior, step_posterior(posterior, path, step), split, RESCORE_DRAWS,
+            nats, stderr, rescored["draws"], _ = scored_difference(model, posterior, step_posterior(posterior, path, step), split, RESCORE_DRAWS,
                                                                     rescore_seed(seed), batch_size, kl_beta, max_draws, tol_per_datum)
     num_data = len(split)
     return LineSearchGain(nats=nats, per_datum=nats / num_data, stderr=stderr, step=step, tried=tried, elbo=elbo, quadratic=quadratic,
@@ -1097,7 +621,7 @@ class Verdict:
     ``gain_upper_per_datum`` its gain plus two standard errors, per training example;
     ``uninformed_scale_ratio`` is ``None`` where the blank-pixel check does not apply (no blank
     input, a non-Gaussian prior, a point mass); ``unread_rows_kl`` where the unread-rows check
-    does not (:func:`unread_rows_check`)."""
+    does not (:func:`~pyro_bbt.exact_checks.unread_rows_check`)."""
 
     converged: bool
     tol_per_datum: float
@@ -1119,59 +643,6 @@ class Verdict:
         return "converged" if self.converged else "NOT converged: " + "; ".join(self.reasons)
 
 
-def blank_pixel_check(model: BayesianMLP, guide, split: Split, ratio_bounds: tuple[float, float] = (0.9, 1.1)) -> tuple[float | None, list[str]]:
-    """The exact check: where the prior at the first layer is Gaussian and ``split.x`` has inputs
-    that are 0 in every row, the blank-pixel ratio
-    (:func:`~pyro_bbt.convergence.uninformed_scale_ratio`) must lie in ``ratio_bounds``. Returns
-    the ratio (``None`` where the check does not apply) and the reason it fails, if it does."""
-    low, high = ratio_bounds
-    site, shape = next(iter(model.site_shapes.items()))
-    if prior_loc_scale(model.prior, site, shape) is None:
-        return None, []
-    ratio = uninformed_scale_ratio(guide, model, split.x)
-    if ratio is not None and not low <= ratio <= high:
-        return ratio, [f"blank-pixel weights' sigma / prior sigma is {ratio:.3f}, outside [{low}, {high}] (their exact posterior is the prior)"]
-    return ratio, []
-
-
-def unread_rows_check(model: BayesianMLP, guide, max_kl: float = UNREAD_ROWS_MAX_KL) -> tuple[float | None, list[str]]:
-    """The exact check on the output rows no logit of the task reads (rows outside
-    ``model.output_rows``: the other tasks' heads of a multi-head net, the digits not yet seen
-    under ``active_outputs``). The likelihood does not depend on them, so their exact posterior
-    is their prior, and a converged fit has the mean over their weights and biases of
-    ``KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) = log(sigma_p / sigma_q) + (sigma_q^2 +
-    (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2`` at most ``max_kl`` nats. Not vacuous where those
-    rows start away from their prior: fine-tuning's old head (q_A's rows under the base prior),
-    scratch's unused head and a sequence's future heads (the initialisation under the base
-    prior). Vacuous where they start at it (transfer's old head under q_A). Returns the mean KL
-    (``None`` where the check does not apply: every row read, a non-Gaussian prior at the output
-    layer, or a guide without exact ``(loc, scale)``) and the reason it fails, if it does."""
-    rows = model.output_rows
-    if rows is None or not isinstance(guide, AutoNormal) or guide.prototype_trace is None:
-        return None, []
-    shapes = model.site_shapes
-    unread = torch.ones(shapes[model.output_sites[0]][0], dtype=torch.bool)
-    unread[rows] = False
-    if not bool(unread.any()):
-        return None, []
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for site in model.output_sites:
-            prior = prior_loc_scale(model.prior, site, shapes[site])
-            if prior is None:
-                return None, []
-            loc_p, scale_p = (t.expand(shapes[site]).to("cpu") for t in prior)
-            loc_q, scale_q = (t.detach().to("cpu") for t in loc_and_scale(guide, site))
-            kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc_q, scale_q), torch.distributions.Normal(loc_p, scale_p))
-            total += float(kl[unread].sum())
-            count += int(kl[unread].numel())
-    mean = total / count
-    if mean > max_kl:
-        return mean, [f"the output rows no logit reads have a mean KL of {mean:.3g} nats per weight to their prior, above {max_kl:g} "
-                      f"(their exact posterior is the prior)"]
-    return mean, []
-
-
 def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEFAULT_TOL_PER_DATUM, num_pairs: int = VerdictConfig.num_pairs,
           batch_size: int = VerdictConfig.batch_size, seed: int = 0, num_draws: int = VerdictConfig.num_draws,
           steps: Sequence[float] = DEFAULT_STEPS, direction: str = VerdictConfig.direction, ratio_bounds: tuple[float, float] = (0.9, 1.1),
@@ -1181,14 +652,14 @@ def judge(model: BayesianMLP, guide, split: Split, *, tol_per_datum: float = DEF
     prior at the first layer is Gaussian and ``split.x`` has inputs that are 0 in every row, the
     blank-pixel ratio (:func:`~pyro_bbt.convergence.uninformed_scale_ratio`, against the model's
     current prior) lies in ``ratio_bounds`` and the output rows no logit reads are at their prior
-    (:func:`unread_rows_check`). A ``delta`` guide is never converged (no gain);
+    (:func:`~pyro_bbt.exact_checks.unread_rows_check`). A ``delta`` guide is never converged (no gain);
     others raise as :func:`line_search_gain` does. ``gain_when_exact_fails=False``: where the
     blank-pixel check already fails, the (dearer) gain is not measured (``gain`` is ``None``).
     ``kl_beta``: the objective judged is ``E_q log p(D | w) - kl_beta KL(q || p)``, that of a fit
     whose KL was weighted so (tempered; the blank-pixel weights' optimum is still the prior).
     ``max_draws``: the best step scored again with draws of its own, added until the score can
     decide (:func:`line_search_gain`; 0: off)."""
-    _check_tol(tol_per_datum)
+    check_tol(tol_per_datum)
     _check_kl_beta(kl_beta)
     low, high = ratio_bounds
     if not 0 < low <= 1 <= high:

@@ -14,12 +14,14 @@ import torch
 
 from conftest import fresh_model_and_guide, six_feature_split, stopped_at
 from pyro_bbt.convergence import continuation_text
+from pyro_bbt.elbo_gradient import read_posterior
 from pyro_bbt.experiment import LATER_FIELDS, ExperimentConfig
+from pyro_bbt.fixed_noise import ADDED_DRAWS_STDERR_FRACTION, _round_seed, continuation_gain
 from pyro_bbt.inference import TrainConfig, TrainState, train
 from pyro_bbt.priors import GaussianPrior
 from pyro_bbt.runstore import RunStore, config_differences
 from pyro_bbt.transfer import build_parser, config_from_args
-from pyro_bbt.verdict import ADDED_DRAWS_STDERR_FRACTION, VerdictConfig, _round_seed, continuation_gain, read_posterior
+from pyro_bbt.verdict import VerdictConfig
 
 SIZES = (6, 8, 3)
 

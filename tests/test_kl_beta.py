@@ -8,12 +8,14 @@ import pytest
 
 from conftest import fresh_model_and_guide, six_feature_split
 from pyro_bbt.convergence import StoppingRule
+from pyro_bbt.elbo_gradient import read_posterior
 from pyro_bbt.experiment import ExperimentConfig
+from pyro_bbt.fixed_noise import posterior_elbo
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.objectives import closed_form_kl
 from pyro_bbt.priors import GaussianPrior
 from pyro_bbt.transfer import build_parser, config_from_args
-from pyro_bbt.verdict import VerdictConfig, judge, posterior_elbo, read_posterior
+from pyro_bbt.verdict import VerdictConfig, judge
 
 SIZES = (6, 8, 3)
 

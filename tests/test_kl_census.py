@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import load_benchmark
+from pyro_bbt.elbo_gradient import read_posterior
+from pyro_bbt.fixed_noise import posterior_elbo
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
-from pyro_bbt.verdict import posterior_elbo, read_posterior
 
 ARGS = ["--limit-train", "200", "--limit-eval", "60", "--hidden", "8,6", "--seeds", "0", "--fractions", "0.5", "--epochs-a", "2",
         "--max-epochs-a", "4", "--batch-size-a", "50", "--fit-b", "rule", "--max-epochs-b", "30", "--window", "2", "--methods", "scratch",
@@ -62,7 +63,7 @@ def test_the_census_splits_the_kl_by_unit_and_attributes_the_continuation(runnin
     assert posterior_elbo(model, same, split, num_draws=2) == posterior_elbo(model, end, split, num_draws=2)
 
     # two estimates that agree are all signal; two of opposite sign all "anti-signal"
-    from pyro_bbt.verdict import elbo_gradient
+    from pyro_bbt.elbo_gradient import elbo_gradient
     g = elbo_gradient(model, guide, split, seed=1)
     masks = [torch.arange(8) < 3, torch.arange(6) < 2]
     assert bench.signal_fraction(g, g, masks) == [{"quiet": pytest.approx(1.0), "other": pytest.approx(1.0)}] * 2

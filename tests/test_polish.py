@@ -12,11 +12,12 @@ import torch
 
 from conftest import fresh_model_and_guide, six_feature_split, stopped_at
 from pyro_bbt.experiment import ExperimentConfig
+from pyro_bbt.fixed_noise import fixed_noise_elbo
 from pyro_bbt.guides import start_from_posterior
 from pyro_bbt.inference import POLISH_SEED_OFFSET, POLISHED_JUDGEMENT_SEED_OFFSET, TrainConfig, TrainState, train
 from pyro_bbt.priors import GaussianPrior
 from pyro_bbt.transfer import build_parser, config_from_args
-from pyro_bbt.verdict import VerdictConfig, fixed_noise_elbo, judge_by, line_search_gain, read_posterior
+from pyro_bbt.verdict import VerdictConfig, judge_by, line_search_gain
 
 SIZES = (6, 8, 3)
 
@@ -114,7 +115,7 @@ def test_one_vectorised_pass_of_d_draws_is_distributed_as_the_mean_of_d_estimate
     """``elbo_gradient(draws=4)`` (the fast polishing step's mean gradient): over many seeds its
     mean matches that of single-draw estimates and its variance is about a quarter of theirs;
     chunked finely (batch_size 2: chunks of no example would be wrong) it is the same draws."""
-    from pyro_bbt.verdict import elbo_gradient
+    from pyro_bbt.elbo_gradient import elbo_gradient
 
     split = six_feature_split()
     model, guide = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0))
@@ -136,12 +137,12 @@ def test_one_vectorised_pass_of_d_draws_is_distributed_as_the_mean_of_d_estimate
 def test_the_whitening_stops_at_its_residual_and_gives_the_direction_within_it(single_torch_thread):
     """``whitened_direction(tol=...)``: 1e-3 gives the 200-iteration direction to within about
     1e-3 in every layer; a loose tolerance (0.5) stops early and is measurably off."""
-    from pyro_bbt.verdict import _gradients, natural_direction, whitened_direction
+    from pyro_bbt.elbo_gradient import elbo_gradients, natural_direction, whitened_direction
 
     split = six_feature_split()
     model, guide = fresh_model_and_guide((6, 16, 16, 3), prior=GaussianPrior(0.3))
     train(model, guide, split, stopped_at(4, 200, None))
-    gradients = _gradients(model, guide, split, 4, 64, 0)
+    gradients = elbo_gradients(model, guide, split, 4, 64, 0)
     posterior, natural = gradients[0].posterior, natural_direction(gradients)
     exact = whitened_direction(model, posterior, natural, split, iterations=200)
 

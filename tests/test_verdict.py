@@ -16,11 +16,12 @@ import torch
 from conftest import fresh_model_and_guide
 from pyro_bbt.convergence import StoppingRule
 from pyro_bbt.data import Split
+from pyro_bbt.elbo_gradient import elbo_gradient, natural_direction, read_posterior, remaining_gain, step_posterior, whitened_direction
+from pyro_bbt.fixed_noise import ADDED_DRAWS_STDERR_FRACTION, continuation_gain, fixed_noise_elbo, posterior_elbo
 from pyro_bbt.fused import mean_field_loc_rho
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.objectives import LocalReparameterizationELBO, WeightSamplingELBO
-from pyro_bbt.verdict import (ADDED_DRAWS_STDERR_FRACTION, CONFIRMATION_SEED_OFFSET, RESCORE_DRAWS, VerdictConfig, continuation_gain, rescore_seed, _read_posterior, elbo_gradient, fixed_noise_elbo, judge, judge_by,
-                              line_search_gain, natural_direction, posterior_elbo, remaining_gain, step_posterior, whitened_direction)
+from pyro_bbt.verdict import CONFIRMATION_SEED_OFFSET, RESCORE_DRAWS, VerdictConfig, judge, judge_by, line_search_gain, rescore_seed
 
 SIZES = (784, 16, 3)
 LONG_PHASES = ((60, 1e-2), (60, 3e-3), (100, 1e-3), (100, 3e-4))  # (epochs, lr); widths at 3 lr
@@ -147,7 +148,7 @@ def test_the_gain_is_an_improvement_a_step_achieves(mnist3, long_fit, single_tor
         before = copy.deepcopy(g.state_dict())
         gain = line_search_gain(m, g, data, keep_posterior=True)
         assert all(torch.equal(before[k], v) for k, v in g.state_dict().items())  # the guide is left alone
-        base = _read_posterior(g, requires_grad=False)
+        base = read_posterior(g, requires_grad=False)
         achieved = posterior_elbo(m, gain.posterior, data, num_draws=16, seed=1000) - posterior_elbo(m, base, data, num_draws=16, seed=1000)
         assert achieved == pytest.approx(gain.nats, rel=0.2, abs=3 * gain.stderr), (gain, achieved)
         assert gain.nats == max([0.0] + [t[1] for t in gain.tried]) and gain.step in [t[0] for t in gain.tried]
@@ -209,7 +210,7 @@ def test_fixed_noise_elbo_is_deterministic_for_a_seed(mnist3, single_torch_threa
     torch.manual_seed(123)  # the global state does not matter
     assert fixed_noise_elbo(model, guide, data, num_draws=3, seed=5) == first
     assert fixed_noise_elbo(model, guide, data, num_draws=3, seed=6) != first
-    posterior = _read_posterior(guide, requires_grad=False)
+    posterior = read_posterior(guide, requires_grad=False)
     assert posterior_elbo(model, posterior, data, num_draws=3, seed=5) == first
     weights = fixed_noise_elbo(model, guide, data, num_draws=2, seed=5, estimator="weights")
     assert fixed_noise_elbo(model, guide, data, num_draws=2, seed=5, estimator="weights") == weights
@@ -310,7 +311,7 @@ def test_the_best_step_scored_again_with_draws_of_its_own(mnist3, long_fit, sing
     again = line_search_gain(model, guide, data, seed=3, max_draws=8, tol_per_datum=0.01, keep_posterior=True)
     assert plain.step > 0 and again.step == plain.step and again.tried == plain.tried and plain.rescored is None
     assert again.rescored == {"draws": 8, "search_nats": plain.nats, "search_stderr": plain.stderr}
-    base = _read_posterior(guide, requires_grad=False)
+    base = read_posterior(guide, requires_grad=False)
     independent = continuation_gain(model, base, again.posterior, data, num_draws=RESCORE_DRAWS, seed=rescore_seed(3), batch_size=2048)
     assert (again.nats, again.stderr) == pytest.approx((independent.nats, independent.stderr), rel=1e-12)
     assert "rescored" not in plain.to_dict() and again.to_dict()["rescored"]["draws"] == 8
@@ -352,7 +353,7 @@ def test_unread_output_rows_must_reach_their_prior(mnist3, single_torch_thread):
     prior: a fresh guide and a fit at lr 1e-6 fail the unread-rows check (and so the verdict,
     however loose its tolerance), a fit at ordinary rates passes it; with every row read (one
     head) the check does not apply."""
-    from pyro_bbt.verdict import UNREAD_ROWS_MAX_KL, unread_rows_check
+    from pyro_bbt.exact_checks import UNREAD_ROWS_MAX_KL, unread_rows_check
 
     data = mnist3[0]
     model, guide = _two_heads()
