@@ -1,5 +1,5 @@
-"""Time to a converged posterior: pyro_bbt's q_A recipe against IVON, plain Pyro SVI and the
-deterministic floor, on one problem and under one verdict.
+"""Time to a converged posterior: pyro_bbt's q_A recipe against IVON, plain Pyro SVI,
+bayesian-torch's layers and the deterministic floor, on one problem and under one verdict.
 
 Run ``python benchmarks/converge.py`` from the repository's root (``--help`` for the flags). Like
 ``benchmarks/bench.py`` (the step bench) this script is not part of the installed package: it
@@ -69,18 +69,25 @@ The rows (``--rows``)
   :class:`~pyro_bbt.model.BayesianMLP` with the preset's prior, ``AutoNormal(model,
   init_scale=init_scale)`` (its default ``init_to_feasible`` starts every mean at 0),
   ``SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())``, minibatches of 128.
+* ``bayes-torch``: bayesian-torch's ``LinearReparameterization`` layers (``bayesian-torch`` from
+  ``pip install -e ".[bench]"``; skipped with one line when missing) with the library's own
+  initialisation of the means, widths ``log(1 + exp(rho))`` starting near ``init_scale``, one
+  weight draw per step, Adam 1e-3 on every parameter, minibatches of 128, the loss per step the
+  mean cross-entropy plus ``KL / N`` (the ELBO's weighting; the library's MNIST example divides
+  the KL by the batch size, another objective); its ``(mu, sigma)`` copied into a ``meanfield``
+  guide after every epoch, as IVON's (:func:`run_bayes_torch`).
 * ``mlp``: the floor, not Bayesian: :class:`pyro_bbt.ewc.MLP`, Adam 1e-3, minibatches of 128,
   early stopping on the accuracy of A's ``val`` split with patience 3 (stop after 3 epochs
   without a new best; the best epoch's weights are kept).
 
-``ivon`` and ``pyro-svi`` are stopped the same way: every ``--judge-every`` epochs their
+``ivon``, ``pyro-svi`` and ``bayes-torch`` are stopped the same way: every ``--judge-every`` epochs their
 posterior is judged by :func:`~pyro_bbt.verdict.judge_by` with the recipe's own
 :class:`~pyro_bbt.verdict.VerdictConfig` (its tolerance, seeded ``verdict.seed + epoch`` as
 :func:`~pyro_bbt.inference.train` does); they stop at the first pass, or at ``--time-cap``
 seconds or ``--max-epochs`` epochs (judged once more there). ``mlp`` stops by early stopping or at
 the same caps; ``recipe`` by its rule, at most its own cap (``--max-epochs`` lowers it). A row
 that ends without a pass is reported "not converged by cap"; one whose loss goes non-finite
-(``ivon``, ``pyro-svi``) "diverged", with its last finite posterior scored, and the others go on.
+(``ivon``, ``pyro-svi``, ``bayes-torch``) "diverged", with its last finite posterior scored, and the others go on.
 
 What is recorded
 ----------------
@@ -342,7 +349,7 @@ def recipe_for(experiment: ExperimentConfig, num_data: int, max_epochs: int | No
 
 def verdict_config(experiment: ExperimentConfig) -> VerdictConfig:
     """The verdict every Bayesian row is judged by: the recipe's own (the library's default
-    where the preset has none). The rows that run their own loops (``ivon``, ``pyro-svi``) are
+    where the preset has none). The rows that run their own loops (``ivon``, ``pyro-svi``, ``bayes-torch``) are
     judged by its line search alone: the continuation lives in :func:`~pyro_bbt.inference.train`;
     for them ``--continue`` measures what it would."""
     return experiment.recipe_a().verdict or VerdictConfig()
@@ -652,6 +659,81 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
     return bayesian_record(data, config, model, guide, finished, seed)
 
 
+# ------------------------------------------------------------------------- bayesian-torch
+
+
+def bayes_torch_net(sizes: Sequence[int], prior_std: float, init_std: float) -> nn.Sequential:
+    """bayesian-torch's ``LinearReparameterization`` layers of ``sizes`` with ReLUs between: the
+    prior ``N(0, prior_std^2)`` (the library's ``prior_variance`` is the prior's *standard
+    deviation*: it fills ``prior_weight_sigma``), the means from the library's own initialisation
+    (``N(0, 0.1^2)``), every width ``sigma = log(1 + exp(rho))`` starting near ``init_std``
+    (``posterior_rho_init = log(expm1(init_std))``, the library adding ``N(0, 0.1^2)`` to ``rho``).
+    Each layer draws one weight matrix per call and returns its output only
+    (``dnn_to_bnn_flag``)."""
+    from bayesian_torch.layers import LinearReparameterization
+
+    modules: list[nn.Module] = []
+    for index, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layer = LinearReparameterization(d_in, d_out, prior_mean=0.0, prior_variance=prior_std,
+                                         posterior_rho_init=math.log(math.expm1(init_std)))
+        layer.dnn_to_bnn_flag = True
+        modules += [layer] if index == len(sizes) - 2 else [layer, nn.ReLU()]
+    return nn.Sequential(*modules)
+
+
+def bayes_torch_posterior(net: nn.Sequential, requires_grad: bool = False) -> Posterior:
+    """``(mu, log(1 + exp(rho)))`` of every weight and bias of :func:`bayes_torch_net`'s layers,
+    named as the sites of :class:`~pyro_bbt.model.BayesianMLP` (``layers.{i}.weight``,
+    ``layers.{i}.bias``); detached copies unless ``requires_grad`` (then the KL's gradient flows to
+    the layers' parameters)."""
+    from bayesian_torch.layers import LinearReparameterization
+
+    layers = [m for m in net if isinstance(m, LinearReparameterization)]
+    posterior = {}
+    for index, layer in enumerate(layers):
+        for kind, mu, rho in (("weight", layer.mu_weight, layer.rho_weight), ("bias", layer.mu_bias, layer.rho_bias)):
+            pair = (mu, F.softplus(rho))
+            posterior[f"layers.{index}.{kind}"] = pair if requires_grad else tuple(t.detach().clone() for t in pair)
+    return posterior
+
+
+def run_bayes_torch(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
+    """bayesian-torch's layers (:func:`bayes_torch_net`), Adam 1e-3 on every parameter, minibatches
+    of 128, one weight draw per step, the loss per step ``mean CE + KL / N`` (the full-data
+    negative ELBO over ``N``, the KL in closed form: the library's ``kl_div`` per weight; its MNIST
+    example divides the KL by the batch size instead, another objective, which no verdict on this
+    ELBO would pass); its posterior copied into the preset's ``meanfield`` guide and judged every
+    ``judge_every`` epochs, as IVON's."""
+    experiment = data.experiment
+    start = time.perf_counter()
+    model, guide = experiment.new_posterior(experiment.base_prior(), seed)
+    torch.manual_seed(seed)
+    net = bayes_torch_net(experiment.sizes, experiment.base_prior_std, experiment.init_scale)
+    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
+    order = torch.Generator().manual_seed(seed)
+    steps = 0
+
+    def train_epoch() -> tuple[float, int]:
+        nonlocal steps
+        elbos = []
+        for x, y in data.train.batches(BATCH_SIZE, shuffle=True, generator=order):
+            optimizer.zero_grad(set_to_none=True)
+            nll = F.cross_entropy(net(x), y)
+            kl = closed_form_kl(model, bayes_torch_posterior(net, requires_grad=True))
+            loss = nll + kl / data.num_data
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"bayes-torch: loss is {float(loss)}")
+            loss.backward()
+            optimizer.step()
+            elbos.append(-data.num_data * float(loss))
+        steps += len(elbos)
+        start_from_posterior(guide, bayes_torch_posterior(net))
+        return sum(elbos) / len(elbos), steps
+
+    finished = run_judged(train_epoch, _judge_with(model, guide, data.train, verdict_config(experiment)), config, start)
+    return bayesian_record(data, config, model, guide, finished, seed)
+
+
 # ------------------------------------------------------------------------- plain Pyro SVI
 
 
@@ -773,6 +855,8 @@ ROWS: dict[str, Row] = {
         Row("ivon", "IVON (Shen et al. 2024) on a deterministic MLP, its posterior judged every k epochs", run_ivon, module="ivon",
             package="ivon-opt"),
         Row("pyro-svi", "plain Pyro: AutoNormal + SVI(Trace_ELBO) + Adam 1e-3, batch 128, judged every k epochs", run_pyro_svi),
+        Row("bayes-torch", "bayesian-torch's LinearReparameterization layers, Adam 1e-3, batch 128, the ELBO's KL weight, judged every k epochs",
+            run_bayes_torch, module="bayesian_torch", package="bayesian-torch"),
         Row(MLP_ROW, "deterministic MLP, Adam 1e-3, batch 128, early stopping on validation accuracy (patience 3): the floor", run_mlp,
             bayesian=False),
     )

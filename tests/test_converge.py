@@ -17,6 +17,8 @@ from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.ewc import MLP
 from pyro_bbt.guides import initialize_guide, make_guide, posterior_loc_scale, start_from_posterior
 from pyro_bbt.model import BayesianMLP
+from pyro_bbt.objectives import closed_form_kl
+from pyro_bbt.priors import GaussianPrior
 
 converge = load_benchmark("converge")
 
@@ -144,6 +146,40 @@ def test_ivon_posterior_is_the_width_ivon_samples_with():
         assert torch.equal(dict(net.named_parameters())[name].detach(), loc)  # between steps the parameters hold the means
 
 
+def test_bayes_torch_posterior_is_the_librarys_own_and_its_kl_the_librarys():
+    """The bayes-torch row's reading of bayesian-torch's layers: the sites of BayesianMLP, the
+    means the layers hold, the widths ``log(1 + exp(rho))`` the layers sample with (checked on
+    their draws), starting near ``init_scale``, and our closed-form KL equal to the library's
+    own ``kl_loss`` (its per-tensor means times the tensors' sizes) under the prior N(0, 0.5^2)."""
+    pytest.importorskip("bayesian_torch")
+    torch.manual_seed(0)
+    sizes, prior_std, init_std = (6, 4, 3), 0.5, 0.01
+    net = converge.bayes_torch_net(sizes, prior_std, init_std)
+    posterior = converge.bayes_torch_posterior(net)
+    model = BayesianMLP(sizes, GaussianPrior(prior_std))
+    assert list(posterior) == list(model.site_shapes)
+    assert all(loc.shape == model.site_shapes[name] for name, (loc, _) in posterior.items())
+    layers = [m for m in net if not isinstance(m, torch.nn.ReLU)]
+    assert torch.equal(posterior["layers.1.weight"][0], layers[1].mu_weight.detach())
+    widths = torch.cat([scale.reshape(-1) for _, scale in posterior.values()])
+    # rho = log(expm1(0.01)) + N(0, 0.1^2), and sigma ~ exp(rho) there: within exp(+-0.5) (5 standard deviations), about 0.01 in the median
+    assert 0.01 * math.exp(-0.5) < float(widths.min()) and float(widths.max()) < 0.01 * math.exp(0.5)
+    assert float(widths.median()) == pytest.approx(init_std, rel=0.1)
+    library_kl = sum(float(layer.kl_div(mu, torch.nn.functional.softplus(rho), prior_mu, prior_sigma)) * mu.numel()
+                     for layer in layers for mu, rho, prior_mu, prior_sigma in (
+                         (layer.mu_weight, layer.rho_weight, layer.prior_weight_mu, layer.prior_weight_sigma),
+                         (layer.mu_bias, layer.rho_bias, layer.prior_bias_mu, layer.prior_bias_sigma)))
+    assert float(layers[0].prior_weight_sigma[0, 0]) == prior_std  # "prior_variance" is the standard deviation
+    assert float(closed_form_kl(model, posterior)) == pytest.approx(library_kl, rel=1e-5)
+    loc, scale = posterior["layers.0.weight"]
+    with torch.no_grad():  # the layer samples weights with exactly these widths: input e_i reads weight column i plus the bias
+        outputs = torch.stack([layers[0](torch.eye(6)) for _ in range(4000)])
+    spread = outputs.std(0).T  # (4, 6): sqrt(sigma_w^2 + sigma_b^2)
+    bias_scale = posterior["layers.0.bias"][1]
+    assert torch.allclose(spread, (scale**2 + bias_scale[:, None] ** 2).sqrt(), rtol=0.08)
+    assert torch.allclose(outputs.mean(0).T, loc + layers[0].mu_bias.detach()[:, None], atol=4 * float(spread.max()) / math.sqrt(4000))
+
+
 def test_common_evaluator_gives_the_same_elbo_whichever_row_produced_the_posterior(mnist3):
     """One posterior, as the recipe's and IVON's ``meanfield`` guide holds it and as plain
     Pyro's ``AutoNormal`` does: the evaluator scores it the same."""
@@ -228,8 +264,8 @@ def test_the_recipe_is_the_presets_q_a_recipe():
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--rows", "nope"], "unknown or empty rows nope; allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, mlp"),
-     (["--rows", ","], "allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, mlp"),
+    [(["--rows", "nope"], "unknown or empty rows nope; allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, bayes-torch, mlp"),
+     (["--rows", ","], "allowed: recipe, recipe-mle, recipe-avg, ivon, pyro-svi, bayes-torch, mlp"),
      (["--problem", "task-b"], "invalid choice: 'task-b' (choose from"),
      (["--hidden", "8,x"], "expected comma-separated positive widths"),
      (["--ivon-beta2", "1.5"], "IVON's beta2 must lie in [0, 1)"),
