@@ -61,7 +61,7 @@ def checkpoint_accuracy(path: Path, seed: int = 0, repeats: int = 1) -> dict:
     study = (payload.get("config") or {}).get("config") or {}
     if "experiment" not in study:
         raise ValueError(f"{path}: holds no study configuration with an experiment (a trade-off unit's checkpoint has one)")
-    head, fraction, point_seed = point_of(payload["key"])
+    head, fraction, point_seed = point_of(str(payload.get("key", "")))
     config = replace(ExperimentConfig(**study["experiment"]), head=head, tau=1.0)
     tasks = load_task_pair(config, fraction, point_seed)
     model, guide = config.new_posterior(config.base_prior(), point_seed)
@@ -74,11 +74,11 @@ def checkpoint_accuracy(path: Path, seed: int = 0, repeats: int = 1) -> dict:
     for label, epoch, guide_state in posteriors:
         guide.load_state_dict(guide_state)
         point: dict = {"posterior": label, "epoch": epoch}
-        for name, split, head in (("b_test_accuracy", tasks.b.test, config.b_head), ("a_test_after_accuracy", tasks.a.test, 0)):
+        for name, split, output_head in (("b_test_accuracy", tasks.b.test, config.b_head), ("a_test_after_accuracy", tasks.a.test, 0)):
             values = []
             for k in range(repeats):
                 torch.manual_seed(seed + k)
-                values.append(bayesian_metrics(model, guide, split, config.eval_samples, head).accuracy)
+                values.append(bayesian_metrics(model, guide, split, config.eval_samples, output_head).accuracy)
             point[name] = values
             point[name.replace("accuracy", "mean")] = statistics.fmean(values)
             point[name.replace("accuracy", "std")] = statistics.stdev(values) if repeats > 1 else None
