@@ -153,6 +153,7 @@ from torch import nn
 from bench_common import INSTALL_HINT, load_average, name_list, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
+from pyro_bbt.elbo_gradient import Posterior
 from pyro_bbt.ewc import MLP, accuracy
 from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.files import atomic_write_json
@@ -206,8 +207,6 @@ JUDGED_PASS = "verdict's line search (no continuation)"
 DEFAULT_JUDGE_EVERY = 5
 RECIPE, MLP_ROW = "recipe", "mlp"
 CAP_REASONS = ("epoch cap", "time cap", "rule (verdict's overrules spent)")  # a row's stop that is no verdict and no failure
-
-Posterior = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------- problems
