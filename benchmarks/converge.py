@@ -83,8 +83,13 @@ The rows (``--rows``)
 ``ivon``, ``pyro-svi`` and ``bayes-torch`` are stopped the same way: every ``--judge-every`` epochs their
 posterior is judged by :func:`~pyro_bbt.verdict.judge_by` with the recipe's own
 :class:`~pyro_bbt.verdict.VerdictConfig` (its tolerance, seeded ``verdict.seed + epoch`` as
-:func:`~pyro_bbt.inference.train` does); they stop at the first pass, or at ``--time-cap``
-seconds or ``--max-epochs`` epochs (judged once more there). ``mlp`` stops by early stopping or at
+:func:`~pyro_bbt.inference.train` does). With ``--judge whole`` (the default) a pass counts, as
+the recipe's do, once a continuation as long as the fit so far, in the row's own step, no longer
+raises the fixed-noise ELBO by more than the tolerance (:class:`OwnStepContinuation`; a
+continuation that gained starts the next at once); with ``--judge line-search`` the line
+search's pass alone stops the row. They stop there, or at ``--time-cap`` seconds or
+``--max-epochs`` epochs (judged once more there, outside a continuation; inside one the row is
+not converged). ``mlp`` stops by early stopping or at
 the same caps; ``recipe`` by its rule, at most its own cap (``--max-epochs`` lowers it). A row
 that ends without a pass is reported "not converged by cap"; one whose loss goes non-finite
 (``ivon``, ``pyro-svi``, ``bayes-torch``) "diverged", with its last finite posterior scored, and the others go on.
@@ -153,13 +158,15 @@ from torch import nn
 from bench_common import INSTALL_HINT, load_average, name_list, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
-from pyro_bbt.elbo_gradient import Posterior
+from pyro_bbt.elbo_gradient import Posterior, read_posterior
 from pyro_bbt.ewc import MLP, accuracy
 from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.files import atomic_write_json
 from pyro_bbt.fitting import FitRecipe, fit_posterior, set_means
-from pyro_bbt.fixed_noise import fixed_noise_elbo
+from pyro_bbt.exact_checks import blank_pixel_check, unread_rows_check
+from pyro_bbt.fixed_noise import continuation_gain, fixed_noise_elbo
 from pyro_bbt.guides import AutoMeanFieldNormal, posterior_loc_scale, start_from_posterior
+from pyro_bbt.inference import CONTINUATION_SEED_OFFSET
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.objectives import closed_form_kl
 from pyro_bbt.verdict import VerdictConfig, judge_by
@@ -179,6 +186,8 @@ __all__ = [
     "posterior_accuracy",
     "run_recipe",
     "run_judged",
+    "OwnStepContinuation",
+    "judge_row",
     "ivon_optimizer",
     "ivon_posterior",
     "ivon_epoch",
@@ -201,9 +210,11 @@ EVAL_SAMPLES = 32  # weight samples of the test accuracy (the paper preset's eva
 TARGET_SPEEDUP = 4.0  # the issue: at least 4x faster than today's recipe
 DEFAULT_ROUNDS = 3
 DEFAULT_TIME_CAP = 600.0
-# How a row judged every k epochs stops at a pass: the line search alone (and its confirmation where the preset asks for one). The
-# continuation that confirms the recipe's passes lives in pyro_bbt.inference.train; --continue measures what it would still find.
+# How a row judged every k epochs stops at a pass (--judge): the line search alone (and its confirmation where the preset asks for
+# one), or the whole verdict, the line search's pass confirmed by continuations of the row's own step (OwnStepContinuation).
 JUDGED_PASS = "verdict's line search (no continuation)"
+WHOLE_PASS = "verdict with its continuation (the row's own step)"
+JUDGE_MODES = ("whole", "line-search")
 DEFAULT_JUDGE_EVERY = 5
 RECIPE, MLP_ROW = "recipe", "mlp"
 CAP_REASONS = ("epoch cap", "time cap", "rule (verdict's overrules spent)")  # a row's stop that is no verdict and no failure
@@ -261,8 +272,9 @@ class ConvergeConfig:
     """One run of the bench: the ``problem`` (with ``limit_train`` / ``hidden`` already applied),
     the caps (``max_epochs``: every row, the recipe's rule included, ``None``: the rows' own;
     ``time_cap``: seconds for ``ivon``, ``pyro-svi`` and ``mlp``), how often ``ivon`` and
-    ``pyro-svi`` are judged (``judge_every`` epochs), the common evaluator's draws and seed, and
-    IVON's settings."""
+    ``pyro-svi`` are judged (``judge_every`` epochs) and by what (``judge``: ``"whole"``, the line
+    search and its continuation; ``"line-search"``, the line search alone), the common
+    evaluator's draws and seed, and IVON's settings."""
 
     problem: Problem
     max_epochs: int | None = None
@@ -274,8 +286,11 @@ class ConvergeConfig:
     continuation: tuple[tuple[int, float], ...] = ()
     experiment: tuple[tuple[str, object], ...] = ()
     preset: str = "paper"
+    judge: str = "whole"
 
     def __post_init__(self) -> None:
+        if self.judge not in JUDGE_MODES:
+            raise ValueError(f"judge must be one of {', '.join(JUDGE_MODES)}, got {self.judge!r}")
         if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
             raise ValueError(f"max_epochs must be None or an integer >= 1, got {self.max_epochs!r}")
         if not (math.isfinite(self.time_cap) and self.time_cap > 0):
@@ -351,9 +366,9 @@ def recipe_for(experiment: ExperimentConfig, num_data: int, max_epochs: int | No
 
 def verdict_config(experiment: ExperimentConfig) -> VerdictConfig:
     """The verdict every Bayesian row is judged by: the recipe's own (the library's default
-    where the preset has none). The rows that run their own loops (``ivon``, ``pyro-svi``, ``bayes-torch``) are
-    judged by its line search alone: the continuation lives in :func:`~pyro_bbt.inference.train`;
-    for them ``--continue`` measures what it would."""
+    where the preset has none). The rows that run their own loops (``ivon``, ``pyro-svi``,
+    ``bayes-torch``) get its line search and, with ``--judge whole`` (the default) and a preset whose
+    verdict continues, its continuation in their own step (:class:`OwnStepContinuation`)."""
     return experiment.recipe_a().verdict or VerdictConfig()
 
 
@@ -430,6 +445,7 @@ class Finished:
     judgements: int
     judge_seconds: float | None
     start_seconds: float | None = None
+    continuations: list[dict] = field(default_factory=list)
 
 
 def _verdict_summary(verdict: dict | None) -> dict:
@@ -476,6 +492,7 @@ def bayesian_record(data: ProblemData, config: ConvergeConfig, model: BayesianML
         "stopped_by": finished.stopped_by,
         "judgements": finished.judgements,
         "judge_seconds": finished.judge_seconds,
+        "continuations": finished.continuations,
         "start_seconds": finished.start_seconds,
         "epochs": finished.epochs,
         "steps": finished.steps,
@@ -538,44 +555,146 @@ def run_recipe_averaged(data: ProblemData, config: ConvergeConfig, seed: int) ->
 # ------------------------------------------------------------------- judged every k epochs
 
 
-def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[int], dict], config: ConvergeConfig, start: float) -> Finished:
+def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[int], dict], config: ConvergeConfig, start: float,
+               continuer: "OwnStepContinuation | None" = None) -> Finished:
     """Epochs of ``train_epoch`` (returns the epoch's training ELBO estimate and the steps so far)
     from the clock's ``start``, ``judge(epoch)`` after every ``config.judge_every``-th epoch and
     after the last: stop at the first pass, or after the epoch that reaches ``config.time_cap``
     seconds or ``config.max_epochs`` epochs, or where ``train_epoch`` raises
     ``FloatingPointError`` (diverged: the posterior stays the last finite epoch's, the other rows
-    go on)."""
+    go on).
+
+    With a ``continuer`` (``--judge whole``, :class:`OwnStepContinuation`) a pass of the line
+    search counts, as in :func:`~pyro_bbt.inference.train`, only once a continuation as long as
+    the fit so far (``VerdictConfig.continuation_length``) no longer raises the fixed-noise ELBO by
+    more than the tolerance: ``continuer.start(epoch)`` where it starts, ``continuer.finish(...)``
+    after its last epoch (the verdict's record; its cost counts in ``judge_seconds``). A
+    continuation that gained starts the next one at once, confirming the same pass; a cap inside a
+    continuation ends the row ``converged: false``, as in ``train``. Continuations take the row's
+    own step (the recipe's take its rates times ``continuation_rates``)."""
     trace: list[TracePoint] = []
     verdict, judgements, judge_seconds, stopped_by = None, 0, 0.0, "epoch cap"
     epoch = steps = 0
+    pass_record: dict | None = None  # the line-search pass the running continuation confirms
+    running: dict | None = None  # the running continuation (continuer.start's record)
+    continuations: list[dict] = []
     while True:
         epoch += 1
         try:
             elbo, steps = train_epoch()
         except FloatingPointError as error:
             stopped_by = f"diverged in epoch {epoch} ({error})"
+            if running is not None:
+                verdict = _unfinished(pass_record, running, epoch - 1, f"the row diverged in epoch {epoch}")
             break
         trace.append(TracePoint(epoch, steps, time.perf_counter() - start, elbo=elbo))
         over_time = time.perf_counter() - start >= config.time_cap
         at_cap = config.max_epochs is not None and epoch >= config.max_epochs
-        if epoch % config.judge_every == 0 or over_time or at_cap:
+        cap = "time cap" if over_time else "epoch cap"
+        if running is not None:
+            if epoch - running["start_epoch"] < running["epochs"]:
+                if over_time or at_cap:
+                    verdict, stopped_by = _unfinished(pass_record, running, epoch, f"the row reached its {cap}"), cap
+                    break
+                continue
+            judged_at = time.perf_counter()
+            verdict = continuer.finish(running, epoch, pass_record)
+            judge_seconds += time.perf_counter() - judged_at
+            continuations.append(verdict["continuation"])
+            if verdict["converged"]:
+                stopped_by = WHOLE_PASS
+                break
+            running = continuer.start(epoch)  # it gained: the next continuation starts here and confirms the same pass
+        elif epoch % config.judge_every == 0 or over_time or at_cap:
             judged_at = time.perf_counter()
             verdict = judge(epoch)
             judge_seconds += time.perf_counter() - judged_at
             judgements += 1 + ("confirmation" in verdict)
             if verdict["converged"]:
-                stopped_by = JUDGED_PASS
-                break
+                if continuer is None:
+                    stopped_by = JUDGED_PASS
+                    break
+                pass_record, running = verdict, continuer.start(epoch)
+                if over_time or at_cap:
+                    verdict = _unfinished(pass_record, running, epoch, f"the row reached its {cap}")
         if over_time or at_cap:
-            stopped_by = "time cap" if over_time else "epoch cap"
+            stopped_by = cap
             break
-    return Finished(time.perf_counter() - start, len(trace), steps, trace, verdict, stopped_by, judgements, judge_seconds)
+    return Finished(time.perf_counter() - start, len(trace), steps, trace, verdict, stopped_by, judgements, judge_seconds,
+                    continuations=continuations)
+
+
+def _unfinished(pass_record: dict, running: dict, epoch: int, why: str) -> dict:
+    """The record of a row that stopped inside the continuation confirming ``pass_record``:
+    not converged."""
+    done = epoch - running["start_epoch"]
+    return dict(pass_record) | {"converged": False, "reasons": [f"{why} {done} epochs into the {running['epochs']}-epoch continuation that "
+                                                              f"confirms the pass of epoch {pass_record.get('epoch', running['start_epoch'])}"]}
+
+
+@dataclass
+class OwnStepContinuation:
+    """The verdict's continuation for a row that runs its own loop (``--judge whole``): the row's
+    posterior, mirrored in ``guide`` after every epoch, fitted on by the row's own step for
+    ``L = verdict.continuation_length(t)`` epochs after a pass at epoch ``t``, then scored as
+    :func:`~pyro_bbt.inference.train` scores the recipe's continuations:
+    :func:`~pyro_bbt.fixed_noise.continuation_gain` from the start to the end (the same
+    ``continuation_draws`` antithetic draws for both, added up to ``continuation_max_draws``,
+    seeded ``verdict.seed + CONTINUATION_SEED_OFFSET + t``), converged when the gain's upper bound
+    ``(nats + 2 stderr) / N`` is at most ``tol_per_datum`` and the exact checks hold for the
+    posterior kept (the start where the ELBO fell, written back into ``guide``; else the end)."""
+
+    model: BayesianMLP
+    guide: AutoNormal
+    split: Split
+    verdict: VerdictConfig
+
+    def start(self, epoch: int) -> dict:
+        """A continuation starting after ``epoch`` epochs: the posterior there, its length and seed."""
+        return {"start_epoch": epoch, "epochs": self.verdict.continuation_length(epoch), "posterior": read_posterior(self.guide),
+                "seed": self.verdict.seed + CONTINUATION_SEED_OFFSET + epoch}
+
+    def finish(self, running: dict, epoch: int, pass_record: dict) -> dict:
+        """The verdict after the continuation ``running`` ended at ``epoch``: ``pass_record`` (the
+        line search's pass it confirms) with ``continuation`` (the gain, what was kept) and the
+        exact checks of the posterior kept."""
+        v = self.verdict
+        gain = continuation_gain(self.model, running["posterior"], read_posterior(self.guide), self.split, num_draws=v.continuation_draws,
+                                 seed=running["seed"], batch_size=v.batch_size, epochs=epoch - running["start_epoch"], factors=(1.0,),
+                                 max_draws=v.continuation_max_draws, tol_per_datum=v.tol_per_datum)
+        passed = gain.upper_per_datum <= v.tol_per_datum
+        kept = "start" if gain.nats < 0 else "end"
+        if passed and kept == "start":
+            start_from_posterior(self.guide, running["posterior"])
+        record = dict(pass_record)
+        ratio, reasons = blank_pixel_check(self.model, self.guide, self.split, tuple(record.get("ratio_bounds") or (0.9, 1.1)))
+        unread, more = unread_rows_check(self.model, self.guide)
+        reasons += more
+        if not passed:
+            reasons.append(f"{gain.epochs} more epochs of the row's own step still raised the fixed-noise ELBO by {gain.per_datum:.3g} "
+                           f"+- {gain.stderr / gain.num_data:.2g} nats per example ({gain.nats:.4g} nats in all); upper bound "
+                           f"{gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
+        record["uninformed_scale_ratio"], record["unread_rows_kl"] = ratio, unread
+        record["continuation"] = gain.to_dict() | {"kept": kept if passed else "end", "start_epoch": running["start_epoch"]}
+        record["converged"] = bool(record.get("converged")) and not reasons
+        record["reasons"] = reasons
+        return record
 
 
 def _judge_with(model: BayesianMLP, guide: AutoNormal, split: Split, verdict: VerdictConfig) -> Callable[[int], dict]:
     """``judge(epoch)``: the verdict's record of ``guide`` after ``epoch``, seeded as
     :func:`~pyro_bbt.inference.train` seeds its judgements."""
-    return lambda epoch: judge_by(model, guide, split, verdict, verdict.seed + epoch)
+    return lambda epoch: judge_by(model, guide, split, verdict, verdict.seed + epoch) | {"epoch": epoch}
+
+
+def judge_row(train_epoch: Callable[[], tuple[float, int]], model: BayesianMLP, guide: AutoNormal, data: ProblemData, config: ConvergeConfig,
+              start: float) -> Finished:
+    """:func:`run_judged` for a row whose posterior ``guide`` mirrors after every epoch, judged by
+    the recipe's verdict (:func:`verdict_config`): the line search alone (``config.judge``
+    ``"line-search"``) or with its continuation of the row's own step (``"whole"``)."""
+    verdict = verdict_config(data.experiment)
+    continuer = OwnStepContinuation(model, guide, data.train, verdict) if config.judge == "whole" and verdict.continuation_epochs > 0 else None
+    return run_judged(train_epoch, _judge_with(model, guide, data.train, verdict), config, start, continuer)
 
 
 # ----------------------------------------------------------------------------- IVON
@@ -657,7 +776,7 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
         start_from_posterior(guide, posterior)
         return -data.num_data * mean_loss - float(closed_form_kl(model, posterior)), steps
 
-    finished = run_judged(train_epoch, _judge_with(model, guide, data.train, verdict_config(experiment)), config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start)
     return bayesian_record(data, config, model, guide, finished, seed)
 
 
@@ -733,7 +852,7 @@ def run_bayes_torch(data: ProblemData, config: ConvergeConfig, seed: int) -> dic
         start_from_posterior(guide, bayes_torch_posterior(net))
         return sum(elbos) / len(elbos), steps
 
-    finished = run_judged(train_epoch, _judge_with(model, guide, data.train, verdict_config(experiment)), config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start)
     return bayesian_record(data, config, model, guide, finished, seed)
 
 
@@ -760,7 +879,7 @@ def run_pyro_svi(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
         steps += len(losses)
         return -sum(losses) / len(losses), steps
 
-    finished = run_judged(train_epoch, _judge_with(model, guide, data.train, verdict_config(experiment)), config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start)
     meanfield_model, meanfield = experiment.new_posterior(experiment.base_prior(), seed)  # the same posterior, in the guide --continue fits on
     start_from_posterior(meanfield, posterior_loc_scale(guide, model))
     return bayesian_record(data, config, meanfield_model, meanfield, finished, seed)
@@ -1093,6 +1212,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at most this many epochs for every row, the recipe's rule included (default: the rows' own caps)")
     parser.add_argument("--judge-every", type=positive_int, default=DEFAULT_JUDGE_EVERY,
                         help=f"ivon and pyro-svi are judged by the verdict every K epochs (default {DEFAULT_JUDGE_EVERY})")
+    parser.add_argument("--judge", choices=JUDGE_MODES, default="whole",
+                        help="how ivon, pyro-svi and bayes-torch are judged: whole, the line search's pass confirmed by continuations of the "
+                             "row's own step as long as the fit so far, as train() confirms the recipe's (a preset whose verdict continues); "
+                             "line-search, the line search alone (the measurements before 2026-12-07's eleventh session) (default whole)")
     parser.add_argument("--eval-draws", type=positive_int, default=Evaluator.num_draws,
                         help=f"antithetic draws of the common fixed-noise ELBO (default {Evaluator.num_draws})")
     parser.add_argument("--eval-seed", type=int, default=Evaluator.seed, help="seed of the common evaluator's draws and of the test accuracy's")
@@ -1125,7 +1248,7 @@ def config_from_args(args: argparse.Namespace) -> ConvergeConfig:
     problem = replace(base, limit_train=args.limit_train or base.limit_train, hidden=args.hidden or base.hidden)
     ivon_settings = IVONSettings(args.ivon_lr, args.ivon_beta1, args.ivon_beta2, args.ivon_mc_samples, args.ivon_batch_size)
     return ConvergeConfig(problem, args.max_epochs, args.time_cap, args.judge_every, args.eval_draws, args.eval_seed, ivon_settings, args.continuation,
-                          args.experiment, args.preset)
+                          args.experiment, args.preset, args.judge)
 
 
 def _package_version(package: str) -> str | None:

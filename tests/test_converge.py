@@ -26,7 +26,7 @@ TINY = ["--problem", "small", "--limit-train", "200", "--hidden", "8", "--max-ep
         "--eval-draws", "2", "--threads", "1"]
 BAYESIAN_KEYS = {"name", "seed", "round", "seconds", "converged", "gain_upper_per_datum", "verdict_reasons", "stopped_by", "judgements",
                  "judge_seconds", "epochs", "steps", "elbo", "elbo_per_datum", "kl", "train_nll_per_datum", "test_accuracy", "trace",
-                 "load_average", "continued", "remaining_gain_per_datum", "start_seconds"}
+                 "load_average", "continued", "remaining_gain_per_datum", "start_seconds", "continuations"}
 MLP_KEYS = {"name", "seed", "round", "seconds", "converged", "stopped_by", "epochs", "best_epoch", "steps", "val_accuracy", "test_accuracy",
             "trace", "load_average"}
 FAKE_ROW = converge.Row("fake-peer", "a row whose package is missing", converge.run_mlp, module="pyro_bbt_no_such_module",
@@ -229,6 +229,83 @@ def test_judged_rows_are_judged_every_k_epochs_and_stop_at_the_first_pass_or_a_d
     judged.clear()
     finished = converge.run_judged(diverging, never, config, start=time.perf_counter())
     assert finished.stopped_by == "diverged in epoch 7 (loss is nan)" and finished.epochs == 6 and judged == [2, 4, 6]
+
+
+class _ScriptedContinuer:
+    """Continuations as long as the fit so far, each one's verdict the next of ``outcomes``."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.started = list(outcomes), []
+
+    def start(self, epoch):
+        self.started.append(epoch)
+        return {"start_epoch": epoch, "epochs": epoch}
+
+    def finish(self, running, epoch, pass_record):
+        passed = self.outcomes.pop(0)
+        return dict(pass_record) | {"converged": passed, "reasons": [] if passed else ["gained"],
+                                    "continuation": {"start_epoch": running["start_epoch"], "end_epoch": epoch}}
+
+
+def test_whole_verdict_confirms_a_pass_by_continuations_and_a_cap_inside_one_is_not_converged():
+    """``--judge whole``: the line search's pass at epoch 2 starts a continuation of 2 epochs; it
+    gains, so the next (4 epochs, from epoch 4) starts at once, confirming the same pass, and its
+    pass stops the row at epoch 8. No line-search judgement happens inside a continuation."""
+    config = converge.ConvergeConfig(converge.PROBLEMS["small"], max_epochs=20, judge_every=2)
+    judged = []
+
+    def judge(epoch):
+        judged.append(epoch)
+        return {"converged": True, "gain_upper_per_datum": 0.001, "reasons": [], "epoch": epoch}
+
+    continuer = _ScriptedContinuer([False, True])
+    finished = converge.run_judged(lambda: (-1.0, 1), judge, config, time.perf_counter(), continuer)
+    assert judged == [2] and continuer.started == [2, 4] and finished.epochs == 8
+    assert finished.stopped_by == converge.WHOLE_PASS and finished.verdict["converged"] is True
+    assert finished.continuations == [{"start_epoch": 2, "end_epoch": 4}, {"start_epoch": 4, "end_epoch": 8}]
+
+    continuer = _ScriptedContinuer([False])
+    finished = converge.run_judged(lambda: (-1.0, 1), judge, replace(config, max_epochs=6), time.perf_counter(), continuer)
+    assert finished.epochs == 6 and finished.stopped_by == "epoch cap" and finished.verdict["converged"] is False
+    assert finished.verdict["reasons"] == ["the row reached its epoch cap 2 epochs into the 4-epoch continuation that confirms the pass of epoch 2"]
+    assert converge.config_from_args(converge.build_parser().parse_args([])).judge == "whole"
+    with pytest.raises(ValueError, match="judge must be one of whole, line-search, got 'all'"):
+        replace(config, judge="all")
+
+
+def test_own_step_continuation_scores_the_gain_keeps_the_better_end_and_runs_the_exact_checks():
+    """:class:`OwnStepContinuation` on a real posterior (200 images, 784-8-5): from the prior
+    itself (blank-pixel ratio 1) to a posterior with means scattered by N(0, 1), the fixed-noise
+    ELBO falls, so the continuation passes and the start is written back; the other way round it
+    gains far more than the tolerance, and the row is not converged, kept at the end."""
+    data = converge.load_problem(replace(converge.PROBLEMS["small"], limit_train=200, hidden=(8,)))
+    experiment = data.experiment
+    model, guide = experiment.new_posterior(experiment.base_prior(), 0)
+    initialize_guide(guide, 784)
+    verdict = converge.verdict_config(experiment)
+    continuer = converge.OwnStepContinuation(model, guide, data.train, verdict)
+    prior = {name: (torch.zeros_like(loc), torch.ones_like(scale)) for name, (loc, scale) in posterior_loc_scale(guide, model).items()}
+    scattered = {name: (torch.randn(loc.shape, generator=torch.Generator().manual_seed(1)), scale) for name, (loc, scale) in prior.items()}
+    pass_record = {"converged": True, "reasons": [], "gain_upper_per_datum": 0.0, "epoch": 3}
+
+    start_from_posterior(guide, prior)
+    running = continuer.start(3)
+    assert running["epochs"] == verdict.continuation_length(3) and running["seed"] == verdict.seed + converge.CONTINUATION_SEED_OFFSET + 3
+    start_from_posterior(guide, scattered)
+    record = continuer.finish(running, 3 + running["epochs"], pass_record)
+    gain = record["continuation"]
+    assert gain["nats"] < 0 and gain["kept"] == "start" and record["converged"] is True and record["reasons"] == []
+    assert record["uninformed_scale_ratio"] == pytest.approx(1.0)
+    assert all(torch.equal(posterior_loc_scale(guide, model)[name][0], loc) for name, (loc, _) in prior.items())  # the start written back
+
+    start_from_posterior(guide, scattered)
+    running = continuer.start(3)
+    start_from_posterior(guide, prior)
+    record = continuer.finish(running, 23, pass_record)
+    gain = record["continuation"]
+    assert gain["epochs"] == 20 and gain["per_datum"] > verdict.tol_per_datum and gain["kept"] == "end" and record["converged"] is False
+    assert len(record["reasons"]) == 1 and "20 more epochs of the row's own step still raised the fixed-noise ELBO" in record["reasons"][0]
+    assert pass_record["converged"] is True and "continuation" not in pass_record  # the pass's own record is not changed
 
 
 def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
