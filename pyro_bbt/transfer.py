@@ -541,7 +541,7 @@ def _run_sequence(args: argparse.Namespace, config: ExperimentConfig, split: Spl
     (the mean accuracy matrices); for ``--sequence split`` (``split``) also split_mnist.md (the
     table) and split_mnist.png. Exit code 1 when a chain stopped at a failed task."""
     from .plots import plot_sequence, plot_split_sequence
-    from .report import split_sequence_table
+    from .split_report import split_sequence_table
 
     warn = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     store = RunStore(args.out, run_description(config, split, args.sequence), on_damaged=lambda message: warn(f"warning: {message}"), grid_fields=RUN_FIELDS,

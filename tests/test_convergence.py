@@ -24,7 +24,7 @@ from pyro_bbt.units import load_task_pair
 from pyro_bbt.guides import GUIDES, guide_parameter_groups, guide_parameters, is_flow_parameter, is_scale_parameter
 from pyro_bbt.inference import TrainConfig, train
 from pyro_bbt.priors import GaussianPrior, ScaleMixturePrior
-from pyro_bbt.report import convergence_lines
+from pyro_bbt.fit_report import convergence_lines
 from pyro_bbt.transfer import build_parser, config_from_args, main
 
 SIZES = (12, 6, 3)

@@ -88,7 +88,8 @@ def test_the_a_to_b_experiment_records_the_active_units_of_q_a_and_of_every_baye
         census = by_method[method]["census"]
         assert census["ablation_examples"] == a_images + b_images and census["widths"] == [8]
         assert len(census["active_units"][0]) == census["active"][0] and census["ablation_change"] > -census["delta"]
-    from pyro_bbt.report import census_lines, main as report_main
+    from pyro_bbt.fit_report import census_lines
+    from pyro_bbt.report import main as report_main
 
     lines = census_lines(results)
     assert f"| q_A (on A) | 0 | {stage['census']['active'][0]}/8 |" in lines

@@ -15,9 +15,9 @@ import torch
 from pyro_bbt.continual import summarize
 from pyro_bbt.data import Split, load_mnist
 from pyro_bbt.experiment import ExperimentConfig, run_sequence
-from pyro_bbt.report import PUBLISHED_SPLIT_MNIST
+from pyro_bbt.split_report import PUBLISHED_SPLIT_MNIST
 from pyro_bbt.report import main as report_main
-from pyro_bbt.report import merge_split_runs, split_comparison_table, split_sequence_table
+from pyro_bbt.split_report import merge_split_runs, split_comparison_table, split_sequence_table
 from pyro_bbt.split_sequence import (
     SCENARIOS,
     SPLIT_METHODS,
@@ -535,7 +535,7 @@ def test_the_cli_refuses_ewc_patience_without_a_validation_split(tmp_path, capsy
 
 def test_a_regime_label_names_the_kl_weight_even_of_runs_stored_before_it():
     """A run stored before ``kl_beta`` existed has none in its configuration: it ran at 1."""
-    from pyro_bbt.report import regime_label
+    from pyro_bbt.split_report import regime_label
 
     old = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05}}
     tempered = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05, "kl_beta": 0.1}}
@@ -545,7 +545,7 @@ def test_a_regime_label_names_the_kl_weight_even_of_runs_stored_before_it():
 def test_a_regime_label_names_the_verdict_a_run_stored_before_it_ran_with():
     """A run stored before the ELBO test, the overrule and the continuation existed ran with the
     two-point test, rate drops and no continuation: the label says so beside a run with them."""
-    from pyro_bbt.report import regime_label
+    from pyro_bbt.split_report import regime_label
 
     old = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05}}
     confirmed = {"fit": "rule", "protocol": {}, "config": {"init_scale": 0.05, "elbo_test": "means", "overrule": "restart", "continuation_epochs": 20}}

@@ -358,7 +358,8 @@ def test_report_merges_runs_of_other_caps_only_when_every_fit_converged_below_it
     that did not (unconverged, or stopped at its cap) refuses the merge. Deterministic fits
     (no convergence record) do not count."""
     from pyro_bbt.experiment import summarize_units
-    from pyro_bbt.report import main as report_main, merge_timing, merge_transfer_runs, select_fractions
+    from pyro_bbt.merging import merge_timing, merge_transfer_runs, select_fractions
+    from pyro_bbt.report import main as report_main
 
     def unit(method, converged, epochs):
         return {"method": method, "fraction": 0.1, "seed": 0, "status": "ok", "b_test": {"accuracy": 0.9, "nll": 0.5, "ece": 0.01},
@@ -498,7 +499,7 @@ def test_cost_lines_give_medians_over_seeds_and_a_lower_bound_on_the_wall_time()
     """The fit-cost table: per method and fraction the median and range over seeds of epochs and
     seconds (timing.json's units/I), q_A from its epochs' times; the first run's q_A of a seed
     counts; --fractions drops units; the wall-time bound is max(total / workers, longest fit)."""
-    from pyro_bbt.report import cost_lines
+    from pyro_bbt.fit_report import cost_lines
 
     def unit(method, fraction, seed, epochs):
         return {"method": method, "fraction": fraction, "seed": seed, "status": "ok", "convergence": {"epochs": epochs}, "history": []}
@@ -594,7 +595,7 @@ def test_optima_lines_show_fits_that_end_predicting_worse_and_at_a_higher_elbo()
     fixed-noise ELBO its kept continuations gained after the best stretch; a discarded
     continuation's epochs (its start kept) are not part of the trajectory; a fit that holds its
     accuracy is counted but not listed."""
-    from pyro_bbt.report import optima_lines
+    from pyro_bbt.fit_report import optima_lines
 
     def record(epoch, accuracy, elbo, verdict=None):
         return {"epoch": epoch, "train_accuracy": accuracy, "elbo": elbo, "phase": "fit", "verdict": verdict}
@@ -623,7 +624,7 @@ def test_optima_lines_show_fits_that_end_predicting_worse_and_at_a_higher_elbo()
 def test_convergence_lines_give_the_largest_unread_rows_kl_per_fit_group():
     """Where the verdicts recorded the unread-rows check, the convergence section gives its
     largest mean KL per group of fits (q_A, method and fraction); runs made before it say nothing."""
-    from pyro_bbt.report import convergence_lines
+    from pyro_bbt.fit_report import convergence_lines
 
     def fit(kl, **keys):
         return {**keys, "status": "ok", "history": [{"epoch": 1, "verdict": None}, {"epoch": 2, "verdict": {"converged": True, "unread_rows_kl": kl}}]}
