@@ -163,7 +163,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor, nn
 
-from bench_common import INSTALL_HINT, load_average, missing_package, name_list, positive_int, select_available
+from bench_common import INSTALL_HINT, bayes_torch_net, load_average, missing_package, name_list, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
 from pyro_bbt.ewc import MLP
@@ -491,21 +491,14 @@ def _sequential_mlp(make_layer: Callable[[int, int], nn.Module]) -> nn.Sequentia
 
 
 def bayes_torch_mlp(layer: str) -> nn.Sequential:
-    """bayesian-torch's ``layer`` (``"LinearReparameterization"`` or ``"LinearFlipout"``) MLP with a
-    ``N(0, 1)`` prior and ``sigma = log1p(exp(rho))`` initialised around ``INIT_SCALE``.
+    """bayesian-torch's ``layer`` (``"LinearReparameterization"`` or ``"LinearFlipout"``) MLP ``SIZES``
+    with a ``N(0, 1)`` prior and ``sigma = log1p(exp(rho))`` initialised around ``INIT_SCALE``
+    (:func:`bench_common.bayes_torch_net`, as ``converge.py``'s row builds it).
 
     Every layer has ``dnn_to_bnn_flag`` set, so that it returns its output only; the KL comes
     from :func:`bayes_torch_kl`.
     """
-    from bayesian_torch import layers
-
-    def make_layer(d_in: int, d_out: int) -> nn.Module:
-        module = getattr(layers, layer)(d_in, d_out, prior_mean=0.0, prior_variance=1.0,
-                                        posterior_rho_init=_softplus_inverse(INIT_SCALE))
-        module.dnn_to_bnn_flag = True
-        return module
-
-    return _sequential_mlp(make_layer)
+    return bayes_torch_net(SIZES, 1.0, INIT_SCALE, layer)
 
 
 def bayes_torch_kl(net: nn.Module) -> Tensor:

@@ -1,5 +1,5 @@
 """What the benchmark scripts (``bench.py``, ``converge.py``) share: which peers this environment
-can run, the CLI's positive integers, and the machine's load average. Imported by its name: the
+can run, the CLI's positive integers, the machine's load average, and bayesian-torch's network. Imported by its name: the
 scripts' folder is first on ``sys.path`` when they run (``python benchmarks/NAME.py``) and in the
 tests (``conftest.load_benchmark``)."""
 
@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["INSTALL_HINT", "Needs", "missing_package", "select_available", "name_list", "positive_int", "load_average"]
+from torch import nn
+
+__all__ = ["INSTALL_HINT", "Needs", "missing_package", "select_available", "name_list", "positive_int", "load_average", "bayes_torch_net"]
 
 INSTALL_HINT = 'pip install -e ".[bench]"'
 
@@ -80,3 +83,21 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def bayes_torch_net(sizes: Sequence[int], prior_std: float, init_std: float, layer: str = "LinearReparameterization") -> nn.Sequential:
+    """bayesian-torch's ``layer`` layers (``"LinearReparameterization"`` or ``"LinearFlipout"``) of
+    ``sizes`` with ReLUs between: the prior ``N(0, prior_std^2)`` (the library's ``prior_variance`` is the prior's *standard
+    deviation*: it fills ``prior_weight_sigma``), the means from the library's own initialisation
+    (``N(0, 0.1^2)``), every width ``sigma = log(1 + exp(rho))`` starting near ``init_std``
+    (``posterior_rho_init = log(expm1(init_std))``, the library adding ``N(0, 0.1^2)`` to ``rho``).
+    Each layer draws one weight matrix per call and returns its output only
+    (``dnn_to_bnn_flag``)."""
+    from bayesian_torch import layers
+
+    modules: list[nn.Module] = []
+    for index, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        module = getattr(layers, layer)(d_in, d_out, prior_mean=0.0, prior_variance=prior_std, posterior_rho_init=math.log(math.expm1(init_std)))
+        module.dnn_to_bnn_flag = True
+        modules += [module] if index == len(sizes) - 2 else [module, nn.ReLU()]
+    return nn.Sequential(*modules)

@@ -155,7 +155,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
-from bench_common import INSTALL_HINT, load_average, name_list, positive_int, select_available
+from bench_common import INSTALL_HINT, bayes_torch_net, load_average, name_list, positive_int, select_available
 from pyro_bbt.data import Split, Task, load_task
 from pyro_bbt.evaluation import evaluate
 from pyro_bbt.elbo_gradient import Posterior, read_posterior
@@ -781,25 +781,6 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------- bayesian-torch
-
-
-def bayes_torch_net(sizes: Sequence[int], prior_std: float, init_std: float) -> nn.Sequential:
-    """bayesian-torch's ``LinearReparameterization`` layers of ``sizes`` with ReLUs between: the
-    prior ``N(0, prior_std^2)`` (the library's ``prior_variance`` is the prior's *standard
-    deviation*: it fills ``prior_weight_sigma``), the means from the library's own initialisation
-    (``N(0, 0.1^2)``), every width ``sigma = log(1 + exp(rho))`` starting near ``init_std``
-    (``posterior_rho_init = log(expm1(init_std))``, the library adding ``N(0, 0.1^2)`` to ``rho``).
-    Each layer draws one weight matrix per call and returns its output only
-    (``dnn_to_bnn_flag``)."""
-    from bayesian_torch.layers import LinearReparameterization
-
-    modules: list[nn.Module] = []
-    for index, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layer = LinearReparameterization(d_in, d_out, prior_mean=0.0, prior_variance=prior_std,
-                                         posterior_rho_init=math.log(math.expm1(init_std)))
-        layer.dnn_to_bnn_flag = True
-        modules += [layer] if index == len(sizes) - 2 else [layer, nn.ReLU()]
-    return nn.Sequential(*modules)
 
 
 def bayes_torch_posterior(net: nn.Sequential, requires_grad: bool = False) -> Posterior:

@@ -180,16 +180,21 @@ def reused_baseline_rows(config: TradeoffConfig) -> list[dict]:
 
 
 def fit_status(outcome: dict) -> dict:
-    """Whether a point's fit converged: a Bayesian fit's verdict (``converged``, ``epochs``, and
-    where it did not, its last judgement's ``reasons``), an
-    EWC net's early stopping (converged when its patience stopped it, not its cap; ``stopped_by``);
-    ``converged`` ``None`` for an EWC net trained for a fixed budget."""
+    """Whether a point's fit converged: a Bayesian fit's verdict (``converged``, ``epochs``, where
+    it did not, its last judgement's ``reasons``, and where the last judgement scored a
+    continuation, what that continuation gained: ``continuation`` with its ``start_epoch``,
+    ``epochs``, ``nats``, ``stderr``, ``per_datum`` and ``upper_per_datum``, the evidence of a
+    pass), an EWC net's early stopping (converged when its patience stopped it, not its cap;
+    ``stopped_by``); ``converged`` ``None`` for an EWC net trained for a fixed budget."""
     if outcome.get("convergence") is not None:
         convergence = outcome["convergence"]
         status = {"converged": bool(convergence["converged"]), "epochs": convergence["epochs"]}
         verdict = convergence.get("verdict")
         if not status["converged"] and isinstance(verdict, dict) and verdict.get("reasons"):
             status["reasons"] = list(verdict["reasons"])  # why the last judgement did not pass
+        if isinstance(verdict, dict) and isinstance(verdict.get("continuation"), dict):
+            gain = verdict["continuation"]
+            status["continuation"] = {k: gain[k] for k in ("start_epoch", "epochs", "nats", "stderr", "per_datum", "upper_per_datum") if k in gain}
         return status
     stopping = outcome.get("early_stopping")
     if stopping is not None:

@@ -316,6 +316,10 @@ def test_fit_status_says_why_a_point_did_not_converge():
     assert fit_status({"early_stopping": {"stopped_by": "cap", "epochs": 6}}) == {"converged": False, "epochs": 6, "stopped_by": "cap"}
     assert fit_status({"early_stopping": {"stopped_by": "patience", "epochs": 4}})["converged"] is True
     assert fit_status({}) == {"converged": None}
+    gain = {"nats": 258.9, "stderr": 5.5, "per_datum": 0.0094, "upper_per_datum": 0.0098, "epochs": 148, "start_epoch": 148, "kept": "end", "draws": 8}
+    passed = {"converged": True, "epochs": 296, "verdict": {"converged": True, "reasons": [], "continuation": gain}}
+    assert fit_status({"convergence": passed}) == {"converged": True, "epochs": 296, "continuation": {
+        "start_epoch": 148, "epochs": 148, "nats": 258.9, "stderr": 5.5, "per_datum": 0.0094, "upper_per_datum": 0.0098}}
 
 
 def test_the_tradeoff_table_and_figure_name_every_fit_that_did_not_converge(tmp_path):
