@@ -84,9 +84,10 @@ The rows (``--rows``)
 posterior is judged by :func:`~pyro_bbt.verdict.judge_by` with the recipe's own
 :class:`~pyro_bbt.verdict.VerdictConfig` (its tolerance, seeded ``verdict.seed + epoch`` as
 :func:`~pyro_bbt.inference.train` does). With ``--judge whole`` (the default) a pass counts, as
-the recipe's do, once a continuation as long as the fit so far, in the row's own step, no longer
-raises the fixed-noise ELBO by more than the tolerance (:class:`OwnStepContinuation`; a
-continuation that gained starts the next at once); with ``--judge line-search`` the line
+the recipe's do, once a continuation as long as the fit so far, in the row's own step at the
+preset's ``continuation_rates`` times its own rate (``--peer-rates``), no longer raises the
+fixed-noise ELBO by more than the tolerance (:class:`OwnStepContinuation`; a continuation that
+gained starts the next at once); with ``--judge line-search`` the line
 search's pass alone stops the row. They stop there, or at ``--time-cap`` seconds or
 ``--max-epochs`` epochs (judged once more there, outside a continuation; inside one the row is
 not converged). ``mlp`` stops by early stopping or at
@@ -143,7 +144,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -188,6 +189,7 @@ __all__ = [
     "run_judged",
     "OwnStepContinuation",
     "judge_row",
+    "rate_setter",
     "ivon_optimizer",
     "ivon_posterior",
     "ivon_epoch",
@@ -273,8 +275,9 @@ class ConvergeConfig:
     the caps (``max_epochs``: every row, the recipe's rule included, ``None``: the rows' own;
     ``time_cap``: seconds for ``ivon``, ``pyro-svi`` and ``mlp``), how often ``ivon`` and
     ``pyro-svi`` are judged (``judge_every`` epochs) and by what (``judge``: ``"whole"``, the line
-    search and its continuation; ``"line-search"``, the line search alone), the common
-    evaluator's draws and seed, and IVON's settings."""
+    search and its continuation; ``"line-search"``, the line search alone) and at what fractions
+    of their own rates their continuations run (``peer_rates``; ``None``: the verdict's
+    ``continuation_rates``), the common evaluator's draws and seed, and IVON's settings."""
 
     problem: Problem
     max_epochs: int | None = None
@@ -287,10 +290,13 @@ class ConvergeConfig:
     experiment: tuple[tuple[str, object], ...] = ()
     preset: str = "paper"
     judge: str = "whole"
+    peer_rates: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGE_MODES:
             raise ValueError(f"judge must be one of {', '.join(JUDGE_MODES)}, got {self.judge!r}")
+        if self.peer_rates is not None and not (self.peer_rates and all(math.isfinite(f) and f > 0 for f in self.peer_rates)):
+            raise ValueError(f"peer_rates must be None or factors > 0, got {self.peer_rates!r}")
         if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
             raise ValueError(f"max_epochs must be None or an integer >= 1, got {self.max_epochs!r}")
         if not (math.isfinite(self.time_cap) and self.time_cap > 0):
@@ -570,8 +576,8 @@ def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[in
     more than the tolerance: ``continuer.start(epoch)`` where it starts, ``continuer.finish(...)``
     after its last epoch (the verdict's record; its cost counts in ``judge_seconds``). A
     continuation that gained starts the next one at once, confirming the same pass; a cap inside a
-    continuation ends the row ``converged: false``, as in ``train``. Continuations take the row's
-    own step (the recipe's take its rates times ``continuation_rates``)."""
+    continuation ends the row ``converged: false``, as in ``train``. Before each of a
+    continuation's epochs ``continuer.before_epoch(done, running)`` sets the row's rate for it."""
     trace: list[TracePoint] = []
     verdict, judgements, judge_seconds, stopped_by = None, 0, 0.0, "epoch cap"
     epoch = steps = 0
@@ -580,6 +586,8 @@ def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[in
     continuations: list[dict] = []
     while True:
         epoch += 1
+        if running is not None:
+            continuer.before_epoch(epoch - 1 - running["start_epoch"], running)
         try:
             elbo, steps = train_epoch()
         except FloatingPointError as error:
@@ -636,23 +644,35 @@ def _unfinished(pass_record: dict, running: dict, epoch: int, why: str) -> dict:
 class OwnStepContinuation:
     """The verdict's continuation for a row that runs its own loop (``--judge whole``): the row's
     posterior, mirrored in ``guide`` after every epoch, fitted on by the row's own step for
-    ``L = verdict.continuation_length(t)`` epochs after a pass at epoch ``t``, then scored as
-    :func:`~pyro_bbt.inference.train` scores the recipe's continuations:
+    ``L = verdict.continuation_length(t)`` epochs after a pass at epoch ``t`` (rounded up to a
+    multiple of ``len(rates)``), in ``len(rates)`` equal parts at ``rates[k]`` times the row's own
+    rate (``set_rate(factor)``; the recipe's continuations run at ``continuation_rates`` times its
+    first rates, and ``rates`` are those factors unless ``--peer-rates`` says otherwise), then
+    scored as :func:`~pyro_bbt.inference.train` scores the recipe's continuations:
     :func:`~pyro_bbt.fixed_noise.continuation_gain` from the start to the end (the same
     ``continuation_draws`` antithetic draws for both, added up to ``continuation_max_draws``,
     seeded ``verdict.seed + CONTINUATION_SEED_OFFSET + t``), converged when the gain's upper bound
     ``(nats + 2 stderr) / N`` is at most ``tol_per_datum`` and the exact checks hold for the
-    posterior kept (the start where the ELBO fell, written back into ``guide``; else the end)."""
+    posterior kept (the start where the ELBO fell, written back into ``guide``; else the end). A
+    continuation that gained is followed by the next at ``rates[0]`` again, as in ``train``."""
 
     model: BayesianMLP
     guide: AutoNormal
     split: Split
     verdict: VerdictConfig
+    set_rate: Callable[[float], None]
+    rates: tuple[float, ...] = (1.0,)
 
     def start(self, epoch: int) -> dict:
         """A continuation starting after ``epoch`` epochs: the posterior there, its length and seed."""
-        return {"start_epoch": epoch, "epochs": self.verdict.continuation_length(epoch), "posterior": read_posterior(self.guide),
+        parts = len(self.rates)
+        length = -(-self.verdict.continuation_length(epoch) // parts) * parts
+        return {"start_epoch": epoch, "epochs": length, "posterior": read_posterior(self.guide),
                 "seed": self.verdict.seed + CONTINUATION_SEED_OFFSET + epoch}
+
+    def before_epoch(self, done: int, running: dict) -> None:
+        """The row's rate for the continuation's epoch after ``done`` of its epochs."""
+        self.set_rate(self.rates[min(done // (running["epochs"] // len(self.rates)), len(self.rates) - 1)])
 
     def finish(self, running: dict, epoch: int, pass_record: dict) -> dict:
         """The verdict after the continuation ``running`` ended at ``epoch``: ``pass_record`` (the
@@ -660,7 +680,7 @@ class OwnStepContinuation:
         exact checks of the posterior kept."""
         v = self.verdict
         gain = continuation_gain(self.model, running["posterior"], read_posterior(self.guide), self.split, num_draws=v.continuation_draws,
-                                 seed=running["seed"], batch_size=v.batch_size, epochs=epoch - running["start_epoch"], factors=(1.0,),
+                                 seed=running["seed"], batch_size=v.batch_size, epochs=epoch - running["start_epoch"], factors=self.rates,
                                  max_draws=v.continuation_max_draws, tol_per_datum=v.tol_per_datum)
         passed = gain.upper_per_datum <= v.tol_per_datum
         kept = "start" if gain.nats < 0 else "end"
@@ -671,14 +691,23 @@ class OwnStepContinuation:
         unread, more = unread_rows_check(self.model, self.guide)
         reasons += more
         if not passed:
-            reasons.append(f"{gain.epochs} more epochs of the row's own step still raised the fixed-noise ELBO by {gain.per_datum:.3g} "
-                           f"+- {gain.stderr / gain.num_data:.2g} nats per example ({gain.nats:.4g} nats in all); upper bound "
-                           f"{gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
+            reasons.append(f"{gain.epochs} more epochs of the row's own step at {', '.join(f'{f:g}' for f in self.rates)} x its rate still "
+                           f"raised the fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
+                           f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
         record["uninformed_scale_ratio"], record["unread_rows_kl"] = ratio, unread
         record["continuation"] = gain.to_dict() | {"kept": kept if passed else "end", "start_epoch": running["start_epoch"]}
         record["converged"] = bool(record.get("converged")) and not reasons
         record["reasons"] = reasons
         return record
+
+
+def rate_setter(groups: Callable[[], Iterable[dict]], rate: float) -> Callable[[float], None]:
+    """``set_rate(factor)``: every parameter group that ``groups()`` yields then gets the learning
+    rate ``factor * rate`` (a row's continuation at a fraction of its own rate)."""
+    def set_rate(factor: float) -> None:
+        for group in groups():
+            group["lr"] = factor * rate
+    return set_rate
 
 
 def _judge_with(model: BayesianMLP, guide: AutoNormal, split: Split, verdict: VerdictConfig) -> Callable[[int], dict]:
@@ -688,12 +717,16 @@ def _judge_with(model: BayesianMLP, guide: AutoNormal, split: Split, verdict: Ve
 
 
 def judge_row(train_epoch: Callable[[], tuple[float, int]], model: BayesianMLP, guide: AutoNormal, data: ProblemData, config: ConvergeConfig,
-              start: float) -> Finished:
+              start: float, set_rate: Callable[[float], None]) -> Finished:
     """:func:`run_judged` for a row whose posterior ``guide`` mirrors after every epoch, judged by
     the recipe's verdict (:func:`verdict_config`): the line search alone (``config.judge``
-    ``"line-search"``) or with its continuation of the row's own step (``"whole"``)."""
+    ``"line-search"``) or with its continuation of the row's own step (``"whole"``), at
+    ``config.peer_rates`` (``None``: the verdict's ``continuation_rates``) times its rate
+    (``set_rate``)."""
     verdict = verdict_config(data.experiment)
-    continuer = OwnStepContinuation(model, guide, data.train, verdict) if config.judge == "whole" and verdict.continuation_epochs > 0 else None
+    rates = config.peer_rates or verdict.continuation_rates
+    continuer = (OwnStepContinuation(model, guide, data.train, verdict, set_rate, tuple(rates))
+                 if config.judge == "whole" and verdict.continuation_epochs > 0 else None)
     return run_judged(train_epoch, _judge_with(model, guide, data.train, verdict), config, start, continuer)
 
 
@@ -776,7 +809,7 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
         start_from_posterior(guide, posterior)
         return -data.num_data * mean_loss - float(closed_form_kl(model, posterior)), steps
 
-    finished = judge_row(train_epoch, model, guide, data, config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start, rate_setter(lambda: optimizer.param_groups, config.ivon.lr))
     return bayesian_record(data, config, model, guide, finished, seed)
 
 
@@ -833,7 +866,7 @@ def run_bayes_torch(data: ProblemData, config: ConvergeConfig, seed: int) -> dic
         start_from_posterior(guide, bayes_torch_posterior(net))
         return sum(elbos) / len(elbos), steps
 
-    finished = judge_row(train_epoch, model, guide, data, config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start, rate_setter(lambda: optimizer.param_groups, LR))
     return bayesian_record(data, config, model, guide, finished, seed)
 
 
@@ -850,7 +883,8 @@ def run_pyro_svi(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
     pyro.set_rng_seed(seed)
     model = BayesianMLP(experiment.sizes, experiment.base_prior())
     guide = AutoNormal(model, init_scale=experiment.init_scale)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+    optim = pyro.optim.Adam({"lr": LR})
+    svi = SVI(model, guide, optim, Trace_ELBO())
     order = torch.Generator().manual_seed(seed)
     steps = 0
 
@@ -860,7 +894,8 @@ def run_pyro_svi(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
         steps += len(losses)
         return -sum(losses) / len(losses), steps
 
-    finished = judge_row(train_epoch, model, guide, data, config, start)
+    finished = judge_row(train_epoch, model, guide, data, config, start,
+                         rate_setter(lambda: (g for opt in optim.optim_objs.values() for g in opt.param_groups), LR))
     meanfield_model, meanfield = experiment.new_posterior(experiment.base_prior(), seed)  # the same posterior, in the guide --continue fits on
     start_from_posterior(meanfield, posterior_loc_scale(guide, model))
     return bayesian_record(data, config, meanfield_model, meanfield, finished, seed)
@@ -1120,6 +1155,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _factors(text: str) -> tuple[float, ...]:
+    """``--peer-rates``: comma-separated factors > 0."""
+    try:
+        factors = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated factors > 0, e.g. 0.3,0.1, got {text!r}") from None
+    if not all(math.isfinite(f) and f > 0 for f in factors):
+        raise argparse.ArgumentTypeError(f"expected comma-separated factors > 0, e.g. 0.3,0.1, got {text!r}")
+    return factors
+
+
 def _row_list(text: str) -> list[str]:
     return name_list(text, list(ROWS), "rows")
 
@@ -1197,6 +1243,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how ivon, pyro-svi and bayes-torch are judged: whole, the line search's pass confirmed by continuations of the "
                              "row's own step as long as the fit so far, as train() confirms the recipe's (a preset whose verdict continues); "
                              "line-search, the line search alone (the measurements before 2026-12-07's eleventh session) (default whole)")
+    parser.add_argument("--peer-rates", type=_factors, default=None,
+                        help="with --judge whole: the factors on ivon's, pyro-svi's and bayes-torch's own rate in their continuations' "
+                             "equal parts, e.g. 1 (the row's own step throughout) (default: the preset's continuation_rates, as the "
+                             "recipe's continuations take them on its first rates)")
     parser.add_argument("--eval-draws", type=positive_int, default=Evaluator.num_draws,
                         help=f"antithetic draws of the common fixed-noise ELBO (default {Evaluator.num_draws})")
     parser.add_argument("--eval-seed", type=int, default=Evaluator.seed, help="seed of the common evaluator's draws and of the test accuracy's")
@@ -1229,7 +1279,7 @@ def config_from_args(args: argparse.Namespace) -> ConvergeConfig:
     problem = replace(base, limit_train=args.limit_train or base.limit_train, hidden=args.hidden or base.hidden)
     ivon_settings = IVONSettings(args.ivon_lr, args.ivon_beta1, args.ivon_beta2, args.ivon_mc_samples, args.ivon_batch_size)
     return ConvergeConfig(problem, args.max_epochs, args.time_cap, args.judge_every, args.eval_draws, args.eval_seed, ivon_settings, args.continuation,
-                          args.experiment, args.preset, args.judge)
+                          args.experiment, args.preset, args.judge, args.peer_rates)
 
 
 def _package_version(package: str) -> str | None:

@@ -235,11 +235,14 @@ class _ScriptedContinuer:
     """Continuations as long as the fit so far, each one's verdict the next of ``outcomes``."""
 
     def __init__(self, outcomes):
-        self.outcomes, self.started = list(outcomes), []
+        self.outcomes, self.started, self.before = list(outcomes), [], []
 
     def start(self, epoch):
         self.started.append(epoch)
         return {"start_epoch": epoch, "epochs": epoch}
+
+    def before_epoch(self, done, running):
+        self.before.append((running["start_epoch"], done))
 
     def finish(self, running, epoch, pass_record):
         passed = self.outcomes.pop(0)
@@ -261,6 +264,7 @@ def test_whole_verdict_confirms_a_pass_by_continuations_and_a_cap_inside_one_is_
     continuer = _ScriptedContinuer([False, True])
     finished = converge.run_judged(lambda: (-1.0, 1), judge, config, time.perf_counter(), continuer)
     assert judged == [2] and continuer.started == [2, 4] and finished.epochs == 8
+    assert continuer.before == [(2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)]  # each continuation epoch told how far it is
     assert finished.stopped_by == converge.WHOLE_PASS and finished.verdict["converged"] is True
     assert finished.continuations == [{"start_epoch": 2, "end_epoch": 4}, {"start_epoch": 4, "end_epoch": 8}]
 
@@ -283,14 +287,19 @@ def test_own_step_continuation_scores_the_gain_keeps_the_better_end_and_runs_the
     model, guide = experiment.new_posterior(experiment.base_prior(), 0)
     initialize_guide(guide, 784)
     verdict = converge.verdict_config(experiment)
-    continuer = converge.OwnStepContinuation(model, guide, data.train, verdict)
+    rates = []
+    continuer = converge.OwnStepContinuation(model, guide, data.train, verdict, rates.append, (0.3, 0.1))
     prior = {name: (torch.zeros_like(loc), torch.ones_like(scale)) for name, (loc, scale) in posterior_loc_scale(guide, model).items()}
     scattered = {name: (torch.randn(loc.shape, generator=torch.Generator().manual_seed(1)), scale) for name, (loc, scale) in prior.items()}
     pass_record = {"converged": True, "reasons": [], "gain_upper_per_datum": 0.0, "epoch": 3}
 
     start_from_posterior(guide, prior)
     running = continuer.start(3)
-    assert running["epochs"] == verdict.continuation_length(3) and running["seed"] == verdict.seed + converge.CONTINUATION_SEED_OFFSET + 3
+    assert running["epochs"] == verdict.continuation_length(3) == 20 and running["seed"] == verdict.seed + converge.CONTINUATION_SEED_OFFSET + 3
+    for done in range(20):
+        continuer.before_epoch(done, running)
+    assert rates == [0.3] * 10 + [0.1] * 10  # the preset's continuation_rates, in equal parts
+    assert replace(continuer, rates=(0.3, 0.2, 0.1)).start(3)["epochs"] == 21  # rounded up to a multiple of the parts
     start_from_posterior(guide, scattered)
     record = continuer.finish(running, 3 + running["epochs"], pass_record)
     gain = record["continuation"]
@@ -304,8 +313,23 @@ def test_own_step_continuation_scores_the_gain_keeps_the_better_end_and_runs_the
     record = continuer.finish(running, 23, pass_record)
     gain = record["continuation"]
     assert gain["epochs"] == 20 and gain["per_datum"] > verdict.tol_per_datum and gain["kept"] == "end" and record["converged"] is False
-    assert len(record["reasons"]) == 1 and "20 more epochs of the row's own step still raised the fixed-noise ELBO" in record["reasons"][0]
+    assert gain["factors"] == [0.3, 0.1]
+    assert len(record["reasons"]) == 1 and "20 more epochs of the row's own step at 0.3, 0.1 x its rate still raised the fixed-noise ELBO" in record["reasons"][0]
     assert pass_record["converged"] is True and "continuation" not in pass_record  # the pass's own record is not changed
+
+
+def test_rate_setter_sets_the_rate_of_every_group_a_row_steps_with():
+    """``pyro-svi``'s continuation rate reaches every per-parameter optimiser Pyro's ``Adam`` made
+    (``optim_objs``, filled at the first step), and a torch optimiser's groups (``bayes-torch``, ``ivon``)."""
+    first, second = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    first.grad, second.grad = torch.ones(2), torch.ones(3)
+    optim = pyro.optim.Adam({"lr": 1e-3})
+    optim([first, second])
+    converge.rate_setter(lambda: (g for opt in optim.optim_objs.values() for g in opt.param_groups), 1e-3)(0.3)
+    assert [opt.param_groups[0]["lr"] for opt in optim.optim_objs.values()] == [pytest.approx(3e-4)] * 2
+    adam = torch.optim.Adam([first], lr=1e-3)
+    converge.rate_setter(lambda: adam.param_groups, 1e-3)(0.1)
+    assert adam.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
 def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
@@ -345,6 +369,7 @@ def test_the_recipe_is_the_presets_q_a_recipe():
      (["--hidden", "8,x"], "expected comma-separated positive widths"),
      (["--ivon-beta2", "1.5"], "IVON's beta2 must lie in [0, 1)"),
      (["--continue", "300"], "continuation stage '300' is not EPOCHS@LR"),
+     (["--peer-rates", "0.3,0"], "expected comma-separated factors > 0, e.g. 0.3,0.1, got '0.3,0'"),
      (["--continue", "0@1e-3"], "continuation stage '0@1e-3' needs EPOCHS >= 1 and LR > 0"),
      (["--experiment", "windw=10"], "--experiment item 'windw=10' is not KEY=VALUE with KEY a field of ExperimentConfig"),
      (["--experiment", "elbo_test=bogus"], "unknown elbo-test 'bogus'; allowed:")],
