@@ -164,13 +164,12 @@ from pyro_bbt.ewc import MLP, accuracy
 from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.files import atomic_write_json
 from pyro_bbt.fitting import FitRecipe, fit_posterior, set_means
-from pyro_bbt.exact_checks import blank_pixel_check, unread_rows_check
 from pyro_bbt.fixed_noise import continuation_gain, fixed_noise_elbo
 from pyro_bbt.guides import AutoMeanFieldNormal, posterior_loc_scale, start_from_posterior
 from pyro_bbt.inference import CONTINUATION_SEED_OFFSET
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.objectives import closed_form_kl
-from pyro_bbt.verdict import VerdictConfig, judge_by
+from pyro_bbt.verdict import VerdictConfig, continuation_verdict, judge_by
 
 __all__ = [
     "Problem",
@@ -677,28 +676,19 @@ class OwnStepContinuation:
     def finish(self, running: dict, epoch: int, pass_record: dict) -> dict:
         """The verdict after the continuation ``running`` ended at ``epoch``: ``pass_record`` (the
         line search's pass it confirms) with ``continuation`` (the gain, what was kept) and the
-        exact checks of the posterior kept."""
+        exact checks of the posterior kept, by the rule ``train`` applies
+        (:func:`~pyro_bbt.verdict.continuation_verdict`)."""
         v = self.verdict
         gain = continuation_gain(self.model, running["posterior"], read_posterior(self.guide), self.split, num_draws=v.continuation_draws,
                                  seed=running["seed"], batch_size=v.batch_size, epochs=epoch - running["start_epoch"], factors=self.rates,
                                  max_draws=v.continuation_max_draws, tol_per_datum=v.tol_per_datum)
         passed = gain.upper_per_datum <= v.tol_per_datum
-        kept = "start" if gain.nats < 0 else "end"
-        if passed and kept == "start":
+        kept = "start" if passed and gain.nats < 0 else "end"
+        if kept == "start":
             start_from_posterior(self.guide, running["posterior"])
-        record = dict(pass_record)
-        ratio, reasons = blank_pixel_check(self.model, self.guide, self.split, tuple(record.get("ratio_bounds") or (0.9, 1.1)))
-        unread, more = unread_rows_check(self.model, self.guide)
-        reasons += more
-        if not passed:
-            reasons.append(f"{gain.epochs} more epochs of the row's own step at {', '.join(f'{f:g}' for f in self.rates)} x its rate still "
-                           f"raised the fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
-                           f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
-        record["uninformed_scale_ratio"], record["unread_rows_kl"] = ratio, unread
-        record["continuation"] = gain.to_dict() | {"kept": kept if passed else "end", "start_epoch": running["start_epoch"]}
-        record["converged"] = bool(record.get("converged")) and not reasons
-        record["reasons"] = reasons
-        return record
+        return continuation_verdict(self.model, self.guide, self.split, v, pass_record, gain,
+                                    f"of the row's own step at {', '.join(f'{f:g}' for f in self.rates)} x its rate",
+                                    {"kept": kept, "start_epoch": running["start_epoch"]})
 
 
 def rate_setter(groups: Callable[[], Iterable[dict]], rate: float) -> Callable[[float], None]:

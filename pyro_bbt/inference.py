@@ -52,7 +52,6 @@ from .convergence import StoppingRule, median_scales
 from .data import Split
 from .elbo_gradient import read_posterior
 from .evaluation import evaluate
-from .exact_checks import blank_pixel_check, unread_rows_check
 from .files import atomic_write_text
 from .fixed_noise import ContinuationGain, continuation_gain
 from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
@@ -60,7 +59,7 @@ from .kl_schedules import kl_weight, validate_schedule
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
 from .pyro_internals import unconstrained_loc_scale_parameters
-from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, can_judge, judge_by, line_search_gain
+from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, can_judge, continuation_verdict, judge_by, line_search_gain
 
 __all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
@@ -407,22 +406,12 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     kept = "start" if gain.nats < 0 else "end"
     if kept == "end":
         guide.load_state_dict(end_state)
-    record = dict(history.epochs[continuation["pass_epoch"] - 1].verdict or {})
-    bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
-    record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, train_split, bounds)
-    record["unread_rows_kl"], more = unread_rows_check(model, guide)
-    reasons += more
-    if gain.upper_per_datum > v.tol_per_datum:
-        rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
-        if v.continuation_particles is not None:
-            rates += f", {v.continuation_particles} weight draws per step"
-        reasons.append(f"{gain.epochs} more epochs at {', '.join(f'{f:g}' for f in gain.factors)} x {rates} still raised the "
-                       f"fixed-noise ELBO by {gain.per_datum:.3g} +- {gain.stderr / gain.num_data:.2g} nats per example "
-                       f"({gain.nats:.4g} nats in all); upper bound {gain.upper_per_datum:.3g} > tol_per_datum {v.tol_per_datum:.3g}")
-    record["continuation"] = gain.to_dict() | {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged} \
-        | _particles_entry(v)
-    record["converged"] = bool(record.get("converged")) and not reasons
-    record["reasons"] = reasons if reasons else list(record.get("reasons") or [])
+    rates = "the first rates" if gain.base is None else f"the rates {gain.base[0]:g} (locations), {gain.base[1]:g} (widths)"
+    if v.continuation_particles is not None:
+        rates += f", {v.continuation_particles} weight draws per step"
+    record = continuation_verdict(model, guide, train_split, v, history.epochs[continuation["pass_epoch"] - 1].verdict or {}, gain,
+                                  f"at {', '.join(f'{f:g}' for f in gain.factors)} x {rates}",
+                                  {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged} | _particles_entry(v))
     last.verdict = record
     last.seconds += time.perf_counter() - clock
     return record["converged"]

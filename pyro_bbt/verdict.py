@@ -215,12 +215,12 @@ from .data import Split
 from .elbo_gradient import (DEFAULT_BATCH_SIZE, SUPPORTED_GUIDES, GainEstimate, Posterior, check_integer, elbo_gradient, elbo_gradients, natural_direction,
                             quadratic_gain, step_posterior, whitened_direction)
 from .exact_checks import blank_pixel_check, unread_rows_check
-from .fixed_noise import DEFAULT_DRAWS, ELBODifference, check_tol, crn_log_liks, scored_difference
+from .fixed_noise import DEFAULT_DRAWS, ContinuationGain, ELBODifference, check_tol, crn_log_liks, scored_difference
 from .model import BayesianMLP
 
 __all__ = ["DEFAULT_TOL_PER_DATUM", "DEFAULT_CONTINUATION_RATES", "check_continuation_base", "DEFAULT_STEPS", "DIRECTIONS", "OVERRULES",
            "LineSearchGain", "Verdict", "VerdictConfig", "RESCORE_DRAWS", "rescore_seed", "line_search_gain", "judge", "judge_by", "can_judge",
-           "CONFIRMATION_SEED_OFFSET"]
+           "CONFIRMATION_SEED_OFFSET", "continuation_verdict"]
 
 DEFAULT_TOL_PER_DATUM = 0.01  # nats per training example; measured, see the module docstring
 DEFAULT_CONTINUATION_RATES = (0.3, 0.1)  # factors on the first rates of the continuation that confirms a pass
@@ -705,4 +705,29 @@ def judge_by(model: BayesianMLP, guide, split: Split, config: VerdictConfig, see
         if not confirmation.converged:
             record["converged"] = False
             record["reasons"] = ["the confirming judgement: " + reason for reason in confirmation.reasons]
+    return record
+
+
+def continuation_verdict(model: BayesianMLP, guide, split: Split, config: VerdictConfig, pass_record: dict, gain: ContinuationGain,
+                         how: str, entry: dict) -> dict:
+    """The verdict after a continuation that confirms the line search's ``pass_record``:
+    converged when the pass was, the continuation's fixed-noise gain has an upper bound
+    ``(nats + 2 stderr) / N`` of at most ``config.tol_per_datum``, and the exact checks
+    (:func:`~pyro_bbt.exact_checks.blank_pixel_check`, :func:`~pyro_bbt.exact_checks.unread_rows_check`)
+    hold for the posterior ``guide`` now holds (the one kept). The record is ``pass_record`` with
+    the checks' values, ``continuation`` (``gain`` and ``entry``), ``converged`` and ``reasons``;
+    ``how`` says in the reason what the continuation was (``"N more epochs {how} still raised
+    ..."``). One rule for :func:`~pyro_bbt.inference.train` and for fits that run their own loops."""
+    record = dict(pass_record)
+    bounds = tuple(record.get("ratio_bounds") or (0.9, 1.1))
+    record["uninformed_scale_ratio"], reasons = blank_pixel_check(model, guide, split, bounds)
+    record["unread_rows_kl"], more = unread_rows_check(model, guide)
+    reasons += more
+    if gain.upper_per_datum > config.tol_per_datum:
+        reasons.append(f"{gain.epochs} more epochs {how} still raised the fixed-noise ELBO by {gain.per_datum:.3g} +- "
+                       f"{gain.stderr / gain.num_data:.2g} nats per example ({gain.nats:.4g} nats in all); upper bound "
+                       f"{gain.upper_per_datum:.3g} > tol_per_datum {config.tol_per_datum:.3g}")
+    record["continuation"] = gain.to_dict() | entry
+    record["converged"] = bool(record.get("converged")) and not reasons
+    record["reasons"] = reasons if reasons else list(record.get("reasons") or [])
     return record
