@@ -16,12 +16,18 @@ minibatch and KL schedule, no verdict). At every power of two ``k`` it scores, w
 and, for the pass and every average, where its KL to the prior ``N(0, sigma_p^2)`` lies
 (:func:`kl_breakdown`): per weight site, the first layer's blank-pixel columns apart (their exact
 posterior is the prior), and the hidden units whose incoming weights sit near the prior (mean KL
-per weight below 0.001, 0.01, 0.1 nats: :func:`pyro_bbt.pruning.unit_kl`).
+per weight below 0.001, 0.01, 0.1 nats: :func:`pyro_bbt.pruning.unit_kl`). The pass, every last
+iterate and every average also get task A's test accuracy (``converge.py``'s
+:func:`posterior_accuracy`: the predictive mean of 32 weight draws, seeded, RNG-neutral), so that
+what the floor costs in ELBO can be read against what it costs in predictions. ``--experiment
+KEY=VALUE,...`` changes the preset's configuration as in ``converge.py`` (``prior_scale=0.3``: the
+README answer's prior).
 
 Off the clock except ``seconds``, which counts from the start of the fit. One process, one torch
 thread. Writes ``--out`` (JSON: the pass, then one point per ``k``) after every point::
 
     python benchmarks/averaging.py --problem small --factor 0.3 --epochs 1024 --out figs/averaging-small-f0.3.json
+    python benchmarks/averaging.py --problem task-a --preset paper --experiment prior_scale=0.3 --factor 0.3 --epochs 1024 --out figs/averaging-task-a-ps03-s0.json
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from converge import Evaluator, Problem, add_problem_arguments, load_problem, problem_from_args, recipe_for  # noqa: E402
+from converge import (Evaluator, Problem, add_problem_arguments, experiment_overrides, load_problem, posterior_accuracy,  # noqa: E402
+                      problem_from_args, recipe_for)
 
 from pyro_bbt.convergence import uninformed_inputs  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
@@ -68,9 +75,10 @@ def kl_breakdown(model, guide, x_train: torch.Tensor, prior_std: float) -> dict:
 
 
 def continue_and_average(problem: Problem, preset: str, seed: int, factor: float, epochs: int, max_epochs: int | None,
-                         eval_draws: int, out: Path | None = None) -> dict:
-    """The measurement above; returns (and writes to ``out``) ``{"args", "pass", "points"}``."""
-    data = load_problem(problem, preset=preset)
+                         eval_draws: int, out: Path | None = None, overrides: tuple[tuple[str, object], ...] = ()) -> dict:
+    """The measurement above; returns (and writes to ``out``) ``{"args", "pass", "points"}``.
+    ``overrides`` change the preset's configuration (``--experiment``, as in ``converge.py``)."""
+    data = load_problem(problem, dict(overrides), preset=preset)
     evaluator = Evaluator(num_draws=eval_draws)
     model, guide = data.experiment.new_posterior(data.experiment.base_prior(), seed)
     recipe = recipe_for(data.experiment, data.num_data, max_epochs)
@@ -78,8 +86,9 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
     fit = fit_posterior(model, guide, data.train, recipe, seed)
     score = evaluator.score(model, guide, data.train)
     record = {"args": {"problem": problem.name, "limit_train": problem.limit_train, "hidden": list(problem.hidden), "preset": preset,
-                       "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws},
+                       "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws, "experiment": dict(overrides)},
               "pass": {"epochs": fit.epochs, "converged": fit.converged, "seconds": time.perf_counter() - start, "elbo": score.elbo, "kl": score.kl,
+                       "test_accuracy": posterior_accuracy(model, guide, data.test, seed),
                        "kl_breakdown": kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)},
               "points": []}
     more = FitRecipe(lr=recipe.lr * factor, scale_lr=(recipe.scale_lr or recipe.lr) * factor, batch_size=recipe.batch_size, epochs=epochs,
@@ -95,12 +104,15 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
         if k & (k - 1):
             return
         last = evaluator.score(model, guide, data.train)
+        last_accuracy = posterior_accuracy(model, guide, data.test, seed)
         guide.load_state_dict({name: total / window["count"] for name, total in window["sum"].items()})
         averaged = evaluator.score(model, guide, data.train)
+        avg_accuracy = posterior_accuracy(model, guide, data.test, seed)
         breakdown = kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)
         guide.load_state_dict(state)
         record["points"].append({"epoch": k, "seconds": time.perf_counter() - start, "last_elbo": last.elbo, "last_kl": last.kl,
-                                 "avg_elbo": averaged.elbo, "avg_kl": averaged.kl, "avg_n": window["count"], "avg_kl_breakdown": breakdown})
+                                 "last_test_accuracy": last_accuracy, "avg_elbo": averaged.elbo, "avg_kl": averaged.kl,
+                                 "avg_test_accuracy": avg_accuracy, "avg_n": window["count"], "avg_kl_breakdown": breakdown})
         print(f"[averaging] epoch {k}: last {last.elbo:,.1f}, average of the last {window['count']} {averaged.elbo:,.1f}", flush=True)
         window["sum"], window["count"] = None, 0
         if out is not None:
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=512, help="epochs of the continuation (scored at every power of two)")
     parser.add_argument("--max-epochs", type=positive_int, help="cap the fit to the pass at this many epochs (tests)")
     parser.add_argument("--eval-draws", type=int, default=8)
+    parser.add_argument("--experiment", type=experiment_overrides, default=(),
+                        help="change the preset's configuration, KEY=VALUE,... over ExperimentConfig's fields, e.g. prior_scale=0.3 (as converge.py)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        continue_and_average(problem, args.preset, args.seed, args.factor, args.epochs, args.max_epochs, args.eval_draws, args.out)
+        continue_and_average(problem, args.preset, args.seed, args.factor, args.epochs, args.max_epochs, args.eval_draws, args.out, args.experiment)
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -181,6 +181,7 @@ __all__ = [
     "Row",
     "ROWS",
     "load_problem",
+    "experiment_overrides",
     "recipe_for",
     "verdict_config",
     "posterior_accuracy",
@@ -1174,7 +1175,7 @@ def _continuation(text: str) -> tuple[tuple[int, float], ...]:
     return tuple(stages)
 
 
-def _experiment_overrides(text: str) -> tuple[tuple[str, object], ...]:
+def experiment_overrides(text: str) -> tuple[tuple[str, object], ...]:
     """``KEY=VALUE,...`` over :class:`~pyro_bbt.experiment.ExperimentConfig`'s fields (values as
     Python literals, ``none`` for ``None``, else strings; a tuple in parentheses, e.g.
     ``continuation_rates=(0.1,0.03)``); checked by building the configuration."""
@@ -1251,7 +1252,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue", dest="continuation", type=_continuation, default=(),
                         help="after each Bayesian row (off the clock), fit its posterior further in stages EPOCHS@LR, e.g. 300@3e-3,300@1e-3, "
                              "and report the ELBO it still gained per datum (what the verdict's one step does not see); default: none")
-    parser.add_argument("--experiment", type=_experiment_overrides, default=(),
+    parser.add_argument("--experiment", type=experiment_overrides, default=(),
                         help="change the paper preset's configuration that the recipe rows fit by, KEY=VALUE,... over ExperimentConfig's fields, "
                              "e.g. window=10 or verdict_tol=0.003 (default: the preset as it is)")
     parser.add_argument("--preset", choices=[name for name in PRESETS if name.startswith("paper")], default="paper",

@@ -24,6 +24,10 @@ def test_the_tail_average_is_scored_at_every_power_of_two(tmp_path, single_torch
     assert points[0]["avg_elbo"] == pytest.approx(points[0]["last_elbo"], rel=1e-12)  # an average of one iterate is that iterate
     assert points[2]["avg_elbo"] != pytest.approx(points[2]["last_elbo"], rel=1e-9)
     assert all(p["seconds"] > record["pass"]["seconds"] for p in points)
+    for accuracy in [record["pass"]["test_accuracy"]] + [p[key] for p in points for key in ("last_test_accuracy", "avg_test_accuracy")]:
+        assert 0.0 <= accuracy <= 1.0
+    assert points[0]["avg_test_accuracy"] == points[0]["last_test_accuracy"]  # the same posterior, the same seeded draws
+    assert record["args"]["experiment"] == {}
     for breakdown in [record["pass"]["kl_breakdown"]] + [p["avg_kl_breakdown"] for p in points]:
         assert set(breakdown["sites"]) == {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"}
         assert breakdown["total"] == pytest.approx(sum(breakdown["sites"].values()))
@@ -41,3 +45,22 @@ def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, flags, messag
     with pytest.raises(SystemExit) as exit_info:
         averaging.main([*TINY, *flags, "--out", str(out)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_experiment_overrides_reach_the_fit(tmp_path, single_torch_thread):
+    """``--experiment prior_scale=0.3``: the fit's prior is N(0, 0.3^2), so the KL breakdown is taken
+    against it (a blank weight at its start, sigma 0.01, is nearer a prior of 0.3 than of 1)."""
+    records = {}
+    for name, flags in (("base", []), ("tight", ["--experiment", "prior_scale=0.3"])):
+        out = tmp_path / f"{name}.json"
+        assert averaging.main([*TINY, "--epochs", "1", *flags, "--out", str(out)]) == 0
+        records[name] = json.loads(out.read_text())
+    assert records["tight"]["args"]["experiment"] == {"prior_scale": 0.3}
+    assert records["tight"]["pass"]["kl_breakdown"]["blank"] < records["base"]["pass"]["kl_breakdown"]["blank"]
+
+
+def test_a_bad_experiment_override_is_refused(tmp_path, capsys):
+    out = tmp_path / "averaging.json"
+    with pytest.raises(SystemExit) as exit_info:
+        averaging.main([*TINY, "--experiment", "no_such_field=1", "--out", str(out)])
+    assert exit_info.value.code == 2 and "no_such_field=1" in capsys.readouterr().err and not out.exists()
