@@ -228,12 +228,16 @@ CAP_REASONS = ("epoch cap", "time cap", "rule (verdict's overrules spent)")  # a
 @dataclass(frozen=True)
 class Problem:
     """Task A's posterior on its first ``limit_train`` training images (``None``: all of them),
-    network ``784 - hidden - 5``, under the paper preset's prior and guide."""
+    network ``784 - hidden - 5``, under the paper preset's prior and guide; with ``digits``, the
+    task of those digits instead (task B: 5-9), on the stratified ``fraction`` of its training
+    images that :class:`~pyro_bbt.data.Task` keeps with seed 0 (B's split of seed 0 in the grid)."""
 
     name: str
     limit_train: int | None
     hidden: tuple[int, ...]
     description: str
+    digits: tuple[int, ...] | None = None
+    fraction: float = 1.0
 
 
 PROBLEMS: dict[str, Problem] = {
@@ -241,6 +245,8 @@ PROBLEMS: dict[str, Problem] = {
     for p in (
         Problem("task-a", None, (400, 400), "task A (digits 0-4), every training image, 784-400-400-5"),
         Problem("small", 2000, (32,), "task A's first 2,000 training images, 784-32-5 (the small problem of pyro_bbt.verdict)"),
+        Problem("b-10", None, (400, 400), "task B (digits 5-9), 10 % of its training images (2,647: seed 0's split), 784-400-400-5: "
+                "scratch on B", digits=(5, 6, 7, 8, 9), fraction=0.1),
     )
 }
 
@@ -328,9 +334,13 @@ class ProblemData:
 def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None, preset: str = "paper") -> ProblemData:
     """The ``preset`` (the paper preset, ``--preset``) with the problem's hidden sizes (and
     ``overrides`` of its :class:`~pyro_bbt.experiment.ExperimentConfig` fields, ``--experiment``),
-    and task A's ``train`` (its first ``limit_train`` images), ``val`` and ``test`` splits."""
+    and the problem's task's ``train`` (its first ``limit_train`` images), ``val`` and ``test``
+    splits: task A's, or the task of ``problem.digits`` on its ``fraction``."""
     experiment = ExperimentConfig(**PRESETS[preset] | dict(hidden=problem.hidden) | dict(overrides or {}))
-    task = load_task(Task(digits=experiment.task_a, name="A"))
+    if problem.digits is None:
+        task = load_task(Task(digits=experiment.task_a, name="A"))
+    else:
+        task = load_task(Task(digits=problem.digits, fraction=problem.fraction, name=problem.name))
     train = task.train if problem.limit_train is None else task.train.subset(problem.limit_train)
     return ProblemData(experiment, train, task.val, task.test)
 
@@ -351,8 +361,8 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     problem = PROBLEMS[args.problem]
     if args.limit_train is None and args.hidden is None:
         return problem
-    return Problem(problem.name, args.limit_train or problem.limit_train, (args.hidden,) if args.hidden else problem.hidden,
-                   problem.description + " (resized)")
+    return replace(problem, limit_train=args.limit_train or problem.limit_train, hidden=(args.hidden,) if args.hidden else problem.hidden,
+                   description=problem.description + " (resized)")
 
 
 def recipe_for(experiment: ExperimentConfig, num_data: int, max_epochs: int | None = None) -> FitRecipe:

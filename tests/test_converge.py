@@ -2,6 +2,7 @@
 data (200 images, 784-8-5, two epochs), the IVON -> mean-field mapping, the common evaluator, and
 the CLI's errors. No timing assertions."""
 
+import argparse
 import json
 import math
 import time
@@ -13,6 +14,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from conftest import load_benchmark
+from pyro_bbt.data import Task, load_task
 from pyro_bbt.experiment import PRESETS, ExperimentConfig
 from pyro_bbt.ewc import MLP
 from pyro_bbt.guides import initialize_guide, make_guide, posterior_loc_scale, start_from_posterior
@@ -407,3 +409,18 @@ def test_the_figure_goes_beside_the_results_by_default(tmp_path, single_torch_th
     out = tmp_path / "a.json"
     assert converge.main([*TINY, "--rounds", "1", "--rows", "mlp", "--out", str(out)]) == 0
     assert out.exists() and (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_a_problem_of_other_digits_loads_that_task_on_its_fraction():
+    """``Problem.digits`` and ``fraction`` (the ``b-10`` problem: scratch on 10 % of B): the splits
+    are task B's, labelled 0-4 by position, the training split its stratified tenth; task A's
+    problems are unchanged."""
+    b = converge.load_problem(converge.PROBLEMS["b-10"])
+    a = converge.load_problem(replace(converge.PROBLEMS["small"], limit_train=200, hidden=(8,)))
+    full_b = load_task(Task(digits=(5, 6, 7, 8, 9)))
+    assert b.experiment.hidden == (400, 400) and a.experiment.hidden == (8,)
+    assert len(b.train) == pytest.approx(0.1 * len(full_b.train), abs=5) and len(a.train) == 200
+    assert len(b.test) == len(full_b.test) and torch.equal(b.test.y, full_b.test.y)
+    assert set(b.train.y.tolist()) == {0, 1, 2, 3, 4}
+    resized = converge.problem_from_args(argparse.Namespace(problem="b-10", limit_train=50, hidden=8))
+    assert (resized.digits, resized.fraction, resized.limit_train, resized.hidden) == ((5, 6, 7, 8, 9), 0.1, 50, (8,))
