@@ -396,7 +396,7 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     posterior's blank-pixel ratio and the verdict on both."""
     clock = time.perf_counter()
     v, last = config.verdict, history.epochs[-1]
-    averaged = continuation.get("average_count", 0)
+    averaged = continuation.get("average_count", 0) if v.continuation_average else 0
     if averaged:  # the continuation's end is its tail average (VerdictConfig.continuation_average)
         end_state = {k: total / averaged for k, total in continuation["average_sum"].items()}
         guide.load_state_dict(end_state)
@@ -412,9 +412,29 @@ def _finish_continuation(model, guide, train_split: Split, config: TrainConfig, 
     record = continuation_verdict(model, guide, train_split, v, history.epochs[continuation["pass_epoch"] - 1].verdict or {}, gain,
                                   f"at {', '.join(f'{f:g}' for f in gain.factors)} x {rates}",
                                   {"kept": kept, "start_epoch": continuation["start_epoch"], "averaged_epochs": averaged} | _particles_entry(v))
+    if record["converged"] and not v.continuation_average and continuation.get("average_count"):
+        record["floor"] = _floor(model, guide, train_split, config, continuation)
     last.verdict = record
     last.seconds += time.perf_counter() - clock
     return record["converged"]
+
+
+def _floor(model, guide, train_split: Split, config: TrainConfig, continuation: dict) -> dict:
+    """What the average of the passing continuation's epochs at its last rate would add to the
+    posterior kept (:func:`~pyro_bbt.fixed_noise.continuation_gain` from the kept posterior to
+    that average, the continuation's base draws, no added ones): Adam's noise floor at that rate,
+    which both ends of a continuation carry and its gain cannot see (docs/performance.md, "The
+    recipe's gap to the best ELBO known"). Reported, not judged: the posterior returned and the
+    verdict are unchanged, and the guide is left at the kept posterior. RNG-neutral."""
+    v, count = config.verdict, continuation["average_count"]
+    kept_state = {k: t.detach().clone() for k, t in guide.state_dict().items()}
+    kept = read_posterior(guide)
+    guide.load_state_dict({k: total / count for k, total in continuation["average_sum"].items()})
+    average = read_posterior(guide)
+    guide.load_state_dict(kept_state)
+    gain = continuation_gain(model, kept, average, train_split, num_draws=v.continuation_draws, seed=continuation["seed"] + 1, batch_size=v.batch_size,
+                             kl_beta=config.kl_beta)
+    return {"averaged_epochs": count, "nats": gain.nats, "stderr": gain.stderr, "per_datum": gain.per_datum, "draws": v.continuation_draws}
 
 
 def _rejected_on_the_way(model, guide, train_split: Split, config: TrainConfig, history: "TrainHistory", continuation: dict) -> bool:
@@ -651,7 +671,7 @@ def train(
             phase="fit" if continuation is None else "continuation",
         )
         history.epochs.append(diagnostics)
-        if continuation is not None and config.verdict.continuation_average:
+        if continuation is not None:  # the tail average: the continuation's end (continuation_average), else the floor reported at a pass
             continuation = _accumulate_average(guide, continuation, epoch + 1, len(config.verdict.continuation_rates))
         if on_epoch is not None:
             on_epoch(diagnostics)

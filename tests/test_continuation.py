@@ -252,6 +252,33 @@ def test_an_averaged_continuation_ends_at_the_mean_of_its_epochs_at_the_last_rat
         assert final["continuation"]["averaged_epochs"] > 0
 
 
+def test_a_pass_reports_the_floor_its_last_iterate_carries_and_returns_that_iterate(single_torch_thread):
+    """Without continuation_average the passing continuation (epochs 21-40) is kept as its last
+    iterate, and its record adds ``floor``: what the average of its epochs at the last rate (31-40)
+    would add, scored from the kept posterior with the continuation's draws and a seed of its own.
+    The guide returned is the last iterate, not that average; an averaged continuation, whose end
+    is the average, reports no floor."""
+    config = _config(stop_at=20, cap=200, tol=0.05)
+    model, guide, records, states = _fit_recording_states(config)
+    final = records[-1]["verdict"]
+    assert final["converged"] is True and final["continuation"]["kept"] == "end" and len(records) == 40
+    floor = final["floor"]
+    assert (floor["averaged_epochs"], floor["draws"]) == (10, 8) and floor["stderr"] > 0
+    assert not any("floor" in (r["verdict"] or {}) for r in records[:-1])
+    for name, value in guide.state_dict().items():
+        assert torch.equal(value, states[-1][name]), name
+    mean = {k: sum(state[k] for state in states[30:40]) / 10 for k in states[0]}
+    model2, guide2 = fresh_model_and_guide(SIZES, prior=GaussianPrior(1.0), initialize=True)
+    guide2.load_state_dict(states[-1])
+    kept = read_posterior(guide2)
+    guide2.load_state_dict(mean)
+    again = continuation_gain(model2, kept, read_posterior(guide2), _data(), num_draws=8, seed=config.verdict.seed + 2 * 1_000_003 + 20 + 1,
+                              batch_size=config.verdict.batch_size)
+    assert again.nats == pytest.approx(floor["nats"], rel=1e-6) and floor["per_datum"] == pytest.approx(floor["nats"] / 200)
+    averaged = _fit(_config(stop_at=20, cap=200, tol=0.05, average=True))[2]
+    assert all("floor" not in (r["verdict"] or {}) for r in averaged)
+
+
 def test_a_fit_resumed_while_it_averages_is_bit_identical(single_torch_thread):
     config = _config(stop_at=10, cap=30, tol=0.04, average=True)
     states = {}
