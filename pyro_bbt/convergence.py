@@ -299,14 +299,18 @@ def continuation_text(verdict: dict | None) -> str:
     :class:`ConvergenceReport` dict's ``verdict``) scored, as text: ``"+2.1e-03 ± 2e-04 /example
     over 496 epochs"`` (its fixed-noise ELBO gain per example; :mod:`pyro_bbt.verdict`), with
     ``", 64 draws"`` where draws were added (``continuation_max_draws``), ``", 4 draws/step"``
-    where its epochs drew more than one weight sample per step (``continuation_particles``), or
-    ``"—"`` where no continuation was run."""
+    where its epochs drew more than one weight sample per step (``continuation_particles``), and
+    ``" (floor +3.1e-03)"`` where a pass recorded the floor its last iterate carries (the gain to the
+    average of the continuation's epochs at its last rate, per example: ``floor``,
+    :func:`pyro_bbt.inference.train`); ``"—"`` where no continuation was run."""
     gain = (verdict or {}).get("continuation")
     if not gain:
         return "—"
     draws = f", {gain['draws']} draws" if gain.get("draws") else ""
     per_step = f", {gain['particles']} draws/step" if gain.get("particles") else ""
-    return f"{gain['per_datum']:+.2g} ± {gain['stderr'] / gain['num_data']:.1g} /example over {gain['epochs']} epochs{draws}{per_step}"
+    floor = verdict.get("floor")
+    floor_text = f" (floor {floor['per_datum']:+.2g})" if floor else ""
+    return f"{gain['per_datum']:+.2g} ± {gain['stderr'] / gain['num_data']:.1g} /example over {gain['epochs']} epochs{draws}{per_step}{floor_text}"
 
 
 def _mean_gain_or_none(rule: StoppingRule, elbos: list[float]) -> list[float] | None:

@@ -58,7 +58,7 @@ def test_a_pass_is_continued_at_fixed_fractions_of_the_first_rates_and_scored_wi
     assert (gain["epochs"], gain["factors"], gain["start_epoch"], gain["num_data"]) == (20, [0.3, 0.1], 20, 200)
     assert 0 < gain["upper_per_datum"] <= 0.05 and gain["stderr"] > 0
     assert gain["upper_per_datum"] == pytest.approx((gain["nats"] + 2 * gain["stderr"]) / 200)
-    assert continuation_text(last) == f"{gain['per_datum']:+.2g} ± {gain['stderr'] / 200:.1g} /example over 20 epochs"
+    assert continuation_text(last) == f"{gain['per_datum']:+.2g} ± {gain['stderr'] / 200:.1g} /example over 20 epochs (floor {last['floor']['per_datum']:+.2g})"
     assert continuation_text(records[19]["verdict"]) == "—"
     # the end kept (the ELBO rose): the guide's posterior is the end's, and the evaluator agrees
     assert gain["kept"] == "end" and gain["nats"] > 0
@@ -466,7 +466,8 @@ def test_added_draws_are_checked_reach_the_verdict_from_the_cli_and_are_recorded
                or (g["nats"] - 2 * g["stderr"]) / 200 > 0.05 for g in gains)
     assert judged[0]["gain"]["rescored"]["draws"] in (0, 8, 16, 32)
     last = next(v for v in reversed(judged) if "continuation" in v)
-    assert continuation_text(last).endswith(f" over {last['continuation']['epochs']} epochs, {last['continuation']['draws']} draws")
+    floor = f" (floor {last['floor']['per_datum']:+.2g})" if "floor" in last else ""
+    assert continuation_text(last).endswith(f" over {last['continuation']['epochs']} epochs, {last['continuation']['draws']} draws{floor}")
     # off: no trace of either in the records
     _, _, plain = _fit(stopped_at(20, 200, replace(verdict, continuation_max_draws=0, rescore_max_draws=0)))
     assert all("draws" not in r["verdict"].get("continuation", {}) and "rescored" not in (r["verdict"]["gain"] or {})
