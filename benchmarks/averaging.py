@@ -36,18 +36,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import positive_int  # noqa: E402
-from converge import (Evaluator, Problem, add_problem_arguments, experiment_overrides, load_problem, posterior_accuracy,  # noqa: E402
-                      problem_from_args, recipe_for)
+from converge import (PROBLEMS, Evaluator, Problem, add_problem_arguments, experiment_overrides, load_problem,  # noqa: E402
+                      posterior_accuracy, problem_from_args, recipe_for)
 
 from pyro_bbt.convergence import uninformed_inputs  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
-from pyro_bbt.fitting import FitRecipe, fit_posterior  # noqa: E402
+from pyro_bbt.fitting import FitRecipe, fit_posterior, guide_state, prior_from_posterior, start_from_state  # noqa: E402
 from pyro_bbt.guides import posterior_loc_scale  # noqa: E402
 from pyro_bbt.pruning import unit_kl  # noqa: E402
 
@@ -74,19 +75,44 @@ def kl_breakdown(model, guide, x_train: torch.Tensor, prior_std: float) -> dict:
     return {"sites": sites, "total": sum(sites.values()), "blank": blank_kl, "units_near_prior": units}
 
 
+def transferred_posterior(problem: Problem, preset: str, overrides: tuple[tuple[str, object], ...], seed: int, max_epochs: int | None):
+    """``--transfer``: q_A fitted on task A (every training image, or the problem's first
+    ``limit_train``; the problem's hidden sizes) by the same recipe to its verdict, then a network
+    under the prior q_A (``prior_from_posterior``, tau 1, one shared head) whose guide starts at
+    q_A: the transfer fit's start. Returns ``(model, guide, record of q_A's fit)``."""
+    task_a = replace(PROBLEMS["task-a"], limit_train=problem.limit_train, hidden=problem.hidden)
+    data = load_problem(task_a, dict(overrides), preset=preset)
+    experiment = data.experiment
+    model_a, guide_a = experiment.new_posterior(experiment.base_prior(), seed)
+    fit = fit_posterior(model_a, guide_a, data.train, recipe_for(experiment, data.num_data, max_epochs), seed)
+    prior = prior_from_posterior(guide_a, model_a, experiment.base_prior(), experiment.base_prior_std)
+    state = guide_state(guide_a)
+    model, guide = experiment.new_posterior(prior, seed)
+    start_from_state(model, guide, state)
+    return model, guide, {"epochs": fit.epochs, "converged": fit.converged}
+
+
 def continue_and_average(problem: Problem, preset: str, seed: int, factor: float, epochs: int, max_epochs: int | None,
-                         eval_draws: int, out: Path | None = None, overrides: tuple[tuple[str, object], ...] = ()) -> dict:
+                         eval_draws: int, out: Path | None = None, overrides: tuple[tuple[str, object], ...] = (),
+                         transfer: bool = False) -> dict:
     """The measurement above; returns (and writes to ``out``) ``{"args", "pass", "points"}``.
-    ``overrides`` change the preset's configuration (``--experiment``, as in ``converge.py``)."""
+    ``overrides`` change the preset's configuration (``--experiment``, as in ``converge.py``);
+    ``transfer`` fits the problem's task from q_A (:func:`transferred_posterior`, its time not
+    counted in ``seconds``) instead of from the base prior."""
     data = load_problem(problem, dict(overrides), preset=preset)
     evaluator = Evaluator(num_draws=eval_draws)
-    model, guide = data.experiment.new_posterior(data.experiment.base_prior(), seed)
+    q_a = None
+    if transfer:
+        model, guide, q_a = transferred_posterior(problem, preset, overrides, seed, max_epochs)
+    else:
+        model, guide = data.experiment.new_posterior(data.experiment.base_prior(), seed)
     recipe = recipe_for(data.experiment, data.num_data, max_epochs)
     start = time.perf_counter()
     fit = fit_posterior(model, guide, data.train, recipe, seed)
     score = evaluator.score(model, guide, data.train)
     record = {"args": {"problem": problem.name, "limit_train": problem.limit_train, "hidden": list(problem.hidden), "preset": preset,
-                       "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws, "experiment": dict(overrides)},
+                       "seed": seed, "factor": factor, "epochs": epochs, "eval_draws": eval_draws, "experiment": dict(overrides),
+                       "transfer": transfer, "q_a": q_a},
               "pass": {"epochs": fit.epochs, "converged": fit.converged, "seconds": time.perf_counter() - start, "elbo": score.elbo, "kl": score.kl,
                        "test_accuracy": posterior_accuracy(model, guide, data.test, seed),
                        "kl_breakdown": kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)},
@@ -133,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-draws", type=int, default=8)
     parser.add_argument("--experiment", type=experiment_overrides, default=(),
                         help="change the preset's configuration, KEY=VALUE,... over ExperimentConfig's fields, e.g. prior_scale=0.3 (as converge.py)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="fit the problem's task from q_A (fitted on task A by the same recipe first), under the prior q_A: a transfer fit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -141,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.factor > 0:
         parser.error(f"--factor must be > 0, got {args.factor}")
+    if args.transfer and PROBLEMS[args.problem].digits is None:
+        parser.error(f"--transfer needs a problem of task B (b-10), got --problem {args.problem} (task A itself)")
     problem = problem_from_args(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        continue_and_average(problem, args.preset, args.seed, args.factor, args.epochs, args.max_epochs, args.eval_draws, args.out, args.experiment)
+        continue_and_average(problem, args.preset, args.seed, args.factor, args.epochs, args.max_epochs, args.eval_draws, args.out, args.experiment,
+                             args.transfer)
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -3,10 +3,13 @@ two epochs to the verdict, four more), scored as its last iterate and as the ave
 iterates over (k/2, k] at every power of two k."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from conftest import load_benchmark
+from pyro_bbt.guides import posterior_loc_scale
+from pyro_bbt.objectives import closed_form_kl
 
 averaging = load_benchmark("averaging")
 
@@ -64,3 +67,27 @@ def test_a_bad_experiment_override_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         averaging.main([*TINY, "--experiment", "no_such_field=1", "--out", str(out)])
     assert exit_info.value.code == 2 and "no_such_field=1" in capsys.readouterr().err and not out.exists()
+
+
+def test_transfer_fits_q_a_first_and_starts_b_at_it_under_its_prior(tmp_path, single_torch_thread):
+    """``--transfer`` on the ``b-10`` problem (resized: 200 images, 784-8-5): q_A is fitted on task
+    A's first 200 images to its cap, and B's fit starts at q_A under the prior q_A, so its first
+    KL to that prior is zero where a fresh start's is not."""
+    out = tmp_path / "transfer.json"
+    flags = [*TINY, "--problem", "b-10", "--epochs", "1"]
+    assert averaging.main([*flags, "--transfer", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["args"]["transfer"] is True and record["args"]["q_a"] == {"epochs": 2, "converged": False}
+    assert record["pass"]["epochs"] == 2 and 0.0 <= record["pass"]["test_accuracy"] <= 1.0
+    fresh = tmp_path / "fresh.json"
+    assert averaging.main([*flags, "--out", str(fresh)]) == 0
+    assert json.loads(fresh.read_text())["args"]["q_a"] is None
+    model, guide, _ = averaging.transferred_posterior(replace(averaging.PROBLEMS["b-10"], limit_train=200, hidden=(8,)), "paper", (), 0, 2)
+    assert float(closed_form_kl(model, posterior_loc_scale(guide, model))) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_transfer_needs_a_problem_of_task_b(tmp_path, capsys):
+    out = tmp_path / "averaging.json"
+    with pytest.raises(SystemExit) as exit_info:
+        averaging.main([*TINY, "--transfer", "--out", str(out)])
+    assert exit_info.value.code == 2 and "--transfer needs a problem of task B (b-10), got --problem small" in capsys.readouterr().err and not out.exists()
