@@ -1,8 +1,10 @@
 """Does averaging the iterates remove Adam's noise floor, and what is left when it does?
 
-Fits task A's posterior (``benchmarks/converge.py``'s problems: ``small`` is 2,000 images at
-784-32-5, ``task-a`` all 27,537 at 784-400-400) by the ``--preset``'s q_A recipe to its verdict
-(``paper-v2``: the line-search pass, confirmed, no continuation), then continues it for
+Fits a posterior (``benchmarks/converge.py``'s problems: ``small`` is 2,000 images of task A at
+784-32-5, ``task-a`` all 27,537 at 784-400-400, ``b-10`` a tenth of task B at 784-400-400; with
+``--transfer`` the B problem's fit starts at q_A under the prior q_A, :func:`transferred_posterior`)
+by the ``--preset``'s q_A recipe to its verdict (``paper-v2``: the line-search pass, confirmed, no
+continuation; ``paper``: with its continuations), then continues it for
 ``--epochs`` epochs at ``--factor`` times the recipe's first rates (a fresh Adam, the recipe's
 minibatch and KL schedule, no verdict). At every power of two ``k`` it scores, with
 ``converge.py``'s evaluator (the fixed-noise ELBO, 8 antithetic draws, common random numbers;
@@ -13,21 +15,24 @@ minibatch and KL schedule, no verdict). At every power of two ``k`` it scores, w
   epoch of ``(k/2, k]`` (Polyak-Ruppert tail averaging, what
   ``VerdictConfig.continuation_average`` does inside a continuation).
 
-and, for the pass and every average, where its KL to the prior ``N(0, sigma_p^2)`` lies
+and, for the pass and every average, where its KL to the base prior ``N(0, sigma_p^2)`` lies (also
+under ``--transfer``, whose own prior is q_A: the evaluator's ELBO and KL are to q_A there)
 (:func:`kl_breakdown`): per weight site, the first layer's blank-pixel columns apart (their exact
 posterior is the prior), and the hidden units whose incoming weights sit near the prior (mean KL
 per weight below 0.001, 0.01, 0.1 nats: :func:`pyro_bbt.pruning.unit_kl`). The pass, every last
-iterate and every average also get task A's test accuracy (``converge.py``'s
+iterate and every average also get the problem's test accuracy (``converge.py``'s
 :func:`posterior_accuracy`: the predictive mean of 32 weight draws, seeded, RNG-neutral), so that
 what the floor costs in ELBO can be read against what it costs in predictions. ``--experiment
 KEY=VALUE,...`` changes the preset's configuration as in ``converge.py`` (``prior_scale=0.3``: the
 README answer's prior).
 
-Off the clock except ``seconds``, which counts from the start of the fit. One process, one torch
+Under ``--transfer`` the record's ``args.q_a`` says how q_A's fit ended (epochs, converged). Off
+the clock except ``seconds``, which counts from the start of the fit (q_A's fit not included). One process, one torch
 thread. Writes ``--out`` (JSON: the pass, then one point per ``k``) after every point::
 
     python benchmarks/averaging.py --problem small --factor 0.3 --epochs 1024 --out figs/averaging-small-f0.3.json
-    python benchmarks/averaging.py --problem task-a --preset paper --experiment prior_scale=0.3 --factor 0.3 --epochs 1024 --out figs/averaging-task-a-ps03-s0.json
+    python benchmarks/averaging.py --problem task-a --preset paper --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --out figs/averaging-task-a-ps03-s0-f0.1.json
+    python benchmarks/averaging.py --problem b-10 --preset paper --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --transfer --out figs/averaging-b10-transfer-ps03-s0-f0.1.json
 """
 
 from __future__ import annotations

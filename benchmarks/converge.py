@@ -19,7 +19,10 @@ The posterior of task A of split MNIST (digits 0-4, the ``train`` split of
 
 * ``task-a``: all of A's training images, 784-400-400-5 (the issue's target problem);
 * ``small``: A's first 2,000 training images, 784-32-5 (the small problem of
-  :mod:`pyro_bbt.verdict`'s measurements).
+  :mod:`pyro_bbt.verdict`'s measurements);
+* ``b-10``: task B (digits 5-9) on its stratified tenth (2,647 images, seed 0's split),
+  784-400-400-5, fitted by the same q_A recipe: a B fit from the base prior (``averaging.py
+  --transfer`` starts it from q_A instead).
 
 ``--limit-train`` and ``--hidden`` override the problem's size (tests go tiny with them).
 
@@ -245,8 +248,8 @@ PROBLEMS: dict[str, Problem] = {
     for p in (
         Problem("task-a", None, (400, 400), "task A (digits 0-4), every training image, 784-400-400-5"),
         Problem("small", 2000, (32,), "task A's first 2,000 training images, 784-32-5 (the small problem of pyro_bbt.verdict)"),
-        Problem("b-10", None, (400, 400), "task B (digits 5-9), 10 % of its training images (2,647: seed 0's split), 784-400-400-5: "
-                "scratch on B", digits=(5, 6, 7, 8, 9), fraction=0.1),
+        Problem("b-10", None, (400, 400), "task B (digits 5-9), 10 % of its training images (2,647: seed 0's split), 784-400-400-5 "
+                "(from the base prior: scratch; averaging.py --transfer: from q_A)", digits=(5, 6, 7, 8, 9), fraction=0.1),
     )
 }
 
