@@ -41,6 +41,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,8 +123,43 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
                        "test_accuracy": posterior_accuracy(model, guide, data.test, seed),
                        "kl_breakdown": kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)},
               "points": []}
-    more = FitRecipe(lr=recipe.lr * factor, scale_lr=(recipe.scale_lr or recipe.lr) * factor, batch_size=recipe.batch_size, epochs=epochs,
+
+    def measure(which: str) -> dict:
+        score = evaluator.score(model, guide, data.train)
+        point = {f"{which}_elbo": score.elbo, f"{which}_kl": score.kl, f"{which}_test_accuracy": posterior_accuracy(model, guide, data.test, seed)}
+        if which == "avg":
+            point["avg_kl_breakdown"] = kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)
+        return point
+
+    def on_point(point: dict) -> None:
+        record["points"].append(point)
+        print(f"[averaging] epoch {point['epoch']}: last {point['last_elbo']:,.1f}, average of the last {point['avg_n']} {point['avg_elbo']:,.1f}", flush=True)
+        if out is not None:
+            atomic_write_text(out, json.dumps(record, indent=1))
+
+    continue_with_averages(model, guide, data.train, continuation_recipe(recipe, factor, epochs), seed + 1000, measure, on_point, start)
+    if out is not None:
+        atomic_write_text(out, json.dumps(record, indent=1))
+    return record
+
+
+def continuation_recipe(recipe: FitRecipe, factor: float, epochs: int) -> FitRecipe:
+    """``epochs`` more epochs at ``factor`` times ``recipe``'s first rates (its minibatch, KL
+    schedule, estimator and particles; no rule, no verdict)."""
+    return FitRecipe(lr=recipe.lr * factor, scale_lr=(recipe.scale_lr or recipe.lr) * factor, batch_size=recipe.batch_size, epochs=epochs,
                      kl_schedule=recipe.kl_schedule, estimator=recipe.estimator, num_particles=recipe.num_particles, verdict=None)
+
+
+def continue_with_averages(model, guide, split, recipe: FitRecipe, seed: int, measure: Callable[[str], dict],
+                           on_point: Callable[[dict], None], start: float | None = None) -> None:
+    """Fit on by ``recipe`` (a fresh Adam) and, after epoch ``k`` for every power of two ``k``,
+    measure the last iterate (``measure("last")``) and the average of the guide's unconstrained
+    parameters after each epoch of ``(k/2, k]`` (``measure("avg")``, the guide holding that
+    average; the last iterate is put back before the fit goes on), and pass
+    ``{"epoch", "seconds", "avg_n"} | last | avg`` to ``on_point`` (``seconds`` from ``start``,
+    a ``perf_counter()`` reading; default: now). The measurements must leave the global RNG as
+    they found it (fork it) so that the fit does not depend on them."""
+    start = time.perf_counter() if start is None else start
     window: dict = {"sum": None, "count": 0, "epoch": 0}
 
     def on_epoch(_) -> None:
@@ -134,25 +170,14 @@ def continue_and_average(problem: Problem, preset: str, seed: int, factor: float
         k = window["epoch"]
         if k & (k - 1):
             return
-        last = evaluator.score(model, guide, data.train)
-        last_accuracy = posterior_accuracy(model, guide, data.test, seed)
+        last = measure("last")
         guide.load_state_dict({name: total / window["count"] for name, total in window["sum"].items()})
-        averaged = evaluator.score(model, guide, data.train)
-        avg_accuracy = posterior_accuracy(model, guide, data.test, seed)
-        breakdown = kl_breakdown(model, guide, data.train.x, data.experiment.base_prior_std)
+        averaged = measure("avg")
         guide.load_state_dict(state)
-        record["points"].append({"epoch": k, "seconds": time.perf_counter() - start, "last_elbo": last.elbo, "last_kl": last.kl,
-                                 "last_test_accuracy": last_accuracy, "avg_elbo": averaged.elbo, "avg_kl": averaged.kl,
-                                 "avg_test_accuracy": avg_accuracy, "avg_n": window["count"], "avg_kl_breakdown": breakdown})
-        print(f"[averaging] epoch {k}: last {last.elbo:,.1f}, average of the last {window['count']} {averaged.elbo:,.1f}", flush=True)
+        on_point({"epoch": k, "seconds": time.perf_counter() - start, "avg_n": window["count"]} | last | averaged)
         window["sum"], window["count"] = None, 0
-        if out is not None:
-            atomic_write_text(out, json.dumps(record, indent=1))
 
-    fit_posterior(model, guide, data.train, more, seed + 1000, on_epoch=on_epoch)
-    if out is not None:
-        atomic_write_text(out, json.dumps(record, indent=1))
-    return record
+    fit_posterior(model, guide, split, recipe, seed, on_epoch=on_epoch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,10 +245,20 @@ def posterior_for_b(config, method: str, stage_a: _StageA | None, seed: int):
     return model, guide
 
 
-def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None, key: str = "") -> dict:
+def fit_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None,
+                   key: str = "") -> tuple[BayesianMLP, Any, dict]:
+    """A Bayesian B unit (scratch, transfer, finetune) fitted as the grid fits it:
+    ``(model, guide, outcome)``, the network with B's head on, its fitted guide, and the outcome
+    :func:`run_bayesian_b` returns (B's and A's test metrics, curve, history, convergence report)."""
     model, guide = posterior_for_b(config, method, stage_a, seed)
     curve, history, convergence = _train_bayesian(config, model, guide, tasks.b.train, steps, seed, tasks, config.b_head, run or FitStorage(), key)
-    return _bayes_outcome(config, model, guide, tasks, curve, history, convergence, seen_a=method != "scratch", seed=seed)
+    outcome = _bayes_outcome(config, model, guide, tasks, curve, history, convergence, seen_a=method != "scratch", seed=seed)
+    use_head(model, config.b_head)
+    return model, guide, outcome
+
+
+def run_bayesian_b(config, method: str, tasks: _Tasks, stage_a: _StageA | None, steps: int, seed: int, run: FitStorage | None = None, key: str = "") -> dict:
+    return fit_bayesian_b(config, method, tasks, stage_a, steps, seed, run, key)[2]
 
 
 def _bayes_outcome(config, model, guide, tasks: _Tasks, curve, history, convergence, seen_a: bool, seed: int) -> dict:
