@@ -152,12 +152,13 @@ def continue_unit(config: ExperimentConfig, spec: UnitSpec, stages_from: Path | 
 
 
 def continued_table(records: list[dict]) -> str:
-    """Markdown: per unit of ``records`` (this bench's files), its pass (epochs, B's and A's test
-    accuracy as the grid draws them) and, at the last point, the last iterate's and the tail
-    average's B and A accuracy and ELBO gain per example over the pass (the same seeded draws and
-    evaluator); then, per head and seed holding both, transfer - scratch in B accuracy at the pass
-    and at the last point, with the mean over seeds."""
-    rows = ["| head | unit | pass epochs | B at pass | B last | B average | A at pass | A last | ELBO gain / example, last, average |",
+    """Markdown: per unit of ``records`` (this bench's files), its pass (epochs; B's and A's test
+    accuracy as the grid draws them, and B's with the points' seeded draws) and, at the last point,
+    the last iterate's and the tail average's B and A accuracy and ELBO gain per example over the
+    pass (the same seeded draws and evaluator); then, per head and seed holding both, transfer -
+    scratch in B accuracy at the pass (the grid's draws, the seeded ones) and at the last point,
+    with the mean over seeds."""
+    rows = ["| head | unit | pass epochs | B at pass: grid's, seeded | B last | B average | A at pass | A last | ELBO gain / example, last, average |",
             "|---|---|---|---|---|---|---|---|---|"]
     by_pair: dict[tuple[str, int], dict[str, dict]] = {}
     for record in records:
@@ -168,21 +169,21 @@ def continued_table(records: list[dict]) -> str:
             end, seeded, n = unit["points"][-1], unit["pass"]["seeded"], unit["num_train"]
             gains = [(end[f"{w}_elbo"] - seeded["pass_elbo"]) / n for w in ("last", "avg")]
             rows.append(f"| {head} | {unit['key']} | {unit['pass']['epochs']}{'' if unit['pass']['converged'] else ' (not converged)'} | "
-                        f"{unit['pass']['b_test']:.4f} | {end['last_b_test']:.4f} | {end['avg_b_test']:.4f} | {unit['pass']['a_test_after']:.3f} | "
+                        f"{unit['pass']['b_test']:.4f}, {seeded['pass_b_test']:.4f} | {end['last_b_test']:.4f} | {end['avg_b_test']:.4f} | {unit['pass']['a_test_after']:.3f} | "
                         f"{end['last_a_test']:.3f} | {gains[0]:+.4f}, {gains[1]:+.4f} (+{end['epoch']} epochs) |")
             by_pair.setdefault((head, unit["seed"]), {})[unit["method"]] = unit
-    rows += ["", "| head | seed | transfer - scratch in B: at pass | last | average |", "|---|---|---|---|---|"]
+    rows += ["", "| head | seed | transfer - scratch in B: at pass, grid's draws | seeded | last | average |", "|---|---|---|---|---|---|"]
     means: dict[str, list[list[float]]] = {}
     for (head, seed), units in sorted(by_pair.items()):
         if not {"transfer", "scratch"} <= set(units):
             continue
         t, s = units["transfer"], units["scratch"]
-        diffs = [t["pass"]["b_test"] - s["pass"]["b_test"]] + [t["points"][-1][f"{w}_b_test"] - s["points"][-1][f"{w}_b_test"] for w in ("last", "avg")]
+        diffs = [t["pass"]["b_test"] - s["pass"]["b_test"], t["pass"]["seeded"]["pass_b_test"] - s["pass"]["seeded"]["pass_b_test"]] + [t["points"][-1][f"{w}_b_test"] - s["points"][-1][f"{w}_b_test"] for w in ("last", "avg")]
         means.setdefault(head, []).append(diffs)
-        rows.append(f"| {head} | {seed} | {diffs[0]:+.4f} | {diffs[1]:+.4f} | {diffs[2]:+.4f} |")
+        rows.append(f"| {head} | {seed} | " + " | ".join(f"{d:+.4f}" for d in diffs) + " |")
     for head, diffs in means.items():
         mean = [sum(column) / len(column) for column in zip(*diffs)]
-        rows.append(f"| {head} | mean of {len(diffs)} | {mean[0]:+.4f} | {mean[1]:+.4f} | {mean[2]:+.4f} |")
+        rows.append(f"| {head} | mean of {len(diffs)} | " + " | ".join(f"{m:+.4f}" for m in mean) + " |")
     return "\n".join(rows)
 
 
