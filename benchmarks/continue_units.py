@@ -54,6 +54,7 @@ from converge import Evaluator  # noqa: E402
 from pyro_bbt.config import B_ONLY_FIELDS, GRID_FIELDS, LATER_FIELDS, RAISABLE_FIELDS, RUN_FIELDS, ExperimentConfig  # noqa: E402
 from pyro_bbt.files import atomic_write_text  # noqa: E402
 from pyro_bbt.plan import UnitSpec, build_plan  # noqa: E402
+from pyro_bbt.report import mean_t_interval  # noqa: E402
 from pyro_bbt.runstore import ReadOnlyStore, disallowed_differences  # noqa: E402
 from pyro_bbt.transfer import UsageError, build_parser, config_from_args  # noqa: E402
 from pyro_bbt.units import bayesian_metrics, fit_bayesian_b, fit_task_a, load_task_pair, stage_from_saved, use_head  # noqa: E402
@@ -157,7 +158,7 @@ def continued_table(records: list[dict]) -> str:
     the last iterate's and the tail average's B and A accuracy and ELBO gain per example over the
     pass (the same seeded draws and evaluator); then, per head and seed holding both, transfer -
     scratch in B accuracy at the pass (the grid's draws, the seeded ones) and at the last point,
-    with the mean over seeds."""
+    with the mean and its 95 % t interval over seeds (:func:`pyro_bbt.report.mean_t_interval`)."""
     rows = ["| head | unit | pass epochs | B at pass: grid's, seeded | B last | B average | A at pass | A last | ELBO gain / example, last, average |",
             "|---|---|---|---|---|---|---|---|---|"]
     by_pair: dict[tuple[str, int], dict[str, dict]] = {}
@@ -182,8 +183,7 @@ def continued_table(records: list[dict]) -> str:
         means.setdefault(head, []).append(diffs)
         rows.append(f"| {head} | {seed} | " + " | ".join(f"{d:+.4f}" for d in diffs) + " |")
     for head, diffs in means.items():
-        mean = [sum(column) / len(column) for column in zip(*diffs)]
-        rows.append(f"| {head} | mean of {len(diffs)} | " + " | ".join(f"{m:+.4f}" for m in mean) + " |")
+        rows.append(f"| {head} | mean [95 % t interval] of {len(diffs)} | " + " | ".join(mean_t_interval(list(column), 4) for column in zip(*diffs)) + " |")
     return "\n".join(rows)
 
 

@@ -29,7 +29,7 @@ from .fit_report import census_lines, convergence_lines, cost_lines, optima_line
 from .merging import merge_seeds, merge_timing, merge_transfer_runs, select_fractions
 from .split_report import merge_split_runs, regimes_table, split_comparison_table, split_sequence_table
 
-__all__ = ["transfer_tables", "paired_lines", "spearman", "forgetting_uncertainty_lines", "prior_scale_lines", "build_parser", "main"]
+__all__ = ["transfer_tables", "paired_lines", "mean_t_interval", "spearman", "forgetting_uncertainty_lines", "prior_scale_lines", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -69,23 +69,28 @@ def transfer_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# two-sided 95 % t quantiles by degrees of freedom (1..9); a normal 1.96 beyond
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_t_interval(values: list[float], digits: int = 3) -> str:
+    """``mean [low, high]``: the mean of ``values`` and its two-sided 95 % t interval,
+    ``mean -+ t_(n-1) s / sqrt(n)`` (one value: itself; none: a dash)."""
+    from statistics import mean, stdev
+
+    if len(values) < 2:
+        return f"{values[0]:+.{digits}f}" if values else "—"
+    half = T95.get(len(values) - 1, 1.96) * stdev(values) / len(values) ** 0.5
+    return f"{mean(values):+.{digits}f} [{mean(values) - half:+.{digits}f}, {mean(values) + half:+.{digits}f}]"
+
+
 def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer", "scratch"), ("transfer", "ewc"), ("transfer", "finetune"))) -> str:
     """Per-seed paired differences of B's test accuracy and of A's accuracy after B between two
     methods at each fraction (same seed, same data): mean, and a 95 % t interval over seeds."""
-    from statistics import mean, stdev
-
-    # two-sided 95 % t quantiles by degrees of freedom (1..9); a normal 1.96 beyond
-    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
     ok = {(u["method"], u["fraction"], u["seed"]): u for u in results["units"] if u["status"] == "ok"}
     fractions = sorted({f for _, f, _ in ok})
     lines = ["**Paired differences over seeds** (mean [95 % t interval], n seeds)", "",
              "| difference | fraction | B test accuracy | A accuracy after B | n |", "|---|---|---|---|---|"]
-
-    def cell(values: list[float]) -> str:
-        if len(values) < 2:
-            return f"{values[0]:+.3f}" if values else "—"
-        half = t95.get(len(values) - 1, 1.96) * stdev(values) / len(values) ** 0.5
-        return f"{mean(values):+.3f} [{mean(values) - half:+.3f}, {mean(values) + half:+.3f}]"
 
     for first, second in pairs:
         for fraction in fractions:
@@ -94,7 +99,7 @@ def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer
                 continue
             b = [ok[(first, fraction, s)]["b_test"]["accuracy"] - ok[(second, fraction, s)]["b_test"]["accuracy"] for s in seeds]
             a = [ok[(first, fraction, s)]["a_test_after"]["accuracy"] - ok[(second, fraction, s)]["a_test_after"]["accuracy"] for s in seeds]
-            lines.append(f"| {first} − {second} | {fraction:g} | {cell(b)} | {cell(a)} | {len(seeds)} |")
+            lines.append(f"| {first} − {second} | {fraction:g} | {mean_t_interval(b)} | {mean_t_interval(a)} | {len(seeds)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,7 @@ def test_the_refit_reproduces_the_grids_units_and_is_continued(tmp_path, grid_ru
     at_pass = transfer["pass"]["b_test"] - scratch["pass"]["b_test"]
     seeded = transfer["pass"]["seeded"]["pass_b_test"] - scratch["pass"]["seeded"]["pass_b_test"]
     last = transfer["points"][-1]["last_b_test"] - scratch["points"][-1]["last_b_test"]
-    assert f"| shared | 0 | {at_pass:+.4f} | {seeded:+.4f} | {last:+.4f} |" in table and "| shared | mean of 1 |" in table
+    assert f"| shared | 0 | {at_pass:+.4f} | {seeded:+.4f} | {last:+.4f} |" in table and f"| shared | mean [95 % t interval] of 1 | {at_pass:+.4f} |" in table
     assert f"| shared | scratch-f0.1-s0 | 6 (not converged) | {scratch['pass']['b_test']:.4f}, " in table
     assert continue_units.main(["--table", str(tmp_path / "missing.json")]) == 2
     assert "--table takes this bench's JSON files" in capsys.readouterr().err
