@@ -153,7 +153,7 @@ def continue_unit(config: ExperimentConfig, spec: UnitSpec, stages_from: Path | 
 
 
 def continued_table(records: list[dict]) -> str:
-    """Markdown: per unit of ``records`` (this bench's files), its pass (epochs; B's and A's test
+    """Markdown: per unit of ``records`` (this bench's files; by head, method, seed), its pass (epochs; B's and A's test
     accuracy as the grid draws them, and B's with the points' seeded draws) and, at the last point,
     the last iterate's and the tail average's B and A accuracy and ELBO gain per example over the
     pass (the same seeded draws and evaluator); then, per head and seed holding both, transfer -
@@ -162,6 +162,7 @@ def continued_table(records: list[dict]) -> str:
     rows = ["| head | unit | pass epochs | B at pass: grid's, seeded | B last | B average | A at pass | A last | ELBO gain / example, last, average |",
             "|---|---|---|---|---|---|---|---|---|"]
     by_pair: dict[tuple[str, int], dict[str, dict]] = {}
+    unit_rows: list[tuple[tuple, str]] = []
     for record in records:
         head = record["args"]["head"]
         for unit in record["units"]:
@@ -169,10 +170,11 @@ def continued_table(records: list[dict]) -> str:
                 continue
             end, seeded, n = unit["points"][-1], unit["pass"]["seeded"], unit["num_train"]
             gains = [(end[f"{w}_elbo"] - seeded["pass_elbo"]) / n for w in ("last", "avg")]
-            rows.append(f"| {head} | {unit['key']} | {unit['pass']['epochs']}{'' if unit['pass']['converged'] else ' (not converged)'} | "
+            unit_rows.append(((head, unit["method"], unit["seed"]), f"| {head} | {unit['key']} | {unit['pass']['epochs']}{'' if unit['pass']['converged'] else ' (not converged)'} | "
                         f"{unit['pass']['b_test']:.4f}, {seeded['pass_b_test']:.4f} | {end['last_b_test']:.4f} | {end['avg_b_test']:.4f} | {unit['pass']['a_test_after']:.3f} | "
-                        f"{end['last_a_test']:.3f} | {gains[0]:+.4f}, {gains[1]:+.4f} (+{end['epoch']} epochs) |")
+                        f"{end['last_a_test']:.3f} | {gains[0]:+.4f}, {gains[1]:+.4f} (+{end['epoch']} epochs) |"))
             by_pair.setdefault((head, unit["seed"]), {})[unit["method"]] = unit
+    rows += [row for _, row in sorted(unit_rows)]
     rows += ["", "| head | seed | transfer - scratch in B: at pass, grid's draws | seeded | last | average |", "|---|---|---|---|---|---|"]
     means: dict[str, list[list[float]]] = {}
     for (head, seed), units in sorted(by_pair.items()):
