@@ -226,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     specs = [spec for spec in build_plan(config).units if spec.method in BAYESIAN_B]
     if not specs:
         parser.error(f"--methods {','.join(config.methods)}: none of {', '.join(BAYESIAN_B)}, the Bayesian fits on B this bench continues")
+    if args.stages_from is not None:  # a stage of another configuration is refused before any fit
+        for key in sorted({spec.needs for spec in specs if spec.needs is not None}):
+            try:
+                stored_stage(args.stages_from, config, key)
+            except ValueError as error:
+                parser.error(f"--stages-from {args.stages_from}: {error}")
     record = {"args": {"factor": args.factor, "epochs": args.epochs, "eval_draws": args.eval_draws, "grid_flags": cli,
                        "stages_from": str(args.stages_from) if args.stages_from else None, "head": config.head, "prior_scale": config.prior_scale},
               "units": []}

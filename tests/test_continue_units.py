@@ -82,8 +82,13 @@ def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, argv, message
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
 
 
-def test_a_stage_of_another_configuration_is_refused(tmp_path, grid_run):
+def test_a_stage_of_another_configuration_is_refused(tmp_path, grid_run, capsys):
     config = continue_units.config_from_args(continue_units.build_parser().parse_args([*GRID, "--prior-scale", "0.3"]))
     with pytest.raises(ValueError, match=r"made by another configuration \(.*prior_scale"):
         continue_units.stored_stage(grid_run, config, "A-bayesian-s0")
     assert continue_units.stored_stage(tmp_path, config, "A-bayesian-s0") is None
+    out = tmp_path / "continued.json"
+    with pytest.raises(SystemExit) as exit_info:  # the CLI says so in one line, before any fit, and writes nothing
+        continue_units.main(["--stages-from", str(grid_run), "--out", str(out), "--", *GRID, "--prior-scale", "0.3", "--methods", "transfer"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and f"--stages-from {grid_run}:" in err[-1] and "prior_scale" in err[-1] and not out.exists()
