@@ -86,11 +86,10 @@ def stored_stage(source: Path, config: ExperimentConfig, key: str) -> dict | Non
     return payload["data"]
 
 
-def published_accuracy(paths: list[Path], spec: UnitSpec, head: str) -> float | None:
-    """B's test accuracy of the unit ``spec`` in the first of the ``results.json`` files at
-    ``paths`` whose run has ``head`` and holds it; ``None`` where none does."""
-    for path in paths:
-        results = json.loads(path.read_text())
+def published_accuracy(published: list[dict], spec: UnitSpec, head: str) -> float | None:
+    """B's test accuracy of the unit ``spec`` in the first of the ``published`` results (each a
+    ``results.json``, read) whose run has ``head`` and holds it; ``None`` where none does."""
+    for results in published:
         if results.get("config", {}).get("head") != head:
             continue
         for unit in results.get("units", []):
@@ -214,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in [*args.published, *([args.stages_from] if args.stages_from else [])]:
         if not path.exists():
             parser.error(f"{path} does not exist")
+    published = []
+    for path in args.published:  # read before any fit: a file that is not a run's results.json is refused up front
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            parser.error(f"--published {path}: not a results.json ({error})")
+        if not isinstance(results, dict) or not isinstance(results.get("units"), list):
+            parser.error(f"--published {path}: not a results.json (no list of units)")
+        published.append(results)
     try:
         transfer_args = build_parser().parse_args(cli)
         if transfer_args.sequence:
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 write()
 
             continue_unit(config, spec, args.stages_from, args.factor, args.epochs, args.eval_draws, keep)
-            unit["published_b_test"] = published_accuracy(args.published, spec, config.head)
+            unit["published_b_test"] = published_accuracy(published, spec, config.head)
             write()
     finally:
         torch.set_num_threads(threads)

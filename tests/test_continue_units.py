@@ -74,9 +74,12 @@ def test_q_a_is_fitted_where_no_stage_is_given_and_matches_the_stored_one(tmp_pa
     (["--", *GRID, "--methods", "scratch", "--sequence", "split"], "the grid's flags: --sequence split: only the A -> B grid's units"),
     (["--factor", "0"], "--factor must be > 0, got 0.0"),
     ([], "give the grid's flags after --"),
+    (["--published", "notes.txt", "--", *GRID, "--methods", "scratch"], "not a results.json (Expecting value"),
 ])
 def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, argv, message):
     out = tmp_path / "continued.json"
+    (tmp_path / "notes.txt").write_text("not json")
+    argv = [str(tmp_path / a) if a == "notes.txt" else a for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         continue_units.main(["--out", str(out), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not out.exists()
