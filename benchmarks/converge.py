@@ -172,6 +172,7 @@ from pyro_bbt.guides import AutoMeanFieldNormal, posterior_loc_scale, start_from
 from pyro_bbt.inference import CONTINUATION_SEED_OFFSET
 from pyro_bbt.model import BayesianMLP
 from pyro_bbt.objectives import closed_form_kl
+from pyro_bbt.convergence import StoppingRule
 from pyro_bbt.verdict import VerdictConfig, continuation_verdict, judge_by
 
 __all__ = [
@@ -257,7 +258,9 @@ PROBLEMS: dict[str, Problem] = {
 @dataclass(frozen=True)
 class IVONSettings:
     """IVON's hyperparameters (module docstring): step ``lr``, momenta ``beta1`` (gradient) and
-    ``beta2`` (Hessian), ``mc_samples`` weight samples per step, minibatches of ``batch_size``.
+    ``beta2`` (Hessian), ``mc_samples`` weight samples per step, minibatches of ``batch_size``;
+    ``lr_drops`` times (0: a constant rate) the rate is multiplied by ``lr_factor`` where the
+    recipe's own stopping rule says its ELBO has stopped rising (:func:`ivon_annealer`).
     ``ess``, ``weight_decay`` and ``hess_init`` are not settings: they follow from the prior, the
     data size and the starting width (:func:`ivon_optimizer`)."""
 
@@ -266,10 +269,16 @@ class IVONSettings:
     beta2: float = 0.99999
     mc_samples: int = 1
     batch_size: int = BATCH_SIZE
+    lr_drops: int = 0
+    lr_factor: float = 0.3
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"IVON's lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.lr_drops, bool) or not isinstance(self.lr_drops, int) or self.lr_drops < 0:
+            raise ValueError(f"IVON's lr drops must be an integer >= 0, got {self.lr_drops!r}")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"IVON's lr factor must lie in (0, 1), got {self.lr_factor!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"IVON's {name} must lie in [0, 1), got {getattr(self, name)!r}")
@@ -575,7 +584,7 @@ def run_recipe_averaged(data: ProblemData, config: ConvergeConfig, seed: int) ->
 
 
 def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[int], dict], config: ConvergeConfig, start: float,
-               continuer: "OwnStepContinuation | None" = None) -> Finished:
+               continuer: "OwnStepContinuation | None" = None, anneal: Callable[[], None] | None = None) -> Finished:
     """Epochs of ``train_epoch`` (returns the epoch's training ELBO estimate and the steps so far)
     from the clock's ``start``, ``judge(epoch)`` after every ``config.judge_every``-th epoch and
     after the last: stop at the first pass, or after the epoch that reaches ``config.time_cap``
@@ -590,7 +599,9 @@ def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[in
     after its last epoch (the verdict's record; its cost counts in ``judge_seconds``). A
     continuation that gained starts the next one at once, confirming the same pass; a cap inside a
     continuation ends the row ``converged: false``, as in ``train``. Before each of a
-    continuation's epochs ``continuer.before_epoch(done, running)`` sets the row's rate for it."""
+    continuation's epochs ``continuer.before_epoch(done, running)`` sets the row's rate for it.
+    ``anneal()``, where given, runs after every epoch outside a continuation (a row's own rate
+    schedule, :func:`ivon_annealer`); a continuation sets its own rates."""
     trace: list[TracePoint] = []
     verdict, judgements, judge_seconds, stopped_by = None, 0, 0.0, "epoch cap"
     epoch = steps = 0
@@ -626,18 +637,21 @@ def run_judged(train_epoch: Callable[[], tuple[float, int]], judge: Callable[[in
                 stopped_by = WHOLE_PASS
                 break
             running = continuer.start(epoch)  # it gained: the next continuation starts here and confirms the same pass
-        elif epoch % config.judge_every == 0 or over_time or at_cap:
-            judged_at = time.perf_counter()
-            verdict = judge(epoch)
-            judge_seconds += time.perf_counter() - judged_at
-            judgements += 1 + ("confirmation" in verdict)
-            if verdict["converged"]:
-                if continuer is None:
-                    stopped_by = JUDGED_PASS
-                    break
-                pass_record, running = verdict, continuer.start(epoch)
-                if over_time or at_cap:
-                    verdict = _unfinished(pass_record, running, epoch, f"the row reached its {cap}")
+        else:
+            if anneal is not None:
+                anneal()
+            if epoch % config.judge_every == 0 or over_time or at_cap:
+                judged_at = time.perf_counter()
+                verdict = judge(epoch)
+                judge_seconds += time.perf_counter() - judged_at
+                judgements += 1 + ("confirmation" in verdict)
+                if verdict["converged"]:
+                    if continuer is None:
+                        stopped_by = JUDGED_PASS
+                        break
+                    pass_record, running = verdict, continuer.start(epoch)
+                    if over_time or at_cap:
+                        verdict = _unfinished(pass_record, running, epoch, f"the row reached its {cap}")
         if over_time or at_cap:
             stopped_by = cap
             break
@@ -721,7 +735,7 @@ def _judge_with(model: BayesianMLP, guide: AutoNormal, split: Split, verdict: Ve
 
 
 def judge_row(train_epoch: Callable[[], tuple[float, int]], model: BayesianMLP, guide: AutoNormal, data: ProblemData, config: ConvergeConfig,
-              start: float, set_rate: Callable[[float], None]) -> Finished:
+              start: float, set_rate: Callable[[float], None], anneal: Callable[[], None] | None = None) -> Finished:
     """:func:`run_judged` for a row whose posterior ``guide`` mirrors after every epoch, judged by
     the recipe's verdict (:func:`verdict_config`): the line search alone (``config.judge``
     ``"line-search"``) or with its continuation of the row's own step (``"whole"``), at
@@ -731,7 +745,7 @@ def judge_row(train_epoch: Callable[[], tuple[float, int]], model: BayesianMLP, 
     rates = config.peer_rates or verdict.continuation_rates
     continuer = (OwnStepContinuation(model, guide, data.train, verdict, set_rate, tuple(rates))
                  if config.judge == "whole" and verdict.continuation_epochs > 0 else None)
-    return run_judged(train_epoch, _judge_with(model, guide, data.train, verdict), config, start, continuer)
+    return run_judged(train_epoch, _judge_with(model, guide, data.train, verdict), config, start, continuer, anneal)
 
 
 # ----------------------------------------------------------------------------- IVON
@@ -805,16 +819,49 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
     order = torch.Generator().manual_seed(seed)
     steps = 0
 
+    set_rate = rate_setter(lambda: optimizer.param_groups, config.ivon.lr)
+    epochs: list[dict] = []  # the annealer's record of the epochs outside continuations
+
     def train_epoch() -> tuple[float, int]:
         nonlocal steps
         mean_loss, epoch_steps = ivon_epoch(net, optimizer, data.train, config.ivon, order)
         steps += epoch_steps
         posterior = ivon_posterior(optimizer, net)
         start_from_posterior(guide, posterior)
-        return -data.num_data * mean_loss - float(closed_form_kl(model, posterior)), steps
+        elbo = -data.num_data * mean_loss - float(closed_form_kl(model, posterior))
+        epochs.append({"elbo": elbo, "median_scale": {name: float(scale.median()) for name, (_, scale) in posterior.items() if name.endswith("weight")}})
+        return elbo, steps
 
-    finished = judge_row(train_epoch, model, guide, data, config, start, rate_setter(lambda: optimizer.param_groups, config.ivon.lr))
-    return bayesian_record(data, config, model, guide, finished, seed)
+    anneal = ivon_annealer(experiment.stopping_rule, config.ivon, epochs, set_rate) if config.ivon.lr_drops else None
+    finished = judge_row(train_epoch, model, guide, data, config, start, set_rate, anneal)
+    record = bayesian_record(data, config, model, guide, finished, seed)
+    if anneal is not None:
+        record["lr_drops_after"] = [k + 1 for k, e in enumerate(epochs) if e.get("dropped")]  # the epochs after which the rate dropped
+    return record
+
+
+def ivon_annealer(rule: StoppingRule, settings: IVONSettings, epochs: list[dict], set_rate: Callable[[float], None]) -> Callable[[], None]:
+    """``anneal()``, run after each epoch outside a continuation: IVON's rate is multiplied by
+    ``settings.lr_factor`` where the recipe's stopping rule (``rule``: its window, ELBO test and
+    width test; :meth:`~pyro_bbt.convergence.StoppingRule.decide`) would drop the recipe's rates,
+    ``settings.lr_drops`` times at most; after that the rate stays and the verdict alone decides.
+    ``epochs``: the records ``train_epoch`` appends (``elbo``, ``median_scale``); each gets the
+    rate it ran at (``lr_scale``), so the rule judges the epochs since the last drop, and
+    ``dropped: True`` where the rate dropped after it. The
+    recipe anneals the same way; IVON's paper anneals over a fixed budget, which a fit to a
+    verdict does not have."""
+    rule = replace(rule, lr_drops=settings.lr_drops, lr_factor=settings.lr_factor)
+    scale = 1.0
+
+    def anneal() -> None:
+        nonlocal scale
+        epochs[-1]["lr_scale"] = scale
+        if rule.decide(epochs) == "drop":
+            scale *= settings.lr_factor
+            set_rate(scale)
+            epochs[-1]["dropped"] = True
+
+    return anneal
 
 
 # ------------------------------------------------------------------------- bayesian-torch
@@ -1260,6 +1307,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ivon-beta2", type=float, default=defaults.beta2, help=f"IVON's Hessian momentum (default {defaults.beta2:g})")
     parser.add_argument("--ivon-mc-samples", type=positive_int, default=defaults.mc_samples,
                         help=f"IVON's weight samples per step (default {defaults.mc_samples})")
+    parser.add_argument("--ivon-lr-drops", type=int, default=defaults.lr_drops,
+                        help="times IVON's rate drops by --ivon-lr-factor where the recipe's stopping rule would drop the recipe's "
+                             f"(default {defaults.lr_drops}: a constant rate)")
+    parser.add_argument("--ivon-lr-factor", type=float, default=defaults.lr_factor, help=f"IVON's rate drop (default {defaults.lr_factor:g})")
     parser.add_argument("--ivon-batch-size", type=positive_int, default=defaults.batch_size,
                         help=f"IVON's minibatch size (default {defaults.batch_size})")
     parser.add_argument("--continue", dest="continuation", type=_continuation, default=(),
@@ -1281,7 +1332,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ConvergeConfig:
     base = PROBLEMS[args.problem]
     problem = replace(base, limit_train=args.limit_train or base.limit_train, hidden=args.hidden or base.hidden)
-    ivon_settings = IVONSettings(args.ivon_lr, args.ivon_beta1, args.ivon_beta2, args.ivon_mc_samples, args.ivon_batch_size)
+    ivon_settings = IVONSettings(args.ivon_lr, args.ivon_beta1, args.ivon_beta2, args.ivon_mc_samples, args.ivon_batch_size, args.ivon_lr_drops,
+                                 args.ivon_lr_factor)
     return ConvergeConfig(problem, args.max_epochs, args.time_cap, args.judge_every, args.eval_draws, args.eval_seed, ivon_settings, args.continuation,
                           args.experiment, args.preset, args.judge, args.peer_rates)
 

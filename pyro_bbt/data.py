@@ -11,7 +11,7 @@ unless a ``data_dir`` is given together with ``download=True``.
 
 Pipeline of :func:`load_task`
 -----------------------------
-1. Read the raw MNIST tensors (uint8 images, int64 labels) through torchvision.
+1. Read the raw MNIST tensors (uint8 images, int64 labels) from the IDX files.
 2. Keep the images whose label is in ``task.digits`` and remap labels:
    ``task.digits[k] -> k``.
 3. Carve a validation split out of MNIST's *training* images, stratified per digit
@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -265,19 +266,35 @@ def mnist_root(data_dir: str | Path | None = None, download: bool = False) -> Pa
     return root
 
 
+IDX_TYPES = {0x08: np.uint8}  # the IDX element types MNIST uses (0x08: unsigned byte)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array in an IDX file (LeCun's format, the one MNIST ships in): two zero bytes, a
+    type byte (``0x08``: uint8), a byte ``d`` for the number of dimensions, ``d`` big-endian
+    uint32 sizes, then the elements in row-major order. ``ValueError`` naming the file for
+    anything else (a wrong header, another type, a size that does not match the file's length)."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_TYPES or data[3] == 0:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {data[:4].hex()!r}; expected 0000 08 <dims>)")
+    dims = data[3]
+    header = 4 + 4 * dims
+    shape = tuple(int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(dims))
+    if len(data) != header + math.prod(shape):
+        raise ValueError(f"{path}: the IDX header says shape {shape} ({math.prod(shape)} bytes), the file holds {len(data) - header}")
+    return np.frombuffer(data, dtype=IDX_TYPES[data[2]], offset=header).reshape(shape)
+
+
 @functools.lru_cache(maxsize=4)
 def _read_mnist(root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Raw MNIST tensors read through torchvision (cached; never modify in place)."""
-    from torchvision.datasets import MNIST
-
-    train = MNIST(root, train=True, download=False)
-    test = MNIST(root, train=False, download=False)
-    return (
-        train.data.to(torch.uint8),
-        train.targets.to(torch.int64),
-        test.data.to(torch.uint8),
-        test.targets.to(torch.int64),
-    )
+    """Raw MNIST tensors read from the IDX files under ``root`` (cached; never modify in place).
+    Read directly (:func:`read_idx`), not through ``torchvision.datasets.MNIST``, whose import
+    alone takes about 2 s (it imports ``torch._dynamo``); the tensors are the same
+    (``tests/test_data.py``)."""
+    raw = _raw_dir(Path(root))
+    images = {split: torch.from_numpy(read_idx(raw / f"{prefix}-images-idx3-ubyte").copy()) for split, prefix in (("train", "train"), ("test", "t10k"))}
+    labels = {split: torch.from_numpy(read_idx(raw / f"{prefix}-labels-idx1-ubyte").astype(np.int64)) for split, prefix in (("train", "train"), ("test", "t10k"))}
+    return images["train"], labels["train"], images["test"], labels["test"]
 
 
 def _resolved_root(data_dir: str | Path | None, download: bool) -> str:

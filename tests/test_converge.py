@@ -334,6 +334,34 @@ def test_rate_setter_sets_the_rate_of_every_group_a_row_steps_with():
     assert adam.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
+def test_ivon_annealer_drops_the_rate_where_the_recipes_rule_would_and_at_most_lr_drops_times():
+    """``--ivon-lr-drops``: after each epoch outside a continuation the recipe's stopping rule
+    (here its "means" test over windows of 2) decides on the epochs since the last drop; a plateau
+    drops IVON's rate by the factor, twice at most, a rising ELBO never."""
+    rule = converge.StoppingRule(max_epochs=100, min_epochs=1, window=2, lr_drops=3, lr_factor=0.1, elbo_test="means")
+    settings = converge.IVONSettings(lr_drops=2, lr_factor=0.5)
+    rates: list[float] = []
+    epochs: list[dict] = []
+    anneal = converge.ivon_annealer(rule, settings, epochs, rates.append)
+    for k in range(20):
+        epochs.append({"elbo": -100.0 + 0.01 * (k % 2), "median_scale": {"layers.0.weight": 0.1}})  # flat but for a jitter
+        anneal()
+    assert rates == [0.5, 0.25]  # four epochs a phase (two windows), then the drops are spent
+    assert [e["lr_scale"] for e in epochs[:9]] == [1.0] * 4 + [0.5] * 4 + [0.25]
+    assert [k + 1 for k, e in enumerate(epochs) if e.get("dropped")] == [4, 8]
+    rising: list[dict] = []
+    anneal = converge.ivon_annealer(rule, settings, rising, rates.append)
+    for k in range(20):
+        rising.append({"elbo": -100.0 + 5.0 * k + 0.01 * (k % 2), "median_scale": {"layers.0.weight": 0.1}})
+        anneal()
+    assert rates == [0.5, 0.25] and {e["lr_scale"] for e in rising} == {1.0}
+    # a continuation sets its own rates: run_judged anneals only outside one
+    calls: list[int] = []
+    config = converge.ConvergeConfig(converge.PROBLEMS["small"], max_epochs=6, judge_every=100)
+    converge.run_judged(lambda: (0.0, 1), lambda epoch: {"converged": False}, config, time.perf_counter(), anneal=lambda: calls.append(1))
+    assert len(calls) == 6
+
+
 def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
     args = converge.build_parser().parse_args(["--problem", "small", "--experiment", "window=10,verdict_tol=0.003,max_epochs_b=none"])
     config = converge.config_from_args(args)
@@ -370,6 +398,8 @@ def test_the_recipe_is_the_presets_q_a_recipe():
      (["--problem", "task-b"], "invalid choice: 'task-b' (choose from"),
      (["--hidden", "8,x"], "expected comma-separated positive widths"),
      (["--ivon-beta2", "1.5"], "IVON's beta2 must lie in [0, 1)"),
+     (["--ivon-lr-drops", "-1"], "IVON's lr drops must be an integer >= 0, got -1"),
+     (["--ivon-lr-factor", "1"], "IVON's lr factor must lie in (0, 1), got 1.0"),
      (["--continue", "300"], "continuation stage '300' is not EPOCHS@LR"),
      (["--peer-rates", "0.3,0"], "expected comma-separated factors > 0, e.g. 0.3,0.1, got '0.3,0'"),
      (["--continue", "0@1e-3"], "continuation stage '0@1e-3' needs EPOCHS >= 1 and LR > 0"),

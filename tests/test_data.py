@@ -161,6 +161,33 @@ def test_load_mnist_shapes_and_copies():
     assert load_mnist()[0].any()
 
 
+def test_the_idx_reader_gives_torchvisions_tensors():
+    """MNIST is read from its IDX files directly (torchvision's import costs about 2 s a
+    process); the four tensors equal what ``torchvision.datasets.MNIST`` reads from the same files."""
+    torchvision_datasets = pytest.importorskip("torchvision.datasets")
+    root = str(mnist_root())
+    train, test = torchvision_datasets.MNIST(root, train=True), torchvision_datasets.MNIST(root, train=False)
+    expected = (train.data, train.targets, test.data, test.targets)
+    for ours, theirs in zip(load_mnist(), expected):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + bytes(12), "not an IDX file of unsigned bytes"),  # float32 elements
+    (b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + bytes(3), "not an IDX file of unsigned bytes"),
+    (b"\x00\x00\x08\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(5), r"says shape \(2, 3\) \(6 bytes\), the file holds 5"),
+])
+def test_the_idx_reader_names_a_file_it_cannot_read(tmp_path, content, needle):
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=needle) as error:
+        D.read_idx(path)
+    assert str(path) in str(error.value)
+    good = tmp_path / "good-idx1-ubyte"
+    good.write_bytes(b"\x00\x00\x08\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(range(6)))
+    assert D.read_idx(good).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
 # ------------------------------------------------------------------------- splits
 
 
