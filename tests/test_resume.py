@@ -30,12 +30,22 @@ TINY = [
 _cli = transfer_cli
 
 
+def _run_here(argv: list[str]) -> None:
+    """``python -m pyro_bbt.transfer ARGV`` in this process, on one torch thread as the
+    subprocesses run (``transfer_cli``): a process start saved, and the runs that the tests
+    start in subprocesses must give its bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "whole"
-    process = _cli(*TINY, "--out", str(out))
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
+    _run_here([*TINY, "--out", str(out)])
     return out
 
 
@@ -200,9 +210,7 @@ SPLIT_TINY = [
 @pytest.fixture(scope="module")
 def split_uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "split"
-    process = _cli(*SPLIT_TINY, "--out", str(out))
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
+    _run_here([*SPLIT_TINY, "--out", str(out)])
     return out
 
 

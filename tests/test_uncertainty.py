@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -314,7 +315,14 @@ def test_a_study_killed_mid_run_resumes_to_the_same_rows(tmp_path):
     script = tmp_path / "study.py"
     script.write_text(RESUMABLE)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([sys.executable, str(script), str(whole)], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with pytest.MonkeyPatch.context() as patch:  # the uninterrupted run in this process (one thread, as the subprocesses): a process start saved
+        patch.setattr(sys, "argv", [str(script), str(whole)])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            runpy.run_path(str(script))
+        finally:
+            torch.set_num_threads(threads)
     process = subprocess.Popen([sys.executable, str(script), str(killed)], env={**os.environ, "OMP_NUM_THREADS": "1"})
     kill_when(process, lambda: any((killed / "units").glob("*.json")))
     kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
