@@ -62,8 +62,9 @@ The rows (``--rows``)
   defaults and the paper's image-classification runs), one Monte Carlo sample per step (the
   package's "standard setting"), ``lr`` 0.1 (the package README's example; its rescaled step
   ``lr (hess_init + weight_decay) (g + weight_decay m) / (hess + weight_decay)`` starts as SGD with
-  momentum at ``lr``), constant (the paper anneals it over a fixed budget, which a fit to a
-  verdict does not have), minibatches of 128. Note: a weight whose input is 0 in every image has
+  momentum at ``lr``), constant by default (the paper anneals it over a fixed budget, which a fit
+  to a verdict does not have; ``--ivon-lr-drops N`` drops it by ``--ivon-lr-factor`` where the
+  recipe's stopping rule would drop the recipe's rates, :func:`ivon_annealer`), minibatches of 128. Note: a weight whose input is 0 in every image has
   no likelihood curvature, so its ``hess`` only decays as ``beta2^t``: its ``s`` reaches the
   prior's (the verdict's blank-pixel check) after about ``ln(N hess_init / 0.235) / (1 - beta2)``
   steps, 10^6 at ``beta2 = 0.99999`` (the paper's code ran its small UCI problems at 0.999,
@@ -829,7 +830,8 @@ def run_ivon(data: ProblemData, config: ConvergeConfig, seed: int) -> dict:
         posterior = ivon_posterior(optimizer, net)
         start_from_posterior(guide, posterior)
         elbo = -data.num_data * mean_loss - float(closed_form_kl(model, posterior))
-        epochs.append({"elbo": elbo, "median_scale": {name: float(scale.median()) for name, (_, scale) in posterior.items() if name.endswith("weight")}})
+        if config.ivon.lr_drops:  # what the annealer's rule reads
+            epochs.append({"elbo": elbo, "median_scale": {name: float(scale.median()) for name, (_, scale) in posterior.items() if name.endswith("weight")}})
         return elbo, steps
 
     anneal = ivon_annealer(experiment.stopping_rule, config.ivon, epochs, set_rate) if config.ivon.lr_drops else None

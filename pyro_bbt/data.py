@@ -292,9 +292,12 @@ def _read_mnist(root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     alone takes about 2 s (it imports ``torch._dynamo``); the tensors are the same
     (``tests/test_data.py``)."""
     raw = _raw_dir(Path(root))
-    images = {split: torch.from_numpy(read_idx(raw / f"{prefix}-images-idx3-ubyte").copy()) for split, prefix in (("train", "train"), ("test", "t10k"))}
-    labels = {split: torch.from_numpy(read_idx(raw / f"{prefix}-labels-idx1-ubyte").astype(np.int64)) for split, prefix in (("train", "train"), ("test", "t10k"))}
-    return images["train"], labels["train"], images["test"], labels["test"]
+
+    def images_and_labels(prefix: str) -> tuple[Tensor, Tensor]:
+        return (torch.from_numpy(read_idx(raw / f"{prefix}-images-idx3-ubyte").copy()),
+                torch.from_numpy(read_idx(raw / f"{prefix}-labels-idx1-ubyte").astype(np.int64)))
+
+    return (*images_and_labels("train"), *images_and_labels("t10k"))
 
 
 def _resolved_root(data_dir: str | Path | None, download: bool) -> str:

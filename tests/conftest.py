@@ -1,5 +1,6 @@
 """Shared fixtures for the model / guide / objective / evaluation / checkpoint tests."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,14 +21,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one worker per core, o
     torch.set_num_threads(1)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op torch thread inside, the caller's number restored after (also where a
+    module-scoped fixture runs what the subprocesses run with ``OMP_NUM_THREADS=1``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def single_torch_thread():
     """Run a test with one intra-op thread. The networks here are tiny: a second thread brings
     nothing, and on a busy 2-core machine the thread pool's spinning slows training ~8x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import kill_when, transfer_cli
+from conftest import kill_when, one_torch_thread, transfer_cli
 from pyro_bbt.runstore import RunStore
 from pyro_bbt.transfer import main
 
@@ -34,12 +34,8 @@ def _run_here(argv: list[str]) -> None:
     """``python -m pyro_bbt.transfer ARGV`` in this process, on one torch thread as the
     subprocesses run (``transfer_cli``): a process start saved, and the runs that the tests
     start in subprocesses must give its bytes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fresh_model_and_guide, kill_when
+from conftest import fresh_model_and_guide, kill_when, one_torch_thread
 from pyro_bbt.data import Task, load_task
 from pyro_bbt.ewc import MLP
 from pyro_bbt.uncertainty import (
@@ -315,14 +315,9 @@ def test_a_study_killed_mid_run_resumes_to_the_same_rows(tmp_path):
     script = tmp_path / "study.py"
     script.write_text(RESUMABLE)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    with pytest.MonkeyPatch.context() as patch:  # the uninterrupted run in this process (one thread, as the subprocesses): a process start saved
+    with pytest.MonkeyPatch.context() as patch, one_torch_thread():  # the uninterrupted run in this process (one thread, as the subprocesses): a process start saved
         patch.setattr(sys, "argv", [str(script), str(whole)])
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            runpy.run_path(str(script))
-        finally:
-            torch.set_num_threads(threads)
+        runpy.run_path(str(script))
     process = subprocess.Popen([sys.executable, str(script), str(killed)], env={**os.environ, "OMP_NUM_THREADS": "1"})
     kill_when(process, lambda: any((killed / "units").glob("*.json")))
     kept = {path.name: path.read_bytes() for path in (killed / "units").glob("*.json")}
