@@ -31,8 +31,8 @@ the clock except ``seconds``, which counts from the start of the fit (q_A's fit 
 thread. Writes ``--out`` (JSON: the pass, then one point per ``k``) after every point::
 
     python benchmarks/averaging.py --problem small --factor 0.3 --epochs 1024 --out figs/averaging-small-f0.3.json
-    python benchmarks/averaging.py --problem task-a --preset paper --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --out figs/averaging-task-a-ps03-s0-f0.1.json
-    python benchmarks/averaging.py --problem b-10 --preset paper --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --transfer --out figs/averaging-b10-transfer-ps03-s0-f0.1.json
+    python benchmarks/averaging.py --problem task-a --preset paper-v5 --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --out figs/averaging-task-a-ps03-s0-f0.1.json
+    python benchmarks/averaging.py --problem b-10 --preset paper-v5 --experiment prior_scale=0.3 --factor 0.1 --epochs 1024 --transfer --out figs/averaging-b10-transfer-ps03-s0-f0.1.json
 """
 
 from __future__ import annotations

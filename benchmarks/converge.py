@@ -13,8 +13,8 @@ this bench times each way of fitting the same mean-field posterior until the lib
 The problem (``--problem``)
 ---------------------------
 The posterior of task A of split MNIST (digits 0-4, the ``train`` split of
-:func:`pyro_bbt.data.load_task` as the paper preset loads it) under the paper preset
-(:data:`pyro_bbt.experiment.PRESETS` ``"paper"``): prior ``N(0, 1)`` on every weight and bias,
+:func:`pyro_bbt.data.load_task` as the paper preset loads it) under the paper preset as it was until 2026-12-07
+(:data:`pyro_bbt.experiment.PRESETS` ``"paper-v5"``, the default ``--preset``): prior ``N(0, 1)`` on every weight and bias,
 ``meanfield`` guide ``q(w) = N(mu, diag sigma^2)`` starting at ``sigma = init_scale = 0.01``.
 
 * ``task-a``: all of A's training images, 784-400-400-5 (the issue's target problem);
@@ -307,7 +307,7 @@ class ConvergeConfig:
     ivon: IVONSettings = field(default_factory=IVONSettings)
     continuation: tuple[tuple[int, float], ...] = ()
     experiment: tuple[tuple[str, object], ...] = ()
-    preset: str = "paper"
+    preset: str = "paper-v5"
     judge: str = "whole"
     peer_rates: tuple[float, ...] | None = None
 
@@ -344,7 +344,7 @@ class ProblemData:
         return len(self.train)
 
 
-def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None, preset: str = "paper") -> ProblemData:
+def load_problem(problem: Problem, overrides: Mapping[str, object] | None = None, preset: str = "paper-v5") -> ProblemData:
     """The ``preset`` (the paper preset, ``--preset``) with the problem's hidden sizes (and
     ``overrides`` of its :class:`~pyro_bbt.experiment.ExperimentConfig` fields, ``--experiment``),
     and the problem's task's ``train`` (its first ``limit_train`` images), ``val`` and ``test``
@@ -1253,7 +1253,7 @@ def experiment_overrides(text: str) -> tuple[tuple[str, object], ...]:
             value = raw
         overrides.append((key, value))
     try:
-        ExperimentConfig(**PRESETS["paper"] | dict(overrides))
+        ExperimentConfig(**PRESETS["paper-v5"] | dict(overrides))
     except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"--experiment {text!r}: {error}") from None
     return tuple(overrides)
@@ -1321,8 +1321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", type=experiment_overrides, default=(),
                         help="change the paper preset's configuration that the recipe rows fit by, KEY=VALUE,... over ExperimentConfig's fields, "
                              "e.g. window=10 or verdict_tol=0.003 (default: the preset as it is)")
-    parser.add_argument("--preset", choices=[name for name in PRESETS if name.startswith("paper")], default="paper",
-                        help="the A -> B preset whose q_A recipe the recipe rows fit by (default paper; paper-v2: the recipe before the continuation, "
+    parser.add_argument("--preset", choices=[name for name in PRESETS if name.startswith("paper")], default="paper-v5",
+                        help="the A -> B preset whose q_A recipe the recipe rows fit by (default paper-v5, N(0, 1): the paper preset until 2026-12-07, "
+                             "which every measurement of this bench used; paper: the README's, N(0, 0.3^2); paper-v2: the recipe before the continuation, "
                              "whose passes the measurements of 2026-12-04 continued)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of round 1 (round r: seed + r - 1)")

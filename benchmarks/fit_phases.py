@@ -272,8 +272,7 @@ def grid_config(head: str, fraction: float, seed: int, max_epochs_b: int, fast_p
     caps 12,000 / 20,000) for one head, fraction and seed, B capped at ``max_epochs_b``."""
     from pyro_bbt.config import PRESETS, ExperimentConfig
 
-    return ExperimentConfig(**PRESETS["paper"] | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=max_epochs_b,
-                                                      head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
+    return ExperimentConfig(**PRESETS["paper"] | dict(max_epochs_b=max_epochs_b, head=head, fractions=(fraction,), seeds=(seed,), fast_polish=fast_polish))
 
 
 def profile_fit(method: str, fraction: float, head: str, seed: int, max_epochs_b: int, fast_polish: bool = False) -> dict:

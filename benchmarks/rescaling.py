@@ -94,7 +94,7 @@ def rescale(guide, num_layers: int, prior_scale: float = 1.0, sweeps: int = 3) -
 def _problem(name: str):
     """``(train split, hidden sizes, minibatch)`` of ``small`` or ``b1``."""
     if name == "small":
-        return load_problem(PROBLEMS["small"], preset="paper").train, (32,), 200
+        return load_problem(PROBLEMS["small"], preset="paper-v5").train, (32,), 200
     split = load_task(Task(digits=(5, 6, 7, 8, 9), name="B")).train.subset(265)
     return split, (400, 400), 265
 

@@ -108,7 +108,7 @@ TRADEOFF_PRESETS = {
     # still in its fit phase after 676 epochs.) With --reuse of that grid's runs (one per head)
     # q_A and EWC's nets are read, and scratch, finetune and joint are that grid's own units.
     "converged": dict(fractions=(0.1,), baselines=(),
-                      experiment=dict(PRESETS["paper"]) | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=20000)),
+                      experiment=dict(PRESETS["paper-v5"]) | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=20000)),
 }
 
 def tradeoff_base(config: TradeoffConfig, head: str) -> ExperimentConfig:

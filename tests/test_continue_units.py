@@ -69,7 +69,7 @@ def test_q_a_is_fitted_where_no_stage_is_given_and_matches_the_stored_one(tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--", *GRID, "--methods", "ewc"], "--methods ewc: none of scratch, transfer, finetune"),
-    (["--", *GRID, "--methods", "scratch", "--fit-b", "fixed"], "must fit B by the rule with a verdict"),
+    (["--", *GRID, "--methods", "scratch", "--fit-b", "fixed", "--polish-steps-b", "0"], "must fit B by the rule with a verdict"),
     (["--", *GRID, "--methods", "scratch", "--fractions", "1.5"], "the grid's flags: fraction must be in (0, 1], got 1.5"),
     (["--", *GRID, "--methods", "scratch", "--sequence", "split"], "the grid's flags: --sequence split: only the A -> B grid's units"),
     (["--factor", "0"], "--factor must be > 0, got 0.0"),
@@ -86,12 +86,12 @@ def test_bad_settings_are_refused_before_any_fit(tmp_path, capsys, argv, message
 
 
 def test_a_stage_of_another_configuration_is_refused(tmp_path, grid_run, capsys):
-    config = continue_units.config_from_args(continue_units.build_parser().parse_args([*GRID, "--prior-scale", "0.3"]))
+    config = continue_units.config_from_args(continue_units.build_parser().parse_args([*GRID, "--prior-scale", "0.5"]))
     with pytest.raises(ValueError, match=r"made by another configuration \(.*prior_scale"):
         continue_units.stored_stage(grid_run, config, "A-bayesian-s0")
     assert continue_units.stored_stage(tmp_path, config, "A-bayesian-s0") is None
     out = tmp_path / "continued.json"
     with pytest.raises(SystemExit) as exit_info:  # the CLI says so in one line, before any fit, and writes nothing
-        continue_units.main(["--stages-from", str(grid_run), "--out", str(out), "--", *GRID, "--prior-scale", "0.3", "--methods", "transfer"])
+        continue_units.main(["--stages-from", str(grid_run), "--out", str(out), "--", *GRID, "--prior-scale", "0.5", "--methods", "transfer"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and f"--stages-from {grid_run}:" in err[-1] and "prior_scale" in err[-1] and not out.exists()

@@ -366,7 +366,7 @@ def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
     args = converge.build_parser().parse_args(["--problem", "small", "--experiment", "window=10,verdict_tol=0.003,max_epochs_b=none"])
     config = converge.config_from_args(args)
     assert config.experiment == (("window", 10), ("verdict_tol", 0.003), ("max_epochs_b", None))
-    experiment = ExperimentConfig(**PRESETS["paper"] | dict(config.experiment))
+    experiment = ExperimentConfig(**PRESETS["paper-v5"] | dict(config.experiment))
     recipe = converge.recipe_for(experiment, 2_000)
     assert recipe.rule.window == 10 and recipe.verdict.tol_per_datum == 0.003
     # a tuple in parentheses keeps its commas
@@ -375,7 +375,8 @@ def test_experiment_overrides_change_the_recipe_the_rows_fit_by():
 
 
 def test_the_recipe_is_the_presets_q_a_recipe():
-    experiment = ExperimentConfig(**PRESETS["paper"])
+    experiment = ExperimentConfig(**PRESETS["paper-v5"])  # the bench's default preset (N(0, 1))
+    assert converge.config_from_args(converge.build_parser().parse_args(["--problem", "small"])).preset == "paper-v5"
     assert converge.recipe_for(experiment, 27_537) == experiment.recipe_a()  # task A: the preset's recipe itself
     small = converge.recipe_for(experiment, 2_000)
     assert small.batch_size == 200 and small.rule == experiment.recipe_a().rule
@@ -387,7 +388,7 @@ def test_the_recipe_is_the_presets_q_a_recipe():
     older = ExperimentConfig(**PRESETS[config.preset])
     assert config.preset == "paper-v2" and older.recipe_a().verdict.continuation_epochs == 0 and older.recipe_a().rule.max_epochs == 300
     assert experiment.recipe_a().verdict.continuation_epochs == 20
-    with pytest.raises(ValueError, match="unknown preset .quick2.; allowed: quick, paper, paper-v4, paper-v3, paper-v2, paper-v1"):
+    with pytest.raises(ValueError, match="unknown preset .quick2.; allowed: quick, paper, paper-v5, paper-v4, paper-v3, paper-v2, paper-v1"):
         converge.ConvergeConfig(config.problem, preset="quick2")
 
 

@@ -555,7 +555,7 @@ def test_a_regime_label_names_the_verdict_a_run_stored_before_it_ran_with():
 
 
 def test_the_split_paper_preset_fits_as_the_a_to_b_paper_preset_and_paper_v1_as_before(capsys):
-    """``--sequence split --preset paper`` fits every posterior by the A -> B paper preset's rule
+    """``--sequence split --preset paper`` fits every posterior by the A -> B paper-v5 preset's rule
     and verdict (``CONVERGED_FITS``: continuation, restarts, EWC stopped early); ``paper-v1`` is
     the split preset the published split tables used, otherwise the same protocol. A preset of
     the other experiment is refused in one line."""
@@ -565,7 +565,7 @@ def test_the_split_paper_preset_fits_as_the_a_to_b_paper_preset_and_paper_v1_as_
     def parsed(*argv: str) -> ExperimentConfig:
         return config_from_args(build_parser().parse_args(["--sequence", "split", "--scenario", "task", *argv]))
 
-    paper, v1, a_to_b = parsed("--preset", "paper"), parsed("--preset", "paper-v1"), ExperimentConfig(**PRESETS["paper"])
+    paper, v1, a_to_b = parsed("--preset", "paper"), parsed("--preset", "paper-v1"), ExperimentConfig(**PRESETS["paper-v5"])
     assert paper.continuation_epochs == 20 and paper.ewc_patience == 3 and paper.max_epochs_a == 3000 and paper.elbo_test == "means"
     for name in CONVERGED_FITS:
         assert getattr(paper, name) == getattr(a_to_b, name), name

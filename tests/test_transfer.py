@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import subprocess
 import sys
@@ -137,11 +138,26 @@ def test_b_fits_take_the_rules_test_overrule_and_cap_from_the_config():
     assert ExperimentConfig(fit_b="rule").recipe_b_converged(265).cap == ExperimentConfig.max_epochs_a  # none: q_A's cap
 
 
-def test_the_paper_preset_confirms_passes_by_a_continuation_and_paper_v2_and_v1_are_as_before():
+def test_the_paper_preset_is_the_readme_grid_and_paper_v5_to_v1_are_as_before():
+    """``--preset paper`` alone gives the configuration of the README's answer, as its published
+    runs stored it (figs/ps03: multi-head; figs/ps03-shared: the default shared head); paper-v5 is
+    the paper preset until 2026-12-07 (N(0, 1)), from which each earlier preset is some flags away."""
     def parsed(*argv: str) -> ExperimentConfig:
         return config_from_args(build_parser().parse_args(list(argv)))
 
-    paper, v4, v3, v2, v1 = (parsed("--preset", name) for name in ("paper", "paper-v4", "paper-v3", "paper-v2", "paper-v1"))
+    root = Path(__file__).resolve().parents[1]
+    for head, run in (("multihead", "ps03"), ("shared", "ps03-shared")):
+        stored = json.loads((root / "figs" / run / "config.json").read_text())
+        assert stored.pop("preset") == "paper"
+        assert json.loads(json.dumps(parsed("--preset", "paper", *(["--head", head] if head != "shared" else [])).to_dict())) == stored, run
+    readme = ("--prior-scale", "0.3", "--polish-steps-b", "30", "--max-epochs-a", "12000", "--max-epochs-b", "20000",
+              "--methods", "transfer,scratch,finetune,ewc,joint", "--fractions", "0.01,0.1,1")
+    assert parsed("--preset", "paper-v5", *readme).to_dict() == parsed("--preset", "paper").to_dict()
+    assert parsed("--preset", "paper", *readme).to_dict() == parsed("--preset", "paper").to_dict()  # the published commands' flags change nothing
+    new = parsed("--preset", "paper")
+    assert (new.prior_scale, new.polish_steps_b, new.max_epochs_a, new.max_epochs_b, new.fractions) == (0.3, 30, 12000, 20000, (0.01, 0.1, 1.0))
+
+    paper, v4, v3, v2, v1 = (parsed("--preset", name) for name in ("paper-v5", "paper-v4", "paper-v3", "paper-v2", "paper-v1"))
     settings = ("elbo_test", "overrule", "max_overrules", "confirm_verdict", "max_epochs_b", "continuation_epochs", "continuation_fraction", "max_epochs_a",
                 "ewc_patience", "continuation_base", "continuation_max_draws", "checkpoint_seconds")
     assert tuple(getattr(paper, name) for name in settings) == ("means", "restart", 60, True, 3000, 20, 1.0, 3000, 3, (1e-2, 3e-2), 256, 60.0)
@@ -158,7 +174,7 @@ def test_the_paper_preset_confirms_passes_by_a_continuation_and_paper_v2_and_v1_
     # everything else is the same protocol
     assert {k: v for k, v in paper.to_dict().items() if k not in settings} == {k: v for k, v in v1.to_dict().items() if k not in settings}
     # each setting can be turned back from the command line
-    assert parsed("--preset", "paper", "--continuation-max-draws", "0").to_dict() == v4.to_dict()
+    assert parsed("--preset", "paper-v5", "--continuation-max-draws", "0").to_dict() == v4.to_dict()
     assert parsed("--preset", "paper-v4", "--ewc-patience", "none", "--continuation-base", "none").to_dict() == v3.to_dict()
     off = parsed("--preset", "paper-v3", "--continuation-epochs", "0", "--continuation-fraction", "0", "--max-epochs-a", "300", "--checkpoint-seconds", "0")
     assert off.to_dict() == v2.to_dict()
