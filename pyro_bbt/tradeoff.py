@@ -107,6 +107,8 @@ TRADEOFF_PRESETS = {
     # apart on A. (At 1 % a broadened prior fits as slowly as scratch there: tau 3, seed 0, was
     # still in its fit phase after 676 epochs.) With --reuse of that grid's runs (one per head)
     # q_A and EWC's nets are read, and scratch, finetune and joint are that grid's own units.
+    # (paper-v5 with the grid's settings, not today's paper preset: the configuration, fractions and
+    # methods included, that the study's published runs stored and --resume compares.)
     "converged": dict(fractions=(0.1,), baselines=(),
                       experiment=dict(PRESETS["paper-v5"]) | dict(prior_scale=0.3, polish_steps_b=30, max_epochs_a=12000, max_epochs_b=20000)),
 }
