@@ -28,8 +28,9 @@ from pathlib import Path
 from .fit_report import census_lines, convergence_lines, cost_lines, optima_lines
 from .merging import merge_seeds, merge_timing, merge_transfer_runs, select_fractions
 from .split_report import merge_split_runs, regimes_table, split_comparison_table, split_sequence_table
+from .stats import sign_test
 
-__all__ = ["transfer_tables", "paired_lines", "mean_t_interval", "spearman", "forgetting_uncertainty_lines", "prior_scale_lines", "build_parser", "main"]
+__all__ = ["transfer_tables", "not_converged", "converged_only", "paired_lines", "mean_t_interval", "spearman", "forgetting_uncertainty_lines", "prior_scale_lines", "build_parser", "main"]
 
 
 def _cell(entry: dict | None, digits: int = 4) -> str:
@@ -38,10 +39,49 @@ def _cell(entry: dict | None, digits: int = 4) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def not_converged(units: list[dict]) -> dict[tuple[str, float], list[int]]:
+    """The seeds of the finished units whose fit the verdict did not call converged, by (method,
+    fraction); units without a verdict (EWC's deterministic nets) are not listed."""
+    found: dict[tuple[str, float], list[int]] = {}
+    for unit in units:
+        convergence = unit.get("convergence")
+        if unit["status"] == "ok" and isinstance(convergence, dict) and convergence.get("converged") is False:
+            found.setdefault((unit["method"], float(unit["fraction"])), []).append(unit["seed"])
+    return found
+
+
+def converged_only(results: dict) -> tuple[dict, str]:
+    """``--converged-only``: ``results`` without the finished units whose fit the verdict did not call
+    converged (:func:`not_converged`), its summary recomputed, and a line naming each unit left out
+    with its B and A accuracy and its epochs against its cap (empty when none is)."""
+    from .experiment import summarize_units
+
+    left = not_converged(results["units"])
+    out = [u for u in results["units"] if u["seed"] in left.get((u["method"], float(u["fraction"])), [])]
+    if not out:
+        return results, ""
+    kept = [u for u in results["units"] if not any(u is o for o in out)]
+    def epochs(convergence: dict) -> str:
+        return f", {convergence['epochs']} epochs, cap {convergence['max_epochs']}" if convergence.get("epochs") is not None and convergence.get("max_epochs") else ""
+
+    named = "; ".join(f"{u['method']} at {u['fraction']:g}, seed {u['seed']} (B {u['b_test']['accuracy']:.4f}, A after B "
+                      f"{u['a_test_after']['accuracy']:.4f}{epochs(u['convergence'])})"
+                      for u in sorted(out, key=lambda u: (u["method"], u["fraction"], u["seed"])))
+    return {**results, "units": kept, "summary": summarize_units(kept)}, f"Left out of the tables and paired differences (--converged-only: the verdict did not call them converged): {named}.\n\n"
+
+
 def transfer_tables(results: dict) -> str:
+    """The mean ± std tables over seeds (``results["summary"]``). A cell that averages a fit the
+    verdict did not call converged says so, ``(k of n not converged)``, so that no table counts such
+    a fit as converged; the line after the tables names each of them."""
     summary = results["summary"]
     fractions = sorted({float(f) for by_fraction in summary.values() for f in by_fraction})
     methods = list(summary)
+    unconverged = not_converged(results.get("units", []))
+    counts: dict[tuple[str, float], int] = {}
+    for unit in results.get("units", []):
+        if unit["status"] == "ok":
+            counts[(unit["method"], float(unit["fraction"]))] = counts.get((unit["method"], float(unit["fraction"])), 0) + 1
     lines = []
     for title, key in (
         ("B test accuracy", "b_test_accuracy"),
@@ -56,8 +96,15 @@ def transfer_tables(results: dict) -> str:
             cells = [_cell(summary[method].get(str(f), {}).get(key)) for f in fractions]
             if all(c == "—" for c in cells):
                 continue
+            cells = [cell if cell == "—" or (method, f) not in unconverged else
+                     f"{cell} ({len(unconverged[(method, f)])} of {counts[(method, f)]} not converged)"
+                     for cell, f in zip(cells, fractions)]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    if unconverged:
+        lines += ["Not converged (the verdict), counted in the cells marked above: " + "; ".join(
+            f"{method} at {fraction:g}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+            for (method, fraction), seeds in sorted(unconverged.items())) + ".", ""]
     by_kind: dict[str, list[float]] = {}
     for stage in results["task_a"]:
         by_kind.setdefault(stage["kind"], []).append(stage["a_test"]["accuracy"])
@@ -69,8 +116,10 @@ def transfer_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# two-sided 95 % t quantiles by degrees of freedom (1..9); a normal 1.96 beyond
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# two-sided 95 % t quantiles by degrees of freedom (1..30); a normal 1.96 beyond
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+       21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
 def mean_t_interval(values: list[float], digits: int = 3) -> str:
@@ -86,11 +135,15 @@ def mean_t_interval(values: list[float], digits: int = 3) -> str:
 
 def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer", "scratch"), ("transfer", "ewc"), ("transfer", "finetune"))) -> str:
     """Per-seed paired differences of B's test accuracy and of A's accuracy after B between two
-    methods at each fraction (same seed, same data): mean, and a 95 % t interval over seeds."""
+    methods at each fraction (same seed, same data): mean, and a 95 % t interval over seeds; and,
+    for B, how many seeds fall below and above 0 with the exact sign test's p-value
+    (:func:`~pyro_bbt.stats.sign_test`), which does not assume the differences normal."""
     ok = {(u["method"], u["fraction"], u["seed"]): u for u in results["units"] if u["status"] == "ok"}
+    unconverged = not_converged(results["units"])
     fractions = sorted({f for _, f, _ in ok})
-    lines = ["**Paired differences over seeds** (mean [95 % t interval], n seeds)", "",
-             "| difference | fraction | B test accuracy | A accuracy after B | n |", "|---|---|---|---|---|"]
+    lines = ["**Paired differences over seeds** (mean [95 % t interval], n seeds, of which any pair with a fit the verdict did not call converged; "
+             "B's seeds below / above 0, exact two-sided sign test)", "",
+             "| difference | fraction | B test accuracy | A accuracy after B | n | B: below / above (p) |", "|---|---|---|---|---|---|"]
 
     for first, second in pairs:
         for fraction in fractions:
@@ -99,7 +152,10 @@ def paired_lines(results: dict, pairs: tuple[tuple[str, str], ...] = (("transfer
                 continue
             b = [ok[(first, fraction, s)]["b_test"]["accuracy"] - ok[(second, fraction, s)]["b_test"]["accuracy"] for s in seeds]
             a = [ok[(first, fraction, s)]["a_test_after"]["accuracy"] - ok[(second, fraction, s)]["a_test_after"]["accuracy"] for s in seeds]
-            lines.append(f"| {first} − {second} | {fraction:g} | {mean_t_interval(b)} | {mean_t_interval(a)} | {len(seeds)} |")
+            below, above, p = sign_test(b)
+            flagged = sorted({s for s in seeds for m in (first, second) if s in unconverged.get((m, float(fraction)), [])})
+            n = f"{len(seeds)} ({len(flagged)} not converged)" if flagged else f"{len(seeds)}"
+            lines.append(f"| {first} − {second} | {fraction:g} | {mean_t_interval(b)} | {mean_t_interval(a)} | {n} | {below} / {above} ({p:.3g}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for several --sequence split runs of one scenario: one row per run (the settings that differ, ACC, BWT, "
                              "converged fits, median sigma, active units after every task; runs of one configuration with different --seeds are "
                              "merged); --figure draws their curves and unit counts")
+    parser.add_argument("--converged-only", action="store_true",
+                        help="for A -> B runs: leave the units whose fit the verdict did not call converged out of the tables and the paired "
+                             "differences, and name them (the sections on convergence and cost still show every unit); by default such a unit "
+                             "is counted and its cell marked")
     parser.add_argument("--plots", action="store_true", help="also redraw the run's figures from its results.json (into run_dir)")
     parser.add_argument("--uncertainty", action="store_true", help="also print the uncertainty on A's test digits after B, and how it tracks forgetting")
     return parser
@@ -233,6 +293,9 @@ def _split_runs(run_dirs: list[Path], flag: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.converged_only and (args.published or args.regimes):
+        print(f"{parser.prog}: error: --converged-only selects the units of the A -> B tables; --published and --regimes read --sequence split runs", file=sys.stderr)
+        return 2
     if args.regimes:
         try:
             runs = _split_runs(args.run_dir, "--regimes")
@@ -269,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.figure is not None:
         print(f"{parser.prog}: error: --figure needs --published or --regimes", file=sys.stderr)
+        return 2
+    if args.converged_only and args.learning_curves is not None:
+        print(f"{parser.prog}: error: --converged-only selects the units of the tables; --learning-curves draws every unit's curve", file=sys.stderr)
         return 2
     if args.learning_curves is not None:
         from .plots import plot_learning_curves
@@ -329,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"{parser.prog}: error: {error}", file=sys.stderr)
             return 2
-        print(transfer_tables(merged), end="")
-        print(paired_lines(merged), end="")
+        tables, left_out = converged_only(merged) if args.converged_only else (merged, "")
+        print(left_out + transfer_tables(tables), end="")
+        print(paired_lines(tables), end="")
         print(convergence_lines(merged), end="")
         print(cost_lines(_with_timing(stored, args.run_dir), args.fractions), end="")
         print(census_lines(merged), end="")
@@ -339,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir = args.run_dir[0]
     path = args.run_dir / "results.json"
     results = json.loads(path.read_text())
+    if args.converged_only and "units" not in results:
+        print(f"{parser.prog}: error: --converged-only reads A -> B runs; {path} is not one", file=sys.stderr)
+        return 2
     if results.get("sequence") == "split":
         print(split_sequence_table(results), end="")
         if args.plots:
@@ -358,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"{parser.prog}: error: {args.run_dir}: {error}", file=sys.stderr)
             return 2
-    print(transfer_tables(results), end="")
-    print(paired_lines(results), end="")
+    tables, left_out = converged_only(results) if args.converged_only else (results, "")
+    print(left_out + transfer_tables(tables), end="")
+    print(paired_lines(tables), end="")
     print(convergence_lines(results), end="")
     print(cost_lines(_with_timing([stored], [args.run_dir]), args.fractions), end="")
     print(census_lines(results), end="")

@@ -133,3 +133,39 @@ def test_relative_links_resolve():
                 broken.append(f"{page}: {target} (no heading #{anchor})")
     assert links, "README.md and docs/*.md link nothing; this test reads nothing"
     assert broken == []
+
+
+def test_the_answer_table_is_what_the_report_prints_from_the_published_runs():
+    """Every number of README's Answer table is the report's (``--converged-only``) over the runs
+    its command names, to the digits README prints: B mean [± std] / A after B per cell, and
+    fine-tuning's then joint's in their shared row."""
+    import json
+
+    from pyro_bbt.merging import merge_transfer_runs
+    from pyro_bbt.report import converged_only
+
+    command = re.search(r"`python -m pyro_bbt\.report --converged-only ([^`]+)` \(shared: `([^`]+)`\)", README)
+    assert command, "README's Answer block names no report command"
+    summaries = {}
+    for head, dirs in (("multi-head", command.group(1).split()), ("shared head", command.group(2).split())):
+        runs = [json.loads((ROOT / d / "results.json").read_text()) for d in dirs]
+        summaries[head] = converged_only(merge_transfer_runs(runs, dirs))[0]["summary"]
+    table = README.split("| head | method | 1 % of B | 10 % | 100 % |", 1)[1].split("\n\n", 1)[0]
+    methods = {"scratch": ("scratch",), "transfer": ("transfer",), "fine-tuning / joint": ("finetune", "joint"), "EWC": ("ewc",)}
+    head, checked = None, 0
+    for line in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        head = cells[0] or head
+        for fraction, cell in zip(("0.01", "0.1", "1.0"), cells[2:]):
+            printed = re.findall(r"\d\.\d+", cell)
+            expected = []
+            for method in methods[cells[1]]:
+                entry = summaries[head][method][fraction]
+                b = [entry["b_test_accuracy"]["mean"]] + ([entry["b_test_accuracy"]["std"]] if "±" in cell else [])
+                expected += [*b, entry["a_test_after_accuracy"]["mean"]]
+            assert len(printed) == len(expected), (head, cells[1], fraction, cell)
+            for text, value in zip(printed, expected):
+                digits = len(text.split(".")[1])
+                assert abs(float(text) - value) <= 0.5 * 10 ** -digits + 1e-9, (head, cells[1], fraction, cell, value)
+                checked += 1
+    assert checked == 2 * 3 * (3 + 3 + 4 + 2)  # both heads, three fractions: scratch and transfer 3 numbers a cell, fine-tuning / joint 4, EWC 2

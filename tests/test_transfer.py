@@ -356,8 +356,23 @@ def test_report_merges_runs_made_apart_for_different_methods(tmp_path, capsys):
     transfer = write("transfer", ["transfer"], [unit("transfer", 0, 0.70, 0.95, [(True, 0.004)])], q_a)
     assert report_main([scratch, transfer]) == 0
     out = capsys.readouterr().out
-    assert "| scratch | 0.8500 ± 0.0707 |" in out and "| transfer | 0.7000 ± 0.0000 |" in out
-    assert "| transfer − scratch | 0.1 | -0.200 | +0.650 | 1 |" in out  # paired on the seed both ran
+    # scratch's seed 1 ended unconverged: its cell says so, and the line after the tables names it
+    assert "| scratch | 0.8500 ± 0.0707 (1 of 2 not converged) |" in out and "| transfer | 0.7000 ± 0.0000 |" in out
+    assert "Not converged (the verdict), counted in the cells marked above: scratch at 0.1, seed 1." in out
+    assert "| transfer − scratch | 0.1 | -0.200 | +0.650 | 1 | 1 / 0 (1) |" in out  # paired on the seed both ran; one seed below: p = 1
+    seed0 = write("seed0", ["transfer", "scratch"], [unit("scratch", 0, 0.90, 0.30, [(False, 0.05)]), unit("transfer", 0, 0.70, 0.95, [(True, 0.004)])], q_a)
+    assert report_main([seed0]) == 0
+    assert "| transfer − scratch | 0.1 | -0.200 | +0.650 | 1 (1 not converged) | 1 / 0 (1) |" in capsys.readouterr().out
+    # --converged-only leaves scratch's unconverged seed 1 out of the tables and names it; the verdicts still list it
+    assert report_main([scratch, transfer, "--converged-only"]) == 0
+    out = capsys.readouterr().out
+    assert "Left out of the tables and paired differences (--converged-only: the verdict did not call them converged): scratch at 0.1, seed 1 (B 0.8000, A after B 0.4000" in out
+    assert "| scratch | 0.9000 ± 0.0000 |" in out and "not converged)" not in out.split("**Convergence**")[0]
+    assert "s1 1 (0.07)" in out
+    assert report_main([seed0, "--converged-only"]) == 0
+    assert "| transfer − scratch |" not in capsys.readouterr().out  # the only pair's scratch is left out
+    assert report_main([scratch, "--converged-only", "--learning-curves", str(tmp_path / "c.png")]) == 2
+    assert "--converged-only selects the units of the tables" in capsys.readouterr().err
     assert "scratch 0.1: s0 2* (0.009), s1 1 (0.07); transfer 0.1: s0 1* (0.004)" in out
     other = write("other", ["finetune"], [unit("finetune", 0, 0.5, 0.2, [(True, 0.001)])], [], lr=1e-2)
     assert report_main([scratch, other]) == 2 and "differ in lr" in capsys.readouterr().err
@@ -459,6 +474,28 @@ def test_figures_use_the_sample_std_of_the_tables():
     assert sample_std([0.9]) == 0.0
     np.testing.assert_allclose(sample_std([[1.0, 2.0], [3.0, 6.0]], axis=0), [np.sqrt(2), np.sqrt(8)])
     np.testing.assert_array_equal(sample_std([[1.0, 2.0]], axis=0), [0.0, 0.0])
+
+
+def test_sign_test_counts_signs_drops_ties_and_matches_enumerating_every_sign_pattern():
+    from itertools import product
+
+    from pyro_bbt.report import mean_t_interval
+    from pyro_bbt.stats import sign_test
+
+    def enumerated(below, above):  # P(min count <= observed min) under fair coins, by counting all 2^n patterns
+        n = below + above
+        return sum(min(sum(signs), n - sum(signs)) <= min(below, above) for signs in product((0, 1), repeat=n)) / 2 ** n
+
+    differences = [-0.004, -0.011, -0.002, 0.004, -0.009, 0.002, -0.013, -0.007, -0.005, -0.010]
+    below, above, p = sign_test(differences)
+    assert (below, above) == (8, 2) and p == pytest.approx(enumerated(8, 2)) and p == pytest.approx(112 / 1024)
+    assert sign_test([-1.0] * 10)[2] == pytest.approx(2 / 1024)
+    assert sign_test([-1.0, 0.0, 0.0, 1.0]) == (1, 1, 1.0)  # exact ties dropped; one of each sign: no evidence
+    assert sign_test([]) == (0, 0, 1.0)
+    for below, above in ((0, 7), (3, 4), (1, 8), (5, 0)):
+        assert sign_test([-1.0] * below + [1.0] * above)[2] == pytest.approx(min(1.0, enumerated(below, above)))
+    # eleven seeds use t_10 = 2.228, not the normal's 1.96: values 1..11 have mean 6 and std sqrt(11)
+    assert mean_t_interval([float(v) for v in range(1, 12)]) == f"+6.000 [{6 - 2.228:+.3f}, {6 + 2.228:+.3f}]"
 
 
 def test_cli_warns_that_the_flow_guides_train_their_flows_at_lr_a(tmp_path, capsys):
