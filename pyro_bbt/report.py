@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .fit_report import census_lines, convergence_lines, cost_lines, optima_lines
@@ -57,10 +58,15 @@ def converged_only(results: dict) -> tuple[dict, str]:
     from .experiment import summarize_units
 
     left = not_converged(results["units"])
-    out = [u for u in results["units"] if u["seed"] in left.get((u["method"], float(u["fraction"])), [])]
+
+    def is_left(unit: dict) -> bool:
+        return unit["seed"] in left.get((unit["method"], float(unit["fraction"])), [])
+
+    out = [u for u in results["units"] if is_left(u)]
     if not out:
         return results, ""
-    kept = [u for u in results["units"] if not any(u is o for o in out)]
+    kept = [u for u in results["units"] if not is_left(u)]
+
     def epochs(convergence: dict) -> str:
         return f", {convergence['epochs']} epochs, cap {convergence['max_epochs']}" if convergence.get("epochs") is not None and convergence.get("max_epochs") else ""
 
@@ -78,10 +84,7 @@ def transfer_tables(results: dict) -> str:
     fractions = sorted({float(f) for by_fraction in summary.values() for f in by_fraction})
     methods = list(summary)
     unconverged = not_converged(results.get("units", []))
-    counts: dict[tuple[str, float], int] = {}
-    for unit in results.get("units", []):
-        if unit["status"] == "ok":
-            counts[(unit["method"], float(unit["fraction"]))] = counts.get((unit["method"], float(unit["fraction"])), 0) + 1
+    counts = Counter((u["method"], float(u["fraction"])) for u in results.get("units", []) if u["status"] == "ok")
     lines = []
     for title, key in (
         ("B test accuracy", "b_test_accuracy"),
