@@ -19,7 +19,7 @@ from .convergence import ELBO_TESTS, StoppingRule
 from .data import Task, load_task
 from .fitting import FitRecipe, new_posterior
 from .guides import GUIDES
-from .inference import check_checkpoint_seconds
+from .inference import PRECONDITIONERS, check_checkpoint_seconds
 from .kl_schedules import validate_schedule
 from .objectives import ESTIMATORS
 from .priors import GaussianPrior, Prior, ScaleMixturePrior
@@ -100,6 +100,11 @@ class ExperimentConfig:
     vectorised pass of all its draws and stop the whitening's conjugate gradients at a small
     residual (``VerdictConfig.fast_polish``: the same step in distribution, cheaper where B's data
     are few; B's field only).
+    ``precondition_b``: how Adam's step on the locations of every Bayesian fit on B (and joint's)
+    is scaled (:attr:`~pyro_bbt.inference.TrainConfig.precondition`; B's field only):
+    ``"none"`` (Adam's own, about ``lr`` per coordinate) or ``"prior-scale"`` (each location's
+    step times its prior width over the prior's widest: under transfer, the weights q_A
+    narrowed move in steps of their width; under a base prior the same steps as ``"none"``).
     ``compile``: every Bayesian fit's Adam steps (the fit's and its continuations', one weight
     draw per step under the ``local`` estimator and a Gaussian prior) run as one function under
     ``torch.compile`` (:class:`~pyro_bbt.objectives.CompiledMeanFieldOps`): the same steps to
@@ -169,6 +174,7 @@ class ExperimentConfig:
     polish_steps_b: int = 0
     continuation_particles_b: int | None = None
     fast_polish: bool = False
+    precondition_b: str = "none"
     compile: bool = False
     continuation_rates: tuple[float, ...] = (0.3, 0.1)
     continuation_base: tuple[float, float] | None = None
@@ -296,6 +302,12 @@ class ExperimentConfig:
             raise ValueError(f"fast-polish must be true or false, got {self.fast_polish!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.precondition_b not in PRECONDITIONERS:
+            raise ValueError(f"precondition-b must be one of {', '.join(PRECONDITIONERS)}, got {self.precondition_b!r}")
+        if self.precondition_b != "none" and self.guide not in ("normal", "meanfield"):
+            raise ValueError(f"precondition-b {self.precondition_b!r} scales the steps of a mean-field guide's locations; guide {self.guide!r} is not one (allowed: normal, meanfield)")
+        if self.precondition_b != "none" and self.prior != "gaussian":
+            raise ValueError(f"precondition-b {self.precondition_b!r} needs a Gaussian base prior (one width per weight); prior {self.prior!r} is not one (allowed: gaussian)")
         if self.fast_polish and not self.polish_steps_b:
             raise ValueError("fast-polish makes the verdict's own steps on B cheaper: it needs polish-steps-b >= 1 (got 0: no steps)")
         particles = self.continuation_particles_b
@@ -375,7 +387,7 @@ class ExperimentConfig:
         """B's fixed budget of ``steps`` at ``lr``/``scale_lr`` in minibatches of ``batch_size``,
         judged (not stopped) by the stopping rule without its drops."""
         judge = replace(self.stopping_rule, min_epochs=1, lr_drops=0)
-        return FitRecipe(lr=self.lr, batch_size=self.batch_size, steps=steps, judge=judge, **self._optimiser())
+        return FitRecipe(lr=self.lr, batch_size=self.batch_size, steps=steps, judge=judge, precondition=self.precondition_b, **self._optimiser())
 
     def new_posterior(self, prior: Prior, seed: int):
         """A fresh network of this configuration under ``prior`` and its initialised guide
@@ -390,7 +402,8 @@ class ExperimentConfig:
         epoch)."""
         batch = min(self.a_batch_size, max(32, math.ceil(num_train / 10))) if self.batch_size_b is None else min(self.batch_size_b, num_train)
         rule = self.stopping_rule if self.max_epochs_b is None else replace(self.stopping_rule, max_epochs=self.max_epochs_b)
-        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, **self._optimiser(self.polish_steps_b, self.continuation_particles_b, self.fast_polish))
+        return FitRecipe(rule=rule, lr=self.lr if self.lr_a is None else self.lr_a, batch_size=batch, precondition=self.precondition_b,
+                         **self._optimiser(self.polish_steps_b, self.continuation_particles_b, self.fast_polish))
 
     def _optimiser(self, polish_steps: int = 0, continuation_particles: int | None = None, fast_polish: bool = False) -> dict:
         verdict = None if self.verdict_tol is None else VerdictConfig(polish_steps=polish_steps, continuation_particles=continuation_particles, fast_polish=fast_polish, tol_per_datum=self.verdict_tol, max_overrules=self.max_overrules, overrule=self.overrule,
@@ -442,7 +455,7 @@ LATER_FIELDS: dict[str, object] = {"continuation_epochs": 0, "continuation_fract
                                    "batch_size_b": None, "continuation_checks": 0,
                                    "polish_steps_b": 0, "continuation_max_draws": 0,
                                    "rescore_max_draws": 0, "checkpoint_seconds": 0.0, "continuation_particles_b": None,
-                                   "fast_polish": False, "compile": False}
+                                   "fast_polish": False, "compile": False, "precondition_b": "none"}
 
 # The A -> B grid's axes. A task-A stage depends on its seed alone and a B unit on its method,
 # fraction and seed alone (with the other fields), never on which others the grid holds: a stored
@@ -473,7 +486,7 @@ RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS},
 # Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
 # them, so a run may take its stages from another run that differs in them (``--stages-from``)
 # and compare B's recipes on the same q_A. B's units do depend on them.
-B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b", "fast_polish")
+B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b", "fast_polish", "precondition_b")
 
 
 # How the paper presets fit every posterior (the A -> B grid's and split MNIST's alike): the stopping

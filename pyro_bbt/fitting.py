@@ -72,6 +72,8 @@ class FitRecipe:
     ``checkpoint_seconds``: :attr:`~pyro_bbt.inference.TrainConfig.checkpoint_seconds` (how often
     a fit with a store saves its state; not what it computes). ``compile``:
     :attr:`~pyro_bbt.inference.TrainConfig.compile` (the Adam steps under ``torch.compile``).
+    ``precondition``: :attr:`~pyro_bbt.inference.TrainConfig.precondition` (``"prior-scale"``:
+    each location's step scaled by its prior width over the widest).
     """
 
     lr: float
@@ -89,6 +91,7 @@ class FitRecipe:
     kl_beta: float = 1.0
     checkpoint_seconds: float = 0.0
     compile: bool = False
+    precondition: str = "none"
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("rule", "steps", "epochs") if getattr(self, name) is not None]
@@ -133,6 +136,7 @@ class FitRecipe:
             warn_unconverged=False,  # the fit's record says so
             checkpoint_seconds=self.checkpoint_seconds,
             compile=self.compile,
+            precondition=self.precondition,
         )
 
 

@@ -56,12 +56,13 @@ from .files import atomic_write_text
 from .fixed_noise import ContinuationGain, continuation_gain
 from .guides import guide_parameter_groups, has_closed_form_kl, initialize_guide, parameter_group_roles
 from .kl_schedules import kl_weight, validate_schedule
+from .priors import prior_loc_scale
 from .model import BayesianMLP
 from .objectives import ESTIMATORS, make_estimator, mean_field_ops
 from .pyro_internals import unconstrained_loc_scale_parameters
 from .verdict import CONFIRMATION_SEED_OFFSET, VerdictConfig, can_judge, continuation_verdict, judge_by, line_search_gain
 
-__all__ = ["TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
+__all__ = ["PRECONDITIONERS", "location_step_factors", "TrainConfig", "EpochDiagnostics", "TrainHistory", "TrainState", "NonFiniteLossError", "UnconvergedFitWarning", "train"]
 
 
 @dataclass
@@ -120,6 +121,18 @@ class TrainConfig:
         ``verdict`` (with ``verdict.confirm``, a pass and its confirming judgement). ``None``: no verdict (a deliberate fixed budget, say).
     :param warn_unconverged: warn (:class:`UnconvergedFitWarning`) when the fit returned is not
         converged by the verdict. Callers that record the verdict themselves turn it off.
+    :param precondition: how Adam's step on the guide's locations is scaled (:data:`PRECONDITIONERS`).
+        ``"none"``: Adam's own step, about ``lr`` per coordinate whatever the prior.
+        ``"prior-scale"``: each location's step multiplied by ``f_i = sigma_p,i / max_j sigma_p,j``,
+        the prior's width at that weight over the prior's widest (:func:`location_step_factors`).
+        Adam's step is invariant to a constant rescaling of each coordinate's gradient, so this is
+        Adam in the prior-whitened coordinates ``z_i = mu_i / f_i``: a weight the prior pins to
+        ``sigma_p,i`` moves in steps of ``lr`` times that width, not ``lr`` (the diagonal
+        analogue, for Adam, of preconditioning plain gradient steps by ``sigma^2``, the inverse of
+        the KL's curvature in ``mu``). Under a base prior of one width every ``f_i`` is 1 (the
+        same steps as ``"none"``); under a transferred prior (:func:`~pyro_bbt.guides.posterior_as_prior`)
+        the weights q_A narrowed move that much more slowly. Needs a Gaussian prior at every site
+        of an ``AutoNormal``-family guide.
 
     :meth:`converged` is the recipe that fits to convergence.
     """
@@ -145,6 +158,7 @@ class TrainConfig:
     verdict: VerdictConfig | None = VerdictConfig()
     warn_unconverged: bool = True
     checkpoint_seconds: float = 0.0
+    precondition: str = "none"
 
     @classmethod
     def converged(cls, **overrides) -> "TrainConfig":
@@ -197,6 +211,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_checkpoint_seconds(self.checkpoint_seconds, "checkpoint_seconds")
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition must be one of {', '.join(PRECONDITIONERS)}, got {self.precondition!r}")
 
 
 def check_checkpoint_seconds(value, name: str) -> None:
@@ -300,6 +316,29 @@ def _judge_last(model, guide, train_split: Split, config: TrainConfig, history: 
 CONTINUATION_SEED_OFFSET = 2 * CONFIRMATION_SEED_OFFSET  # the continuation's evaluator: none of the judgements' seeds
 POLISH_SEED_OFFSET = 10**9  # the polishing steps' noise (+ 1000 epoch + step): none of the judgements' or continuations' seeds
 POLISHED_JUDGEMENT_SEED_OFFSET = 2 * 10**9  # the judgement after them (+ epoch; its confirmation + CONFIRMATION_SEED_OFFSET)
+
+
+PRECONDITIONERS: tuple[str, ...] = ("none", "prior-scale")
+
+
+def location_step_factors(model, guide) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """``(location parameter, f)`` per weight site of ``model`` for ``precondition="prior-scale"``
+    (:class:`TrainConfig`): ``f_i = sigma_p,i / max_j sigma_p,j`` over every site's prior width
+    ``sigma_p``, so ``0 < f_i <= 1`` and the prior's widest weights keep Adam's own step.
+
+    :raises ValueError: where the prior is not Gaussian at a site (a scale mixture has no one width).
+    """
+    shapes = model.site_shapes
+    widths = {}
+    for name, shape in shapes.items():
+        loc_scale = prior_loc_scale(model.prior, name, shape)
+        if loc_scale is None:
+            raise ValueError(f"precondition 'prior-scale' needs a Gaussian prior at every site; site {name!r} has {type(model.prior).__name__} "
+                             f"(allowed: a GaussianPrior, or a PerSitePrior from transfer)")
+        widths[name] = loc_scale[1].detach()
+    widest = max(float(width.max()) for width in widths.values())
+    return [(unconstrained_loc_scale_parameters(guide, name)[0], (width / widest).to(dtype=torch.get_default_dtype()))
+            for name, width in widths.items()]
 
 
 def _write_posterior(guide, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -557,6 +596,7 @@ def train(
     initialize_guide(guide, train_split.x.shape[1])
     optimizer = torch.optim.Adam(guide_parameter_groups(guide, config.lr, config.scale_lr, config.flow_lr), lr=config.lr, **ops.adam_kernel)
     first_rates = [group["lr"] for group in optimizer.param_groups]
+    preconditioned = location_step_factors(model, guide) if config.precondition == "prior-scale" else []
     continuation_rates = _continuation_base(guide, first_rates, config.verdict)  # what the continuation's factors multiply
     first_epoch = step = 0
     if resume is not None:
@@ -631,7 +671,11 @@ def train(
                 # the likelihood is the minibatch's full-data estimate (N/B) sum_n, so the KL's
                 # weight is M pi_i: it averages to 1 over an epoch, as in Pyro's Trace_ELBO
                 loss = stepper.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight * config.kl_beta)
+            before_step = [location.detach().clone() for location, _ in preconditioned]
             optimizer.step()
+            with torch.no_grad():
+                for (location, factor), previous in zip(preconditioned, before_step):
+                    location.copy_(torch.lerp(previous, location, factor))  # previous + f (Adam's step)
             step += 1
             epoch_steps += 1
             if not math.isfinite(loss):

@@ -57,6 +57,7 @@ from .verdict import OVERRULES
 from .guides import FLOW_GUIDES, GUIDES
 from .kl_schedules import KL_SCHEDULES
 from .objectives import ESTIMATORS
+from .inference import PRECONDITIONERS
 
 RESULT_FILES = ("config.json", "results.json", "metrics.csv", "timing.json")
 PROGRESS_DIRS = ("units", "stages", "checkpoints")
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="every Bayesian fit's Adam steps (one weight draw, local estimator, Gaussian prior) run under torch.compile (inductor's fused C++): 1.08-1.31x cheaper per epoch on this machine after 28-48 s of compilation per worker process and minibatch shape (an empty inductor cache) (benchmarks/epoch_cost.py); the same steps to float rounding, so a long fit's path is not the eager one's; default off")
     p.add_argument("--continuation-rates", type=_floats, help="with --continuation-epochs: the continuation's factors on the first rates (or on --continuation-base), in equal parts; default 0.3,0.1")
     p.add_argument("--continuation-base", type=_floats_or_none, help="with --continuation-epochs: LR,SCALE_LR, the locations' and the widths' rates that --continuation-rates multiply for every fit, whatever its own rates, so the confirmation does not depend on the recipe (the paper presets: 0.01,0.03); none: each fit's own first rates (the default)")
+    p.add_argument("--precondition-b", choices=PRECONDITIONERS, help="with a mean-field guide: how Adam's step on the locations of every Bayesian fit on B (and joint's) is scaled: none (default; Adam's own, about the rate per coordinate) or prior-scale (each location's step times its prior width over the prior's widest: under transfer the weights q_A narrowed move in steps of their width, under a base prior nothing changes)")
     p.add_argument("--batch-size-b", type=int, help="with --fit-b rule: the minibatch of every Bayesian fit on B (and joint's); at least the fit's data: one full-batch step an epoch (default: about a tenth of the fit's data, at least 32, at most --batch-size-a)")
     p.add_argument("--max-epochs-b", type=_int_or_none, help="with --fit-b rule: the most epochs of a fit on B (or joint's); none (default): --max-epochs-a; 20000 in the paper preset, 3000 in paper-v5")
     p.add_argument("--min-steps", type=int, help="minimum optimisation steps on B, whatever the fraction")
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ExperimentConfig fields that --sequence split sets itself (--scenario) or does not use
-NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b", "polish_steps_b", "continuation_particles_b", "fast_polish")
+NOT_FOR_SPLIT = ("task_a", "task_b", "fractions", "head", "q_init", "fit_b", "polish_steps_b", "continuation_particles_b", "fast_polish", "precondition_b")
 
 
 def split_config_from_args(args: argparse.Namespace) -> SplitConfig | None:
