@@ -486,7 +486,7 @@ RAISABLE_FIELDS: dict[str, int | None] = {**{name: None for name in CAP_FIELDS},
 # Fields only B's fits (and joint's) read: a task-A stage (q_A, EWC's net on A) does not depend on
 # them, so a run may take its stages from another run that differs in them (``--stages-from``)
 # and compare B's recipes on the same q_A. B's units do depend on them.
-B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b", "fast_polish", "precondition_b")
+B_ONLY_FIELDS: tuple[str, ...] = ("fit_b", "max_epochs_b", "batch_size_b", "polish_steps_b", "continuation_particles_b", "fast_polish", "precondition_b", "q_init")
 
 
 # How the paper presets fit every posterior (the A -> B grid's and split MNIST's alike): the stopping

@@ -335,7 +335,7 @@ def test_runs_stored_before_the_continuation_still_match_their_configuration():
     continuation names it as the difference."""
     plain = ExperimentConfig()
     later = ("continuation_epochs", "continuation_fraction", "continuation_average", "continuation_rates", "ewc_patience", "continuation_base", "kl_beta",
-             "batch_size_b", "continuation_checks", "polish_steps_b", "continuation_max_draws", "rescore_max_draws", "checkpoint_seconds", "continuation_particles_b", "fast_polish", "compile")
+             "batch_size_b", "continuation_checks", "polish_steps_b", "continuation_max_draws", "rescore_max_draws", "checkpoint_seconds", "continuation_particles_b", "fast_polish", "compile", "precondition_b")
     assert set(later) == set(LATER_FIELDS) and not set(later) & set(plain.to_dict())
     assert ExperimentConfig(**plain.to_dict()) == plain
     stored = {k: v for k, v in asdict(plain).items() if k not in later}  # an old run's config.json

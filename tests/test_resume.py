@@ -395,14 +395,14 @@ def test_resume_raises_a_cap_and_the_fit_in_progress_runs_to_it(tmp_path, monkey
 
 
 def test_stages_from_another_run_that_differs_in_b_s_fields_only(uninterrupted, tmp_path, capsys):
-    """A run that fits B by another recipe (the rule, 2 epochs at most, the verdict's steps) on the
-    q_A of a finished run: the stage file is copied byte for byte and read, not fitted again (the
+    """A run that fits B by another recipe (the rule, 2 epochs at most, the verdict's steps, q_B
+    started fresh, the preconditioned step) on the q_A of a finished run: the stage file is copied byte for byte and read, not fitted again (the
     same task_a entry). A run that differs in anything else is refused in one line, naming the
     field, with nothing written; so are --resume and a run with no stage for the seeds asked."""
     out = tmp_path / "b-recipe"
     one = {"--seeds": "0", "--methods": "transfer", "--fractions": "1"}
     small = [one[TINY[i - 1]] if i and TINY[i - 1] in one else arg for i, arg in enumerate(TINY)]
-    b_recipe = ["--fit-b", "rule", "--max-epochs-b", "2", "--polish-steps-b", "2"]
+    b_recipe = ["--fit-b", "rule", "--max-epochs-b", "2", "--polish-steps-b", "2", "--q-init", "fresh", "--precondition-b", "prior-scale"]
     assert main([*small, *b_recipe, "--stages-from", str(uninterrupted), "--out", str(out)]) == 0
     stage = "stages/A-bayesian-s0.pt"
     assert (out / stage).read_bytes() == (uninterrupted / stage).read_bytes()
