@@ -110,31 +110,38 @@ def test_the_experiment_field_reaches_every_fit_on_b_and_only_those():
 
 
 def test_the_bench_pairs_the_same_units_and_refuses_runs_that_differ_in_more(tmp_path, capsys, single_torch_thread):
-    """``benchmarks/precondition.py`` on two real quick runs of transfer (a few hundred images, 16
-    hidden units), fitted without and with the preconditioner: one row per unit with both runs'
-    numbers as their results.json records them, a summary per fraction; a pair that also differs
-    in the seed's data (``--limit-train``) or has the arms swapped is refused."""
+    """``benchmarks/b_recipes.py`` on real quick runs (a few hundred images, 16 hidden units),
+    fitted without and with the preconditioner: one row per unit with both runs' numbers as their
+    results.json records them, a summary per fraction, the differing field named; ``--methods``
+    pairs scratch of one run with transfer of the other. A pair that also differs in the data
+    (``--limit-train``), or in nothing B reads, is refused."""
     from conftest import load_benchmark
     from pyro_bbt.transfer import main as transfer_main
 
-    bench = load_benchmark("precondition")
-    common = ["--preset", "quick", "--limit-train", "400", "--limit-eval", "200", "--hidden", "16", "--methods", "transfer",
+    bench = load_benchmark("b_recipes")
+    common = ["--preset", "quick", "--limit-train", "400", "--limit-eval", "200", "--hidden", "16",
               "--fractions", "0.1", "--head", "multihead", "--epochs-a", "2"]
     runs = {name: tmp_path / name for name in ("plain", "pc", "other")}
-    assert transfer_main(common + ["--out", str(runs["plain"])]) == 0
-    assert transfer_main(common + ["--precondition-b", "prior-scale", "--out", str(runs["pc"])]) == 0
-    assert transfer_main(common[:3] + ["300"] + common[4:] + ["--precondition-b", "prior-scale", "--out", str(runs["other"])]) == 0
+    assert transfer_main(common + ["--methods", "transfer,scratch", "--out", str(runs["plain"])]) == 0
+    assert transfer_main(common + ["--methods", "transfer", "--precondition-b", "prior-scale", "--out", str(runs["pc"])]) == 0
+    assert transfer_main(common[:3] + ["300"] + common[4:] + ["--methods", "transfer", "--precondition-b", "prior-scale", "--out", str(runs["other"])]) == 0
     capsys.readouterr()
     assert bench.main(["--pair", str(runs["plain"]), str(runs["pc"]), "--stages", str(runs["pc"])]) == 0
     out = capsys.readouterr().out
-    plain = json.loads((runs["plain"] / "results.json").read_text())["units"][0]
-    pc = json.loads((runs["pc"] / "results.json").read_text())["units"][0]
+    assert "precondition_b: 'none' -> 'prior-scale'" in out and "1 units paired" in out
+    units = {name: {u["method"]: u for u in json.loads((runs[name] / "results.json").read_text())["units"]} for name in ("plain", "pc")}
+    plain, pc = units["plain"]["transfer"], units["pc"]["transfer"]
     row = next(line for line in out.splitlines() if line.startswith("| multihead | transfer | 0.1 | 0 | "))
     assert f"{plain['b_test']['accuracy']:.4f} → {pc['b_test']['accuracy']:.4f}" in row
     assert f"{plain['a_test_after']['accuracy']:.4f} → {pc['a_test_after']['accuracy']:.4f}" in row
     assert f"{pc['b_test']['accuracy'] - plain['b_test']['accuracy']:+.3f}" in out
     assert "| A-bayesian-s0 | layers.0.weight | " in out
-    with pytest.raises(SystemExit, match="differ in more than the preconditioner: limit_train"):
+    assert bench.main(["--methods", "scratch", "transfer", "--pair", str(runs["plain"]), str(runs["pc"])]) == 0
+    out_methods = capsys.readouterr().out
+    row = next(line for line in out_methods.splitlines() if line.startswith("| multihead | scratch → transfer | 0.1 | 0 | "))
+    assert f"{units['plain']['scratch']['b_test']['accuracy']:.4f} → {pc['b_test']['accuracy']:.4f}" in row
+    assert "(not the same objective)" in out_methods
+    with pytest.raises(SystemExit, match="differ in more than B's fields: limit_train"):
         bench.main(["--pair", str(runs["plain"]), str(runs["other"])])
-    with pytest.raises(SystemExit, match="must be fitted without --precondition-b"):
-        bench.main(["--pair", str(runs["pc"]), str(runs["plain"])])
+    with pytest.raises(SystemExit, match="fit B by the same recipe: nothing to compare"):
+        bench.main(["--pair", str(runs["pc"]), str(runs["pc"])])
