@@ -1,9 +1,10 @@
 """The same B units under two recipes for B: does a choice that only B's fits read change what
 they reach, and how fast? Two runs of ``python -m pyro_bbt.transfer`` that differ only in B's
 fields (:data:`pyro_bbt.config.B_ONLY_FIELDS`: the same q_A, data and seeds, every fit by the same
-rule and verdict) are paired unit by unit (method, fraction, seed; ``--methods M1 M2`` pairs
-method ``M1`` of the first run with ``M2`` of the second, for example scratch against transfer
-with q_B started fresh).
+rule and verdict, the same q_A: checked) are paired unit by unit (head, method, fraction, seed;
+``--methods M1 M2`` pairs method ``M1`` of the first runs with ``M2`` of the second, for example
+scratch against transfer with q_B started fresh). Each run of ``--second`` is paired with every
+run of ``--first`` of its head that holds some of its units.
 
 Made for two questions of the convergence issue:
 
@@ -25,9 +26,9 @@ stored there (``stages/A-bayesian-sS.pt``): what the preconditioner multiplies t
 by (in a multi-head fit the prior's widest also counts B's fresh head rows, at the base width,
 which q_A's widest pruned weights reach)::
 
-    python benchmarks/b_recipes.py --pair runs/base-shared-s59 runs/pc-shared-s59 \\
-        --pair runs/base-mh-s58 runs/pc-mh-s58 --stages runs/ps03-shared-s59
-    python benchmarks/b_recipes.py --methods scratch transfer --pair figs/ps03-s59 runs/fresh-mh-s5
+    python benchmarks/b_recipes.py --first runs/base-shared-s59 runs/base-mh-s58 --second runs/pc-shared-s59 runs/pc-mh-s58 \\
+        --stages runs/ps03-shared-s59
+    python benchmarks/b_recipes.py --methods scratch transfer --first figs/ps03-s59 --second runs/fresh-mh-s5 runs/fresh-mh-s6
 """
 
 from __future__ import annotations
@@ -46,17 +47,15 @@ from pyro_bbt.report import mean_t_interval
 from pyro_bbt.runstore import config_differences
 from pyro_bbt.stats import sign_test
 
-FREE = (*B_ONLY_FIELDS, *GRID_FIELDS, *RUN_FIELDS)  # what the two runs of a pair may differ in
+FREE = (*B_ONLY_FIELDS, *GRID_FIELDS, *RUN_FIELDS)  # what a first and a second run may differ in
 
 
 def unit_seconds(run: Path) -> dict[int, float]:
-    """Wall seconds per unit index of ``run``'s ``results.json`` (its ``timing.json``, summed)."""
-    totals: dict[int, float] = defaultdict(float)
-    for key, seconds in json.loads((run / "timing.json").read_text()).items():
-        parts = key.split("/")
-        if parts[0] == "units":
-            totals[int(parts[1])] += seconds
-    return totals
+    """Wall seconds per unit index of ``run``'s ``results.json``: its ``timing.json`` entry
+    ``units/I`` (the unit's whole time; the ``units/I/history/E`` and ``units/I/curve/K`` entries
+    under it are its epochs and the times at its curve points)."""
+    timing = json.loads((run / "timing.json").read_text())
+    return {int(key.split("/")[1]): seconds for key, seconds in timing.items() if key.count("/") == 1 and key.startswith("units/")}
 
 
 def prior_of(method: str) -> str:
@@ -75,7 +74,8 @@ def end_elbo(unit: dict) -> tuple[float | None, float | None]:
     return continuation["end_elbo"] / n, continuation["stderr"] / n
 
 
-def read_units(run: Path) -> tuple[dict, dict]:
+def read_units(run: Path) -> tuple[dict, dict, dict]:
+    """``(configuration, units by (method, fraction, seed), q_A's record by seed)`` of a run."""
     results = json.loads((run / "results.json").read_text())
     seconds = unit_seconds(run)
     units = {}
@@ -83,14 +83,22 @@ def read_units(run: Path) -> tuple[dict, dict]:
         if unit.get("status") != "ok":
             continue
         units[(unit["method"], unit["fraction"], unit["seed"])] = dict(unit, seconds=seconds.get(index))
-    return LATER_FIELDS | results["config"], units  # a field added later, absent where it was at its neutral value
+    stages = {stage["seed"]: stage for stage in results.get("task_a", []) if stage.get("kind", "bayesian") == "bayesian"}
+    return LATER_FIELDS | results["config"], units, stages  # a field added later, absent where it was at its neutral value
 
 
 def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None = None) -> tuple[list[str], list[dict]]:
-    """``(the fields the two runs differ in, one row per unit both hold)``; ``methods``: pair
-    ``methods[0]`` of the first run with ``methods[1]`` of the second (``None``: each with itself)."""
-    first_config, first = read_units(first_run)
-    second_config, second = read_units(second_run)
+    """``(the B fields the two runs differ in, one row per unit both hold)``; ``methods``: pair
+    ``methods[0]`` of the first run with ``methods[1]`` of the second (``None``: each with
+    itself). Runs of different heads, or with no unit in common, give no rows; runs that share
+    units but differ in more than B's fields, fit them by the same recipe (without ``methods``)
+    or on different q_A are refused."""
+    first_config, first, first_stages = read_units(first_run)
+    second_config, second, second_stages = read_units(second_run)
+    keys = [(method, fraction, seed) for method, fraction, seed in sorted(first)
+            if (methods is None or method == methods[0]) and (method if methods is None else methods[1], fraction, seed) in second]
+    if first_config["head"] != second_config["head"] or not keys:
+        return [], []
     differences = config_differences(first_config, second_config)
     other = [d for d in differences if d.split(":")[0] not in FREE]
     if other:
@@ -98,13 +106,12 @@ def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None =
     recipe = [d for d in differences if d.split(":")[0] in B_ONLY_FIELDS]
     if not recipe and methods is None:
         raise SystemExit(f"error: {first_run} and {second_run} fit B by the same recipe: nothing to compare (pass --methods to compare two methods)")
+    for seed in sorted({seed for _, _, seed in keys}):
+        if first_stages.get(seed) != second_stages.get(seed):
+            raise SystemExit(f"error: {first_run} and {second_run} fitted seed {seed}'s units on different q_A (their task_a records differ)")
     rows = []
-    for method, fraction, seed in sorted(first):
-        if methods is not None and method != methods[0]:
-            continue
-        a, b = first[(method, fraction, seed)], second.get((method if methods is None else methods[1], fraction, seed))
-        if b is None:
-            continue
+    for method, fraction, seed in keys:
+        a, b = first[(method, fraction, seed)], second[(method if methods is None else methods[1], fraction, seed)]
         rows.append(dict(head=first_config["head"], method=b["method"] if method == b["method"] else f"{method} → {b['method']}", fraction=fraction, seed=seed,
                          epochs=(a["convergence"]["epochs"], b["convergence"]["epochs"]),
                          converged=(a["convergence"]["converged"], b["convergence"]["converged"]),
@@ -173,26 +180,37 @@ def factor_quantiles(stages: Path, quantiles: tuple[float, ...] = (0.001, 0.01, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/b_recipes.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pair", nargs=2, action="append", metavar=("FIRST", "SECOND"), required=True, type=Path,
-                   help="two run directories (or published figs/ folders: results.json, timing.json) that differ in B's fields only")
-    p.add_argument("--methods", nargs=2, metavar=("M1", "M2"), help="pair method M1 of each first run with M2 of the second (default: each method with itself)")
+    p.add_argument("--first", nargs="+", required=True, type=Path, metavar="RUN",
+                   help="run directories (or published figs/ folders: results.json, timing.json) of the first recipe")
+    p.add_argument("--second", nargs="+", required=True, type=Path, metavar="RUN",
+                   help="run directories of the second recipe: each is paired with every first run of its head that holds some of its units, "
+                        "and the two must differ in B's fields only and hold the same q_A")
+    p.add_argument("--methods", nargs=2, metavar=("M1", "M2"), help="pair method M1 of the first runs with M2 of the second (default: each method with itself)")
     p.add_argument("--stages", type=Path, action="append", default=[], help="a run directory whose stages/ hold q_A (factor quantiles)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rows = []
-    for first, second in args.pair:
-        for run in (first, second):
-            if not (run / "results.json").is_file():
-                print(f"error: {run} has no results.json (a finished run of python -m pyro_bbt.transfer)", file=sys.stderr)
+    for run in (*args.first, *args.second):
+        if not (run / "results.json").is_file():
+            print(f"error: {run} has no results.json (a finished run of python -m pyro_bbt.transfer)", file=sys.stderr)
+            return 2
+    rows, paired = [], set()
+    for second in args.second:
+        for first in args.first:
+            recipe, pairs = compare(first, second, None if args.methods is None else tuple(args.methods))
+            if not pairs:
+                continue
+            twice = paired & {(r["head"], r["method"], r["fraction"], r["seed"]) for r in pairs}
+            if twice:
+                print(f"error: {second}'s units {sorted(twice)} are held by more than one first run: pass each once", file=sys.stderr)
                 return 2
-        recipe, pairs = compare(first, second, None if args.methods is None else tuple(args.methods))
-        print(f"{first} → {second}: {'; '.join(recipe) or 'the same recipe'}, {len(pairs)} units paired")
-        rows += pairs
+            paired |= {(r["head"], r["method"], r["fraction"], r["seed"]) for r in pairs}
+            print(f"{first} → {second}: {'; '.join(recipe) or 'the same recipe'}, {len(pairs)} units paired")
+            rows += pairs
     if not rows:
-        print("error: the pairs hold no unit in common", file=sys.stderr)
+        print("error: the first and second runs hold no unit in common", file=sys.stderr)
         return 2
     print("\n**Per unit, first → second**\n")
     print(unit_table(rows))

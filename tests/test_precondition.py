@@ -126,7 +126,7 @@ def test_the_bench_pairs_the_same_units_and_refuses_runs_that_differ_in_more(tmp
     assert transfer_main(common + ["--methods", "transfer", "--precondition-b", "prior-scale", "--out", str(runs["pc"])]) == 0
     assert transfer_main(common[:3] + ["300"] + common[4:] + ["--methods", "transfer", "--precondition-b", "prior-scale", "--out", str(runs["other"])]) == 0
     capsys.readouterr()
-    assert bench.main(["--pair", str(runs["plain"]), str(runs["pc"]), "--stages", str(runs["pc"])]) == 0
+    assert bench.main(["--first", str(runs["plain"]), "--second", str(runs["pc"]), "--stages", str(runs["pc"])]) == 0
     out = capsys.readouterr().out
     assert "precondition_b: 'none' -> 'prior-scale'" in out and "1 units paired" in out
     units = {name: {u["method"]: u for u in json.loads((runs[name] / "results.json").read_text())["units"]} for name in ("plain", "pc")}
@@ -135,13 +135,27 @@ def test_the_bench_pairs_the_same_units_and_refuses_runs_that_differ_in_more(tmp
     assert f"{plain['b_test']['accuracy']:.4f} → {pc['b_test']['accuracy']:.4f}" in row
     assert f"{plain['a_test_after']['accuracy']:.4f} → {pc['a_test_after']['accuracy']:.4f}" in row
     assert f"{pc['b_test']['accuracy'] - plain['b_test']['accuracy']:+.3f}" in out
+    timing = {name: json.loads((runs[name] / "timing.json").read_text()) for name in ("plain", "pc")}
+    index = [u["method"] for u in json.loads((runs["plain"] / "results.json").read_text())["units"]].index("transfer")
+    assert f"| {timing['plain'][f'units/{index}']:.0f} → {timing['pc']['units/0']:.0f} |" in row  # each unit's whole time
     assert "| A-bayesian-s0 | layers.0.weight | " in out
-    assert bench.main(["--methods", "scratch", "transfer", "--pair", str(runs["plain"]), str(runs["pc"])]) == 0
+    assert bench.main(["--methods", "scratch", "transfer", "--first", str(runs["plain"]), "--second", str(runs["pc"])]) == 0
     out_methods = capsys.readouterr().out
     row = next(line for line in out_methods.splitlines() if line.startswith("| multihead | scratch → transfer | 0.1 | 0 | "))
     assert f"{units['plain']['scratch']['b_test']['accuracy']:.4f} → {pc['b_test']['accuracy']:.4f}" in row
     assert "(not the same objective)" in out_methods
     with pytest.raises(SystemExit, match="differ in more than B's fields: limit_train"):
-        bench.main(["--pair", str(runs["plain"]), str(runs["other"])])
+        bench.main(["--first", str(runs["plain"]), "--second", str(runs["other"])])
     with pytest.raises(SystemExit, match="fit B by the same recipe: nothing to compare"):
-        bench.main(["--pair", str(runs["pc"]), str(runs["pc"])])
+        bench.main(["--first", str(runs["pc"]), "--second", str(runs["pc"])])
+    assert bench.main(["--first", str(runs["plain"]), str(runs["plain"]), "--second", str(runs["pc"])]) == 2
+    assert "are held by more than one first run" in capsys.readouterr().err
+    other_q_a = tmp_path / "other-q-a"  # the preconditioned run as if its q_A had been fitted otherwise
+    other_q_a.mkdir()
+    for name in ("results.json", "timing.json"):
+        (other_q_a / name).write_bytes((runs["pc"] / name).read_bytes())
+    results = json.loads((other_q_a / "results.json").read_text())
+    results["task_a"][0]["a_test"]["accuracy"] += 0.01
+    (other_q_a / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="fitted seed 0's units on different q_A"):
+        bench.main(["--first", str(runs["plain"]), "--second", str(other_q_a)])
