@@ -113,8 +113,8 @@ def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None =
     for method, fraction, seed in keys:
         a, b = first[(method, fraction, seed)], second[(method if methods is None else methods[1], fraction, seed)]
         rows.append(dict(head=first_config["head"], method=b["method"] if method == b["method"] else f"{method} → {b['method']}", fraction=fraction, seed=seed,
-                         epochs=(a["convergence"]["epochs"], b["convergence"]["epochs"]),
-                         converged=(a["convergence"]["converged"], b["convergence"]["converged"]),
+                         epochs=(_fit(a).get("epochs"), _fit(b).get("epochs")),
+                         converged=(_fit(a).get("converged"), _fit(b).get("converged")),
                          seconds=(a["seconds"], b["seconds"]),
                          b_test=(a["b_test"]["accuracy"], b["b_test"]["accuracy"]),
                          a_after=(a["a_test_after"]["accuracy"], b["a_test_after"]["accuracy"]),
@@ -122,8 +122,17 @@ def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None =
     return recipe, rows
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "NO"
+def _fit(unit: dict) -> dict:
+    """A Bayesian unit's convergence record; ``{}`` for EWC's deterministic nets (early stopping)."""
+    return unit.get("convergence") or {}
+
+
+def _yes(flag: bool | None) -> str:
+    return "—" if flag is None else "yes" if flag else "NO"
+
+
+def _pair(values: tuple) -> str:
+    return " → ".join("—" if v is None else str(v) for v in values)
 
 
 def unit_table(rows: list[dict]) -> str:
@@ -133,7 +142,7 @@ def unit_table(rows: list[dict]) -> str:
         (e0, s0), (e1, s1) = r["elbo"]
         elbo = "—" if e0 is None or e1 is None else f"{e0:.4f} (±{s0:.4f}) → {e1:.4f} (±{s1:.4f})"
         seconds = "—" if None in r["seconds"] else f"{r['seconds'][0]:.0f} → {r['seconds'][1]:.0f}"
-        lines.append(f"| {r['head']} | {r['method']} | {r['fraction']:g} | {r['seed']} | {r['epochs'][0]} → {r['epochs'][1]} | "
+        lines.append(f"| {r['head']} | {r['method']} | {r['fraction']:g} | {r['seed']} | {_pair(r['epochs'])} | "
                      f"{_yes(r['converged'][0])} → {_yes(r['converged'][1])} | {seconds} | {r['b_test'][0]:.4f} → {r['b_test'][1]:.4f} | "
                      f"{r['a_after'][0]:.4f} → {r['a_after'][1]:.4f} | {elbo} |")
     return "\n".join(lines)
@@ -145,19 +154,22 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["head"], r["method"], r["fraction"])].append(r)
-    lines = ["| head | method | fraction | n (both converged) | epochs, median ratio | seconds, median ratio | B test, difference [95 % t] | B below / above (p) | A after B, difference | end ELBO / example, difference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| head | method | fraction | n (both converged) | epochs, median ratio | seconds, median ratio | B test, means | B test, difference [95 % t] | B below / above (p) | "
+             "A after B, means | A after B, difference | end ELBO / example, difference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (head, method, fraction), group in sorted(groups.items()):
         both = sum(all(r["converged"]) for r in group)
-        epochs = statistics.median(r["epochs"][1] / r["epochs"][0] for r in group)
+        ratios = [r["epochs"][1] / r["epochs"][0] for r in group if None not in r["epochs"]]
+        epochs = f"{statistics.median(ratios):.2f}" if ratios else "—"
         timed = [r["seconds"][1] / r["seconds"][0] for r in group if None not in r["seconds"]]
         seconds = f"{statistics.median(timed):.2f}" if timed else "—"
         b = [r["b_test"][1] - r["b_test"][0] for r in group]
         a = [r["a_after"][1] - r["a_after"][0] for r in group]
         elbo = [r["elbo"][1][0] - r["elbo"][0][0] for r in group if r["same_objective"] and r["elbo"][0][0] is not None and r["elbo"][1][0] is not None]
         below, above, p = sign_test(b)
-        lines.append(f"| {head} | {method} | {fraction:g} | {len(group)} ({both}) | {epochs:.2f} | {seconds} | {mean_t_interval(b)} | {below} / {above} ({p:.3g}) | "
-                     f"{mean_t_interval(a)} | {mean_t_interval(elbo, digits=4) if elbo else '— (not the same objective)' if not group[0]['same_objective'] else '—'} |")
+        means = {key: " → ".join(f"{statistics.mean(r[key][side] for r in group):.3f}" for side in (0, 1)) for key in ("b_test", "a_after")}
+        lines.append(f"| {head} | {method} | {fraction:g} | {len(group)} ({both}) | {epochs} | {seconds} | {means['b_test']} | {mean_t_interval(b)} | {below} / {above} ({p:.3g}) | "
+                     f"{means['a_after']} | {mean_t_interval(a)} | {mean_t_interval(elbo, digits=4) if elbo else '— (not the same objective)' if not group[0]['same_objective'] else '—'} |")
     return "\n".join(lines)
 
 
