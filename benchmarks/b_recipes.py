@@ -87,12 +87,22 @@ def read_units(run: Path) -> tuple[dict, dict, dict]:
     return LATER_FIELDS | results["config"], units, stages  # a field added later, absent where it was at its neutral value
 
 
+def same_record(first, second) -> bool:
+    """Whether two records are equal on every key both hold (a run made before a field existed
+    lacks it: q_A's records of older runs have no ``unread_rows_kl`` or ``floor`` in their verdicts)."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        return all(same_record(first[key], second[key]) for key in first.keys() & second.keys())
+    if isinstance(first, list) and isinstance(second, list):
+        return len(first) == len(second) and all(same_record(a, b) for a, b in zip(first, second))
+    return first == second
+
+
 def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None = None) -> tuple[list[str], list[dict]]:
     """``(the B fields the two runs differ in, one row per unit both hold)``; ``methods``: pair
     ``methods[0]`` of the first run with ``methods[1]`` of the second (``None``: each with
     itself). Runs of different heads, or with no unit in common, give no rows; runs that share
     units but differ in more than B's fields, fit them by the same recipe (without ``methods``)
-    or on different q_A are refused."""
+    or on different q_A (:func:`same_record`) are refused."""
     first_config, first, first_stages = read_units(first_run)
     second_config, second, second_stages = read_units(second_run)
     keys = [(method, fraction, seed) for method, fraction, seed in sorted(first)
@@ -107,7 +117,7 @@ def compare(first_run: Path, second_run: Path, methods: tuple[str, str] | None =
     if not recipe and methods is None:
         raise SystemExit(f"error: {first_run} and {second_run} fit B by the same recipe: nothing to compare (pass --methods to compare two methods)")
     for seed in sorted({seed for _, _, seed in keys}):
-        if first_stages.get(seed) != second_stages.get(seed):
+        if not same_record(first_stages.get(seed), second_stages.get(seed)):
             raise SystemExit(f"error: {first_run} and {second_run} fitted seed {seed}'s units on different q_A (their task_a records differ)")
     rows = []
     for method, fraction, seed in keys:

@@ -157,5 +157,7 @@ def test_the_bench_pairs_the_same_units_and_refuses_runs_that_differ_in_more(tmp
     results = json.loads((other_q_a / "results.json").read_text())
     results["task_a"][0]["a_test"]["accuracy"] += 0.01
     (other_q_a / "results.json").write_text(json.dumps(results))
+    assert bench.same_record({"a": 1, "v": [{"c": 2}]}, {"a": 1, "v": [{"c": 2, "floor": 3}]})  # a field added later
+    assert not bench.same_record({"a": 1, "v": [{"c": 2}]}, {"a": 1, "v": [{"c": 2.5}]}) and not bench.same_record([1], [1, 2])
     with pytest.raises(SystemExit, match="fitted seed 0's units on different q_A"):
         bench.main(["--first", str(runs["plain"]), "--second", str(other_q_a)])

@@ -137,8 +137,9 @@ def test_relative_links_resolve():
 
 def test_the_answer_table_is_what_the_report_prints_from_the_published_runs():
     """Every number of README's Answer table is the report's (``--converged-only``) over the runs
-    its command names, to the digits README prints: B mean [± std] / A after B per cell, and
-    fine-tuning's then joint's in their shared row."""
+    its commands name, to the digits README prints: B mean [± std] / A after B per cell, and
+    fine-tuning's then joint's in their shared row; the rows of transfer with q_B started fresh
+    from the runs of their own command (a glob), "—" where those runs hold no fraction."""
     import json
 
     from pyro_bbt.merging import merge_transfer_runs
@@ -146,21 +147,30 @@ def test_the_answer_table_is_what_the_report_prints_from_the_published_runs():
 
     command = re.search(r"`python -m pyro_bbt\.report --converged-only ([^`]+)` \(shared: `([^`]+)`\)", README)
     assert command, "README's Answer block names no report command"
+    fresh = re.search(r"`python -m pyro_bbt\.report --converged-only (figs/fresh-q-b/fresh-mh-\*)` \(shared: `(figs/fresh-q-b/fresh-shared-\*)`\)", README)
+    assert fresh, "README's Answer block names no report command for q_B started fresh"
     summaries = {}
-    for head, dirs in (("multi-head", command.group(1).split()), ("shared head", command.group(2).split())):
+    for key, dirs in ((("multi-head", ""), command.group(1).split()), (("shared head", ""), command.group(2).split()),
+                      (("multi-head", "fresh"), sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(fresh.group(1)))),
+                      (("shared head", "fresh"), sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(fresh.group(2))))):
+        assert dirs, key
         runs = [json.loads((ROOT / d / "results.json").read_text()) for d in dirs]
-        summaries[head] = converged_only(merge_transfer_runs(runs, dirs))[0]["summary"]
+        summaries[key] = converged_only(merge_transfer_runs(runs, dirs))[0]["summary"]
     table = README.split("| head | method | 1 % of B | 10 % | 100 % |", 1)[1].split("\n\n", 1)[0]
-    methods = {"scratch": ("scratch",), "transfer": ("transfer",), "fine-tuning / joint": ("finetune", "joint"), "EWC": ("ewc",)}
+    methods = {"scratch": ("scratch",), "transfer": ("transfer",), "transfer, q_B fresh": ("transfer",), "fine-tuning / joint": ("finetune", "joint"), "EWC": ("ewc",)}
     head, checked = None, 0
     for line in table.strip().splitlines()[1:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         head = cells[0] or head
+        summary = summaries[(head, "fresh" if cells[1] == "transfer, q_B fresh" else "")]
         for fraction, cell in zip(("0.01", "0.1", "1.0"), cells[2:]):
             printed = re.findall(r"\d\.\d+", cell)
+            if cell == "—":
+                assert all(fraction not in summary[method] for method in methods[cells[1]]), (head, cells[1], fraction)
+                continue
             expected = []
             for method in methods[cells[1]]:
-                entry = summaries[head][method][fraction]
+                entry = summary[method][fraction]
                 b = [entry["b_test_accuracy"]["mean"]] + ([entry["b_test_accuracy"]["std"]] if "±" in cell else [])
                 expected += [*b, entry["a_test_after_accuracy"]["mean"]]
             assert len(printed) == len(expected), (head, cells[1], fraction, cell)
@@ -168,4 +178,4 @@ def test_the_answer_table_is_what_the_report_prints_from_the_published_runs():
                 digits = len(text.split(".")[1])
                 assert abs(float(text) - value) <= 0.5 * 10 ** -digits + 1e-9, (head, cells[1], fraction, cell, value)
                 checked += 1
-    assert checked == 2 * 3 * (3 + 3 + 4 + 2)  # both heads, three fractions: scratch and transfer 3 numbers a cell, fine-tuning / joint 4, EWC 2
+    assert checked == 2 * 3 * (3 + 3 + 4 + 2) + 2 * 2 * 3  # both heads, three fractions: scratch and transfer 3 numbers a cell, fine-tuning / joint 4, EWC 2; q_B fresh at two
