@@ -341,6 +341,16 @@ def location_step_factors(model, guide) -> list[tuple[torch.nn.Parameter, torch.
             for name, width in widths.items()]
 
 
+def _preconditioned_step(optimizer: torch.optim.Optimizer, preconditioned: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """One Adam step, then each location of ``preconditioned`` (:func:`location_step_factors`)
+    moved by ``f`` times it: ``previous + f (Adam's step)``."""
+    before_step = [location.detach().clone() for location, _ in preconditioned]
+    optimizer.step()
+    with torch.no_grad():
+        for (location, factor), previous in zip(preconditioned, before_step):
+            location.copy_(torch.lerp(previous, location, factor))
+
+
 def _write_posterior(guide, posterior: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Set an ``AutoNormal``-family guide's locations and widths to ``posterior`` (site ->
     ``(loc, scale)``) in place: the same parameter objects, so the optimiser keeps them."""
@@ -671,11 +681,10 @@ def train(
                 # the likelihood is the minibatch's full-data estimate (N/B) sum_n, so the KL's
                 # weight is M pi_i: it averages to 1 over an epoch, as in Pyro's Trace_ELBO
                 loss = stepper.loss_and_grads(model, guide, x, y, num_data=num_data, kl_weight=num_batches * weight * config.kl_beta)
-            before_step = [location.detach().clone() for location, _ in preconditioned]
-            optimizer.step()
-            with torch.no_grad():
-                for (location, factor), previous in zip(preconditioned, before_step):
-                    location.copy_(torch.lerp(previous, location, factor))  # previous + f (Adam's step)
+            if preconditioned:
+                _preconditioned_step(optimizer, preconditioned)
+            else:
+                optimizer.step()
             step += 1
             epoch_steps += 1
             if not math.isfinite(loss):
